@@ -1,0 +1,142 @@
+"""`chromalab`: the pipeline's stages as subcommands, plus `colorize` and `bench`.
+
+Each stage subcommand does what its DVC stage does (stages/*.py call these), reading params.yaml.
+Heavy imports (TensorFlow, MLflow) happen inside the commands so that `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from chromalab.errors import ChromalabError
+
+app = typer.Typer(
+    help="Learn to colour grayscale photos of people, and colour your own.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="The params file to read.")]
+PARAMS = Path("params.yaml")
+
+
+def _params(path: Path):
+    from chromalab.config import load_params
+
+    return load_params(path)
+
+
+@app.command()
+def download(params: ParamsOpt = PARAMS) -> None:
+    """Fetch the Unsplash Lite archive (data.url) and extract its tables into data/raw."""
+    from chromalab.download import run_download
+
+    run_download(_params(params))
+
+
+@app.command()
+def split(params: ParamsOpt = PARAMS) -> None:
+    """Select the people subset (or your folder) into train / test / reserve lists in data/split."""
+    from chromalab.split import run_split
+
+    run_split(_params(params))
+
+
+@app.command()
+def images(params: ParamsOpt = PARAMS) -> None:
+    """Fetch the selected photos at image_size x image_size into data/images (resumable)."""
+    from chromalab.images import run_images
+
+    run_images(_params(params))
+
+
+@app.command()
+def tfrecords(params: ParamsOpt = PARAMS) -> None:
+    """Convert data/images to normalised Lab TFRecords in data/tfrecords."""
+    from chromalab.tfrecords import run_tfrecords
+
+    run_tfrecords(_params(params))
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Argument(help="baseline or gan")],
+    params: ParamsOpt = PARAMS,
+) -> None:
+    """Train one model from data/tfrecords, tracked in MLflow; resumes from its checkpoint."""
+    from chromalab.training import run_train
+
+    run_train(_params(params), model)
+
+
+@app.command()
+def evaluate(params: ParamsOpt = PARAMS) -> None:
+    """Score both models and the gray floor on the test photos; write reports/evaluate."""
+    from chromalab.evaluate import run_evaluate
+
+    run_evaluate(_params(params))
+
+
+@app.command()
+def colorize(
+    paths: Annotated[list[Path], typer.Argument(help="Photos and/or folders (searched recursively).")],
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder (default: beside each input, *_color).")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="gan, baseline, a .keras file, or an MLflow model URI.")] = "gan",
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs, and inputs when writing in place.")] = False,
+    compare: Annotated[bool, typer.Option(help="Also write input | colourised side by side.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Photos per model call.")] = 8,
+) -> None:
+    """Colour your own photos at their full resolution."""
+    from chromalab.colorize import colorize_paths
+
+    report = colorize_paths(
+        paths, out_dir=out, model=model, overwrite=overwrite, compare=compare, batch_size=batch_size
+    )
+    if report.failed:
+        typer.echo(f"{len(report.failed)} of {report.total} photo(s) failed (listed above).", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Where the JSON report goes.")] = Path("bench/report.json"),
+    image_size: Annotated[int, typer.Option(help="Image size for the training steps.")] = 256,
+    batch: Annotated[list[int], typer.Option(help="Batch sizes to measure (repeat the option).")] = [1, 8],
+    width: Annotated[float, typer.Option(help="Channel-width multiplier.")] = 1.0,
+    precision: Annotated[str, typer.Option(help="float32, mixed_bfloat16 or mixed_float16.")] = "float32",
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps per measurement (after warm-up).")] = 5,
+    only: Annotated[Optional[list[str]], typer.Option(help="Subset: gan, baseline, input, tfrecords, colorize.")] = None,
+    peak_tflops: Annotated[Optional[float], typer.Option(help="Device peak for the utilisation column.")] = None,
+) -> None:
+    """Measure training, input-pipeline, tfrecords and colorize throughput on this device."""
+    from chromalab.bench import run_bench
+
+    run_bench(
+        out=out, image_size=image_size, batches=batch, width=width, precision=precision,
+        steps=steps, only=only, peak_tflops=peak_tflops,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit status 1, not a traceback."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except ChromalabError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,168 @@
+"""Typed parameters: `params.yaml` → frozen pydantic models.
+
+Every group is strict: an unknown key or a value of the wrong type is an error that names the key
+(`ParamsError: params.yaml: gan.epochs: Input should be a valid integer, got 'ten'`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from chromalab.errors import ChromalabError
+
+
+class ParamsError(ChromalabError):
+    """Bad params.yaml: the message is one line naming the key and what to do."""
+
+
+class _Group(BaseModel):
+    # strict: YAML `epochs: "10"` is a mistake, not a number; ints are still accepted for floats.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class BaseParams(_Group):
+    seed: int = 42
+    image_size: int = Field(256, ge=32)
+
+    @field_validator("image_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two (the U-Net halves it down to 1 px), got {v}")
+        return v
+
+
+class DataParams(_Group):
+    source: Literal["unsplash", "folder"] = "unsplash"
+    url: str = "https://unsplash.com/data/lite/latest"
+    sha256: str = ""
+    folder: str = ""
+
+
+class SplitParams(_Group):
+    n_train: int = Field(2000, ge=1)
+    n_test: int = Field(200, ge=1)
+    n_reserve: int = Field(600, ge=0)
+    min_confidence: float = Field(60.0, ge=0, le=100)
+    # YAML gives lists; strict mode would only take tuples. Items stay strict str.
+    include_keywords: tuple[str, ...] = Field((), strict=False)
+    exclude_keywords: tuple[str, ...] = Field((), strict=False)
+
+
+class ImagesParams(_Group):
+    concurrency: int = Field(8, ge=1, le=64)
+    timeout_s: float = Field(30.0, gt=0)
+    retries: int = Field(5, ge=0)
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    min_chroma: float = Field(4.0, ge=0)
+
+
+class TfrecordsParams(_Group):
+    shard_size: int = Field(250, ge=1)
+    contrast_variants: bool = True
+
+
+Switch = Literal["auto", "on", "off"]
+
+
+class TrainParams(_Group):
+    val_every: int = Field(5, ge=1)
+    checkpoint_every: int = Field(5, ge=1)
+    sample_every: int = Field(25, ge=1)
+    n_samples: int = Field(6, ge=1)
+    flip_lr: bool = True
+    flip_ud: bool = False
+    contrast_aug: bool = True
+    mixed_precision: Switch = "auto"
+    xla: Switch = "auto"
+
+
+class BaselineParams(_Group):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    loss: Literal["ssim", "msssim"] = "ssim"
+    width: float = Field(1.0, gt=0)
+
+
+class GanParams(_Group):
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    beta_1: float = Field(0.5, ge=0, lt=1)
+    l1_lambda: float = Field(100.0, ge=0)
+    width: float = Field(1.0, gt=0)
+
+
+class EvaluateParams(_Group):
+    n_sheet: int = Field(8, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class Params(_Group):
+    base: BaseParams = BaseParams()
+    data: DataParams = DataParams()
+    split: SplitParams = SplitParams()
+    images: ImagesParams = ImagesParams()
+    tfrecords: TfrecordsParams = TfrecordsParams()
+    train: TrainParams = TrainParams()
+    baseline: BaselineParams = BaselineParams()
+    gan: GanParams = GanParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    def model(self, name: str) -> BaselineParams | GanParams:
+        if name not in MODEL_NAMES:
+            raise ParamsError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
+        return getattr(self, name)
+
+
+MODEL_NAMES = ("baseline", "gan")
+
+
+def parse_params(raw: object, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; the first problem becomes a one-line ParamsError."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of parameter groups, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against params.yaml's documented keys)"
+        elif err["type"] != "value_error":  # our own validators already quote the value
+            msg = f"{msg}, got {err.get('input')!r}"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ParamsError(f"{source}: {key}: {msg}{more}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_params(raw, str(path))
+
+
+def flatten(params: BaseModel, prefix: str = "") -> dict[str, object]:
+    """`{"gan.epochs": 200, ...}`: for MLflow params and DVC-style keys."""
+    out: dict[str, object] = {}
+    for name, value in params:
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(flatten(value, f"{key}."))
+        elif isinstance(value, tuple):
+            out[key] = ",".join(map(str, value))
+        else:
+            out[key] = value
+    return out
