@@ -1,0 +1,300 @@
+"""MLflow tracking: one experiment ("chromalab"), one run per trained model, resumable after a kill.
+
+The store is `MLFLOW_TRACKING_URI` when set, else `sqlite:///<repo root>/mlflow.db` with artifacts in
+`<repo root>/mlruns/chromalab/` (MLflow's own default, `./mlruns` beside the database, made absolute).
+The repo root is the *real* one even when DVC runs a stage in a temporary copy of the workspace
+(`dvc exp run --temp` / `--queue` work in `<root>/.dvc/tmp/exps/…`): runs and artifacts would otherwise
+vanish with the copy.
+
+Training (`chromalab.training`) opens `model_run(...)`, logs per-epoch metrics, sample sheets and the final
+model; evaluation later logs its test metrics into the same run by id.
+MLflow's HTTP client retries for minutes by default (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`,
+`MLFLOW_HTTP_REQUEST_TIMEOUT`); `check_tracking_server` therefore asks the server directly, once, with a
+short timeout, and leaves those settings to the user for the run itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from chromalab.config import MODEL_NAMES, Params, flatten
+from chromalab.errors import ChromalabError
+
+if TYPE_CHECKING:
+    import keras
+    import mlflow
+    import numpy as np
+    from mlflow.models.model import ModelInfo
+
+EXPERIMENT = "chromalab"
+HEALTH_TIMEOUT_S = 5.0
+# Params every model's run depends on (the data pipeline and the shared training settings); the run also
+# gets its own model's group. The other model's group and `evaluate` are left out: they don't shape this run.
+SHARED_PARAM_GROUPS = ("base", "data", "split", "images", "tfrecords", "train")
+# DVC runs `dvc exp run --temp` / `--queue` stages in `<root>/.dvc/tmp/exps/<queue>/<tmpdir>`.
+_DVC_TEMP_COPY_PARTS = (".dvc", "tmp", "exps")
+
+# Tag names: MLflow's own for git (the UI shows them), plain names for the rest.
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_GIT_DIRTY = "mlflow.source.git.dirty"
+TAG_DVC_EXP_NAME = "dvc.exp_name"
+TAG_DVC_BASELINE_REV = "dvc.baseline_rev"
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The real DVC repository root: `start` (or `$DVC_ROOT`, or the cwd), leaving any DVC temp copy.
+
+    DVC sets `DVC_ROOT` for every stage (for experiment runs, to the parent repo, not the temp copy); the
+    path test below also covers a stage run by hand inside a copy. Outside any DVC repo: the folder itself.
+    """
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    begin = Path(start or os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    try:
+        root = Path(Repo.find_root(os.fspath(begin)))
+    except NotDvcRepoError:
+        root = begin
+    parts = root.parts
+    n = len(_DVC_TEMP_COPY_PARTS)
+    for i in range(len(parts) - n + 1):
+        if parts[i : i + n] == _DVC_TEMP_COPY_PARTS:
+            return Path(*parts[:i])
+    return root
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` when set, else an absolute SQLite store at the real repo root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(repo_root() / 'mlflow.db').as_posix()}"
+
+
+def _is_local_database(uri: str) -> bool:
+    # MLflow's database stores (sqlite, postgresql, mysql, mssql) put artifacts on a local path by default.
+    from mlflow.store.db.db_types import DATABASE_ENGINES
+
+    return uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_ENGINES
+
+
+def check_tracking_server(uri: str | None = None) -> None:
+    """Fail fast, in one line, when the tracking store can't be used: before any training time is spent."""
+    import requests
+
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        health = f"{uri.rstrip('/')}/health"
+        try:
+            answer = requests.get(health, timeout=HEALTH_TIMEOUT_S)
+        except requests.RequestException as exc:
+            raise ChromalabError(
+                f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}): start it "
+                "(`mlflow server`) or unset MLFLOW_TRACKING_URI to log to the local mlflow.db"
+            ) from None
+        if answer.status_code != 200:
+            raise ChromalabError(
+                f"MLflow tracking server {uri} answered HTTP {answer.status_code} on {health}: "
+                "check the URI in MLFLOW_TRACKING_URI and that the server is running"
+            )
+    elif uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        if not database.parent.is_dir():
+            raise ChromalabError(
+                f"MLflow store {uri}: folder {database.parent} does not exist; create it or fix MLFLOW_TRACKING_URI"
+            )
+
+
+def _git_state(path: Path) -> dict[str, str]:
+    """HEAD commit and whether tracked files differ from it (untracked files don't count, as in MLflow)."""
+    try:
+        import git
+    except ImportError:  # GitPython (an MLflow dependency) finds no git executable
+        return {}
+    try:
+        repo = git.Repo(path, search_parent_directories=True)
+        return {TAG_GIT_COMMIT: repo.head.commit.hexsha,
+                TAG_GIT_DIRTY: str(repo.is_dirty(untracked_files=False)).lower()}
+    except (git.GitError, ValueError):  # not a repository, or no commit yet
+        return {}
+
+
+def _device_name() -> str:
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        gpus = [d.device_kind for d in jax.devices() if d.platform == "gpu"]
+    else:
+        import tensorflow as tf
+
+        gpus = [tf.config.experimental.get_device_details(d).get("device_name", d.name)
+                for d in tf.config.list_physical_devices("GPU")]
+    return ", ".join(gpus) or "CPU"
+
+
+def _framework_versions() -> dict[str, str]:
+    import keras
+
+    versions = {"keras.version": keras.__version__, "keras.backend": keras.backend.backend()}
+    try:  # the input pipeline (tf.data) needs TensorFlow on every backend; record it where installed
+        import tensorflow as tf
+
+        versions["tensorflow.version"] = tf.__version__
+    except ImportError:
+        pass
+    if versions["keras.backend"] == "jax":
+        import jax
+
+        versions["jax.version"] = jax.__version__
+    return versions
+
+
+def run_identity() -> dict[str, str]:
+    """Tags that say what produced a run: git commit and dirty flag, DVC experiment, device, versions.
+
+    Outside `dvc exp run` the experiment name is "workspace" and its baseline is the git commit.
+    """
+    identity = _git_state(Path.cwd())
+    identity[TAG_DVC_EXP_NAME] = os.environ.get("DVC_EXP_NAME") or "workspace"
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV") or identity.get(TAG_GIT_COMMIT)
+    if baseline:
+        identity[TAG_DVC_BASELINE_REV] = baseline
+    identity["device"] = _device_name()
+    identity.update(_framework_versions())
+    return identity
+
+
+def run_params(params: Params, model_name: str) -> dict[str, object]:
+    """The flattened params a model's run depends on: the shared groups and its own model group."""
+    params.model(model_name)  # unknown model name → ParamsError
+    groups = (*SHARED_PARAM_GROUPS, model_name)
+    return {key: value for key, value in flatten(params).items() if key.split(".", 1)[0] in groups}
+
+
+def _experiment_id(client: mlflow.MlflowClient, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        # MLflow would put a database store's artifacts in `./mlruns` of the *current* folder, i.e. in
+        # DVC's temporary copy, deleted after the stage: pin them to the real root.
+        location = (repo_root() / "mlruns" / EXPERIMENT).as_uri() if _is_local_database(uri) else None
+        try:
+            return client.create_experiment(EXPERIMENT, artifact_location=location)
+        except MlflowException as exc:  # another stage created it meanwhile (parallel queue workers)
+            if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment.lifecycle_stage == "deleted":
+        raise ChromalabError(
+            f"MLflow experiment {EXPERIMENT!r} is deleted in {uri}: restore it "
+            f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or purge it (`mlflow gc`)"
+        )
+    return experiment.experiment_id
+
+
+def _resumable(client: mlflow.MlflowClient, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException as exc:  # not in this store (another database, or removed by `mlflow gc`)
+        if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        return False
+
+
+@contextmanager
+def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
+              run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Open the model's MLflow run, resuming `run_id` when the store still has it.
+
+    A new run is named `<DVC_EXP_NAME or "workspace">-<model>`; params and identity tags are (re)logged
+    either way. Leaving the block ends the run: FINISHED, FAILED on an error, KILLED on Ctrl-C.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    experiment_id = _experiment_id(client, uri)
+    if run_id and not _resumable(client, run_id):
+        print(f"MLflow run {run_id} (from the checkpoint) is not in {uri} or was deleted; starting a new run",
+              file=sys.stderr)
+        run_id = None
+    tags = {**run_identity(), "model": model_name, "stage": stage, "dataset_hash": dataset_hash}
+    if run_id:
+        run = mlflow.start_run(run_id=run_id)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{tags[TAG_DVC_EXP_NAME]}-{model_name}")
+    with run:
+        mlflow.set_tags(tags)
+        mlflow.log_params(run_params(params, model_name))
+        try:
+            yield run
+        except KeyboardInterrupt:  # MLflow would record a stopped run as FAILED
+            mlflow.end_run("KILLED")
+            raise
+
+
+def _require_active_run() -> None:
+    import mlflow
+
+    # mlflow.log_* would silently open a stray run in the Default experiment.
+    if mlflow.active_run() is None:
+        raise RuntimeError("chromalab.tracking: log inside `with model_run(...)`")
+
+
+def log_epoch(metrics: dict[str, float], epoch: int) -> None:
+    """Per-epoch metrics at step `epoch` (1-based: the number of epochs done)."""
+    import mlflow
+
+    _require_active_run()
+    mlflow.log_metrics(metrics, step=epoch)
+
+
+def log_sample_sheet(image: np.ndarray, epoch: int, key: str = "samples") -> None:
+    """A stepped image series (MLflow stores `images/<key>+step+<epoch>+….png` and a webp thumbnail)."""
+    import mlflow
+
+    _require_active_run()
+    mlflow.log_image(image, key=key, step=epoch)
+
+
+def log_keras_model(model: keras.Model, input_example: np.ndarray, name: str = "model") -> ModelInfo:
+    """Log the model with a signature inferred from one input batch; loadable by `mlflow.keras.load_model`.
+
+    The example itself is not stored: it is a dataset photo, and the model package may be shared.
+    """
+    import mlflow
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    _require_active_run()
+    inputs = np.asarray(input_example, dtype=np.float32)
+    outputs = np.asarray(model.predict(inputs, verbose=0), dtype=np.float32)  # float32 under mixed precision too
+    return mlflow.keras.log_model(model, name=name, signature=infer_signature(inputs, outputs))
+
+
+def find_model_run(model_name: str, exp_name: str | None = None) -> str | None:
+    """Id of the latest run for `model_name` (in DVC experiment `exp_name`, if given); None if there is none."""
+    import mlflow
+
+    if model_name not in MODEL_NAMES:
+        raise ChromalabError(f"unknown model {model_name!r}: choose one of {', '.join(MODEL_NAMES)}")
+    client = mlflow.MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return None
+    query = f"tags.model = '{model_name}'"
+    if exp_name:
+        query += f" and tags.`{TAG_DVC_EXP_NAME}` = '{exp_name}'"
+    runs = client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    return runs[0].info.run_id if runs else None

@@ -1,0 +1,334 @@
+"""chromalab.tracking against real stores: the default SQLite file and a real `mlflow server`.
+
+Every check reads back through MlflowClient. One server serves the whole file; it is launched by the
+first test so its ~15 s start overlaps the SQLite tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from chromalab import tracking
+from chromalab.config import flatten, parse_params
+from chromalab.errors import ChromalabError
+
+BIN = Path(sys.executable).parent
+# A git identity that doesn't depend on the machine's global config, for git and for `dvc exp run`.
+GIT_ENV = {"GIT_AUTHOR_NAME": "chromalab-test", "GIT_AUTHOR_EMAIL": "test@chromalab.invalid",
+           "GIT_COMMITTER_NAME": "chromalab-test", "GIT_COMMITTER_EMAIL": "test@chromalab.invalid"}
+DVC_ENV_VARS = ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, env={**os.environ, **GIT_ENV}, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def server_process(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log_path = folder / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+             "--artifacts-destination", str(folder / "artifacts")],
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its workers share its group
+        )
+    yield f"http://127.0.0.1:{port}", proc, log_path
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(server_process) -> str:
+    uri, proc, log_path = server_process
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{uri}/health", timeout=2).status_code == 200:
+                return uri
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"mlflow server not healthy after 90 s:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch) -> Path:
+    """A committed git + DVC repository as the working directory, with no DVC/MLflow variables set."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    _git(root, "init", "-q")
+    (root / ".dvc").mkdir()  # what DVC's Repo.find_root looks for
+    (root / "params.yaml").write_text("gan: {epochs: 3}\n")
+    _git(root, "add", "params.yaml")
+    _git(root, "commit", "-q", "-m", "init")
+    monkeypatch.chdir(root)
+    for name in (*DVC_ENV_VARS, "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    return root
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def store(request, repo, monkeypatch) -> str:
+    """The tracking URI the code under test will pick: its SQLite default, or a real server via the env."""
+    if request.param == "server":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", request.getfixturevalue("mlflow_server"))
+    return tracking.tracking_uri()
+
+
+def _tiny_model():
+    import keras
+
+    return keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(8, 3, padding="same", activation="relu"),
+        keras.layers.Conv2D(2, 1),
+    ])
+
+
+def test_model_run_logs_params_metrics_images_model_and_tags(store, repo, monkeypatch):
+    import keras
+    import mlflow
+    import tensorflow as tf
+
+    tracking.check_tracking_server()
+    commit = _git(repo, "rev-parse", "HEAD")
+    (repo / "params.yaml").write_text("gan: {epochs: 4}\n")  # uncommitted change: dirty
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-lynx")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", commit)
+    params = parse_params({"gan": {"epochs": 3}, "baseline": {"epochs": 7}, "evaluate": {"n_sheet": 2}})
+    model = _tiny_model()
+    x = np.random.default_rng(0).random((2, 8, 8, 1), dtype=np.float32)
+    sheets = {step: np.full((16, 24, 3), 40 * step, dtype=np.uint8) for step in (1, 3)}
+
+    with tracking.model_run("gan", params, dataset_hash="sha256:abc", stage="train@gan") as run:
+        for epoch in (1, 2, 3):
+            tracking.log_epoch({"g_loss": 1.0 / epoch, "d_loss": 0.5}, epoch)
+            if epoch in sheets:
+                tracking.log_sample_sheet(sheets[epoch], epoch)
+        tracking.log_keras_model(model, x[:1])
+    run_id = run.info.run_id
+
+    client = mlflow.MlflowClient(store)
+    logged = client.get_run(run_id)
+    assert logged.info.status == "FINISHED"
+    assert logged.info.run_name == "brisk-lynx-gan"
+    assert client.get_experiment(logged.info.experiment_id).name == tracking.EXPERIMENT
+
+    # params: every key of the shared groups and the run's own model, nothing of the other model or evaluate
+    expected = {k: str(v) for k, v in flatten(params).items()
+                if k.split(".")[0] in (*tracking.SHARED_PARAM_GROUPS, "gan")}
+    assert logged.data.params == expected
+    assert logged.data.params["gan.epochs"] == "3"
+    assert not any(k.startswith(("baseline.", "evaluate.")) for k in logged.data.params)
+
+    history = client.get_metric_history(run_id, "g_loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+
+    # the image series: one full PNG per logged step under images/, pixels intact
+    pngs = {int(a.path.split("+step+")[1].split("+")[0]): a.path
+            for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")}
+    assert sorted(pngs) == [1, 3]
+    for step, path in pngs.items():
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=store)
+        np.testing.assert_array_equal(np.asarray(Image.open(local)), sheets[step])
+
+    # the model: loadable from the run, same predictions, a signature with a free batch dimension
+    loaded = mlflow.keras.load_model(f"runs:/{run_id}/model")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+    signature = mlflow.models.get_model_info(f"runs:/{run_id}/model").signature
+    assert signature.inputs.inputs[0].shape == (-1, 8, 8, 1)
+    assert signature.outputs.inputs[0].shape == (-1, 8, 8, 2)
+
+    tags = logged.data.tags
+    assert tags["mlflow.source.git.commit"] == commit
+    assert tags["mlflow.source.git.dirty"] == "true"
+    assert tags["dvc.exp_name"] == "brisk-lynx"
+    assert tags["dvc.baseline_rev"] == commit
+    assert tags["stage"] == "train@gan" and tags["model"] == "gan" and tags["dataset_hash"] == "sha256:abc"
+    assert (tags["device"] == "CPU") == (not tf.config.list_physical_devices("GPU"))
+    assert tags["keras.version"] == keras.__version__ and tags["keras.backend"] == keras.backend.backend()
+    assert tags["tensorflow.version"] == tf.__version__
+
+    assert tracking.find_model_run("gan") == run_id
+    assert tracking.find_model_run("gan", exp_name="brisk-lynx") == run_id
+    assert tracking.find_model_run("gan", exp_name="other-exp") is None
+    assert tracking.find_model_run("baseline") != run_id
+
+    if store.startswith("sqlite"):
+        # the default store and its artifacts sit at the repo root, not in a temp folder
+        assert store == f"sqlite:///{repo.resolve() / 'mlflow.db'}"
+        assert logged.info.artifact_uri.startswith((repo.resolve() / "mlruns").as_uri() + "/")
+        assert (repo / "mlruns" / tracking.EXPERIMENT / run_id / "artifacts" / pngs[3]).is_file()
+
+
+def test_killed_run_resumes_by_id_and_a_missing_one_starts_afresh(store, repo, capsys):
+    import mlflow
+
+    params = parse_params({})
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.model_run("baseline", params, dataset_hash="h", stage="train@baseline") as first:
+            tracking.log_epoch({"loss": 0.9}, 1)
+            raise KeyboardInterrupt  # the training process is stopped mid-run
+    client = mlflow.MlflowClient(store)
+    assert client.get_run(first.info.run_id).info.status == "KILLED"
+
+    with tracking.model_run("baseline", params, dataset_hash="h", stage="train@baseline",
+                            run_id=first.info.run_id) as resumed:
+        assert client.get_run(resumed.info.run_id).info.status == "RUNNING"
+        tracking.log_epoch({"loss": 0.7}, 2)
+    assert resumed.info.run_id == first.info.run_id
+    run = client.get_run(first.info.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "workspace-baseline"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 0.9), (2, 0.7)]
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id], "tags.model = 'baseline'")] \
+        == [first.info.run_id]
+
+    gone = "0" * 32
+    with tracking.model_run("baseline", params, dataset_hash="h", stage="train@baseline", run_id=gone) as fresh:
+        pass
+    assert fresh.info.run_id not in (gone, first.info.run_id)
+    assert f"MLflow run {gone}" in capsys.readouterr().err
+
+
+def test_a_stage_in_a_dvc_temp_copy_logs_to_the_real_root(repo, monkeypatch):
+    import mlflow
+
+    # where `dvc exp run --temp` runs a stage (DVC_ROOT unset, to test the path logic on its own)
+    copy = repo / ".dvc" / "tmp" / "exps" / "standalone" / "tmpq8v1"
+    (copy / ".dvc").mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    with tracking.model_run("gan", parse_params({}), dataset_hash="h", stage="train@gan") as run:
+        tracking.log_sample_sheet(np.zeros((8, 8, 3), dtype=np.uint8), 1)
+    assert (repo / "mlflow.db").is_file() and not (copy / "mlflow.db").exists()
+    artifacts = mlflow.MlflowClient(tracking.tracking_uri()).get_run(run.info.run_id).info.artifact_uri
+    assert artifacts == (repo.resolve() / "mlruns" / tracking.EXPERIMENT / run.info.run_id / "artifacts").as_uri()
+    assert list((repo / "mlruns").rglob("samples+step+1+*.png")) and not (copy / "mlruns").exists()
+
+
+def test_logging_outside_a_model_run_is_refused(repo):
+    import mlflow
+
+    with pytest.raises(RuntimeError, match="model_run"):
+        tracking.log_epoch({"loss": 1.0}, 1)
+    assert mlflow.active_run() is None
+
+
+def test_deleted_experiment_is_a_one_line_error(repo):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    client.delete_experiment(client.create_experiment(tracking.EXPERIMENT))
+    with pytest.raises(ChromalabError, match="restore it") as err:
+        with tracking.model_run("gan", parse_params({}), dataset_hash="h", stage="train@gan"):
+            pass
+    assert "\n" not in str(err.value)
+
+
+def test_unreachable_server_is_reported_at_once(monkeypatch):
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.monotonic()
+    with pytest.raises(ChromalabError) as err:
+        tracking.check_tracking_server()
+    assert time.monotonic() - started < 10
+    assert uri in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sqlite_store_in_a_missing_folder_is_reported(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'no-such-folder' / 'mlflow.db'}"
+    with pytest.raises(ChromalabError, match="does not exist"):
+        tracking.check_tracking_server(uri)
+
+
+def test_silent_server_times_out(monkeypatch):
+    monkeypatch.setattr(tracking, "HEALTH_TIMEOUT_S", 1.0)
+    with socket.socket() as silent:  # accepts connections (kernel backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(ChromalabError, match="unreachable") as err:
+            tracking.check_tracking_server(uri)
+        assert time.monotonic() - started < 5
+    assert uri in str(err.value)
+
+
+def test_repo_root_leaves_dvc_temp_copies(tmp_path, monkeypatch):
+    for name in DVC_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    # `dvc exp run --queue` workers copy the workspace to <root>/.dvc/tmp/exps/celery/<tmpdir>, .dvc included
+    root = tmp_path / "repo"
+    copy = root / ".dvc" / "tmp" / "exps" / "celery" / "tmpk2j4"
+    (copy / ".dvc").mkdir(parents=True)
+    (copy / "src").mkdir()
+    assert tracking.repo_root(copy / "src") == root.resolve()
+    plain = tmp_path / "not-a-dvc-repo"
+    plain.mkdir()
+    monkeypatch.chdir(plain)
+    assert tracking.repo_root() == plain.resolve()
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    assert tracking.repo_root() == root.resolve()
+
+
+PROBE = """\
+import json, os, sys
+from pathlib import Path
+from chromalab.tracking import repo_root, tracking_uri
+answer = {"cwd": os.getcwd(), "root": str(repo_root()), "uri": tracking_uri(), "exp": os.environ.get("DVC_EXP_NAME")}
+os.environ.pop("DVC_ROOT")
+answer["root_from_cwd_alone"] = str(repo_root())
+Path(sys.argv[1]).write_text(json.dumps(answer))
+"""
+
+
+def test_real_root_inside_dvc_exp_run_temp(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    answer = tmp_path / "answer.json"
+    env = {k: v for k, v in os.environ.items() if k not in (*DVC_ENV_VARS, "MLFLOW_TRACKING_URI")}
+    env.update(GIT_ENV, HOME=str(tmp_path), DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(tmp_path / "site"))
+    _git(repo, "init", "-q")
+    subprocess.run([BIN / "dvc", "init", "-q"], cwd=repo, env=env, check=True)
+    (repo / "probe.py").write_text(PROBE)
+    (repo / "dvc.yaml").write_text(f"stages:\n  probe:\n    cmd: {sys.executable} probe.py {answer}\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "probe stage")
+
+    done = subprocess.run([BIN / "dvc", "exp", "run", "--temp", "-n", "temp-probe"], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = json.loads(answer.read_text())
+    real = repo.resolve()
+    assert Path(seen["cwd"]).is_relative_to(real / ".dvc" / "tmp" / "exps")  # it did run in a copy
+    assert seen["root"] == seen["root_from_cwd_alone"] == str(real)
+    assert seen["uri"] == f"sqlite:///{real / 'mlflow.db'}"
+    assert seen["exp"] == "temp-probe"
