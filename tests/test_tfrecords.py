@@ -1,0 +1,355 @@
+"""The tfrecords stage and its tf.data reader, on small synthetic photos written as the images stage does."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from chromalab.color import lab_norm_to_rgb, rgb_to_lab_norm
+from chromalab.config import parse_params
+from chromalab.errors import ChromalabError
+from chromalab.tfrecords import (
+    VARIANT_NAMES,
+    contrast_variants,
+    load_split_arrays,
+    make_dataset,
+    read_dataset_info,
+    run_tfrecords,
+    split_size,
+)
+
+SIZE = 32
+SHARD_SIZE = 4
+N_TRAIN, N_TEST = 10, 3
+# float16 keeps 11 significant bits: L/100 and a/128, b/128 are off by at most ~0.03 Lab units, which over
+# the whole sRGB cube (all 16.7 M colours, measured) moves a channel by at most 1.67/255 after Lab → RGB.
+RGB_TOLERANCE = 2 / 255
+
+
+def colourful_photo(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Saturated gradients running in different directions plus noise: no photo is mirror-symmetric."""
+    y, x = np.mgrid[0:size, 0:size] / (size - 1)
+    gamma = rng.uniform(0.3, 1.5, 3)
+    rgb = np.stack([x ** gamma[0], (y ** gamma[1]) * (1 - x), (1 - y) ** gamma[2] * (0.5 + 0.5 * x)], axis=-1)
+    rgb += rng.normal(0.0, 0.06, rgb.shape)
+    return (np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def write_images(images_dir: Path, photos: list[tuple[str, str, np.ndarray]]) -> None:
+    """`photos` = (photo_id, split, rgb) → <split>/<id>.jpg + manifest.csv, like the images stage."""
+    rows = []
+    for photo_id, split, rgb in photos:
+        path = images_dir / split / f"{photo_id}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(path, quality=92)
+        rows.append({"photo_id": photo_id, "split": split, "file": f"{split}/{photo_id}.jpg",
+                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "source": "synthetic"})
+    with (images_dir / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["photo_id", "split", "file", "sha256", "source"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def decoded_jpeg(images_dir: Path, split: str, photo_id: str) -> np.ndarray:
+    return np.asarray(Image.open(images_dir / split / f"{photo_id}.jpg").convert("RGB"))
+
+
+def params(**tfrecords):
+    return parse_params({"tfrecords": {"shard_size": SHARD_SIZE, **tfrecords}})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One dataset for the module, built over a real process pool; test rows sit between train rows."""
+    root = tmp_path_factory.mktemp("tfrecords")
+    rng = np.random.default_rng(7)
+    splits = ["train"] * 4 + ["test"] * 2 + ["train"] * 6 + ["test"]
+    photos = [(f"{rng.integers(16**8):08x}", split, colourful_photo(rng, SIZE)) for split in splits]
+    write_images(root / "images", photos)
+    info = run_tfrecords(params(), root / "images", root / "data" / "tfrecords", workers=2)
+    ids = {split: [pid for pid, s, _ in photos if s == split] for split in ("train", "test")}
+    return {"root": root, "images": root / "images", "out": root / "data" / "tfrecords", "info": info, "ids": ids}
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def test_round_trip_reproduces_the_photos(built):
+    for split in ("train", "test"):
+        ids, lum, ab = load_split_arrays(built["out"], split)
+        assert ids == built["ids"][split]  # manifest order within the split
+        assert lum.shape == (len(ids), SIZE, SIZE, 1) and ab.shape == (len(ids), SIZE, SIZE, 2)
+        assert lum.dtype == ab.dtype == np.float32
+        for photo_id, photo_l, photo_ab in zip(ids, lum, ab):
+            source = decoded_jpeg(built["images"], split, photo_id)
+            stored = rgb_to_lab_norm(source).astype(np.float16).astype(np.float32)
+            np.testing.assert_array_equal(photo_l[..., 0], stored[..., 0])
+            np.testing.assert_array_equal(photo_ab, stored[..., 1:])
+            back = lab_norm_to_rgb(photo_l, photo_ab)
+            assert np.abs(back - source / 255.0).max() <= RGB_TOLERANCE
+
+
+def test_shards_are_named_and_filled_in_order(built):
+    names = sorted(p.name for p in built["out"].iterdir())
+    assert names == ["dataset.json", "test-00000-of-00001.tfrecord", "train-00000-of-00003.tfrecord",
+                     "train-00001-of-00003.tfrecord", "train-00002-of-00003.tfrecord"]
+    per_shard = [sum(1 for _ in tf.data.TFRecordDataset(str(built["out"] / name))) for name in names[2:]]
+    assert per_shard == [SHARD_SIZE, SHARD_SIZE, N_TRAIN - 2 * SHARD_SIZE]
+    example = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(str(built["out"] / names[2])))).numpy())
+    features = example.features.feature
+    assert features["photo_id"].bytes_list.value[0].decode() == built["ids"]["train"][0]
+    assert features["size"].int64_list.value[0] == SIZE
+    assert len(features["lab"].bytes_list.value[0]) == SIZE * SIZE * 3 * 2  # float16
+    assert len(features["l_variants"].bytes_list.value[0]) == SIZE * SIZE * len(VARIANT_NAMES) * 2
+    # Built beside the output and renamed into place: nothing temporary is left behind.
+    assert sorted(p.name for p in built["out"].parent.iterdir()) == ["tfrecords"]
+
+
+def test_dataset_json_describes_the_data(built):
+    info = read_dataset_info(built["out"])
+    assert info == built["info"]
+    assert info["counts"] == {"train": N_TRAIN, "test": N_TEST}
+    assert split_size(built["out"], "train") == N_TRAIN
+    assert info["image_size"] == SIZE
+    assert info["normalisation"] == {"L": 100.0, "a": 128.0, "b": 128.0, "dtype": "float16", "layout": "HWC"}
+    assert info["variants"] == list(VARIANT_NAMES)
+    assert info["channels"] == {"lab": 3, "l_variants": 3}
+    assert info["shards"]["test"] == ["test-00000-of-00001.tfrecord"]
+    assert len(info["content_hash"]) == 64
+
+
+def test_variants_are_the_seeds_contrast_augmentations_of_L(built):
+    ids = built["ids"]["train"]
+    records = tf.data.TFRecordDataset(str(built["out"] / "train-00000-of-00003.tfrecord"))
+    for photo_id, record in zip(ids, records):
+        features = tf.train.Example.FromString(record.numpy()).features.feature
+        stored = np.frombuffer(features["l_variants"].bytes_list.value[0], np.float16).reshape(SIZE, SIZE, 3)
+        lum = rgb_to_lab_norm(decoded_jpeg(built["images"], "train", photo_id))[..., 0]
+        np.testing.assert_array_equal(stored, contrast_variants(lum).astype(np.float16))
+        stretched = stored[..., VARIANT_NAMES.index("contrast_stretch_2_98")]
+        assert stretched.min() == 0.0 and stretched.max() == 1.0  # 2nd-98th percentiles fill [0, 1]
+
+
+def test_rerun_replaces_the_dataset_identically_and_hash_follows_content(built, tmp_path):
+    out = tmp_path / "tfrecords"
+    first = run_tfrecords(params(), built["images"], out, workers=1)
+    (out / "stale.tfrecord").write_bytes(b"old")
+    second = run_tfrecords(params(), built["images"], out, workers=1)
+    assert not (out / "stale.tfrecord").exists()  # the old folder was replaced, not merged into
+    assert first == second == built["info"]  # same photos → same hash, whatever the worker count
+    for name in built["info"]["shards"]["train"]:
+        assert (out / name).read_bytes() == (built["out"] / name).read_bytes()
+
+    plain = run_tfrecords(params(contrast_variants=False), built["images"], tmp_path / "plain", workers=1)
+    assert plain["variants"] == [] and plain["content_hash"] != first["content_hash"]
+    manifest = built["images"] / "manifest.csv"
+    edited = tmp_path / "images"
+    edited.mkdir()
+    rows = list(csv.DictReader(manifest.open()))
+    rows.reverse()  # same photos, other order: a different dataset for training's fingerprint
+    for split in ("train", "test"):
+        (edited / split).symlink_to(built["images"] / split)
+    with (edited / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    reordered = run_tfrecords(params(), edited, tmp_path / "reordered", workers=1)
+    assert reordered["content_hash"] != first["content_hash"]
+
+
+# --------------------------------------------------------------------------------------------- the reader
+
+
+def batches(dataset) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(lum.numpy(), ab.numpy()) for lum, ab in dataset]
+
+
+def test_eval_dataset_is_file_order_unaugmented_and_keeps_the_last_batch(built):
+    ids, lum, ab = load_split_arrays(built["out"], "train")
+    dataset = make_dataset(built["out"], "train", 4, training=False, contrast_aug=True, flip_lr=True, flip_ud=True)
+    assert [spec.shape.as_list() for spec in dataset.element_spec] == [[None, SIZE, SIZE, 1], [None, SIZE, SIZE, 2]]
+    first, second = batches(dataset), batches(dataset)
+    assert [b[0].shape[0] for b in first] == [4, 4, 2]
+    assert first[0][0].dtype == first[0][1].dtype == np.float32
+    assert first[0][0].shape == (4, SIZE, SIZE, 1) and first[0][1].shape == (4, SIZE, SIZE, 2)
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in first]), lum)
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in first]), ab)
+    for (l1, ab1), (l2, ab2) in zip(first, second):
+        np.testing.assert_array_equal(l1, l2)
+        np.testing.assert_array_equal(ab1, ab2)
+
+
+def test_training_dataset_shuffles_reproducibly_and_drops_the_partial_batch(built):
+    ids, _, ab = load_split_arrays(built["out"], "train")
+    options = dict(training=True, flip_lr=False, contrast_aug=False, seed=3)
+    dataset = make_dataset(built["out"], "train", 4, **options)
+    assert len(dataset) == N_TRAIN // 4
+    for augmented in (dataset, make_dataset(built["out"], "train", 4, training=True, flip_ud=True, contrast_aug=True)):
+        lum_spec, ab_spec = augmented.element_spec  # static shapes: Keras builds the model from them
+        assert lum_spec.shape == (4, SIZE, SIZE, 1) and ab_spec.shape == (4, SIZE, SIZE, 2)
+
+    def order(epoch):  # photo indices, found by their (unaugmented) ab
+        return [int(np.argmin(np.abs(ab - x).reshape(len(ab), -1).max(1))) for b in epoch for x in b[1]]
+
+    epoch1, epoch2 = batches(dataset), batches(dataset)
+    assert [b[0].shape[0] for b in epoch1] == [4, 4]
+    assert order(epoch1) != order(epoch2)  # reshuffled each epoch
+    assert order(epoch1) != list(range(8))
+    assert order(batches(make_dataset(built["out"], "train", 4, **options))) == order(epoch1)  # seeded
+    assert len(make_dataset(built["out"], "train", 16, training=True)) == 1  # fewer photos than a batch
+
+
+def identify(sample_l, sample_ab, lum, ab, transforms):
+    """(photo, transform) whose transformed L is exactly `sample_l`; the same transform must give ab."""
+    for i in range(len(lum)):
+        for name, transform in transforms.items():
+            if np.array_equal(transform(lum[i]), sample_l):
+                return i, name, np.array_equal(transform(ab[i]), sample_ab)
+    raise AssertionError("a training sample matches no photo under any flip")
+
+
+FLIPS = {"none": lambda x: x, "lr": lambda x: x[:, ::-1], "ud": lambda x: x[::-1], "both": lambda x: x[::-1, ::-1]}
+
+
+@pytest.mark.parametrize("flip_ud", [False, True])
+def test_flips_move_L_and_ab_together(built, flip_ud):
+    _, lum, ab = load_split_arrays(built["out"], "train")
+    for transform in list(FLIPS.values())[1:]:  # the photos are asymmetric, so every flip is visible
+        assert all(not np.array_equal(transform(x), x) for x in (*lum, *ab))
+    dataset = make_dataset(built["out"], "train", 2, training=True, flip_lr=True, flip_ud=flip_ud,
+                           contrast_aug=False, seed=11)
+    seen = []
+    for _ in range(3):
+        for batch_l, batch_ab in batches(dataset):
+            for sample_l, sample_ab in zip(batch_l, batch_ab):
+                _, flip, ab_follows = identify(sample_l, sample_ab, lum, ab, FLIPS)
+                assert ab_follows, f"L was flipped ({flip}) but ab was not flipped with it"
+                seen.append(flip)
+    assert set(seen) == ({"none", "lr", "ud", "both"} if flip_ud else {"none", "lr"})
+
+
+def test_training_picks_contrast_variants_and_evaluation_never_does(built):
+    info = read_dataset_info(built["out"])
+    records = tf.data.TFRecordDataset([str(built["out"] / n) for n in info["shards"]["train"]])
+    stacks, abs_ = [], []
+    for record in records:
+        features = tf.train.Example.FromString(record.numpy()).features.feature
+        lab = np.frombuffer(features["lab"].bytes_list.value[0], np.float16).reshape(SIZE, SIZE, 3)
+        variants = np.frombuffer(features["l_variants"].bytes_list.value[0], np.float16).reshape(SIZE, SIZE, 3)
+        stacks.append(np.concatenate([lab[..., :1], variants], -1).astype(np.float32))
+        abs_.append(lab[..., 1:].astype(np.float32))
+    for stack in stacks:  # all four L channels differ, so which one was used is unambiguous
+        assert len({stack[..., k].tobytes() for k in range(4)}) == 4
+
+    def chosen(dataset, epochs):
+        picks = []
+        for _ in range(epochs):
+            for batch_l, batch_ab in batches(dataset):
+                for sample_l, sample_ab in zip(batch_l, batch_ab):
+                    photo = next(i for i, x in enumerate(abs_) if np.array_equal(x, sample_ab))
+                    picks.append(next(k for k in range(4) if np.array_equal(stacks[photo][..., k:k + 1], sample_l)))
+        return picks
+
+    training = make_dataset(built["out"], "train", 2, training=True, flip_lr=False, contrast_aug=True, seed=5)
+    picks = chosen(training, epochs=4)
+    assert set(picks) == {0, 1, 2, 3}  # the original and each variant, over 40 draws
+    assert picks.count(0) < len(picks) / 2  # uniform over four, not mostly the original
+    no_aug = make_dataset(built["out"], "train", 2, training=True, flip_lr=False, contrast_aug=False, seed=5)
+    assert set(chosen(no_aug, epochs=2)) == {0}
+    evaluation = make_dataset(built["out"], "train", 2, training=False, contrast_aug=True)
+    assert set(chosen(evaluation, epochs=2)) == {0}
+
+
+def test_dataset_without_variants_reads_and_warns_about_contrast_aug(built, tmp_path):
+    out = tmp_path / "plain"
+    run_tfrecords(params(contrast_variants=False), built["images"], out, workers=1)
+    _, lum, _ = load_split_arrays(built["out"], "train")
+    with pytest.warns(UserWarning, match="contrast"):
+        dataset = make_dataset(out, "train", 5, training=True, flip_lr=False, contrast_aug=True)
+    sample_l = batches(dataset)[0][0]
+    assert all(any(np.array_equal(x, y) for y in lum) for x in sample_l)
+
+
+# --------------------------------------------------------------------------------------------- the errors
+
+
+def test_missing_manifest_says_to_run_the_images_stage(tmp_path):
+    with pytest.raises(ChromalabError, match="run the images stage first"):
+        run_tfrecords(params(), tmp_path / "images", tmp_path / "tfrecords")
+
+
+def small_set(images_dir: Path, sizes=(SIZE, SIZE, SIZE), splits=("train", "train", "test")) -> None:
+    rng = np.random.default_rng(1)
+    write_images(images_dir, [(f"p{i}", split, colourful_photo(rng, size))
+                              for i, (size, split) in enumerate(zip(sizes, splits))])
+
+
+def assert_failed_cleanly(out: Path) -> None:
+    """The previous dataset is untouched and no temporary folder is left beside it."""
+    assert json.loads((out / "dataset.json").read_text()) == {"previous": True}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["images", "tfrecords"]
+
+
+@pytest.fixture
+def previous(tmp_path) -> Path:
+    out = tmp_path / "tfrecords"
+    out.mkdir()
+    (out / "dataset.json").write_text(json.dumps({"previous": True}))
+    return out
+
+
+def test_unreadable_image_is_named_across_the_process_pool(tmp_path, previous):
+    small_set(tmp_path / "images")
+    broken = tmp_path / "images" / "train" / "p1.jpg"
+    broken.write_bytes(b"this is not a JPEG")
+    manifest = tmp_path / "images" / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace(
+        next(r["sha256"] for r in csv.DictReader(manifest.open()) if r["photo_id"] == "p1"),
+        hashlib.sha256(broken.read_bytes()).hexdigest()))
+    with pytest.raises(ChromalabError, match=r"p1\.jpg: not a readable image"):
+        run_tfrecords(params(), tmp_path / "images", previous, workers=2)
+    assert_failed_cleanly(previous)
+
+
+def test_changed_or_missing_image_file_is_reported(tmp_path, previous):
+    small_set(tmp_path / "images")
+    Image.fromarray(colourful_photo(np.random.default_rng(9), SIZE)).save(tmp_path / "images" / "test" / "p2.jpg")
+    with pytest.raises(ChromalabError, match=r"p2\.jpg: its content does not match the sha256"):
+        run_tfrecords(params(), tmp_path / "images", previous, workers=1)
+    (tmp_path / "images" / "test" / "p2.jpg").unlink()
+    with pytest.raises(ChromalabError, match=r"p2\.jpg: cannot read it"):
+        run_tfrecords(params(), tmp_path / "images", previous, workers=1)
+    assert_failed_cleanly(previous)
+
+
+def test_photos_of_different_sizes_are_refused(tmp_path, previous):
+    small_set(tmp_path / "images", sizes=(SIZE, SIZE, 2 * SIZE))
+    with pytest.raises(ChromalabError, match=r"p2\.jpg is 64x64 px but .*p0\.jpg is 32x32"):
+        run_tfrecords(params(), tmp_path / "images", previous, workers=1)
+    assert_failed_cleanly(previous)
+
+
+def test_empty_split_is_refused(tmp_path, previous):
+    small_set(tmp_path / "images", splits=("train", "train", "train"))
+    with pytest.raises(ChromalabError, match="the test split has no photos"):
+        run_tfrecords(params(), tmp_path / "images", previous, workers=1)
+    assert_failed_cleanly(previous)
+
+
+def test_reader_errors(built, tmp_path):
+    with pytest.raises(ChromalabError, match="run the tfrecords stage first"):
+        read_dataset_info(tmp_path)
+    with pytest.raises(ChromalabError, match="unknown split 'valid'"):
+        make_dataset(built["out"], "valid", 4, training=False)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "dataset.json").write_text((built["out"] / "dataset.json").read_text())
+    with pytest.raises(ChromalabError, match=r"test-00000-of-00001\.tfrecord is missing"):
+        load_split_arrays(copy, "test")
