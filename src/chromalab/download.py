@@ -1,0 +1,414 @@
+"""Stage `download`: fetch the Unsplash Lite zip and extract the tables the pipeline reads.
+
+data/raw/ ends up with photos.tsv, keywords.tsv, colors.tsv (when the archive has it) and source.json.
+The archive itself is not a DVC output: its partial download lives in data/cache/downloads/ so that
+an interrupted 700 MB download resumes (HTTP Range) instead of starting over, even across `dvc repro`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
+
+import requests
+from requests.adapters import HTTPAdapter
+from tqdm import tqdm
+from urllib3.util.retry import Retry
+
+from chromalab.config import Params
+from chromalab.errors import ChromalabError
+
+# Retries per request (connection errors, 429, 5xx; urllib3 backs off and honours Retry-After), and
+# how many times in a row a dropped transfer may resume without receiving a single new byte.
+DOWNLOAD_RETRIES = 5
+DOWNLOAD_BACKOFF_S = 0.5
+DOWNLOAD_TIMEOUT_S = (15.0, 60.0)  # (connect, read between bytes)
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+# A connection that drops mid-chunk loses that chunk (urllib3 discards a short read): keep chunks small.
+CHUNK_BYTES = 1 << 16
+
+# Only what the later stages read: everything else in the zip is never decompressed.
+REQUIRED_COLUMNS = {
+    "photos": ("photo_id", "photo_image_url"),
+    "keywords": ("photo_id", "keyword", "ai_service_1_confidence", "ai_service_2_confidence", "suggested_by_user"),
+}
+OPTIONAL_COLUMNS = {"colors": ("photo_id",)}
+TABLES = {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}
+# `photos.tsv`, `photos.tsv000`, and 1.3.0's tab-separated `photos.csv000`, in any folder of the zip.
+TABLE_MEMBER = re.compile(r"(?:^|/)(?P<table>photos|keywords|colors)\.(?:tsv|csv)(?P<part>\d*)$", re.IGNORECASE)
+# The real tables are ~1 GB in all and compress ~5-10x; anything far beyond is a broken or hostile zip.
+MAX_MEMBER_BYTES = 4 << 30
+MAX_COMPRESSION_RATIO = 100
+RATIO_CHECK_MIN_BYTES = 1 << 20  # a tiny member may legitimately compress very well
+
+
+def run_download(params: Params, out_dir: Path = Path("data/raw"), cache_dir: Path = Path("data/cache")) -> Path:
+    """Fill `out_dir` with the tables of the archive at params.data.url (or record a folder source)."""
+    out_dir, cache_dir = Path(out_dir), Path(cache_dir)
+    if params.data.source == "folder":
+        with staged_dir(out_dir) as tmp:
+            _write_json(tmp / "source.json", {"source": "folder", "folder": params.data.folder})
+        return out_dir
+
+    url = params.data.url
+    local = local_archive_path(url)
+    if local is not None:
+        if not local.is_file():
+            raise ChromalabError(f"data.url: {local} does not exist; set data.url to the downloaded Lite zip")
+        archive, resolved_url = local, str(local)
+    else:
+        archive, resolved_url = fetch_archive(url, cache_dir / "downloads")
+
+    digest, size = sha256_file(archive), archive.stat().st_size
+    expected = params.data.sha256.strip().lower()
+    if expected and digest != expected:
+        kept = ""
+        if local is None:  # never leave a bad download where the next run would resume it
+            aside = archive.with_suffix(".rejected")
+            os.replace(archive, aside)
+            _meta_path(archive).unlink(missing_ok=True)
+            kept = f" (kept aside as {aside})"
+        raise ChromalabError(
+            f"{url}: SHA-256 {digest} does not match data.sha256 {expected}{kept}; "
+            "check data.sha256 against CHANGELOG.md of unsplash/datasets for this release"
+        )
+
+    with staged_dir(out_dir) as tmp:
+        members, rows = extract_tables(archive, tmp)
+        _write_json(tmp / "source.json", {
+            "source": "unsplash", "url": url, "resolved_url": resolved_url,
+            "sha256": digest, "size": size, "rows": rows, "members": members,
+        })
+    if local is None:  # the tables are the stage's output; 700 MB of zip need not stay
+        archive.unlink()
+        _meta_path(archive).unlink(missing_ok=True)
+    tqdm.write(f"download: {', '.join(f'{t} {n:,} rows' for t, n in rows.items())} -> {out_dir}", file=sys.stderr)
+    return out_dir
+
+
+def local_archive_path(url: str) -> Path | None:
+    """A plain path or file:// URL → its Path; an http(s) URL → None."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https"):
+        return None
+    if parts.scheme == "file":
+        return Path(url2pathname(unquote(parts.path)))
+    if parts.scheme and len(parts.scheme) > 1:  # one letter is a Windows drive, i.e. a path
+        raise ChromalabError(f"data.url: unsupported scheme {parts.scheme!r} in {url}; use https://, file:// or a path")
+    return Path(url).expanduser()
+
+
+# ---------------------------------------------------------------------------------------------- fetch
+
+
+def retrying_session(retries: int, backoff_s: float) -> requests.Session:
+    """A requests Session whose adapter retries connection errors, 429 and 5xx with urllib3's backoff."""
+    retry = Retry(
+        total=retries, connect=retries, read=retries, status=retries,
+        backoff_factor=backoff_s, status_forcelist=RETRY_STATUSES, allowed_methods={"GET"},
+        respect_retry_after_header=True, raise_on_status=False,  # the last answer's status makes the message
+    )
+    session = requests.Session()
+    session.headers["User-Agent"] = "chromalab (+Unsplash Lite research download)"
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def fetch_archive(url: str, downloads_dir: Path) -> tuple[Path, str]:
+    """Download `url` into downloads_dir, resuming a previous partial download; returns (file, final URL).
+
+    urllib3's Retry covers failures before a response; a connection that drops mid-body is resumed
+    here with a Range request (If-Range guards against the file having changed on the server).
+    """
+    downloads_dir.mkdir(parents=True, exist_ok=True)
+    part = partial_download_path(url, downloads_dir)
+    meta_path = _meta_path(part)
+    session = retrying_session(DOWNLOAD_RETRIES, DOWNLOAD_BACKOFF_S)
+    attempts_without_progress = 0
+    while True:
+        offset = part.stat().st_size if part.exists() else 0
+        headers = {}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            validator = _read_meta(meta_path).get("validator")
+            if validator:
+                headers["If-Range"] = validator
+        try:
+            response = session.get(url, headers=headers, stream=True, timeout=DOWNLOAD_TIMEOUT_S)
+        except requests.RequestException as exc:
+            raise ChromalabError(_unreachable_message(url, exc)) from None
+        with response:
+            if response.status_code == 416 and offset:
+                if _content_range_total(response) == offset:  # killed after the last byte: nothing left
+                    return part, response.url
+                part.unlink()
+                continue
+            if response.status_code >= 400:
+                retried = f" after {DOWNLOAD_RETRIES} retries" if response.status_code in RETRY_STATUSES else ""
+                raise ChromalabError(
+                    f"{url}: HTTP {response.status_code} {response.reason}{retried}; "
+                    "check data.url, or download the zip elsewhere and set data.url to its local path"
+                )
+            resumed = response.status_code == 206
+            if resumed and _content_range_start(response) != offset:  # not the bytes asked for: start over
+                part.unlink()
+                continue
+            if not resumed:  # a server that ignores Range (or a changed file) sends it all again
+                offset = 0
+                _write_json(meta_path, {"url": url, "validator": _validator(response)})
+            length = response.headers.get("Content-Length")
+            total = offset + int(length) if length and length.isdigit() else None
+            try:
+                with part.open("ab" if resumed else "wb") as f, tqdm(
+                    total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc="download"
+                ) as bar:
+                    for chunk in response.iter_content(CHUNK_BYTES):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                return part, response.url
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                got = part.stat().st_size
+                attempts_without_progress = 0 if got > offset else attempts_without_progress + 1
+                if attempts_without_progress > DOWNLOAD_RETRIES:
+                    raise ChromalabError(_unreachable_message(url, exc)) from None
+                tqdm.write(f"download: connection lost after {got:,} bytes ({type(exc).__name__}); resuming",
+                           file=sys.stderr)
+
+
+def partial_download_path(url: str, downloads_dir: Path) -> Path:
+    """Where the download of `url` grows until it is complete (one file per URL)."""
+    return downloads_dir / f"lite-{hashlib.sha256(url.encode()).hexdigest()[:16]}.zip.part"
+
+
+def _unreachable_message(url: str, exc: Exception) -> str:
+    reason = "timed out" if isinstance(exc, requests.Timeout) else f"connection failed ({type(exc).__name__})"
+    return (
+        f"cannot download {url}: {reason}; without internet access, download the Lite zip elsewhere "
+        "and set data.url in params.yaml to its local path"
+    )
+
+
+def _validator(response: requests.Response) -> str:
+    """What If-Range may carry: a strong ETag, else Last-Modified (RFC 9110 §13.1.5)."""
+    etag = response.headers.get("ETag", "")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return response.headers.get("Last-Modified", "")
+
+
+def _content_range_start(response: requests.Response) -> int | None:
+    match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
+
+
+def _content_range_total(response: requests.Response) -> int | None:
+    match = re.search(r"/(\d+)$", response.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
+
+
+def _meta_path(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -------------------------------------------------------------------------------------------- extract
+
+
+def extract_tables(archive: Path, out_dir: Path) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Write out_dir/<table>.tsv for each table the pipeline reads; returns (members used, row counts)."""
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ChromalabError(f"{archive}: not a readable zip archive ({exc}); check data.url") from None
+    with zf:
+        parts = _table_parts(zf, archive)
+        total = sum(info.file_size for infos in parts.values() for info in infos)
+        members: dict[str, list[str]] = {}
+        rows: dict[str, int] = {}
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="extract") as bar:
+            for table, infos in parts.items():
+                dest = out_dir / f"{table}.tsv"
+                _concatenate_parts(zf, infos, dest, table, archive, bar)
+                members[table] = [info.filename for info in infos]
+                rows[table] = count_rows(dest)
+    return members, rows
+
+
+def _table_parts(zf: zipfile.ZipFile, archive: Path) -> dict[str, list[zipfile.ZipInfo]]:
+    """The members of each table, in part order, after refusing unsafe entries."""
+    found: dict[str, list[tuple[int, zipfile.ZipInfo]]] = {}
+    for info in zf.infolist():
+        name = info.filename
+        path = PurePosixPath(name.replace("\\", "/"))
+        if path.is_absolute() or re.match(r"^[A-Za-z]:", name) or ".." in path.parts:
+            raise ChromalabError(f"{archive}: unsafe entry {name!r} (absolute path or '..'); refusing this archive")
+        match = TABLE_MEMBER.search(path.as_posix())
+        if info.is_dir() or not match:
+            continue
+        if info.file_size > MAX_MEMBER_BYTES:
+            raise ChromalabError(
+                f"{archive}: entry {name!r} unpacks to {info.file_size:,} bytes (limit {MAX_MEMBER_BYTES:,}); "
+                "refusing this archive"
+            )
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > RATIO_CHECK_MIN_BYTES and ratio > MAX_COMPRESSION_RATIO:
+            raise ChromalabError(
+                f"{archive}: entry {name!r} has a compression ratio over {MAX_COMPRESSION_RATIO}:1 "
+                "(a zip bomb?); refusing this archive"
+            )
+        part = int(match["part"]) if match["part"] else -1
+        found.setdefault(match["table"].lower(), []).append((part, info))
+
+    for table in REQUIRED_COLUMNS:
+        if table not in found:
+            raise ChromalabError(
+                f"{archive}: no '{table}' table (expected {table}.tsv000 or similar); is this an Unsplash Lite zip?"
+            )
+    parts: dict[str, list[zipfile.ZipInfo]] = {}
+    for table, numbered in found.items():
+        numbered.sort(key=lambda item: item[0])
+        numbers = [n for n, _ in numbered]
+        folders = {str(PurePosixPath(info.filename).parent) for _, info in numbered}
+        if len(set(numbers)) != len(numbers) or len(folders) > 1:
+            names = ", ".join(info.filename for _, info in numbered)
+            raise ChromalabError(f"{archive}: ambiguous parts for table '{table}' ({names}); repack the archive")
+        parts[table] = [info for _, info in numbered]
+    return parts
+
+
+def _concatenate_parts(zf, infos, dest: Path, table: str, archive: Path, bar: tqdm) -> None:
+    """Parts may each start with the header row: keep the first part's header once, check the others'."""
+    header: bytes | None = None
+    with dest.open("wb") as out:
+        for info in infos:
+            with zf.open(info) as member:
+                first = member.readline()
+                if header is None:
+                    _check_columns(first, table, info.filename, archive)
+                    header = first
+                    out.write(first)
+                elif not _is_header(first):  # a headerless part: its first line is data
+                    out.write(first)
+                elif first.rstrip(b"\r\n") != header.rstrip(b"\r\n"):
+                    raise ChromalabError(
+                        f"{archive}: {info.filename} has other columns than {infos[0].filename}; repack the archive"
+                    )
+                bar.update(len(first))
+                written, last = len(first), first
+                while chunk := member.read(CHUNK_BYTES):
+                    written += len(chunk)
+                    if written > MAX_MEMBER_BYTES:  # the size in the zip's directory may lie
+                        raise ChromalabError(f"{archive}: entry {info.filename!r} exceeds {MAX_MEMBER_BYTES:,} bytes")
+                    out.write(chunk)
+                    bar.update(len(chunk))
+                    last = chunk
+            if last and not last.endswith(b"\n"):  # the next part must start on a line of its own
+                out.write(b"\n")
+
+
+def _is_header(line: bytes) -> bool:
+    return line.decode("utf-8-sig", errors="replace").split("\t", 1)[0].strip() == "photo_id"
+
+
+def _check_columns(header_line: bytes, table: str, member: str, archive: Path) -> None:
+    columns = next(csv.reader([header_line.decode("utf-8-sig", errors="replace").rstrip("\r\n")], delimiter="\t"), [])
+    missing = [c for c in TABLES[table] if c not in columns]
+    if missing:
+        raise ChromalabError(
+            f"{archive}: table '{table}' ({member}) lacks column(s) {', '.join(missing)}; "
+            "is this an Unsplash Lite zip?"
+        )
+
+
+def open_table(path: Path):
+    """A csv reader for one of the Lite tables (tab-separated, QUOTE_MINIMAL: keywords may hold quoted newlines)."""
+    f = path.open(newline="", encoding="utf-8-sig")
+    return f, csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
+
+
+def count_rows(path: Path) -> int:
+    f, reader = open_table(path)
+    with f:
+        try:
+            return sum(1 for _ in reader)
+        except csv.Error as exc:
+            raise ChromalabError(f"{path}: unreadable TSV at line {reader.line_num} ({exc})") from None
+
+
+# -------------------------------------------------------------------------------------- atomic output
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield an empty folder beside out_dir; when the block succeeds it takes out_dir's place.
+
+    A run killed part-way leaves out_dir as it was (plus a hidden temp folder the next run removes).
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same folder + fsync + rename: a file that exists is whole."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with tmp.open("xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

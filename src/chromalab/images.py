@@ -1,0 +1,373 @@
+"""Stage `images`: the train and test photos as image_size² RGB JPEGs, each checked, bad ones replaced.
+
+Unsplash photos are fetched from their dynamic image URL, cropped by the server
+(`fit=crop&crop=faces,entropy`); folder photos are centre-cropped here. Every photo must decode in
+full and have colour (mean chroma >= images.min_chroma); a photo that is gone (404/410), corrupt or
+gray is recorded in rejected.csv and its slot goes to the next reserve photo.
+
+out_dir persists across runs (DVC `persist: true`), which makes the stage resumable: each image is
+written atomically, so a file that exists is whole and is not fetched again, and rejections are
+appended as they happen, so a gone photo is not asked for twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import threading
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+import urllib3
+from PIL import ExifTags, Image, ImageOps
+from tqdm import tqdm
+from urllib3.util.retry import Retry
+
+from chromalab.color import mean_chroma
+from chromalab.config import Params
+from chromalab.download import RETRY_STATUSES, write_bytes_atomic, write_text_atomic
+from chromalab.errors import ChromalabError
+from chromalab.split import FIELDS as SPLIT_FIELDS
+from chromalab.split import SAFE_PHOTO_ID, SPLITS
+
+FETCH_SPLITS = ("train", "test")
+GONE_STATUSES = (404, 410)
+BACKOFF_FACTOR_S = 0.5  # urllib3: no wait before the 1st retry, then 1 s, 2 s, 4 s, … (capped below)
+BACKOFF_MAX_S = 60.0
+RETRY_AFTER_MAX_S = 300  # a 429's Retry-After beyond this is cut to it rather than stalling a worker for hours
+MANIFEST_FIELDS = ("photo_id", "split", "file", "sha256", "source")
+REJECTED_FIELDS = ("photo_id", "split", "reason")
+# What the files on disk were made with: another value invalidates them (only "gone" rejections survive).
+SETTINGS_FILE = "fetch_settings.json"
+GONE = "gone"
+
+
+class Photo(NamedTuple):
+    photo_id: str
+    image_url: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Literal["ok", "rejected", "failed"]  # failed = not known yet (network trouble): re-run
+    detail: str = ""
+    fetched: bool = False  # False: the file or the rejection was already on disk
+
+
+class Rejected(Exception):
+    """A permanent property of the photo (gone, corrupt, gray): replace it from the reserve."""
+
+
+class FetchFailed(Exception):
+    """The photo could not be fetched even after retries; nothing is known about it yet."""
+
+
+def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Path = Path("data/images")) -> dict:
+    """Fill out_dir/train and out_dir/test with exactly the listed number of checked photos; write manifest.csv."""
+    split_dir, out_dir = Path(split_dir), Path(out_dir)
+    lists = {name: read_split(split_dir / f"{name}.csv") for name in SPLITS}
+    prepare_out_dir(out_dir, fetch_settings(params))
+    journal = RejectionJournal(out_dir / "rejected.csv")
+    fetcher = PhotoFetcher(params, out_dir, journal)
+
+    slots = [(split, photo) for split in FETCH_SPLITS for photo in lists[split]]
+    chosen, failed, stats = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency)
+
+    if failed:
+        photo, detail = failed[0]
+        raise ChromalabError(
+            f"{len(failed)} of {len(slots)} photos could not be fetched (e.g. {photo.photo_id}: {detail}); "
+            "re-run the stage to fetch only what is missing"
+        )
+    missing = Counter(split for (split, _), photo in zip(slots, chosen) if photo is None)
+    if missing:
+        totals = Counter(split for split, _ in slots)
+        raise ChromalabError(
+            "reserve exhausted: "
+            + ", ".join(f"{missing[s]} of {totals[s]} {s} photos missing" for s in FETCH_SPLITS if missing[s])
+            + "; raise split.n_reserve"
+        )
+
+    selected = [(split, photo) for (split, _), photo in zip(slots, chosen)]
+    remove_unselected(out_dir, {(split, photo.photo_id) for split, photo in selected})
+    write_manifest(out_dir, selected, fetcher)
+    listed = {photo.photo_id for photos in lists.values() for photo in photos}
+    journal.rewrite_sorted(listed)
+    summary = {
+        "train": len(lists["train"]), "test": len(lists["test"]),
+        "fetched": stats["fetched"], "reused": stats["reused"],
+        "rejected": len(journal.listed(listed)), "replaced_from_reserve": stats["replaced"],
+    }
+    tqdm.write(f"images: {summary}", file=sys.stderr)
+    return summary
+
+
+def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency: int):
+    """Obtain a photo for every (split, photo) slot; returns (photo per slot or None, failures, counts).
+
+    Rounds: fetch all pending photos concurrently, then walk the outcomes *in slot order* and hand
+    each rejected slot the next reserve photo. So which reserve photo replaces which depends only on
+    the photos themselves, never on which thread finished first.
+    """
+    chosen: list[Photo | None] = [None] * len(slots)
+    failed: list[tuple[Photo, str]] = []
+    stats: Counter[str] = Counter()
+    pending = [(index, photo) for index, (_, photo) in enumerate(slots)]
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="images")
+    try:
+        with tqdm(total=len(slots), unit="photo", desc="images") as bar:
+            while pending:
+                futures = [pool.submit(fetcher.obtain, photo, slots[index][0]) for index, photo in pending]
+                for future in as_completed(futures):
+                    outcome = future.result()
+                    if outcome.status == "ok":
+                        bar.update()
+                    elif outcome.status == "rejected":
+                        stats["rejected"] += 1
+                        bar.set_postfix(rejected=stats["rejected"])
+                replacements = []
+                for (index, photo), future in zip(pending, futures):
+                    outcome = future.result()
+                    stats["fetched" if outcome.fetched else "reused"] += 1
+                    if outcome.status == "ok":
+                        chosen[index] = photo
+                    elif outcome.status == "failed":
+                        failed.append((photo, outcome.detail))
+                    elif reserve:
+                        replacements.append((index, reserve.popleft()))
+                        stats["replaced"] += 1
+                pending = replacements
+    finally:  # on Ctrl-C, drop the queued fetches instead of finishing them
+        pool.shutdown(wait=True, cancel_futures=True)
+    return chosen, failed, stats
+
+
+class PhotoFetcher:
+    """Turns one listed photo into out_dir/<split>/<photo_id>.jpg, or says why not. Thread-safe."""
+
+    def __init__(self, params: Params, out_dir: Path, journal: RejectionJournal):
+        ip = params.images
+        self.size = params.base.image_size
+        self.quality = ip.jpeg_quality
+        self.min_chroma = ip.min_chroma
+        self.retries = ip.retries
+        self.from_folder = params.data.source == "folder"
+        self.out_dir = out_dir
+        self.journal = journal
+        # preload_content=True makes urllib3 read the body inside its retry loop, so a truncated body
+        # or a read timeout mid-body is retried like a connection error (requests cannot do that).
+        retry = Retry(
+            total=ip.retries, connect=ip.retries, read=ip.retries, status=ip.retries,
+            backoff_factor=BACKOFF_FACTOR_S, backoff_max=BACKOFF_MAX_S, status_forcelist=RETRY_STATUSES,
+            allowed_methods={"GET"}, respect_retry_after_header=True, retry_after_max=RETRY_AFTER_MAX_S,
+            raise_on_status=False,
+        )
+        self.http = urllib3.PoolManager(
+            maxsize=ip.concurrency, retries=retry, timeout=urllib3.Timeout(connect=ip.timeout_s, read=ip.timeout_s),
+            headers={"User-Agent": "chromalab (+Unsplash Lite research download)"},
+        )
+
+    def source(self, photo: Photo) -> str:
+        return photo.image_url if self.from_folder else sized_url(photo.image_url, self.size, self.quality)
+
+    def obtain(self, photo: Photo, split: str) -> Outcome:
+        target = self.out_dir / split / f"{photo.photo_id}.jpg"
+        if target.exists():
+            return Outcome("ok")
+        for other in FETCH_SPLITS:  # a param change may move a reserve photo to the other split
+            elsewhere = self.out_dir / other / target.name
+            if other != split and elsewhere.exists():
+                os.replace(elsewhere, target)
+                return Outcome("ok")
+        known = self.journal.reason(photo.photo_id)
+        if known is not None:
+            self.journal.record(photo.photo_id, split, known)  # no-op unless meant for another split now
+            return Outcome("rejected", known)
+        try:
+            jpeg = self.checked_jpeg(self.read(photo))
+        except Rejected as exc:
+            self.journal.record(photo.photo_id, split, str(exc))
+            return Outcome("rejected", str(exc), fetched=True)
+        except FetchFailed as exc:
+            return Outcome("failed", str(exc), fetched=True)
+        write_bytes_atomic(target, jpeg)
+        return Outcome("ok", fetched=True)
+
+    def read(self, photo: Photo) -> bytes:
+        if self.from_folder:
+            try:
+                return Path(photo.image_url).read_bytes()
+            except FileNotFoundError:
+                raise Rejected(f"{GONE} (file no longer exists)") from None
+            except OSError as exc:
+                raise FetchFailed(f"cannot read {photo.image_url}: {exc.strerror}") from None
+        try:
+            response = self.http.request("GET", self.source(photo), preload_content=True)
+        except urllib3.exceptions.MaxRetryError as exc:
+            raise FetchFailed(f"{type(exc.reason).__name__} after {self.retries} retries") from None
+        except urllib3.exceptions.HTTPError as exc:
+            raise FetchFailed(type(exc).__name__) from None
+        if response.status in GONE_STATUSES:
+            raise Rejected(f"{GONE} (HTTP {response.status})")
+        if response.status != 200:
+            retried = f" after {self.retries} retries" if response.status in RETRY_STATUSES else ""
+            raise FetchFailed(f"HTTP {response.status}{retried}")
+        return response.data
+
+    def checked_jpeg(self, data: bytes) -> bytes:
+        """The photo as an RGB size×size JPEG, if it decodes in full and has colour."""
+        size = (self.size, self.size)
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                as_served = (
+                    not self.from_folder and image.format == "JPEG" and image.mode == "RGB" and image.size == size
+                    and image.getexif().get(ExifTags.Base.Orientation, 1) == 1
+                )
+                if image.format == "JPEG" and min(image.size) > self.size:
+                    image.draft("RGB", size)  # decode big JPEGs at a reduced scale (still >= size): much faster
+                image.load()  # full decode: a truncated or corrupt file fails here, not in a later stage
+                rgb = image if as_served else square_rgb(image, self.size)
+                chroma = mean_chroma(np.asarray(rgb))
+        except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as exc:
+            raise Rejected(f"corrupt ({str(exc).splitlines()[0][:80] or type(exc).__name__})") from None
+        if chroma < self.min_chroma:
+            raise Rejected(f"gray (mean chroma {chroma:.2f} < images.min_chroma {self.min_chroma:g})")
+        if as_served:  # already what we want: re-encoding would only lose quality
+            return data
+        buffer = io.BytesIO()
+        rgb.save(buffer, "JPEG", quality=self.quality)
+        return buffer.getvalue()
+
+
+def square_rgb(image: Image.Image, size: int) -> Image.Image:
+    """Upright (EXIF), RGB (transparency over white, as a browser shows it), centre-cropped to size×size."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    elif image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (size, size):
+        image = ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
+    return image
+
+
+def sized_url(image_url: str, size: int, quality: int) -> str:
+    """The dynamic image URL for a size×size JPEG; keeps the URL's own query parameters."""
+    parts = urlsplit(image_url)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    query.update(w=str(size), h=str(size), fit="crop", crop="faces,entropy", fm="jpg", q=str(quality))
+    return urlunsplit(parts._replace(query=urlencode(query, safe=",")))
+
+
+class RejectionJournal:
+    """rejected.csv, appended as rejections happen, so a re-run never asks for a gone photo again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.rows: dict[str, tuple[str, str]] = {}  # photo_id → (split, reason); the last line wins
+        if path.exists():
+            with path.open(newline="", encoding="utf-8") as f:
+                for row in csv.reader(f):
+                    # A run killed mid-line leaves a short last line: skip it, that photo is asked again.
+                    if len(row) == len(REJECTED_FIELDS) and row[0] != REJECTED_FIELDS[0] and row[2]:
+                        self.rows[row[0]] = (row[1], row[2])
+        self.rewrite_sorted(None)  # drops such a short line, so that appended lines start on their own
+
+    def reason(self, photo_id: str) -> str | None:
+        with self.lock:
+            entry = self.rows.get(photo_id)
+        return entry[1] if entry else None
+
+    def record(self, photo_id: str, split: str, reason: str) -> None:
+        with self.lock:
+            if self.rows.get(photo_id) == (split, reason):
+                return
+            self.rows[photo_id] = (split, reason)
+            line = io.StringIO()
+            csv.writer(line, lineterminator="\n").writerow((photo_id, split, reason))
+            with self.path.open("a", encoding="utf-8", newline="") as f:
+                f.write(line.getvalue())  # one small write: a kill leaves the line whole or short
+
+    def listed(self, photo_ids: set[str] | None) -> dict[str, tuple[str, str]]:
+        return {pid: entry for pid, entry in self.rows.items() if photo_ids is None or pid in photo_ids}
+
+    def rewrite_sorted(self, photo_ids: set[str] | None) -> None:
+        """Rewrite atomically, sorted by split then id, keeping only `photo_ids` (None: all)."""
+        with self.lock:
+            rows = sorted(((split, pid, reason) for pid, (split, reason) in self.listed(photo_ids).items()))
+            text = io.StringIO()
+            writer = csv.writer(text, lineterminator="\n")
+            writer.writerow(REJECTED_FIELDS)
+            writer.writerows((pid, split, reason) for split, pid, reason in rows)
+            write_text_atomic(self.path, text.getvalue())
+            self.rows = {pid: (split, reason) for split, pid, reason in rows}
+
+
+def fetch_settings(params: Params) -> dict:
+    ip = params.images
+    return {"source": params.data.source, "image_size": params.base.image_size,
+            "jpeg_quality": ip.jpeg_quality, "min_chroma": ip.min_chroma}
+
+
+def prepare_out_dir(out_dir: Path, settings: dict) -> None:
+    """Keep what a previous run made with the same settings; drop temp files and the stale manifest."""
+    settings_path = out_dir / SETTINGS_FILE
+    previous = json.loads(settings_path.read_text()) if settings_path.is_file() else None
+    if previous is not None and previous != settings:
+        tqdm.write(f"images: settings changed ({previous} -> {settings}); fetching again", file=sys.stderr)
+        for split in FETCH_SPLITS:
+            shutil.rmtree(out_dir / split, ignore_errors=True)
+        journal = RejectionJournal(out_dir / "rejected.csv")
+        journal.rewrite_sorted({pid for pid, (_, why) in journal.rows.items() if why.startswith(GONE)})
+    for split in FETCH_SPLITS:
+        (out_dir / split).mkdir(parents=True, exist_ok=True)
+    for temp in [*out_dir.glob(".*.tmp"), *out_dir.glob("*/.*.tmp")]:  # left by a killed run
+        temp.unlink()
+    # Until this run completes, out_dir must not look complete to the next stage.
+    (out_dir / "manifest.csv").unlink(missing_ok=True)
+    write_text_atomic(settings_path, json.dumps(settings, sort_keys=True) + "\n")
+
+
+def read_split(path: Path) -> list[Photo]:
+    if not path.is_file():
+        raise ChromalabError(f"{path} not found; run the split stage first (`dvc repro split`)")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != SPLIT_FIELDS:
+            raise ChromalabError(f"{path}: expected columns {','.join(SPLIT_FIELDS)}; re-run the split stage")
+        photos = [Photo(row["photo_id"], row["image_url"]) for row in reader]
+    bad = next((p.photo_id for p in photos if not SAFE_PHOTO_ID.match(p.photo_id)), None)
+    if bad is not None:
+        raise ChromalabError(f"{path}: photo_id {bad!r} is not a safe file name; re-run the split stage")
+    return photos
+
+
+def remove_unselected(out_dir: Path, keep: set[tuple[str, str]]) -> None:
+    """After a param change, files of photos no longer selected must not reach the next stage."""
+    for split in FETCH_SPLITS:
+        for path in (out_dir / split).iterdir():
+            if (split, path.stem) not in keep or path.suffix != ".jpg":
+                path.unlink()
+
+
+def write_manifest(out_dir: Path, selected: list[tuple[str, Photo]], fetcher: PhotoFetcher) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(MANIFEST_FIELDS)
+    for split, photo in sorted(selected, key=lambda item: (item[0], item[1].photo_id)):
+        file = f"{split}/{photo.photo_id}.jpg"
+        sha = hashlib.sha256((out_dir / file).read_bytes()).hexdigest()
+        writer.writerow((photo.photo_id, split, file, sha, fetcher.source(photo)))
+    write_text_atomic(out_dir / "manifest.csv", text.getvalue())

@@ -1,0 +1,206 @@
+"""Stage `split`: choose the photos of people (or the photos of your folder) → train / test / reserve.
+
+Unsplash: a photo is a candidate when one of its keywords is in split.include_keywords with an AI
+confidence >= split.min_confidence on either tagger, or was suggested by a person; photos tagged or
+captioned as black-and-white (or "no people") are left out. The candidates, sorted by id, are
+shuffled with base.seed and cut into n_train, n_test and n_reserve (stand-ins for photos that turn
+out gone or gray in the images stage).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from tqdm import tqdm
+
+from chromalab.config import Params, SplitParams
+from chromalab.download import open_table, staged_dir
+from chromalab.errors import ChromalabError
+
+SPLITS = ("train", "test", "reserve")
+FIELDS = ("photo_id", "image_url", "reason")
+# Captions that contradict the keywords or describe a photo that teaches gray.
+CAPTION_EXCLUDE = re.compile(r"\b(?:no people|black[- ]and[- ]white|monochrome|gr[ae]yscale)\b", re.IGNORECASE)
+# Photo ids become file names in the images stage.
+SAFE_PHOTO_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+
+
+class Candidate(NamedTuple):
+    photo_id: str
+    image_url: str  # a URL, or an absolute file path for the folder source
+    reason: str
+
+
+def run_split(params: Params, raw_dir: Path = Path("data/raw"), out_dir: Path = Path("data/split")) -> dict:
+    """Write train.csv, test.csv, reserve.csv and summary.json into out_dir; returns the summary."""
+    sp = params.split
+    if params.data.source == "folder":
+        candidates, left_out = folder_candidates(params.data.folder), {}
+        what = f"photos in {params.data.folder}"
+    else:
+        candidates, left_out = people_candidates(Path(raw_dir), sp)
+        what = "candidate photos of people"
+    tqdm.write(
+        f"split: {len(candidates):,} {what}"
+        + (f" (left out: {', '.join(f'{n:,} {why}' for why, n in left_out.items())})" if left_out else ""),
+        file=sys.stderr,
+    )
+
+    splits = split_candidates(candidates, params.base.seed, sp)
+    summary = {
+        "source": params.data.source,
+        "candidates": len(candidates),
+        "left_out": left_out,
+        "counts": {name: len(rows) for name, rows in splits.items()},
+        "reserve_shortfall": sp.n_reserve - len(splits["reserve"]),
+        "params": {"seed": params.base.seed, "folder": params.data.folder, **sp.model_dump(mode="json")},
+    }
+    if summary["reserve_shortfall"]:
+        tqdm.write(
+            f"split: only {len(splits['reserve'])} reserve photos (split.n_reserve is {sp.n_reserve}); "
+            "the images stage fails if more photos than that turn out gone or gray",
+            file=sys.stderr,
+        )
+    with staged_dir(Path(out_dir)) as tmp:
+        for name, rows in splits.items():
+            with (tmp / f"{name}.csv").open("w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerow(FIELDS)
+                writer.writerows(rows)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def split_candidates(candidates: list[Candidate], seed: int, sp: SplitParams) -> dict[str, list[Candidate]]:
+    """Seeded shuffle of the id-sorted candidates; a bigger n_reserve never changes train or test."""
+    needed = sp.n_train + sp.n_test
+    if len(candidates) < needed:
+        raise ChromalabError(
+            f"only {len(candidates)} candidate photos found, {needed} needed "
+            f"(split.n_train {sp.n_train} + split.n_test {sp.n_test}); lower them, or widen "
+            "split.include_keywords / lower split.min_confidence (or add photos to data.folder)"
+        )
+    ordered = sorted(candidates)
+    random.Random(seed).shuffle(ordered)
+    cuts = (0, sp.n_train, needed, needed + sp.n_reserve)
+    return {name: ordered[start:stop] for name, start, stop in zip(SPLITS, cuts, cuts[1:])}
+
+
+# ------------------------------------------------------------------------------------------- Unsplash
+
+
+def people_candidates(raw_dir: Path, sp: SplitParams) -> tuple[list[Candidate], dict[str, int]]:
+    """Photos with a person keyword confirmed by a tagger or a person; returns (candidates, left-out counts)."""
+    include = {normalise_keyword(k) for k in sp.include_keywords}
+    exclude = {normalise_keyword(k) for k in sp.exclude_keywords}
+    if not include:
+        raise ChromalabError("split.include_keywords is empty; list the keywords that mean a person is in the photo")
+
+    best: dict[str, tuple[float, str]] = {}  # photo_id → (score, reason); a person's suggestion scores -1
+    black_and_white: set[str] = set()
+    for row in read_table(raw_dir / "keywords.tsv", ("photo_id", "keyword", "ai_service_1_confidence",
+                                                     "ai_service_2_confidence", "suggested_by_user")):
+        photo_id, keyword = row["photo_id"], normalise_keyword(row["keyword"])
+        if keyword in exclude:
+            black_and_white.add(photo_id)
+            continue
+        if keyword not in include:
+            continue
+        confidences = [c for c in map(_confidence, (row["ai_service_1_confidence"], row["ai_service_2_confidence"]))
+                       if c is not None]
+        if confidences and max(confidences) >= sp.min_confidence:
+            score, reason = max(confidences), f"keyword={keyword} conf={max(confidences):.1f}"
+        elif (row["suggested_by_user"] or "").strip().lower() == "t":
+            score, reason = -1.0, f"keyword={keyword} user"
+        else:
+            continue
+        if photo_id not in best or score > best[photo_id][0]:
+            best[photo_id] = (score, reason)
+
+    left_out: Counter[str] = Counter()
+    candidates: list[Candidate] = []
+    seen: set[str] = set()
+    for row in read_table(raw_dir / "photos.tsv", ("photo_id", "photo_image_url")):
+        photo_id = row["photo_id"]
+        if photo_id not in best or photo_id in seen:
+            continue
+        seen.add(photo_id)
+        caption = f"{row.get('photo_description') or ''} {row.get('ai_description') or ''}"
+        url = (row["photo_image_url"] or "").strip()
+        if photo_id in black_and_white:
+            left_out["black-and-white keyword"] += 1
+        elif CAPTION_EXCLUDE.search(caption):
+            left_out["caption says no people / black-and-white"] += 1
+        elif not url.startswith(("http://", "https://")) or not SAFE_PHOTO_ID.match(photo_id):
+            left_out["no usable id or image URL"] += 1
+        else:
+            candidates.append(Candidate(photo_id, url, best[photo_id][1]))
+    return candidates, dict(left_out)
+
+
+def normalise_keyword(keyword: str | None) -> str:
+    """Case- and whitespace-insensitive form: ' Black  and White' → 'black and white'."""
+    return " ".join((keyword or "").lower().split())
+
+
+def _confidence(text: str | None) -> float | None:
+    try:
+        return float(text) if text and text.strip() else None
+    except ValueError:
+        return None
+
+
+def read_table(path: Path, columns: tuple[str, ...]) -> Iterator[dict[str, str]]:
+    """Rows of a table the download stage wrote, checking its columns; a broken row is a one-line error."""
+    if not path.is_file():
+        raise ChromalabError(f"{path} not found; run the download stage first (`dvc repro download`)")
+    f, reader = open_table(path)
+    with f:
+        missing = [c for c in columns if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ChromalabError(f"{path}: no column(s) {', '.join(missing)}; re-run the download stage")
+        try:
+            yield from reader
+        except csv.Error as exc:
+            raise ChromalabError(f"{path}: unreadable TSV at line {reader.line_num} ({exc})") from None
+
+
+# --------------------------------------------------------------------------------------------- folder
+
+
+def folder_candidates(folder: str) -> list[Candidate]:
+    """Every photo under `folder` (recursively, hidden files skipped), with an id stable across machines."""
+    if not folder:
+        raise ChromalabError("data.source is 'folder' but data.folder is empty; set data.folder to a folder of photos")
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise ChromalabError(f"data.folder: {root} is not a folder; set data.folder to a folder of photos")
+    root = root.resolve()
+    candidates = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not any(
+            part.startswith(".") for part in relative.parts
+        ):
+            candidates.append(Candidate(folder_photo_id(relative), str(path), "folder"))
+    if not candidates:
+        raise ChromalabError(
+            f"data.folder: no photos ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}; add some or fix the path"
+        )
+    return candidates
+
+
+def folder_photo_id(relative: Path) -> str:
+    """'Trip 2024/IMG_001.JPG' → 'trip-2024-img-001-<8 hex of the path>': readable, unique, a safe file name."""
+    slug = re.sub(r"[^a-z0-9]+", "-", relative.with_suffix("").as_posix().lower()).strip("-")[:48] or "photo"
+    return f"{slug}-{hashlib.sha1(relative.as_posix().encode()).hexdigest()[:8]}"

@@ -1,0 +1,285 @@
+"""Stage `download`: a real HTTP server (tests/fake_unsplash.py), local archives, hostile zips."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_unsplash import lite_photos, make_lite_archive
+
+from chromalab import download
+from chromalab.config import parse_params
+from chromalab.download import open_table, partial_download_path, run_download
+from chromalab.errors import ChromalabError
+
+KINDS = {"person": 6, "person_user": 2, "low_confidence": 2, "bw_keyword": 2, "caption": 1, "other": 4}
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return lite_photos(KINDS, seed=1)
+
+
+def params(**data):
+    return parse_params({"data": data})
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    f, reader = open_table(path)
+    with f:
+        return list(reader)
+
+
+def check_tables(out: Path, photos, archive: bytes) -> dict:
+    """The extracted tables hold every photo and keyword row; source.json describes the zip."""
+    source = json.loads((out / "source.json").read_text())
+    assert source["sha256"] == hashlib.sha256(archive).hexdigest()
+    assert source["size"] == len(archive)
+    n_keywords = sum(len(p.keywords) for p in photos)
+    assert source["rows"] == {"photos": len(photos), "keywords": n_keywords, "colors": len(photos)}
+    assert [r["photo_id"] for r in read_rows(out / "photos.tsv")] == [p.photo_id for p in photos]
+    keywords = [r["keyword"] for r in read_rows(out / "keywords.tsv")]
+    assert len(keywords) == n_keywords
+    assert "smiling\nface" in keywords  # the quoted newline survived as one field of one row
+    return source
+
+
+def test_download_follows_redirect_and_extracts_only_the_needed_tables(fake_unsplash, photos, tmp_path):
+    archive = make_lite_archive(photos, fake_unsplash.url)
+    fake_unsplash.archive = archive
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+
+    assert out == tmp_path / "raw"
+    assert sorted(p.name for p in out.iterdir()) == ["colors.tsv", "keywords.tsv", "photos.tsv", "source.json"]
+    source = check_tables(out, photos, archive)
+    assert source["url"] == fake_unsplash.latest_url
+    assert source["resolved_url"] == fake_unsplash.url + fake_unsplash.archive_path
+    assert source["members"]["photos"] == ["photos.tsv000"]
+    # the finished download does not linger (the tables are the DVC output), nor do temp folders
+    assert list((tmp_path / "cache" / "downloads").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "raw"]
+
+
+def test_dropped_connection_resumes_with_a_range_request(fake_unsplash, photos, tmp_path):
+    # incompressible filler so that the zip is several chunks long and the drop happens mid-file
+    filler = np.random.default_rng(0).bytes(400_000)
+    archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})
+    fake_unsplash.archive = archive
+    fake_unsplash.archive_faults = {"drop-once"}
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+
+    first, second = fake_unsplash.requests_to(fake_unsplash.archive_path)
+    assert "Range" not in first.headers
+    start = int(second.headers["Range"].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < start <= len(archive) // 2  # resumed from what had arrived, not from zero
+    assert second.headers["If-Range"]  # guarded against the file changing in between
+    check_tables(out, photos, archive)
+
+
+def test_server_that_ignores_range_means_starting_over(fake_unsplash, photos, tmp_path):
+    filler = np.random.default_rng(1).bytes(300_000)
+    archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})
+    fake_unsplash.archive = archive
+    fake_unsplash.archive_faults = {"drop-once", "ignore-range"}
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+
+    assert "Range" in fake_unsplash.requests_to(fake_unsplash.archive_path)[1].headers
+    check_tables(out, photos, archive)  # a 200 answer replaced the part instead of being appended to it
+
+
+def test_partial_download_from_an_earlier_run_is_resumed(fake_unsplash, photos, tmp_path):
+    filler = np.random.default_rng(2).bytes(300_000)
+    archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})
+    fake_unsplash.archive = archive
+    part = partial_download_path(fake_unsplash.latest_url, tmp_path / "cache" / "downloads")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(archive[:123_456])  # what a killed run left behind
+
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    (only,) = fake_unsplash.requests_to(fake_unsplash.archive_path)
+    assert only.headers["Range"] == "bytes=123456-"
+    check_tables(out, photos, archive)
+    assert not part.exists()
+
+
+def test_transient_server_error_is_retried(fake_unsplash, photos, tmp_path, fast_backoff):
+    archive = make_lite_archive(photos, fake_unsplash.url)
+    fake_unsplash.archive = archive
+    fake_unsplash.archive_faults = {"500-once"}
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    assert len(fake_unsplash.requests_to(fake_unsplash.archive_path)) == 2
+    check_tables(out, photos, archive)
+
+
+def test_sha256_mismatch_is_an_error_and_leaves_no_output(fake_unsplash, photos, tmp_path):
+    archive = make_lite_archive(photos, fake_unsplash.url)
+    fake_unsplash.archive = archive
+    downloads = tmp_path / "cache" / "downloads"
+    with pytest.raises(ChromalabError, match="does not match data.sha256") as err:
+        run_download(params(url=fake_unsplash.latest_url, sha256="ab" * 32), tmp_path / "raw", tmp_path / "cache")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "raw").exists()
+    assert [p.suffix for p in downloads.iterdir()] == [".rejected"]
+    assert not partial_download_path(fake_unsplash.latest_url, downloads).exists()  # never resumed from
+
+    # with the right (pinned, any case) hash it downloads afresh and succeeds
+    right = hashlib.sha256(archive).hexdigest().upper()
+    run_download(params(url=fake_unsplash.latest_url, sha256=right), tmp_path / "raw", tmp_path / "cache")
+    assert len(fake_unsplash.requests_to(fake_unsplash.archive_path)) == 2
+    check_tables(tmp_path / "raw", photos, archive)
+
+
+@pytest.mark.parametrize("as_uri", [True, False], ids=["file-url", "plain-path"])
+def test_local_archive_by_file_url_or_path(photos, tmp_path, as_uri):
+    archive = make_lite_archive(photos)
+    zip_path = tmp_path / "by hand" / "unsplash-research-dataset-lite-latest.zip"
+    zip_path.parent.mkdir()
+    zip_path.write_bytes(archive)
+    url = zip_path.as_uri() if as_uri else str(zip_path)
+    out = run_download(params(url=url, sha256=hashlib.sha256(archive).hexdigest()), tmp_path / "raw")
+    check_tables(out, photos, archive)
+    assert zip_path.read_bytes() == archive  # the user's own file is never moved or deleted
+
+
+def test_default_relative_paths(photos, tmp_path, monkeypatch):
+    """DVC runs the stage from the repository root with the default data/raw and data/cache."""
+    archive = make_lite_archive(photos)
+    (tmp_path / "lite.zip").write_bytes(archive)
+    monkeypatch.chdir(tmp_path)
+    assert run_download(params(url="lite.zip")) == Path("data/raw")
+    check_tables(tmp_path / "data" / "raw", photos, archive)
+
+
+def test_missing_local_archive(tmp_path):
+    with pytest.raises(ChromalabError, match="nowhere.zip does not exist"):
+        run_download(params(url=str(tmp_path / "nowhere.zip")), tmp_path / "raw")
+
+
+def test_unreachable_url_is_one_line_naming_the_url_and_the_way_out(tmp_path, monkeypatch, fast_backoff):
+    monkeypatch.setattr(download, "DOWNLOAD_RETRIES", 1)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/data/lite/latest"
+    with pytest.raises(ChromalabError) as err:
+        run_download(params(url=url), tmp_path / "raw", tmp_path / "cache")
+    message = str(err.value)
+    assert "\n" not in message
+    assert url in message
+    assert "download the Lite zip elsewhere and set data.url" in message
+    assert not (tmp_path / "raw").exists()
+
+
+def test_http_error_names_the_status(fake_unsplash, tmp_path):
+    with pytest.raises(ChromalabError, match="HTTP 404"):
+        run_download(params(url=f"{fake_unsplash.url}/data/lite/9.9.9"), tmp_path / "raw", tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"parts": 3, "extension": "csv", "folder": "unsplash-research-dataset-lite-1.3.0/"},
+        {"parts": 2, "extension": "tsv", "folder": ""},
+        {"parts": 1, "numbered": False, "folder": "lite/"},
+    ],
+    ids=["csv000-parts-in-subfolder", "tsv-parts", "unnumbered"],
+)
+def test_multipart_and_renamed_tables_concatenate_to_the_same_tables(photos, tmp_path, options):
+    reference = tmp_path / "reference.zip"
+    reference.write_bytes(make_lite_archive(photos))
+    run_download(params(url=str(reference)), tmp_path / "expected")
+
+    variant = make_lite_archive(photos, **options)
+    (tmp_path / "variant.zip").write_bytes(variant)
+    out = run_download(params(url=str(tmp_path / "variant.zip")), tmp_path / "raw")
+    for table in ("photos.tsv", "keywords.tsv", "colors.tsv"):
+        assert (out / table).read_bytes() == (tmp_path / "expected" / table).read_bytes(), table
+    members = json.loads((out / "source.json").read_text())["members"]["keywords"]
+    assert len(members) == options["parts"]
+    assert members == sorted(members)
+
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _tables_zip(photos, extra: dict[str, bytes]) -> bytes:
+    """A valid Lite zip plus `extra` entries."""
+    with zipfile.ZipFile(io.BytesIO(make_lite_archive(photos))) as zf:
+        entries = {name: zf.read(name) for name in zf.namelist()}
+    return _zip({**entries, **extra})
+
+
+@pytest.mark.parametrize("name", ["../photos.tsv000", "/etc/keywords.tsv", "lite/../../evil.txt", "C:/x/colors.tsv"])
+def test_unsafe_entry_names_are_refused(photos, tmp_path, name):
+    (tmp_path / "a.zip").write_bytes(_tables_zip(photos, {name: b"photo_id\n"}))
+    with pytest.raises(ChromalabError, match="unsafe entry"):
+        run_download(params(url=str(tmp_path / "a.zip")), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_zip_bomb_ratio_is_refused(photos, tmp_path):
+    bomb = b"photo_id\tkeyword\n" + b"\t" * 20_000_000  # 20 MB that deflate to ~20 KB
+    (tmp_path / "a.zip").write_bytes(_tables_zip(photos, {"keywords.tsv001": bomb}))
+    with pytest.raises(ChromalabError, match="compression ratio over 100:1"):
+        run_download(params(url=str(tmp_path / "a.zip")), tmp_path / "raw")
+
+
+def test_oversized_member_is_refused(photos, tmp_path, monkeypatch):
+    monkeypatch.setattr(download, "MAX_MEMBER_BYTES", 1000)
+    (tmp_path / "a.zip").write_bytes(make_lite_archive(photos))
+    with pytest.raises(ChromalabError, match=r"unpacks to [\d,]+ bytes \(limit 1,000\)"):
+        run_download(params(url=str(tmp_path / "a.zip")), tmp_path / "raw")
+
+
+def test_missing_table_is_named(photos, tmp_path):
+    (tmp_path / "a.zip").write_bytes(make_lite_archive(photos, drop_tables=("keywords",)))
+    with pytest.raises(ChromalabError, match="no 'keywords' table"):
+        run_download(params(url=str(tmp_path / "a.zip")), tmp_path / "raw")
+
+
+def test_missing_column_is_named(photos, tmp_path):
+    (tmp_path / "a.zip").write_bytes(make_lite_archive(photos, drop_columns={"keywords": ("suggested_by_user",)}))
+    with pytest.raises(ChromalabError, match="table 'keywords' .* lacks column\\(s\\) suggested_by_user"):
+        run_download(params(url=str(tmp_path / "a.zip")), tmp_path / "raw")
+
+
+def test_colors_table_is_optional(photos, tmp_path):
+    (tmp_path / "a.zip").write_bytes(make_lite_archive(photos, drop_tables=("colors",)))
+    out = run_download(params(url=str(tmp_path / "a.zip")), tmp_path / "raw")
+    assert not (out / "colors.tsv").exists()
+    assert set(json.loads((out / "source.json").read_text())["rows"]) == {"photos", "keywords"}
+
+
+def test_not_a_zip(tmp_path):
+    (tmp_path / "a.zip").write_bytes(b"<html>Sign in to download</html>")
+    with pytest.raises(ChromalabError, match="not a readable zip archive"):
+        run_download(params(url=str(tmp_path / "a.zip")), tmp_path / "raw")
+
+
+def test_failed_run_leaves_the_previous_output_untouched(photos, tmp_path):
+    (tmp_path / "good.zip").write_bytes(make_lite_archive(photos))
+    out = run_download(params(url=str(tmp_path / "good.zip")), tmp_path / "raw")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    (tmp_path / "bad.zip").write_bytes(make_lite_archive(photos, drop_columns={"photos": ("photo_image_url",)}))
+    with pytest.raises(ChromalabError, match="photo_image_url"):
+        run_download(params(url=str(tmp_path / "bad.zip")), tmp_path / "raw")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip", "good.zip", "raw"]  # no temp folders
+
+
+def test_folder_source_downloads_nothing(tmp_path):
+    out = run_download(parse_params({"data": {"source": "folder", "folder": "my/photos"}}), tmp_path / "raw")
+    assert sorted(p.name for p in out.iterdir()) == ["source.json"]
+    assert json.loads((out / "source.json").read_text()) == {"source": "folder", "folder": "my/photos"}

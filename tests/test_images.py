@@ -1,0 +1,282 @@
+"""Stage `images` against the fake Unsplash server: every fault kind, reserve replacement, resume after a kill."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_unsplash import FakeUnsplash, encode, render_photo
+from PIL import Image
+
+from chromalab.color import mean_chroma
+from chromalab.config import parse_params
+from chromalab.errors import ChromalabError
+from chromalab.images import run_images, sized_url
+
+SIZE = 32
+
+
+def photo_ids(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}{i:02d}" for i in range(n)]
+
+
+def write_split(split_dir: Path, image_base: str, train, test, reserve, url=None) -> None:
+    """data/split as the split stage leaves it, pointing at `image_base` (or url(photo_id) for folders)."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for name, listed in (("train", train), ("test", test), ("reserve", reserve)):
+        with (split_dir / f"{name}.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["photo_id", "image_url", "reason"])
+            for pid in listed:
+                writer.writerow([pid, url(pid) if url else f"{image_base}/photo-{pid}", "keyword=woman conf=90.0"])
+
+
+def raw_params(**images) -> dict:
+    return {"base": {"image_size": SIZE, "seed": 0},
+            "images": {"concurrency": 4, "timeout_s": 1.0, "retries": 3, "jpeg_quality": 90, **images}}
+
+
+def params(**images):
+    return parse_params(raw_params(**images))
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def check_output(out: Path) -> dict[str, list[str]]:
+    """Every manifest file is a whole size×size colour RGB JPEG with the listed hash; returns ids per split."""
+    manifest = read_csv(out / "manifest.csv")
+    assert manifest == sorted(manifest, key=lambda r: (r["split"], r["photo_id"]))
+    by_split: dict[str, list[str]] = {"train": [], "test": []}
+    for row in manifest:
+        data = (out / row["file"]).read_bytes()
+        assert row["file"] == f"{row['split']}/{row['photo_id']}.jpg"
+        assert hashlib.sha256(data).hexdigest() == row["sha256"]
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (SIZE, SIZE))
+            assert mean_chroma(np.asarray(image)) >= 4.0
+        by_split[row["split"]].append(row["photo_id"])
+    on_disk = {f"{p.parent.name}/{p.name}" for split in ("train", "test") for p in (out / split).iterdir()}
+    assert on_disk == {row["file"] for row in manifest}  # nothing else: no temp files, no stale photos
+    assert sorted(p.name for p in out.iterdir()) == ["fetch_settings.json", "manifest.csv", "rejected.csv", "test", "train"]
+    return by_split
+
+
+def test_every_fault_is_handled_and_reserves_replace_in_order(fake_unsplash, tmp_path, fast_backoff):
+    train, test, reserve = photo_ids("tr", 16), photo_ids("te", 4), photo_ids("re", 6)
+    faults = {
+        train[0]: "404", train[1]: "410", train[2]: "429-once", train[3]: "500-twice",
+        train[4]: "truncated-once", train[5]: "corrupt", train[6]: "gray", train[7]: "rgba-png",
+        train[8]: "wrong-size", train[9]: "slow", test[0]: "stall-once", test[1]: "404", reserve[0]: "gray",
+    }
+    fake_unsplash.image_faults = faults
+    fake_unsplash.stall_s = 2.5  # > timeout_s (1 s): the first try times out mid-wait
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+
+    summary = run_images(params(), tmp_path / "split", tmp_path / "images")
+
+    # Rejected slots, in slot order (train0, train1, train5, train6, test1), take reserve 0-4; reserve 0
+    # is gray itself, so its slot (train0) takes reserve 5.
+    got = check_output(tmp_path / "images")
+    assert sorted(got["train"]) == sorted(train[2:5] + train[7:] + [reserve[5], reserve[1], reserve[2], reserve[3]])
+    assert sorted(got["test"]) == sorted([test[0], *test[2:], reserve[4]])
+    rejected_rows = read_csv(tmp_path / "images" / "rejected.csv")
+    rejected = {r["photo_id"]: (r["split"], r["reason"].split(" ")[0]) for r in rejected_rows}
+    assert rejected == {
+        train[0]: ("train", "gone"), train[1]: ("train", "gone"), train[5]: ("train", "corrupt"),
+        train[6]: ("train", "gray"), test[1]: ("test", "gone"), reserve[0]: ("train", "gray"),
+    }
+    counts = fake_unsplash.image_counts()
+    retried = {train[2]: 2, train[3]: 3, train[4]: 2, test[0]: 2}  # 429, two 500s, truncated body, read timeout
+    assert counts == {pid: retried.get(pid, 1) for pid in train + test + reserve}
+    assert summary == {"train": 16, "test": 4, "fetched": 26, "reused": 0, "rejected": 6, "replaced_from_reserve": 6}
+
+    # the server's size×size JPEG is kept byte for byte (no second lossy encode); the others were converted
+    manifest = {r["photo_id"]: r for r in read_csv(tmp_path / "images" / "manifest.csv")}
+    as_served, _ = encode(render_photo(train[10], SIZE, SIZE), "jpg", 90)
+    assert (tmp_path / "images" / "train" / f"{train[10]}.jpg").read_bytes() == as_served
+    served = fake_unsplash.requests_to(f"/photo-{train[10]}")[0].query
+    assert served == {"w": "32", "h": "32", "fit": "crop", "crop": "faces,entropy", "fm": "jpg", "q": "90"}
+    assert manifest[train[10]]["source"] == sized_url(f"{fake_unsplash.url}/photo-{train[10]}", SIZE, 90)
+
+
+def test_replacement_does_not_depend_on_thread_timing(tmp_path, fast_backoff):
+    train, test, reserve = photo_ids("tr", 10), photo_ids("te", 3), photo_ids("re", 5)
+    faults = {train[1]: "404", train[4]: "gray", test[0]: "corrupt", reserve[1]: "404", train[7]: "slow"}
+
+    def run(name, concurrency):
+        with FakeUnsplash(image_faults=dict(faults), slow_s=0.2) as server:
+            write_split(tmp_path / name / "split", server.url, train, test, reserve)
+            run_images(params(concurrency=concurrency), tmp_path / name / "split", tmp_path / name / "images")
+        rows = read_csv(tmp_path / name / "images" / "manifest.csv")
+        rejected = (tmp_path / name / "images" / "rejected.csv").read_text()
+        return [(r["photo_id"], r["split"], r["sha256"]) for r in rows], rejected
+
+    assert run("serial", 1) == run("parallel", 8)
+
+
+def test_reserve_exhausted_is_a_clear_error(fake_unsplash, tmp_path):
+    train, test, reserve = photo_ids("tr", 4), photo_ids("te", 4), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "gray", test[0]: "404", test[1]: "410"}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError) as err:
+        run_images(params(), tmp_path / "split", tmp_path / "images")
+    assert str(err.value) == "reserve exhausted: 2 of 4 test photos missing; raise split.n_reserve"
+    assert not (tmp_path / "images" / "manifest.csv").exists()
+
+
+def test_network_failure_asks_for_a_rerun_which_fetches_only_what_is_missing(fake_unsplash, tmp_path, fast_backoff):
+    train, test, reserve = photo_ids("tr", 6), photo_ids("te", 2), photo_ids("re", 2)
+    fake_unsplash.image_faults = {train[1]: "500-always", train[2]: "404"}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError, match=rf"1 of 8 photos could not be fetched \(e.g. {train[1]}: HTTP 500 after 1 "
+                                             "retries\\); re-run the stage"):
+        run_images(params(retries=1), tmp_path / "split", tmp_path / "images")
+    assert not (tmp_path / "images" / "manifest.csv").exists()
+    assert fake_unsplash.image_counts()[train[1]] == 2  # tried, retried once
+    assert fake_unsplash.image_counts()[reserve[0]] == 1  # the 404 was replaced; the 500 was not
+
+    del fake_unsplash.image_faults[train[1]]  # the server recovers
+    before = fake_unsplash.image_counts()
+    summary = run_images(params(retries=1), tmp_path / "split", tmp_path / "images")
+    after = fake_unsplash.image_counts()
+    assert {pid: after[pid] - before.get(pid, 0) for pid in after if after[pid] != before.get(pid, 0)} == {train[1]: 1}
+    assert summary["fetched"] == 1
+    got = check_output(tmp_path / "images")
+    assert sorted(got["train"]) == sorted([t for t in train if t != train[2]] + [reserve[0]])
+
+
+KILL_SCRIPT = """
+import json, sys
+from pathlib import Path
+from chromalab.config import parse_params
+from chromalab.images import run_images
+run_images(parse_params(json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]))
+"""
+
+
+def test_killed_run_resumes_without_fetching_anything_twice(fake_unsplash, tmp_path):
+    train, test, reserve = photo_ids("tr", 16), photo_ids("te", 4), photo_ids("re", 3)
+    fake_unsplash.image_faults = {train[0]: "404"}
+    fake_unsplash.delay_s = 0.15  # every image is slow, so the kill lands mid-run
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    out = tmp_path / "images"
+    settings = raw_params(concurrency=2)
+
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, json.dumps(settings), str(tmp_path / "split"), str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while len(list((out / "train").glob("*.jpg"))) < 5:
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    time.sleep(0.3)  # let in-flight requests reach the server's log
+    done_at_kill = {p.stem for split in ("train", "test") for p in (out / split).glob("*.jpg")}
+    counts_at_kill = fake_unsplash.image_counts()
+    assert not (out / "manifest.csv").exists()
+    assert len(counts_at_kill) < len(train + test)  # killed part-way
+    assert counts_at_kill[train[0]] == 1 and train[0] in (out / "rejected.csv").read_text()
+
+    run_images(parse_params(settings), tmp_path / "split", out)
+
+    counts = fake_unsplash.image_counts()
+    in_flight = set(counts_at_kill) - done_at_kill - {train[0]}  # requested, but killed before the file was whole
+    for pid in done_at_kill | {train[0]}:
+        assert counts[pid] == 1, f"{pid} was fetched again"
+    for pid in set(counts) - done_at_kill - {train[0]}:
+        assert counts[pid] == (2 if pid in in_flight else 1)
+    got = check_output(out)
+    assert sorted(got["train"]) == sorted(train[1:] + [reserve[0]])
+    assert sorted(got["test"]) == sorted(test)
+
+
+def test_param_and_split_changes_reuse_what_still_holds(fake_unsplash, tmp_path):
+    train, test, reserve = photo_ids("tr", 6), photo_ids("te", 2), photo_ids("re", 3)
+    fake_unsplash.image_faults = {train[0]: "404", train[1]: "gray"}
+    split_dir, out = tmp_path / "split", tmp_path / "images"
+    write_split(split_dir, fake_unsplash.url, train, test, reserve)
+    first = run_images(params(), split_dir, out)
+    assert first["fetched"] == 10
+
+    assert run_images(params(), split_dir, out)["fetched"] == 0  # a re-run with nothing to do fetches nothing
+
+    # another JPEG quality invalidates the files and the gray verdict, not the 404
+    before = fake_unsplash.image_counts()
+    changed = run_images(params(jpeg_quality=80), split_dir, out)
+    after = fake_unsplash.image_counts()
+    assert after[train[0]] == before[train[0]] == 1
+    assert changed["fetched"] == 9
+    assert {r["source"].rsplit("q=", 1)[1] for r in read_csv(out / "manifest.csv")} == {"80"}
+
+    # a new split: dropped photos disappear, a photo moved from train to test is moved, not fetched
+    new_train, new_test = train[3:] + ["new00"], [train[2], test[0]]
+    write_split(split_dir, fake_unsplash.url, new_train, new_test, reserve)
+    before = fake_unsplash.image_counts()
+    run_images(params(jpeg_quality=80), split_dir, out)
+    after = fake_unsplash.image_counts()
+    assert {pid for pid in after if after[pid] != before.get(pid, 0)} == {"new00"}
+    got = check_output(out)
+    assert sorted(got["train"]) == sorted(new_train) and sorted(got["test"]) == sorted(new_test)
+    assert {r["photo_id"] for r in read_csv(out / "rejected.csv")} == set()  # none of the listed photos was rejected
+
+
+def test_folder_source_orients_converts_crops_and_checks(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    # 48x32, left half red, right half blue, EXIF orientation 6 (shown rotated 90° clockwise: red on top)
+    rgb = np.zeros((32, 48, 3), np.uint8)
+    rgb[:, :24] = (220, 30, 30)
+    rgb[:, 24:] = (30, 30, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif, quality=95)
+    rgba = np.dstack([rgb, np.full((32, 48), 128, np.uint8)])
+    Image.fromarray(rgba).save(folder / "transparent.png")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    Image.fromarray(rgb).convert("L").save(folder / "gray.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.fromarray(rgb[:, ::-1]).save(folder / "spare1.webp")
+    Image.fromarray(rgb[::-1]).save(folder / "spare2.tif")
+
+    def path(pid):
+        return str(folder / {"rot": "rotated.jpg", "alpha": "transparent.png", "pal": "palette.png", "gray": "gray.jpg",
+                             "broken": "broken.jpg", "sp1": "spare1.webp", "sp2": "spare2.tif"}[pid])
+
+    write_split(tmp_path / "split", "", ["rot", "alpha", "gray", "pal"], ["broken"], ["sp1", "sp2"], url=path)
+    folder_params = parse_params({**raw_params(), "data": {"source": "folder", "folder": str(folder)}})
+    run_images(folder_params, tmp_path / "split", tmp_path / "images")
+
+    got = check_output(tmp_path / "images")
+    assert sorted(got["train"]) == ["alpha", "pal", "rot", "sp1"] and got["test"] == ["sp2"]
+    reasons = {r["photo_id"]: r["reason"] for r in read_csv(tmp_path / "images" / "rejected.csv")}
+    assert reasons["gray"].startswith("gray") and reasons["broken"].startswith("corrupt")
+    rotated = np.asarray(Image.open(tmp_path / "images" / "train" / "rot.jpg")).astype(int)
+    assert rotated[4, 16, 0] > 150 > rotated[4, 16, 2]  # top: red
+    assert rotated[27, 16, 2] > 150 > rotated[27, 16, 0]  # bottom: blue
+    sources = {r["photo_id"]: r["source"] for r in read_csv(tmp_path / "images" / "manifest.csv")}
+    assert sources["rot"] == path("rot")
+
+
+def test_sized_url_merges_an_existing_query():
+    url = sized_url("https://images.unsplash.com/photo-1?ixid=abc&w=1080", 256, 90)
+    assert url == "https://images.unsplash.com/photo-1?ixid=abc&w=256&h=256&fit=crop&crop=faces,entropy&fm=jpg&q=90"
+
+
+def test_missing_split_lists(tmp_path):
+    with pytest.raises(ChromalabError, match="run the split stage first"):
+        run_images(params(), tmp_path / "split", tmp_path / "images")

@@ -1,0 +1,197 @@
+"""Stage `split`: the people filter on a generated Lite archive, the seeded split, the folder source."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from fake_unsplash import DEFAULT_KINDS, SELECTED_KINDS, lite_photos, make_lite_archive
+from PIL import Image
+
+from chromalab.config import parse_params
+from chromalab.download import run_download
+from chromalab.errors import ChromalabError
+from chromalab.split import SAFE_PHOTO_ID, run_split
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_BASE = "https://images.example.test"
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return lite_photos(DEFAULT_KINDS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def raw_dir(photos, tmp_path_factory):
+    """data/raw as the download stage leaves it, from a 1.3.0-style archive (.csv000 parts in a folder)."""
+    tmp = tmp_path_factory.mktemp("lite")
+    (tmp / "lite.zip").write_bytes(make_lite_archive(photos, IMAGE_BASE, parts=2, extension="csv", folder="lite/"))
+    return run_download(parse_params({"data": {"url": str(tmp / "lite.zip")}}), tmp / "raw")
+
+
+def params(**split):
+    """The repository's params.yaml split group (its real keyword lists), with `split` overrides."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    return parse_params({"base": {"seed": split.pop("seed", 7)}, "split": {**raw["split"], **split}})
+
+
+def read_split(out: Path) -> dict[str, list[dict[str, str]]]:
+    splits = {}
+    for name in ("train", "test", "reserve"):
+        with (out / f"{name}.csv").open(newline="") as f:
+            reader = csv.DictReader(f)
+            assert reader.fieldnames == ["photo_id", "image_url", "reason"]
+            splits[name] = list(reader)
+    return splits
+
+
+def ids(rows) -> list[str]:
+    return [r["photo_id"] for r in rows]
+
+
+def test_people_selection_honours_keywords_threshold_user_and_exclusions(photos, raw_dir, tmp_path):
+    summary = run_split(params(n_train=20, n_test=5, n_reserve=100), raw_dir, tmp_path / "split")
+    splits = read_split(tmp_path / "split")
+    chosen = [row for rows in splits.values() for row in rows]
+    expected = {p.photo_id: p for p in photos if p.kind in SELECTED_KINDS}
+
+    assert sorted(ids(chosen)) == sorted(expected)  # no low-confidence, b&w, "no people", look-alikes
+    assert summary["candidates"] == len(expected)
+    assert summary["counts"] == {"train": 20, "test": 5, "reserve": len(expected) - 25}
+    assert summary["left_out"] == {
+        "black-and-white keyword": DEFAULT_KINDS["bw_keyword"],
+        "caption says no people / black-and-white": DEFAULT_KINDS["caption"],
+    }
+    include = params().split.include_keywords
+    for row in chosen:
+        photo = expected[row["photo_id"]]
+        assert row["image_url"] == f"{IMAGE_BASE}/photo-{photo.photo_id}"
+        (tag,) = {k.keyword.lower() for k in photo.keywords if k.keyword.lower() in include}
+        if photo.kind == "person_user":  # its only confident tag came from a person
+            assert row["reason"] == f"keyword={tag} user"
+        else:
+            conf = max(k.conf1 for k in photo.keywords if k.keyword.lower() == tag)
+            assert row["reason"] == f"keyword={tag} conf={conf:.1f}"
+    # the photo whose first keyword holds a quoted newline was read correctly
+    quirky = next(p for p in photos if any("\n" in k.keyword for k in p.keywords))
+    assert quirky.photo_id in ids(chosen)
+
+
+def test_threshold_and_exclude_list_are_parameters(photos, raw_dir, tmp_path):
+    kinds = {p.photo_id: p.kind for p in photos}
+
+    lower = run_split(params(min_confidence=40.0, n_train=1, n_test=1), raw_dir, tmp_path / "a")
+    assert lower["candidates"] == sum(DEFAULT_KINDS[k] for k in ("person", "person_user", "low_confidence"))
+
+    strict = run_split(params(min_confidence=99.5, n_train=1, n_test=1, n_reserve=100), raw_dir, tmp_path / "b")
+    chosen = [row for rows in read_split(tmp_path / "b").values() for row in rows]
+    assert strict["candidates"] == DEFAULT_KINDS["person_user"]  # only a person's suggestion passes
+    assert {kinds[r["photo_id"]] for r in chosen} == {"person_user"}
+
+    no_exclusions = run_split(params(exclude_keywords=[], n_train=1, n_test=1), raw_dir, tmp_path / "c")
+    assert no_exclusions["candidates"] == sum(DEFAULT_KINDS[k] for k in ("person", "person_user", "bw_keyword"))
+
+
+def test_include_keywords_match_whole_keywords_case_insensitively(photos, raw_dir, tmp_path):
+    # "man" must catch "Man" but neither "manhattan" nor "woman"
+    run_split(params(include_keywords=["MAN"], n_train=1, n_test=1, n_reserve=100), raw_dir, tmp_path / "split")
+    chosen = {r["photo_id"] for rows in read_split(tmp_path / "split").values() for r in rows}
+    expected = {p.photo_id for p in photos if p.kind in SELECTED_KINDS and p.keywords[0].keyword == "Man"}
+    assert chosen == expected and expected
+
+
+def test_split_is_seeded_and_stable(raw_dir, tmp_path):
+    def run(name, **kw):
+        run_split(params(n_train=20, n_test=5, **kw), raw_dir, tmp_path / name)
+        return read_split(tmp_path / name)
+
+    first, again = run("a", n_reserve=5), run("b", n_reserve=5)
+    assert first == again
+    assert (tmp_path / "a" / "train.csv").read_bytes() == (tmp_path / "b" / "train.csv").read_bytes()
+    more_reserve = run("c", n_reserve=11)
+    assert more_reserve["train"] == first["train"] and more_reserve["test"] == first["test"]
+    assert more_reserve["reserve"][:5] == first["reserve"]
+    other_seed = run("d", n_reserve=5, seed=8)
+    assert ids(other_seed["train"]) != ids(first["train"])
+    all_ids = ids(first["train"]) + ids(first["test"]) + ids(first["reserve"])
+    assert len(set(all_ids)) == len(all_ids)  # disjoint
+
+
+def test_too_few_candidates_says_how_many(raw_dir, tmp_path):
+    found = DEFAULT_KINDS["person"] + DEFAULT_KINDS["person_user"]
+    with pytest.raises(ChromalabError, match=f"only {found} candidate photos found, 50 needed") as err:
+        run_split(params(n_train=40, n_test=10), raw_dir, tmp_path / "split")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "split").exists()
+
+
+def test_short_reserve_is_reported_not_fatal(raw_dir, tmp_path):
+    summary = run_split(params(n_train=30, n_test=4, n_reserve=10), raw_dir, tmp_path / "split")
+    assert summary["counts"] == {"train": 30, "test": 4, "reserve": 2}
+    assert summary["reserve_shortfall"] == 8
+    assert json.loads((tmp_path / "split" / "summary.json").read_text()) == summary
+
+
+def test_missing_raw_tables(tmp_path):
+    with pytest.raises(ChromalabError, match="run the download stage first"):
+        run_split(params(n_train=1, n_test=1), tmp_path / "raw", tmp_path / "split")
+
+
+def _photo(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(seed).integers(0, 255, (24, 36, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+
+
+def folder_params(folder, **split):
+    return parse_params({"base": {"seed": 5}, "data": {"source": "folder", "folder": str(folder)},
+                         "split": {"n_train": 4, "n_test": 1, "n_reserve": 5, **split}})
+
+
+def test_folder_source_lists_photos_recursively_with_stable_ids(tmp_path):
+    folder = tmp_path / "my photos"
+    names = ["Trip 2024/IMG_0001.JPG", "Trip 2024/day 2/beach.png", "a.jpeg", "b.webp", "c.TIFF", "d.bmp"]
+    for seed, name in enumerate(names):
+        _photo(folder / name, seed)
+    (folder / "notes.txt").write_text("not a photo")
+    _photo(folder / ".thumbnails" / "x.jpg", 99)  # hidden: skipped
+    _photo(folder / ".hidden.jpg", 98)
+
+    summary = run_split(folder_params(folder), tmp_path / "unused-raw", tmp_path / "split")
+    assert summary["candidates"] == len(names)
+    assert summary["counts"] == {"train": 4, "test": 1, "reserve": 1}
+    rows = [r for rows in read_split(tmp_path / "split").values() for r in rows]
+    assert sorted(r["image_url"] for r in rows) == sorted(str((folder / n).resolve()) for n in names)
+    assert {r["reason"] for r in rows} == {"folder"}
+    assert all(SAFE_PHOTO_ID.match(r["photo_id"]) for r in rows)
+    assert len({r["photo_id"] for r in rows}) == len(names)
+    by_url = {r["image_url"]: r["photo_id"] for r in rows}
+    assert by_url[str((folder / "Trip 2024/IMG_0001.JPG").resolve())].startswith("trip-2024-img-0001-")
+
+    # the same photos elsewhere get the same ids and the same split
+    moved = shutil.copytree(folder, tmp_path / "elsewhere")
+    run_split(folder_params(moved), tmp_path / "unused-raw", tmp_path / "split2")
+    assert {k: ids(v) for k, v in read_split(tmp_path / "split2").items()} == {
+        k: ids(v) for k, v in read_split(tmp_path / "split").items()
+    }
+
+
+def test_folder_source_errors(tmp_path):
+    with pytest.raises(ChromalabError, match="data.folder is empty"):
+        run_split(folder_params(""), tmp_path / "raw", tmp_path / "split")
+    with pytest.raises(ChromalabError, match="is not a folder"):
+        run_split(folder_params(tmp_path / "missing"), tmp_path / "raw", tmp_path / "split")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no photos here")
+    with pytest.raises(ChromalabError, match="no photos"):
+        run_split(folder_params(tmp_path / "empty"), tmp_path / "raw", tmp_path / "split")
+    _photo(tmp_path / "two" / "a.jpg", 0)
+    _photo(tmp_path / "two" / "b.jpg", 1)
+    with pytest.raises(ChromalabError, match="only 2 candidate photos found, 5 needed"):
+        run_split(folder_params(tmp_path / "two"), tmp_path / "raw", tmp_path / "split")
