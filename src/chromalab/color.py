@@ -36,8 +36,14 @@ def lab_norm_to_rgb(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
     lab = np.concatenate(
         [l_norm[..., None] * L_SCALE, np.asarray(ab_norm, dtype=np.float64) * AB_SCALE], axis=-1
     )
+    rgb = skcolor.lab2rgb(lab)
+    # skimage's XYZ→RGB matrix is exact only to ~1e-7, so neutral Lab (a = b = 0) would come back with
+    # R, G, B a hair apart; make it exactly gray so that "no colour" measures as no colour.
+    neutral = (lab[..., 1] == 0) & (lab[..., 2] == 0)
+    if neutral.any():
+        rgb[neutral] = rgb[neutral].mean(axis=-1, keepdims=True)
     # Out-of-gamut Lab (a model may predict any ab) is clipped, not an error.
-    return np.clip(skcolor.lab2rgb(lab), 0.0, 1.0)
+    return np.clip(rgb, 0.0, 1.0)
 
 
 def mean_chroma(rgb: np.ndarray) -> float:

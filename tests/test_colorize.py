@@ -1,0 +1,322 @@
+"""`chromalab colorize` end to end on real photos with tiny Keras models built here.
+
+The models have a fixed 16×16 input, as the U-Net generator has a fixed input size (256): colorize must
+resize every photo to the model's size and bring the colour back to the photo's own size.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+from typer.testing import CliRunner
+
+from chromalab.cli import app
+from chromalab.color import rgb_to_lab_norm
+from chromalab.colorize import ColorizeReport, colorize_paths, load_colorizer, read_photo
+from chromalab.errors import ChromalabError
+from photos import real_crops
+
+MODEL_SIZE = 16
+TINT_AB = np.tanh([0.05, 0.08]) * 128  # what the tint model predicts everywhere, in Lab units
+
+
+def _save_model(model: keras.Model, path: Path) -> Path:
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    keras.utils.set_random_seed(0)
+    random = keras.Sequential([keras.Input((MODEL_SIZE, MODEL_SIZE, 1)),
+                               keras.layers.Conv2D(2, 3, padding="same", activation="tanh")])
+    # A constant, in-gamut warm tint: the colour every output must carry, whatever the photo.
+    tint = keras.Sequential([keras.Input((MODEL_SIZE, MODEL_SIZE, 1)),
+                             keras.layers.Conv2D(2, 3, padding="same", activation="tanh",
+                                                 kernel_initializer="zeros",
+                                                 bias_initializer=keras.initializers.Constant([0.05, 0.08]))])
+    return {"random": _save_model(random, folder / "random.keras"), "tint": _save_model(tint, folder / "tint.keras")}
+
+
+@pytest.fixture(scope="module")
+def rgb_photos() -> list[np.ndarray]:
+    return real_crops(4, 64, seed=7)
+
+
+def lightness(image: Image.Image | Path) -> np.ndarray:
+    """Lab L (0-100) of an image's colour channels."""
+    image = Image.open(image) if isinstance(image, Path) else image
+    return rgb_to_lab_norm(np.asarray(image.convert("RGB")))[..., 0] * 100
+
+
+def chroma_ab(path: Path) -> np.ndarray:
+    return rgb_to_lab_norm(np.asarray(Image.open(path).convert("RGB")))[..., 1:] * 128
+
+
+def run(paths, models, model="tint", **kwargs) -> ColorizeReport:
+    return colorize_paths([Path(p) for p in paths], model=str(models[model]), **kwargs)
+
+
+def test_large_non_square_photo_keeps_its_size_and_its_sharp_lightness(tmp_path, models):
+    from skimage import data
+
+    rgb = np.asarray(Image.fromarray(data.astronaut()).resize((1200, 800), Image.Resampling.LANCZOS))
+    source = tmp_path / "astronaut.png"
+    Image.fromarray(rgb).save(source)
+    report = run([source], models)
+    output = tmp_path / "astronaut_color.png"
+    assert report.done == [output] and report.total == 1
+    with Image.open(output) as out:
+        assert out.size == (1200, 800) and out.format == "PNG"
+        out_l = lightness(out)
+    in_l = lightness(Image.fromarray(rgb))
+    # Full-resolution L is kept up to 8-bit rounding. Near black and white no tint fits in the sRGB gamut,
+    # and clipping it moves L by a unit or two there: those pixels are left out.
+    in_gamut = (in_l > 5) & (in_l < 95)
+    assert in_gamut.mean() > 0.7
+    assert np.abs(out_l - in_l)[in_gamut].max() < 1.0
+    # What the test guards against: L that went through the model's 16x16 would be far off.
+    blurred = np.asarray(Image.fromarray(in_l.astype(np.float32)).resize((MODEL_SIZE, MODEL_SIZE))
+                         .resize((1200, 800), Image.Resampling.BICUBIC))
+    assert np.percentile(np.abs(blurred - in_l), 99) > 20
+
+
+def test_rgb_input_is_recoloured_with_the_models_colour(tmp_path, models, rgb_photos):
+    source = tmp_path / "photo.jpg"
+    Image.fromarray(rgb_photos[0]).save(source, quality=95)
+    run([source], models)
+    ab = chroma_ab(tmp_path / "photo_color.jpg")
+    mid = (lightness(tmp_path / "photo_color.jpg") > 20) & (lightness(tmp_path / "photo_color.jpg") < 80)
+    # The photo's own colour is gone; the tint model's is there (JPEG adds a little noise).
+    np.testing.assert_allclose(np.median(ab[mid], axis=0), TINT_AB, atol=1.5)
+
+
+def test_gray_photo_gets_colour(tmp_path, models, rgb_photos):
+    source = tmp_path / "gray.jpg"
+    gray = Image.fromarray(rgb_photos[1]).convert("L")
+    gray.save(source, quality=95)
+    run([source], models)
+    with Image.open(tmp_path / "gray_color.jpg") as out:
+        assert out.mode == "RGB" and out.size == gray.size
+        assert np.abs(lightness(out) - lightness(gray)).mean() < 1.0
+    assert np.median(np.hypot(*chroma_ab(tmp_path / "gray_color.jpg").reshape(-1, 2).T)) > 8
+
+
+def test_alpha_is_kept_for_rgba_and_la(tmp_path, models, rgb_photos):
+    alpha = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))
+    rgba = Image.fromarray(np.dstack([rgb_photos[2], alpha]))
+    rgba.save(tmp_path / "rgba.png")
+    la = Image.fromarray(np.dstack([np.asarray(rgba.convert("L")), alpha]), mode="LA")
+    la.save(tmp_path / "la.png")
+    report = run([tmp_path / "rgba.png", tmp_path / "la.png"], models, batch_size=2)
+    assert len(report.done) == 2
+    for name in ("rgba_color.png", "la_color.png"):
+        with Image.open(tmp_path / name) as out:
+            assert out.mode == "RGBA"
+            np.testing.assert_array_equal(np.asarray(out.getchannel("A")), alpha)
+
+
+def test_16_bit_gray_uses_its_full_range(tmp_path, models):
+    levels = np.tile(np.linspace(0, 65535, 48).astype(np.uint16), (32, 1))
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    run([tmp_path / "deep.png"], models)
+    expected = rgb_to_lab_norm(np.repeat(levels[..., None], 3, axis=-1))[..., 0] * 100
+    out_l = lightness(tmp_path / "deep_color.png")
+    assert out_l.shape == levels.shape
+    assert np.abs(out_l - expected)[:, 4:-4].max() < 1.5  # away from pure black/white, where the tint clips
+
+
+def test_palette_images_with_and_without_transparency(tmp_path, models, rgb_photos):
+    palette = Image.fromarray(rgb_photos[3]).convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    palette.save(tmp_path / "pal.png")
+    transparent = palette.copy()
+    transparent.info["transparency"] = int(np.asarray(palette)[0, 0])
+    transparent.save(tmp_path / "pal_t.png", transparency=transparent.info["transparency"])
+    report = run([tmp_path / "pal.png", tmp_path / "pal_t.png"], models)
+    assert len(report.done) == 2 and not report.failed
+    expected_l = lightness(palette)
+    with Image.open(tmp_path / "pal_color.png") as out:
+        assert out.mode == "RGB"
+        assert np.median(np.abs(lightness(out) - expected_l)) < 0.5
+    with Image.open(tmp_path / "pal_t_color.png") as out:
+        assert out.mode == "RGBA"
+        clear = np.asarray(palette) == transparent.info["transparency"]
+        np.testing.assert_array_equal(np.asarray(out.getchannel("A")) == 0, clear)
+
+
+def test_exif_rotation_is_applied(tmp_path, models, rgb_photos):
+    stored = Image.fromarray(rgb_photos[0][:, :40])  # 40 wide, 64 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = ImageOps.exif_transpose(Image.open(tmp_path / "phone.jpg"))
+    assert upright.size == (64, 40)
+    run([tmp_path / "phone.jpg"], models)
+    with Image.open(tmp_path / "phone_color.jpg") as out:
+        assert out.size == (64, 40)
+        assert np.abs(lightness(out) - lightness(upright)).mean() < 1.5
+
+
+def test_formats_are_kept_or_become_png(tmp_path, models, rgb_photos):
+    image = Image.fromarray(rgb_photos[1])
+    for name in ("a.JPG", "b.webp", "c.bmp", "d.tiff"):
+        image.save(tmp_path / name)
+    report = run([tmp_path], models)
+    assert sorted(p.name for p in report.done) == ["a_color.JPG", "b_color.webp", "c_color.png", "d_color.png"]
+    assert [Image.open(p).format for p in sorted(report.done)] == ["JPEG", "WEBP", "PNG", "PNG"]
+
+
+def test_folder_with_a_corrupt_photo_does_the_rest_and_the_cli_fails(tmp_path, models, rgb_photos):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(rgb_photos[0]).save(folder / "one.jpg")
+    Image.fromarray(rgb_photos[1]).save(folder / "sub" / "two.png")
+    good = io.BytesIO()
+    Image.fromarray(rgb_photos[2]).save(good, format="JPEG")
+    (folder / "broken.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])  # truncated download
+    (folder / "notes.txt").write_text("not a photo, not looked at")
+    out = tmp_path / "out"
+    report = run([folder], models, out_dir=out)
+    assert sorted(report.done) == [out / "in" / "one_color.jpg", out / "in" / "sub" / "two_color.png"]
+    assert [p for p, _ in report.failed] == [folder / "broken.jpg"]
+    assert "truncated" in report.failed[0][1]
+    assert not list(out.rglob(".*.tmp"))
+
+    result = CliRunner().invoke(app, ["colorize", str(folder), "--out", str(tmp_path / "cli"),
+                                      "--model", str(models["tint"])])
+    assert result.exit_code == 1
+    assert "broken.jpg" in result.output and "1 of 3 photo(s) failed" in result.output
+    assert (tmp_path / "cli" / "in" / "sub" / "two_color.png").is_file()
+
+
+def test_a_missing_path_fails_alone(tmp_path, models, rgb_photos):
+    Image.fromarray(rgb_photos[0]).save(tmp_path / "here.jpg")
+    report = run([tmp_path / "gone.jpg", tmp_path / "here.jpg"], models)
+    assert report.failed == [(tmp_path / "gone.jpg", "no such file or folder")]
+    assert report.done == [tmp_path / "here_color.jpg"] and report.total == 2
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tmp_path, models, rgb_photos):
+    Image.fromarray(rgb_photos[0]).save(tmp_path / "x.png")
+    run([tmp_path], models, model="random")
+    first = (tmp_path / "x_color.png").read_bytes()
+
+    again = run([tmp_path], models)  # the folder now also holds x_color.png: an output, not a new photo
+    assert again.skipped == [tmp_path / "x.png"] and not again.done and again.total == 1
+    assert (tmp_path / "x_color.png").read_bytes() == first
+
+    replaced = run([tmp_path], models, overwrite=True)
+    assert replaced.done == [tmp_path / "x_color.png"]
+    assert (tmp_path / "x_color.png").read_bytes() != first
+    assert not (tmp_path / "x_color_color.png").exists()
+
+
+def test_an_input_is_never_written_over_without_overwrite(tmp_path, models, rgb_photos):
+    Image.fromarray(rgb_photos[0]).save(tmp_path / "y.png")
+    Image.fromarray(rgb_photos[1]).save(tmp_path / "y_color.png")  # a user's photo that happens to be named so
+    original = (tmp_path / "y_color.png").read_bytes()
+    report = run([tmp_path / "y.png", tmp_path / "y_color.png"], models)
+    assert report.skipped == [tmp_path / "y.png"]
+    assert report.done == [tmp_path / "y_color_color.png"]
+    assert (tmp_path / "y_color.png").read_bytes() == original
+
+
+def test_compare_sheet_is_gray_input_beside_the_colour(tmp_path, models, rgb_photos):
+    Image.fromarray(rgb_photos[2][:, :48]).save(tmp_path / "c.png")
+    run([tmp_path / "c.png"], models, compare=True)
+    with Image.open(tmp_path / "c_compare.jpg") as sheet:
+        assert sheet.format == "JPEG" and sheet.size == (96, 64)
+        ab = rgb_to_lab_norm(np.asarray(sheet))[..., 1:] * 128
+    assert np.abs(ab[:, :44]).mean() < 1.0  # gray half (JPEG noise aside)
+    assert np.median(ab[16:-16, 52:], axis=(0, 1))[1] > 5  # the tinted half
+
+
+def test_batching_does_not_mix_photos_up(tmp_path, models, rgb_photos):
+    for i, rgb in enumerate(rgb_photos[:3]):
+        (tmp_path / "in").mkdir(exist_ok=True)
+        Image.fromarray(rgb).save(tmp_path / "in" / f"p{i}.png")
+    one = run([tmp_path / "in"], models, model="random", out_dir=tmp_path / "one", batch_size=1)
+    two = run([tmp_path / "in"], models, model="random", out_dir=tmp_path / "two", batch_size=2)
+    assert len(one.done) == len(two.done) == 3
+    for a, b in zip(sorted(one.done), sorted(two.done)):
+        np.testing.assert_allclose(np.asarray(Image.open(a), dtype=int), np.asarray(Image.open(b), dtype=int),
+                                   atol=1)
+
+
+def test_interrupted_write_leaves_no_partial_output(tmp_path, models, rgb_photos, monkeypatch):
+    Image.fromarray(rgb_photos[0]).save(tmp_path / "z.png")
+
+    def failing_save(self, fp, format=None, **options):
+        fp.write(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    report = run([tmp_path / "z.png"], models)
+    assert report.failed == [(tmp_path / "z.png", "OSError: No space left on device")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z.png"]
+
+
+def test_nothing_to_colour_and_bad_models_are_one_line_errors(tmp_path, models, rgb_photos):
+    with pytest.raises(ChromalabError, match="no photos found"):
+        run([tmp_path], models)
+    Image.fromarray(rgb_photos[0]).save(tmp_path / "p.png")
+    with pytest.raises(ChromalabError, match=r"dvc repro train@gan.*chromalab train gan"):
+        colorize_paths([tmp_path], model="gan", models_root=tmp_path / "models")
+    with pytest.raises(ChromalabError, match="a .keras file"):
+        load_colorizer("resnet")
+    with pytest.raises(ChromalabError, match="does not exist"):
+        load_colorizer(str(tmp_path / "nope.keras"))
+    (tmp_path / "bad.keras").write_bytes(b"not a zip")
+    with pytest.raises(ChromalabError, match="cannot load model"):
+        load_colorizer(str(tmp_path / "bad.keras"))
+
+
+def test_named_models_load_from_models_root(tmp_path, models, rgb_photos):
+    root = tmp_path / "models"
+    (root / "baseline").mkdir(parents=True)
+    (root / "baseline" / "model.keras").write_bytes(models["tint"].read_bytes())
+    Image.fromarray(rgb_photos[0]).save(tmp_path / "p.png")
+    report = colorize_paths([tmp_path / "p.png"], model="baseline", models_root=root)
+    assert report.done == [tmp_path / "p_color.png"]
+
+
+def test_mlflow_model_uri(tmp_path, models, rgb_photos, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as active:
+        mlflow.keras.log_model(keras.saving.load_model(models["tint"]), name="model")
+    Image.fromarray(rgb_photos[0]).save(tmp_path / "p.png")
+    report = colorize_paths([tmp_path / "p.png"], model=f"runs:/{active.info.run_id}/model")
+    assert report.done == [tmp_path / "p_color.png"]
+    with pytest.raises(ChromalabError, match="cannot load MLflow model"):
+        load_colorizer("runs:/0123456789abcdef/model")
+
+
+def test_read_photo_gives_full_resolution_lightness(tmp_path, rgb_photos):
+    Image.fromarray(rgb_photos[0]).save(tmp_path / "p.png")
+    photo = read_photo(tmp_path / "p.png")
+    assert photo.alpha is None and photo.lightness.dtype == np.float32
+    np.testing.assert_allclose(photo.lightness, rgb_to_lab_norm(rgb_photos[0])[..., 0], atol=1e-6)
+
+
+def test_folders_keep_their_names_under_out_and_clashes_fail(tmp_path, models, rgb_photos):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(rgb_photos[0]).save(tmp_path / folder / "p.jpg")
+    out = tmp_path / "out"
+    report = run([tmp_path / "a", tmp_path / "b"], models, out_dir=out)
+    assert sorted(report.done) == [out / "a" / "p_color.jpg", out / "b" / "p_color.jpg"]
+
+    flat = run([tmp_path / "a" / "p.jpg", tmp_path / "b" / "p.jpg"], models, out_dir=tmp_path / "flat")
+    assert flat.done == [tmp_path / "flat" / "p_color.jpg"]
+    assert [p for p, _ in flat.failed] == [tmp_path / "b" / "p.jpg"]
+    assert "colorize one of them separately" in flat.failed[0][1]
