@@ -1,0 +1,256 @@
+"""The networks: the seed's baseline CNN and pix2pix (U-Net generator + 70×70 PatchGAN discriminator).
+
+Pure Keras 3 built-in layers (no custom layers or objects), so every model builds and runs unchanged
+under any backend and a saved `.keras` file loads with a plain `keras.saving.load_model(path)`.
+
+Conventions (chromalab.color): input is normalised lightness L/100 in [0, 1], shape [B, S, S, 1];
+output is normalised ab (a/128, b/128) in [-1, 1] through tanh, shape [B, S, S, 2].
+`width` multiplies every hidden channel count (rounded, at least 1) so that tiny CPU runs are possible;
+1.0 is the paper / the seed. Output layers run in float32 even under a mixed-precision policy (Keras'
+mixed-precision advice: keep the model's outputs float32), so tanh outputs and logits are never rounded
+to 16 bits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import keras
+from keras import layers
+
+from chromalab.config import MODEL_NAMES
+from chromalab.errors import ChromalabError
+
+# pix2pix (Isola et al. 2017; the TensorFlow tutorial the seed copied)
+GAN_BASE_CHANNELS = 64
+GAN_MAX_CHANNELS = 512
+GAN_KERNEL = 4
+GAN_INIT_STDDEV = 0.02
+LEAKY_SLOPE = 0.2  # pix2pix's; Keras 3's LeakyReLU defaults to 0.3
+DROPOUT_RATE = 0.5
+N_DROPOUT_UP_BLOCKS = 3
+GAN_MIN_IMAGE_SIZE = 32  # the PatchGAN's two 4×4 valid convolutions need ≥ 3×3 px after three halvings
+
+# The seed's CNN: (filters, stride) of the encoder, then the decoder's three BN + Dropout convolutions
+# and its two convolutions that are each followed by a 2× upsampling.
+BASELINE_ENCODER = ((64, 1), (64, 2), (128, 1), (128, 2), (256, 1), (256, 2), (512, 1))
+BASELINE_DROPOUT_CONVS = (512, 256, 128)
+BASELINE_UPSAMPLE_CONVS = (64, 32)
+BASELINE_DOWNSAMPLING = 8  # three stride-2 convolutions
+
+L_CHANNELS = 1
+AB_CHANNELS = 2
+
+
+def scaled_channels(channels: int, width: float) -> int:
+    """A hidden layer's channel count at this width: rounded, at least 1."""
+    return max(1, round(channels * width))
+
+
+def _check_width(width: float) -> None:
+    if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
+        raise ChromalabError(f"model width must be a positive number (1.0 = the paper), got {width!r}")
+
+
+def _check_gan_size(image_size: int) -> None:
+    if not (isinstance(image_size, int) and image_size >= GAN_MIN_IMAGE_SIZE
+            and image_size & (image_size - 1) == 0):
+        raise ChromalabError(f"image size for pix2pix must be a power of two >= {GAN_MIN_IMAGE_SIZE} "
+                             f"(the U-Net halves it down to 1 px), got {image_size!r}")
+
+
+def unet_depth(image_size: int) -> int:
+    """Number of U-Net down blocks: log2(size), so the bottleneck is 1×1 (8 at 256 px, 5 at 32 px)."""
+    _check_gan_size(image_size)
+    return image_size.bit_length() - 1
+
+
+# --- baseline: the seed's CNN ------------------------------------------------------------------------
+
+
+def build_baseline(image_size: int | None = 256, width: float = 1.0) -> keras.Model:
+    """The seed's CNN, layer for layer: 3×3 ReLU convolutions with BatchNorm, three stride-2 downsamplings,
+    three BN + Dropout(0.5) convolutions, then three 2× nearest-neighbour upsamplings back to full size.
+
+    `image_size=None` gives a model for any size that is a multiple of 8.
+    """
+    _check_width(width)
+    if image_size is not None and not (isinstance(image_size, int) and image_size >= BASELINE_DOWNSAMPLING
+                                       and image_size % BASELINE_DOWNSAMPLING == 0):
+        raise ChromalabError(f"image size for the baseline must be a multiple of {BASELINE_DOWNSAMPLING} "
+                             f"(it downsamples 3 times by 2) or None, got {image_size!r}")
+    inputs = keras.Input((image_size, image_size, L_CHANNELS), name="L")
+    x = inputs
+    n = 0
+
+    def conv_bn(x, filters: int, strides: int = 1):
+        nonlocal n
+        n += 1
+        x = layers.Conv2D(scaled_channels(filters, width), 3, strides=strides, padding="same",
+                          activation="relu", name=f"conv{n}")(x)
+        return layers.BatchNormalization(name=f"bn{n}")(x)
+
+    for filters, strides in BASELINE_ENCODER:
+        x = conv_bn(x, filters, strides)
+    for filters in BASELINE_DROPOUT_CONVS:
+        x = layers.Dropout(DROPOUT_RATE, name=f"dropout{n + 1}")(conv_bn(x, filters))
+    for filters in BASELINE_UPSAMPLE_CONVS:
+        x = layers.UpSampling2D(2, name=f"upsample{n + 1}")(conv_bn(x, filters))
+    x = layers.Conv2D(AB_CHANNELS, 3, padding="same", activation="tanh", dtype="float32", name="ab_conv")(x)
+    outputs = layers.UpSampling2D(2, dtype="float32", name="ab")(x)
+    return keras.Model(inputs, outputs, name="baseline")
+
+
+# --- pix2pix -----------------------------------------------------------------------------------------
+
+
+def _init() -> keras.initializers.Initializer:
+    # Unseeded: draws from Keras' global seed generator, so keras.utils.set_random_seed fixes it.
+    return keras.initializers.RandomNormal(0.0, GAN_INIT_STDDEV)
+
+
+def _down(x, filters: int, name: str, batchnorm: bool = True):
+    """Conv 4×4 stride 2 (no bias) → [BatchNorm] → LeakyReLU(0.2): halves the size."""
+    x = layers.Conv2D(filters, GAN_KERNEL, strides=2, padding="same", use_bias=False,
+                      kernel_initializer=_init(), name=f"{name}_conv")(x)
+    if batchnorm:
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.LeakyReLU(negative_slope=LEAKY_SLOPE, name=f"{name}_lrelu")(x)
+
+
+def _up(x, filters: int, name: str, dropout: bool):
+    """Transposed conv 4×4 stride 2 (no bias) → BatchNorm → [Dropout(0.5)] → ReLU: doubles the size."""
+    x = layers.Conv2DTranspose(filters, GAN_KERNEL, strides=2, padding="same", use_bias=False,
+                               kernel_initializer=_init(), name=f"{name}_convT")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    if dropout:
+        x = layers.Dropout(DROPOUT_RATE, name=f"{name}_dropout")(x)
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+def unet_channels(image_size: int, width: float = 1.0) -> list[int]:
+    """Channels of the U-Net's down blocks: 64, 128, 256, 512, 512, … (capped at 512), times width."""
+    depth = unet_depth(image_size)
+    return [scaled_channels(min(GAN_BASE_CHANNELS * 2**i, GAN_MAX_CHANNELS), width) for i in range(depth)]
+
+
+def build_generator(image_size: int = 256, width: float = 1.0) -> keras.Model:
+    """pix2pix U-Net L → ab with log2(image_size) levels and skip connections (54.4 M params at 256 px
+    for the paper's 3-in/3-out; ours is 1-in/2-out)."""
+    _check_width(width)
+    down_channels = unet_channels(image_size, width)
+    inputs = keras.Input((image_size, image_size, L_CHANNELS), name="L")
+    x = inputs
+    skips = []
+    for i, filters in enumerate(down_channels, start=1):
+        x = _down(x, filters, f"down{i}", batchnorm=i > 1)
+        skips.append(x)
+    # Up blocks mirror the down blocks below the bottleneck; each output meets its mirror's skip.
+    for i, (filters, skip) in enumerate(zip(reversed(down_channels[:-1]), reversed(skips[:-1])), start=1):
+        x = _up(x, filters, f"up{i}", dropout=i <= N_DROPOUT_UP_BLOCKS)
+        x = layers.Concatenate(name=f"up{i}_skip")([x, skip])
+    outputs = layers.Conv2DTranspose(AB_CHANNELS, GAN_KERNEL, strides=2, padding="same", activation="tanh",
+                                     kernel_initializer=_init(), dtype="float32", name="ab")(x)
+    return keras.Model(inputs, outputs, name="generator")
+
+
+def build_discriminator(image_size: int = 256, width: float = 1.0) -> keras.Model:
+    """pix2pix 70×70 PatchGAN: (L, ab) → one real/fake logit per overlapping 70×70 patch
+    ([B, 30, 30, 1] at 256 px, [B, 2, 2, 1] at 32 px)."""
+    _check_width(width)
+    _check_gan_size(image_size)
+    L = keras.Input((image_size, image_size, L_CHANNELS), name="L")
+    ab = keras.Input((image_size, image_size, AB_CHANNELS), name="ab")
+    x = layers.Concatenate(name="L_ab")([L, ab])
+    x = _down(x, scaled_channels(64, width), "down1", batchnorm=False)
+    x = _down(x, scaled_channels(128, width), "down2")
+    x = _down(x, scaled_channels(256, width), "down3")
+    x = layers.ZeroPadding2D(name="pad1")(x)
+    x = layers.Conv2D(scaled_channels(512, width), GAN_KERNEL, strides=1, use_bias=False,
+                      kernel_initializer=_init(), name="conv4")(x)
+    x = layers.BatchNormalization(name="conv4_bn")(x)
+    x = layers.LeakyReLU(negative_slope=LEAKY_SLOPE, name="conv4_lrelu")(x)
+    x = layers.ZeroPadding2D(name="pad2")(x)
+    logits = layers.Conv2D(1, GAN_KERNEL, strides=1, kernel_initializer=_init(), dtype="float32",
+                           name="logits")(x)
+    return keras.Model([L, ab], logits, name="discriminator")
+
+
+def build_model(name: str, image_size: int | None = 256, width: float = 1.0) -> keras.Model:
+    """The colorizer of a model name: "baseline" → the seed's CNN, "gan" → the pix2pix generator."""
+    if name == "baseline":
+        return build_baseline(image_size, width)
+    if name == "gan":
+        return build_generator(image_size, width)
+    raise ChromalabError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
+
+
+# --- FLOPs -------------------------------------------------------------------------------------------
+
+# Layers whose cost is not counted: per-element work (normalisation, activations, dropout, resizing,
+# padding, concatenation, bias adds) is < 1% of the convolutions' at every size and width used here.
+_UNCOUNTED = (layers.BatchNormalization, layers.InputLayer)
+
+
+def forward_flops(model: keras.Model) -> int:
+    """Forward FLOPs per image, 2 × the multiply-accumulates of every Conv2D, Conv2DTranspose and Dense.
+
+    A Conv2D costs (output positions × kernel size), a Conv2DTranspose (input positions × kernel size):
+    each input pixel scatters one kernel. Bias adds, BatchNorm and activations are not counted (< 1%).
+    The model needs a fixed input size; a model holding other weighted layers is refused, not miscounted.
+    """
+    macs = 0
+    for layer in _all_layers(model):
+        if isinstance(layer, layers.Conv2DTranspose):
+            feature_map = layer.input.shape  # each input pixel scatters one kernel
+        elif isinstance(layer, (layers.Conv2D, layers.Dense)):
+            feature_map = layer.output.shape
+        elif layer.weights and not isinstance(layer, _UNCOUNTED):
+            raise ChromalabError(f"forward_flops counts Conv2D, Conv2DTranspose and Dense only; layer "
+                                 f"{layer.name!r} ({type(layer).__name__}) has weights it cannot count")
+        else:
+            continue
+        macs += _positions(feature_map, layer) * math.prod(layer.kernel.shape)
+    return 2 * macs
+
+
+def _all_layers(model: keras.Model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+        else:
+            yield layer
+
+
+def _positions(shape: tuple, layer) -> int:
+    """Spatial positions per image of a feature map: its size without the batch and channel axes.
+
+    The kernel's last axis is that map's channel count for all three layer types (Conv2D and Dense:
+    outputs; Conv2DTranspose, whose kernel is [kh, kw, out, in]: inputs).
+    """
+    dims = shape[1:]
+    if any(d is None for d in dims):
+        raise ChromalabError(f"forward_flops needs a model of fixed input size; layer {layer.name!r} has "
+                             f"shape {tuple(shape)} (build it with an image_size)")
+    return math.prod(dims) // layer.kernel.shape[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def gan_train_step_flops(image_size: int = 256, width: float = 1.0) -> int:
+    """FLOPs per image of one pix2pix training step: 3·G + 7·D.
+
+    Convention: a backward pass costs 2× its forward (gradients of activations and of weights). G runs
+    forward and backward (3·G); D runs on the real pair (forward + backward for D's weights, 3·D) and on
+    the fake pair (forward, backward for D's weights, and backward once more to the fake ab for G's
+    adversarial gradient: 4·D). ≈ 80 GFLOP at 256 px (stack facts: 40 GMAC).
+    """
+    g = forward_flops(build_generator(image_size, width))
+    d = forward_flops(build_discriminator(image_size, width))
+    return 3 * g + 7 * d
+
+
+@functools.lru_cache(maxsize=None)
+def baseline_train_step_flops(image_size: int = 256, width: float = 1.0) -> int:
+    """FLOPs per image of one baseline training step: forward + backward (2× forward) = 3× forward."""
+    return 3 * forward_flops(build_baseline(image_size, width))
