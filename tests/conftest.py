@@ -27,3 +27,60 @@ def fast_backoff(monkeypatch):
     """Millisecond backoff between retries (urllib3 Retry), so retry tests do not sleep for seconds."""
     monkeypatch.setattr("chromalab.download.DOWNLOAD_BACKOFF_S", 0.01)
     monkeypatch.setattr("chromalab.images.BACKOFF_FACTOR_S", 0.01)
+
+
+# --- a real MLflow tracking server, shared by the tracking and training tests ---
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import requests  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_process(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (light settings, security middleware on), one per session."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log_path = folder / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+             "--artifacts-destination", str(folder / "artifacts")],
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its workers share its group
+        )
+    yield f"http://127.0.0.1:{port}", proc, log_path
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_process) -> str:
+    """The server's URI once /health answers."""
+    uri, proc, log_path = mlflow_server_process
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{uri}/health", timeout=2).status_code == 200:
+                return uri
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"mlflow server not healthy after 90 s:\n{log_path.read_text()[-3000:]}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 from chromalab import tracking
 from chromalab.config import flatten, parse_params
 from chromalab.errors import ChromalabError
+from conftest import _free_port
 
 BIN = Path(sys.executable).parent
 # A git identity that doesn't depend on the machine's global config, for git and for `dvc exp run`.
@@ -31,53 +30,14 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "chromalab-test", "GIT_AUTHOR_EMAIL": "test@chroma
 DVC_ENV_VARS = ("DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, env={**os.environ, **GIT_ENV}, check=True,
                           capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def server_process(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log_path = folder / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-             "--artifacts-destination", str(folder / "artifacts")],
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its workers share its group
-        )
-    yield f"http://127.0.0.1:{port}", proc, log_path
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(server_process) -> str:
-    uri, proc, log_path = server_process
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{uri}/health", timeout=2).status_code == 200:
-                return uri
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow server not healthy after 90 s:\n{log_path.read_text()[-3000:]}")
+def _start_server_early(mlflow_server_process):
+    """Launch the shared server with the first test, so its ~15 s start overlaps the SQLite tests."""
 
 
 @pytest.fixture

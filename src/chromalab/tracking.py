@@ -121,19 +121,22 @@ def _git_state(path: Path) -> dict[str, str]:
         return {}
 
 
-def _device_name() -> str:
+def gpu_names() -> list[str]:
+    """The GPUs the current Keras backend sees (empty on a CPU-only machine)."""
     import keras
 
     if keras.backend.backend() == "jax":
         import jax
 
-        gpus = [d.device_kind for d in jax.devices() if d.platform == "gpu"]
-    else:
-        import tensorflow as tf
+        return [d.device_kind for d in jax.devices() if d.platform == "gpu"]
+    import tensorflow as tf
 
-        gpus = [tf.config.experimental.get_device_details(d).get("device_name", d.name)
-                for d in tf.config.list_physical_devices("GPU")]
-    return ", ".join(gpus) or "CPU"
+    return [tf.config.experimental.get_device_details(d).get("device_name", d.name)
+            for d in tf.config.list_physical_devices("GPU")]
+
+
+def _device_name() -> str:
+    return ", ".join(gpu_names()) or "CPU"
 
 
 def _framework_versions() -> dict[str, str]:

@@ -1,0 +1,157 @@
+"""Stage `evaluate`: both models and the gray floor on every test photo.
+
+The gray floor (predict ab = 0) stands beside every model because RGB SSIM/MSE barely separate a good
+colorizer from a gray one (see README); ΔE00, ab metrics and colourfulness do.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from chromalab.color import lab_norm_to_rgb
+from chromalab.config import MODEL_NAMES, Params
+from chromalab.errors import ChromalabError
+from chromalab.metrics import gray_floor, photo_metrics, summarise
+
+GRAY_FLOOR = "gray_floor"
+# Metrics where lower is better; the chart marks the direction so nobody reads a bar the wrong way.
+LOWER_IS_BETTER = {"ab_mse", "ab_mae", "rgb_mse", "rgb_mae", "delta_e00"}
+
+
+def predict_ab(model, L: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.asarray(model.predict(L, batch_size=batch_size, verbose=0), dtype=np.float32)
+
+
+def load_trained(models_root: Path, name: str):
+    import keras
+
+    path = models_root / name / "model.keras"
+    if not path.is_file():
+        raise ChromalabError(f"{path} is missing: train it first (`dvc repro train@{name}`)")
+    return keras.saving.load_model(path, compile=False)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def comparison_sheet(path: Path, ids: list[str], L: np.ndarray, predictions: dict[str, np.ndarray],
+                     true_ab: np.ndarray) -> None:
+    """Gray input | each model | truth, one row per photo."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = ["gray input", *[n for n in predictions if n != GRAY_FLOOR], "truth"]
+    fig, axes = plt.subplots(len(ids), len(columns), figsize=(2.2 * len(columns), 2.2 * len(ids)),
+                             squeeze=False)
+    for row, photo_id in enumerate(ids):
+        images = [np.repeat(np.clip(L[row], 0, 1), 3, axis=-1)]
+        images += [lab_norm_to_rgb(L[row], predictions[n][row]) for n in columns[1:-1]]
+        images.append(lab_norm_to_rgb(L[row], true_ab[row]))
+        for col, img in enumerate(images):
+            ax = axes[row, col]
+            ax.imshow(img)
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(columns[col], fontsize=10)
+            if col == 0:
+                ax.set_ylabel(photo_id, fontsize=7)
+    fig.tight_layout()
+    _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def metrics_chart(path: Path, summary: dict[str, dict[str, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    predictors = list(summary)
+    names = [k for k in summary[predictors[0]] if k != "count"]
+    cols = 4
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    colours = {GRAY_FLOOR: "#999999", "baseline": "#4c72b0", "gan": "#dd8452"}
+    for ax, name in zip(axes.flat, names):
+        values = [summary[p][name] for p in predictors]
+        ax.bar(predictors, values, color=[colours.get(p, "#55a868") for p in predictors])
+        arrow = ("closer to 0 is better" if name == "colourfulness_gap"
+                 else "lower is better" if name in LOWER_IS_BETTER else "higher is better")
+        ax.set_title(f"{name}\n({arrow})", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("Test-set means: models against the gray floor (ab = 0)")
+    fig.tight_layout()
+    _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def log_to_model_runs(reports_root: Path, summary: dict, sheet: Path, chart: Path) -> list[str]:
+    """Test metrics (and the gray floor's, for scale) into each model's own MLflow run."""
+    import mlflow
+
+    from chromalab import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    logged = []
+    for name in MODEL_NAMES:
+        train_metrics = reports_root / name / "train_metrics.json"
+        run_id = json.loads(train_metrics.read_text()).get("mlflow_run_id") if train_metrics.is_file() else None
+        if not run_id:
+            continue
+        with mlflow.start_run(run_id=run_id):
+            for prefix, scores in (("test_", summary[name]), ("test_gray_floor_", summary[GRAY_FLOOR])):
+                mlflow.log_metrics({f"{prefix}{k}": v for k, v in scores.items() if k != "count"})
+            mlflow.log_artifact(str(sheet), artifact_path="evaluate")
+            mlflow.log_artifact(str(chart), artifact_path="evaluate")
+        logged.append(run_id)
+    return logged
+
+
+def run_evaluate(params: Params, *, data_dir: Path = Path("data/tfrecords"), models_root: Path = Path("models"),
+                 reports_root: Path = Path("reports"), log_mlflow: bool = True) -> dict:
+    from chromalab import tracking
+    from chromalab.tfrecords import load_split_arrays
+
+    if log_mlflow:
+        tracking.check_tracking_server()
+    out_dir = reports_root / "evaluate"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids, L, true_ab = load_split_arrays(data_dir, "test")
+    predictions = {GRAY_FLOOR: gray_floor(true_ab)}
+    for name in MODEL_NAMES:
+        predictions[name] = predict_ab(load_trained(models_root, name), L, params.evaluate.batch_size)
+
+    rows = []
+    for i in tqdm(range(len(ids)), desc="evaluate", unit="photo"):
+        for name, pred in predictions.items():
+            rows.append({"photo_id": ids[i], "model": name, **photo_metrics(L[i], true_ab[i], pred[i])})
+    summary = {name: summarise([r for r in rows if r["model"] == name]) for name in predictions}
+
+    def write_rows(path: Path) -> None:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _atomic_write(out_dir / "per_photo.csv", write_rows)
+    n_sheet = min(params.evaluate.n_sheet, len(ids))
+    comparison_sheet(out_dir / "comparison.png", ids[:n_sheet], L[:n_sheet],
+                     {k: v[:n_sheet] for k, v in predictions.items()}, true_ab[:n_sheet])
+    metrics_chart(out_dir / "metrics_chart.png", summary)
+    _atomic_write(out_dir / "metrics.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+    if log_mlflow:
+        log_to_model_runs(reports_root, summary, out_dir / "comparison.png", out_dir / "metrics_chart.png")
+    return summary

@@ -1,0 +1,163 @@
+"""pix2pix as a `keras.Model` (Keras 3 custom-train-step pattern), pure Keras: TensorFlow or JAX backend.
+
+The generator is a U-Net (L → ab), the discriminator a 70×70 PatchGAN judging (L, ab) pairs
+(chromalab.models). `fit` drives it; a metric tracker per loss term shows each in the progress bar.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from chromalab import losses
+from chromalab.errors import ChromalabError
+
+VALIDATION_METRICS = ("ssim", "mse", "mae")  # on ab, as the seed reported them
+
+
+def validation_trackers() -> dict[str, keras.metrics.Metric]:
+    return {
+        "ssim": keras.metrics.MeanMetricWrapper(losses.ssim_metric, name="ssim"),
+        "mse": keras.metrics.MeanSquaredError(name="mse"),
+        "mae": keras.metrics.MeanAbsoluteError(name="mae"),
+    }
+
+
+class Pix2Pix(keras.Model):
+    """pix2pix: a U-Net generator (L → ab) against a PatchGAN discriminator judging (L, ab) pairs.
+
+    One Adam serves both nets: pix2pix gives them identical Adam(2e-4, β1=0.5), Adam's moments are per
+    variable, and both nets step once per batch, so one optimizer over G ∪ D (with G's gradients from the
+    generator loss and D's from the discriminator loss) is exactly two optimizers — and it is the one
+    `optimizer` that Keras checkpoints, distributes and threads through the JAX trainer.
+    """
+
+    def __init__(self, generator: keras.Model, discriminator: keras.Model, l1_lambda: float = 100.0, **kwargs):
+        super().__init__(**kwargs)
+        self.generator = generator
+        self.discriminator = discriminator
+        self.l1_lambda = l1_lambda
+        self.loss_trackers = {
+            name: keras.metrics.Mean(name=name) for name in ("g_loss", "g_gan", "g_l1", "d_loss")
+        }
+        self.val_trackers = validation_trackers()
+        self.built = True  # both nets are Functional models, built at construction
+
+    @property
+    def metrics(self):
+        return [*self.loss_trackers.values(), *self.val_trackers.values()]
+
+    def call(self, L, training=False):
+        return self.generator(L, training=training)
+
+    def _loss_terms(self, L, ab, fake_ab, real_logits, fake_logits):
+        g_total, g_gan, g_l1 = losses.generator_loss(fake_logits, ab, fake_ab, self.l1_lambda)
+        d_loss = losses.discriminator_loss(real_logits, fake_logits)
+        return g_total, g_gan, g_l1, d_loss
+
+    def train_step(self, *args):
+        if keras.backend.backend() == "jax":
+            return self._jax_train_step(*args)
+        return self._tf_train_step(*args)
+
+    def test_step(self, *args):
+        if keras.backend.backend() == "jax":
+            return self._jax_test_step(*args)
+        L, ab = args[0]
+        fake_ab = ops.cast(self.generator(L, training=False), "float32")
+        for tracker in self.val_trackers.values():
+            tracker.update_state(ab, fake_ab)
+        return {name: tracker.result() for name, tracker in self.val_trackers.items()}
+
+    # TensorFlow: one forward pass, a persistent tape, each net's gradient from its own loss.
+    def _tf_train_step(self, data):
+        import tensorflow as tf
+        from keras.src.losses.loss import scale_loss_for_distribution  # what Keras' own train_step uses
+
+        L, ab = data
+        with tf.GradientTape(persistent=True) as tape:
+            fake_ab = self.generator(L, training=True)
+            real_logits = self.discriminator([L, ab], training=True)
+            fake_logits = self.discriminator([L, fake_ab], training=True)
+            g_total, g_gan, g_l1, d_loss = self._loss_terms(L, ab, fake_ab, real_logits, fake_logits)
+            # Replicas' gradients are summed by all-reduce: scale so that N replicas = one big batch.
+            g_scaled, d_scaled = scale_loss_for_distribution(g_total), scale_loss_for_distribution(d_loss)
+            if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+                g_scaled, d_scaled = self.optimizer.scale_loss(g_scaled), self.optimizer.scale_loss(d_scaled)
+        g_vars, d_vars = self.generator.trainable_variables, self.discriminator.trainable_variables
+        grads = tape.gradient(g_scaled, g_vars) + tape.gradient(d_scaled, d_vars)
+        del tape
+        self.optimizer.apply(grads, g_vars + d_vars)
+        for name, value in zip(self.loss_trackers, (g_total, g_gan, g_l1, d_loss)):
+            self.loss_trackers[name].update_state(value)
+        return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
+
+    # JAX: the same step, stateless (Keras 3 guide "custom train step in JAX").
+    def _positions(self, variables, net: keras.Model, trainable: bool) -> list[int]:
+        own = {id(v) for v in (net.trainable_variables if trainable else net.non_trainable_variables)}
+        return [i for i, v in enumerate(variables) if id(v) in own]
+
+    def _jax_train_step(self, state, data):
+        import jax
+
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ChromalabError("float16 loss scaling is not wired for JAX: set train.mixed_precision to "
+                                 "auto (bfloat16 on a modern GPU) or off")
+        trainable, non_trainable, optimizer_vars, metrics_vars = state
+        L, ab = data
+        tv, ntv = self.trainable_variables, self.non_trainable_variables
+        g_t, d_t = self._positions(tv, self.generator, True), self._positions(tv, self.discriminator, True)
+        g_n, d_n = self._positions(ntv, self.generator, False), self._positions(ntv, self.discriminator, False)
+        pick = lambda values, idx: [values[i] for i in idx]  # noqa: E731
+
+        def forward(g_train, d_train):
+            fake_ab, g_nt = self.generator.stateless_call(g_train, pick(non_trainable, g_n), L, training=True)
+            real_logits, d_nt = self.discriminator.stateless_call(
+                d_train, pick(non_trainable, d_n), [L, ab], training=True)
+            fake_logits, d_nt = self.discriminator.stateless_call(d_train, d_nt, [L, fake_ab], training=True)
+            g_total, g_gan, g_l1, d_loss = self._loss_terms(L, ab, fake_ab, real_logits, fake_logits)
+            return (g_total, d_loss), (g_gan, g_l1, g_nt, d_nt)
+
+        (g_total, d_loss), pullback, (g_gan, g_l1, g_nt, d_nt) = jax.vjp(
+            forward, pick(trainable, g_t), pick(trainable, d_t), has_aux=True)
+        # Two pullbacks of one forward pass; under jit XLA drops the halves we don't use.
+        g_grads, _ = pullback((ops.ones_like(g_total), ops.zeros_like(d_loss)))
+        _, d_grads = pullback((ops.zeros_like(g_total), ops.ones_like(d_loss)))
+        grads = [None] * len(trainable)
+        for idx, values in ((g_t, g_grads), (d_t, d_grads)):
+            for i, g in zip(idx, values):
+                grads[i] = g
+        trainable, optimizer_vars = self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
+        non_trainable = list(non_trainable)
+        for idx, values in ((g_n, g_nt), (d_n, d_nt)):
+            for i, v in zip(idx, values):
+                non_trainable[i] = v
+
+        logs, new_metrics_vars, offset = {}, [], 0
+        values = dict(zip(self.loss_trackers, (g_total, g_gan, g_l1, d_loss)))
+        for metric in self.metrics:
+            own = metrics_vars[offset : offset + len(metric.variables)]
+            offset += len(metric.variables)
+            if metric.name in values:
+                own = metric.stateless_update_state(own, values[metric.name])
+                logs[metric.name] = metric.stateless_result(own)
+            new_metrics_vars += own
+        return logs, (trainable, non_trainable, optimizer_vars, new_metrics_vars)
+
+    def _jax_test_step(self, state, data):
+        trainable, non_trainable, metrics_vars = state
+        L, ab = data
+        tv, ntv = self.trainable_variables, self.non_trainable_variables
+        g_t, g_n = self._positions(tv, self.generator, True), self._positions(ntv, self.generator, False)
+        fake_ab, _ = self.generator.stateless_call([trainable[i] for i in g_t], [non_trainable[i] for i in g_n],
+                                                   L, training=False)
+        fake_ab = ops.cast(fake_ab, "float32")
+        logs, new_metrics_vars, offset = {}, [], 0
+        for metric in self.metrics:
+            own = metrics_vars[offset : offset + len(metric.variables)]
+            offset += len(metric.variables)
+            if metric.name in self.val_trackers:
+                own = metric.stateless_update_state(own, ab, fake_ab)
+                logs[metric.name] = metric.stateless_result(own)
+            new_metrics_vars += own
+        return logs, (trainable, non_trainable, new_metrics_vars)

@@ -1,0 +1,302 @@
+"""Stage `train@<model>`: fit the baseline CNN or the pix2pix GAN on the Lab TFRecords.
+
+Both models go through `model.fit`: the baseline with a compiled loss, the GAN as chromalab.gan.Pix2Pix.
+A killed run resumes from its last checkpoint (weights, optimizer state, epoch, history and the same
+MLflow run); changed params start afresh.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import ops
+
+from chromalab import losses, tracking
+from chromalab.color import lab_norm_to_rgb
+from chromalab.config import MODEL_NAMES, Params, flatten
+from chromalab.errors import ChromalabError
+from chromalab.gan import VALIDATION_METRICS, Pix2Pix, validation_trackers
+from chromalab.models import build_baseline, build_discriminator, build_generator
+
+# --- device, precision, distribution ------------------------------------------------------------
+
+
+def precision_policy(switch: str, gpus: list[str]) -> str:
+    """'auto' = mixed precision only on a GPU: bf16 where it's native (Ampere+), float16 otherwise."""
+    if switch == "off" or (switch == "auto" and not gpus):
+        return "float32"
+    old_gpu = any(tag in name for name in gpus for tag in ("V100", "T4", "P100", "K80"))
+    return "mixed_float16" if old_gpu else "mixed_bfloat16"
+
+
+def make_strategy():
+    """TF's own distribution engine: several workers (TF_CONFIG) or several local GPUs; else default."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return None
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def params_fingerprint(params: Params, model_name: str, dataset_hash: str) -> str:
+    """What a checkpoint must match to be resumed: this model's params and the dataset."""
+    own = {k: v for k, v in flatten(params).items() if k.split(".")[0] in ("base", "train", model_name)}
+    blob = json.dumps({"params": own, "dataset": dataset_hash}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Checkpoint:
+    """A folder DVC keeps in place (`persist: true`): state.weights.h5 + state.json + history.csv."""
+
+    folder: Path
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / "state.weights.h5"
+
+    @property
+    def state_file(self) -> Path:
+        return self.folder / "state.json"
+
+    def load_state(self) -> dict | None:
+        if not self.state_file.is_file():
+            return None
+        try:
+            return json.loads(self.state_file.read_text())
+        except json.JSONDecodeError:
+            return None  # a torn write can't happen (atomic), but a hand-edited file can
+
+    def save(self, model: keras.Model, state: dict, history: list[dict]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp_weights = self.folder / ".tmp-state.weights.h5"
+        model.save_weights(tmp_weights, overwrite=True)
+        os.replace(tmp_weights, self.weights)
+        write_history(self.folder / "history.csv", history)
+        # state.json last: it is what says "this checkpoint is complete".
+        _atomic_write_text(self.state_file, json.dumps(state, indent=2))
+
+    def history(self) -> list[dict]:
+        return read_history(self.folder / "history.csv")
+
+    def reset(self) -> None:
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    columns = ["epoch"] + sorted({k for row in rows for k in row} - {"epoch"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [
+            {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v != ""}
+            for row in csv.DictReader(f)
+        ]
+
+
+# --- sample sheet -----------------------------------------------------------------------------
+
+
+def sample_sheet(L: np.ndarray, pred_ab: np.ndarray, true_ab: np.ndarray) -> np.ndarray:
+    """One row per photo: gray input | prediction | truth, as uint8 RGB."""
+    rows = []
+    for l_img, p_ab, t_ab in zip(L, pred_ab, true_ab):
+        gray = np.repeat(np.clip(l_img, 0, 1), 3, axis=-1)
+        rows.append(np.concatenate([gray, lab_norm_to_rgb(l_img, p_ab), lab_norm_to_rgb(l_img, t_ab)], axis=1))
+    return (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+
+
+# --- the callback that ties epochs to checkpoints, history, MLflow and the sample sheet --------
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    def __init__(self, *, checkpoint: Checkpoint, state: dict, history: list[dict], train_params,
+                 total_epochs: int, samples: tuple[np.ndarray, np.ndarray], images_per_epoch: int):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.state = state
+        self.history_rows = history
+        self.train_params = train_params
+        self.total_epochs = total_epochs
+        self.samples = samples
+        self.images_per_epoch = images_per_epoch
+        self._epoch_start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        seconds = time.perf_counter() - self._epoch_start
+        row = {"epoch": done, **{k: float(v) for k, v in (logs or {}).items()},
+               "epoch_seconds": seconds, "images_per_second": self.images_per_epoch / seconds}
+        self.history_rows.append(row)
+        tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, done)
+        if done % self.train_params.sample_every == 0 or done == self.total_epochs:
+            L, ab = self.samples
+            generator = getattr(self.model, "generator", self.model)
+            pred = np.asarray(ops.convert_to_numpy(generator(L, training=False)), dtype=np.float32)
+            tracking.log_sample_sheet(sample_sheet(L, pred, ab), done)
+        if done % self.train_params.checkpoint_every == 0 and done < self.total_epochs:
+            self.state["epoch"] = done
+            self.checkpoint.save(self.model, self.state, self.history_rows)
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+def build_for_training(model_name: str, params: Params, image_size: int, jit_compile: bool) -> keras.Model:
+    if model_name == "baseline":
+        p = params.baseline
+        model = build_baseline(image_size, width=p.width)
+        loss = losses.ssim_loss if p.loss == "ssim" else losses.ms_ssim_loss
+        optimizer = keras.optimizers.RMSprop(p.learning_rate)
+        model.compile(optimizer=optimizer, loss=loss, metrics=list(validation_trackers().values()),
+                      jit_compile=jit_compile)
+        return model
+    p = params.gan
+    gan = Pix2Pix(build_generator(image_size, width=p.width), build_discriminator(image_size, width=p.width),
+                  l1_lambda=p.l1_lambda)
+    optimizer = keras.optimizers.Adam(p.learning_rate, beta_1=p.beta_1)
+    # float16 needs loss scaling to keep small gradients; bfloat16 has float32's range and needs none.
+    if keras.mixed_precision.dtype_policy().name == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    gan.compile(optimizer=optimizer, jit_compile=jit_compile)
+    return gan
+
+
+def _final_metrics(model: keras.Model, val_ds, history: list[dict], params: Params, model_name: str,
+                   train_seconds: float) -> dict:
+    scores = model.evaluate(val_ds, verbose=0, return_dict=True)
+    last = history[-1] if history else {}
+    out = {f"test_{k}": float(v) for k, v in scores.items() if k in VALIDATION_METRICS}
+    out.update({k: v for k, v in last.items() if k not in ("epoch",) and not k.startswith("val_")})
+    out["epochs"] = params.model(model_name).epochs
+    out["train_seconds_this_run"] = round(train_seconds, 2)
+    return out
+
+
+def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tfrecords"),
+              models_root: Path = Path("models"), reports_root: Path = Path("reports"),
+              strategy=None) -> dict:
+    """Train `model_name` ("baseline" | "gan"); writes models/<m>/model.keras and reports/<m>/*."""
+    from chromalab.tfrecords import load_split_arrays, make_dataset, read_dataset_info
+
+    if model_name not in MODEL_NAMES:
+        raise ChromalabError(f"unknown model {model_name!r}: choose one of {', '.join(MODEL_NAMES)}")
+    tracking.check_tracking_server()  # before any training time is spent
+    info = read_dataset_info(data_dir)
+    image_size = int(info["image_size"])
+    if image_size != params.base.image_size:
+        raise ChromalabError(
+            f"{data_dir} holds {image_size} px photos but base.image_size is {params.base.image_size}: "
+            "run `dvc repro` so images and tfrecords follow the param"
+        )
+    mp = params.model(model_name)
+    train_p = params.train
+    gpus = tracking.gpu_names()
+    policy = precision_policy(train_p.mixed_precision, gpus)
+    keras.mixed_precision.set_global_policy(policy)
+    jit_compile = train_p.xla == "on" or (train_p.xla == "auto" and bool(gpus))
+    keras.utils.set_random_seed(params.base.seed)
+
+    model_dir = models_root / model_name
+    reports_dir = reports_root / model_name
+    checkpoint = Checkpoint(model_dir / "checkpoint")
+    dataset_hash = str(info.get("content_hash", ""))
+    fingerprint = params_fingerprint(params, model_name, dataset_hash)
+    state = checkpoint.load_state()
+    if state and state.get("fingerprint") == fingerprint and state.get("status") == "running":
+        initial_epoch = int(state["epoch"])
+        history = [row for row in checkpoint.history() if row["epoch"] <= initial_epoch]
+        print(f"resuming {model_name} from its checkpoint at epoch {initial_epoch}/{mp.epochs}", file=sys.stderr)
+    else:
+        if state:
+            print(f"{checkpoint.folder}: params or data changed since the checkpoint; starting afresh",
+                  file=sys.stderr)
+        checkpoint.reset()
+        state, initial_epoch, history = {"fingerprint": fingerprint, "status": "running", "epoch": 0}, 0, []
+
+    strategy = strategy or make_strategy()
+    n_replicas = strategy.num_replicas_in_sync if strategy else 1
+    global_batch = mp.batch_size * n_replicas
+    train_ds = make_dataset(data_dir, "train", global_batch, training=True, flip_lr=train_p.flip_lr,
+                            flip_ud=train_p.flip_ud, contrast_aug=train_p.contrast_aug, seed=params.base.seed)
+    val_ds = make_dataset(data_dir, "test", global_batch, training=False)
+    _, sample_L, sample_ab = load_split_arrays(data_dir, "test")
+    samples = (sample_L[: train_p.n_samples], sample_ab[: train_p.n_samples])
+
+    if strategy is not None:
+        with strategy.scope():
+            model = build_for_training(model_name, params, image_size, jit_compile)
+    else:
+        model = build_for_training(model_name, params, image_size, jit_compile)
+    if initial_epoch:
+        model.optimizer.build(model.trainable_variables)  # create the slots the checkpoint fills
+        model.load_weights(checkpoint.weights)
+
+    n_train = int(info["counts"]["train"])
+    with tracking.model_run(model_name, params, dataset_hash=dataset_hash, stage=f"train@{model_name}",
+                            run_id=state.get("mlflow_run_id")) as run:
+        state["mlflow_run_id"] = run.info.run_id
+        recorder = EpochRecorder(checkpoint=checkpoint, state=state, history=history, train_params=train_p,
+                                 total_epochs=mp.epochs, samples=samples, images_per_epoch=n_train)
+        started = time.perf_counter()
+        model.fit(train_ds, epochs=mp.epochs, initial_epoch=initial_epoch, validation_data=val_ds,
+                  validation_freq=train_p.val_every, callbacks=[recorder], shuffle=False,  # tf.data shuffles
+                  verbose=1 if sys.stdout.isatty() else 2)
+        train_seconds = time.perf_counter() - started
+        metrics = _final_metrics(model, val_ds, history, params, model_name, train_seconds)
+        metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run; `dvc exp show` links to it
+        tracking.log_epoch({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, mp.epochs)
+
+        deliverable = model.generator if model_name == "gan" else model
+        model_dir.mkdir(parents=True, exist_ok=True)
+        tmp_model = model_dir / ".tmp-model.keras"
+        deliverable.save(tmp_model)
+        os.replace(tmp_model, model_dir / "model.keras")
+        tracking.log_keras_model(deliverable, sample_L[:1])
+
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    write_history(reports_dir / "history.csv", history)
+    _atomic_write_text(reports_dir / "train_metrics.json", json.dumps(metrics, indent=2))
+    # Done: the next `dvc repro -f` trains from scratch in a fresh MLflow run.
+    checkpoint.reset()
+    _atomic_write_text(checkpoint.state_file, json.dumps({"status": "complete", "fingerprint": fingerprint,
+                                                          "mlflow_run_id": run.info.run_id}, indent=2))
+    return metrics
