@@ -292,3 +292,14 @@ def test_real_root_inside_dvc_exp_run_temp(tmp_path):
     assert seen["root"] == seen["root_from_cwd_alone"] == str(real)
     assert seen["uri"] == f"sqlite:///{real / 'mlflow.db'}"
     assert seen["exp"] == "temp-probe"
+
+
+def test_choosing_the_store_does_not_leak_into_the_environment(repo, monkeypatch, tmp_path):
+    """MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI; ours must not turn into an override."""
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    first = tracking.use_store()
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    other = tmp_path / "other-repo"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    assert tracking.use_store() != first

@@ -6,6 +6,8 @@ Every module converts through these functions so that the scales live in one pla
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from skimage import color as skcolor
 
@@ -36,7 +38,10 @@ def lab_norm_to_rgb(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
     lab = np.concatenate(
         [l_norm[..., None] * L_SCALE, np.asarray(ab_norm, dtype=np.float64) * AB_SCALE], axis=-1
     )
-    rgb = skcolor.lab2rgb(lab)
+    with warnings.catch_warnings():
+        # Predicted colours outside the sRGB gamut are clipped by design (below); skimage warns each time.
+        warnings.filterwarnings("ignore", message="Conversion from CIE-LAB", category=UserWarning)
+        rgb = skcolor.lab2rgb(lab)
     # skimage's XYZ→RGB matrix is exact only to ~1e-7, so neutral Lab (a = b = 0) would come back with
     # R, G, B a hair apart; make it exactly gray so that "no colour" measures as no colour.
     neutral = (lab[..., 1] == 0) & (lab[..., 2] == 0)

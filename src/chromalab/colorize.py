@@ -19,7 +19,6 @@ import functools
 import os
 import re
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,7 +190,7 @@ def _load_mlflow(uri: str):
 
     from chromalab import tracking
 
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    tracking.use_store()
     try:
         loaded = mlflow.keras.load_model(uri, load_model_kwargs={"compile": False})
     except (MlflowException, OSError, ValueError) as exc:
@@ -346,9 +345,7 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
 
     colorizer = load_colorizer(model, models_root)
     size = model_input_size(colorizer, image_size)
-    with warnings.catch_warnings(), tqdm(total=len(jobs), desc="colorize", unit="photo") as bar:
-        # Predicted colours outside the sRGB gamut are clipped by design (chromalab.color); skimage warns each time.
-        warnings.filterwarnings("ignore", message="Conversion from CIE-LAB", category=UserWarning)
+    with tqdm(total=len(jobs), desc="colorize", unit="photo") as bar:
         for batch in _batches(jobs, batch_size):
             photos: list[tuple[Job, Photo]] = []
             for job in batch:

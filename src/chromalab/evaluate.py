@@ -104,7 +104,7 @@ def log_to_model_runs(reports_root: Path, summary: dict, sheet: Path, chart: Pat
 
     from chromalab import tracking
 
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+    tracking.use_store()
     logged = []
     for name in MODEL_NAMES:
         train_metrics = reports_root / name / "train_metrics.json"

@@ -73,6 +73,24 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(repo_root() / 'mlflow.db').as_posix()}"
 
 
+def use_store() -> str:
+    """Point MLflow's fluent API at `tracking_uri()` and return it.
+
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI, which would turn our own choice into a
+    user override for every later run in this process and its children: put the variable back.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    return uri
+
+
 def _is_local_database(uri: str) -> bool:
     # MLflow's database stores (sqlite, postgresql, mysql, mssql) put artifacts on a local path by default.
     from mlflow.store.db.db_types import DATABASE_ENGINES
@@ -223,8 +241,7 @@ def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
     """
     import mlflow
 
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    uri = use_store()
     client = mlflow.MlflowClient(uri)
     experiment_id = _experiment_id(client, uri)
     if run_id and not _resumable(client, run_id):
@@ -282,7 +299,27 @@ def log_keras_model(model: keras.Model, input_example: np.ndarray, name: str = "
     _require_active_run()
     inputs = np.asarray(input_example, dtype=np.float32)
     outputs = np.asarray(model.predict(inputs, verbose=0), dtype=np.float32)  # float32 under mixed precision too
-    return mlflow.keras.log_model(model, name=name, signature=infer_signature(inputs, outputs))
+    return mlflow.keras.log_model(model, name=name, signature=infer_signature(inputs, outputs),
+                                  pip_requirements=_model_requirements())
+
+
+def _model_requirements() -> list[str]:
+    """What loading the model needs: Keras and its backend, pinned as installed.
+
+    Stated rather than inferred: MLflow's inference reloads the model in a subprocess (~8 s a model).
+    """
+    import keras
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = ["keras"] + (["jax"] if keras.backend.backend() == "jax"
+                            else ["tensorflow", "tensorflow-cpu", "tensorflow-gpu"])
+    pinned = []
+    for package in packages:
+        try:
+            pinned.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return pinned
 
 
 def find_model_run(model_name: str, exp_name: str | None = None) -> str | None:

@@ -285,7 +285,9 @@ def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tf
         metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run; `dvc exp show` links to it
         tracking.log_epoch({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, mp.epochs)
 
-        deliverable = model.generator if model_name == "gan" else model
+        trained = model.generator if model_name == "gan" else model
+        # An inference model: same layers, no compile state, so it loads without chromalab's losses.
+        deliverable = keras.Model(trained.inputs, trained.outputs, name=trained.name)
         model_dir.mkdir(parents=True, exist_ok=True)
         tmp_model = model_dir / ".tmp-model.keras"
         deliverable.save(tmp_model)

@@ -1,0 +1,195 @@
+"""Training on real photo crops (8 train / 4 test at 32 px) with tiny models, checked as a user would:
+falling losses, what MLflow holds, a killed run that resumes, other backends and devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from chromalab.config import parse_params
+from chromalab.tfrecords import read_dataset_info, run_tfrecords
+from chromalab.training import read_history, run_train
+from photos import write_images_stage
+
+BIN = Path(sys.executable).parent
+TINY = {
+    "base": {"image_size": 32},
+    "train": {"val_every": 10, "checkpoint_every": 10, "sample_every": 10, "n_samples": 2},
+    "baseline": {"epochs": 30, "batch_size": 4, "width": 0.25},
+    "gan": {"epochs": 30, "batch_size": 4, "width": 0.125},
+}
+
+
+def tiny_params(**overrides: dict):
+    raw = {group: dict(values) for group, values in TINY.items()}
+    for group, values in overrides.items():
+        raw.setdefault(group, {}).update(values)
+    return parse_params(raw)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dataset")
+    write_images_stage(root / "images", n_train=8, n_test=4, size=32)
+    run_tfrecords(tiny_params(), images_dir=root / "images", out_dir=root / "tfrecords", workers=1)
+    return root / "tfrecords"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, dataset) -> Path:
+    """A git repo with data/tfrecords in place: the MLflow store lands here (its real root)."""
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], cwd=tmp_path, check=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/tfrecords").symlink_to(dataset)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _client(workdir: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+@pytest.mark.parametrize("model_name, loss_key", [("gan", "g_l1"), ("baseline", "loss")])
+def test_tiny_model_overfits_with_finite_falling_loss_and_mlflow_holds_the_run(workdir, dataset, model_name,
+                                                                              loss_key):
+    metrics = run_train(tiny_params(), model_name)
+
+    history = read_history(workdir / f"reports/{model_name}/history.csv")
+    assert [row["epoch"] for row in history] == list(range(1, 31))
+    losses = np.array([row[loss_key] for row in history])
+    assert np.isfinite(losses).all()
+    # Means of five epochs, so one noisy epoch can't decide it (the baseline's dropout makes it noisy).
+    assert losses[-5:].mean() < losses[:5].mean() - 0.005, losses
+    assert (workdir / f"models/{model_name}/model.keras").is_file()
+    assert json.loads((workdir / f"reports/{model_name}/train_metrics.json").read_text()) == metrics
+
+    client = _client(workdir)
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params[f"{model_name}.epochs"] == "30" and params["base.image_size"] == "32"
+    assert "data.url" in params and "train.flip_lr" in params  # data params too, flattened
+    other = "baseline" if model_name == "gan" else "gan"
+    assert not any(key.startswith(f"{other}.") for key in params)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, loss_key)]
+    assert steps == list(range(1, 31))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ssim")] == [10, 20, 30]
+    tags = run.data.tags
+    assert tags["model"] == model_name and tags["stage"] == f"train@{model_name}"
+    assert tags["dataset_hash"] == read_dataset_info(dataset)["content_hash"]
+    assert tags["device"] == "CPU" and "keras.version" in tags and "mlflow.source.git.dirty" in tags
+    image_files = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert len([p for p in image_files if p.endswith(".png")]) >= 3  # sample sheets at epochs 10, 20, 30
+    logged = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    L = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
+    assert logged.predict(L, verbose=0).shape == (2, 32, 32, 2)
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_in_the_same_mlflow_run(workdir):
+    params = {**TINY, "train": {**TINY["train"], "checkpoint_every": 5, "val_every": 50, "sample_every": 50},
+              "gan": {**TINY["gan"], "epochs": 60}}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    state_file = workdir / "models/gan/checkpoint/state.json"
+    cmd = [str(BIN / "chromalab"), "train", "gan"]
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    killed_at = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state_file.is_file():
+            state = json.loads(state_file.read_text())
+            if state.get("status") == "running" and state.get("epoch", 0) >= 10:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = state["epoch"]
+                break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at, f"no checkpoint at epoch ≥ 10 before the run ended:\n{proc.stderr.read().decode()[-2000:]}"
+    run_id = json.loads(state_file.read_text())["mlflow_run_id"]
+
+    second = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed_from = json.loads(state_file.read_text())  # complete now
+    assert "resuming gan from its checkpoint at epoch " in second.stderr
+    assert resumed_from["status"] == "complete" and resumed_from["mlflow_run_id"] == run_id
+    history = read_history(workdir / "reports/gan/history.csv")
+    assert [row["epoch"] for row in history] == list(range(1, 61))  # no gap, no repeat
+    client = _client(workdir)
+    runs = client.search_runs([client.get_experiment_by_name("chromalab").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    steps = {m.step for m in client.get_metric_history(run_id, "g_l1")}
+    assert steps == set(range(1, 61))
+
+
+def test_changed_params_start_afresh_instead_of_resuming(workdir, capsys):
+    checkpoint = workdir / "models/gan/checkpoint"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.weights.h5").write_bytes(b"not weights from these params")
+    (checkpoint / "state.json").write_text(json.dumps(
+        {"status": "running", "epoch": 1, "fingerprint": "from-other-params", "mlflow_run_id": "gone"}))
+    metrics = run_train(tiny_params(gan={"epochs": 2}), "gan")
+    assert "starting afresh" in capsys.readouterr().err
+    assert metrics["epochs"] == 2
+    assert len(read_history(workdir / "reports/gan/history.csv")) == 2
+
+
+def test_training_logs_to_a_real_tracking_server(workdir, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    metrics = run_train(tiny_params(gan={"epochs": 2}), "gan")
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.data.params["gan.epochs"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "g_loss")] == [1, 2]
+    assert not (workdir / "mlflow.db").exists()  # the env var overrides the default store
+
+
+def _run_python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **env})
+
+
+def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
+    # Global batch 2 x 2 replicas = 4 divides both splits (8 train / 4 test).
+    (workdir / "params.yaml").write_text(yaml.safe_dump({**TINY, "gan": {**TINY["gan"], "epochs": 3,
+                                                                          "batch_size": 2}}))
+    done = _run_python("""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        from chromalab.config import load_params
+        from chromalab.training import run_train
+        print("replicas", strategy.num_replicas_in_sync, run_train(load_params(), "gan", strategy=strategy))
+    """, workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "replicas 2" in done.stdout
+    losses = [row["g_l1"] for row in read_history(workdir / "reports/gan/history.csv")]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+
+
+def test_jax_backend_trains_the_tiny_gan_with_falling_losses(workdir):
+    (workdir / "params.yaml").write_text(yaml.safe_dump(
+        {**TINY, "train": {**TINY["train"], "val_every": 100, "sample_every": 100},
+         "gan": {**TINY["gan"], "epochs": 6}}))
+    done = _run_python("""
+        import keras
+        from chromalab.config import load_params
+        from chromalab.training import run_train
+        print("backend", keras.backend.backend(), run_train(load_params(), "gan"))
+    """, workdir, KERAS_BACKEND="jax", XLA_FLAGS="--xla_backend_optimization_level=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "backend jax" in done.stdout
+    losses = np.array([row["g_l1"] for row in read_history(workdir / "reports/gan/history.csv")])
+    assert np.isfinite(losses).all() and losses[-2:].mean() < losses[:2].mean(), losses
