@@ -1,0 +1,174 @@
+"""End to end with real DVC: a temporary git repo, the project's dvc.yaml and stages, a fake Unsplash.
+
+One module-scoped pipeline (tiny: 32 px, 16 train / 4 test photos, width-0.125 models, 2 epochs) that
+the tests below inspect in order: data stages, the DAG, training + evaluation, then an experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from chromalab.color import lab_norm_to_rgb
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+N_TRAIN, N_TEST = 16, 4
+
+TINY_PARAMS = {
+    "base": {"seed": 7, "image_size": 32},
+    "split": {"n_train": N_TRAIN, "n_test": N_TEST, "n_reserve": 8},
+    "images": {"concurrency": 4, "timeout_s": 5.0, "retries": 2},
+    "tfrecords": {"shard_size": 8},
+    "train": {"val_every": 1, "checkpoint_every": 1, "sample_every": 1, "n_samples": 2},
+    "baseline": {"epochs": 2, "batch_size": 4, "width": 0.125},
+    "gan": {"epochs": 2, "batch_size": 4, "width": 0.125},
+    "evaluate": {"n_sheet": 2, "batch_size": 4},
+}
+
+
+def _env(repo: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the venv's python for stages
+    env["PYTHONPATH"] = str(repo / "src")  # the stages run the repo's own copy of the library
+    env["DVC_SITE_CACHE_DIR"] = str(repo.parent / "dvc-site-cache")
+    env["HOME"] = str(repo.parent)  # no global git/dvc config from the developer's home
+    env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def run(repo: Path, *args: str) -> str:
+    proc = subprocess.run(args, cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def server():
+    from fake_unsplash import FakeUnsplash, lite_photos, make_lite_archive
+
+    with FakeUnsplash() as srv:
+        photos = lite_photos({"person": 30, "person_user": 2, "bw_keyword": 2, "other": 4}, seed=1)
+        srv.archive = make_lite_archive(photos, image_base_url=srv.url, parts=2)
+        people = [p.photo_id for p in photos if p.kind == "person"]
+        srv.image_faults = {people[0]: "404", people[1]: "gray"}  # both must be replaced from the reserve
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, server) -> Path:
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for group, values in TINY_PARAMS.items():
+        params[group].update(values)
+    params["data"]["url"] = server.latest_url
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    run(repo, "git", "init", "-q")
+    run(repo, "dvc", "init", "-q")
+    run(repo, *git, "add", "-A")
+    run(repo, *git, "commit", "-qm", "tiny pipeline")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def data_stages(repo) -> str:
+    return run(repo, "dvc", "repro", "tfrecords")
+
+
+def test_dag_orders_the_stages(repo):
+    edges = run(repo, "dvc", "dag", "--dot")
+    for a, b in [("download", "split"), ("split", "images"), ("images", "tfrecords"),
+                 ("tfrecords", "train@baseline"), ("tfrecords", "train@gan"),
+                 ("train@gan", "evaluate"), ("train@baseline", "evaluate")]:
+        assert f'"{a}" -> "{b}"' in edges, f"missing edge {a} -> {b} in:\n{edges}"
+
+
+def test_data_stages_end_with_records_that_decode_to_the_fetched_photos(repo, server, data_stages):
+    from chromalab.tfrecords import load_split_arrays, read_dataset_info
+
+    info = read_dataset_info(repo / "data/tfrecords")
+    assert info["counts"] == {"train": N_TRAIN, "test": N_TEST}
+    manifest = (repo / "data/images/manifest.csv").read_text().splitlines()[1:]
+    assert len(manifest) == N_TRAIN + N_TEST
+    faulty = set(server.image_faults)
+    assert not any(line.split(",")[0] in faulty for line in manifest), "gone/gray photos must be replaced"
+    for split in ("train", "test"):
+        ids, L, ab = load_split_arrays(repo / "data/tfrecords", split)
+        for i, photo_id in enumerate(ids):
+            fetched = np.asarray(Image.open(repo / "data/images" / split / f"{photo_id}.jpg").convert("RGB"))
+            decoded = lab_norm_to_rgb(L[i], ab[i]) * 255
+            # float16 storage of Lab: worst case 1.67/255 over all sRGB colours (test_tfrecords.py).
+            assert np.abs(decoded - fetched).max() <= 2.0
+
+
+@pytest.fixture(scope="module")
+def full_pipeline(repo, data_stages) -> str:
+    return run(repo, "dvc", "repro")
+
+
+def test_training_and_evaluation_outputs(repo, full_pipeline):
+    for model in ("baseline", "gan"):
+        assert (repo / f"models/{model}/model.keras").is_file()
+        history = (repo / f"reports/{model}/history.csv").read_text().splitlines()
+        assert len(history) == 1 + TINY_PARAMS[model]["epochs"]
+    metrics = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    assert set(metrics) == {"gray_floor", "baseline", "gan"}
+    assert metrics["gray_floor"]["colourfulness"] == 0.0
+    for png in ("comparison.png", "metrics_chart.png"):
+        assert Image.open(repo / "reports/evaluate" / png).size[0] > 100
+    shown = json.loads(run(repo, "dvc", "metrics", "show", "--json"))
+    assert "reports/evaluate/metrics.json" in json.dumps(shown)
+
+
+def test_mlflow_holds_one_run_per_model_in_the_repo_store(repo, full_pipeline):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("chromalab").experiment_id])
+    by_model = {r.data.tags["model"]: r for r in runs}
+    assert set(by_model) == {"baseline", "gan"}
+    gan = by_model["gan"]
+    assert gan.data.params["gan.epochs"] == "2" and gan.data.params["base.image_size"] == "32"
+    assert "test_delta_e00" in gan.data.metrics  # evaluate logged into the model's own run
+    assert [m.step for m in client.get_metric_history(gan.info.run_id, "g_loss")] == [1, 2]
+
+
+def test_exp_run_reruns_only_what_the_param_touches(repo, full_pipeline):
+    out = run(repo, "dvc", "exp", "run", "-S", "gan.epochs=3", "-n", "gan3")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train@gan", "evaluate"}, out
+    experiment = _find_experiment(json.loads(run(repo, "dvc", "exp", "show", "--json")), "gan3")
+    assert experiment["params"]["params.yaml"]["data"]["gan"]["epochs"] == 3
+    scores = experiment["metrics"]["reports/evaluate/metrics.json"]["data"]
+    assert {"gray_floor", "baseline", "gan"} <= set(scores) and "delta_e00" in scores["gan"]
+
+
+def _find_experiment(node, name: str) -> dict:
+    """The `data` of the experiment called `name`, wherever `dvc exp show --json` nests it."""
+    if isinstance(node, dict):
+        if node.get("name") == name and isinstance(node.get("data"), dict):
+            return node["data"]
+        node = list(node.values())
+    if isinstance(node, list):
+        for child in node:
+            if isinstance(child, (dict, list)) and (found := _find_experiment(child, name)):
+                return found
+    return {}
