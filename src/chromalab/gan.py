@@ -63,7 +63,7 @@ class Pix2Pix(keras.Model):
     def test_step(self, *args):
         if keras.backend.backend() == "jax":
             return self._jax_test_step(*args)
-        L, ab = args[0]
+        L, ab, _ = keras.utils.unpack_x_y_sample_weight(args[0])
         fake_ab = ops.cast(self.generator(L, training=False), "float32")
         for tracker in self.val_trackers.values():
             tracker.update_state(ab, fake_ab)
@@ -74,7 +74,7 @@ class Pix2Pix(keras.Model):
         import tensorflow as tf
         from keras.src.losses.loss import scale_loss_for_distribution  # what Keras' own train_step uses
 
-        L, ab = data
+        L, ab, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape(persistent=True) as tape:
             fake_ab = self.generator(L, training=True)
             real_logits = self.discriminator([L, ab], training=True)
@@ -104,7 +104,7 @@ class Pix2Pix(keras.Model):
             raise ChromalabError("float16 loss scaling is not wired for JAX: set train.mixed_precision to "
                                  "auto (bfloat16 on a modern GPU) or off")
         trainable, non_trainable, optimizer_vars, metrics_vars = state
-        L, ab = data
+        L, ab, _ = keras.utils.unpack_x_y_sample_weight(data)
         tv, ntv = self.trainable_variables, self.non_trainable_variables
         g_t, d_t = self._positions(tv, self.generator, True), self._positions(tv, self.discriminator, True)
         g_n, d_n = self._positions(ntv, self.generator, False), self._positions(ntv, self.discriminator, False)
@@ -146,7 +146,7 @@ class Pix2Pix(keras.Model):
 
     def _jax_test_step(self, state, data):
         trainable, non_trainable, metrics_vars = state
-        L, ab = data
+        L, ab, _ = keras.utils.unpack_x_y_sample_weight(data)
         tv, ntv = self.trainable_variables, self.non_trainable_variables
         g_t, g_n = self._positions(tv, self.generator, True), self._positions(ntv, self.generator, False)
         fake_ab, _ = self.generator.stateless_call([trainable[i] for i in g_t], [non_trainable[i] for i in g_n],

@@ -403,6 +403,10 @@ def make_dataset(data_dir: Path, split: str, batch_size: int, *, training: bool,
         dataset = dataset.map(lambda lum, ab: (tf.cast(lum, tf.float32), tf.cast(ab, tf.float32)),
                               num_parallel_calls=tf.data.AUTOTUNE)
         drop_remainder = bool(drop_remainder)
+    # Across workers, shard by example: sharding by file fails when a split has fewer files than workers.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dataset = dataset.with_options(options)
     return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 

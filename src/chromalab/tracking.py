@@ -139,21 +139,9 @@ def _git_state(path: Path) -> dict[str, str]:
         return {}
 
 
-def gpu_names() -> list[str]:
-    """The GPUs the current Keras backend sees (empty on a CPU-only machine)."""
-    import keras
-
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return [d.device_kind for d in jax.devices() if d.platform == "gpu"]
-    import tensorflow as tf
-
-    return [tf.config.experimental.get_device_details(d).get("device_name", d.name)
-            for d in tf.config.list_physical_devices("GPU")]
-
-
 def _device_name() -> str:
+    from chromalab.devices import gpu_names
+
     return ", ".join(gpu_names()) or "CPU"
 
 

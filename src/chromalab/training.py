@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,22 +23,15 @@ import keras
 import numpy as np
 from keras import ops
 
-from chromalab import losses, tracking
+from chromalab import losses
 from chromalab.color import lab_norm_to_rgb
 from chromalab.config import MODEL_NAMES, Params, flatten
+from chromalab.devices import gpu_names, hide_gpus_from_tensorflow, precision_policy
 from chromalab.errors import ChromalabError
 from chromalab.gan import VALIDATION_METRICS, Pix2Pix, validation_trackers
 from chromalab.models import build_baseline, build_discriminator, build_generator
 
 # --- device, precision, distribution ------------------------------------------------------------
-
-
-def precision_policy(switch: str, gpus: list[str]) -> str:
-    """'auto' = mixed precision only on a GPU: bf16 where it's native (Ampere+), float16 otherwise."""
-    if switch == "off" or (switch == "auto" and not gpus):
-        return "float32"
-    old_gpu = any(tag in name for name in gpus for tag in ("V100", "T4", "P100", "K80"))
-    return "mixed_float16" if old_gpu else "mixed_bfloat16"
 
 
 def make_strategy():
@@ -50,6 +45,34 @@ def make_strategy():
     if len(tf.config.list_logical_devices("GPU")) > 1:
         return tf.distribute.MirroredStrategy()
     return None
+
+
+def is_chief(strategy) -> bool:
+    """Worker 0 (or the "chief" task) of a multi-worker cluster; any single-machine run."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not os.environ.get("TF_CONFIG"):
+        return True
+    task = resolver.task_type
+    return task == "chief" or (task == "worker" and resolver.task_id == 0
+                               and "chief" not in resolver.cluster_spec().as_dict())
+
+
+@contextmanager
+def chief_logs_to_mlflow(strategy):
+    """Other workers train in lockstep but log to a throwaway store (as Keras has them save to temp dirs)."""
+    if is_chief(strategy):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="chromalab-worker-") as scratch:
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch}/mlflow.db"
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -161,6 +184,8 @@ class EpochRecorder(keras.callbacks.Callback):
         self._epoch_start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        from chromalab import tracking
+
         done = epoch + 1
         seconds = time.perf_counter() - self._epoch_start
         row = {"epoch": done, **{k: float(v) for k, v in (logs or {}).items()},
@@ -192,11 +217,8 @@ def build_for_training(model_name: str, params: Params, image_size: int, jit_com
     p = params.gan
     gan = Pix2Pix(build_generator(image_size, width=p.width), build_discriminator(image_size, width=p.width),
                   l1_lambda=p.l1_lambda)
-    optimizer = keras.optimizers.Adam(p.learning_rate, beta_1=p.beta_1)
-    # float16 needs loss scaling to keep small gradients; bfloat16 has float32's range and needs none.
-    if keras.mixed_precision.dtype_policy().name == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    gan.compile(optimizer=optimizer, jit_compile=jit_compile)
+    # Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer itself (auto_scale_loss).
+    gan.compile(optimizer=keras.optimizers.Adam(p.learning_rate, beta_1=p.beta_1), jit_compile=jit_compile)
     return gan
 
 
@@ -215,11 +237,22 @@ def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tf
               models_root: Path = Path("models"), reports_root: Path = Path("reports"),
               strategy=None) -> dict:
     """Train `model_name` ("baseline" | "gan"); writes models/<m>/model.keras and reports/<m>/*."""
-    from chromalab.tfrecords import load_split_arrays, make_dataset, read_dataset_info
+    from chromalab import tracking
 
     if model_name not in MODEL_NAMES:
         raise ChromalabError(f"unknown model {model_name!r}: choose one of {', '.join(MODEL_NAMES)}")
     tracking.check_tracking_server()  # before any training time is spent
+    # Before TensorFlow does any work: MultiWorkerMirroredStrategy must come first.
+    strategy = strategy or make_strategy()
+    with chief_logs_to_mlflow(strategy):
+        return _train(params, model_name, data_dir, models_root, reports_root, strategy)
+
+
+def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, reports_root: Path,
+           strategy) -> dict:
+    from chromalab import tracking
+    from chromalab.tfrecords import load_split_arrays, make_dataset, read_dataset_info
+
     info = read_dataset_info(data_dir)
     image_size = int(info["image_size"])
     if image_size != params.base.image_size:
@@ -229,7 +262,8 @@ def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tf
         )
     mp = params.model(model_name)
     train_p = params.train
-    gpus = tracking.gpu_names()
+    hide_gpus_from_tensorflow()
+    gpus = gpu_names()
     policy = precision_policy(train_p.mixed_precision, gpus)
     keras.mixed_precision.set_global_policy(policy)
     jit_compile = train_p.xla == "on" or (train_p.xla == "auto" and bool(gpus))
@@ -252,7 +286,6 @@ def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tf
         checkpoint.reset()
         state, initial_epoch, history = {"fingerprint": fingerprint, "status": "running", "epoch": 0}, 0, []
 
-    strategy = strategy or make_strategy()
     n_replicas = strategy.num_replicas_in_sync if strategy else 1
     global_batch = mp.batch_size * n_replicas
     train_ds = make_dataset(data_dir, "train", global_batch, training=True, flip_lr=train_p.flip_lr,

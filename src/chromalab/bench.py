@@ -1,0 +1,500 @@
+"""`chromalab bench`: how fast the pipeline runs on this device, and how much of the device it uses.
+
+Measured, each on its own (a JSON report plus a table):
+- `gan`, `baseline`: training throughput of one pix2pix step / one baseline step on synthetic batches held
+  in memory, at the chosen image size, width, precision and batch sizes. The first WARMUP_STEPS steps
+  (tracing, XLA compilation, optimizer slots) are not timed; the clock stops only once the last step's
+  losses have been computed (on JAX, work is asynchronous: the logs are read back, which waits for them).
+  Model FLOPs utilisation = FLOPs per image (from the layer shapes: chromalab.models) × images/s ÷ the
+  device's peak, taken from PEAK_TFLOPS for known GPUs or given with `peak_tflops`; none on a CPU.
+- `tfrecords`: the tfrecords stage (`run_tfrecords`) on BENCH_PHOTOS real photographs at the chosen size.
+- `input`: the training input pipeline (`make_dataset(..., training=True)`) from those records once its
+  cache is filled, with the training augmentations and without.
+- `colorize`: `chromalab colorize` on COLORIZE_PHOTOS photos of COLORIZE_SIDE px, model load included.
+
+Each row also has the CPU time spent meanwhile (this process's threads and finished child processes):
+CPU ms per image says how many cores a rate needs, e.g. to feed a GPU from the input pipeline.
+
+Needs only Keras and a backend for `gan`, `baseline` and `colorize`, so it runs where JAX is installed and
+TensorFlow is not (KERAS_BACKEND=jax): `tfrecords` and `input` are then reported as skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import keras
+import numpy as np
+from PIL import Image
+from skimage import data as skdata
+from tqdm import tqdm
+
+from chromalab import __version__
+from chromalab.colorize import colorize_paths
+from chromalab.config import BaselineParams, GanParams, Params, TrainParams
+from chromalab.devices import gpu_names, hide_gpus_from_tensorflow
+from chromalab.errors import ChromalabError
+from chromalab.models import baseline_train_step_flops, build_generator, gan_train_step_flops
+from chromalab.tfrecords import available_cores, make_dataset, run_tfrecords
+from chromalab.training import build_for_training
+
+PARTS = ("gan", "baseline", "input", "tfrecords", "colorize")
+TRAINING_PARTS = ("gan", "baseline")
+NEEDS_TENSORFLOW = ("input", "tfrecords")  # tf.data and TFRecord files; the rest is pure Keras
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+INPUT_VARIANTS = ("augmented", "no augmentation")
+REPORT_FORMAT = 1
+TABLE_MIN_WIDTH = 150  # rich assumes 80 columns when not on a terminal: too narrow for the table
+
+WARMUP_STEPS = 2  # step 1 traces and compiles; step 2 can still retrace once the optimizer has its slots
+BENCH_PHOTOS = 64  # training photos in the bench's TFRecords
+BENCH_TEST_PHOTOS = 4  # the stage needs a test split too
+INPUT_MIN_SECONDS = 3.0  # whole passes over the cached records are timed until this much time has passed
+COLORIZE_PHOTOS = 16
+COLORIZE_SIDE = 1024  # photos colourised at full resolution: ~1 megapixel each
+PHOTO_SEED = 0
+
+# skimage's bundled colour photographs (shipped with the package: no download); crops of them are the
+# bench's photos. The astronaut is the person among them.
+SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
+
+
+@dataclass(frozen=True)
+class GpuPeak:
+    """Dense tensor-core peaks from NVIDIA's data sheets, TFLOP/s (sparsity would double them)."""
+
+    pattern: str  # regular expression matched against the device name; the first match wins
+    model: str
+    bfloat16: float | None  # None: no bfloat16 tensor cores (Volta, Turing)
+    float16: float
+    float32: float  # TF32 tensor cores where the GPU has them (TensorFlow and XLA use them for float32
+    #                 by default), plain FP32 on Volta and Turing
+
+
+PEAK_TFLOPS = (
+    GpuPeak(r"H100.*PCIe", "H100 PCIe", 756.0, 756.0, 378.0),
+    GpuPeak(r"H[12]00.*NVL", "H100/H200 NVL", 835.5, 835.5, 417.5),
+    GpuPeak(r"H100|H200", "H100/H200 SXM", 989.4, 989.4, 494.7),
+    GpuPeak(r"A100", "A100", 312.0, 312.0, 156.0),
+    GpuPeak(r"\bL4\b", "L4", 121.0, 121.0, 60.0),
+    GpuPeak(r"\bT4\b", "T4", None, 65.0, 8.1),
+    GpuPeak(r"V100", "V100 SXM2", None, 125.0, 15.7),
+)
+PEAK_FIELD = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
+
+
+@dataclass
+class Measurement:
+    """One row of the report. `items` images (or photos) went through in `seconds` of timed work."""
+
+    part: str
+    variant: str = ""
+    status: str = "ok"  # "ok" or "skipped"
+    note: str = ""
+    image_size: int | None = None
+    batch: int | None = None
+    width: float | None = None
+    precision: str | None = None
+    xla: bool | None = None
+    items: int | None = None
+    seconds: float | None = None
+    cpu_seconds: float | None = None  # CPU time meanwhile: this process's threads and finished children
+    s_per_step: float | None = None
+    images_per_s: float | None = None
+    gflops_per_image: float | None = None
+    tflops_per_s: float | None = None
+    utilisation: float | None = None  # fraction of the peak; None where no peak is known
+
+
+@dataclass(frozen=True)
+class Device:
+    """What the training steps run on, and the peak their utilisation is measured against."""
+
+    name: str
+    accelerator: str  # "gpu" or "cpu"
+    peak_tflops: float | None
+    peak_source: str
+
+
+# --- device ----------------------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux reports it in /proc/cpuinfo; elsewhere what platform knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def spec_peak(device_name: str, precision: str) -> tuple[float, str] | None:
+    """(dense peak TFLOP/s, which GPU) of a known GPU at this precision; None for anything else."""
+    for peak in PEAK_TFLOPS:
+        if re.search(peak.pattern, device_name):
+            value = getattr(peak, PEAK_FIELD[precision])
+            return None if value is None else (value, peak.model)
+    return None
+
+
+def detect_device(precision: str, peak_tflops: float | None) -> Device:
+    """The backend's device; its peak is the one given, else a known GPU's spec at this precision, else none."""
+    gpus = gpu_names()
+    name = ", ".join(gpus) if gpus else cpu_name()
+    accelerator = "gpu" if gpus else "cpu"
+    if peak_tflops is not None:
+        return Device(name, accelerator, peak_tflops, "given (--peak-tflops)")
+    known = spec_peak(gpus[0], precision) if gpus else None
+    if known is None:
+        why = f"no {PEAK_FIELD[precision]} peak known for this GPU" if gpus else "CPU"
+        return Device(name, accelerator, None, f"none ({why}): pass --peak-tflops")
+    value, model = known
+    return Device(name, accelerator, value, f"NVIDIA spec, {model} dense {PEAK_FIELD[precision]}")
+
+
+def utilisation(flops_per_image: float, images_per_s: float, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation: the fraction of the peak that the model's own arithmetic uses."""
+    if peak_tflops is None:
+        return None
+    return flops_per_image * images_per_s / (peak_tflops * 1e12)
+
+
+# --- training steps --------------------------------------------------------------------------------------
+
+
+def cpu_time() -> float:
+    """CPU seconds used so far by this process (every thread) and by its children that have exited."""
+    children = os.times()  # children's times appear once they are reaped; process_time has finer resolution
+    return time.process_time() + children.children_user + children.children_system
+
+
+class _StepClock(keras.callbacks.Callback):
+    """(wall-clock, CPU) time at the end of two chosen steps, once their results exist."""
+
+    def __init__(self, marks: tuple[int, int]):
+        super().__init__()
+        self.marks = marks
+        self.times: dict[int, tuple[float, float]] = {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch in self.marks:
+            # Reading the losses back waits for the step's device work (JAX and GPUs run ahead of Python).
+            for value in (logs or {}).values():
+                float(value)
+            self.times[batch] = time.perf_counter(), cpu_time()
+
+
+def synthetic_batch(batch: int, image_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random (L in [0, 1] [B,S,S,1], ab in [-1, 1] [B,S,S,2]) float32: the shapes and ranges of real data."""
+    rng = np.random.default_rng(seed)
+    lightness = rng.random((batch, image_size, image_size, 1), dtype=np.float32)
+    ab = rng.uniform(-1.0, 1.0, (batch, image_size, image_size, 2)).astype(np.float32)
+    return lightness, ab
+
+
+def time_training_step(part: str, *, image_size: int, batch: int, width: float, precision: str, steps: int,
+                       jit_compile: bool, peak_tflops: float | None) -> Measurement:
+    """Images/s of `steps` training steps of `part` ("gan" | "baseline") after WARMUP_STEPS untimed ones."""
+    row = Measurement(part, image_size=image_size, batch=batch, width=width, precision=precision,
+                      xla=jit_compile)
+    if part == "gan" and precision == "mixed_float16" and keras.backend.backend() == "jax":
+        row.status, row.note = "skipped", "float16 loss scaling is not wired into the JAX pix2pix step"
+        return row
+    keras.backend.clear_session()  # frees the previous model; it also resets the dtype policy
+    keras.mixed_precision.set_global_policy(precision)
+    flops = (gan_train_step_flops if part == "gan" else baseline_train_step_flops)(image_size, width)
+    params = Params(gan=GanParams(width=width), baseline=BaselineParams(width=width))
+    model = build_for_training(part, params, image_size, jit_compile)  # what `chromalab train` runs
+    data = synthetic_batch(batch, image_size)
+    n_steps = WARMUP_STEPS + steps
+    clock = _StepClock((WARMUP_STEPS - 1, n_steps - 1))
+    # One in-memory batch, fed again every step: the step is measured, not the input pipeline.
+    model.fit((data for _ in range(n_steps)), steps_per_epoch=n_steps, epochs=1, verbose=0, shuffle=False,
+              callbacks=[clock])
+    (start, cpu_start), (end, cpu_end) = clock.times[WARMUP_STEPS - 1], clock.times[n_steps - 1]
+    seconds = end - start
+    row.items, row.seconds, row.cpu_seconds = steps * batch, seconds, cpu_end - cpu_start
+    row.s_per_step = seconds / steps
+    row.images_per_s = row.items / seconds
+    row.gflops_per_image = flops / 1e9
+    row.tflops_per_s = flops * row.images_per_s / 1e12
+    row.utilisation = utilisation(flops, row.images_per_s, peak_tflops)
+    return row
+
+
+# --- photos, TFRecords, input pipeline, colorize -----------------------------------------------------------
+
+
+def sample_photos(n: int, size: int, seed: int = PHOTO_SEED) -> Iterator[np.ndarray]:
+    """`n` random square crops of skimage's bundled photographs, resized to size×size uint8 RGB."""
+    rng = np.random.default_rng(seed)
+    sources = [getattr(skdata, name)() for name in SAMPLE_PHOTOS]
+    for i in range(n):
+        image = sources[i % len(sources)]
+        height, width = image.shape[:2]
+        side = int(rng.integers(min(height, width) // 2, min(height, width) + 1))
+        top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+        crop = Image.fromarray(image[top:top + side, left:left + side])
+        yield np.asarray(crop.resize((size, size), Image.Resampling.LANCZOS))
+
+
+def write_images_folder(folder: Path, n_train: int, n_test: int, size: int) -> Path:
+    """A folder as the images stage leaves it (<split>/<id>.jpg + manifest.csv), from sample_photos."""
+    rows = []
+    for i, rgb in enumerate(sample_photos(n_train + n_test, size)):
+        split = "train" if i < n_train else "test"
+        photo_id = f"bench{i:04d}"
+        path = folder / split / f"{photo_id}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(path, quality=Params().images.jpeg_quality)
+        rows.append({"photo_id": photo_id, "split": split, "file": f"{split}/{photo_id}.jpg",
+                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    with (folder / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return folder
+
+
+def time_tfrecords_stage(images_dir: Path, out_dir: Path, image_size: int) -> Measurement:
+    """Photos/s of the whole tfrecords stage (one worker process per core) on the photos in `images_dir`."""
+    n_photos = BENCH_PHOTOS + BENCH_TEST_PHOTOS
+    workers = min(available_cores(), n_photos)
+    start, cpu_start = time.perf_counter(), cpu_time()
+    run_tfrecords(Params(), images_dir, out_dir, workers=workers)  # returns once its workers have exited
+    seconds = time.perf_counter() - start
+    return Measurement("tfrecords", variant="stage", image_size=image_size, items=n_photos, seconds=seconds,
+                       cpu_seconds=cpu_time() - cpu_start,
+                       images_per_s=n_photos / seconds,
+                       note=f"{workers} worker process(es) with contrast variants, start-up included")
+
+
+def time_input_pipeline(data_dir: Path, batch: int, image_size: int, augment: bool) -> Measurement:
+    """Images/s of make_dataset(training=True) over passes that last INPUT_MIN_SECONDS, after one that fills
+    its cache."""
+    train = TrainParams()
+    dataset = make_dataset(data_dir, "train", batch, training=True, flip_lr=augment and train.flip_lr,
+                           flip_ud=augment and train.flip_ud, contrast_aug=augment and train.contrast_aug,
+                           seed=Params().base.seed)
+    for _ in dataset:  # the first pass reads the files into the cache
+        pass
+    images, passes = 0, 0
+    start, cpu_start = time.perf_counter(), cpu_time()
+    while passes == 0 or time.perf_counter() - start < INPUT_MIN_SECONDS:
+        for lightness, _ab in dataset:
+            images += int(lightness.shape[0])
+        passes += 1
+    seconds, cpu_seconds = time.perf_counter() - start, cpu_time() - cpu_start
+    variant = INPUT_VARIANTS[0] if augment else INPUT_VARIANTS[1]
+    what = "flips and contrast variants as in training" if augment else "shuffle and batch only"
+    return Measurement("input", variant=variant, image_size=image_size, batch=batch, items=images,
+                       seconds=seconds, cpu_seconds=cpu_seconds, images_per_s=images / seconds,
+                       note=f"passes over the cache: {passes}; {what}")
+
+
+def time_colorize(folder: Path, image_size: int, width: float, precision: str) -> Measurement:
+    """`colorize_paths` on COLORIZE_PHOTOS photos with a freshly built (untrained) U-Net of this size."""
+    keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy(precision)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_path = folder / "generator.keras"
+    build_generator(image_size, width).save(model_path)
+    for name, count in (("warmup", 1), ("photos", COLORIZE_PHOTOS)):
+        for i, rgb in enumerate(sample_photos(count, COLORIZE_SIDE, seed=PHOTO_SEED + 1)):
+            path = folder / name / f"photo{i:03d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgb).save(path, quality=Params().images.jpeg_quality)
+    # One photo first, untimed: pays the process's one-time costs (library set-up, first graph tracing).
+    colorize_paths([folder / "warmup"], out_dir=folder / "out-warmup", model=str(model_path))
+    start, cpu_start = time.perf_counter(), cpu_time()
+    report = colorize_paths([folder / "photos"], out_dir=folder / "out", model=str(model_path))
+    seconds, cpu_seconds = time.perf_counter() - start, cpu_time() - cpu_start
+    if report.failed:
+        raise ChromalabError(f"colorize failed on {len(report.failed)} bench photo(s): {report.failed[0][1]}")
+    return Measurement("colorize", variant=f"{COLORIZE_SIDE} px photos", image_size=image_size, width=width,
+                       precision=precision, items=len(report.done), seconds=seconds, cpu_seconds=cpu_seconds,
+                       images_per_s=len(report.done) / seconds,
+                       note="one call, model load included; untrained U-Net")
+
+
+# --- report ----------------------------------------------------------------------------------------------
+
+
+def _tensorflow_missing() -> str | None:
+    """Why TensorFlow cannot be used (None if it can), importing it if needed."""
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError as exc:
+        return f"TensorFlow is not installed ({exc})"
+    hide_gpus_from_tensorflow()
+    return None
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "chromalab": __version__}
+    for module in ("keras", "numpy", "tensorflow", "jax", "jaxlib"):
+        if module in sys.modules:
+            versions[module] = getattr(sys.modules[module], "__version__", "unknown")
+    return versions
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _cell(value, digits: int = 3) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def render_table(rows: list[Measurement]):
+    """The rows as a rich Table; utilisation shows "n/a" where no device peak is known. Notes go below it."""
+    from rich.table import Table
+
+    table = Table(title="chromalab bench", caption_justify="left")
+    columns = ("part", "variant", "size", "batch", "width", "precision", "xla", "img/s", "s/step",
+               "CPU ms/img", "GFLOP/img", "TFLOP/s", "util")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("part", "variant", "precision") else "right")
+    notes = []
+    for r in rows:
+        if r.status != "ok":
+            table.add_row(r.part, r.variant, *[""] * 10, "skipped")
+        else:
+            util = "" if r.part not in TRAINING_PARTS else "n/a" if r.utilisation is None else f"{r.utilisation:.1%}"
+            cpu_ms = None if r.cpu_seconds is None else 1000 * r.cpu_seconds / r.items
+            table.add_row(r.part, r.variant, _cell(r.image_size), _cell(r.batch), _cell(r.width), _cell(r.precision),
+                          _cell(r.xla), _cell(r.images_per_s), _cell(r.s_per_step), _cell(cpu_ms),
+                          _cell(r.gflops_per_image), _cell(r.tflops_per_s), util)
+        if r.note:
+            notes.append(f"{' '.join(x for x in (r.part, r.variant) if x)}: {r.note}")
+    table.caption = "\n".join(notes) or None
+    return table
+
+
+def _check_options(out: Path, image_size: int, batches: list[int], width: float, precision: str, steps: int,
+                   only: Sequence[str] | None, peak_tflops: float | None) -> list[str]:
+    """The parts to measure, in PARTS order, once every option is known to be usable."""
+    if out.is_dir():
+        raise ChromalabError(f"--out {out} is a folder: give the JSON file to write, e.g. {out / 'report.json'}")
+    if precision not in PRECISIONS:
+        raise ChromalabError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if not batches or any(not isinstance(b, int) or b < 1 for b in batches):
+        raise ChromalabError(f"batch sizes must be integers >= 1, got {batches!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ChromalabError(f"steps must be an integer >= 1, got {steps!r}")
+    if peak_tflops is not None and not peak_tflops > 0:
+        raise ChromalabError(f"--peak-tflops must be a positive number of TFLOP/s, got {peak_tflops!r}")
+    if not (isinstance(width, (int, float)) and width > 0):
+        raise ChromalabError(f"width must be a positive number (1.0 = the paper), got {width!r}")
+    if not (isinstance(image_size, int) and image_size >= 32 and image_size & (image_size - 1) == 0):
+        raise ChromalabError(f"image size must be a power of two >= 32 (the U-Net halves it down to 1 px), "
+                             f"got {image_size!r}")
+    unknown = sorted(set(only or ()) - set(PARTS))
+    if unknown:
+        raise ChromalabError(f"--only {', '.join(unknown)}: choose among {', '.join(PARTS)}")
+    return [part for part in PARTS if not only or part in only]
+
+
+def _measurements(parts: list[str], *, image_size: int, batches: list[int], width: float, precision: str,
+                  steps: int, jit_compile: bool, peak_tflops: float | None) -> Iterator[Measurement]:
+    """Each planned measurement's row, one at a time (training steps first, then the data parts)."""
+    for part in (p for p in parts if p in TRAINING_PARTS):
+        for batch in batches:
+            yield time_training_step(part, image_size=image_size, batch=batch, width=width, precision=precision,
+                                     steps=steps, jit_compile=jit_compile, peak_tflops=peak_tflops)
+    data_parts = [p for p in parts if p in NEEDS_TENSORFLOW]
+    with tempfile.TemporaryDirectory(prefix="chromalab-bench-") as tmp:
+        work = Path(tmp)
+        missing = _tensorflow_missing() if data_parts else None
+        if missing is not None:
+            for part in data_parts:
+                for variant in INPUT_VARIANTS if part == "input" else ("stage",):
+                    yield Measurement(part, variant=variant, status="skipped",
+                                      note=f"{missing}: this part needs TensorFlow (tf.data, TFRecord files)")
+        elif data_parts:
+            images_dir = write_images_folder(work / "images", BENCH_PHOTOS, BENCH_TEST_PHOTOS, image_size)
+            stage = time_tfrecords_stage(images_dir, work / "tfrecords", image_size)  # input reads its records
+            if "tfrecords" in parts:
+                yield stage
+            if "input" in parts:
+                for augment in (True, False):
+                    yield time_input_pipeline(work / "tfrecords", max(batches), image_size, augment)
+        if "colorize" in parts:
+            yield time_colorize(work / "colorize", image_size, width, precision)
+
+
+def run_bench(out: Path = Path("bench/report.json"), image_size: int = 256, batches: Sequence[int] = (1, 8),
+              width: float = 1.0, precision: str = "float32", steps: int = 5, only: Sequence[str] | None = None,
+              peak_tflops: float | None = None, *, xla: bool | None = None) -> dict:
+    """Measure the requested parts (all of PARTS by default); write the JSON report to `out`, print a table.
+
+    Training steps run at every batch size in `batches`; the input pipeline at the largest. `xla`: compile
+    the training steps with XLA; by default on a GPU only (on a CPU it adds compile time and no speed). The
+    JAX backend always compiles. The report is rewritten after every measurement, so an interrupted run
+    keeps what it finished. Returns the report.
+    """
+    out, batches = Path(out), list(batches)
+    parts = _check_options(out, image_size, batches, width, precision, steps, only, peak_tflops)
+    device = detect_device(precision, peak_tflops)
+    jit_compile = True if keras.backend.backend() == "jax" else (device.accelerator == "gpu" if xla is None else xla)
+    report = {
+        "format": REPORT_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": {**asdict(device), "cpu": cpu_name(), "cpu_cores": available_cores(),
+                   "load_average_1m": os.getloadavg()[0]},  # other work on a shared machine slows the bench
+        "backend": keras.backend.backend(),
+        "versions": _versions(),
+        "settings": {"image_size": image_size, "batches": batches, "width": width, "precision": precision,
+                     "steps": steps, "warmup_steps": WARMUP_STEPS, "xla": jit_compile, "parts": parts},
+        "rows": [],
+    }
+    rows: list[Measurement] = []
+    planned = sum(len(batches) if p in TRAINING_PARTS else len(INPUT_VARIANTS) if p == "input" else 1
+                  for p in parts)
+    previous_policy = keras.mixed_precision.global_policy()
+    try:
+        with tqdm(total=planned, desc="bench", unit="measurement") as progress:
+            for row in _measurements(parts, image_size=image_size, batches=batches, width=width,
+                                     precision=precision, steps=steps, jit_compile=jit_compile,
+                                     peak_tflops=device.peak_tflops):
+                rows.append(row)
+                report["rows"] = [asdict(r) for r in rows]
+                report["versions"] = _versions()  # TensorFlow may have been imported since
+                _write_json(out, report)
+                what = " ".join(str(x) for x in (row.part, row.variant, row.batch and f"batch {row.batch}") if x)
+                rate = f"{row.images_per_s:.3g} img/s" if row.status == "ok" else "skipped"
+                progress.write(f"bench: {what}: {rate}", file=sys.stderr)
+                progress.update()
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+    from rich.console import Console
+
+    Console(width=max(Console().width, TABLE_MIN_WIDTH)).print(render_table(rows))
+    peak = "n/a" if device.peak_tflops is None else f"{device.peak_tflops:g} TFLOP/s"
+    print(f"device: {device.name} ({report['backend']}); peak {peak} [{device.peak_source}]; report: {out}")
+    return report

@@ -1,0 +1,201 @@
+"""`chromalab bench`: the report's rows and fields, FLOPs and utilisation, and a run without TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import pytest
+
+from chromalab import bench
+from chromalab.bench import Measurement, render_table, run_bench, spec_peak
+from chromalab.errors import ChromalabError
+from chromalab.models import baseline_train_step_flops, gan_train_step_flops
+
+TINY = {"image_size": 32, "batches": [2], "width": 0.125, "steps": 2}
+
+# Imports chromalab's CLI with `import tensorflow` failing as it does where TensorFlow is not installed.
+WITHOUT_TENSORFLOW = textwrap.dedent("""
+    import sys
+
+    class HideTensorFlow:
+        def find_spec(self, name, path=None, target=None):
+            if name == "tensorflow" or name.startswith("tensorflow."):
+                raise ImportError("No module named 'tensorflow'")
+            return None
+
+    sys.meta_path.insert(0, HideTensorFlow())
+    from chromalab.cli import main
+    main(sys.argv[1:])
+""")
+
+
+@pytest.fixture(scope="module")
+def jax_run(tmp_path_factory):
+    """`chromalab bench` under JAX without TensorFlow, started first: its XLA compile overlaps the other tests."""
+    out = tmp_path_factory.mktemp("bench-jax") / "report.json"
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WITHOUT_TENSORFLOW, "bench", "-o", str(out), "--only", "gan", "--only", "input",
+         "--image-size", "32", "--width", "0.125", "--batch", "2", "--steps", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield proc, out
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory, jax_run):
+    """Every part at 32 px, width 0.125, batch 2, 2 timed steps, few photos, a given peak of 1 TFLOP/s."""
+    patch = pytest.MonkeyPatch()
+    for name, value in {"BENCH_PHOTOS": 8, "BENCH_TEST_PHOTOS": 1, "INPUT_MIN_SECONDS": 0.1,
+                        "COLORIZE_PHOTOS": 2, "COLORIZE_SIDE": 64}.items():
+        patch.setattr(bench, name, value)
+    out = tmp_path_factory.mktemp("bench") / "report.json"
+    try:
+        returned = run_bench(out=out, peak_tflops=1.0, **TINY)
+    finally:
+        patch.undo()
+    return returned, json.loads(out.read_text())
+
+
+def rows_of(report: dict, part: str) -> list[dict]:
+    return [row for row in report["rows"] if row["part"] == part]
+
+
+def test_report_has_every_part_with_its_fields(tiny_report):
+    returned, report = tiny_report
+    assert report == json.loads(json.dumps(returned))  # what is on disk is what was returned
+    assert report["backend"] == "tensorflow"
+    assert report["device"]["accelerator"] == "cpu" and report["device"]["name"]
+    assert {"python", "keras", "tensorflow", "numpy"} <= set(report["versions"])
+    assert report["settings"]["xla"] is False  # off on a CPU unless asked for
+    parts = [(row["part"], row["variant"]) for row in report["rows"]]
+    assert parts == [("gan", ""), ("baseline", ""), ("tfrecords", "stage"), ("input", "augmented"),
+                     ("input", "no augmentation"), ("colorize", "64 px photos")]
+    assert all(row["status"] == "ok" and row["images_per_s"] > 0 for row in report["rows"])
+    for part in ("gan", "baseline"):
+        (row,) = rows_of(report, part)
+        assert (row["image_size"], row["batch"], row["width"], row["precision"]) == (32, 2, 0.125, "float32")
+        assert row["items"] == 2 * 2  # timed steps × batch, warm-up excluded
+        assert row["s_per_step"] * row["images_per_s"] == pytest.approx(2)
+    assert rows_of(report, "tfrecords")[0]["items"] == 8 + 1
+    # CPU time is counted in the workers too (child processes), not only in this process's threads.
+    assert all(row["cpu_seconds"] > 0 for row in report["rows"])
+    for row in rows_of(report, "input"):  # whole passes over the 8 photos, in batches of 2
+        assert row["items"] >= 8 and row["items"] % 8 == 0 and f"passes over the cache: {row['items'] // 8};" in row["note"]
+    assert rows_of(report, "colorize")[0]["items"] == 2
+
+
+def test_training_rows_carry_flops_and_utilisation(tiny_report):
+    _, report = tiny_report
+    for part, flops_of in (("gan", gan_train_step_flops), ("baseline", baseline_train_step_flops)):
+        (row,) = rows_of(report, part)
+        flops = flops_of(32, 0.125)
+        assert row["gflops_per_image"] == pytest.approx(flops / 1e9)
+        assert row["tflops_per_s"] == pytest.approx(flops * row["images_per_s"] / 1e12)
+        assert row["utilisation"] == pytest.approx(row["tflops_per_s"] / 1.0)  # the given 1 TFLOP/s peak
+    assert report["device"]["peak_tflops"] == 1.0
+
+
+def test_table_shows_the_utilisation(tiny_report):
+    returned, _ = tiny_report
+    from rich.console import Console
+
+    console = Console(width=160, record=True)
+    console.print(render_table([Measurement(**row) for row in returned["rows"]]))
+    text = console.export_text()
+    gan_line = next(line for line in text.splitlines() if line.startswith("│ gan"))
+    assert f"{100 * rows_of(returned, 'gan')[0]['utilisation']:.1f}%" in gan_line
+
+
+@pytest.mark.parametrize("step_flops", [baseline_train_step_flops, gan_train_step_flops])
+def test_flops_per_image_follow_size_and_width(step_flops):
+    """The FLOPs the training rows report (checked above to be these) grow as the layer shapes do."""
+    small = step_flops(32, 0.125)
+    # 2× the side: 4× the positions for every layer; the U-Net gains a level at 64 px (a little more).
+    assert step_flops(64, 0.125) / small == pytest.approx(4.0 if step_flops is baseline_train_step_flops else 4.5,
+                                                          rel=0.02)
+    # 2× the channels: 4× for hidden layers, 2× for the first and last (1 input, 2 output channels).
+    assert 3.5 < step_flops(32, 0.25) / small < 4.0
+
+
+def test_utilisation_is_na_without_a_peak():
+    row = Measurement("gan", image_size=32, batch=2, width=0.125, precision="float32", xla=False,
+                      images_per_s=10.0, s_per_step=0.2, gflops_per_image=1.0, tflops_per_s=0.01)
+    from rich.console import Console
+
+    console = Console(width=160, record=True)
+    console.print(render_table([row]))
+    assert "n/a" in console.export_text()
+    assert bench.utilisation(2e12, 10.0, None) is None
+    assert bench.utilisation(2e12, 10.0, 100.0) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(("device", "precision", "peak"), [
+    ("NVIDIA H100 80GB HBM3", "mixed_bfloat16", 989.4),
+    ("NVIDIA H100 80GB HBM3", "float32", 494.7),
+    ("NVIDIA H100 PCIe", "mixed_bfloat16", 756.0),
+    ("NVIDIA H200", "mixed_float16", 989.4),
+    ("NVIDIA A100-SXM4-80GB", "mixed_bfloat16", 312.0),
+    ("NVIDIA L4", "mixed_bfloat16", 121.0),
+    ("Tesla T4", "mixed_float16", 65.0),
+    ("Tesla V100-SXM2-16GB", "mixed_float16", 125.0),
+])
+def test_known_gpus_have_their_spec_peak(device, precision, peak):
+    assert spec_peak(device, precision)[0] == peak
+
+
+@pytest.mark.parametrize("device", ["NVIDIA GeForce RTX 4090", "NVIDIA L40S", "AMD EPYC"])
+def test_unknown_devices_have_no_peak(device):
+    assert spec_peak(device, "mixed_bfloat16") is None
+
+
+def test_interrupted_run_keeps_finished_rows_and_the_dtype_policy(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "time_colorize", interrupted)
+    out = tmp_path / "report.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(out=out, only=["baseline", "colorize"], precision="mixed_bfloat16", **{**TINY, "batches": [1]})
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["part"], row["precision"], row["status"]) == ("baseline", "mixed_bfloat16", "ok")
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"precision": "float8"}, "precision 'float8'"),
+    ({"only": ["gpu"]}, "--only gpu"),
+    ({"batches": [0]}, "batch sizes"),
+    ({"peak_tflops": -1.0}, "--peak-tflops"),
+    ({"image_size": 48}, "power of two"),
+    ({"width": 0.0}, "width"),
+    ({"out": "."}, "is a folder"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, options, message):
+    with pytest.raises(ChromalabError, match=message) as caught:
+        run_bench(**{"out": tmp_path / "r.json", **TINY, **options})
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_runs_under_jax_without_tensorflow(jax_run):
+    proc, out = jax_run
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["backend"] == "jax" and "tensorflow" not in report["versions"]
+    gan, *pipeline = report["rows"]
+    assert (gan["part"], gan["status"], gan["xla"]) == ("gan", "ok", True)
+    assert gan["images_per_s"] > 0 and gan["gflops_per_image"] == pytest.approx(gan_train_step_flops(32, 0.125) / 1e9)
+    assert [(row["part"], row["variant"], row["status"]) for row in pipeline] == [
+        ("input", "augmented", "skipped"), ("input", "no augmentation", "skipped")]
+    assert all("TensorFlow is not installed" in row["note"] for row in pipeline)
+    assert "skipped" in stdout and "n/a" in stdout  # the table: input skipped, no peak on a CPU
