@@ -87,6 +87,8 @@ def metrics_chart(path: Path, summary: dict[str, dict[str, float]]) -> None:
         values = [summary[p][name] for p in predictors]
         ax.bar(predictors, values, color=[colours.get(p, "#55a868") for p in predictors])
         arrow = ("closer to 0 is better" if name == "colourfulness_gap"
+                 else "the truth's, for scale" if name == "colourfulness_true"
+                 else "closer to the truth's is better" if name == "colourfulness"
                  else "lower is better" if name in LOWER_IS_BETTER else "higher is better")
         ax.set_title(f"{name}\n({arrow})", fontsize=9)
         ax.tick_params(axis="x", labelsize=8)

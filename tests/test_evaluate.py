@@ -1,0 +1,236 @@
+"""Stage `evaluate` on real photo crops (8 train / 4 test at 32 px) with both models trained for one epoch.
+
+The numbers are checked against values computed here independently (from the test split's arrays and the
+saved models), the pictures by their geometry and colour, the MLflow runs through a client on the store.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import color as skcolor
+
+from chromalab import tracking
+from chromalab.color import AB_SCALE, L_SCALE
+from chromalab.config import MODEL_NAMES, parse_params
+from chromalab.errors import ChromalabError
+from chromalab.evaluate import GRAY_FLOOR, run_evaluate
+from chromalab.metrics import METRIC_KEYS
+from chromalab.tfrecords import load_split_arrays, run_tfrecords
+from chromalab.training import run_train
+from photos import write_images_stage
+
+N_TRAIN, N_TEST, SIZE = 8, 4, 32
+N_SHEET = 3  # fewer than the test photos: the sheet must take n_sheet rows, not every photo
+PREDICTORS = (GRAY_FLOOR, *MODEL_NAMES)
+SHEET_COLUMNS = ("gray input", "baseline", "gan", "truth")
+TINY = {
+    "base": {"image_size": SIZE},
+    "tfrecords": {"shard_size": 4},
+    "train": {"val_every": 1, "checkpoint_every": 10, "sample_every": 10, "n_samples": 2},
+    "baseline": {"epochs": 1, "batch_size": 4, "width": 0.125},
+    "gan": {"epochs": 1, "batch_size": 4, "width": 0.125},
+    "evaluate": {"n_sheet": N_SHEET, "batch_size": 4},
+}
+TFRECORDS = Path("data/tfrecords")
+REPORTS = Path("reports/evaluate")
+# ab and L are stored as float16 and the metrics run in float64: sums over a few thousand pixels agree to
+# ~1e-7 relative; the model predictions are recomputed here, at another batch size, so allow a little more.
+REL = 1e-5
+
+
+def tiny_params(**overrides: dict):
+    raw = {group: dict(values) for group, values in TINY.items()}
+    for group, values in overrides.items():
+        raw[group].update(values)
+    return parse_params(raw)
+
+
+def train_run_id(model_name: str) -> str:
+    return json.loads(Path(f"reports/{model_name}/train_metrics.json").read_text())["mlflow_run_id"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """A git repo (the MLflow store's root) with data, both models trained and `evaluate` run once."""
+    root = tmp_path_factory.mktemp("evaluate")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q",
+                    "--allow-empty", "-m", "start"], cwd=root, check=True)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+            mp.delenv(name, raising=False)
+        mp.chdir(root)
+        params = tiny_params()
+        write_images_stage(root / "data/images", n_train=N_TRAIN, n_test=N_TEST, size=SIZE)
+        run_tfrecords(params, workers=1)
+        for name in MODEL_NAMES:
+            run_train(params, name)
+        summary = run_evaluate(params)
+        yield SimpleNamespace(root=root, params=params, first_summary=summary,
+                              first_run_ids={name: train_run_id(name) for name in MODEL_NAMES})
+
+
+@pytest.fixture(scope="module")
+def split_arrays(evaluated) -> SimpleNamespace:
+    ids, L, ab = load_split_arrays(TFRECORDS, "test")
+    return SimpleNamespace(ids=ids, L=L.astype(np.float64), ab=ab.astype(np.float64))
+
+
+def read_rows() -> list[dict[str, str]]:
+    with (REPORTS / "per_photo.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def predictions(model_name: str, L: np.ndarray) -> np.ndarray:
+    """The saved model's ab for L, computed here rather than taken from the stage."""
+    model = keras.saving.load_model(Path(f"models/{model_name}/model.keras"), compile=False)
+    return np.asarray(model.predict(L.astype(np.float32), batch_size=1, verbose=0), dtype=np.float64)
+
+
+def strict_json(path: Path) -> dict:
+    """JSON as DVC reads it: NaN or Infinity would be an error."""
+    def refuse(constant: str):
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_per_photo_csv_has_one_labelled_row_per_photo_and_predictor(evaluated, split_arrays):
+    rows = read_rows()
+    header = list(rows[0])
+    assert header == ["photo_id", "model", *METRIC_KEYS]
+    labelled = {f"{space}_{name}" for space in ("ab", "rgb") for name in ("ssim", "mse", "mae")}
+    assert labelled | {"rgb_psnr", "delta_e00", "colourfulness", "colourfulness_gap"} <= set(header)
+    assert sorted((r["photo_id"], r["model"]) for r in rows) == sorted(
+        (photo_id, name) for photo_id in split_arrays.ids for name in PREDICTORS)
+    assert all(math.isfinite(float(r[key])) for r in rows for key in METRIC_KEYS)
+
+    by_key = {(r["photo_id"], r["model"]): r for r in rows}
+    computed = {name: predictions(name, split_arrays.L) for name in MODEL_NAMES}
+    for i, photo_id in enumerate(split_arrays.ids):
+        true_ab = split_arrays.ab[i]
+        gray = by_key[photo_id, GRAY_FLOOR]
+        assert float(gray["ab_mse"]) == pytest.approx(np.mean(true_ab**2), rel=REL)
+        assert float(gray["ab_mae"]) == pytest.approx(np.mean(np.abs(true_ab)), rel=REL)
+        assert float(gray["colourfulness"]) == 0.0
+        assert float(gray["colourfulness_gap"]) == -float(gray["colourfulness_true"])
+        # The truth's colourfulness depends on the photo only.
+        assert len({by_key[photo_id, name]["colourfulness_true"] for name in PREDICTORS}) == 1
+        for name in MODEL_NAMES:
+            error = computed[name][i] - true_ab
+            assert float(by_key[photo_id, name]["ab_mse"]) == pytest.approx(np.mean(error**2), rel=1e-4)
+            assert float(by_key[photo_id, name]["ab_mae"]) == pytest.approx(np.mean(np.abs(error)), rel=1e-4)
+
+
+def test_metrics_file_holds_each_predictors_means_and_the_gray_floor_is_exact(evaluated, split_arrays):
+    summary = strict_json(REPORTS / "metrics.json")
+    assert set(summary) == set(PREDICTORS)
+    rows = read_rows()
+    for name in PREDICTORS:
+        assert summary[name]["count"] == N_TEST
+        mine = [r for r in rows if r["model"] == name]
+        for key in METRIC_KEYS:
+            assert summary[name][key] == pytest.approx(np.mean([float(r[key]) for r in mine]), rel=1e-9)
+
+    gray = summary[GRAY_FLOOR]
+    L, ab = split_arrays.L, split_arrays.ab
+    assert gray["colourfulness"] == 0.0
+    assert gray["ab_mse"] == pytest.approx(np.mean(ab**2), rel=REL)  # equal-size photos: mean of means
+    assert gray["ab_mae"] == pytest.approx(np.mean(np.abs(ab)), rel=REL)
+    true_lab = np.concatenate([L * L_SCALE, ab * AB_SCALE], axis=-1)
+    gray_lab = np.concatenate([L * L_SCALE, np.zeros_like(ab)], axis=-1)
+    assert gray["delta_e00"] == pytest.approx(
+        skcolor.deltaE_ciede2000(true_lab, gray_lab, channel_axis=-1).mean(), rel=REL)
+    # Every predictor shares the photos' L, so the truth's colourfulness is the same for all.
+    assert len({round(summary[name]["colourfulness_true"], 9) for name in PREDICTORS}) == 1
+
+
+def _colourful_bands(chroma_rows: np.ndarray) -> int:
+    """Runs of consecutive True values: how many separate pictures a strip of the sheet crosses."""
+    return int(np.count_nonzero(np.diff(chroma_rows.astype(np.int8), prepend=0) == 1))
+
+
+def test_comparison_sheet_is_n_sheet_rows_of_gray_models_truth(evaluated):
+    with Image.open(REPORTS / "comparison.png") as png:
+        assert png.format == "PNG"
+        sheet = np.asarray(png.convert("RGB")).astype(np.int16)
+    height, width = sheet.shape[:2]
+    # Square panels on a grid of n_sheet rows × 4 columns: the aspect ratio is columns : rows.
+    assert width / height == pytest.approx(len(SHEET_COLUMNS) / N_SHEET, rel=0.02)
+
+    chroma = sheet.max(axis=-1) - sheet.min(axis=-1)
+    quarter = width // len(SHEET_COLUMNS)
+    gray_column, truth_column = chroma[:, :quarter], chroma[:, -quarter:]
+    assert gray_column.max() <= 2  # the gray input (and its black labels): no colour, up to PNG rounding
+    colourful_rows = (truth_column > 20).mean(axis=1) > 0.05
+    assert _colourful_bands(colourful_rows) == N_SHEET  # one coloured picture per row, n_sheet rows
+
+
+def test_metrics_chart_is_a_png(evaluated):
+    with Image.open(REPORTS / "metrics_chart.png") as png:
+        assert png.format == "PNG"
+        chart = np.asarray(png.convert("L"))
+    assert chart.size > 0 and (chart < 128).any()  # something is drawn on it
+
+
+def test_each_models_run_gets_its_test_metrics_the_gray_floors_and_the_pictures(evaluated):
+    summary = strict_json(REPORTS / "metrics.json")
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    assert tracking.tracking_uri() == f"sqlite:///{evaluated.root.resolve() / 'mlflow.db'}"
+    for name in MODEL_NAMES:
+        run = client.get_run(train_run_id(name))
+        assert run.info.status == "FINISHED"
+        logged = run.data.metrics
+        for key in METRIC_KEYS:
+            assert logged[f"test_{key}"] == pytest.approx(summary[name][key])
+            assert logged[f"test_gray_floor_{key}"] == pytest.approx(summary[GRAY_FLOOR][key])
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+        assert artifacts == {"evaluate/comparison.png", "evaluate/metrics_chart.png"}
+    # Evaluating must not turn its choice of store into an override for everything after it.
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_a_missing_model_is_one_line_naming_the_stage_that_makes_it(evaluated, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree("models/baseline", models / "baseline")
+    with pytest.raises(ChromalabError) as raised:
+        run_evaluate(evaluated.params, models_root=models, reports_root=tmp_path / "reports", log_mlflow=False)
+    message = str(raised.value)
+    assert "\n" not in message and "dvc repro train@gan" in message
+    assert not (tmp_path / "reports/evaluate/metrics.json").exists()
+
+
+def test_re_evaluating_after_a_retrain_reports_the_new_model_into_its_new_run(evaluated):
+    before, old_gan_run = evaluated.first_summary, evaluated.first_run_ids["gan"]
+    params = tiny_params(gan={"epochs": 2})
+    retrained_run = run_train(params, "gan")["mlflow_run_id"]
+    assert retrained_run != old_gan_run
+
+    run_evaluate(params)
+    after = strict_json(REPORTS / "metrics.json")
+    assert after["gan"]["ab_mse"] != before["gan"]["ab_mse"]
+    assert after["gan"]["delta_e00"] != before["gan"]["delta_e00"]
+    for unchanged in (GRAY_FLOOR, "baseline"):
+        assert after[unchanged] == pytest.approx(before[unchanged])
+    gan_rows = [r for r in read_rows() if r["model"] == "gan"]
+    assert np.mean([float(r["ab_mse"]) for r in gan_rows]) == pytest.approx(after["gan"]["ab_mse"])
+
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    new_metrics = client.get_run(retrained_run).data.metrics
+    old_metrics = client.get_run(old_gan_run).data.metrics
+    for key in ("ab_mse", "delta_e00", "colourfulness"):
+        assert new_metrics[f"test_{key}"] == pytest.approx(after["gan"][key])
+        assert old_metrics[f"test_{key}"] == pytest.approx(before["gan"][key])  # the old run keeps its own
