@@ -84,3 +84,10 @@ def mlflow_server(mlflow_server_process) -> str:
             pass
         time.sleep(0.5)
     pytest.fail(f"mlflow server not healthy after 90 s:\n{log_path.read_text()[-3000:]}")
+
+
+def jax_env() -> dict[str, str]:
+    """A subprocess environment for the JAX backend on CPU. XLA's optimisation passes take most of the
+    run for these tiny models (one compilation per op and weight shape) and buy nothing here."""
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from chromalab import losses
 from chromalab.color import rgb_to_lab_norm
 from chromalab.errors import ChromalabError
 from chromalab.models import build_baseline, build_generator
+from conftest import jax_env
 from photos import real_crops
 
 
@@ -195,13 +195,6 @@ def test_gan_losses_are_stable_for_large_logits():
 
 
 # --- JAX -----------------------------------------------------------------------------------------------
-
-
-def jax_env() -> dict[str, str]:
-    """A subprocess environment for the JAX backend on CPU. XLA's optimisation passes take most of the
-    run for these tiny models (one compilation per op and weight shape) and buy nothing here."""
-    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}
 
 
 JAX_SCRIPT = textwrap.dedent("""

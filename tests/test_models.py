@@ -4,7 +4,6 @@ FLOPs, saving, mixed precision and the JAX backend."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from chromalab.models import (
     forward_flops,
     gan_train_step_flops,
 )
+from conftest import jax_env
 
 TINY = 0.125  # channel width of the small models: 8 channels where the paper has 64
 
@@ -270,13 +270,6 @@ def test_mixed_precision_keeps_outputs_float32(mixed_bfloat16):
         out = model(_inputs(model), training=False)
         assert keras.backend.standardize_dtype(out.dtype) == "float32"
         assert np.all(np.isfinite(np.asarray(out)))
-
-
-def jax_env() -> dict[str, str]:
-    """A subprocess environment for the JAX backend on CPU. XLA's optimisation passes take most of the
-    run for these tiny models (one compilation per op and weight shape) and buy nothing here."""
-    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}
 
 
 JAX_SCRIPT = textwrap.dedent("""

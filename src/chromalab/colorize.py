@@ -16,7 +16,6 @@ JPEG (quality 95), PNG and WebP stay what they were; every other format (BMP, TI
 from __future__ import annotations
 
 import functools
-import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from chromalab.color import lab_norm_to_rgb, rgb_to_lab_norm
 from chromalab.config import MODEL_NAMES
 from chromalab.errors import ChromalabError
+from chromalab.files import atomic_file
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}  # anything else is written as PNG
@@ -297,15 +297,8 @@ def compare_sheet(photo: Photo, coloured: Image.Image) -> Image.Image:
 
 def save_atomic(image: Image.Image, path: Path, image_format: str) -> None:
     """Write to a temporary file beside `path`, then rename: an interrupted write leaves no half photo."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as f:
-            image.save(f, format=image_format, **SAVE_OPTIONS.get(image_format, {}))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        image.save(f, format=image_format, **SAVE_OPTIONS.get(image_format, {}))
 
 
 # --- the command --------------------------------------------------------------------------------------------

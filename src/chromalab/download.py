@@ -7,17 +7,13 @@ an interrupted 700 MB download resumes (HTTP Range) instead of starting over, ev
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
 import os
 import re
-import secrets
-import shutil
 import sys
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
@@ -29,6 +25,7 @@ from urllib3.util.retry import Retry
 
 from chromalab.config import Params
 from chromalab.errors import ChromalabError
+from chromalab.files import staged_dir, write_text_atomic
 
 # Retries per request (connection errors, 429, 5xx; urllib3 backs off and honours Retry-After), and
 # how many times in a row a dropped transfer may resume without receiving a single new byte.
@@ -361,53 +358,6 @@ def count_rows(path: Path) -> int:
             return sum(1 for _ in reader)
         except csv.Error as exc:
             raise ChromalabError(f"{path}: unreadable TSV at line {reader.line_num} ({exc})") from None
-
-
-# -------------------------------------------------------------------------------------- atomic output
-
-
-@contextlib.contextmanager
-def staged_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield an empty folder beside out_dir; when the block succeeds it takes out_dir's place.
-
-    A run killed part-way leaves out_dir as it was (plus a hidden temp folder the next run removes).
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + fsync + rename: a file that exists is whole."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with tmp.open("xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _write_json(path: Path, data: dict) -> None:

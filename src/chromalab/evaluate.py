@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from tqdm import tqdm
 from chromalab.color import lab_norm_to_rgb
 from chromalab.config import MODEL_NAMES, Params
 from chromalab.errors import ChromalabError
+from chromalab.files import atomic_file, write_text_atomic
 from chromalab.metrics import gray_floor, photo_metrics, summarise
 
 GRAY_FLOOR = "gray_floor"
@@ -35,12 +35,6 @@ def load_trained(models_root: Path, name: str):
     if not path.is_file():
         raise ChromalabError(f"{path} is missing: train it first (`dvc repro train@{name}`)")
     return keras.saving.load_model(path, compile=False)
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def comparison_sheet(path: Path, ids: list[str], L: np.ndarray, predictions: dict[str, np.ndarray],
@@ -67,7 +61,8 @@ def comparison_sheet(path: Path, ids: list[str], L: np.ndarray, predictions: dic
             if col == 0:
                 ax.set_ylabel(photo_id, fontsize=7)
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -96,7 +91,8 @@ def metrics_chart(path: Path, summary: dict[str, dict[str, float]]) -> None:
         ax.axis("off")
     fig.suptitle("Test-set means: models against the gray floor (ab = 0)")
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -142,18 +138,15 @@ def run_evaluate(params: Params, *, data_dir: Path = Path("data/tfrecords"), mod
             rows.append({"photo_id": ids[i], "model": name, **photo_metrics(L[i], true_ab[i], pred[i])})
     summary = {name: summarise([r for r in rows if r["model"] == name]) for name in predictions}
 
-    def write_rows(path: Path) -> None:
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    _atomic_write(out_dir / "per_photo.csv", write_rows)
+    with atomic_file(out_dir / "per_photo.csv", text=True) as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     n_sheet = min(params.evaluate.n_sheet, len(ids))
     comparison_sheet(out_dir / "comparison.png", ids[:n_sheet], L[:n_sheet],
                      {k: v[:n_sheet] for k, v in predictions.items()}, true_ab[:n_sheet])
     metrics_chart(out_dir / "metrics_chart.png", summary)
-    _atomic_write(out_dir / "metrics.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+    write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2))
     if log_mlflow:
         log_to_model_runs(reports_root, summary, out_dir / "comparison.png", out_dir / "metrics_chart.png")
     return summary

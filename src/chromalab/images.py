@@ -35,7 +35,8 @@ from urllib3.util.retry import Retry
 
 from chromalab.color import mean_chroma
 from chromalab.config import Params
-from chromalab.download import RETRY_STATUSES, write_bytes_atomic, write_text_atomic
+from chromalab.download import RETRY_STATUSES
+from chromalab.files import write_bytes_atomic, write_text_atomic
 from chromalab.errors import ChromalabError
 from chromalab.split import FIELDS as SPLIT_FIELDS
 from chromalab.split import SAFE_PHOTO_ID, SPLITS

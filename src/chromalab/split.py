@@ -23,7 +23,8 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from chromalab.config import Params, SplitParams
-from chromalab.download import open_table, staged_dir
+from chromalab.download import open_table
+from chromalab.files import staged_dir
 from chromalab.errors import ChromalabError
 
 SPLITS = ("train", "test", "reserve")

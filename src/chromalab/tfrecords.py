@@ -23,7 +23,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ from tqdm import tqdm
 from chromalab.color import AB_SCALE, L_SCALE, rgb_to_lab_norm
 from chromalab.config import Params
 from chromalab.errors import ChromalabError
+from chromalab.files import staged_dir
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -226,24 +226,6 @@ def _write_split(encode: Callable, photos: list[ManifestPhoto], names: list[str]
                     progress.update()
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move the finished `new` into `target`, replacing an old one (os.replace cannot overwrite a full folder)."""
-    if target.exists():
-        old = _fresh_sibling(target, "old")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(new, target)
-
-
-def _fresh_sibling(target: Path, purpose: str) -> Path:
-    """`.<name>.<purpose>-<pid>` beside `target`: hidden, on the same file system, removed first if stale."""
-    sibling = target.with_name(f".{target.name}.{purpose}-{os.getpid()}")
-    shutil.rmtree(sibling, ignore_errors=True)
-    return sibling
-
-
 def run_tfrecords(params: Params, images_dir: Path = Path("data/images"), out_dir: Path = Path("data/tfrecords"),
                   *, workers: int | None = None) -> dict:
     """Convert the images stage's photos into Lab TFRecords + dataset.json in `out_dir`; returns dataset.json.
@@ -260,10 +242,7 @@ def run_tfrecords(params: Params, images_dir: Path = Path("data/images"), out_di
     shards = {split: shard_names(split, len(rows), shard_size) for split, rows in by_split.items()}
     workers = workers or min(available_cores(), len(photos))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    build_dir = _fresh_sibling(out_dir, "tmp")
-    build_dir.mkdir()  # with the umask's permissions, unlike tempfile.mkdtemp's 0700
-    try:
+    with staged_dir(out_dir) as build_dir:
         one_size = _OneSize()
         with _photo_encoder(workers) as encode:
             for split in SPLITS:
@@ -280,9 +259,6 @@ def run_tfrecords(params: Params, images_dir: Path = Path("data/images"), out_di
             "content_hash": content_hash(photos, variant_names),
         }
         (build_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        _replace_dir(build_dir, out_dir)
-    finally:
-        shutil.rmtree(build_dir, ignore_errors=True)  # gone already after a successful rename
     megabytes = sum(f.stat().st_size for f in out_dir.iterdir()) / 1e6
     counts = ", ".join(f"{n} {split}" for split, n in info["counts"].items())
     print(f"tfrecords: {counts} photos at {info['image_size']} px → {out_dir} ({megabytes:.1f} MB)", file=sys.stderr)

@@ -1,0 +1,69 @@
+"""Atomic output, one way for the whole project: write beside the target, then `os.replace` onto it.
+
+A file or folder that exists is whole. An interrupted run leaves the previous one untouched, plus at most
+a hidden `.<name>.<random>.tmp` beside it that the next run clears.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+
+def _temp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, text: bool = False) -> Iterator[IO]:
+    """A new file beside `path`, open for writing; when the block succeeds it is synced and renamed onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    try:
+        with (open(tmp, "x", encoding="utf-8", newline="") if text else open(tmp, "xb")) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_file(path, text=True) as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: Path) -> Iterator[Path]:
+    """An empty folder beside `out_dir`; when the block succeeds it takes `out_dir`'s place."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = _temp_sibling(out_dir)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
+        old = _temp_sibling(out_dir)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
