@@ -193,3 +193,4 @@ def test_jax_backend_trains_the_tiny_gan_with_falling_losses(workdir):
     assert "backend jax" in done.stdout
     losses = np.array([row["g_l1"] for row in read_history(workdir / "reports/gan/history.csv")])
     assert np.isfinite(losses).all() and losses[-2:].mean() < losses[:2].mean(), losses
+

@@ -34,27 +34,77 @@ from chromalab.models import build_baseline, build_discriminator, build_generato
 # --- device, precision, distribution ------------------------------------------------------------
 
 
-def make_strategy():
-    """TF's own distribution engine: several workers (TF_CONFIG) or several local GPUs; else default."""
-    if keras.backend.backend() != "tensorflow":
-        return None
-    import tensorflow as tf
+UPSTREAM_MULTI_WORKER_BUG = "keras-team/keras#20585"
 
-    if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if len(tf.config.list_logical_devices("GPU")) > 1:
-        return tf.distribute.MirroredStrategy()
+
+def cluster_from_tf_config() -> tuple[list[str], int] | None:
+    """TF_CONFIG's tasks as (addresses, this process's index), the chief first, then the workers in order."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+        cluster = config["cluster"]
+        tasks = [(kind, index) for kind in ("chief", "worker") for index in range(len(cluster.get(kind, [])))]
+        addresses = [cluster[kind][index] for kind, index in tasks]
+        process_id = tasks.index((config["task"]["type"], int(config["task"]["index"])))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ChromalabError(
+            f"TF_CONFIG does not name this process in its cluster ({type(exc).__name__}: {exc}): set it to "
+            '{"cluster": {"worker": ["host0:port", "host1:port"]}, "task": {"type": "worker", "index": N}}'
+        ) from None
+    return addresses, process_id
+
+
+def make_strategy():
+    """Data parallelism: across the processes TF_CONFIG names, or across several local devices; else None.
+
+    JAX: keras.distribution.DataParallel over every device of every process; TF_CONFIG's first task is
+    JAX's coordinator. TensorFlow: MirroredStrategy on several local GPUs; its multi-worker strategy
+    can't run `fit` in Keras 3 (keras-team/keras#20585), so TF_CONFIG is refused there.
+    """
+    cluster = cluster_from_tf_config()
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        if cluster is not None:
+            raise ChromalabError(
+                f"multi-worker training (TF_CONFIG) fails under the TensorFlow backend ({UPSTREAM_MULTI_WORKER_BUG}): "
+                "run each worker with KERAS_BACKEND=jax, or unset TF_CONFIG (several local GPUs still work)"
+            )
+        import tensorflow as tf
+
+        if len(tf.config.list_logical_devices("GPU")) > 1:
+            return tf.distribute.MirroredStrategy()
+        return None
+    if backend != "jax":
+        return None
+    import jax
+
+    if cluster is not None and not jax.distributed.is_initialized():
+        addresses, process_id = cluster
+        # Before any JAX computation; on CPU the processes exchange gradients through gloo (JAX's default).
+        keras.distribution.initialize(",".join(addresses), len(addresses), process_id)
+    if len(keras.distribution.list_devices()) > 1:
+        return keras.distribution.DataParallel()
     return None
 
 
+def replica_count(strategy) -> int:
+    """How many model replicas share each global batch."""
+    if strategy is None:
+        return 1
+    if isinstance(strategy, keras.distribution.DataParallel):
+        return int(strategy.device_mesh.devices.size)
+    return strategy.num_replicas_in_sync
+
+
 def is_chief(strategy) -> bool:
-    """Worker 0 (or the "chief" task) of a multi-worker cluster; any single-machine run."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not os.environ.get("TF_CONFIG"):
-        return True
-    task = resolver.task_type
-    return task == "chief" or (task == "worker" and resolver.task_id == 0
-                               and "chief" not in resolver.cluster_spec().as_dict())
+    """Process 0 of a multi-process (JAX) run; any single-process run."""
+    if isinstance(strategy, keras.distribution.DataParallel):
+        import jax
+
+        return jax.process_index() == 0
+    return True
 
 
 @contextmanager
@@ -242,8 +292,10 @@ def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tf
     if model_name not in MODEL_NAMES:
         raise ChromalabError(f"unknown model {model_name!r}: choose one of {', '.join(MODEL_NAMES)}")
     tracking.check_tracking_server()  # before any training time is spent
-    # Before TensorFlow does any work: MultiWorkerMirroredStrategy must come first.
+    # Before the backend does any work: JAX's processes must connect first.
     strategy = strategy or make_strategy()
+    if isinstance(strategy, keras.distribution.DataParallel):
+        keras.distribution.set_distribution(strategy)  # fit, evaluate and predict shard their batches by it
     with chief_logs_to_mlflow(strategy):
         return _train(params, model_name, data_dir, models_root, reports_root, strategy)
 
@@ -286,8 +338,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         checkpoint.reset()
         state, initial_epoch, history = {"fingerprint": fingerprint, "status": "running", "epoch": 0}, 0, []
 
-    n_replicas = strategy.num_replicas_in_sync if strategy else 1
-    global_batch = mp.batch_size * n_replicas
+    global_batch = mp.batch_size * replica_count(strategy)
     train_ds = make_dataset(data_dir, "train", global_batch, training=True, flip_lr=train_p.flip_lr,
                             flip_ud=train_p.flip_ud, contrast_aug=train_p.contrast_aug, seed=params.base.seed)
     val_ds = make_dataset(data_dir, "test", global_batch, training=False)
@@ -316,6 +367,10 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         train_seconds = time.perf_counter() - started
         metrics = _final_metrics(model, val_ds, history, params, model_name, train_seconds)
         metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run; `dvc exp show` links to it
+        if isinstance(strategy, keras.distribution.DataParallel):
+            # Training is over and every process holds the whole model: predicting on local arrays (the
+            # model log's signature) must not be split across processes, which Keras allows only for tf.data.
+            keras.distribution.set_distribution(None)
         tracking.log_epoch({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, mp.epochs)
 
         trained = model.generator if model_name == "gan" else model
