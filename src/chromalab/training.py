@@ -28,6 +28,7 @@ from chromalab.color import lab_norm_to_rgb
 from chromalab.config import MODEL_NAMES, Params, flatten
 from chromalab.devices import gpu_names, hide_gpus_from_tensorflow, precision_policy
 from chromalab.errors import ChromalabError
+from chromalab.files import atomic_file, write_text_atomic
 from chromalab.gan import VALIDATION_METRICS, Pix2Pix, validation_trackers
 from chromalab.models import build_baseline, build_discriminator, build_generator
 
@@ -135,12 +136,6 @@ def params_fingerprint(params: Params, model_name: str, dataset_hash: str) -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 @dataclass
 class Checkpoint:
     """A folder DVC keeps in place (`persist: true`): state.weights.h5 + state.json + history.csv."""
@@ -170,7 +165,7 @@ class Checkpoint:
         os.replace(tmp_weights, self.weights)
         write_history(self.folder / "history.csv", history)
         # state.json last: it is what says "this checkpoint is complete".
-        _atomic_write_text(self.state_file, json.dumps(state, indent=2))
+        write_text_atomic(self.state_file, json.dumps(state, indent=2))
 
     def history(self) -> list[dict]:
         return read_history(self.folder / "history.csv")
@@ -183,13 +178,10 @@ class Checkpoint:
 
 def write_history(path: Path, rows: list[dict]) -> None:
     columns = ["epoch"] + sorted({k for row in rows for k in row} - {"epoch"})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_file(path, text=True) as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def read_history(path: Path) -> list[dict]:
@@ -384,9 +376,9 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
 
     reports_dir.mkdir(parents=True, exist_ok=True)
     write_history(reports_dir / "history.csv", history)
-    _atomic_write_text(reports_dir / "train_metrics.json", json.dumps(metrics, indent=2))
+    write_text_atomic(reports_dir / "train_metrics.json", json.dumps(metrics, indent=2))
     # Done: the next `dvc repro -f` trains from scratch in a fresh MLflow run.
     checkpoint.reset()
-    _atomic_write_text(checkpoint.state_file, json.dumps({"status": "complete", "fingerprint": fingerprint,
+    write_text_atomic(checkpoint.state_file, json.dumps({"status": "complete", "fingerprint": fingerprint,
                                                           "mlflow_run_id": run.info.run_id}, indent=2))
     return metrics
