@@ -179,18 +179,20 @@ def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
     assert len(losses) == 3 and np.isfinite(losses).all()
 
 
-def test_jax_backend_trains_the_tiny_gan_with_falling_losses(workdir):
+def test_jax_backend_trains_both_models_the_gan_with_falling_losses(workdir):
     (workdir / "params.yaml").write_text(yaml.safe_dump(
         {**TINY, "train": {**TINY["train"], "val_every": 100, "sample_every": 100},
-         "gan": {**TINY["gan"], "epochs": 6}}))
+         "gan": {**TINY["gan"], "epochs": 6}, "baseline": {**TINY["baseline"], "epochs": 3}}))
     done = _run_python("""
         import keras
         from chromalab.config import load_params
         from chromalab.training import run_train
-        print("backend", keras.backend.backend(), run_train(load_params(), "gan"))
+        print("backend", keras.backend.backend(), run_train(load_params(), "gan"), run_train(load_params(), "baseline"))
     """, workdir, KERAS_BACKEND="jax", XLA_FLAGS="--xla_backend_optimization_level=0")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "backend jax" in done.stdout
     losses = np.array([row["g_l1"] for row in read_history(workdir / "reports/gan/history.csv")])
     assert np.isfinite(losses).all() and losses[-2:].mean() < losses[:2].mean(), losses
-
+    baseline = np.array([row["loss"] for row in read_history(workdir / "reports/baseline/history.csv")])
+    assert len(baseline) == 3 and np.isfinite(baseline).all()
+    assert (workdir / "models/baseline/model.keras").is_file()
