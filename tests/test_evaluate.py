@@ -30,7 +30,7 @@ from chromalab.evaluate import GRAY_FLOOR, run_evaluate
 from chromalab.metrics import METRIC_KEYS
 from chromalab.tfrecords import load_split_arrays, run_tfrecords
 from chromalab.training import run_train
-from photos import write_images_stage
+from chromalab.samples import write_images_stage
 
 N_TRAIN, N_TEST, SIZE = 8, 4, 32
 N_SHEET = 3  # fewer than the test photos: the sheet must take n_sheet rows, not every photo

@@ -18,7 +18,7 @@ from chromalab import metrics
 from chromalab.color import rgb_to_lab_norm
 from chromalab.config import parse_params
 from chromalab.training import build_for_training
-from photos import real_crops
+from chromalab.samples import real_crops
 
 SIZE = 32
 N_PHOTOS = 4  # crops of astronaut (the person), chelsea, coffee and rocket

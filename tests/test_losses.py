@@ -21,7 +21,7 @@ from chromalab.color import rgb_to_lab_norm
 from chromalab.errors import ChromalabError
 from chromalab.models import build_baseline, build_generator
 from conftest import jax_env
-from photos import real_crops
+from chromalab.samples import real_crops
 
 
 def real_ab(n: int, size: int, seed: int = 0) -> np.ndarray:

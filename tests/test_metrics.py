@@ -12,7 +12,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from chromalab import metrics
 from chromalab.color import rgb_to_lab_norm
 from chromalab.errors import ChromalabError
-from photos import real_crops
+from chromalab.samples import real_crops
 
 SIZE = 48
 

@@ -22,7 +22,6 @@ from chromalab.tfrecords import (
     make_dataset,
     read_dataset_info,
     run_tfrecords,
-    split_size,
 )
 
 SIZE = 32
@@ -116,7 +115,6 @@ def test_dataset_json_describes_the_data(built):
     info = read_dataset_info(built["out"])
     assert info == built["info"]
     assert info["counts"] == {"train": N_TRAIN, "test": N_TEST}
-    assert split_size(built["out"], "train") == N_TRAIN
     assert info["image_size"] == SIZE
     assert info["normalisation"] == {"L": 100.0, "a": 128.0, "b": 128.0, "dtype": "float16", "layout": "HWC"}
     assert info["variants"] == list(VARIANT_NAMES)

@@ -20,7 +20,7 @@ import yaml
 from chromalab.config import parse_params
 from chromalab.tfrecords import read_dataset_info, run_tfrecords
 from chromalab.training import read_history, run_train
-from photos import write_images_stage
+from chromalab.samples import write_images_stage
 
 BIN = Path(sys.executable).parent
 TINY = {

@@ -21,8 +21,6 @@ TensorFlow is not (KERAS_BACKEND=jax): `tfrecords` and `input` are then reported
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import os
 import platform
@@ -38,7 +36,6 @@ from pathlib import Path
 import keras
 import numpy as np
 from PIL import Image
-from skimage import data as skdata
 from tqdm import tqdm
 
 from chromalab import __version__
@@ -47,6 +44,7 @@ from chromalab.config import BaselineParams, GanParams, Params, TrainParams
 from chromalab.devices import gpu_names, hide_gpus_from_tensorflow
 from chromalab.errors import ChromalabError
 from chromalab.models import baseline_train_step_flops, build_generator, gan_train_step_flops
+from chromalab.samples import real_crops, write_images_stage
 from chromalab.tfrecords import available_cores, make_dataset, run_tfrecords
 from chromalab.training import build_for_training
 
@@ -64,11 +62,7 @@ BENCH_TEST_PHOTOS = 4  # the stage needs a test split too
 INPUT_MIN_SECONDS = 3.0  # whole passes over the cached records are timed until this much time has passed
 COLORIZE_PHOTOS = 16
 COLORIZE_SIDE = 1024  # photos colourised at full resolution: ~1 megapixel each
-PHOTO_SEED = 0
-
-# skimage's bundled colour photographs (shipped with the package: no download); crops of them are the
-# bench's photos. The astronaut is the person among them.
-SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
+PHOTO_SEED = 0  # crops of scikit-image's bundled photos (chromalab.samples) are the bench's photos
 
 
 @dataclass(frozen=True)
@@ -240,37 +234,6 @@ def time_training_step(part: str, *, image_size: int, batch: int, width: float, 
 # --- photos, TFRecords, input pipeline, colorize -----------------------------------------------------------
 
 
-def sample_photos(n: int, size: int, seed: int = PHOTO_SEED) -> Iterator[np.ndarray]:
-    """`n` random square crops of skimage's bundled photographs, resized to size×size uint8 RGB."""
-    rng = np.random.default_rng(seed)
-    sources = [getattr(skdata, name)() for name in SAMPLE_PHOTOS]
-    for i in range(n):
-        image = sources[i % len(sources)]
-        height, width = image.shape[:2]
-        side = int(rng.integers(min(height, width) // 2, min(height, width) + 1))
-        top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
-        crop = Image.fromarray(image[top:top + side, left:left + side])
-        yield np.asarray(crop.resize((size, size), Image.Resampling.LANCZOS))
-
-
-def write_images_folder(folder: Path, n_train: int, n_test: int, size: int) -> Path:
-    """A folder as the images stage leaves it (<split>/<id>.jpg + manifest.csv), from sample_photos."""
-    rows = []
-    for i, rgb in enumerate(sample_photos(n_train + n_test, size)):
-        split = "train" if i < n_train else "test"
-        photo_id = f"bench{i:04d}"
-        path = folder / split / f"{photo_id}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rgb).save(path, quality=Params().images.jpeg_quality)
-        rows.append({"photo_id": photo_id, "split": split, "file": f"{split}/{photo_id}.jpg",
-                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
-    with (folder / "manifest.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return folder
-
-
 def time_tfrecords_stage(images_dir: Path, out_dir: Path, image_size: int) -> Measurement:
     """Photos/s of the whole tfrecords stage (one worker process per core) on the photos in `images_dir`."""
     n_photos = BENCH_PHOTOS + BENCH_TEST_PHOTOS
@@ -315,7 +278,7 @@ def time_colorize(folder: Path, image_size: int, width: float, precision: str) -
     model_path = folder / "generator.keras"
     build_generator(image_size, width).save(model_path)
     for name, count in (("warmup", 1), ("photos", COLORIZE_PHOTOS)):
-        for i, rgb in enumerate(sample_photos(count, COLORIZE_SIDE, seed=PHOTO_SEED + 1)):
+        for i, rgb in enumerate(real_crops(count, COLORIZE_SIDE, seed=PHOTO_SEED + 1)):
             path = folder / name / f"photo{i:03d}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rgb).save(path, quality=Params().images.jpeg_quality)
@@ -436,7 +399,8 @@ def _measurements(parts: list[str], *, image_size: int, batches: list[int], widt
                     yield Measurement(part, variant=variant, status="skipped",
                                       note=f"{missing}: this part needs TensorFlow (tf.data, TFRecord files)")
         elif data_parts:
-            images_dir = write_images_folder(work / "images", BENCH_PHOTOS, BENCH_TEST_PHOTOS, image_size)
+            images_dir = write_images_stage(work / "images", BENCH_PHOTOS, BENCH_TEST_PHOTOS, image_size,
+                                            seed=PHOTO_SEED, quality=Params().images.jpeg_quality)
             stage = time_tfrecords_stage(images_dir, work / "tfrecords", image_size)  # input reads its records
             if "tfrecords" in parts:
                 yield stage

@@ -284,12 +284,6 @@ def read_dataset_info(data_dir: Path = Path("data/tfrecords")) -> dict:
     return info
 
 
-def split_size(data_dir: Path, split: str) -> int:
-    """Photos in `split` (for steps per epoch)."""
-    info = read_dataset_info(data_dir)
-    return int(info["counts"][_check_split(info, split)])
-
-
 def _check_split(info: dict, split: str) -> str:
     if split not in info["shards"]:
         raise ChromalabError(f"unknown split {split!r}: choose one of {', '.join(info['shards'])}")

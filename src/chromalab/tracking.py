@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from chromalab.config import MODEL_NAMES, Params, flatten
+from chromalab.config import Params, flatten
 from chromalab.errors import ChromalabError
 
 if TYPE_CHECKING:
@@ -82,13 +82,24 @@ def use_store() -> str:
     import mlflow
 
     uri = tracking_uri()
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    with store_override():
+        mlflow.set_tracking_uri(uri)
     return uri
+
+
+@contextmanager
+def store_override(uri: str | None = None) -> Iterator[None]:
+    """Inside the block MLFLOW_TRACKING_URI is `uri` (if given); afterwards it is what it was before."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def _is_local_database(uri: str) -> bool:
@@ -308,21 +319,3 @@ def _model_requirements() -> list[str]:
         except PackageNotFoundError:
             continue
     return pinned
-
-
-def find_model_run(model_name: str, exp_name: str | None = None) -> str | None:
-    """Id of the latest run for `model_name` (in DVC experiment `exp_name`, if given); None if there is none."""
-    import mlflow
-
-    if model_name not in MODEL_NAMES:
-        raise ChromalabError(f"unknown model {model_name!r}: choose one of {', '.join(MODEL_NAMES)}")
-    client = mlflow.MlflowClient(tracking_uri())
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
-        return None
-    query = f"tags.model = '{model_name}'"
-    if exp_name:
-        query += f" and tags.`{TAG_DVC_EXP_NAME}` = '{exp_name}'"
-    runs = client.search_runs([experiment.experiment_id], query, order_by=["attributes.start_time DESC"],
-                              max_results=1)
-    return runs[0].info.run_id if runs else None

@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,16 +114,11 @@ def chief_logs_to_mlflow(strategy):
     if is_chief(strategy):
         yield
         return
-    with tempfile.TemporaryDirectory(prefix="chromalab-worker-") as scratch:
-        before = os.environ.get("MLFLOW_TRACKING_URI")
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch}/mlflow.db"
-        try:
-            yield
-        finally:
-            if before is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = before
+    from chromalab.tracking import store_override
+
+    with tempfile.TemporaryDirectory(prefix="chromalab-worker-") as scratch, \
+            store_override(f"sqlite:///{scratch}/mlflow.db"):
+        yield
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -337,10 +332,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     _, sample_L, sample_ab = load_split_arrays(data_dir, "test")
     samples = (sample_L[: train_p.n_samples], sample_ab[: train_p.n_samples])
 
-    if strategy is not None:
-        with strategy.scope():
-            model = build_for_training(model_name, params, image_size, jit_compile)
-    else:
+    with strategy.scope() if strategy is not None else nullcontext():
         model = build_for_training(model_name, params, image_size, jit_compile)
     if initial_epoch:
         model.optimizer.build(model.trainable_variables)  # create the slots the checkpoint fills

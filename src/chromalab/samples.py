@@ -1,4 +1,7 @@
-"""Real photographs for offline tests: scikit-image's bundled colour photos, cropped into many samples."""
+"""Real photographs that ship with scikit-image (no download), cropped into as many samples as needed.
+
+The benchmarks and the tests measure on them: real colour statistics, offline.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ def real_crops(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
     return crops
 
 
-def write_images_stage(out_dir: Path, n_train: int, n_test: int, size: int, seed: int = 0) -> Path:
+def write_images_stage(out_dir: Path, n_train: int, n_test: int, size: int, seed: int = 0,
+                       quality: int = 95) -> Path:
     """A data/images folder as the images stage leaves it: <split>/<id>.jpg and manifest.csv."""
     rows = []
     for i, rgb in enumerate(real_crops(n_train + n_test, size, seed)):
@@ -37,7 +41,7 @@ def write_images_stage(out_dir: Path, n_train: int, n_test: int, size: int, seed
         photo_id = f"photo{i:04d}"
         path = out_dir / split / f"{photo_id}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rgb).save(path, quality=95)
+        Image.fromarray(rgb).save(path, quality=quality)
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
         rows.append({"photo_id": photo_id, "split": split, "file": f"{split}/{photo_id}.jpg",
                      "sha256": sha, "source": f"skimage:{PHOTO_NAMES[i % len(PHOTO_NAMES)]}"})
