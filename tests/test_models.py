@@ -12,6 +12,8 @@ import keras
 import numpy as np
 import pytest
 
+from chromalab import models
+from chromalab.color import rgb_to_lab_norm
 from chromalab.errors import ChromalabError
 from chromalab.models import (
     baseline_train_step_flops,
@@ -59,12 +61,14 @@ def patchgan_params(c_in: int) -> int:
             + bn_params(512) + conv_params(4, 512, 1, True))
 
 
-def seed_cnn_params(c_in: int, c_out: int) -> int:
-    """The seed's Sequential CNN from the post: 3×3 convs with bias, BatchNorm after all but the last."""
+def seed_cnn_params(c_in: int, c_out: int, down_kernel: int = 3) -> int:
+    """The seed's Sequential CNN from the post: 3×3 convs with bias, BatchNorm after all but the last;
+    `down_kernel` for its three stride-2 convs (ours are 4×4: symmetric padding, no one-sided edge)."""
     channels = [64, 64, 128, 128, 256, 256, 512, 512, 256, 128, 64, 32]
+    stride_2 = {1, 3, 5}
     total, prev = 0, c_in
-    for c in channels:
-        total += conv_params(3, prev, c, bias=True) + bn_params(c)
+    for i, c in enumerate(channels):
+        total += conv_params(down_kernel if i in stride_2 else 3, prev, c, bias=True) + bn_params(c)
         prev = c
     return total + conv_params(3, prev, c_out, bias=True)
 
@@ -84,7 +88,7 @@ def full_size():
 
 
 def test_full_size_parameter_counts(full_size):
-    assert full_size["baseline"].count_params() == seed_cnn_params(1, 2)
+    assert full_size["baseline"].count_params() == seed_cnn_params(1, 2, down_kernel=4)
     assert full_size["generator"].count_params() == unet_params(1, 2)
     assert full_size["discriminator"].count_params() == patchgan_params(1 + 2)
 
@@ -155,6 +159,58 @@ def test_tiny_width_keeps_at_least_one_channel():
     convs = [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose))]
     assert min(layer.kernel.shape[-1] for layer in convs) == 1
     assert np.asarray(model(np.zeros((1, 32, 32, 1), "float32"))).shape == (1, 32, 32, 2)
+
+
+# --- borders: no one-sided edge ---------------------------------------------------------------------
+
+
+def _mirror_symmetric_photo(size: int) -> np.ndarray:
+    """Normalised L [1, S, S, 1] of a real photo crop, made left-right and top-bottom mirror symmetric."""
+    from chromalab.samples import real_crops
+
+    quarter = rgb_to_lab_norm(real_crops(1, size // 2, seed=4)[0])[..., :1]
+    half = np.concatenate([quarter, quarter[:, ::-1]], axis=1)
+    return np.concatenate([half, half[::-1]], axis=0)[None]
+
+
+def _symmetrise_kernels(model: keras.Model) -> None:
+    """Average each kernel with its mirror images: the net then treats both sides alike, unless its padding
+    or resampling does not."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            k = np.asarray(layer.kernel)
+            layer.kernel.assign((k + k[::-1] + k[:, ::-1] + k[::-1, ::-1]) / 4)
+
+
+def _border_gaps(image_size: int) -> tuple[np.ndarray, float, float]:
+    keras.utils.set_random_seed(7)
+    model = build_baseline(image_size, 0.25)
+    _symmetrise_kernels(model)
+    L = _mirror_symmetric_photo(image_size)
+    ab = np.asarray(model(L, training=False), dtype=np.float64)[0]
+    assert np.abs(ab).max() > 1e-6  # it predicts something, not a flat zero
+    ab /= np.abs(ab).max()  # untrained outputs are small: compare on the scale of the largest
+    chroma = np.hypot(ab[..., 0], ab[..., 1])
+    cols = max(1, image_size * 10 // 64)  # the issue's 10 columns of 64
+    right_left = float(chroma[:, -cols:].mean() - chroma[:, :cols].mean())
+    bottom_top = float(chroma[-cols:].mean() - chroma[:cols].mean())
+    return ab, right_left, bottom_top
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_baseline_treats_opposite_borders_alike_on_symmetric_input(image_size):
+    ab, right_left, bottom_top = _border_gaps(image_size)
+    np.testing.assert_allclose(ab, ab[:, ::-1], atol=1e-4)  # left-right mirror of itself
+    np.testing.assert_allclose(ab, ab[::-1], atol=1e-4)  # top-bottom
+    assert abs(right_left) < 1e-4 and abs(bottom_top) < 1e-4
+
+
+def test_the_seeds_3x3_stride_2_padding_is_what_made_the_edge_one_sided(monkeypatch):
+    # The same check fails for the seed's 3×3 stride-2 'same' convolutions (pad right/bottom only).
+    monkeypatch.setattr(models, "BASELINE_DOWN_KERNEL", 3)
+    ab, right_left, bottom_top = _border_gaps(64)
+    assert np.abs(ab - ab[:, ::-1]).max() > 0.01 and np.abs(ab - ab[::-1]).max() > 0.01
+    assert abs(right_left) > 1e-3 and abs(bottom_top) > 1e-3
 
 
 def test_build_model_by_name():

@@ -38,6 +38,12 @@ BASELINE_ENCODER = ((64, 1), (64, 2), (128, 1), (128, 2), (256, 1), (256, 2), (5
 BASELINE_DROPOUT_CONVS = (512, 256, 128)
 BASELINE_UPSAMPLE_CONVS = (64, 32)
 BASELINE_DOWNSAMPLING = 8  # three stride-2 convolutions
+# The seed's stride-2 convolutions are 3×3 with padding="same". On an even-sized map that pads one pixel on
+# the right/bottom only and samples at 2i+1, so each halving shifts the grid half a pixel right/down (3.5 px
+# after three) and only the right/bottom border sees padding: the baseline's one-sided edge artefact.
+# A 4×4 kernel at stride 2 pads one pixel on each side and samples at 2i+0.5, centred (pix2pix's choice).
+BASELINE_DOWN_KERNEL = 4  # seed: 3
+BASELINE_KERNEL = 3
 
 L_CHANNELS = 1
 AB_CHANNELS = 2
@@ -72,6 +78,8 @@ def unet_depth(image_size: int) -> int:
 def build_baseline(image_size: int | None = 256, width: float = 1.0) -> keras.Model:
     """The seed's CNN, layer for layer: 3×3 ReLU convolutions with BatchNorm, three stride-2 downsamplings,
     three BN + Dropout(0.5) convolutions, then three 2× nearest-neighbour upsamplings back to full size.
+    One departure: the stride-2 convolutions are 4×4, not 3×3, so that they pad and sample symmetrically
+    (BASELINE_DOWN_KERNEL: the seed's 3×3 painted a one-sided right/bottom edge).
 
     `image_size=None` gives a model for any size that is a multiple of 8.
     """
@@ -87,7 +95,8 @@ def build_baseline(image_size: int | None = 256, width: float = 1.0) -> keras.Mo
     def conv_bn(x, filters: int, strides: int = 1):
         nonlocal n
         n += 1
-        x = layers.Conv2D(scaled_channels(filters, width), 3, strides=strides, padding="same",
+        kernel = BASELINE_DOWN_KERNEL if strides == 2 else BASELINE_KERNEL
+        x = layers.Conv2D(scaled_channels(filters, width), kernel, strides=strides, padding="same",
                           activation="relu", name=f"conv{n}")(x)
         return layers.BatchNormalization(name=f"bn{n}")(x)
 
@@ -97,7 +106,7 @@ def build_baseline(image_size: int | None = 256, width: float = 1.0) -> keras.Mo
         x = layers.Dropout(DROPOUT_RATE, name=f"dropout{n + 1}")(conv_bn(x, filters))
     for filters in BASELINE_UPSAMPLE_CONVS:
         x = layers.UpSampling2D(2, name=f"upsample{n + 1}")(conv_bn(x, filters))
-    x = layers.Conv2D(AB_CHANNELS, 3, padding="same", activation="tanh", dtype="float32", name="ab_conv")(x)
+    x = layers.Conv2D(AB_CHANNELS, BASELINE_KERNEL, padding="same", activation="tanh", dtype="float32", name="ab_conv")(x)
     outputs = layers.UpSampling2D(2, dtype="float32", name="ab")(x)
     return keras.Model(inputs, outputs, name="baseline")
 
