@@ -18,6 +18,7 @@ from chromalab.errors import ChromalabError
 from chromalab.tfrecords import (
     VARIANT_NAMES,
     contrast_variants,
+    epoch_order,
     load_split_arrays,
     make_dataset,
     read_dataset_info,
@@ -187,8 +188,8 @@ def test_eval_dataset_is_file_order_unaugmented_and_keeps_the_last_batch(built):
 def test_training_dataset_shuffles_reproducibly_and_drops_the_partial_batch(built):
     ids, _, ab = load_split_arrays(built["out"], "train")
     options = dict(training=True, flip_lr=False, contrast_aug=False, seed=3)
-    dataset = make_dataset(built["out"], "train", 4, **options)
-    assert len(dataset) == N_TRAIN // 4
+    dataset = make_dataset(built["out"], "train", 4, epochs=2, **options)
+    assert len(dataset) == 2 * (N_TRAIN // 4)  # two epochs of two batches each
     for augmented in (dataset, make_dataset(built["out"], "train", 4, training=True, flip_ud=True, contrast_aug=True)):
         lum_spec, ab_spec = augmented.element_spec  # static shapes: Keras builds the model from them
         assert lum_spec.shape == (4, SIZE, SIZE, 1) and ab_spec.shape == (4, SIZE, SIZE, 2)
@@ -196,11 +197,24 @@ def test_training_dataset_shuffles_reproducibly_and_drops_the_partial_batch(buil
     def order(epoch):  # photo indices, found by their (unaugmented) ab
         return [int(np.argmin(np.abs(ab - x).reshape(len(ab), -1).max(1))) for b in epoch for x in b[1]]
 
-    epoch1, epoch2 = batches(dataset), batches(dataset)
-    assert [b[0].shape[0] for b in epoch1] == [4, 4]
-    assert order(epoch1) != order(epoch2)  # reshuffled each epoch
+    both = batches(dataset)
+    epoch1, epoch2 = both[:2], both[2:]
+    assert [b[0].shape[0] for b in both] == [4, 4, 4, 4]
+    assert order(epoch1) != order(epoch2)  # a new order each epoch
     assert order(epoch1) != list(range(8))
-    assert order(batches(make_dataset(built["out"], "train", 4, **options))) == order(epoch1)  # seeded
+    # Epoch e's order is the documented rule of (seed, e) alone, the partial last batch dropped ...
+    assert order(epoch2) == list(epoch_order(3, 1, N_TRAIN)[:8])
+    assert list(epoch_order(3, 1, N_TRAIN)) == list(np.random.default_rng([3, 1]).permutation(N_TRAIN))
+    # ... so a run resumed at epoch 1 gets exactly epoch 1's batches, augmentation included.
+    for augmentation in (dict(flip_lr=False, contrast_aug=False), dict(flip_lr=True, flip_ud=True, contrast_aug=True)):
+        straight = batches(make_dataset(built["out"], "train", 4, training=True, seed=3, epochs=3, **augmentation))
+        resumed = batches(make_dataset(built["out"], "train", 4, training=True, seed=3, epochs=3, initial_epoch=1,
+                                       **augmentation))
+        assert len(resumed) == 4
+        for (l1, ab1), (l2, ab2) in zip(straight[2:], resumed, strict=True):
+            np.testing.assert_array_equal(l1, l2)
+            np.testing.assert_array_equal(ab1, ab2)
+    assert order(batches(make_dataset(built["out"], "train", 4, epochs=2, **options))[:2]) == order(epoch1)
     assert len(make_dataset(built["out"], "train", 16, training=True)) == 1  # fewer photos than a batch
 
 
@@ -222,14 +236,13 @@ def test_flips_move_L_and_ab_together(built, flip_ud):
     for transform in list(FLIPS.values())[1:]:  # the photos are asymmetric, so every flip is visible
         assert all(not np.array_equal(transform(x), x) for x in (*lum, *ab))
     dataset = make_dataset(built["out"], "train", 2, training=True, flip_lr=True, flip_ud=flip_ud,
-                           contrast_aug=False, seed=11)
+                           contrast_aug=False, seed=11, epochs=3)
     seen = []
-    for _ in range(3):
-        for batch_l, batch_ab in batches(dataset):
-            for sample_l, sample_ab in zip(batch_l, batch_ab):
-                _, flip, ab_follows = identify(sample_l, sample_ab, lum, ab, FLIPS)
-                assert ab_follows, f"L was flipped ({flip}) but ab was not flipped with it"
-                seen.append(flip)
+    for batch_l, batch_ab in batches(dataset):
+        for sample_l, sample_ab in zip(batch_l, batch_ab):
+            _, flip, ab_follows = identify(sample_l, sample_ab, lum, ab, FLIPS)
+            assert ab_follows, f"L was flipped ({flip}) but ab was not flipped with it"
+            seen.append(flip)
     assert set(seen) == ({"none", "lr", "ud", "both"} if flip_ud else {"none", "lr"})
 
 
@@ -246,23 +259,24 @@ def test_training_picks_contrast_variants_and_evaluation_never_does(built):
     for stack in stacks:  # all four L channels differ, so which one was used is unambiguous
         assert len({stack[..., k].tobytes() for k in range(4)}) == 4
 
-    def chosen(dataset, epochs):
+    def chosen(dataset):
         picks = []
-        for _ in range(epochs):
-            for batch_l, batch_ab in batches(dataset):
-                for sample_l, sample_ab in zip(batch_l, batch_ab):
-                    photo = next(i for i, x in enumerate(abs_) if np.array_equal(x, sample_ab))
-                    picks.append(next(k for k in range(4) if np.array_equal(stacks[photo][..., k:k + 1], sample_l)))
+        for batch_l, batch_ab in batches(dataset):
+            for sample_l, sample_ab in zip(batch_l, batch_ab):
+                photo = next(i for i, x in enumerate(abs_) if np.array_equal(x, sample_ab))
+                picks.append(next(k for k in range(4) if np.array_equal(stacks[photo][..., k:k + 1], sample_l)))
         return picks
 
-    training = make_dataset(built["out"], "train", 2, training=True, flip_lr=False, contrast_aug=True, seed=5)
-    picks = chosen(training, epochs=4)
+    training = make_dataset(built["out"], "train", 2, training=True, flip_lr=False, contrast_aug=True, seed=5,
+                            epochs=4)
+    picks = chosen(training)
     assert set(picks) == {0, 1, 2, 3}  # the original and each variant, over 40 draws
     assert picks.count(0) < len(picks) / 2  # uniform over four, not mostly the original
-    no_aug = make_dataset(built["out"], "train", 2, training=True, flip_lr=False, contrast_aug=False, seed=5)
-    assert set(chosen(no_aug, epochs=2)) == {0}
+    no_aug = make_dataset(built["out"], "train", 2, training=True, flip_lr=False, contrast_aug=False, seed=5,
+                          epochs=2)
+    assert set(chosen(no_aug)) == {0}
     evaluation = make_dataset(built["out"], "train", 2, training=False, contrast_aug=True)
-    assert set(chosen(evaluation, epochs=2)) == {0}
+    assert set(chosen(evaluation) + chosen(evaluation)) == {0}
 
 
 def test_dataset_without_variants_reads_and_warns_about_contrast_aug(built, tmp_path):

@@ -317,16 +317,33 @@ def _records(data_dir: Path, info: dict, split: str) -> "tf.data.Dataset":
     return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def epoch_order(seed: int, epoch: int, n_photos: int) -> np.ndarray:
+    """The order in which training sees the photos in epoch `epoch` (0-based, as Keras counts).
+
+    It depends only on (seed, epoch): a run resumed at epoch e sees exactly what an uninterrupted one would,
+    whatever backend or input path feeds it (the JAX on-device path uses this same function).
+    """
+    return np.random.default_rng([seed, epoch]).permutation(n_photos)
+
+
+def steps_per_epoch(n_photos: int, batch_size: int) -> int:
+    """Training batches per epoch: the partial last batch is dropped, unless that would leave none."""
+    return max(n_photos // batch_size, 1)
+
+
 def make_dataset(data_dir: Path, split: str, batch_size: int, *, training: bool, flip_lr: bool = True,
-                 flip_ud: bool = False, contrast_aug: bool = True, seed: int = 0, cache: bool = True,
+                 flip_ud: bool = False, contrast_aug: bool = True, seed: int = 0, epochs: int = 1,
+                 initial_epoch: int = 0, cache: bool = True,
                  drop_remainder: bool | None = None) -> "tf.data.Dataset":
     """Batches of (L [B,S,S,1], ab [B,S,S,2]) float32 from `split`.
 
-    training: shuffled over the whole split (seeded, reshuffled each epoch), random left-right / up-down
-    flips applied to L and ab together, and with `contrast_aug` the L channel drawn uniformly from the
-    original and its precomputed variants; the last partial batch is dropped unless that would leave no
-    batch. Otherwise: file order, no augmentation, every photo. `cache` keeps the decoded float16
-    records in memory (at 256 px: 1.5 MiB a photo with contrast_aug, 0.75 MiB without), so later
+    training: the batches of epochs `initial_epoch` … `epochs - 1` (as in Keras' `fit`; pass `fit` the
+    `steps_per_epoch`), one after the other. Epoch e visits the photos in `epoch_order(seed, e, n)`; each
+    photo's random left-right / up-down flip (L and ab together) and, with `contrast_aug`, its L channel
+    drawn uniformly from the original and its precomputed variants, are seeded by (seed, e, position), so
+    epoch e is the same whenever and wherever it runs. An epoch's last partial batch is dropped unless that
+    would leave no batch. Otherwise: file order, no augmentation, every photo. `cache` keeps the decoded
+    float16 records in memory (at 256 px: 1.5 MiB a photo with contrast_aug, 0.75 MiB without), so later
     epochs read no file.
     """
     import tensorflow as tf
@@ -342,12 +359,12 @@ def make_dataset(data_dir: Path, split: str, batch_size: int, *, training: bool,
     # L channels to keep: the original, plus its variants only where training will draw from them.
     n_choices = 1 + n_variants if training and contrast_aug else 1
     dataset = _records(data_dir, info, split).map(lambda photo_id, l_stack, ab: (l_stack[..., :n_choices], ab))
-    if cache:
-        dataset = dataset.cache()
 
     if training:
-        def augment(photo: tuple[tf.Tensor, tf.Tensor], seed_pair: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            l_stack, ab = photo
+        if not 0 <= initial_epoch < epochs:
+            raise ChromalabError(f"make_dataset: need 0 <= initial_epoch < epochs, got {initial_epoch} and {epochs}")
+
+        def augment(l_stack: tf.Tensor, ab: tf.Tensor, seed_pair: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             pick_seed, lr_seed, ud_seed = tf.unstack(tf.random.experimental.stateless_split(seed_pair, 3))
             lum = l_stack
             if n_choices > 1:  # gather, not a slice, so the channel count stays static (1) for Keras
@@ -362,22 +379,43 @@ def make_dataset(data_dir: Path, split: str, batch_size: int, *, training: bool,
             image = tf.cast(image, tf.float32)
             return image[..., :1], image[..., 1:]
 
-        dataset = dataset.shuffle(n_photos, seed=seed, reshuffle_each_iteration=True)
-        # A seeded stream of per-photo seeds that differs each epoch: stateless ops stay reproducible
-        # under parallel map, unlike a shared random generator.
-        seed_pairs = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        dataset = tf.data.Dataset.zip(dataset, seed_pairs).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        # The whole split as one element, so that any epoch's order can pick photos by index.
+        whole = dataset.batch(n_photos)
+        if cache:
+            whole = whole.cache()
+        steps = steps_per_epoch(n_photos, batch_size)
         if drop_remainder is None:
             drop_remainder = n_photos >= batch_size
+        orders = np.stack([epoch_order(seed, e, n_photos) for e in range(initial_epoch, epochs)])
+
+        def one_epoch(epoch: tf.Tensor, order: tf.Tensor) -> tf.data.Dataset:
+            def photos(l_all: tf.Tensor, ab_all: tf.Tensor) -> tf.data.Dataset:
+                def pick(position: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+                    # Stateless ops seeded by (seed, epoch, position): reproducible under parallel map.
+                    seed_pair = tf.random.experimental.stateless_fold_in(
+                        tf.stack([tf.constant(seed, tf.int64), epoch]), position)
+                    return augment(l_all[index], ab_all[index], seed_pair)
+
+                positions = tf.range(n_photos, dtype=tf.int64)
+                return tf.data.Dataset.from_tensor_slices((positions, order)).map(
+                    pick, num_parallel_calls=tf.data.AUTOTUNE)
+
+            return whole.flat_map(photos).batch(batch_size, drop_remainder=drop_remainder)
+
+        epoch_ids = np.arange(initial_epoch, epochs, dtype=np.int64)
+        dataset = tf.data.Dataset.from_tensor_slices((epoch_ids, orders)).flat_map(one_epoch)
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality((epochs - initial_epoch) * steps))
     else:
+        if cache:
+            dataset = dataset.cache()
         dataset = dataset.map(lambda lum, ab: (tf.cast(lum, tf.float32), tf.cast(ab, tf.float32)),
                               num_parallel_calls=tf.data.AUTOTUNE)
-        drop_remainder = bool(drop_remainder)
+        dataset = dataset.batch(batch_size, drop_remainder=bool(drop_remainder))
     # Across workers, shard by example: sharding by file fails when a split has fewer files than workers.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     dataset = dataset.with_options(options)
-    return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def load_split_arrays(data_dir: Path, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
