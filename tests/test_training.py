@@ -98,39 +98,119 @@ def test_tiny_model_overfits_with_finite_falling_loss_and_mlflow_holds_the_run(w
     assert logged.predict(L, verbose=0).shape == (2, 32, 32, 2)
 
 
-def test_a_killed_run_resumes_from_its_checkpoint_in_the_same_mlflow_run(workdir):
-    params = {**TINY, "train": {**TINY["train"], "checkpoint_every": 5, "val_every": 50, "sample_every": 50},
-              "gan": {**TINY["gan"], "epochs": 60}}
-    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
-    state_file = workdir / "models/gan/checkpoint/state.json"
-    cmd = [str(BIN / "chromalab"), "train", "gan"]
-    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    killed_at = 0
+# Runs `chromalab train gan` with TensorFlow's deterministic ops, and records what training is fed: epoch by
+# epoch, a fingerprint of every (L, ab) sample of the training dataset it builds (the same deterministic
+# pipeline, iterated once more here).
+RECORDING_TRAIN = textwrap.dedent("""
+    import hashlib, json, sys
+    import tensorflow as tf
+    tf.config.experimental.enable_op_determinism()
+    from chromalab import tfrecords
+    from chromalab.config import load_params
+    from chromalab.training import run_train
+
+    real_make_dataset = tfrecords.make_dataset
+
+    def recording(data_dir, split, batch_size, **options):
+        if options.get("training"):
+            first, steps = options["initial_epoch"], tfrecords.steps_per_epoch(8, batch_size)
+            fed = {}
+            for i, (L, ab) in enumerate(real_make_dataset(data_dir, split, batch_size, **options)):
+                for l_img, ab_img in zip(L.numpy(), ab.numpy()):
+                    digest = hashlib.sha256(l_img.tobytes() + ab_img.tobytes()).hexdigest()[:12]
+                    fed.setdefault(first + i // steps, []).append(digest)
+            with open("fed.jsonl", "a") as f:
+                f.write(json.dumps(fed) + "\\n")
+        return real_make_dataset(data_dir, split, batch_size, **options)
+
+    tfrecords.make_dataset = recording
+    run_train(load_params(), "gan")
+""")
+
+
+def _repo(path: Path, dataset: Path, params: dict) -> Path:
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], cwd=path, check=True)
+    (path / "data").mkdir()
+    (path / "data/tfrecords").symlink_to(dataset)
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    return path
+
+
+def _fed_epochs(repo: Path) -> list[dict[int, list[str]]]:
+    """Per process, the samples its training dataset feeds, by epoch (0-based)."""
+    lines = (repo / "fed.jsonl").read_text().splitlines()
+    return [{int(e): v for e, v in json.loads(line).items()} for line in lines]
+
+
+def _mlflow_history(repo: Path) -> tuple[str, dict[str, list[int]]]:
+    """The one run's id and, per metric, the steps logged, with repeats (not a set)."""
+    client = _client(repo)
+    runs = client.search_runs([client.get_experiment_by_name("chromalab").experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run_id = runs[0].info.run_id
+    return run_id, {key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in runs[0].data.metrics}
+
+
+def _final_weights(repo: Path) -> list[np.ndarray]:
+    import keras
+
+    return [np.asarray(w) for w in keras.saving.load_model(repo / "models/gan/model.keras", compile=False).weights]
+
+
+def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, dataset):
+    """20 epochs straight against the same run SIGKILLed after a checkpoint and started again: the same
+    photos in the same order each epoch, the same MLflow steps (each once), the same final weights."""
+    epochs = 20
+    params = {**TINY, "train": {**TINY["train"], "checkpoint_every": 2, "val_every": 3, "sample_every": 4},
+              "gan": {**TINY["gan"], "epochs": epochs}}  # decay_epochs: half, so the schedule resumes too
+    cmd = [sys.executable, "-c", RECORDING_TRAIN]
+    straight = _repo(tmp_path / "straight", dataset, params)
+    done = subprocess.run(cmd, cwd=straight, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = _repo(tmp_path / "killed", dataset, params)
+    state_file = killed / "models/gan/checkpoint/state.json"
+    proc = subprocess.Popen(cmd, cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         if state_file.is_file():
             state = json.loads(state_file.read_text())
-            if state.get("status") == "running" and state.get("epoch", 0) >= 10:
+            if state.get("status") == "running" and 6 <= state.get("epoch", 0) < epochs:
                 proc.send_signal(signal.SIGKILL)
-                killed_at = state["epoch"]
                 break
-        time.sleep(0.02)
+        time.sleep(0.01)
     proc.wait()
-    assert killed_at, f"no checkpoint at epoch ≥ 10 before the run ended:\n{proc.stderr.read().decode()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, f"not killed mid-run:\n{proc.stderr.read().decode()[-2000:]}"
     run_id = json.loads(state_file.read_text())["mlflow_run_id"]
-
-    second = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(cmd, cwd=killed, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    resumed_from = json.loads(state_file.read_text())  # complete now
-    assert "resuming gan from its checkpoint at epoch " in second.stderr
-    assert resumed_from["status"] == "complete" and resumed_from["mlflow_run_id"] == run_id
-    history = read_history(workdir / "reports/gan/history.csv")
-    assert [row["epoch"] for row in history] == list(range(1, 61))  # no gap, no repeat
-    client = _client(workdir)
-    runs = client.search_runs([client.get_experiment_by_name("chromalab").experiment_id])
-    assert [r.info.run_id for r in runs] == [run_id]
-    steps = {m.step for m in client.get_metric_history(run_id, "g_l1")}
-    assert steps == set(range(1, 61))
+    resumed_at = int(second.stderr.split("resuming gan from its checkpoint at epoch ")[1].split("/")[0])
+    assert 6 <= resumed_at < epochs
+
+    # The same samples (photo, flip, contrast variant) in the same order, epoch by epoch.
+    (fed_straight,), (fed_first, fed_resumed) = _fed_epochs(straight), _fed_epochs(killed)
+    assert sorted(fed_straight) == list(range(epochs)) and sorted(fed_resumed) == list(range(resumed_at, epochs))
+    fed_killed = {e: fed_first[e] if e < resumed_at else fed_resumed[e] for e in range(epochs)}
+    assert fed_killed == fed_straight
+    assert fed_straight[0] != fed_straight[1]  # a new order each epoch, so the check above can fail
+
+    # MLflow: one run, every per-epoch metric at steps 1..20 exactly once, as in the straight run.
+    straight_run, straight_steps = _mlflow_history(straight)
+    killed_run, killed_steps = _mlflow_history(killed)
+    assert killed_run == run_id
+    assert killed_steps == straight_steps
+    assert killed_steps["g_l1"] == killed_steps["epoch_seconds"] == list(range(1, epochs + 1))
+    assert killed_steps["val_ssim"] == [3, 6, 9, 12, 15, 18]
+    history = read_history(killed / "reports/gan/history.csv")
+    assert [row["epoch"] for row in history] == list(range(1, epochs + 1))
+
+    # Weights, optimizer state (Adam's moments and step count, which the decaying rate follows) and dropout
+    # RNG state were restored: with deterministic ops the resumed run ends with the straight run's weights.
+    for a, b in zip(_final_weights(straight), _final_weights(killed), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_changed_params_start_afresh_instead_of_resuming(workdir, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from chromalab.errors import ChromalabError
 
@@ -81,7 +81,33 @@ class TrainParams(_Group):
     xla: Switch = "auto"
 
 
-class BaselineParams(_Group):
+class _Schedule(_Group):
+    """A model trained for `epochs`, its rate decaying linearly to zero over the last `decay_epochs`
+    ("half": the last half, pix2pix's schedule, following `epochs`; 0: a constant rate)."""
+
+    epochs: int = Field(100, ge=1)
+    decay_epochs: int | str = 0
+
+    @field_validator("decay_epochs")
+    @classmethod
+    def _whole_or_half(cls, v: int | str) -> int | str:
+        if v != "half" and not (isinstance(v, int) and v >= 0):
+            raise ValueError(f"must be a whole number of epochs >= 0 or half, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _decay_within_training(self):
+        if self.decay_epochs != "half" and self.decay_epochs > self.epochs:
+            raise ValueError(f"decay_epochs ({self.decay_epochs}) must not exceed epochs ({self.epochs}): "
+                             "the rate decays over the last decay_epochs of training (or say half)")
+        return self
+
+    @property
+    def n_decay_epochs(self) -> int:
+        return self.epochs // 2 if self.decay_epochs == "half" else self.decay_epochs
+
+
+class BaselineParams(_Schedule):
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
@@ -89,8 +115,9 @@ class BaselineParams(_Group):
     width: float = Field(1.0, gt=0)
 
 
-class GanParams(_Group):
+class GanParams(_Schedule):
     epochs: int = Field(200, ge=1)
+    decay_epochs: int | str = "half"  # pix2pix
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
     beta_1: float = Field(0.5, ge=0, lt=1)

@@ -1,8 +1,11 @@
 """Stage `train@<model>`: fit the baseline CNN or the pix2pix GAN on the Lab TFRecords.
 
 Both models go through `model.fit`: the baseline with a compiled loss, the GAN as chromalab.gan.Pix2Pix.
-A killed run resumes from its last checkpoint (weights, optimizer state, epoch, history and the same
-MLflow run); changed params start afresh.
+A killed run resumes from its last checkpoint (weights, optimizer state, dropout RNG state, epoch, history and
+the same MLflow run) and continues exactly as an uninterrupted run would: epoch e's photo order and
+augmentation depend only on (seed, e) (chromalab.tfrecords.epoch_order), the learning-rate schedule on the
+optimizer's restored step count, and MLflow only ever holds checkpointed epochs (EpochRecorder). Changed params
+start afresh.
 """
 
 from __future__ import annotations
@@ -131,9 +134,19 @@ def params_fingerprint(params: Params, model_name: str, dataset_hash: str) -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _rng_states(model: keras.Model) -> list:
+    """The layers' random-seed states (dropout), in model order: `variables` beyond the saved `weights`."""
+    saved = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in saved]
+
+
 @dataclass
 class Checkpoint:
-    """A folder DVC keeps in place (`persist: true`): state.weights.h5 + state.json + history.csv."""
+    """A folder DVC keeps in place (`persist: true`): state.weights.h5 + state.json + history.csv.
+
+    The weights file holds the model's and the optimizer's variables (its step count included); state.json
+    adds the dropout layers' seed states, which `save_weights` leaves out, so resumed dropout masks match.
+    """
 
     folder: Path
 
@@ -155,12 +168,24 @@ class Checkpoint:
 
     def save(self, model: keras.Model, state: dict, history: list[dict]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        state["rng_states"] = [np.asarray(v).tolist() for v in _rng_states(model)]
         tmp_weights = self.folder / ".tmp-state.weights.h5"
         model.save_weights(tmp_weights, overwrite=True)
         os.replace(tmp_weights, self.weights)
         write_history(self.folder / "history.csv", history)
         # state.json last: it is what says "this checkpoint is complete".
         write_text_atomic(self.state_file, json.dumps(state, indent=2))
+
+    def restore(self, model: keras.Model, state: dict) -> None:
+        """Weights, optimizer state (with its step count: the learning-rate schedule follows it) and RNG states."""
+        model.optimizer.build(model.trainable_variables)  # create the slots the checkpoint fills
+        model.load_weights(self.weights)
+        variables, values = _rng_states(model), state.get("rng_states", [])
+        if len(variables) != len(values):
+            raise ChromalabError(f"{self.state_file} holds {len(values)} RNG states but the model has "
+                                 f"{len(variables)}: delete {self.folder} to start afresh")
+        for variable, value in zip(variables, values):
+            variable.assign(np.asarray(value, dtype=variable.dtype))
 
     def history(self) -> list[dict]:
         return read_history(self.folder / "history.csv")
@@ -205,6 +230,15 @@ def sample_sheet(L: np.ndarray, pred_ab: np.ndarray, true_ab: np.ndarray) -> np.
 
 
 class EpochRecorder(keras.callbacks.Callback):
+    """Each epoch's row joins the history; every `checkpoint_every` epochs (and at the last) a checkpoint is
+    saved and only then are the rows and sample sheets since the previous one sent to MLflow.
+
+    MLflow therefore never holds an epoch that a kill could lose: a resumed run re-trains those epochs and
+    logs each step once. (MLflow has no API to delete logged metric values, and deleting rows from its
+    database behind its back would not work for a tracking server.) The price: the MLflow UI lags by up to
+    `checkpoint_every` epochs; the console shows every epoch.
+    """
+
     def __init__(self, *, checkpoint: Checkpoint, state: dict, history: list[dict], train_params,
                  total_epochs: int, samples: tuple[np.ndarray, np.ndarray], images_per_epoch: int):
         super().__init__()
@@ -216,6 +250,8 @@ class EpochRecorder(keras.callbacks.Callback):
         self.samples = samples
         self.images_per_epoch = images_per_epoch
         self._epoch_start = 0.0
+        self._unlogged: list[dict] = []
+        self._unlogged_sheets: list[tuple[np.ndarray, int]] = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_start = time.perf_counter()
@@ -228,26 +264,70 @@ class EpochRecorder(keras.callbacks.Callback):
         row = {"epoch": done, **{k: float(v) for k, v in (logs or {}).items()},
                "epoch_seconds": seconds, "images_per_second": self.images_per_epoch / seconds}
         self.history_rows.append(row)
-        tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, done)
+        self._unlogged.append(row)
         if done % self.train_params.sample_every == 0 or done == self.total_epochs:
             L, ab = self.samples
             generator = getattr(self.model, "generator", self.model)
             pred = np.asarray(ops.convert_to_numpy(generator(L, training=False)), dtype=np.float32)
-            tracking.log_sample_sheet(sample_sheet(L, pred, ab), done)
-        if done % self.train_params.checkpoint_every == 0 and done < self.total_epochs:
+            self._unlogged_sheets.append((sample_sheet(L, pred, ab), done))
+        if done % self.train_params.checkpoint_every == 0 or done == self.total_epochs:
             self.state["epoch"] = done
             self.checkpoint.save(self.model, self.state, self.history_rows)
+            self.log_rows(self._unlogged)
+            for sheet, step in self._unlogged_sheets:
+                tracking.log_sample_sheet(sheet, step)
+            self._unlogged, self._unlogged_sheets = [], []
+
+    @staticmethod
+    def log_rows(rows: list[dict]) -> None:
+        from chromalab import tracking
+
+        for row in rows:
+            tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+
+    def log_checkpointed_rows_mlflow_lacks(self, run_id: str) -> None:
+        """After a kill between a checkpoint and its MLflow logging: log the checkpoint's rows MLflow lacks."""
+        import mlflow
+
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "epoch_seconds")}
+        self.log_rows([row for row in self.history_rows if row["epoch"] not in logged])
 
 
 # --- the stage --------------------------------------------------------------------------------
 
 
-def build_for_training(model_name: str, params: Params, image_size: int, jit_compile: bool) -> keras.Model:
+class ConstantThenLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """pix2pix's schedule: `rate` until the last `decay_steps` steps, then linearly down to zero.
+
+    A function of the optimizer's step count, which the checkpoint restores: a resumed run continues the
+    same curve.
+    """
+
+    def __init__(self, rate: float, total_steps: int, decay_steps: int):
+        self.rate, self.total_steps, self.decay_steps = float(rate), int(total_steps), int(decay_steps)
+
+    def __call__(self, step):
+        remaining = ops.cast(self.total_steps, "float32") - ops.cast(step, "float32")
+        return self.rate * ops.clip(remaining / self.decay_steps, 0.0, 1.0)
+
+    def get_config(self) -> dict:
+        return {"rate": self.rate, "total_steps": self.total_steps, "decay_steps": self.decay_steps}
+
+
+def learning_rate(p, steps_per_epoch: int):
+    """The model's rate: constant, or constant then decaying to zero over its last `decay_epochs`."""
+    if not p.n_decay_epochs:
+        return p.learning_rate
+    return ConstantThenLinearDecay(p.learning_rate, p.epochs * steps_per_epoch, p.n_decay_epochs * steps_per_epoch)
+
+
+def build_for_training(model_name: str, params: Params, image_size: int, jit_compile: bool,
+                       steps_per_epoch: int = 1) -> keras.Model:
     if model_name == "baseline":
         p = params.baseline
         model = build_baseline(image_size, width=p.width)
         loss = losses.ssim_loss if p.loss == "ssim" else losses.ms_ssim_loss
-        optimizer = keras.optimizers.RMSprop(p.learning_rate)
+        optimizer = keras.optimizers.RMSprop(learning_rate(p, steps_per_epoch))
         model.compile(optimizer=optimizer, loss=loss, metrics=list(validation_trackers().values()),
                       jit_compile=jit_compile)
         return model
@@ -255,7 +335,8 @@ def build_for_training(model_name: str, params: Params, image_size: int, jit_com
     gan = Pix2Pix(build_generator(image_size, width=p.width), build_discriminator(image_size, width=p.width),
                   l1_lambda=p.l1_lambda)
     # Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer itself (auto_scale_loss).
-    gan.compile(optimizer=keras.optimizers.Adam(p.learning_rate, beta_1=p.beta_1), jit_compile=jit_compile)
+    gan.compile(optimizer=keras.optimizers.Adam(learning_rate(p, steps_per_epoch), beta_1=p.beta_1),
+                jit_compile=jit_compile)
     return gan
 
 
@@ -290,7 +371,7 @@ def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tf
 def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, reports_root: Path,
            strategy) -> dict:
     from chromalab import tracking
-    from chromalab.tfrecords import load_split_arrays, make_dataset, read_dataset_info
+    from chromalab.tfrecords import load_split_arrays, make_dataset, read_dataset_info, steps_per_epoch
 
     info = read_dataset_info(data_dir)
     image_size = int(info["image_size"])
@@ -326,28 +407,33 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         state, initial_epoch, history = {"fingerprint": fingerprint, "status": "running", "epoch": 0}, 0, []
 
     global_batch = mp.batch_size * replica_count(strategy)
+    n_train = int(info["counts"]["train"])
+    steps = steps_per_epoch(n_train, global_batch)
+    # Only the epochs still to run; nothing when the last checkpoint is the final epoch.
     train_ds = make_dataset(data_dir, "train", global_batch, training=True, flip_lr=train_p.flip_lr,
-                            flip_ud=train_p.flip_ud, contrast_aug=train_p.contrast_aug, seed=params.base.seed)
+                            flip_ud=train_p.flip_ud, contrast_aug=train_p.contrast_aug, seed=params.base.seed,
+                            epochs=mp.epochs, initial_epoch=initial_epoch) if initial_epoch < mp.epochs else None
     val_ds = make_dataset(data_dir, "test", global_batch, training=False)
     _, sample_L, sample_ab = load_split_arrays(data_dir, "test")
     samples = (sample_L[: train_p.n_samples], sample_ab[: train_p.n_samples])
 
     with strategy.scope() if strategy is not None else nullcontext():
-        model = build_for_training(model_name, params, image_size, jit_compile)
+        model = build_for_training(model_name, params, image_size, jit_compile, steps)
     if initial_epoch:
-        model.optimizer.build(model.trainable_variables)  # create the slots the checkpoint fills
-        model.load_weights(checkpoint.weights)
+        checkpoint.restore(model, state)
 
-    n_train = int(info["counts"]["train"])
     with tracking.model_run(model_name, params, dataset_hash=dataset_hash, stage=f"train@{model_name}",
                             run_id=state.get("mlflow_run_id")) as run:
         state["mlflow_run_id"] = run.info.run_id
         recorder = EpochRecorder(checkpoint=checkpoint, state=state, history=history, train_params=train_p,
                                  total_epochs=mp.epochs, samples=samples, images_per_epoch=n_train)
+        if initial_epoch:
+            recorder.log_checkpointed_rows_mlflow_lacks(run.info.run_id)
         started = time.perf_counter()
-        model.fit(train_ds, epochs=mp.epochs, initial_epoch=initial_epoch, validation_data=val_ds,
-                  validation_freq=train_p.val_every, callbacks=[recorder], shuffle=False,  # tf.data shuffles
-                  verbose=1 if sys.stdout.isatty() else 2)
+        if train_ds is not None:
+            model.fit(train_ds, epochs=mp.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
+                      validation_data=val_ds, validation_freq=train_p.val_every, callbacks=[recorder],
+                      shuffle=False, verbose=1 if sys.stdout.isatty() else 2)  # make_dataset orders the photos
         train_seconds = time.perf_counter() - started
         metrics = _final_metrics(model, val_ds, history, params, model_name, train_seconds)
         metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run; `dvc exp show` links to it
