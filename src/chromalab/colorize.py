@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from chromalab.color import lab_norm_to_rgb, rgb_to_lab_norm
+from chromalab.color import lab_norm_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.config import MODEL_NAMES
 from chromalab.errors import ChromalabError
 from chromalab.files import atomic_file
@@ -236,7 +236,7 @@ def _gray_lightness_table(levels: int) -> np.ndarray:
 def _rgb_lightness(rgb: np.ndarray) -> np.ndarray:
     lightness = np.empty(rgb.shape[:2], dtype=np.float32)
     for rows in _stripes(*rgb.shape[:2]):
-        lightness[rows] = rgb_to_lab_norm(rgb[rows])[..., 0]
+        lightness[rows] = rgb8_lightness_norm(rgb[rows])
     return lightness
 
 
@@ -268,7 +268,7 @@ def lab_to_rgb8(lightness: np.ndarray, ab: np.ndarray) -> np.ndarray:
     """Full-resolution L/100 [H, W] and ab/128 [H, W, 2] → uint8 RGB [H, W, 3], in stripes."""
     rgb = np.empty((*lightness.shape, 3), dtype=np.uint8)
     for rows in _stripes(*lightness.shape):
-        rgb[rows] = np.rint(lab_norm_to_rgb(lightness[rows], ab[rows]) * 255.0)
+        rgb[rows] = lab_norm_to_rgb8(lightness[rows], ab[rows])
     return rgb
 
 

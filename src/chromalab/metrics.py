@@ -111,7 +111,7 @@ def photo_metrics(l_norm: np.ndarray, true_ab: np.ndarray, pred_ab: np.ndarray) 
     """All metrics of one photo: normalised L [S, S] or [S, S, 1], true and predicted ab [S, S, 2].
 
     ΔE00 is computed on the Lab values themselves (the prediction before any gamut clipping); the RGB
-    metrics on the displayed images, which `lab_norm_to_rgb` clips into gamut.
+    metrics on the displayed images, which `lab_norm_to_rgb` maps into gamut.
     """
     l_norm = np.asarray(l_norm, dtype=np.float64)
     if l_norm.ndim == 3:
