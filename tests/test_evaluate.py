@@ -49,6 +49,7 @@ REPORTS = Path("reports/evaluate")
 # ab and L are stored as float16 and the metrics run in float64: sums over a few thousand pixels agree to
 # ~1e-7 relative; the model predictions are recomputed here, at another batch size, so allow a little more.
 REL = 1e-5
+FAILURE_KEYS = ("delta_e00_median", "delta_e00_p90", "beats_gray")
 
 
 def tiny_params(**overrides: dict):
@@ -194,11 +195,12 @@ def test_each_models_run_gets_its_test_metrics_the_gray_floors_and_the_pictures(
         run = client.get_run(train_run_id(name))
         assert run.info.status == "FINISHED"
         logged = run.data.metrics
-        for key in METRIC_KEYS:
+        for key in (*METRIC_KEYS, *FAILURE_KEYS):
             assert logged[f"test_{key}"] == pytest.approx(summary[name][key])
             assert logged[f"test_gray_floor_{key}"] == pytest.approx(summary[GRAY_FLOOR][key])
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
-        assert artifacts == {"evaluate/comparison.png", "evaluate/metrics_chart.png"}
+        assert artifacts == {f"evaluate/{picture}" for picture in
+                             ("comparison.png", "metrics_chart.png", "delta_e00_hist.png", "worst.png")}
     # Evaluating must not turn its choice of store into an override for everything after it.
     assert "MLFLOW_TRACKING_URI" not in os.environ
 
@@ -234,3 +236,38 @@ def test_re_evaluating_after_a_retrain_reports_the_new_model_into_its_new_run(ev
     for key in ("ab_mse", "delta_e00", "colourfulness"):
         assert new_metrics[f"test_{key}"] == pytest.approx(after["gan"][key])
         assert old_metrics[f"test_{key}"] == pytest.approx(before["gan"][key])  # the old run keeps its own
+
+
+def test_failures_are_counted_per_photo_not_averaged_away(evaluated, split_arrays):
+    summary = strict_json(REPORTS / "metrics.json")
+    rows = read_rows()
+    delta_e = {name: np.array([float(r["delta_e00"]) for r in rows if r["model"] == name]) for name in PREDICTORS}
+    for name in PREDICTORS:
+        assert summary[name]["delta_e00_median"] == pytest.approx(np.median(delta_e[name]))
+        assert summary[name]["delta_e00_p90"] == pytest.approx(np.percentile(delta_e[name], 90))
+        wins = sum(float(m) < float(g) for m, g in zip(delta_e[name], delta_e[GRAY_FLOOR]))
+        assert summary[name]["beats_gray"] == pytest.approx(wins / N_TEST)
+        assert 0.0 <= summary[name]["out_of_gamut"] <= 1.0
+    assert summary[GRAY_FLOOR]["beats_gray"] == 0.0 and summary[GRAY_FLOOR]["out_of_gamut"] == 0.0
+    assert summary[GRAY_FLOOR]["edge_chroma_gap"] == 0.0
+    # The truth's own edge gap is the photos', the same whichever predictor it sits beside.
+    assert len({round(summary[name]["edge_chroma_gap_true"], 9) for name in PREDICTORS}) == 1
+
+
+def test_worst_sheet_shows_each_models_worst_photos_beside_gray_and_truth(evaluated):
+    with Image.open(REPORTS / "worst.png") as png:
+        sheet = np.asarray(png.convert("RGB")).astype(np.int16)
+    height, width = sheet.shape[:2]
+    n_rows = min(evaluated.params.evaluate.n_worst, N_TEST)
+    columns = 3 * len(MODEL_NAMES)  # gray | model | truth for each model
+    assert width / height == pytest.approx(columns * 2.0 / (n_rows * 2.2), rel=0.05)
+    chroma = sheet.max(axis=-1) - sheet.min(axis=-1)
+    block = width // len(MODEL_NAMES)
+    for b in range(len(MODEL_NAMES)):
+        third = block // 3  # the middle of each third, clear of the margins
+        gray_column = chroma[:, b * block + third // 4: b * block + 3 * third // 4]
+        truth_column = chroma[:, (b + 1) * block - 3 * third // 4: (b + 1) * block - third // 4]
+        assert gray_column.max() <= 2  # gray input, no colour
+        assert (truth_column > 20).mean() > 0.02  # the real photos, in colour
+    with Image.open(REPORTS / "delta_e00_hist.png") as png:
+        assert png.format == "PNG" and (np.asarray(png.convert("L")) < 128).any()

@@ -127,6 +127,7 @@ class GanParams(_Schedule):
 
 class EvaluateParams(_Group):
     n_sheet: int = Field(8, ge=1)
+    n_worst: int = Field(6, ge=1)
     batch_size: int = Field(16, ge=1)
 
 

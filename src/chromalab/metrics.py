@@ -12,6 +12,10 @@ Keys of `photo_metrics` (all floats):
   colourfulness                    Hasler & Süsstrunk (2003) of the prediction, on 0-255 RGB
   colourfulness_true               the same for the true photo
   colourfulness_gap                colourfulness - colourfulness_true (< 0: the prediction is too dull)
+  out_of_gamut                     share of the prediction's pixels outside sRGB before gamut mapping
+  edge_chroma_gap                  mean chroma (Lab units) of the prediction's rightmost EDGE_FRACTION of
+                                   columns minus its leftmost: a one-sided edge artefact shows here
+  edge_chroma_gap_true             the same for the true photo, for scale
 
 Every function takes one image [H, W, C]; `colourfulness` and `delta_e00` also take batches [..., H, W, C].
 """
@@ -26,7 +30,7 @@ import numpy as np
 from skimage import color as skcolor
 from skimage.metrics import structural_similarity
 
-from chromalab.color import AB_SCALE, L_SCALE, lab_norm_to_rgb, to_float_rgb
+from chromalab.color import AB_SCALE, L_SCALE, lab_norm_to_rgb, out_of_gamut, to_float_rgb
 from chromalab.errors import ChromalabError
 
 AB_DATA_RANGE = 2.0  # ab/128 spans [-1, 1] (the models' tanh output)
@@ -35,12 +39,14 @@ RGB_DATA_RANGE = 1.0
 # Saved at 8 bits, any two images whose difference is below the quantisation noise of ±0.5 LSB
 # (MSE = (1/255)² / 12) are indistinguishable, so PSNR is capped at that noise level: ≈ 58.9 dB.
 PSNR_CAP_DB = 10.0 * math.log10(12.0 * 255.0**2)
+EDGE_FRACTION = 10 / 64  # issue 11 measured the baseline's edge artefact on 10 columns of 64
 
 METRIC_KEYS = (
     "ab_ssim", "ab_mse", "ab_mae",
     "rgb_ssim", "rgb_mse", "rgb_mae", "rgb_psnr",
     "delta_e00",
     "colourfulness", "colourfulness_true", "colourfulness_gap",
+    "out_of_gamut", "edge_chroma_gap", "edge_chroma_gap_true",
 )
 
 
@@ -98,6 +104,15 @@ def colourfulness(rgb: np.ndarray) -> float | np.ndarray:
     return float(value) if np.ndim(value) == 0 else value
 
 
+def edge_chroma_gap(ab_norm: np.ndarray) -> float:
+    """Mean chroma sqrt(a² + b²) in Lab units of the rightmost EDGE_FRACTION of columns of ab [H, W, 2]
+    minus that of the leftmost: about 0 for a photo, large for a model that paints one edge."""
+    ab = np.asarray(ab_norm, dtype=np.float64) * AB_SCALE
+    chroma = np.hypot(ab[..., 0], ab[..., 1])
+    cols = max(1, round(chroma.shape[-1] * EDGE_FRACTION))
+    return float(chroma[..., -cols:].mean() - chroma[..., :cols].mean())
+
+
 def gray_floor(true_ab: np.ndarray) -> np.ndarray:
     """The 'no colour' prediction (ab = 0) every model must beat."""
     return np.zeros_like(true_ab)
@@ -138,6 +153,9 @@ def photo_metrics(l_norm: np.ndarray, true_ab: np.ndarray, pred_ab: np.ndarray) 
         "colourfulness": pred_colourfulness,
         "colourfulness_true": true_colourfulness,
         "colourfulness_gap": pred_colourfulness - true_colourfulness,
+        "out_of_gamut": float(out_of_gamut(l_norm, pred_ab).mean()),
+        "edge_chroma_gap": edge_chroma_gap(pred_ab),
+        "edge_chroma_gap_true": edge_chroma_gap(true_ab),
     }
 
 
