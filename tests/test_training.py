@@ -168,27 +168,33 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, dataset):
               "gan": {**TINY["gan"], "epochs": epochs}}  # decay_epochs: half, so the schedule resumes too
     cmd = [sys.executable, "-c", RECORDING_TRAIN]
     straight = _repo(tmp_path / "straight", dataset, params)
-    done = subprocess.run(cmd, cwd=straight, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-
     killed = _repo(tmp_path / "killed", dataset, params)
-    state_file = killed / "models/gan/checkpoint/state.json"
-    proc = subprocess.Popen(cmd, cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state_file.is_file():
-            state = json.loads(state_file.read_text())
-            if state.get("status") == "running" and 6 <= state.get("epoch", 0) < epochs:
-                proc.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"not killed mid-run:\n{proc.stderr.read().decode()[-2000:]}"
-    run_id = json.loads(state_file.read_text())["mlflow_run_id"]
-    second = subprocess.run(cmd, cwd=killed, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
-    resumed_at = int(second.stderr.split("resuming gan from its checkpoint at epoch ")[1].split("/")[0])
-    assert 6 <= resumed_at < epochs
+    # Side by side: the straight run in the background while the other is started, killed and resumed.
+    # (stderr to files: a full pipe nobody reads would stall a run)
+    done = subprocess.Popen(cmd, cwd=straight, stdout=subprocess.DEVNULL, stderr=(tmp_path / "straight.err").open("w"))
+    try:
+        state_file = killed / "models/gan/checkpoint/state.json"
+        proc = subprocess.Popen(cmd, cwd=killed, stdout=subprocess.DEVNULL, stderr=(tmp_path / "killed.err").open("w"))
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state_file.is_file():
+                state = json.loads(state_file.read_text())
+                if state.get("status") == "running" and 6 <= state.get("epoch", 0) < epochs:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.01)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"not killed mid-run:\n{(tmp_path / 'killed.err').read_text()[-2000:]}"
+        run_id = json.loads(state_file.read_text())["mlflow_run_id"]
+        second = subprocess.run(cmd, cwd=killed, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 0, second.stderr[-3000:]
+        resumed_at = int(second.stderr.split("resuming gan from its checkpoint at epoch ")[1].split("/")[0])
+        assert 6 <= resumed_at < epochs
+        assert done.wait(timeout=600) == 0, (tmp_path / "straight.err").read_text()[-3000:]
+    finally:  # never leave the straight run behind
+        if done.poll() is None:
+            done.kill()
+            done.wait()
 
     # The same samples (photo, flip, contrast variant) in the same order, epoch by epoch.
     (fed_straight,), (fed_first, fed_resumed) = _fed_epochs(straight), _fed_epochs(killed)
