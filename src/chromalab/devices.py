@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import keras
 
 
@@ -27,11 +29,9 @@ def precision_policy(switch: str, gpus: list[str]) -> str:
 
 def hide_gpus_from_tensorflow() -> None:
     """Under the JAX backend TensorFlow only feeds tf.data: keep it off the GPU so it claims no memory."""
-    if keras.backend.backend() == "tensorflow":
-        return
-    try:
-        import tensorflow as tf
-    except ImportError:
+    # Only where something already imported it: under JAX chromalab itself never imports TensorFlow.
+    tf = sys.modules.get("tensorflow")
+    if keras.backend.backend() == "tensorflow" or tf is None:
         return
     try:
         tf.config.set_visible_devices([], "GPU")
