@@ -52,7 +52,7 @@ WHEELS_LIMIT_MIB = 64  # the device tool carries at most 64 MiB of working tree
 SIZES = {
     "full": {"n_train": 2000, "n_test": 200, "image_size": 256, "width": 1.0, "batches": [1, 16, 64, 128, 256],
              "steps": 20, "precision": "mixed_bfloat16", "gan_epochs": 3, "budget_s": 480},
-    "small": {"n_train": 24, "n_test": 4, "image_size": 32, "width": 0.125, "batches": [4], "steps": 2,
+    "small": {"n_train": 16, "n_test": 4, "image_size": 32, "width": 0.125, "batches": [4], "steps": 2,
               "precision": "mixed_bfloat16", "gan_epochs": 2, "budget_s": 1200},
 }
 SEED_EPOCHS = 1500  # the seed's GAN run: 1,500 epochs of 2,000 photos
@@ -148,6 +148,7 @@ class Check:
         self.block_tensorflow = block_tensorflow
         self.started = time.monotonic()
         self.steps: list[dict] = []
+        self.result: dict = {}  # filled step by step: a failed check still reports what it measured
         self.env = dict(os.environ)
 
     def remaining(self) -> float:
@@ -228,28 +229,29 @@ class Check:
         stats = self.chromalab(name, *args)
         return {"report": json.loads((self.work / out).read_text()), "stats": stats}
 
-    def run(self) -> dict:
-        s = self.s
+    def run(self) -> None:
+        s, result = self.s, self.result
         self.params(s["batches"][0], s["batches"][0])
         self.chromalab("photos", "--photos", str(s["n_train"]), str(s["n_test"]), str(s["image_size"]))
         self.chromalab("tfrecords", "tfrecords")
-        grid = self.bench("bench: steps at every batch", "bench-steps.json", s["batches"], "gan", "baseline")
+        grid = result["grid"] = self.bench("bench: steps at every batch", "bench-steps.json", s["batches"],
+                                           "gan", "baseline")
         rows = grid["report"]["rows"]
         best = {part: max((r for r in rows if r["part"] == part and r["status"] == "ok"),
                           key=lambda r: r["images_per_s"])["batch"] for part in ("gan", "baseline")}
-        best_run = self.bench("bench: best batch, step and loop", "bench-best.json", [best["gan"]],
+        result["best"] = best
+        result["best_run"] = self.bench("bench: best batch, step and loop", "bench-best.json", [best["gan"]],
                               "gan", "baseline", "loop", records=True)
         self.params(best["gan"], best["baseline"])
-        train = self.chromalab("train gan", "train", "gan")
+        self.chromalab("train gan", "train", "gan")
         self.chromalab("train baseline", "train", "baseline")
         self.chromalab("evaluate", "evaluate")
         photos = sorted((self.work / "data/images/test").glob("*.jpg"))[:4]
         self.chromalab("colorize", "colorize", *map(str, photos), "-o", "coloured", "--overwrite")
-        return {"grid": grid, "best": best, "best_run": best_run, "train": train}
 
 
-def summarise(check: Check, result: dict | None, failure: str | None) -> dict:
-    s = check.s
+def summarise(check: Check, failure: str | None) -> dict:
+    s, result = check.s, check.result
     summary: dict = {"size": check.size, "settings": s, "failed": failure, "steps": check.steps,
                      "tracking": "MLflow file store in the work folder (mlflow-skinny: no SQL store, no DVC here)",
                      "tensorflow_blocked": check.block_tensorflow,
@@ -257,14 +259,16 @@ def summarise(check: Check, result: dict | None, failure: str | None) -> dict:
                      "elapsed_s": round(time.monotonic() - check.started, 1)}
     peaks = [st["peak_bytes"] for st in check.steps if st.get("peak_bytes")]
     summary["peak_device_memory_gib"] = round(max(peaks) / 2**30, 2) if peaks else None
-    if not result:
+    if "grid" not in result:
         return summary
     grid_report = result["grid"]["report"]
     summary["device"] = grid_report["device"]
     summary["backend"] = grid_report["backend"]
     summary["versions"] = grid_report["versions"]
-    summary["rows"] = [_row(r) for r in grid_report["rows"] + result["best_run"]["report"]["rows"]]
-    best_rows = result["best_run"]["report"]["rows"]
+    best_rows = result["best_run"]["report"]["rows"] if "best_run" in result else []
+    summary["rows"] = [_row(r) for r in grid_report["rows"] + best_rows]
+    if not best_rows:
+        return summary
     step = next(r for r in best_rows if r["part"] == "gan" and r["variant"] == "")
     loop = next(r for r in best_rows if r["part"] == "gan" and r["variant"] == "loop")
     summary["best_batch"] = result["best"]
@@ -321,6 +325,7 @@ def markdown(summary: dict) -> str:
             share = "–" if r["utilisation"] is None else f"{r['utilisation']:.1%}"
             lines.append(f"| {r['part']} | {r['variant'] or 'step'} | {r['batch']} | {_fmt(r['images_per_s'])} | "
                          f"{_fmt(r['s_per_step'])} | {share} | {r['note'] or ''} |")
+    if "best_batch" in summary:
         share = summary["gan_share_of_peak"]
         lines += ["", "| figure | value | target |", "| --- | --- | --- |",
                   f"| GAN training, best batch {summary['best_batch']['gan']} (loop) | "
@@ -345,13 +350,13 @@ def cmd_run(size: str, wheels: Path, work: Path, reports: Path, block_tensorflow
     work.mkdir(parents=True)
     reports.mkdir(parents=True, exist_ok=True)
     check = Check(size, work, reports, block_tensorflow)
-    result, failure = None, None
+    failure = None
     try:
         check.install(wheels)
-        result = check.run()
+        check.run()
     except StepFailed as exc:
         failure = str(exc)
-    summary = summarise(check, result, failure)
+    summary = summarise(check, failure)
     (reports / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
     (reports / "gpu_check.md").write_text(markdown(summary))
     print(markdown(summary))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from chromalab import bench
 from chromalab.bench import Measurement, render_table, run_bench, spec_peak
 from chromalab.errors import ChromalabError
 from chromalab.models import baseline_train_step_flops, gan_train_step_flops
+from conftest import jax_env
 
 TINY = {"image_size": 32, "batches": [2], "width": 0.125, "steps": 2}
 
@@ -38,10 +38,11 @@ WITHOUT_TENSORFLOW = textwrap.dedent("""
 def jax_run(tmp_path_factory):
     """`chromalab bench` under JAX without TensorFlow, started first: its XLA compile overlaps the other tests."""
     out = tmp_path_factory.mktemp("bench-jax") / "report.json"
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    env = jax_env()
     proc = subprocess.Popen(
         [sys.executable, "-c", WITHOUT_TENSORFLOW, "bench", "-o", str(out), "--only", "gan", "--only", "loop", "--only", "input",
-         "--image-size", "32", "--width", "0.125", "--batch", "2", "--steps", "2"],
+         "--image-size", "32", "--width", "0.125", "--batch", "2", "--steps", "2",
+         "--precision", "mixed_float16"],  # float16 with loss scaling in the JAX GAN step
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     yield proc, out
     if proc.poll() is None:
@@ -202,7 +203,7 @@ def test_runs_under_jax_without_tensorflow(jax_run):
     report = json.loads(out.read_text())
     assert report["backend"] == "jax" and "tensorflow" not in report["versions"]
     gan, loop, *pipeline = report["rows"]
-    assert (gan["part"], gan["status"], gan["xla"]) == ("gan", "ok", True)
+    assert (gan["part"], gan["status"], gan["xla"], gan["precision"]) == ("gan", "ok", True, "mixed_float16")
     assert gan["images_per_s"] > 0 and gan["gflops_per_image"] == pytest.approx(gan_train_step_flops(32, 0.125) / 1e9)
     assert (loop["part"], loop["variant"], loop["status"]) == ("gan", "loop", "ok")  # records read without TF
     assert loop["images_per_s"] > 0 and "loop/step" in loop["note"]

@@ -1,81 +1,16 @@
-"""Under KERAS_BACKEND=jax nothing imports TensorFlow: the whole pipeline runs where it is not installed.
+"""JAX's training input (chromalab.device_data): the epoch order, the on-device and streamed feeds, resuming.
 
-One subprocess (JAX's start-up and compiles are the cost) makes `import tensorflow` fail, then runs
-images → tfrecords → train gan → train baseline → evaluate → colorize through the `chromalab` CLI.
-The on-device input itself (order, augmentation, streaming) is checked in-process with NumPy arrays.
+That the whole pipeline runs under JAX with `import tensorflow` failing is tests/test_gpu_check.py's
+reduced check (one JAX process per stage is the cost, paid once there).
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
-import yaml
 
 from chromalab.epochs import epoch_permutation
 from chromalab.samples import write_images_stage
-from conftest import jax_env
-
-# `import tensorflow` fails as where TensorFlow is not installed; then each argv runs through the CLI.
-BLOCKED_PIPELINE = textwrap.dedent("""
-    import json, sys
-
-    class HideTensorFlow:
-        def find_spec(self, name, path=None, target=None):
-            if name == "tensorflow" or name.startswith("tensorflow."):
-                raise ImportError("No module named 'tensorflow' (blocked by the test)")
-            return None
-
-    sys.meta_path.insert(0, HideTensorFlow())
-    from chromalab.cli import main
-
-    for argv in json.loads(sys.argv[1]):
-        try:
-            main(argv)
-        except SystemExit as exc:
-            if exc.code:
-                raise SystemExit(f"chromalab {' '.join(argv)} failed: exit {exc.code}")
-    import keras
-    print("RESULT", json.dumps({"backend": keras.backend.backend(),
-                                "tensorflow_imported": any(m.split(".")[0] == "tensorflow" for m in sys.modules)}))
-""")
-
-TINY = {
-    "base": {"image_size": 32},
-    "tfrecords": {"shard_size": 4},
-    "train": {"val_every": 2, "checkpoint_every": 2, "sample_every": 2, "n_samples": 2},
-    "baseline": {"epochs": 2, "batch_size": 4, "width": 0.25},
-    "gan": {"epochs": 3, "batch_size": 4, "width": 0.125},
-}
-
-
-def test_pipeline_runs_under_jax_with_tensorflow_blocked(tmp_path):
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], cwd=tmp_path, check=True)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY))
-    write_images_stage(tmp_path / "data/images", n_train=10, n_test=3, size=32)
-    photo = tmp_path / "data/images/test/photo0010.jpg"
-    steps = [["tfrecords"], ["train", "gan"], ["train", "baseline"], ["evaluate"],
-             ["colorize", str(photo), "-o", str(tmp_path / "coloured")]]
-    done = subprocess.run([sys.executable, "-c", BLOCKED_PIPELINE, json.dumps(steps)], cwd=tmp_path,
-                          env=jax_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads(done.stdout.split("RESULT", 1)[1])
-    assert result == {"backend": "jax", "tensorflow_imported": False}
-    history = (tmp_path / "reports/gan/history.csv").read_text().splitlines()
-    assert len(history) == 1 + 3 and "val_ssim" in history[0]
-    metrics = json.loads((tmp_path / "reports/evaluate/metrics.json").read_text())
-    assert set(metrics) == {"gray_floor", "baseline", "gan"}
-    assert all(np.isfinite(v) for scores in metrics.values() for v in scores.values())
-    assert (tmp_path / "coloured/photo0010_color.jpg").is_file()
-
-
-# --- the feed itself, in this process (NumPy in, JAX arrays out) ----------------------------------------
 
 
 @pytest.fixture(scope="module")
