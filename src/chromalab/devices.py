@@ -28,7 +28,7 @@ def precision_policy(switch: str, gpus: list[str]) -> str:
 
 
 def hide_gpus_from_tensorflow() -> None:
-    """Under the JAX backend TensorFlow only feeds tf.data: keep it off the GPU so it claims no memory."""
+    """Under the JAX backend, keep a TensorFlow that something else imported off the GPU (it would claim memory)."""
     # Only where something already imported it: under JAX chromalab itself never imports TensorFlow.
     tf = sys.modules.get("tensorflow")
     if keras.backend.backend() == "tensorflow" or tf is None:
