@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= cpu,jax,test
 
-.PHONY: setup repro test bench clean-venv
+.PHONY: setup repro test bench clean-venv gpu-wheels gpu-check
 
 setup: $(VENV)/.installed
 
@@ -25,3 +25,12 @@ bench: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The GPU check machine has JAX (CUDA) but no TensorFlow, Keras, pydantic or MLflow, and no network:
+# `make gpu-wheels` downloads what it lacks into .whl/ (git-ignored; carry it there), `make gpu-check`
+# installs them offline and measures (reports/gpu/). GPU_CHECK_ARGS=--size small: a short CPU run.
+gpu-wheels:
+	python3 scripts/gpu_check.py wheels --dest .whl
+
+gpu-check:
+	python3 scripts/gpu_check.py run --wheels .whl $(GPU_CHECK_ARGS)

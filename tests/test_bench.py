@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from chromalab import bench
 from chromalab.bench import Measurement, render_table, run_bench, spec_peak
 from chromalab.errors import ChromalabError
 from chromalab.models import baseline_train_step_flops, gan_train_step_flops
+from conftest import jax_env
 
 TINY = {"image_size": 32, "batches": [2], "width": 0.125, "steps": 2}
 
@@ -38,10 +38,11 @@ WITHOUT_TENSORFLOW = textwrap.dedent("""
 def jax_run(tmp_path_factory):
     """`chromalab bench` under JAX without TensorFlow, started first: its XLA compile overlaps the other tests."""
     out = tmp_path_factory.mktemp("bench-jax") / "report.json"
-    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    env = jax_env()
     proc = subprocess.Popen(
-        [sys.executable, "-c", WITHOUT_TENSORFLOW, "bench", "-o", str(out), "--only", "gan", "--only", "input",
-         "--image-size", "32", "--width", "0.125", "--batch", "2", "--steps", "2"],
+        [sys.executable, "-c", WITHOUT_TENSORFLOW, "bench", "-o", str(out), "--only", "gan", "--only", "loop", "--only", "input",
+         "--image-size", "32", "--width", "0.125", "--batch", "2", "--steps", "2",
+         "--precision", "mixed_float16"],  # float16 with loss scaling in the JAX GAN step
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     yield proc, out
     if proc.poll() is None:
@@ -64,8 +65,11 @@ def tiny_report(tmp_path_factory, jax_run):
     return returned, json.loads(out.read_text())
 
 
-def rows_of(report: dict, part: str) -> list[dict]:
-    return [row for row in report["rows"] if row["part"] == part]
+def rows_of(report: dict, part: str, variant: str | None = None) -> list[dict]:
+    """`part`'s rows; for gan and baseline the step rows unless `variant` says "loop"."""
+    if variant is None and part in ("gan", "baseline"):
+        variant = ""
+    return [row for row in report["rows"] if row["part"] == part and variant in (None, row["variant"])]
 
 
 def test_report_has_every_part_with_its_fields(tiny_report):
@@ -76,7 +80,8 @@ def test_report_has_every_part_with_its_fields(tiny_report):
     assert {"python", "keras", "tensorflow", "numpy"} <= set(report["versions"])
     assert report["settings"]["xla"] is False  # off on a CPU unless asked for
     parts = [(row["part"], row["variant"]) for row in report["rows"]]
-    assert parts == [("gan", ""), ("baseline", ""), ("tfrecords", "stage"), ("input", "augmented"),
+    assert parts == [("gan", ""), ("gan", "loop"), ("baseline", ""), ("baseline", "loop"), ("tfrecords", "stage"),
+                     ("input", "augmented"),
                      ("input", "no augmentation"), ("colorize", "64 px photos")]
     assert all(row["status"] == "ok" and row["images_per_s"] > 0 for row in report["rows"])
     for part in ("gan", "baseline"):
@@ -84,6 +89,11 @@ def test_report_has_every_part_with_its_fields(tiny_report):
         assert (row["image_size"], row["batch"], row["width"], row["precision"]) == (32, 2, 0.125, "float32")
         assert row["items"] == 2 * 2  # timed steps × batch, warm-up excluded
         assert row["s_per_step"] * row["images_per_s"] == pytest.approx(2)
+    for part in ("gan", "baseline"):  # real fit on the bench's 8 records, input included, timed as the step
+        (loop,) = rows_of(report, part, "loop")
+        (step,) = rows_of(report, part)
+        assert (loop["batch"], loop["items"]) == (2, 2 * 2) and loop["images_per_s"] > 0
+        assert f"loop/step {loop['images_per_s'] / step['images_per_s']:.2f}; fit on 8 photos" in loop["note"]
     assert rows_of(report, "tfrecords")[0]["items"] == 8 + 1
     # CPU time is counted in the workers too (child processes), not only in this process's threads.
     assert all(row["cpu_seconds"] > 0 for row in report["rows"])
@@ -192,10 +202,12 @@ def test_runs_under_jax_without_tensorflow(jax_run):
     assert proc.returncode == 0, stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["backend"] == "jax" and "tensorflow" not in report["versions"]
-    gan, *pipeline = report["rows"]
-    assert (gan["part"], gan["status"], gan["xla"]) == ("gan", "ok", True)
+    gan, loop, *pipeline = report["rows"]
+    assert (gan["part"], gan["status"], gan["xla"], gan["precision"]) == ("gan", "ok", True, "mixed_float16")
     assert gan["images_per_s"] > 0 and gan["gflops_per_image"] == pytest.approx(gan_train_step_flops(32, 0.125) / 1e9)
+    assert (loop["part"], loop["variant"], loop["status"]) == ("gan", "loop", "ok")  # records read without TF
+    assert loop["images_per_s"] > 0 and "loop/step" in loop["note"]
     assert [(row["part"], row["variant"], row["status"]) for row in pipeline] == [
         ("input", "augmented", "skipped"), ("input", "no augmentation", "skipped")]
-    assert all("TensorFlow is not installed" in row["note"] for row in pipeline)
+    assert all("loop rows time training's own input" in row["note"] for row in pipeline)
     assert "skipped" in stdout and "n/a" in stdout  # the table: input skipped, no peak on a CPU

@@ -7,6 +7,10 @@ Measured, each on its own (a JSON report plus a table):
   losses have been computed (on JAX, work is asynchronous: the logs are read back, which waits for them).
   Model FLOPs utilisation = FLOPs per image (from the layer shapes: chromalab.models) × images/s ÷ the
   device's peak, taken from PEAK_TFLOPS for known GPUs or given with `peak_tflops`; none on a CPU.
+- `loop`: beside each `gan` / `baseline` step row, real training at the same settings: `fit` on TFRecords
+  with training's own input (JAX: the split on the device; TensorFlow: tf.data), augmentation and epoch
+  boundaries included, timed the same way over the same number of steps. Its note gives loop/step: what
+  the input costs. The records are the bench's own photos, or `records` (e.g. the pipeline's data/tfrecords).
 - `tfrecords`: the tfrecords stage (`run_tfrecords`) on BENCH_PHOTOS real photographs at the chosen size.
 - `input`: the training input pipeline (`make_dataset(..., training=True)`) from those records once its
   cache is filled, with the training augmentations and without.
@@ -15,8 +19,8 @@ Measured, each on its own (a JSON report plus a table):
 Each row also has the CPU time spent meanwhile (this process's threads and finished child processes):
 CPU ms per image says how many cores a rate needs, e.g. to feed a GPU from the input pipeline.
 
-Needs only Keras and a backend for `gan`, `baseline` and `colorize`, so it runs where JAX is installed and
-TensorFlow is not (KERAS_BACKEND=jax): `tfrecords` and `input` are then reported as skipped.
+Needs TensorFlow only for `input` (tf.data): under KERAS_BACKEND=jax it never imports TensorFlow, reports
+`input` as skipped, and the loop rows time JAX's own input instead.
 """
 
 from __future__ import annotations
@@ -41,16 +45,17 @@ from tqdm import tqdm
 from chromalab import __version__
 from chromalab.colorize import colorize_paths
 from chromalab.config import BaselineParams, GanParams, Params, TrainParams
-from chromalab.devices import gpu_names, hide_gpus_from_tensorflow
+from chromalab.devices import gpu_names
 from chromalab.errors import ChromalabError
 from chromalab.models import baseline_train_step_flops, build_generator, gan_train_step_flops
 from chromalab.samples import real_crops, write_images_stage
-from chromalab.tfrecords import available_cores, make_dataset, run_tfrecords
+from chromalab.tfrecords import available_cores, make_dataset, read_dataset_info, run_tfrecords
 from chromalab.training import build_for_training
 
-PARTS = ("gan", "baseline", "input", "tfrecords", "colorize")
+PARTS = ("gan", "baseline", "loop", "input", "tfrecords", "colorize")
 TRAINING_PARTS = ("gan", "baseline")
-NEEDS_TENSORFLOW = ("input", "tfrecords")  # tf.data and TFRecord files; the rest is pure Keras
+NEEDS_TENSORFLOW = ("input",)  # tf.data; the rest is pure Keras and chromalab.records
+LOOP = "loop"  # the variant of a training row that times real training, input included
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 INPUT_VARIANTS = ("augmented", "no augmentation")
 REPORT_FORMAT = 1
@@ -206,9 +211,6 @@ def time_training_step(part: str, *, image_size: int, batch: int, width: float, 
     """Images/s of `steps` training steps of `part` ("gan" | "baseline") after WARMUP_STEPS untimed ones."""
     row = Measurement(part, image_size=image_size, batch=batch, width=width, precision=precision,
                       xla=jit_compile)
-    if part == "gan" and precision == "mixed_float16" and keras.backend.backend() == "jax":
-        row.status, row.note = "skipped", "float16 loss scaling is not wired into the JAX pix2pix step"
-        return row
     keras.backend.clear_session()  # frees the previous model; it also resets the dtype policy
     keras.mixed_precision.set_global_policy(precision)
     flops = (gan_train_step_flops if part == "gan" else baseline_train_step_flops)(image_size, width)
@@ -231,12 +233,60 @@ def time_training_step(part: str, *, image_size: int, batch: int, width: float, 
     return row
 
 
+class _LoopClock(_StepClock):
+    """_StepClock counting steps across epochs: a loop's timed steps may span several."""
+
+    seen = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(self.seen, logs)
+        self.seen += 1
+
+
+def time_training_loop(part: str, records: Path, *, image_size: int, batch: int, width: float, precision: str,
+                       steps: int, jit_compile: bool, peak_tflops: float | None,
+                       step_row: Measurement | None = None) -> Measurement:
+    """Images/s of `fit` on `records` with training's input, over WARMUP_STEPS + `steps` steps."""
+    from chromalab.device_data import training_input
+    from chromalab.epochs import steps_per_epoch
+
+    row = Measurement(part, variant=LOOP, image_size=image_size, batch=batch, width=width, precision=precision,
+                      xla=jit_compile)
+    info = read_dataset_info(records)
+    n_train = int(info["counts"]["train"])
+    if int(info["image_size"]) != image_size or n_train < batch:
+        row.status = "skipped"
+        row.note = f"{records} holds {n_train} photos of {info['image_size']} px: need >= {batch} of {image_size} px"
+        return row
+    keras.backend.clear_session()
+    keras.mixed_precision.set_global_policy(precision)
+    flops = (gan_train_step_flops if part == "gan" else baseline_train_step_flops)(image_size, width)
+    params = Params(gan=GanParams(width=width), baseline=BaselineParams(width=width))
+    model = build_for_training(part, params, image_size, jit_compile)
+    n_steps = WARMUP_STEPS + steps
+    per_epoch = steps_per_epoch(n_train, batch)
+    epochs = -(-n_steps // per_epoch)
+    data = training_input(records, batch, params.train, params.base.seed, epochs=epochs)
+    data.prepare(model)
+    clock = _LoopClock((WARMUP_STEPS - 1, n_steps - 1))
+    model.fit(data.train, epochs=epochs, steps_per_epoch=per_epoch, verbose=0, shuffle=False, callbacks=[clock])
+    (start, cpu_start), (end, cpu_end) = clock.times[WARMUP_STEPS - 1], clock.times[n_steps - 1]
+    seconds = end - start
+    row.items, row.seconds, row.cpu_seconds = steps * batch, seconds, cpu_end - cpu_start
+    row.s_per_step, row.images_per_s = seconds / steps, steps * batch / seconds
+    row.gflops_per_image, row.tflops_per_s = flops / 1e9, flops * row.images_per_s / 1e12
+    row.utilisation = utilisation(flops, row.images_per_s, peak_tflops)
+    ratio = f"loop/step {row.images_per_s / step_row.images_per_s:.2f}; " if step_row and step_row.images_per_s else ""
+    row.note = f"{ratio}fit on {n_train} photos' records, {per_epoch} steps/epoch"
+    return row
+
+
 # --- photos, TFRecords, input pipeline, colorize -----------------------------------------------------------
 
 
-def time_tfrecords_stage(images_dir: Path, out_dir: Path, image_size: int) -> Measurement:
+def time_tfrecords_stage(images_dir: Path, out_dir: Path, image_size: int, n_train: int | None = None) -> Measurement:
     """Photos/s of the whole tfrecords stage (one worker process per core) on the photos in `images_dir`."""
-    n_photos = BENCH_PHOTOS + BENCH_TEST_PHOTOS
+    n_photos = (n_train or BENCH_PHOTOS) + BENCH_TEST_PHOTOS
     workers = min(available_cores(), n_photos)
     start, cpu_start = time.perf_counter(), cpu_time()
     run_tfrecords(Params(), images_dir, out_dir, workers=workers)  # returns once its workers have exited
@@ -298,16 +348,6 @@ def time_colorize(folder: Path, image_size: int, width: float, precision: str) -
 # --- report ----------------------------------------------------------------------------------------------
 
 
-def _tensorflow_missing() -> str | None:
-    """Why TensorFlow cannot be used (None if it can), importing it if needed."""
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError as exc:
-        return f"TensorFlow is not installed ({exc})"
-    hide_gpus_from_tensorflow()
-    return None
-
-
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "chromalab": __version__}
     for module in ("keras", "numpy", "tensorflow", "jax", "jaxlib"):
@@ -359,7 +399,7 @@ def render_table(rows: list[Measurement]):
 
 
 def _check_options(out: Path, image_size: int, batches: list[int], width: float, precision: str, steps: int,
-                   only: Sequence[str] | None, peak_tflops: float | None) -> list[str]:
+                   only: Sequence[str] | None, peak_tflops: float | None, records: Path | None = None) -> list[str]:
     """The parts to measure, in PARTS order, once every option is known to be usable."""
     if out.is_dir():
         raise ChromalabError(f"--out {out} is a folder: give the JSON file to write, e.g. {out / 'report.json'}")
@@ -379,50 +419,65 @@ def _check_options(out: Path, image_size: int, batches: list[int], width: float,
     unknown = sorted(set(only or ()) - set(PARTS))
     if unknown:
         raise ChromalabError(f"--only {', '.join(unknown)}: choose among {', '.join(PARTS)}")
+    if records is not None:
+        from chromalab.tfrecords import read_dataset_info as check_records
+
+        check_records(records)
     return [part for part in PARTS if not only or part in only]
 
 
 def _measurements(parts: list[str], *, image_size: int, batches: list[int], width: float, precision: str,
-                  steps: int, jit_compile: bool, peak_tflops: float | None) -> Iterator[Measurement]:
-    """Each planned measurement's row, one at a time (training steps first, then the data parts)."""
-    for part in (p for p in parts if p in TRAINING_PARTS):
-        for batch in batches:
-            yield time_training_step(part, image_size=image_size, batch=batch, width=width, precision=precision,
-                                     steps=steps, jit_compile=jit_compile, peak_tflops=peak_tflops)
-    data_parts = [p for p in parts if p in NEEDS_TENSORFLOW]
+                  steps: int, jit_compile: bool, peak_tflops: float | None,
+                  records: Path | None = None) -> Iterator[Measurement]:
+    """Each planned measurement's row, one at a time (training steps, each with its loop, then the data parts)."""
+    models = [p for p in parts if p in TRAINING_PARTS] or (list(TRAINING_PARTS) if LOOP in parts else [])
     with tempfile.TemporaryDirectory(prefix="chromalab-bench-") as tmp:
         work = Path(tmp)
-        missing = _tensorflow_missing() if data_parts else None
-        if missing is not None:
-            for part in data_parts:
-                for variant in INPUT_VARIANTS if part == "input" else ("stage",):
-                    yield Measurement(part, variant=variant, status="skipped",
-                                      note=f"{missing}: this part needs TensorFlow (tf.data, TFRecord files)")
-        elif data_parts:
-            images_dir = write_images_stage(work / "images", BENCH_PHOTOS, BENCH_TEST_PHOTOS, image_size,
+        stage = None
+        own_records = "tfrecords" in parts or (records is None and (LOOP in parts or "input" in parts))
+        if own_records:  # timed here, reported in its place below; the loop and input rows read these records
+            n_train = max([BENCH_PHOTOS] + (batches if LOOP in parts else []))
+            images_dir = write_images_stage(work / "images", n_train, BENCH_TEST_PHOTOS, image_size,
                                             seed=PHOTO_SEED, quality=Params().images.jpeg_quality)
-            stage = time_tfrecords_stage(images_dir, work / "tfrecords", image_size)  # input reads its records
-            if "tfrecords" in parts:
-                yield stage
-            if "input" in parts:
-                for augment in (True, False):
-                    yield time_input_pipeline(work / "tfrecords", max(batches), image_size, augment)
+            stage = time_tfrecords_stage(images_dir, work / "tfrecords", image_size, n_train)
+        records = records or work / "tfrecords"
+        for part in models:
+            for batch in batches:
+                step = time_training_step(part, image_size=image_size, batch=batch, width=width,
+                                          precision=precision, steps=steps, jit_compile=jit_compile,
+                                          peak_tflops=peak_tflops)
+                yield step
+                if LOOP in parts:
+                    yield time_training_loop(part, records, image_size=image_size, batch=batch, width=width,
+                                             precision=precision, steps=steps, jit_compile=jit_compile,
+                                             peak_tflops=peak_tflops, step_row=step)
+        if "tfrecords" in parts:
+            yield stage
+        if "input" in parts:
+            for augment in (True, False):
+                if keras.backend.backend() != "tensorflow":  # tf.data is the TensorFlow backend's input
+                    yield Measurement("input", variant=INPUT_VARIANTS[0] if augment else INPUT_VARIANTS[1],
+                                      status="skipped", note="tf.data input of the TensorFlow backend; under "
+                                      f"{keras.backend.backend()} the loop rows time training's own input")
+                else:
+                    yield time_input_pipeline(records, max(batches), image_size, augment)
         if "colorize" in parts:
             yield time_colorize(work / "colorize", image_size, width, precision)
 
 
 def run_bench(out: Path = Path("bench/report.json"), image_size: int = 256, batches: Sequence[int] = (1, 8),
               width: float = 1.0, precision: str = "float32", steps: int = 5, only: Sequence[str] | None = None,
-              peak_tflops: float | None = None, *, xla: bool | None = None) -> dict:
+              peak_tflops: float | None = None, *, xla: bool | None = None, records: Path | None = None) -> dict:
     """Measure the requested parts (all of PARTS by default); write the JSON report to `out`, print a table.
 
     Training steps run at every batch size in `batches`; the input pipeline at the largest. `xla`: compile
     the training steps with XLA; by default on a GPU only (on a CPU it adds compile time and no speed). The
-    JAX backend always compiles. The report is rewritten after every measurement, so an interrupted run
+    JAX backend always compiles. `records`: TFRecords (a tfrecords stage's folder) for the loop rows instead
+    of the bench's own few photos. The report is rewritten after every measurement, so an interrupted run
     keeps what it finished. Returns the report.
     """
     out, batches = Path(out), list(batches)
-    parts = _check_options(out, image_size, batches, width, precision, steps, only, peak_tflops)
+    parts = _check_options(out, image_size, batches, width, precision, steps, only, peak_tflops, records)
     device = detect_device(precision, peak_tflops)
     jit_compile = True if keras.backend.backend() == "jax" else (device.accelerator == "gpu" if xla is None else xla)
     report = {
@@ -437,14 +492,15 @@ def run_bench(out: Path = Path("bench/report.json"), image_size: int = 256, batc
         "rows": [],
     }
     rows: list[Measurement] = []
-    planned = sum(len(batches) if p in TRAINING_PARTS else len(INPUT_VARIANTS) if p == "input" else 1
-                  for p in parts)
+    n_models = len([p for p in parts if p in TRAINING_PARTS]) or (len(TRAINING_PARTS) if LOOP in parts else 0)
+    planned = n_models * len(batches) * (2 if LOOP in parts else 1) + sum(
+        len(INPUT_VARIANTS) if p == "input" else 1 for p in parts if p in ("input", "tfrecords", "colorize"))
     previous_policy = keras.mixed_precision.global_policy()
     try:
         with tqdm(total=planned, desc="bench", unit="measurement") as progress:
             for row in _measurements(parts, image_size=image_size, batches=batches, width=width,
                                      precision=precision, steps=steps, jit_compile=jit_compile,
-                                     peak_tflops=device.peak_tflops):
+                                     peak_tflops=device.peak_tflops, records=records):
                 rows.append(row)
                 report["rows"] = [asdict(r) for r in rows]
                 report["versions"] = _versions()  # TensorFlow may have been imported since

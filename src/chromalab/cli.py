@@ -109,16 +109,17 @@ def bench(
     width: Annotated[float, typer.Option(help="Channel-width multiplier.")] = 1.0,
     precision: Annotated[str, typer.Option(help="float32, mixed_bfloat16 or mixed_float16.")] = "float32",
     steps: Annotated[int, typer.Option(min=1, help="Timed steps per measurement (after warm-up).")] = 5,
-    only: Annotated[Optional[list[str]], typer.Option(help="Subset: gan, baseline, input, tfrecords, colorize.")] = None,
+    only: Annotated[Optional[list[str]], typer.Option(help="Subset: gan, baseline, loop, input, tfrecords, colorize.")] = None,
     peak_tflops: Annotated[Optional[float], typer.Option(help="Device peak for the utilisation column.")] = None,
     xla: Annotated[Optional[bool], typer.Option("--xla/--no-xla", help="XLA for the training steps (default: on a GPU only).")] = None,
+    records: Annotated[Optional[Path], typer.Option(help="TFRecords folder for the loop rows (default: the bench's own photos).")] = None,
 ) -> None:
-    """Measure training, input-pipeline, tfrecords and colorize throughput on this device."""
+    """Measure training (step and whole loop), input-pipeline, tfrecords and colorize throughput on this device."""
     from chromalab.bench import run_bench
 
     run_bench(
         out=out, image_size=image_size, batches=batch, width=width, precision=precision,
-        steps=steps, only=only, peak_tflops=peak_tflops, xla=xla,
+        steps=steps, only=only, peak_tflops=peak_tflops, xla=xla, records=records,
     )
 
 

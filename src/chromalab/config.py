@@ -79,6 +79,9 @@ class TrainParams(_Group):
     contrast_aug: bool = True
     mixed_precision: Switch = "auto"
     xla: Switch = "auto"
+    # JAX: the training split goes onto the accelerator when it takes at most this many GiB (float16;
+    # 2,000 photos at 256 px with contrast variants: 1.5 GiB); beyond it, batches stream from the shards.
+    device_data_max_gb: float = Field(16.0, gt=0)
 
 
 class _Schedule(_Group):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import keras
 
 
@@ -26,12 +28,10 @@ def precision_policy(switch: str, gpus: list[str]) -> str:
 
 
 def hide_gpus_from_tensorflow() -> None:
-    """Under the JAX backend TensorFlow only feeds tf.data: keep it off the GPU so it claims no memory."""
-    if keras.backend.backend() == "tensorflow":
-        return
-    try:
-        import tensorflow as tf
-    except ImportError:
+    """Under the JAX backend, keep a TensorFlow that something else imported off the GPU (it would claim memory)."""
+    # Only where something already imported it: under JAX chromalab itself never imports TensorFlow.
+    tf = sys.modules.get("tensorflow")
+    if keras.backend.backend() == "tensorflow" or tf is None:
         return
     try:
         tf.config.set_visible_devices([], "GPU")

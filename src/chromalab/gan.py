@@ -100,10 +100,13 @@ class Pix2Pix(keras.Model):
     def _jax_train_step(self, state, data):
         import jax
 
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            raise ChromalabError("float16 loss scaling is not wired for JAX: set train.mixed_precision to "
-                                 "auto (bfloat16 on a modern GPU) or off")
         trainable, non_trainable, optimizer_vars, metrics_vars = state
+        scale = 1.0
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # float16: scale both losses by the current dynamic scale (as Keras' own JAX step does);
+            # stateless_apply below unscales, skips non-finite steps and adapts the scale.
+            with keras.StatelessScope(state_mapping=list(zip(self.optimizer.variables, optimizer_vars))):
+                scale = self.optimizer.scale_loss(1.0)
         L, ab, _ = keras.utils.unpack_x_y_sample_weight(data)
         tv, ntv = self.trainable_variables, self.non_trainable_variables
         g_t, d_t = self._positions(tv, self.generator, True), self._positions(tv, self.discriminator, True)
@@ -120,9 +123,10 @@ class Pix2Pix(keras.Model):
 
         (g_total, d_loss), pullback, (g_gan, g_l1, g_nt, d_nt) = jax.vjp(
             forward, pick(trainable, g_t), pick(trainable, d_t), has_aux=True)
-        # Two pullbacks of one forward pass; under jit XLA drops the halves we don't use.
-        g_grads, _ = pullback((ops.ones_like(g_total), ops.zeros_like(d_loss)))
-        _, d_grads = pullback((ops.zeros_like(g_total), ops.ones_like(d_loss)))
+        # Two pullbacks of one forward pass; under jit XLA drops the halves we don't use. A cotangent of
+        # `scale` is the gradient of the scaled loss.
+        g_grads, _ = pullback((ops.full_like(g_total, scale), ops.zeros_like(d_loss)))
+        _, d_grads = pullback((ops.zeros_like(g_total), ops.full_like(d_loss, scale)))
         grads = [None] * len(trainable)
         for idx, values in ((g_t, g_grads), (d_t, d_grads)):
             for i, g in zip(idx, values):

@@ -1,4 +1,4 @@
-"""Stage `tfrecords`: data/images → normalised Lab TFRecords, and the tf.data reader that training uses.
+"""Stage `tfrecords`: data/images → normalised Lab TFRecords, and the readers that training uses.
 
 The records hold exactly what the models consume, so training decodes no JPEG and converts no colour:
 Lab as (L/100, a/128, b/128) in float16, plus — with `tfrecords.contrast_variants` — the seed's three
@@ -9,8 +9,9 @@ Layout of `data/tfrecords`: `train-00000-of-00008.tfrecord`, …, `test-00000-of
 order, `tfrecords.shard_size` photos per shard) and `dataset.json` (counts, size, normalisation, variant
 names, shard names, and a content hash that training logs as the dataset's identity).
 
-TensorFlow is imported inside the functions that need it: the encoding workers are spawned processes
-that import this module, and each would otherwise spend seconds importing TensorFlow for nothing.
+The files are standard TFRecords of tf.train.Example, written and read by chromalab.records without
+TensorFlow (the JAX backend reads them with `read_split`); under the TensorFlow backend `make_dataset`
+reads them with tf.data. TensorFlow is imported only inside the tf.data functions.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from chromalab.color import AB_SCALE, L_SCALE, rgb_to_lab_norm
 from chromalab.config import Params
 from chromalab.errors import ChromalabError
 from chromalab.files import staged_dir
+from chromalab.epochs import epoch_order, steps_per_epoch  # noqa: F401 (steps_per_epoch: for callers)
+from chromalab.records import REDO, RecordWriter, decode_example, encode_example, read_records
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -177,18 +180,9 @@ def _photo_encoder(workers: int) -> Iterator[Callable]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _example(photo_id: str, size: int, lab: bytes, variants: bytes) -> "tf.train.Example":
-    import tensorflow as tf
-
-    def as_bytes(value: bytes) -> tf.train.Feature:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-    return tf.train.Example(features=tf.train.Features(feature={
-        "photo_id": as_bytes(photo_id.encode()),
-        "size": tf.train.Feature(int64_list=tf.train.Int64List(value=[size])),
-        "lab": as_bytes(lab),
-        "l_variants": as_bytes(variants),
-    }))
+def _example(photo_id: str, size: int, lab: bytes, variants: bytes) -> bytes:
+    """One photo as a serialised tf.train.Example (chromalab.records: no TensorFlow needed to write)."""
+    return encode_example({"photo_id": photo_id.encode(), "size": [size], "lab": lab, "l_variants": variants})
 
 
 class _OneSize:
@@ -211,18 +205,16 @@ class _OneSize:
 def _write_split(encode: Callable, photos: list[ManifestPhoto], names: list[str], shard_size: int,
                  with_variants: bool, out_dir: Path, one_size: _OneSize) -> None:
     """Encode `photos` (one split) in order into the shards `names`."""
-    import tensorflow as tf
-
     split = photos[0].split
     results = encode([str(p.path) for p in photos], [p.sha256 for p in photos], [with_variants] * len(photos))
     with tqdm(total=len(photos), desc=f"tfrecords {split}", unit="photo") as progress:
         for index, name in enumerate(names):
             shard = photos[index * shard_size:(index + 1) * shard_size]
-            with tf.io.TFRecordWriter(str(out_dir / name)) as writer:
+            with RecordWriter(out_dir / name) as writer:
                 # zip takes from `shard` first, so it never pulls a result that belongs to the next shard.
                 for photo, (size, lab, variants) in zip(shard, results):
                     one_size.check(size, photo.path)
-                    writer.write(_example(photo.photo_id, size, lab, variants).SerializeToString())
+                    writer.write(_example(photo.photo_id, size, lab, variants))
                     progress.update()
 
 
@@ -290,14 +282,57 @@ def _check_split(info: dict, split: str) -> str:
     return split
 
 
-def _records(data_dir: Path, info: dict, split: str) -> "tf.data.Dataset":
-    """(photo_id, L stack float16 [S,S,1+V] = original L then its variants, ab float16 [S,S,2]), in file order."""
-    import tensorflow as tf
-
+def split_paths(data_dir: Path, info: dict, split: str) -> list[Path]:
+    """The shard files of `split`, in order; each must exist."""
     paths = [Path(data_dir) / name for name in info["shards"][_check_split(info, split)]]
     for path in paths:
         if not path.is_file():
             raise ChromalabError(f"{path} is missing: re-run the tfrecords stage (`dvc repro tfrecords`)")
+    return paths
+
+
+def decode_photo(data: bytes, info: dict, path: Path, number: int) -> tuple[str, np.ndarray, np.ndarray]:
+    """One record → (photo_id, L stack float16 [S,S,1+V], ab float16 [S,S,2]), as `_records` gives it.
+
+    NumPy only: the JAX backend reads the records with this (chromalab.records), TensorFlow not needed.
+    """
+    size, n_variants = int(info["image_size"]), len(info["variants"])
+    try:
+        example = decode_example(data)
+        (photo_id,), (lab,), (variants,) = example["photo_id"], example["lab"], example["l_variants"]
+        lab = np.frombuffer(lab, STORAGE_DTYPE).reshape(size, size, 3)
+        variants = np.frombuffer(variants, STORAGE_DTYPE).reshape(size, size, n_variants)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ChromalabError(f"{path}: record {number} is not a {size} px photo of this dataset ({exc}): {REDO}") from None
+    return photo_id.decode(), np.concatenate([lab[..., :1], variants], axis=-1), lab[..., 1:]
+
+
+def read_split(data_dir: Path, split: str, n_l_channels: int | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Photo ids, L stack float16 [N,S,S,C] (original L, then variants; the first `n_l_channels`) and ab
+    float16 [N,S,S,2] of `split` in file order, read without TensorFlow, every record's checksums checked."""
+    info = read_dataset_info(data_dir)
+    n_photos, size = int(info["counts"][_check_split(info, split)]), int(info["image_size"])
+    channels = 1 + len(info["variants"]) if n_l_channels is None else n_l_channels
+    ids: list[str] = []
+    lum = np.empty((n_photos, size, size, channels), STORAGE_DTYPE)
+    ab = np.empty((n_photos, size, size, 2), STORAGE_DTYPE)
+    for path in split_paths(data_dir, info, split):
+        for number, data in enumerate(read_records(path), start=1):
+            if len(ids) == n_photos:
+                raise ChromalabError(f"{path}: more records than the {n_photos} {split} photos dataset.json counts: {REDO}")
+            photo_id, l_stack, photo_ab = decode_photo(data, info, path, number)
+            lum[len(ids)], ab[len(ids)] = l_stack[..., :channels], photo_ab
+            ids.append(photo_id)
+    if len(ids) != n_photos:
+        raise ChromalabError(f"{data_dir}: {len(ids)} {split} records but dataset.json counts {n_photos}: {REDO}")
+    return ids, lum, ab
+
+
+def _records(data_dir: Path, info: dict, split: str) -> "tf.data.Dataset":
+    """(photo_id, L stack float16 [S,S,1+V] = original L then its variants, ab float16 [S,S,2]), in file order."""
+    import tensorflow as tf
+
+    paths = split_paths(data_dir, info, split)
     size, n_variants = int(info["image_size"]), len(info["variants"])
     features = {
         "photo_id": tf.io.FixedLenFeature([], tf.string),
@@ -315,20 +350,6 @@ def _records(data_dir: Path, info: dict, split: str) -> "tf.data.Dataset":
     records = tf.data.TFRecordDataset([str(p) for p in paths])
     records = records.apply(tf.data.experimental.assert_cardinality(int(info["counts"][split])))
     return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def epoch_order(seed: int, epoch: int, n_photos: int) -> np.ndarray:
-    """The order in which training sees the photos in epoch `epoch` (0-based, as Keras counts).
-
-    It depends only on (seed, epoch): a run resumed at epoch e sees exactly what an uninterrupted one would,
-    whatever backend or input path feeds it (the JAX on-device path uses this same function).
-    """
-    return np.random.default_rng([seed, epoch]).permutation(n_photos)
-
-
-def steps_per_epoch(n_photos: int, batch_size: int) -> int:
-    """Training batches per epoch: the partial last batch is dropped, unless that would leave none."""
-    return max(n_photos // batch_size, 1)
 
 
 def make_dataset(data_dir: Path, split: str, batch_size: int, *, training: bool, flip_lr: bool = True,
@@ -420,12 +441,5 @@ def make_dataset(data_dir: Path, split: str, batch_size: int, *, training: bool,
 
 def load_split_arrays(data_dir: Path, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Photo ids, L [N,S,S,1] and ab [N,S,S,2] float32 of `split`, in file order (no augmentation)."""
-    info = read_dataset_info(data_dir)
-    n_photos, size = int(info["counts"][_check_split(info, split)]), int(info["image_size"])
-    ids: list[str] = []
-    lum = np.empty((n_photos, size, size, 1), np.float32)
-    ab = np.empty((n_photos, size, size, 2), np.float32)
-    for photo_id, l_stack, photo_ab in _records(data_dir, info, split).as_numpy_iterator():
-        lum[len(ids)], ab[len(ids)] = l_stack[..., :1], photo_ab
-        ids.append(photo_id.decode())
-    return ids, lum, ab
+    ids, lum, ab = read_split(data_dir, split, n_l_channels=1)
+    return ids, lum.astype(np.float32), ab.astype(np.float32)

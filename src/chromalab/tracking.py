@@ -160,12 +160,10 @@ def _framework_versions() -> dict[str, str]:
     import keras
 
     versions = {"keras.version": keras.__version__, "keras.backend": keras.backend.backend()}
-    try:  # the input pipeline (tf.data) needs TensorFlow on every backend; record it where installed
+    if versions["keras.backend"] == "tensorflow":  # JAX runs without TensorFlow: don't import it there
         import tensorflow as tf
 
         versions["tensorflow.version"] = tf.__version__
-    except ImportError:
-        pass
     if versions["keras.backend"] == "jax":
         import jax
 

@@ -371,7 +371,9 @@ def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tf
 def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, reports_root: Path,
            strategy) -> dict:
     from chromalab import tracking
-    from chromalab.tfrecords import load_split_arrays, make_dataset, read_dataset_info, steps_per_epoch
+    from chromalab.device_data import training_input
+    from chromalab.epochs import steps_per_epoch
+    from chromalab.tfrecords import load_split_arrays, read_dataset_info
 
     info = read_dataset_info(data_dir)
     image_size = int(info["image_size"])
@@ -386,7 +388,8 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     gpus = gpu_names()
     policy = precision_policy(train_p.mixed_precision, gpus)
     keras.mixed_precision.set_global_policy(policy)
-    jit_compile = train_p.xla == "on" or (train_p.xla == "auto" and bool(gpus))
+    # Under JAX "auto" compiles on a CPU too: uncompiled JAX runs op by op, far slower.
+    jit_compile = train_p.xla == "on" or (train_p.xla == "auto" and (bool(gpus) or keras.backend.backend() == "jax"))
     keras.utils.set_random_seed(params.base.seed)
 
     model_dir = models_root / model_name
@@ -409,16 +412,17 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     global_batch = mp.batch_size * replica_count(strategy)
     n_train = int(info["counts"]["train"])
     steps = steps_per_epoch(n_train, global_batch)
-    # Only the epochs still to run; nothing when the last checkpoint is the final epoch.
-    train_ds = make_dataset(data_dir, "train", global_batch, training=True, flip_lr=train_p.flip_lr,
-                            flip_ud=train_p.flip_ud, contrast_aug=train_p.contrast_aug, seed=params.base.seed,
-                            epochs=mp.epochs, initial_epoch=initial_epoch) if initial_epoch < mp.epochs else None
-    val_ds = make_dataset(data_dir, "test", global_batch, training=False)
+    # JAX: the split on the device (chromalab.device_data), no TensorFlow; TensorFlow: tf.data. Only the
+    # epochs still to run; no training data when the last checkpoint is the final epoch.
+    data = training_input(data_dir, global_batch, train_p, params.base.seed, epochs=mp.epochs,
+                          initial_epoch=initial_epoch, distributed=strategy is not None)
+    train_ds, val_ds = data.train, data.validation
     _, sample_L, sample_ab = load_split_arrays(data_dir, "test")
     samples = (sample_L[: train_p.n_samples], sample_ab[: train_p.n_samples])
 
     with strategy.scope() if strategy is not None else nullcontext():
         model = build_for_training(model_name, params, image_size, jit_compile, steps)
+    data.prepare(model)
     if initial_epoch:
         checkpoint.restore(model, state)
 
@@ -431,9 +435,10 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
             recorder.log_checkpointed_rows_mlflow_lacks(run.info.run_id)
         started = time.perf_counter()
         if train_ds is not None:
+            # The input orders and augments the photos (chromalab.epochs), not fit.
             model.fit(train_ds, epochs=mp.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
                       validation_data=val_ds, validation_freq=train_p.val_every, callbacks=[recorder],
-                      shuffle=False, verbose=1 if sys.stdout.isatty() else 2)  # make_dataset orders the photos
+                      shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
         train_seconds = time.perf_counter() - started
         metrics = _final_metrics(model, val_ds, history, params, model_name, train_seconds)
         metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run; `dvc exp show` links to it
