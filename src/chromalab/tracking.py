@@ -44,6 +44,9 @@ TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_GIT_DIRTY = "mlflow.source.git.dirty"
 TAG_DVC_EXP_NAME = "dvc.exp_name"
 TAG_DVC_BASELINE_REV = "dvc.baseline_rev"
+# MLflow 3's UI opens an experiment by its kind (the GenAI overview unless told otherwise).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -205,11 +208,14 @@ def _experiment_id(client: mlflow.MlflowClient, uri: str) -> str:
         # DVC's temporary copy, deleted after the stage: pin them to the real root.
         location = (repo_root() / "mlruns" / EXPERIMENT).as_uri() if _is_local_database(uri) else None
         try:
-            return client.create_experiment(EXPERIMENT, artifact_location=location)
+            return client.create_experiment(EXPERIMENT, artifact_location=location,
+                                            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
         except MlflowException as exc:  # another stage created it meanwhile (parallel queue workers)
             if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
             experiment = client.get_experiment_by_name(EXPERIMENT)
+    if TAG_EXPERIMENT_KIND not in experiment.tags:  # left alone once set, by us or in the UI
+        client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
     if experiment.lifecycle_stage == "deleted":
         raise ChromalabError(
             f"MLflow experiment {EXPERIMENT!r} is deleted in {uri}: restore it "

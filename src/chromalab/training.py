@@ -289,7 +289,7 @@ def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tf
 
 def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, reports_root: Path,
            strategy) -> dict:
-    from chromalab import tracking
+    from chromalab import datasets, registry, tracking
     from chromalab.tfrecords import load_split_arrays, make_dataset, read_dataset_info
 
     info = read_dataset_info(data_dir)
@@ -342,6 +342,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     with tracking.model_run(model_name, params, dataset_hash=dataset_hash, stage=f"train@{model_name}",
                             run_id=state.get("mlflow_run_id")) as run:
         state["mlflow_run_id"] = run.info.run_id
+        datasets.log_dataset_inputs(info, data_dir)
         recorder = EpochRecorder(checkpoint=checkpoint, state=state, history=history, train_params=train_p,
                                  total_epochs=mp.epochs, samples=samples, images_per_epoch=n_train)
         started = time.perf_counter()
@@ -365,6 +366,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         deliverable.save(tmp_model)
         os.replace(tmp_model, model_dir / "model.keras")
         tracking.log_keras_model(deliverable, sample_L[:1])
+        registry.register_trained_model(model_name, model_dir / "model.keras", dataset_hash)
 
     reports_dir.mkdir(parents=True, exist_ok=True)
     write_history(reports_dir / "history.csv", history)
