@@ -90,7 +90,7 @@ def test_training_runs_log_their_train_and_test_data_as_mlflow_datasets(project)
 
 def test_the_experiment_says_it_holds_model_training_runs(project):
     experiment = project["client"].get_experiment_by_name(tracking.EXPERIMENT)
-    # What MLflow 3's UI reads to open the runs table instead of the GenAI overview.
+    # MLflow 3's record of an experiment's kind (model training, not GenAI); see the README for the UI.
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 

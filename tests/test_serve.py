@@ -9,10 +9,8 @@ from __future__ import annotations
 import base64
 import io
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -27,7 +25,7 @@ from chromalab.colorize import colorize_paths
 from chromalab.config import parse_params
 from chromalab.models import build_generator
 from chromalab.samples import real_crops
-from conftest import _free_port
+from conftest import _free_port, stop_process_group, wait_until_up
 
 BIN = Path(sys.executable).parent
 CHAMPION = "models:/chromalab-gan@champion"
@@ -62,12 +60,7 @@ def model_server(store):
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     yield f"http://127.0.0.1:{port}", proc, log_path
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_process_group(proc)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,17 +71,8 @@ def _start_server_early(model_server):
 @pytest.fixture(scope="module")
 def served(model_server) -> str:
     url, proc, log_path = model_server
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return url
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow models serve not ready after 180 s:\n{log_path.read_text()[-3000:]}")
+    wait_until_up(f"{url}/ping", proc, log_path, timeout_s=180)
+    return url
 
 
 def _encoded(image: Image.Image, image_format: str, **options) -> bytes:

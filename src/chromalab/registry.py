@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,11 +61,14 @@ def log_colorizer(keras_file: Path, name: str = PYFUNC_NAME) -> ModelInfo:
     from chromalab.serve import pyfunc
 
     tracking._require_active_run()
-    return mlflow.pyfunc.log_model(
-        name=name, python_model=pyfunc.Colorizer(), artifacts={pyfunc.KERAS_ARTIFACT: str(keras_file)},
-        signature=pyfunc.signature(),
-        pip_requirements=[*tracking._model_requirements(), *_installed("pillow", "scikit-image", "pandas")],
-    )
+    with warnings.catch_warnings():
+        # No input example on purpose: it would be a photo stored with a model that may be shared.
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=pyfunc.Colorizer(), artifacts={pyfunc.KERAS_ARTIFACT: str(keras_file)},
+            signature=pyfunc.signature(),
+            pip_requirements=[*tracking._model_requirements(), *_installed("pillow", "scikit-image", "pandas")],
+        )
 
 
 def _installed(*packages: str) -> list[str]:

@@ -44,7 +44,8 @@ TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_GIT_DIRTY = "mlflow.source.git.dirty"
 TAG_DVC_EXP_NAME = "dvc.exp_name"
 TAG_DVC_BASELINE_REV = "dvc.baseline_rev"
-# MLflow 3's UI opens an experiment by its kind (the GenAI overview unless told otherwise).
+# MLflow 3 records an experiment's kind in this tag (its UI sets it too); ours holds model training runs.
+# MLflow 3.17's UI opens experiments by its own GenAI | Model training switch instead (see README).
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
