@@ -215,13 +215,13 @@ def _experiment_id(client: mlflow.MlflowClient, uri: str) -> str:
             if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
             experiment = client.get_experiment_by_name(EXPERIMENT)
-    if TAG_EXPERIMENT_KIND not in experiment.tags:  # left alone once set, by us or in the UI
-        client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
     if experiment.lifecycle_stage == "deleted":
         raise ChromalabError(
             f"MLflow experiment {EXPERIMENT!r} is deleted in {uri}: restore it "
             f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or purge it (`mlflow gc`)"
         )
+    if TAG_EXPERIMENT_KIND not in experiment.tags:  # left alone once set, by us or in the UI
+        client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 
