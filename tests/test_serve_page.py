@@ -78,6 +78,9 @@ def test_the_api_rejects_bad_and_oversized_files_with_a_message_and_carries_on(p
     huge = requests.post(f"{url}/api/colorize", params={"name": "huge.png"}, data=photos["huge"].read_bytes(),
                          timeout=30)
     assert huge.status_code == 413 and "limit is 0.5 MB" in huge.json()["detail"]
+    chunked = requests.post(f"{url}/api/colorize", params={"name": "huge.png"}, timeout=30,  # no Content-Length
+                            data=iter([photos["huge"].read_bytes()[i : i + 65536] for i in range(0, 600_000, 65536)]))
+    assert chunked.status_code == 413 and "over the 0.5 MB limit" in chunked.json()["detail"]
     assert requests.post(f"{url}/api/colorize", data=b"", timeout=30).status_code == 400
     good = requests.post(f"{url}/api/colorize", params={"name": "family.jpg"}, data=photos["jpeg"].read_bytes(),
                          timeout=60)

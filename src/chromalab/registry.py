@@ -80,6 +80,8 @@ def _installed(*packages: str) -> list[str]:
 def register_trained_model(model_name: str, keras_file: Path, dataset_digest: str) -> ModelVersion:
     """Log the colorizer into the active training run and register it as a new `chromalab-<model>` version."""
     import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
     from chromalab import tracking
 
@@ -87,10 +89,14 @@ def register_trained_model(model_name: str, keras_file: Path, dataset_digest: st
     client = _client()
     name = registered_name(model_name)
     if client.search_registered_models(f"name = '{name}'") == []:
-        client.create_registered_model(
-            name, description=f"chromalab's {model_name} colorizer. Its pyfunc takes photo files (column "
-                              "`image`: bytes or base64) and returns coloured JPEGs at full resolution; "
-                              f"`evaluate` sets @{CHAMPION} (lowest test ΔE00) and @{CHALLENGER} (newest).")
+        try:
+            client.create_registered_model(
+                name, description=f"chromalab's {model_name} colorizer. Its pyfunc takes photo files (column "
+                                  "`image`: bytes or base64) and returns coloured JPEGs at full resolution; "
+                                  f"`evaluate` sets @{CHAMPION} (lowest test ΔE00) and @{CHALLENGER} (newest).")
+        except MlflowException as exc:  # another stage registered it meanwhile (parallel queue workers)
+            if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
     run = mlflow.active_run()
     identity = tracking.run_identity()
     tags = {TAG_DVC_EXPERIMENT: identity[tracking.TAG_DVC_EXP_NAME], TAG_DATASET_DIGEST: dataset_digest,

@@ -66,15 +66,15 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
         folder.mkdir()
         size = 0
         with (folder / "upload").open("wb") as f:
-            async for chunk in request.stream():
+            async for chunk in request.stream():  # a body without (or with a false) Content-Length stops here
                 size += len(chunk)
                 if size > limit:
-                    _remove(folder)
-                    raise HTTPException(413, f"{name} is over the {max_upload_mb:g} MB limit")
+                    break
                 f.write(chunk)
-        if size == 0:
+        if size > limit or size == 0:
             _remove(folder)
-            raise HTTPException(400, f"{name} is empty: choose a photo file")
+            raise HTTPException(413, f"{name} is over the {max_upload_mb:g} MB limit") if size else \
+                HTTPException(400, f"{name} is empty: choose a photo file")
         from starlette.concurrency import run_in_threadpool
 
         try:
