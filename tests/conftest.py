@@ -61,6 +61,11 @@ def mlflow_server_process(tmp_path_factory):
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its workers share its group
         )
     yield f"http://127.0.0.1:{port}", proc, log_path
+    stop_process_group(proc)
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a server started with start_new_session=True and its workers; SIGKILL after 30 s."""
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=30)
@@ -69,21 +74,27 @@ def mlflow_server_process(tmp_path_factory):
         proc.wait()
 
 
+def wait_until_up(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 90) -> str:
+    """`url` once it answers 200; fails with the server's log if it exits or takes longer than timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return url
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} not up after {timeout_s:g} s:\n{log_path.read_text()[-3000:]}")
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(mlflow_server_process) -> str:
     """The server's URI once /health answers."""
     uri, proc, log_path = mlflow_server_process
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{uri}/health", timeout=2).status_code == 200:
-                return uri
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow server not healthy after 90 s:\n{log_path.read_text()[-3000:]}")
+    wait_until_up(f"{uri}/health", proc, log_path)
+    return uri
 
 
 def jax_env() -> dict[str, str]:

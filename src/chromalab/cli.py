@@ -102,6 +102,19 @@ def colorize(
 
 
 @app.command()
+def serve(
+    model: Annotated[str, typer.Option("--model", "-m", help="gan, baseline, a .keras file, or an MLflow model URI (models:/chromalab-gan@champion).")] = "gan",
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this computer only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest photo file accepted, in MB.")] = 50.0,
+) -> None:
+    """A local web page to colour photos in the browser: drop photos, compare, download."""
+    from chromalab.serve.app import run_serve
+
+    run_serve(model, host=host, port=port, max_upload_mb=max_upload_mb)
+
+
+@app.command()
 def bench(
     out: Annotated[Path, typer.Option("-o", "--out", help="Where the JSON report goes.")] = Path("bench/report.json"),
     image_size: Annotated[int, typer.Option(help="Image size for the training steps.")] = 256,

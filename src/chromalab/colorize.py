@@ -16,6 +16,7 @@ JPEG (quality 95), PNG and WebP stay what they were; every other format (BMP, TI
 from __future__ import annotations
 
 import functools
+import io
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -175,7 +176,7 @@ def load_colorizer(model: str, models_root: Path = Path("models")):
         path = Path(model)
         if path.suffix != ".keras":
             raise ChromalabError(f"--model {model!r}: expected {', '.join(MODEL_NAMES)}, a .keras file, "
-                                 "or an MLflow model URI (runs:/<run id>/model, models:/<name>/<version>)")
+                                 "or an MLflow model URI (runs:/<run id>/model, models:/chromalab-gan@champion)")
         if not path.is_file():
             raise ChromalabError(f"model file {path} does not exist: check the path")
     try:
@@ -185,6 +186,7 @@ def load_colorizer(model: str, models_root: Path = Path("models")):
 
 
 def _load_mlflow(uri: str):
+    """A run's Keras model (runs:/<id>/model) or a registered chromalab model, whose pyfunc holds one."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -192,7 +194,12 @@ def _load_mlflow(uri: str):
 
     tracking.use_store()
     try:
-        loaded = mlflow.keras.load_model(uri, load_model_kwargs={"compile": False})
+        if "keras" in mlflow.models.get_model_info(uri).flavors:
+            loaded = mlflow.keras.load_model(uri, load_model_kwargs={"compile": False})
+        else:  # chromalab.serve.pyfunc.Colorizer: its Keras model is loaded with it
+            loaded = getattr(mlflow.pyfunc.load_model(uri).unwrap_python_model(), "colorizer", None)
+            if loaded is None:
+                raise ValueError("not a chromalab colorizer (no Keras flavour, no chromalab pyfunc)")
     except (MlflowException, OSError, ValueError) as exc:
         raise ChromalabError(f"cannot load MLflow model {uri} from {tracking.tracking_uri()}: "
                              f"{_reason(exc)} (set MLFLOW_TRACKING_URI if it lives elsewhere)") from None
@@ -240,7 +247,7 @@ def _rgb_lightness(rgb: np.ndarray) -> np.ndarray:
     return lightness
 
 
-def read_photo(path: Path) -> Photo:
+def read_photo(path: Path | io.BytesIO) -> Photo:
     """Decode a photo upright (EXIF orientation applied) into its full-resolution lightness and alpha."""
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)
@@ -293,6 +300,17 @@ def compare_sheet(photo: Photo, coloured: Image.Image) -> Image.Image:
     sheet.paste(gray, (0, 0))
     sheet.paste(coloured.convert("RGB").resize(size[::-1], DOWNSAMPLE), (size[1], 0))
     return sheet
+
+
+def colour_bytes(colorizer, data: bytes, image_size: int | None = None) -> tuple[Photo, Image.Image]:
+    """One photo file's contents → (the decoded photo, coloured at its full size), as `colorize` colours it.
+
+    The entry point of the served model and of `chromalab serve`; raises one of READ_ERRORS on a bad file.
+    """
+    photo = read_photo(io.BytesIO(data))
+    small = _resize(photo.lightness, model_input_size(colorizer, image_size), DOWNSAMPLE)[None, ..., None]
+    ab_small = np.asarray(colorizer.predict_on_batch(small), dtype=np.float32)[0]
+    return photo, colour_photo(photo, ab_small)
 
 
 def save_atomic(image: Image.Image, path: Path, image_format: str) -> None:

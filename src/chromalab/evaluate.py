@@ -186,7 +186,7 @@ def log_to_model_runs(reports_root: Path, summary: dict, pictures: list[Path]) -
 
 def run_evaluate(params: Params, *, data_dir: Path = Path("data/tfrecords"), models_root: Path = Path("models"),
                  reports_root: Path = Path("reports"), log_mlflow: bool = True) -> dict:
-    from chromalab import tracking
+    from chromalab import registry, tracking
     from chromalab.tfrecords import load_split_arrays
 
     if log_mlflow:
@@ -220,4 +220,5 @@ def run_evaluate(params: Params, *, data_dir: Path = Path("data/tfrecords"), mod
     write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2))
     if log_mlflow:
         log_to_model_runs(reports_root, summary, [out_dir / name for name in PICTURES])
+        registry.record_evaluation(reports_root, summary, registry.test_set_digest(ids, L, true_ab))
     return summary

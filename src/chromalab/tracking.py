@@ -44,6 +44,10 @@ TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_GIT_DIRTY = "mlflow.source.git.dirty"
 TAG_DVC_EXP_NAME = "dvc.exp_name"
 TAG_DVC_BASELINE_REV = "dvc.baseline_rev"
+# MLflow 3 records an experiment's kind in this tag (its UI sets it too); ours holds model training runs.
+# MLflow 3.17's UI opens experiments by its own GenAI | Model training switch instead (see README).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -203,7 +207,8 @@ def _experiment_id(client: mlflow.MlflowClient, uri: str) -> str:
         # DVC's temporary copy, deleted after the stage: pin them to the real root.
         location = (repo_root() / "mlruns" / EXPERIMENT).as_uri() if _is_local_database(uri) else None
         try:
-            return client.create_experiment(EXPERIMENT, artifact_location=location)
+            return client.create_experiment(EXPERIMENT, artifact_location=location,
+                                            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
         except MlflowException as exc:  # another stage created it meanwhile (parallel queue workers)
             if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
@@ -213,6 +218,8 @@ def _experiment_id(client: mlflow.MlflowClient, uri: str) -> str:
             f"MLflow experiment {EXPERIMENT!r} is deleted in {uri}: restore it "
             f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or purge it (`mlflow gc`)"
         )
+    if TAG_EXPERIMENT_KIND not in experiment.tags:  # left alone once set, by us or in the UI
+        client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 

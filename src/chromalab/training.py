@@ -370,7 +370,7 @@ def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tf
 
 def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, reports_root: Path,
            strategy) -> dict:
-    from chromalab import tracking
+    from chromalab import datasets, registry, tracking
     from chromalab.device_data import training_input
     from chromalab.epochs import steps_per_epoch
     from chromalab.tfrecords import load_split_arrays, read_dataset_info
@@ -429,6 +429,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     with tracking.model_run(model_name, params, dataset_hash=dataset_hash, stage=f"train@{model_name}",
                             run_id=state.get("mlflow_run_id")) as run:
         state["mlflow_run_id"] = run.info.run_id
+        datasets.log_dataset_inputs(info, data_dir)
         recorder = EpochRecorder(checkpoint=checkpoint, state=state, history=history, train_params=train_p,
                                  total_epochs=mp.epochs, samples=samples, images_per_epoch=n_train)
         if initial_epoch:
@@ -456,6 +457,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         deliverable.save(tmp_model)
         os.replace(tmp_model, model_dir / "model.keras")
         tracking.log_keras_model(deliverable, sample_L[:1])
+        registry.register_trained_model(model_name, model_dir / "model.keras", dataset_hash)
 
     reports_dir.mkdir(parents=True, exist_ok=True)
     write_history(reports_dir / "history.csv", history)

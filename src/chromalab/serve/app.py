@@ -1,0 +1,137 @@
+"""`chromalab serve`: a local web page to colour photos in the browser.
+
+FastAPI + uvicorn serve one static page (static/index.html, plain JavaScript) and a small JSON API. They come
+with MLflow already (its tracking server runs on them), so the page adds no dependency, no build step and no
+telemetry; Gradio would bring a large second web stack for one page.
+
+- POST /api/colorize?name=<file name>: the photo file is the request body (no multipart parsing). It is
+  streamed into a private temporary folder and refused past `max_upload_mb` (HTTP 413); a file that is not
+  a readable photo gets HTTP 422 with the reason, and the server carries on.
+- The photo is coloured exactly as `chromalab colorize` colours it (chromalab.colorize: same model choice,
+  same full-resolution output, same file name and format), so the downloaded file is the one `colorize`
+  would write. Previews (gray | coloured, at most 2048 px a side) come from colorize's compare sheet.
+- Results live in the temporary folder until the server stops (the oldest are dropped past MAX_RESULTS).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from chromalab import colorize
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_MAX_UPLOAD_MB = 50.0
+MAX_RESULTS = 200
+CHUNK = 1 << 20
+SAFE_NAME = re.compile(r"[^\w.\- ]+")
+
+
+def _safe_name(name: str) -> str:
+    """The upload's base name with path parts and odd characters removed: only ever a download name."""
+    cleaned = SAFE_NAME.sub("_", Path(name.replace("\\", "/")).name).strip(" .")
+    return cleaned or "photo.jpg"
+
+
+def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+               image_size: int | None = None) -> FastAPI:
+    """The page and its API around a loaded colorizer (colorize.load_colorizer); files go under `workdir`."""
+    app = FastAPI(title="chromalab", docs_url=None, redoc_url=None, openapi_url=None)
+    limit = int(max_upload_mb * 1e6)
+    results: OrderedDict[str, dict] = OrderedDict()
+    model_lock = threading.Lock()  # one photo through the model at a time: memory stays one photo's worth
+
+    @app.get("/api/info")
+    def info() -> dict:
+        return {"model": model_label, "max_upload_mb": max_upload_mb}
+
+    @app.post("/api/colorize")
+    async def colorize_upload(request: Request, name: str = "photo.jpg") -> dict:
+        name = _safe_name(name)
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"{name} is {int(declared) / 1e6:.1f} MB; the limit is {max_upload_mb:g} MB")
+        job_id = uuid.uuid4().hex
+        folder = workdir / job_id
+        folder.mkdir()
+        size = 0
+        with (folder / "upload").open("wb") as f:
+            async for chunk in request.stream():  # a body without (or with a false) Content-Length stops here
+                size += len(chunk)
+                if size > limit:
+                    break
+                f.write(chunk)
+        if size > limit or size == 0:
+            _remove(folder)
+            raise HTTPException(413, f"{name} is over the {max_upload_mb:g} MB limit") if size else \
+                HTTPException(400, f"{name} is empty: choose a photo file")
+        from starlette.concurrency import run_in_threadpool
+
+        try:
+            entry = await run_in_threadpool(_colour_file, folder, name)
+        except colorize.READ_ERRORS as exc:
+            _remove(folder)
+            raise HTTPException(422, f"{name}: cannot read it as a photo ({colorize._reason(exc)})") from None
+        results[job_id] = entry
+        while len(results) > MAX_RESULTS:
+            _remove(workdir / results.popitem(last=False)[0])
+        return {"id": job_id, "name": name, "download_name": entry["download_name"],
+                "width": entry["width"], "height": entry["height"], "seconds": entry["seconds"],
+                "result": f"/api/results/{job_id}/colour", "gray_preview": f"/api/results/{job_id}/gray",
+                "colour_preview": f"/api/results/{job_id}/preview"}
+
+    def _colour_file(folder: Path, name: str) -> dict:
+        started = time.perf_counter()
+        data = (folder / "upload").read_bytes()
+        with model_lock:
+            photo, coloured = colorize.colour_bytes(colorizer, data, image_size)
+        download_name, image_format = colorize._output_name(Path(name))
+        colorize.save_atomic(coloured, folder / "colour", image_format)
+        sheet = colorize.compare_sheet(photo, coloured)  # gray | coloured, each ≤ COMPARE_MAX_SIDE
+        half = sheet.width // 2
+        colorize.save_atomic(sheet.crop((0, 0, half, sheet.height)), folder / "gray", "JPEG")
+        colorize.save_atomic(sheet.crop((half, 0, sheet.width, sheet.height)), folder / "preview", "JPEG")
+        (folder / "upload").unlink()
+        return {"download_name": download_name, "format": image_format, "width": coloured.width,
+                "height": coloured.height, "seconds": round(time.perf_counter() - started, 3)}
+
+    @app.get("/api/results/{job_id}/{kind}")
+    def result(job_id: str, kind: str) -> FileResponse:
+        entry = results.get(job_id)
+        if entry is None or kind not in ("colour", "gray", "preview"):
+            raise HTTPException(404, "no such result (results last until the server stops)")
+        if kind == "colour":
+            media = f"image/{entry['format'].lower()}"
+            return FileResponse(workdir / job_id / kind, media_type=media, filename=entry["download_name"])
+        return FileResponse(workdir / job_id / kind, media_type="image/jpeg")
+
+    app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
+    return app
+
+
+def _remove(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_serve(model: str = "gan", *, host: str = "127.0.0.1", port: int = 8000,
+              max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, models_root: Path = Path("models")) -> None:
+    """Load the model (as `chromalab colorize --model` does), then serve the page until Ctrl-C."""
+    import uvicorn
+
+    colorizer = colorize.load_colorizer(model, models_root)
+    with tempfile.TemporaryDirectory(prefix="chromalab-serve-") as workdir:
+        app = create_app(colorizer, model_label=model, workdir=Path(workdir), max_upload_mb=max_upload_mb)
+        print(f"chromalab serve: http://{host}:{port}  (model {model}; Ctrl-C stops)", file=sys.stderr)
+        uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,81 @@
+"""The registered model's pyfunc flavour: photos in, coloured full-resolution JPEGs out.
+
+Input: a DataFrame with a column `image` holding photo files, as bytes or base64 text (JSON clients of
+`mlflow models serve` send base64; MLflow decodes it for the binary column). Anything `chromalab colorize`
+reads works: any size, gray/colour/16-bit/palette/alpha, EXIF orientation applied. Output: a DataFrame with
+`image` (JPEG bytes, quality 95, at the photo's own size; base64 in JSON answers), `width` and `height`.
+A file that is not a photo is a client error (HTTP 400 from the scoring server), naming the row.
+
+The Keras model travels as an artifact (`model.keras`) and is run by chromalab.colorize, so served photos
+come out exactly as `chromalab colorize` makes them. Serving needs chromalab installed (`--env-manager local`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+COLUMN = "image"
+KERAS_ARTIFACT = "keras_model"
+JPEG_QUALITY = 95  # as `chromalab colorize` writes JPEGs
+
+
+def signature() -> mlflow.models.ModelSignature:
+    from mlflow.types import ColSpec, DataType, Schema
+
+    return mlflow.models.ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary, COLUMN)]),
+        outputs=Schema([ColSpec(DataType.binary, COLUMN), ColSpec(DataType.long, "width"),
+                        ColSpec(DataType.long, "height")]),
+    )
+
+
+def _file_bytes(value: object, row: int) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=False)
+        except (binascii.Error, ValueError):
+            pass
+    raise _bad_input(f"row {row}: column {COLUMN!r} must hold a photo file as bytes or base64 text, "
+                     f"got {type(value).__name__}")
+
+
+def _bad_input(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(message)  # → HTTP 400 from `mlflow models serve`
+
+
+class Colorizer(mlflow.pyfunc.PythonModel):
+    """chromalab's colorizer as an MLflow pyfunc; `colorizer` is the loaded Keras model."""
+
+    def load_context(self, context) -> None:
+        from chromalab.colorize import load_colorizer
+
+        self.colorizer = load_colorizer(context.artifacts[KERAS_ARTIFACT])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from chromalab.colorize import READ_ERRORS, _reason, colour_bytes
+
+        if not isinstance(model_input, pd.DataFrame) or COLUMN not in model_input:
+            raise _bad_input(f"expected a DataFrame with a column {COLUMN!r} of photo files (bytes or base64)")
+        images, widths, heights = [], [], []
+        for row, value in enumerate(model_input[COLUMN]):
+            try:
+                _, coloured = colour_bytes(self.colorizer, _file_bytes(value, row))
+            except READ_ERRORS as exc:
+                raise _bad_input(f"row {row}: not a readable photo ({_reason(exc)})") from None
+            buffer = io.BytesIO()
+            coloured.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)  # JPEG has no alpha
+            images.append(buffer.getvalue())
+            widths.append(coloured.width)
+            heights.append(coloured.height)
+        return pd.DataFrame({COLUMN: images, "width": np.asarray(widths, dtype=np.int64),
+                             "height": np.asarray(heights, dtype=np.int64)})

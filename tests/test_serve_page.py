@@ -1,0 +1,158 @@
+"""`chromalab serve` in a real headless browser: the system's Chromium, driven by Selenium.
+
+No browser is downloaded: Selenium is pointed at /usr/bin/chromium and /usr/bin/chromedriver (Debian's
+`chromium` and `chromium-driver` packages); without them the browser test is skipped, saying how to
+install them. The page's server runs in a thread of this process, on 127.0.0.1, with a tiny model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from chromalab.colorize import colorize_paths, load_colorizer
+from chromalab.models import build_generator
+from chromalab.samples import real_crops
+from chromalab.serve.app import create_app
+from conftest import _free_port
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+MAX_UPLOAD_MB = 0.5
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    build_generator(32, width=0.125).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def page(model_file, tmp_path_factory):
+    """The page's server (the app `chromalab serve` runs) on 127.0.0.1, in a thread; its URL."""
+    import uvicorn
+
+    workdir = tmp_path_factory.mktemp("serve-work")
+    app = create_app(load_colorizer(str(model_file)), model_label=model_file.name, workdir=workdir,
+                     max_upload_mb=MAX_UPLOAD_MB)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the page's server did not start"
+    yield f"http://127.0.0.1:{port}", workdir
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    crops = real_crops(2, 80, seed=11)
+    paths = {"jpeg": folder / "family.jpg", "png": folder / "gray scan.png", "bad": folder / "broken.jpg",
+             "huge": folder / "huge.png"}
+    Image.fromarray(crops[0]).resize((120, 80)).save(paths["jpeg"], quality=95)
+    Image.fromarray(crops[1]).convert("L").resize((64, 96)).save(paths["png"])
+    paths["bad"].write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    paths["huge"].write_bytes(np.random.default_rng(0).bytes(int(MAX_UPLOAD_MB * 1e6) + 1000))
+    return paths
+
+
+def test_the_api_rejects_bad_and_oversized_files_with_a_message_and_carries_on(page, photos):
+    url, workdir = page
+    bad = requests.post(f"{url}/api/colorize", params={"name": "../../etc/broken.jpg"},
+                        data=photos["bad"].read_bytes(), timeout=30)
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("broken.jpg: cannot read it as a photo")
+    huge = requests.post(f"{url}/api/colorize", params={"name": "huge.png"}, data=photos["huge"].read_bytes(),
+                         timeout=30)
+    assert huge.status_code == 413 and "limit is 0.5 MB" in huge.json()["detail"]
+    chunked = requests.post(f"{url}/api/colorize", params={"name": "huge.png"}, timeout=30,  # no Content-Length
+                            data=iter([photos["huge"].read_bytes()[i : i + 65536] for i in range(0, 600_000, 65536)]))
+    assert chunked.status_code == 413 and "over the 0.5 MB limit" in chunked.json()["detail"]
+    assert requests.post(f"{url}/api/colorize", data=b"", timeout=30).status_code == 400
+    good = requests.post(f"{url}/api/colorize", params={"name": "family.jpg"}, data=photos["jpeg"].read_bytes(),
+                         timeout=60)
+    assert good.status_code == 200
+    assert good.json()["download_name"] == "family_color.jpg"
+    assert (good.json()["width"], good.json()["height"]) == (120, 80)
+    # nothing of the refused uploads is left, and everything kept is inside the temporary folder
+    kept = [p for p in workdir.rglob("*") if p.is_file()]
+    assert kept and all(p.parent.parent == workdir for p in kept)
+    assert {p.name for p in kept} == {"colour", "gray", "preview"}
+
+
+def _browser(download_dir: Path):
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip("the browser test needs the system Chromium: `sudo apt-get install chromium chromium-driver`"
+                    " (Debian/Ubuntu); .ci/run installs it")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1000"):
+        options.add_argument(argument)
+    options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
+                                              "download.prompt_for_download": False})
+    # An explicit driver path: Selenium Manager never looks for, let alone downloads, a browser or driver.
+    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+
+
+def test_in_a_browser_photos_are_uploaded_shown_side_by_side_and_download_as_colorize_writes_them(
+        page, photos, model_file, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = page
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser = _browser(downloads)
+    try:
+        browser.get(url)
+        wait = WebDriverWait(browser, WAIT_S)
+        wait.until(ready.text_to_be_present_in_element((By.ID, "info"), "Model: model.keras"))
+        chooser = browser.find_element(By.ID, "files")
+        chooser.send_keys("\n".join(str(photos[k]) for k in ("jpeg", "bad", "huge", "png")))
+        wait.until(ready.text_to_be_present_in_element((By.ID, "overall-text"), "4 of 4 photo(s) done"))
+
+        items = {item.find_element(By.TAG_NAME, "strong").text: item
+                 for item in browser.find_elements(By.CLASS_NAME, "item")}
+        assert "cannot read it as a photo" in items["broken.jpg"].find_element(By.CLASS_NAME, "error").text
+        assert "the limit is 0.5 MB" in items["huge.png"].find_element(By.CLASS_NAME, "error").text
+        done = items["family.jpg"]
+        assert "120×80" in done.find_element(By.CLASS_NAME, "status").text
+        for image in done.find_elements(By.CSS_SELECTOR, ".compare img"):  # gray | coloured, both loaded
+            assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) > 0
+        slider = done.find_element(By.CLASS_NAME, "slider")
+        browser.execute_script("arguments[0].value = 20; arguments[0].dispatchEvent(new Event('input'))", slider)
+        assert "20%" in done.find_element(By.CLASS_NAME, "colour").get_attribute("style")
+
+        for name in ("family.jpg", "gray scan.png"):
+            items[name].find_element(By.CLASS_NAME, "download").click()
+        expected = {"family_color.jpg", "gray scan_color.png"}
+        deadline = time.monotonic() + WAIT_S
+        while {p.name for p in downloads.iterdir()} != expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert {p.name for p in downloads.iterdir()} == expected
+    finally:
+        browser.quit()
+
+    by_colorize = tmp_path / "colorize"
+    shutil.copy(photos["jpeg"], tmp_path / "family.jpg")
+    shutil.copy(photos["png"], tmp_path / "gray scan.png")
+    colorize_paths([tmp_path / "family.jpg", tmp_path / "gray scan.png"], out_dir=by_colorize, model=str(model_file))
+    for name in expected:
+        assert (downloads / name).read_bytes() == (by_colorize / name).read_bytes(), name
