@@ -293,7 +293,8 @@ def test_mlflow_model_uri(tmp_path, models, rgb_photos, monkeypatch):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = mlflow.create_experiment("t", artifact_location=(tmp_path / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment) as active:
-        mlflow.keras.log_model(keras.saving.load_model(models["tint"]), name="model")
+        # Requirements given: MLflow would otherwise infer them by loading the model in a subprocess (~40 s).
+        mlflow.keras.log_model(keras.saving.load_model(models["tint"]), name="model", pip_requirements=["keras"])
     Image.fromarray(rgb_photos[0]).save(tmp_path / "p.png")
     report = colorize_paths([tmp_path / "p.png"], model=f"runs:/{active.info.run_id}/model")
     assert report.done == [tmp_path / "p_color.png"]

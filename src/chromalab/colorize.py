@@ -298,29 +298,35 @@ def _bilinear_taps(out_size: int, in_size: int, start: int, stop: int) -> tuple[
     return first, np.minimum(first + 1, in_size - 1), (position - first).astype(np.float32)[:, None]
 
 
-def upsampled_ab(ab_small: np.ndarray, size: tuple[int, int], rows: slice) -> np.ndarray:
+def upsampled_ab(ab_small: np.ndarray, size: tuple[int, int], rows: slice,
+                 wide: np.ndarray | None = None) -> np.ndarray:
     """Rows `rows` of ab_small [h, w, 2] bilinearly upsampled to size = (height, width): [rows, width, 2].
     The model's ab varies slowly (the detail comes from L), so bilinear loses nothing visible, and computed
-    a stripe at a time it needs no full-resolution ab array."""
+    a stripe at a time it needs no full-resolution ab array. `wide`: ab_small already widened to `width`
+    (`widened_ab`), shared by all stripes."""
     height, width = size
-    top, bottom = rows.start, min(rows.stop, height)
-    left, right, x_weight = _bilinear_taps(width, ab_small.shape[1], 0, width)
-    upper, lower, y_weight = _bilinear_taps(height, ab_small.shape[0], top, bottom)
-    first_row, last_row = upper[0], lower[-1]
-    band = ab_small[first_row : last_row + 1]
-    band = band[:, left] + (band[:, right] - band[:, left]) * x_weight  # [k, width, 2]
-    above, below = band[upper - first_row], band[lower - first_row]
+    if wide is None:
+        wide = widened_ab(ab_small, width)
+    upper, lower, y_weight = _bilinear_taps(height, wide.shape[0], rows.start, min(rows.stop, height))
+    above, below = wide[upper], wide[lower]
     below -= above
     below *= y_weight[:, None]
     above += below
     return above
 
 
+def widened_ab(ab_small: np.ndarray, width: int) -> np.ndarray:
+    """ab_small [h, w, 2] interpolated along its rows to `width` columns: [h, width, 2]."""
+    left, right, x_weight = _bilinear_taps(width, ab_small.shape[1], 0, width)
+    return ab_small[:, left] + (ab_small[:, right] - ab_small[:, left]) * x_weight
+
+
 def lab_to_rgb8(lightness: np.ndarray, ab_small: np.ndarray) -> np.ndarray:
     """Full-resolution L/100 [H, W] and the model's ab/128 [h, w, 2] → uint8 RGB [H, W, 3], in stripes."""
     rgb = np.empty((*lightness.shape, 3), dtype=np.uint8)
+    wide = widened_ab(np.asarray(ab_small, dtype=np.float32), lightness.shape[1])
     for rows in _stripes(*lightness.shape):
-        rgb[rows] = lab_norm_to_rgb8(lightness[rows], upsampled_ab(ab_small, lightness.shape, rows))
+        rgb[rows] = lab_norm_to_rgb8(lightness[rows], upsampled_ab(ab_small, lightness.shape, rows, wide))
     return rgb
 
 
