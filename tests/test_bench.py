@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import keras
 import pytest
@@ -66,7 +67,7 @@ def tiny_report(tmp_path_factory, jax_run):
 
 
 def rows_of(report: dict, part: str, variant: str | None = None) -> list[dict]:
-    """`part`'s rows; for gan and baseline the step rows unless `variant` says "loop"."""
+    """`part`'s rows; for gan and baseline the step rows unless `variant` says "loop" or "reference"."""
     if variant is None and part in ("gan", "baseline"):
         variant = ""
     return [row for row in report["rows"] if row["part"] == part and variant in (None, row["variant"])]
@@ -80,20 +81,22 @@ def test_report_has_every_part_with_its_fields(tiny_report):
     assert {"python", "keras", "tensorflow", "numpy"} <= set(report["versions"])
     assert report["settings"]["xla"] is False  # off on a CPU unless asked for
     parts = [(row["part"], row["variant"]) for row in report["rows"]]
-    assert parts == [("gan", ""), ("gan", "loop"), ("baseline", ""), ("baseline", "loop"), ("tfrecords", "stage"),
-                     ("input", "augmented"),
-                     ("input", "no augmentation"), ("colorize", "64 px photos")]
+    assert parts == [("gan", ""), ("gan", "reference"), ("gan", "loop"), ("baseline", ""), ("baseline", "loop"),
+                     ("tfrecords", "stage"), ("input", "augmented"), ("input", "no augmentation"),
+                     ("colorize", "0.0041 MP gray photos")]
     assert all(row["status"] == "ok" and row["images_per_s"] > 0 for row in report["rows"])
-    for part in ("gan", "baseline"):
-        (row,) = rows_of(report, part)
+    for part, variant in (("gan", ""), ("gan", "reference"), ("baseline", "")):
+        (row,) = rows_of(report, part, variant)
         assert (row["image_size"], row["batch"], row["width"], row["precision"]) == (32, 2, 0.125, "float32")
         assert row["items"] == 2 * 2  # timed steps × batch, warm-up excluded
-        assert row["s_per_step"] * row["images_per_s"] == pytest.approx(2)
     for part in ("gan", "baseline"):  # real fit on the bench's 8 records, input included, timed as the step
         (loop,) = rows_of(report, part, "loop")
         (step,) = rows_of(report, part)
         assert (loop["batch"], loop["items"]) == (2, 2 * 2) and loop["images_per_s"] > 0
         assert f"loop/step {loop['images_per_s'] / step['images_per_s']:.2f}; fit on 8 photos" in loop["note"]
+    (gan,), (reference,) = rows_of(report, "gan"), rows_of(report, "gan", "reference")
+    assert gan["reference_ratio"] == pytest.approx(gan["images_per_s"] / reference["images_per_s"])
+    assert reference["reference_ratio"] is None and "tutorial" in reference["note"]
     assert rows_of(report, "tfrecords")[0]["items"] == 8 + 1
     # CPU time is counted in the workers too (child processes), not only in this process's threads.
     assert all(row["cpu_seconds"] > 0 for row in report["rows"])
@@ -105,7 +108,7 @@ def test_report_has_every_part_with_its_fields(tiny_report):
 def test_training_rows_carry_flops_and_utilisation(tiny_report):
     _, report = tiny_report
     for part, flops_of in (("gan", gan_train_step_flops), ("baseline", baseline_train_step_flops)):
-        (row,) = rows_of(report, part)
+        row = rows_of(report, part)[0]
         flops = flops_of(32, 0.125)
         assert row["gflops_per_image"] == pytest.approx(flops / 1e9)
         assert row["tflops_per_s"] == pytest.approx(flops * row["images_per_s"] / 1e12)
@@ -122,6 +125,21 @@ def test_table_shows_the_utilisation(tiny_report):
     text = console.export_text()
     gan_line = next(line for line in text.splitlines() if line.startswith("│ gan"))
     assert f"{100 * rows_of(returned, 'gan')[0]['utilisation']:.1f}%" in gan_line
+    assert f"{rows_of(returned, 'gan')[0]['reference_ratio']:.2f}x" in gan_line
+
+
+def test_steps_are_timed_after_the_warm_up_and_every_timed_step_counts(tmp_path, monkeypatch):
+    # Each step made slower by a known sleep: 3 s in the first (warm-up) step, 0.25 s in every other.
+    # s/step must include the 0.25 s of each timed step and none of the warm-up's 3 s.
+    class SlowSteps(bench._StepClock):
+        def on_train_batch_end(self, batch, logs=None):
+            time.sleep(3.0 if batch == 0 else 0.25)
+            super().on_train_batch_end(batch, logs)
+
+    monkeypatch.setattr(bench, "_StepClock", SlowSteps)
+    (row,) = run_bench(out=tmp_path / "r.json", only=["baseline"], **{**TINY, "steps": 3})["rows"]
+    assert 0.25 <= row["s_per_step"] < 1.0
+    assert row["seconds"] == pytest.approx(3 * row["s_per_step"]) and row["items"] == 3 * 2
 
 
 @pytest.mark.parametrize("step_flops", [baseline_train_step_flops, gan_train_step_flops])
@@ -202,8 +220,10 @@ def test_runs_under_jax_without_tensorflow(jax_run):
     assert proc.returncode == 0, stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["backend"] == "jax" and "tensorflow" not in report["versions"]
-    gan, loop, *pipeline = report["rows"]
+    gan, reference, loop, *pipeline = report["rows"]
     assert (gan["part"], gan["status"], gan["xla"], gan["precision"]) == ("gan", "ok", True, "mixed_float16")
+    assert (reference["variant"], reference["status"]) == ("reference", "skipped") and gan["reference_ratio"] is None
+    assert "TensorFlow backend" in reference["note"]
     assert gan["images_per_s"] > 0 and gan["gflops_per_image"] == pytest.approx(gan_train_step_flops(32, 0.125) / 1e9)
     assert (loop["part"], loop["variant"], loop["status"]) == ("gan", "loop", "ok")  # records read without TF
     assert loop["images_per_s"] > 0 and "loop/step" in loop["note"]

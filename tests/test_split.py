@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +118,19 @@ def test_split_is_seeded_and_stable(raw_dir, tmp_path):
     first, again = run("a", n_reserve=5), run("b", n_reserve=5)
     assert first == again
     assert (tmp_path / "a" / "train.csv").read_bytes() == (tmp_path / "b" / "train.csv").read_bytes()
+    # ... and in another process, whose str hashes (and so set order) differ from this one's: the split
+    # must not depend on anything a process picks at random.
+    code = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from test_split import params
+        from chromalab.split import run_split
+        run_split(params(n_train=20, n_test=5, n_reserve=5), Path({str(raw_dir)!r}), Path({str(tmp_path / "e")!r}))
+    """)
+    hash_seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
+    for name in ("train", "test", "reserve"):
+        assert (tmp_path / "e" / f"{name}.csv").read_bytes() == (tmp_path / "a" / f"{name}.csv").read_bytes()
     more_reserve = run("c", n_reserve=11)
     assert more_reserve["train"] == first["train"] and more_reserve["test"] == first["test"]
     assert more_reserve["reserve"][:5] == first["reserve"]

@@ -19,7 +19,7 @@ import yaml
 
 from chromalab.config import parse_params
 from chromalab.tfrecords import read_dataset_info, run_tfrecords
-from chromalab.training import read_history, run_train
+from chromalab.training import params_fingerprint, read_history, run_train
 from chromalab.samples import write_images_stage
 
 BIN = Path(sys.executable).parent
@@ -219,12 +219,17 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, dataset):
         np.testing.assert_array_equal(a, b)
 
 
-def test_changed_params_start_afresh_instead_of_resuming(workdir, capsys):
+def test_changed_params_start_afresh_instead_of_resuming(workdir, dataset, capsys):
+    # The checkpoint of a run with one GAN param different, fingerprinted as run_train does it: if the
+    # fingerprint ignored params, this run would try to resume from it (and fail on the weights).
+    dataset_hash = str(read_dataset_info(dataset).get("content_hash", ""))
+    other = params_fingerprint(tiny_params(gan={"epochs": 2, "l1_lambda": 50.0}), "gan", dataset_hash)
+    assert other != params_fingerprint(tiny_params(gan={"epochs": 2}), "gan", dataset_hash)
     checkpoint = workdir / "models/gan/checkpoint"
     checkpoint.mkdir(parents=True)
     (checkpoint / "state.weights.h5").write_bytes(b"not weights from these params")
     (checkpoint / "state.json").write_text(json.dumps(
-        {"status": "running", "epoch": 1, "fingerprint": "from-other-params", "mlflow_run_id": "gone"}))
+        {"status": "running", "epoch": 1, "fingerprint": other, "mlflow_run_id": "gone"}))
     metrics = run_train(tiny_params(gan={"epochs": 2}), "gan")
     assert "starting afresh" in capsys.readouterr().err
     assert metrics["epochs"] == 2
@@ -255,12 +260,23 @@ def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        from chromalab import gan
         from chromalab.config import load_params
         from chromalab.training import run_train
-        print("replicas", strategy.num_replicas_in_sync, run_train(load_params(), "gan", strategy=strategy))
+
+        # What the train step itself sees, as it is traced on each replica: how many replicas share the
+        # step, and its own share of the global batch of 4.
+        seen = []
+        own_step = gan.Pix2Pix._tf_train_step
+        def spy(self, data):
+            seen.append((tf.distribute.get_replica_context().num_replicas_in_sync, data[0].shape[0]))
+            return own_step(self, data)
+        gan.Pix2Pix._tf_train_step = spy
+        run_train(load_params(), "gan", strategy=strategy)
+        print("steps saw", sorted(set(seen)))
     """, workdir)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "replicas 2" in done.stdout
+    assert "steps saw [(2, 2)]" in done.stdout, done.stdout[-2000:]
     losses = [row["g_l1"] for row in read_history(workdir / "reports/gan/history.csv")]
     assert len(losses) == 3 and np.isfinite(losses).all()
 
@@ -282,3 +298,4 @@ def test_jax_backend_trains_both_models_the_gan_with_falling_losses(workdir):
     baseline = np.array([row["loss"] for row in read_history(workdir / "reports/baseline/history.csv")])
     assert len(baseline) == 3 and np.isfinite(baseline).all()
     assert (workdir / "models/baseline/model.keras").is_file()
+

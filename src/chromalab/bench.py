@@ -11,6 +11,11 @@ Measured, each on its own (a JSON report plus a table):
   with training's own input (JAX: the split on the device; TensorFlow: tf.data), augmentation and epoch
   boundaries included, timed the same way over the same number of steps. Its note gives loop/step: what
   the input costs. The records are the bench's own photos, or `records` (e.g. the pipeline's data/tfrecords).
+  Beside chromalab's GAN step, on TensorFlow, the same run times the yardstick: the TensorFlow pix2pix
+  tutorial's step (two GradientTapes in one tf.function, two Adams, the same generator and discriminator),
+  and the GAN row gives chromalab's speed as a ratio of it (`reference_ratio`, ≥ 1: at least as fast).
+  The two alternate for TIMING_ROUNDS rounds and each keeps its fastest round, so that other work on a
+  shared machine slows neither more than the other.
 - `tfrecords`: the tfrecords stage (`run_tfrecords`) on BENCH_PHOTOS real photographs at the chosen size.
 - `input`: the training input pipeline (`make_dataset(..., training=True)`) from those records once its
   cache is filled, with the training augmentations and without.
@@ -47,7 +52,8 @@ from chromalab.colorize import colorize_paths
 from chromalab.config import BaselineParams, GanParams, Params, TrainParams
 from chromalab.devices import gpu_names
 from chromalab.errors import ChromalabError
-from chromalab.models import baseline_train_step_flops, build_generator, gan_train_step_flops
+from chromalab.models import (baseline_train_step_flops, build_discriminator, build_generator,
+                              gan_train_step_flops)
 from chromalab.samples import real_crops, write_images_stage
 from chromalab.tfrecords import available_cores, make_dataset, read_dataset_info, run_tfrecords
 from chromalab.training import build_for_training
@@ -62,11 +68,13 @@ REPORT_FORMAT = 1
 TABLE_MIN_WIDTH = 150  # rich assumes 80 columns when not on a terminal: too narrow for the table
 
 WARMUP_STEPS = 2  # step 1 traces and compiles; step 2 can still retrace once the optimizer has its slots
+TIMING_ROUNDS = 2  # chromalab's GAN step and the reference alternate; each keeps its fastest round
+REFERENCE_VARIANT = "reference"
 BENCH_PHOTOS = 64  # training photos in the bench's TFRecords
 BENCH_TEST_PHOTOS = 4  # the stage needs a test split too
 INPUT_MIN_SECONDS = 3.0  # whole passes over the cached records are timed until this much time has passed
-COLORIZE_PHOTOS = 16
-COLORIZE_SIDE = 1024  # photos colourised at full resolution: ~1 megapixel each
+COLORIZE_PHOTOS = 8
+COLORIZE_SIDE = 3464  # photos colourised at full resolution: 12 megapixels each, as from a phone
 PHOTO_SEED = 0  # crops of scikit-image's bundled photos (chromalab.samples) are the bench's photos
 
 
@@ -115,6 +123,7 @@ class Measurement:
     gflops_per_image: float | None = None
     tflops_per_s: float | None = None
     utilisation: float | None = None  # fraction of the peak; None where no peak is known
+    reference_ratio: float | None = None  # GAN row: its images/s ÷ the reference step's, same run
 
 
 @dataclass(frozen=True)
@@ -206,9 +215,84 @@ def synthetic_batch(batch: int, image_size: int, seed: int = 0) -> tuple[np.ndar
     return lightness, ab
 
 
+def _fed(data: tuple[np.ndarray, np.ndarray], n_steps: int):
+    """The batch `n_steps` times, as training feeds fit. On TensorFlow that is a tf.data pipeline of batches
+    of a fixed size (tfrecords.make_dataset drops the partial one): fed from a Python generator instead,
+    the step is traced for batches of unknown size, and runs ~20 % slower on a CPU (the 0.74-0.82x of
+    issue 12). JAX, which may run without TensorFlow here, gets a generator; it compiles for fixed shapes."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensors(data).repeat(n_steps)
+    return (data for _ in range(n_steps))
+
+
+def _timed_fit(model: keras.Model, data: tuple[np.ndarray, np.ndarray], steps: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of `steps` fit steps after WARMUP_STEPS untimed ones: how `chromalab train` steps."""
+    n_steps = WARMUP_STEPS + steps
+    clock = _StepClock((WARMUP_STEPS - 1, n_steps - 1))
+    # One in-memory batch, fed again every step: the step is measured, not the input pipeline.
+    model.fit(_fed(data, n_steps), steps_per_epoch=n_steps, epochs=1, verbose=0, shuffle=False,
+              callbacks=[clock])
+    (start, cpu_start), (end, cpu_end) = clock.times[WARMUP_STEPS - 1], clock.times[n_steps - 1]
+    return end - start, cpu_end - cpu_start
+
+
+def reference_gan_step(image_size: int, width: float, jit_compile: bool):
+    """The TensorFlow pix2pix tutorial's train step, as the yardstick for chromalab's: two GradientTapes in
+    one tf.function, one Adam(2e-4, β1 = 0.5) per net, λ = 100, on chromalab's generator and discriminator.
+    Returns step(L, ab) → (generator loss, discriminator loss)."""
+    import tensorflow as tf
+
+    p = GanParams(width=width)
+    generator, discriminator = build_generator(image_size, width), build_discriminator(image_size, width)
+    g_optimizer = keras.optimizers.Adam(p.learning_rate, beta_1=p.beta_1)
+    d_optimizer = keras.optimizers.Adam(p.learning_rate, beta_1=p.beta_1)
+    bce = keras.losses.BinaryCrossentropy(from_logits=True)
+
+    @tf.function(jit_compile=jit_compile)
+    def step(lightness, ab):
+        with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+            fake_ab = generator(lightness, training=True)
+            real_logits = discriminator([lightness, ab], training=True)
+            fake_logits = discriminator([lightness, fake_ab], training=True)
+            l1 = tf.reduce_mean(tf.abs(ab - tf.cast(fake_ab, ab.dtype)))
+            g_loss = bce(tf.ones_like(fake_logits), fake_logits) + p.l1_lambda * l1
+            d_loss = bce(tf.ones_like(real_logits), real_logits) + bce(tf.zeros_like(fake_logits), fake_logits)
+        g_vars, d_vars = generator.trainable_variables, discriminator.trainable_variables
+        g_optimizer.apply_gradients(zip(g_tape.gradient(g_loss, g_vars), g_vars))
+        d_optimizer.apply_gradients(zip(d_tape.gradient(d_loss, d_vars), d_vars))
+        return g_loss, d_loss
+
+    return step
+
+
+def _timed_calls(step, data: tuple[np.ndarray, np.ndarray], steps: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of `steps` calls of a tf.function step after WARMUP_STEPS untimed ones."""
+    import tensorflow as tf
+
+    tensors = tuple(tf.constant(x) for x in data)
+    for _ in range(WARMUP_STEPS):
+        float(step(*tensors)[0])
+    start, cpu_start = time.perf_counter(), cpu_time()
+    for _ in range(steps):
+        losses = step(*tensors)
+    float(losses[0])  # waits for the last step
+    return time.perf_counter() - start, cpu_time() - cpu_start
+
+
+def _reference_skipped(precision: str) -> str | None:
+    if keras.backend.backend() != "tensorflow":
+        return "the reference is TensorFlow's tutorial step: compare with a run on the TensorFlow backend"
+    if precision == "mixed_float16":
+        return "the tutorial step has no float16 loss scaling"
+    return None
+
+
 def time_training_step(part: str, *, image_size: int, batch: int, width: float, precision: str, steps: int,
-                       jit_compile: bool, peak_tflops: float | None) -> Measurement:
-    """Images/s of `steps` training steps of `part` ("gan" | "baseline") after WARMUP_STEPS untimed ones."""
+                       jit_compile: bool, peak_tflops: float | None) -> list[Measurement]:
+    """Images/s of `steps` training steps of `part` ("gan" | "baseline") after WARMUP_STEPS untimed ones;
+    for the GAN also the reference step's row, timed alternately with it (TIMING_ROUNDS rounds)."""
     row = Measurement(part, image_size=image_size, batch=batch, width=width, precision=precision,
                       xla=jit_compile)
     keras.backend.clear_session()  # frees the previous model; it also resets the dtype policy
@@ -217,20 +301,34 @@ def time_training_step(part: str, *, image_size: int, batch: int, width: float, 
     params = Params(gan=GanParams(width=width), baseline=BaselineParams(width=width))
     model = build_for_training(part, params, image_size, jit_compile)  # what `chromalab train` runs
     data = synthetic_batch(batch, image_size)
-    n_steps = WARMUP_STEPS + steps
-    clock = _StepClock((WARMUP_STEPS - 1, n_steps - 1))
-    # One in-memory batch, fed again every step: the step is measured, not the input pipeline.
-    model.fit((data for _ in range(n_steps)), steps_per_epoch=n_steps, epochs=1, verbose=0, shuffle=False,
-              callbacks=[clock])
-    (start, cpu_start), (end, cpu_end) = clock.times[WARMUP_STEPS - 1], clock.times[n_steps - 1]
-    seconds = end - start
-    row.items, row.seconds, row.cpu_seconds = steps * batch, seconds, cpu_end - cpu_start
-    row.s_per_step = seconds / steps
-    row.images_per_s = row.items / seconds
-    row.gflops_per_image = flops / 1e9
-    row.tflops_per_s = flops * row.images_per_s / 1e12
-    row.utilisation = utilisation(flops, row.images_per_s, peak_tflops)
-    return row
+    rows = [row]
+    reference, skipped = None, _reference_skipped(precision) if part == "gan" else None
+    if part == "gan":
+        rows.append(Measurement(part, variant=REFERENCE_VARIANT, image_size=image_size, batch=batch, width=width,
+                                precision=precision, xla=jit_compile))
+        if skipped is None:
+            reference = reference_gan_step(image_size, width, jit_compile)
+        else:
+            rows[1].status, rows[1].note = "skipped", skipped
+    timings: list[list[tuple[float, float]]] = [[], []]
+    for _ in range(TIMING_ROUNDS if reference is not None else 1):
+        timings[0].append(_timed_fit(model, data, steps))
+        if reference is not None:
+            timings[1].append(_timed_calls(reference, data, steps))
+    for measured, times in zip(rows, timings):
+        if not times:
+            continue
+        seconds, cpu_seconds = min(times)
+        measured.items, measured.seconds, measured.cpu_seconds = steps * batch, seconds, cpu_seconds
+        measured.s_per_step = seconds / steps
+        measured.images_per_s = measured.items / seconds
+        measured.gflops_per_image = flops / 1e9
+        measured.tflops_per_s = flops * measured.images_per_s / 1e12
+        measured.utilisation = utilisation(flops, measured.images_per_s, peak_tflops)
+    if reference is not None:
+        row.reference_ratio = row.images_per_s / rows[1].images_per_s
+        rows[1].note = "TensorFlow tutorial pix2pix step (two tapes, two Adams), same nets: the yardstick"
+    return rows
 
 
 class _LoopClock(_StepClock):
@@ -320,6 +418,14 @@ def time_input_pipeline(data_dir: Path, batch: int, image_size: int, augment: bo
                        note=f"passes over the cache: {passes}; {what}")
 
 
+def peak_memory_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def time_colorize(folder: Path, image_size: int, width: float, precision: str) -> Measurement:
     """`colorize_paths` on COLORIZE_PHOTOS photos with a freshly built (untrained) U-Net of this size."""
     keras.backend.clear_session()
@@ -331,7 +437,7 @@ def time_colorize(folder: Path, image_size: int, width: float, precision: str) -
         for i, rgb in enumerate(real_crops(count, COLORIZE_SIDE, seed=PHOTO_SEED + 1)):
             path = folder / name / f"photo{i:03d}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rgb).save(path, quality=Params().images.jpeg_quality)
+            Image.fromarray(rgb).convert("L").save(path, quality=Params().images.jpeg_quality)  # old gray photos
     # One photo first, untimed: pays the process's one-time costs (library set-up, first graph tracing).
     colorize_paths([folder / "warmup"], out_dir=folder / "out-warmup", model=str(model_path))
     start, cpu_start = time.perf_counter(), cpu_time()
@@ -339,10 +445,12 @@ def time_colorize(folder: Path, image_size: int, width: float, precision: str) -
     seconds, cpu_seconds = time.perf_counter() - start, cpu_time() - cpu_start
     if report.failed:
         raise ChromalabError(f"colorize failed on {len(report.failed)} bench photo(s): {report.failed[0][1]}")
-    return Measurement("colorize", variant=f"{COLORIZE_SIDE} px photos", image_size=image_size, width=width,
-                       precision=precision, items=len(report.done), seconds=seconds, cpu_seconds=cpu_seconds,
-                       images_per_s=len(report.done) / seconds,
-                       note="one call, model load included; untrained U-Net")
+    megapixels = COLORIZE_SIDE**2 / 1e6
+    return Measurement("colorize", variant=f"{megapixels:.3g} MP gray photos", image_size=image_size,
+                       width=width, precision=precision, items=len(report.done), seconds=seconds,
+                       cpu_seconds=cpu_seconds, images_per_s=len(report.done) / seconds,
+                       note=f"one call, model load included; untrained U-Net; peak memory of the bench "
+                            f"process so far {peak_memory_bytes() / 2**30:.2f} GiB")
 
 
 # --- report ----------------------------------------------------------------------------------------------
@@ -378,19 +486,20 @@ def render_table(rows: list[Measurement]):
     from rich.table import Table
 
     table = Table(title="chromalab bench", caption_justify="left")
-    columns = ("part", "variant", "size", "batch", "width", "precision", "xla", "img/s", "s/step",
+    columns = ("part", "variant", "size", "batch", "width", "precision", "xla", "img/s", "vs ref", "s/step",
                "CPU ms/img", "GFLOP/img", "TFLOP/s", "util")
     for column in columns:
         table.add_column(column, justify="left" if column in ("part", "variant", "precision") else "right")
     notes = []
     for r in rows:
         if r.status != "ok":
-            table.add_row(r.part, r.variant, *[""] * 10, "skipped")
+            table.add_row(r.part, r.variant, *[""] * 11, "skipped")
         else:
             util = "" if r.part not in TRAINING_PARTS else "n/a" if r.utilisation is None else f"{r.utilisation:.1%}"
             cpu_ms = None if r.cpu_seconds is None else 1000 * r.cpu_seconds / r.items
             table.add_row(r.part, r.variant, _cell(r.image_size), _cell(r.batch), _cell(r.width), _cell(r.precision),
-                          _cell(r.xla), _cell(r.images_per_s), _cell(r.s_per_step), _cell(cpu_ms),
+                          _cell(r.xla), _cell(r.images_per_s),
+                          "" if r.reference_ratio is None else f"{r.reference_ratio:.2f}x", _cell(r.s_per_step), _cell(cpu_ms),
                           _cell(r.gflops_per_image), _cell(r.tflops_per_s), util)
         if r.note:
             notes.append(f"{' '.join(x for x in (r.part, r.variant) if x)}: {r.note}")
@@ -443,10 +552,11 @@ def _measurements(parts: list[str], *, image_size: int, batches: list[int], widt
         records = records or work / "tfrecords"
         for part in models:
             for batch in batches:
-                step = time_training_step(part, image_size=image_size, batch=batch, width=width,
-                                          precision=precision, steps=steps, jit_compile=jit_compile,
-                                          peak_tflops=peak_tflops)
+                step, *reference = time_training_step(part, image_size=image_size, batch=batch, width=width,
+                                                      precision=precision, steps=steps, jit_compile=jit_compile,
+                                                      peak_tflops=peak_tflops)
                 yield step
+                yield from reference
                 if LOOP in parts:
                     yield time_training_loop(part, records, image_size=image_size, batch=batch, width=width,
                                              precision=precision, steps=steps, jit_compile=jit_compile,
@@ -493,7 +603,8 @@ def run_bench(out: Path = Path("bench/report.json"), image_size: int = 256, batc
     }
     rows: list[Measurement] = []
     n_models = len([p for p in parts if p in TRAINING_PARTS]) or (len(TRAINING_PARTS) if LOOP in parts else 0)
-    planned = n_models * len(batches) * (2 if LOOP in parts else 1) + sum(
+    n_gan = 1 if "gan" in parts or (LOOP in parts and not [p for p in parts if p in TRAINING_PARTS]) else 0
+    planned = (n_models * (2 if LOOP in parts else 1) + n_gan) * len(batches) + sum(
         len(INPUT_VARIANTS) if p == "input" else 1 for p in parts if p in ("input", "tfrecords", "colorize"))
     previous_policy = keras.mixed_precision.global_policy()
     try:
@@ -507,6 +618,8 @@ def run_bench(out: Path = Path("bench/report.json"), image_size: int = 256, batc
                 _write_json(out, report)
                 what = " ".join(str(x) for x in (row.part, row.variant, row.batch and f"batch {row.batch}") if x)
                 rate = f"{row.images_per_s:.3g} img/s" if row.status == "ok" else "skipped"
+                if row.reference_ratio is not None:
+                    rate += f", {row.reference_ratio:.2f}x the reference step"
                 progress.write(f"bench: {what}: {rate}", file=sys.stderr)
                 progress.update()
     finally:

@@ -6,6 +6,7 @@ Heavy imports (TensorFlow, MLflow) happen inside the commands so that `--help` i
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -19,6 +20,33 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+# TensorFlow's C++ start-up lines (oneDNN notices, the CPU feature guard, "oneDNN supports DT_HALF only…")
+# are written while it is imported, before any Python logging can filter them: the variable must be set
+# before that import. Level 2 keeps its errors.
+TF_LOG_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
+QUIET_TF_LOG_LEVEL = "2"
+
+
+def quiet_tensorflow(verbose: bool = False) -> None:
+    """Hide TensorFlow's start-up notices, unless `verbose` or the user has set TF_CPP_MIN_LOG_LEVEL."""
+    if verbose or TF_LOG_VARIABLE in os.environ:
+        return
+    os.environ[TF_LOG_VARIABLE] = QUIET_TF_LOG_LEVEL
+    # The Python side (absl warnings routed through the "absl" and "tensorflow" loggers) likewise.
+    import logging
+
+    for name in ("absl", "tensorflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[bool, typer.Option("-v", "--verbose",
+                                          help="Also show TensorFlow's own start-up and warning lines.")] = False,
+) -> None:
+    quiet_tensorflow(verbose)
+
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="The params file to read.")]
 PARAMS = Path("params.yaml")

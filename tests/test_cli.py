@@ -1,0 +1,74 @@
+"""The `chromalab` command as a user meets it: strict params with one-line errors, and quiet output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from chromalab.cli import main
+
+# What TensorFlow's C++ side prints while it is imported (absl's preamble, the CPU feature guard, oneDNN).
+TENSORFLOW_NOISE = ("absl::InitializeLog", "cpu_feature_guard", "oneDNN", "DT_HALF")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("base:\n  sed: 3\n", "base.sed: unknown key"),
+    ("base:\n  seed: three\n", "base.seed: Input should be a valid integer"),
+    ("gan:\n  epochs: 2.5\n", "gan.epochs"),
+    ("base:\n  image_size: 100\n", "base.image_size: Value error, must be a power of two"),
+    ("colour:\n  on: yes\n", "colour: unknown key"),
+    (None, "not found"),
+])
+def test_bad_params_stop_every_stage_with_one_line_and_exit_status_1(tmp_path, capsys, content, message):
+    path = tmp_path / "params.yaml"
+    if content is not None:
+        path.write_text(content)
+    for stage in ("split", "tfrecords", "evaluate"):
+        with pytest.raises(SystemExit) as exited:
+            main([stage, "--params", str(path)])
+        assert exited.value.code == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        lines = captured.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and message in lines[0], captured.err
+
+
+def _colorize(folder: Path, *options: str) -> subprocess.CompletedProcess:
+    """`chromalab colorize` up to its model load: Keras, and with it TensorFlow, is imported, then the
+    missing model file stops the command with its own one-line error. The cheapest real command that
+    brings up TensorFlow."""
+    Image.fromarray(np.full((40, 48), 120, np.uint8)).save(folder / "gray.png")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's shell has it
+    return subprocess.run([sys.executable, "-c", "from chromalab.cli import main; main()", *options, "colorize",
+                           "gray.png", "--model", "missing.keras"],
+                          cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_commands_are_quiet_unless_asked_to_be_verbose(tmp_path):
+    quiet = _colorize(tmp_path)
+    assert quiet.returncode == 1 and quiet.stderr.splitlines() == [
+        "error: model file missing.keras does not exist: check the path"], quiet.stderr[-2000:]
+    verbose = _colorize(tmp_path, "-v")  # the same command, which does import TensorFlow, shows its lines
+    assert verbose.returncode == 1
+    if not any(tag in verbose.stderr for tag in TENSORFLOW_NOISE):
+        pytest.skip("this TensorFlow build prints no start-up lines here, so there is nothing to hide")
+    assert verbose.stderr.splitlines()[-1] == "error: model file missing.keras does not exist: check the path"
+
+
+def test_a_users_own_tensorflow_log_level_is_kept(monkeypatch):
+    from chromalab import cli
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    cli.quiet_tensorflow()
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL")
+    cli.quiet_tensorflow(verbose=True)
+    assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+    cli.quiet_tensorflow()
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"
