@@ -299,3 +299,24 @@ def test_jax_backend_trains_both_models_the_gan_with_falling_losses(workdir):
     assert len(baseline) == 3 and np.isfinite(baseline).all()
     assert (workdir / "models/baseline/model.keras").is_file()
 
+
+def test_float16_with_loss_scaling_and_xla_train_through_run_train(workdir, monkeypatch):
+    # `mixed_precision: on` means float16 with loss scaling on GPUs without bfloat16; a CPU would get
+    # bfloat16, so that choice is made for it here. `xla: on` compiles the step on the CPU too.
+    from chromalab import training
+
+    monkeypatch.setattr(training, "precision_policy", lambda switch, gpus: "mixed_float16")
+    built = []
+    build = training.build_for_training
+    monkeypatch.setattr(training, "build_for_training", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    try:
+        run_train(tiny_params(train={"mixed_precision": "on", "xla": "on"}, gan={"epochs": 2}), "gan")
+    finally:
+        import keras
+
+        keras.mixed_precision.set_global_policy("float32")
+    (model,) = built
+    assert type(model.optimizer).__name__ == "LossScaleOptimizer" and model.jit_compile is True
+    assert model.generator.dtype_policy.name == "mixed_float16"
+    rows = read_history(workdir / "reports/gan/history.csv")
+    assert len(rows) == 2 and all(np.isfinite(row["g_l1"]) and np.isfinite(row["d_loss"]) for row in rows)
