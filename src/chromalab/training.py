@@ -89,7 +89,9 @@ def make_strategy():
         # Before any JAX computation; on CPU the processes exchange gradients through gloo (JAX's default).
         keras.distribution.initialize(",".join(addresses), len(addresses), process_id)
     if len(keras.distribution.list_devices()) > 1:
-        return keras.distribution.DataParallel()
+        # Each process feeds only its own rows of every global batch (chromalab.device_data), so Keras must
+        # not shard the input again (it can only shard tf.data, which JAX runs do not use).
+        return keras.distribution.DataParallel(auto_shard_dataset=False)
     return None
 
 
