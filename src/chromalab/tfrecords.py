@@ -42,7 +42,7 @@ from chromalab.color import AB_SCALE, L_SCALE, rgb_to_lab_norm
 from chromalab.config import Params
 from chromalab.errors import ChromalabError
 from chromalab.files import staged_dir
-from chromalab.epochs import epoch_order, steps_per_epoch  # noqa: F401 (steps_per_epoch: for callers)
+from chromalab.epochs import epoch_order, steps_per_epoch
 from chromalab.records import REDO, RecordWriter, decode_example, encode_example, read_records
 
 if TYPE_CHECKING:

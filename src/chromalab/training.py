@@ -3,7 +3,7 @@
 Both models go through `model.fit`: the baseline with a compiled loss, the GAN as chromalab.gan.Pix2Pix.
 A killed run resumes from its last checkpoint (weights, optimizer state, dropout RNG state, epoch, history and
 the same MLflow run) and continues exactly as an uninterrupted run would: epoch e's photo order and
-augmentation depend only on (seed, e) (chromalab.tfrecords.epoch_order), the learning-rate schedule on the
+augmentation depend only on (seed, e) (chromalab.epochs.epoch_order), the learning-rate schedule on the
 optimizer's restored step count, and MLflow only ever holds checkpointed epochs (EpochRecorder). Changed params
 start afresh.
 """
