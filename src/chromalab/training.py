@@ -34,6 +34,7 @@ from chromalab.errors import ChromalabError
 from chromalab.files import atomic_file, write_text_atomic
 from chromalab.gan import VALIDATION_METRICS, Pix2Pix, validation_trackers
 from chromalab.models import build_baseline, build_discriminator, build_generator
+from chromalab.optimizers import FusedAdam
 
 # --- device, precision, distribution ------------------------------------------------------------
 
@@ -337,7 +338,8 @@ def build_for_training(model_name: str, params: Params, image_size: int, jit_com
     gan = Pix2Pix(build_generator(image_size, width=p.width), build_discriminator(image_size, width=p.width),
                   l1_lambda=p.l1_lambda)
     # Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer itself (auto_scale_loss).
-    gan.compile(optimizer=keras.optimizers.Adam(learning_rate(p, steps_per_epoch), beta_1=p.beta_1),
+    # FusedAdam: Keras' Adam in one kernel per variable on TensorFlow (a third of a CPU step, otherwise).
+    gan.compile(optimizer=FusedAdam(learning_rate(p, steps_per_epoch), beta_1=p.beta_1),
                 jit_compile=jit_compile)
     return gan
 

@@ -1,0 +1,44 @@
+"""FusedAdam: Keras' Adam arithmetic through TensorFlow's one-pass kernel (chromalab.optimizers)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from chromalab.optimizers import FusedAdam
+
+
+def _train(optimizer: keras.optimizers.Optimizer) -> tuple[keras.Model, list[np.ndarray]]:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer=optimizer, loss="mse")
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    model.fit(x, x.sum(axis=1, keepdims=True), batch_size=16, epochs=3, verbose=0, shuffle=False)
+    return model, [np.asarray(v) for v in model.weights + model.optimizer.variables]
+
+
+def test_fused_adam_takes_the_same_steps_as_keras_adam():
+    """Same weights, moments and step count as keras.optimizers.Adam after 12 steps with a decaying rate
+    (β₁ = 0.5 as pix2pix): the fused kernel changes the speed, not the arithmetic."""
+    schedule = lambda: keras.optimizers.schedules.ExponentialDecay(1e-2, 3, 0.5)  # noqa: E731
+    _, reference = _train(keras.optimizers.Adam(schedule(), beta_1=0.5))
+    model, fused = _train(FusedAdam(schedule(), beta_1=0.5))
+    assert len(fused) == len(reference) and int(model.optimizer.iterations) == 12
+    for ours, theirs in zip(fused, reference):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fused[0], _train(keras.optimizers.SGD())[1][0])  # the comparison can tell optimizers apart
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the fused kernel is TensorFlow's")
+def test_the_update_is_one_fused_kernel_per_variable():
+    """The traced update holds one ResourceApplyAdam per variable and none of Keras' element-wise update ops."""
+    import tensorflow as tf
+
+    variables = [keras.Variable(np.ones((4, 3), "float32")), keras.Variable(np.zeros(3, "float32"))]
+    optimizer = FusedAdam(1e-3)
+    optimizer.build(variables)
+    grads = [tf.ones((4, 3)), tf.ones(3)]
+    graph = tf.function(lambda: optimizer.apply(grads, variables)).get_concrete_function().graph
+    ops = [op.type for op in graph.get_operations()]
+    assert ops.count("ResourceApplyAdam") == 2 and "Sqrt" not in ops, ops
