@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from chromalab.color import lab_norm_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
+from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.config import MODEL_NAMES
 from chromalab.errors import ChromalabError
 from chromalab.files import atomic_file
@@ -41,8 +41,8 @@ OUTPUT_TAG = "_color"
 COMPARE_TAG = "_compare"
 COMPARE_MAX_SIDE = 2048  # each half of the side-by-side sheet: a preview, not a second full-size copy
 DEFAULT_IMAGE_SIZE = 256  # for models without a fixed input size, when image_size is not given
-# The full-resolution work (upsampling ab, Lab → RGB) runs in stripes of a quarter megapixel, so that its
-# temporaries stay small whatever the photo's size.
+# The lightness of an RGB photo is computed in stripes of a quarter megapixel, so that its temporaries stay
+# small whatever the photo's size.
 STRIPE_PIXELS = 1 << 18
 DOWNSAMPLE = Image.Resampling.LANCZOS
 REDUCING_GAP = 3.0  # Pillow first box-reduces by whole factors down to 3x the target, then filters: ~5x faster
@@ -305,36 +305,31 @@ def _bilinear_taps(out_size: int, in_size: int, start: int, stop: int) -> tuple[
     return first, np.minimum(first + 1, in_size - 1), (position - first).astype(np.float32)[:, None]
 
 
-def upsampled_ab(ab_small: np.ndarray, size: tuple[int, int], rows: slice,
-                 wide: np.ndarray | None = None) -> np.ndarray:
-    """Rows `rows` of ab_small [h, w, 2] bilinearly upsampled to size = (height, width): [rows, width, 2].
-    The model's ab varies slowly (the detail comes from L), so bilinear loses nothing visible, and computed
-    a stripe at a time it needs no full-resolution ab array. `wide`: ab_small already widened to `width`
-    (`widened_ab`), shared by all stripes."""
+def ab_rows(ab_small: np.ndarray, size: tuple[int, int]) -> AbSource:
+    """ab_small [h, w, 2] bilinearly upsampled to size = (height, width), made a few rows at a time where
+    `lab_rows_to_rgb8` asks for them (into its planar a and b), so that no full-resolution ab array
+    exists. The model's ab varies slowly (the detail comes from L), so bilinear loses nothing visible."""
     height, width = size
-    if wide is None:
-        wide = widened_ab(ab_small, width)
-    upper, lower, y_weight = _bilinear_taps(height, wide.shape[0], rows.start, min(rows.stop, height))
-    above, below = wide[upper], wide[lower]
-    below -= above
-    below *= y_weight[:, None]
-    above += below
-    return above
-
-
-def widened_ab(ab_small: np.ndarray, width: int) -> np.ndarray:
-    """ab_small [h, w, 2] interpolated along its rows to `width` columns: [h, width, 2]."""
+    ab_small = np.asarray(ab_small, dtype=np.float32)
     left, right, x_weight = _bilinear_taps(width, ab_small.shape[1], 0, width)
-    return ab_small[:, left] + (ab_small[:, right] - ab_small[:, left]) * x_weight
+    wide = ab_small[:, left] + (ab_small[:, right] - ab_small[:, left]) * x_weight  # [h, width, 2]
+    wide = np.ascontiguousarray(np.moveaxis(wide, -1, 0))  # [2, h, width]: a plane, b plane
+    rise = np.diff(wide, axis=1, append=wide[:, -1:])  # to the next row; 0 after the last one
+    upper, _, y_weight = _bilinear_taps(height, ab_small.shape[0], 0, height)
+
+    def fill(rows: slice, a_norm: np.ndarray, b_norm: np.ndarray) -> None:
+        for channel, plane in enumerate((a_norm, b_norm)):
+            for out_row, row in zip(plane, range(rows.start, rows.stop)):
+                np.multiply(rise[channel, upper[row]], y_weight[row], out=out_row)
+                out_row += wide[channel, upper[row]]
+
+    return fill
 
 
 def lab_to_rgb8(lightness: np.ndarray, ab_small: np.ndarray) -> np.ndarray:
-    """Full-resolution L/100 [H, W] and the model's ab/128 [h, w, 2] → uint8 RGB [H, W, 3], in stripes."""
-    rgb = np.empty((*lightness.shape, 3), dtype=np.uint8)
-    wide = widened_ab(np.asarray(ab_small, dtype=np.float32), lightness.shape[1])
-    for rows in _stripes(*lightness.shape):
-        rgb[rows] = lab_norm_to_rgb8(lightness[rows], upsampled_ab(ab_small, lightness.shape, rows, wide))
-    return rgb
+    """Full-resolution L/100 [H, W] and the model's ab/128 [h, w, 2] → uint8 RGB [H, W, 3], a few rows at a
+    time: one pass over the photo."""
+    return lab_rows_to_rgb8(lightness, ab_rows(ab_small, lightness.shape))
 
 
 def colour_photo(photo: Photo, ab_small: np.ndarray) -> Image.Image:
