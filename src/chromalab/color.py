@@ -47,7 +47,7 @@ CHUNK_PIXELS = 1 << 15
 RGB8_TABLE_BITS = 20  # linear → 8-bit sRGB table: cells of 2^-20, at most 0.003 of a code step wide
 
 AbSource = Callable[[slice, np.ndarray, np.ndarray], None]  # (pixels, a/128 out, b/128 out)
-Encoder = Callable[..., None]  # (linear plane, destination, scratch or None)
+Encoder = Callable[..., None]  # (linear RGB [3, N], destination [3, N], scratch or None)
 
 
 def to_float_rgb(rgb: np.ndarray) -> np.ndarray:
@@ -93,11 +93,14 @@ class _Scratch:
     def __init__(self, size: int):
         self.size = size
         self._arrays = np.empty((8, size), dtype=np.float32)
-        self.index = np.empty(size, dtype=np.int32)
+        self._index = np.empty((3, size), dtype=np.int32)
 
-    def planes(self, count: int) -> list[np.ndarray]:
-        """[a, b, y, x, z, red, green, blue] for `count` pixels: a and b are the caller's, the rest _linear_rgb's."""
-        return [array[:count] for array in self._arrays]
+    def planes(self, count: int) -> tuple[np.ndarray, ...]:
+        """(a, b, y, x, z, rgb [3, count]) for `count` pixels: a and b are the caller's, the rest _linear_rgb's."""
+        return (*(array[:count] for array in self._arrays[:5]), self._arrays[5:, :count])
+
+    def index(self, count: int) -> np.ndarray:
+        return self._index[:, :count]
 
 
 def _f_inverse(t: np.ndarray, low: np.ndarray, cube: np.ndarray) -> np.ndarray:
@@ -120,12 +123,13 @@ def _f_inverse(t: np.ndarray, low: np.ndarray, cube: np.ndarray) -> np.ndarray:
 
 def _linear_rgb(l_norm: np.ndarray, a_norm: np.ndarray, b_norm: np.ndarray,
                 scratch: _Scratch | None = None) -> list[np.ndarray]:
-    """Normalised Lab (1-D float32 arrays of one length) → linear R, G, B planes, unclipped: views into
+    """Normalised Lab (1-D float32 arrays of one length N) → linear RGB [3, N], unclipped: a view into
     `scratch` (a new one if not given), valid until its next use; L, a and b are only read. L is clamped
     to [0, 100]: beyond it no colour, not even gray, is displayable."""
     count = len(l_norm)
     scratch = scratch or _Scratch(count)
-    _, _, y, x, z, red, green, blue = scratch.planes(count)
+    _, _, y, x, z, rgb = scratch.planes(count)
+    red, green, blue = rgb
     np.multiply(l_norm, np.float32(L_SCALE), out=y)
     np.clip(y, np.float32(0.0), np.float32(L_SCALE), out=y)
     y += np.float32(16.0)
@@ -146,23 +150,19 @@ def _linear_rgb(l_norm: np.ndarray, a_norm: np.ndarray, b_norm: np.ndarray,
     np.multiply(x, _M_X[2], out=blue)
     blue += y
     blue += np.multiply(z, _M_Z[2], out=z)
-    return [red, green, blue]
+    return rgb
 
 
-def _outside(planes: list[np.ndarray], low_bound: float = GAMUT_LOW, high_bound: float = GAMUT_HIGH) -> np.ndarray:
-    red, green, blue = planes
-    low = np.minimum(red, green)
-    high = np.maximum(red, green)
-    return (np.minimum(low, blue, out=low) < low_bound) | (np.maximum(high, blue, out=high) > high_bound)
+def _outside(rgb: np.ndarray, low_bound: float = GAMUT_LOW, high_bound: float = GAMUT_HIGH) -> np.ndarray:
+    return (rgb.min(axis=0) < low_bound) | (rgb.max(axis=0) > high_bound)
 
 
-def _outside_rows(planes: list[np.ndarray], scratch: _Scratch) -> np.ndarray | None:
-    """Indices of the out-of-gamut pixels among `planes` (_linear_rgb's, in `scratch`), or None when there
+def _outside_rows(rgb: np.ndarray, scratch: _Scratch) -> np.ndarray | None:
+    """Indices of the out-of-gamut pixels of rgb [3, N] (_linear_rgb's, in `scratch`), or None when there
     are none (most chunks): two reductions decide that before any mask is made."""
-    red, green, blue = planes
-    _, _, _, low, high, _, _, _ = scratch.planes(len(red))  # x and z: free once the planes are made
-    np.minimum(np.minimum(red, green, out=low), blue, out=low)
-    np.maximum(np.maximum(red, green, out=high), blue, out=high)
+    _, _, _, low, high, _ = scratch.planes(rgb.shape[1])  # x and z: free once rgb is made
+    np.min(rgb, axis=0, out=low)
+    np.max(rgb, axis=0, out=high)
     if low.min() >= GAMUT_LOW and high.max() <= GAMUT_HIGH:
         return None
     return np.flatnonzero((low < GAMUT_LOW) | (high > GAMUT_HIGH))
@@ -222,7 +222,8 @@ def _chroma_scale(l_norm: np.ndarray, a_norm: np.ndarray, b_norm: np.ndarray) ->
 
 def _to_rgb(l_flat: np.ndarray, fill_ab: AbSource, out: np.ndarray, encode: Encoder, chunk: int = CHUNK_PIXELS) -> None:
     """Flat normalised L [N] and ab (written chunk by chunk by `fill_ab(part, a, b)`) → gamut-mapped RGB
-    into out [N, 3], each clipped linear plane written through `encode(plane, into, scratch)`.
+    into out [3, N] (one plane per channel: writing them interleaved costs more than the arithmetic), the
+    linear RGB [3, n] of each chunk written through `encode(rgb, into, scratch)`.
 
     In-gamut colours are only clipped (by at most one code step); an out-of-gamut colour keeps its L and
     hue angle and loses just enough chroma to fit sRGB. Those are gathered from all chunks first and
@@ -233,23 +234,20 @@ def _to_rgb(l_flat: np.ndarray, fill_ab: AbSource, out: np.ndarray, encode: Enco
         count = part.stop - part.start
         a_norm, b_norm = scratch.planes(count)[:2]
         fill_ab(part, a_norm, b_norm)
-        planes = _linear_rgb(l_flat[part], a_norm, b_norm, scratch)
-        rows = _outside_rows(planes, scratch)
+        rgb = _linear_rgb(l_flat[part], a_norm, b_norm, scratch)
+        rows = _outside_rows(rgb, scratch)
         if rows is not None:
             outside.append((rows + part.start, a_norm[rows], b_norm[rows]))
-        for channel, plane in enumerate(planes):
-            encode(plane, out[part, channel], scratch)
+        encode(rgb, out[:, part], scratch)
     if not outside:
         return
     rows, a_norm, b_norm = (np.concatenate(parts) for parts in zip(*outside))
     for part in _chunks(len(rows)):
         l_norm = l_flat[rows[part]]
         scale = _chroma_scale(l_norm, a_norm[part], b_norm[part])
-        planes = _linear_rgb(l_norm, a_norm[part] * scale, b_norm[part] * scale)
-        mapped = np.empty((len(l_norm), 3), dtype=out.dtype)
-        for channel, plane in enumerate(planes):
-            encode(plane, mapped[:, channel], None)
-        out[rows[part]] = mapped
+        mapped = np.empty((3, len(l_norm)), dtype=out.dtype)
+        encode(_linear_rgb(l_norm, a_norm[part] * scale, b_norm[part] * scale), mapped, None)
+        out[:, rows[part]] = mapped
 
 
 def gamut_mapped_ab(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
@@ -290,7 +288,7 @@ def _srgb8_encode(linear: np.ndarray, into: np.ndarray, scratch: _Scratch | None
     """Linear → 8-bit sRGB codes through the table. No clip: take's mode="clip" clamps the cell index,
     which clips below 0 and above 1 the same way (a NaN's index clamps to 0: only out-of-gamut colours,
     which are redone, can be NaN)."""
-    index = np.empty(len(linear), dtype=np.int32) if scratch is None else scratch.index[: len(linear)]
+    index = np.empty(linear.shape, dtype=np.int32) if scratch is None else scratch.index(linear.shape[-1])
     linear *= np.float32(1 << RGB8_TABLE_BITS)
     np.copyto(index, linear, casting="unsafe")
     np.take(_srgb8_table(), index, out=into, mode="clip")
@@ -298,9 +296,9 @@ def _srgb8_encode(linear: np.ndarray, into: np.ndarray, scratch: _Scratch | None
 
 def _converted(l_norm: np.ndarray, ab_norm: np.ndarray, encode: Encoder, dtype) -> np.ndarray:
     shape, l_flat, ab_flat = _flat_lab(l_norm, ab_norm)
-    out = np.empty((len(l_flat), 3), dtype=dtype)
+    out = np.empty((3, len(l_flat)), dtype=dtype)
     _to_rgb(l_flat, _copy_ab(ab_flat), out, encode)
-    return out.reshape(*shape, 3)
+    return np.ascontiguousarray(np.moveaxis(out, 0, -1)).reshape(*shape, 3)
 
 
 def lab_norm_to_rgb(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
@@ -317,17 +315,18 @@ def lab_norm_to_rgb8(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
 def lab_rows_to_rgb8(l_norm: np.ndarray, ab_rows: AbSource) -> np.ndarray:
     """As `lab_norm_to_rgb8` for one image whose ab is made a few rows at a time, never whole (full-size
     photos): L/100 [H, W] and `ab_rows(rows, a, b)`, which writes a/128 and b/128 of `rows` (a slice) into
-    a and b [len(rows), W], → uint8 RGB [H, W, 3]. The same codes as `lab_norm_to_rgb8` on the whole ab."""
+    a and b [len(rows), W], → uint8 R, G and B planes [3, H, W] (interleaving them is Pillow's cheapest
+    step: Image.merge). The same codes as `lab_norm_to_rgb8` on the whole ab."""
     height, width = l_norm.shape
     l_flat = np.ascontiguousarray(l_norm, dtype=np.float32).reshape(-1)
-    out = np.empty((height * width, 3), dtype=np.uint8)
+    out = np.empty((3, height * width), dtype=np.uint8)
 
     def fill(part: slice, a_norm: np.ndarray, b_norm: np.ndarray) -> None:  # parts are whole rows
         rows = slice(part.start // width, part.stop // width)
         ab_rows(rows, a_norm.reshape(-1, width), b_norm.reshape(-1, width))
 
     _to_rgb(l_flat, fill, out, _srgb8_encode, chunk=max(1, CHUNK_PIXELS // max(width, 1)) * width)
-    return out.reshape(height, width, 3)
+    return out.reshape(3, height, width)
 
 
 def mean_chroma(rgb: np.ndarray) -> float:
