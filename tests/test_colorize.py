@@ -323,12 +323,18 @@ def test_folders_keep_their_names_under_out_and_clashes_fail(tmp_path, models, r
     assert "colorize one of them separately" in flat.failed[0][1]
 
 
-def test_ab_is_upsampled_bilinearly_a_stripe_at_a_time_as_in_one_pass():
-    from chromalab.colorize import _stripes, upsampled_ab
+def test_ab_is_upsampled_bilinearly_a_few_rows_at_a_time_as_in_one_pass():
+    from chromalab.colorize import ab_rows
 
     ab_small = np.random.default_rng(3).uniform(-0.5, 0.5, (16, 12, 2)).astype(np.float32)
     size = (301, 257)
-    stripes = np.concatenate([upsampled_ab(ab_small, size, rows) for rows in _stripes(*size)])
+    fill = ab_rows(ab_small, size)
+    stripes = np.empty((*size, 2), dtype=np.float32)
+    for top in range(0, size[0], 7):  # uneven stripes, the last one short
+        rows = slice(top, min(top + 7, size[0]))
+        planes = np.empty((2, rows.stop - rows.start, size[1]), dtype=np.float32)
+        fill(rows, *planes)
+        stripes[rows] = np.moveaxis(planes, 0, -1)
     # Pillow's bilinear filter, one channel at a time over the whole image, is the reference
     whole = np.stack([np.asarray(Image.fromarray(ab_small[..., c]).resize(size[::-1], Image.Resampling.BILINEAR))
                       for c in range(2)], axis=-1)

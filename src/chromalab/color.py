@@ -13,7 +13,7 @@ model over-saturated into pure cyan or magenta. The constants are skimage's (sRG
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from skimage import color as skcolor
@@ -44,7 +44,10 @@ GAMUT_HIGH = 2.0 - ((1.0 - 1.0 / 255.0 + 0.055) / 1.055) ** 2.4
 # boundary for the most saturated predictions (|ab| ≤ 181): far below a visible ΔE.
 GAMUT_STEPS = 12
 CHUNK_PIXELS = 1 << 15
-RGB8_TABLE_BITS = 20  # linear → 8-bit sRGB table: cells of 2^-20, at most 0.003 of a code step wide
+RGB8_MANTISSA_BITS = 15  # linear → 8-bit sRGB table: a float32's top 24 bits (4 M cells)
+
+AbSource = Callable[[slice, np.ndarray, np.ndarray], None]  # (pixels, a/128 out, b/128 out)
+Encoder = Callable[..., None]  # (linear RGB [3, N], destination [3, N], scratch or None)
 
 
 def to_float_rgb(rgb: np.ndarray) -> np.ndarray:
@@ -83,42 +86,83 @@ def rgb8_lightness_norm(rgb: np.ndarray) -> np.ndarray:
     return f
 
 
-def _f_inverse(t: np.ndarray) -> np.ndarray:
-    """t³ above the knee, (t - 16/116) / 7.787 below. That line is the cube's tangent at the knee, so
-    max(t, k)³ + (min(t, k) - k) / 7.787 is the same function without np.where, which is ~10x slower."""
-    k = np.maximum(t, _F_KNEE)
-    out = k * k
-    out *= k
-    k = np.minimum(t, _F_KNEE, out=k)
-    k -= _F_KNEE
-    k *= np.float32(1.0 / 7.787)
-    out += k
-    return out
+class _Scratch:
+    """Float32 work arrays for `size` pixels, reused from chunk to chunk: the conversion is some sixty numpy
+    operations per pixel, and a fresh array for each would cost as much again as the arithmetic."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._arrays = np.empty((8, size), dtype=np.float32)
+        self._index = np.empty((3, size), dtype=np.int32)
+
+    def planes(self, count: int) -> tuple[np.ndarray, ...]:
+        """(a, b, y, x, z, rgb [3, count]) for `count` pixels: a and b are the caller's, the rest _linear_rgb's."""
+        return (*(array[:count] for array in self._arrays[:5]), self._arrays[5:, :count])
+
+    def index(self, count: int) -> np.ndarray:
+        return self._index[:, :count]
 
 
-def _linear_rgb(l_lab: np.ndarray, a_lab: np.ndarray, b_lab: np.ndarray) -> list[np.ndarray]:
-    """Lab (real units, float32 arrays of one shape) → linear R, G, B planes, unclipped."""
-    fy = l_lab + np.float32(16.0)
-    fy *= np.float32(1.0 / 116.0)
-    y = _f_inverse(fy)
-    dx = _f_inverse(a_lab * np.float32(1.0 / 500.0) + fy)
-    dx -= y
-    dz = _f_inverse(b_lab * np.float32(-1.0 / 200.0) + fy)
-    dz -= y
-    planes = []
-    for m_x, m_z in zip(_M_X, _M_Z):
-        plane = dx * m_x
+def _f_inverse(t: np.ndarray, low: np.ndarray, cube: np.ndarray) -> np.ndarray:
+    """t³ above the knee, (t - 16/116) / 7.787 below, into t (`low`, `cube`: scratch of t's size). That line
+    is the cube's tangent at the knee, so max(t, k)³ + (min(t, k) - k) / 7.787 is the same function without
+    np.where, which is ~10x slower; and where no value is below the knee (most chunks) it is t³ alone."""
+    if t.min() >= _F_KNEE:
+        np.multiply(t, t, out=cube)
+        t *= cube
+        return t
+    np.minimum(t, _F_KNEE, out=low)
+    low -= _F_KNEE
+    low *= np.float32(1.0 / 7.787)
+    np.maximum(t, _F_KNEE, out=t)
+    np.multiply(t, t, out=cube)
+    t *= cube
+    t += low
+    return t
+
+
+def _linear_rgb(l_norm: np.ndarray, a_norm: np.ndarray, b_norm: np.ndarray,
+                scratch: _Scratch | None = None) -> list[np.ndarray]:
+    """Normalised Lab (1-D float32 arrays of one length N) → linear RGB [3, N], unclipped: a view into
+    `scratch` (a new one if not given), valid until its next use; L, a and b are only read. L is clamped
+    to [0, 100]: beyond it no colour, not even gray, is displayable."""
+    count = len(l_norm)
+    scratch = scratch or _Scratch(count)
+    _, _, y, x, z, rgb = scratch.planes(count)
+    red, green, blue = rgb
+    np.multiply(l_norm, np.float32(L_SCALE), out=y)
+    np.clip(y, np.float32(0.0), np.float32(L_SCALE), out=y)
+    y += np.float32(16.0)
+    y *= np.float32(1.0 / 116.0)  # f(Y)
+    np.multiply(a_norm, np.float32(AB_SCALE / 500.0), out=x)
+    x += y  # f(X/Xn)
+    np.multiply(b_norm, np.float32(-AB_SCALE / 200.0), out=z)
+    z += y  # f(Z/Zn)
+    for f in (y, x, z):
+        _f_inverse(f, red, green)
+    x -= y
+    z -= y
+    # R = Y + m_x (X/Xn - Y) + m_z (Z/Zn - Y), and so G and B; blue is the scratch until its own turn
+    for plane, m_x, m_z in zip((red, green), _M_X, _M_Z):
+        np.multiply(x, m_x, out=plane)
         plane += y
-        plane += dz * m_z
-        planes.append(plane)
-    return planes
+        plane += np.multiply(z, m_z, out=blue)
+    np.multiply(x, _M_X[2], out=blue)
+    blue += y
+    blue += np.multiply(z, _M_Z[2], out=z)
+    return rgb
 
 
-def _outside(planes: list[np.ndarray], low_bound: float = GAMUT_LOW, high_bound: float = GAMUT_HIGH) -> np.ndarray:
-    red, green, blue = planes
-    low = np.minimum(red, green)
-    high = np.maximum(red, green)
-    return (np.minimum(low, blue, out=low) < low_bound) | (np.maximum(high, blue, out=high) > high_bound)
+def _outside(rgb: np.ndarray, low_bound: float = GAMUT_LOW, high_bound: float = GAMUT_HIGH) -> np.ndarray:
+    return (rgb.min(axis=0) < low_bound) | (rgb.max(axis=0) > high_bound)
+
+
+def _outside_rows(rgb: np.ndarray) -> np.ndarray | None:
+    """Indices of the out-of-gamut pixels of rgb [3, N], or None when there are none (most chunks): two
+    reductions over the chunk decide that before any per-pixel mask is made."""
+    if rgb.min() >= GAMUT_LOW and rgb.max() <= GAMUT_HIGH:
+        return None
+    return np.flatnonzero(_outside(rgb))
 
 
 def _flat_lab(l_norm: np.ndarray, ab_norm: np.ndarray) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
@@ -133,18 +177,19 @@ def _flat_lab(l_norm: np.ndarray, ab_norm: np.ndarray) -> tuple[tuple[int, ...],
     return l_norm.shape, l_norm.reshape(-1), ab_norm.reshape(-1, 2)
 
 
-def _chunks(count: int) -> Iterator[slice]:
+def _chunks(count: int, size: int = CHUNK_PIXELS) -> Iterator[slice]:
     # Small chunks keep every temporary in the CPU cache (and out of mmap'd fresh pages): 3-5x faster
     # per pixel than whole-megapixel arrays.
-    for start in range(0, count, CHUNK_PIXELS):
-        yield slice(start, start + CHUNK_PIXELS)
+    for start in range(0, count, size):
+        yield slice(start, min(start + size, count))
 
 
-def _split_lab(l_norm: np.ndarray, ab_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flat normalised L [N] and ab [N, 2] → L, a, b in real Lab units. L is clamped to [0, 100]: beyond it
-    no colour, not even gray, is displayable."""
-    l_lab = np.clip(l_norm * np.float32(L_SCALE), np.float32(0.0), np.float32(L_SCALE))
-    return l_lab, ab_norm[:, 0] * np.float32(AB_SCALE), ab_norm[:, 1] * np.float32(AB_SCALE)
+def _copy_ab(ab_flat: np.ndarray) -> AbSource:
+    def fill(part: slice, a_norm: np.ndarray, b_norm: np.ndarray) -> None:
+        a_norm[:] = ab_flat[part, 0]
+        b_norm[:] = ab_flat[part, 1]
+
+    return fill
 
 
 def out_of_gamut(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
@@ -152,47 +197,54 @@ def out_of_gamut(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
     clipping, with a tolerance of one 8-bit step (GAMUT_LOW/GAMUT_HIGH). Shape: L's, without a channel."""
     shape, l_flat, ab_flat = _flat_lab(l_norm, ab_norm)
     out = np.empty(l_flat.shape, dtype=bool)
+    scratch = _Scratch(min(CHUNK_PIXELS, len(l_flat)))
     for part in _chunks(len(l_flat)):
-        out[part] = _outside(_linear_rgb(*_split_lab(l_flat[part], ab_flat[part])))
+        out[part] = _outside(_linear_rgb(l_flat[part], ab_flat[part, 0], ab_flat[part, 1], scratch))
     return out.reshape(shape)
 
 
-def _chroma_scale(l_lab: np.ndarray, a_lab: np.ndarray, b_lab: np.ndarray) -> np.ndarray:
+def _chroma_scale(l_norm: np.ndarray, a_norm: np.ndarray, b_norm: np.ndarray) -> np.ndarray:
     """For out-of-gamut colours (1-D arrays): the largest factor s on their ab, to 2^-GAMUT_STEPS, that
     keeps them inside sRGB's boundary itself (no tolerance: clipping then moves them by float noise only,
     so L and hue stay as mapped). Bisection from s = 0, their gray (in gamut for L in [0, 100]): each step tries
     s + half the last step and keeps it where that is still in gamut, so s never leaves the gamut."""
-    scale = np.zeros(l_lab.shape, dtype=np.float32)
+    scale = np.zeros(l_norm.shape, dtype=np.float32)
+    scratch = _Scratch(len(l_norm))
     for step in range(1, GAMUT_STEPS + 1):
         size = np.float32(2.0**-step)
         trial = scale + size
-        scale += size * ~_outside(_linear_rgb(l_lab, a_lab * trial, b_lab * trial), 0.0, 1.0)
+        scale += size * ~_outside(_linear_rgb(l_norm, a_norm * trial, b_norm * trial, scratch), 0.0, 1.0)
     return scale
 
 
-def _to_rgb(l_norm: np.ndarray, ab_norm: np.ndarray, encode, dtype) -> np.ndarray:
-    """Lab → gamut-mapped RGB [..., 3], each clipped linear plane written through `encode`.
+def _to_rgb(l_flat: np.ndarray, fill_ab: AbSource, out: np.ndarray, encode: Encoder, chunk: int = CHUNK_PIXELS) -> None:
+    """Flat normalised L [N] and ab (written chunk by chunk by `fill_ab(part, a, b)`) → gamut-mapped RGB
+    into out [3, N] (one plane per channel: writing them interleaved costs more than the arithmetic), the
+    linear RGB [3, n] of each chunk written through `encode(rgb, into, scratch)`.
 
     In-gamut colours are only clipped (by at most one code step); an out-of-gamut colour keeps its L and
     hue angle and loses just enough chroma to fit sRGB. Those are gathered from all chunks first and
     bisected together: per chunk they are few, and numpy's per-call cost would dominate."""
-    shape, l_flat, ab_flat = _flat_lab(l_norm, ab_norm)
-    out = np.empty((len(l_flat), 3), dtype=dtype)
-    outside_rows = []
-    for part in _chunks(len(l_flat)):
-        planes = _linear_rgb(*_split_lab(l_flat[part], ab_flat[part]))
-        outside = _outside(planes)
-        if outside.any():
-            outside_rows.append(np.flatnonzero(outside) + part.start)
-        for channel, plane in enumerate(planes):
-            out[part, channel] = encode(np.clip(plane, np.float32(0.0), np.float32(1.0), out=plane))
-    rows = np.concatenate(outside_rows) if outside_rows else np.empty(0, dtype=np.intp)
+    scratch = _Scratch(min(chunk, len(l_flat)))
+    outside: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for part in _chunks(len(l_flat), chunk):
+        count = part.stop - part.start
+        a_norm, b_norm = scratch.planes(count)[:2]
+        fill_ab(part, a_norm, b_norm)
+        rgb = _linear_rgb(l_flat[part], a_norm, b_norm, scratch)
+        rows = _outside_rows(rgb)
+        if rows is not None:
+            outside.append((rows + part.start, a_norm[rows], b_norm[rows]))
+        encode(rgb, out[:, part], scratch)
+    if not outside:
+        return
+    rows, a_norm, b_norm = (np.concatenate(parts) for parts in zip(*outside))
     for part in _chunks(len(rows)):
-        l_lab, a_lab, b_lab = _split_lab(l_flat[rows[part]], ab_flat[rows[part]])
-        scale = _chroma_scale(l_lab, a_lab, b_lab)
-        for channel, plane in enumerate(_linear_rgb(l_lab, a_lab * scale, b_lab * scale)):
-            out[rows[part], channel] = encode(np.clip(plane, np.float32(0.0), np.float32(1.0), out=plane))
-    return out.reshape(*shape, 3)
+        l_norm = l_flat[rows[part]]
+        scale = _chroma_scale(l_norm, a_norm[part], b_norm[part])
+        mapped = np.empty((3, len(l_norm)), dtype=out.dtype)
+        encode(_linear_rgb(l_norm, a_norm[part] * scale, b_norm[part] * scale), mapped, None)
+        out[:, rows[part]] = mapped
 
 
 def gamut_mapped_ab(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
@@ -202,13 +254,14 @@ def gamut_mapped_ab(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
     ab = ab_flat.copy()
     outside = out_of_gamut(l_flat, ab_flat)
     if outside.any():
-        ab[outside] *= _chroma_scale(*_split_lab(l_flat[outside], ab_flat[outside]))[:, None]
+        ab[outside] *= _chroma_scale(l_flat[outside], ab_flat[outside, 0], ab_flat[outside, 1])[:, None]
     return ab.reshape(*shape, 2)
 
 
-def _srgb_encode(linear: np.ndarray) -> np.ndarray:
-    """Linear [0, 1] → sRGB-encoded [0, 1], float32: 1.055 v^(1/2.4) - 0.055 above 0.0031308, 12.92 v
+def _srgb_encode(linear: np.ndarray, into: np.ndarray, scratch: _Scratch | None) -> None:
+    """Linear → sRGB-encoded [0, 1], float32, clipped: 1.055 v^(1/2.4) - 0.055 above 0.0031308, 12.92 v
     below; branch-free as in _f_inverse (the line meets the curve there to 1e-7)."""
+    np.clip(linear, np.float32(0.0), np.float32(1.0), out=linear)
     encoded = np.power(np.maximum(linear, _GAMMA_KNEE), np.float32(1.0 / 2.4))
     encoded *= np.float32(1.055)
     encoded -= np.float32(0.055)
@@ -216,32 +269,66 @@ def _srgb_encode(linear: np.ndarray) -> np.ndarray:
     below -= _GAMMA_KNEE
     below *= np.float32(12.92)
     encoded += below
-    return np.clip(encoded, np.float32(0.0), np.float32(1.0), out=encoded)  # the knee's 1e-7 mismatch
+    np.clip(encoded, np.float32(0.0), np.float32(1.0), out=into)  # the knee's 1e-7 mismatch
 
 
 @functools.cache
 def _srgb8_table() -> np.ndarray:
-    """8-bit sRGB code of each 2^-RGB8_TABLE_BITS cell of linear [0, 1] (taken at the cell's centre)."""
-    cells = 1 << RGB8_TABLE_BITS
-    centres = (np.arange(cells + 1, dtype=np.float64) + 0.5) / cells
-    encoded = np.where(centres > 0.0031308, 1.055 * np.minimum(centres, 1.0) ** (1 / 2.4) - 0.055, 12.92 * centres)
-    return np.rint(encoded * 255.0).astype(np.uint8)
+    """8-bit sRGB code of linear values [0, 1] by the top bits of their float32 pattern: sign, exponent and
+    RGB8_MANTISSA_BITS of mantissa, the cells relatively equal (at most 0.0034 of a code step wide, taken
+    at their centre), and the index is a bit shift of the values themselves, no arithmetic."""
+    shift = 23 - RGB8_MANTISSA_BITS
+    first, last = (int(np.float32(v).view(np.int32)) >> shift for v in (2.0**-20, 1.0))  # code 0 below 2^-20
+    centres = ((np.arange(first, last + 1, dtype=np.int64) << shift) + (1 << (shift - 1))).astype(np.int32)
+    centres = np.minimum(centres.view(np.float32).astype(np.float64), 1.0)  # the last cell holds 1.0
+    encoded = np.where(centres > 0.0031308, 1.055 * centres ** (1 / 2.4) - 0.055, 12.92 * centres)
+    table = np.zeros(last + 1, dtype=np.uint8)
+    table[first:] = np.rint(encoded * 255.0)
+    return table
 
 
-def _srgb8_encode(linear: np.ndarray) -> np.ndarray:
-    linear *= np.float32(1 << RGB8_TABLE_BITS)
-    return np.take(_srgb8_table(), linear.astype(np.int32))
+def _srgb8_encode(linear: np.ndarray, into: np.ndarray, scratch: _Scratch | None) -> None:
+    """Linear → 8-bit sRGB codes through the table. No clip: take's mode="clip" clamps the index, and a
+    float's bits sort as the float does, so negative values (negative ints) get code 0 and values above 1
+    code 255 (NaN, only possible out of gamut where the colour is redone, either)."""
+    index = np.empty(linear.shape, dtype=np.int32) if scratch is None else scratch.index(linear.shape[-1])
+    np.right_shift(linear.view(np.int32), 23 - RGB8_MANTISSA_BITS, out=index)
+    np.take(_srgb8_table(), index, out=into, mode="clip")
+
+
+def _converted(l_norm: np.ndarray, ab_norm: np.ndarray, encode: Encoder, dtype) -> np.ndarray:
+    shape, l_flat, ab_flat = _flat_lab(l_norm, ab_norm)
+    out = np.empty((3, len(l_flat)), dtype=dtype)
+    _to_rgb(l_flat, _copy_ab(ab_flat), out, encode)
+    return np.ascontiguousarray(np.moveaxis(out, 0, -1)).reshape(*shape, 3)
 
 
 def lab_norm_to_rgb(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
     """Normalised L [..., H, W] or [..., H, W, 1] and ab [..., H, W, 2] → RGB float32 in [0, 1], gamut-mapped."""
-    return _to_rgb(l_norm, ab_norm, _srgb_encode, np.float32)
+    return _converted(l_norm, ab_norm, _srgb_encode, np.float32)
 
 
 def lab_norm_to_rgb8(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
     """As `lab_norm_to_rgb`, straight to uint8 through a table (for full-size photos): the same codes as
     rounding `lab_norm_to_rgb(...) * 255`, except at most one step off on rare exact rounding boundaries."""
-    return _to_rgb(l_norm, ab_norm, _srgb8_encode, np.uint8)
+    return _converted(l_norm, ab_norm, _srgb8_encode, np.uint8)
+
+
+def lab_rows_to_rgb8(l_norm: np.ndarray, ab_rows: AbSource) -> np.ndarray:
+    """As `lab_norm_to_rgb8` for one image whose ab is made a few rows at a time, never whole (full-size
+    photos): L/100 [H, W] and `ab_rows(rows, a, b)`, which writes a/128 and b/128 of `rows` (a slice) into
+    a and b [len(rows), W], → uint8 R, G and B planes [3, H, W] (interleaving them is Pillow's cheapest
+    step: Image.merge). The same codes as `lab_norm_to_rgb8` on the whole ab."""
+    height, width = l_norm.shape
+    l_flat = np.ascontiguousarray(l_norm, dtype=np.float32).reshape(-1)
+    out = np.empty((3, height * width), dtype=np.uint8)
+
+    def fill(part: slice, a_norm: np.ndarray, b_norm: np.ndarray) -> None:  # parts are whole rows
+        rows = slice(part.start // width, part.stop // width)
+        ab_rows(rows, a_norm.reshape(-1, width), b_norm.reshape(-1, width))
+
+    _to_rgb(l_flat, fill, out, _srgb8_encode, chunk=max(1, CHUNK_PIXELS // max(width, 1)) * width)
+    return out.reshape(3, height, width)
 
 
 def mean_chroma(rgb: np.ndarray) -> float:

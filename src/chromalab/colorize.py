@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 import re
 import sys
+import tempfile
+import zipfile
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from chromalab.color import lab_norm_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
+from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.config import MODEL_NAMES
 from chromalab.errors import ChromalabError
 from chromalab.files import atomic_file
@@ -41,14 +45,15 @@ OUTPUT_TAG = "_color"
 COMPARE_TAG = "_compare"
 COMPARE_MAX_SIDE = 2048  # each half of the side-by-side sheet: a preview, not a second full-size copy
 DEFAULT_IMAGE_SIZE = 256  # for models without a fixed input size, when image_size is not given
-# The full-resolution work (upsampling ab, Lab → RGB) runs in stripes of a quarter megapixel, so that its
-# temporaries stay small whatever the photo's size.
+# The lightness of an RGB photo is computed in stripes of a quarter megapixel, so that its temporaries stay
+# small whatever the photo's size.
 STRIPE_PIXELS = 1 << 18
 DOWNSAMPLE = Image.Resampling.LANCZOS
 REDUCING_GAP = 3.0  # Pillow first box-reduces by whole factors down to 3x the target, then filters: ~5x faster
 # Pillow's 16-bit grayscale modes ("I" is how some readers deliver 16-bit PNG/TIFF; its values are 0-65535).
 GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 URI_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # runs:/…, models:/…, s3://…; not C:/…
+ZEROS_INITIALIZER = {"module": "keras.initializers", "class_name": "Zeros", "config": {}, "registered_name": None}
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
@@ -184,9 +189,34 @@ def load_colorizer(model: str, models_root: Path = Path("models")):
         if not path.is_file():
             raise ChromalabError(f"model file {path} does not exist: check the path")
     try:
-        return _checked(keras.saving.load_model(path, compile=False), str(path))
-    except (OSError, ValueError, TypeError) as exc:
+        return _checked(_load_keras_file(path), str(path))
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
         raise ChromalabError(f"cannot load model {path}: {_reason(exc)}") from None
+
+
+def _load_keras_file(path: Path):
+    """`keras.saving.load_model(path, compile=False)` without first filling every weight with random numbers
+    that the file's weights then replace: its initialisers become Zeros (for the 54 M-parameter U-Net that
+    skips a second of CPU, on the way to the first photo). Weights the file lacks fail as in load_model."""
+    import keras
+
+    with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory() as folder:
+        config = json.loads(archive.read("config.json"))
+        config["compile_config"] = None
+        model = keras.saving.deserialize_keras_object(_zero_initializers(config))
+        # from a file of its own: h5py reading inside the zip seeks back and forth, which zipfile pays for
+        # by reading from the member's start again (seconds for 200 MB)
+        model.load_weights(archive.extract("model.weights.h5", folder))
+    return model
+
+
+def _zero_initializers(config):
+    if isinstance(config, list):
+        return [_zero_initializers(item) for item in config]
+    if not isinstance(config, dict):
+        return config
+    return {key: ZEROS_INITIALIZER if key.endswith("_initializer") and isinstance(value, dict)
+            else _zero_initializers(value) for key, value in config.items()}
 
 
 def _load_mlflow(uri: str):
@@ -305,41 +335,40 @@ def _bilinear_taps(out_size: int, in_size: int, start: int, stop: int) -> tuple[
     return first, np.minimum(first + 1, in_size - 1), (position - first).astype(np.float32)[:, None]
 
 
-def upsampled_ab(ab_small: np.ndarray, size: tuple[int, int], rows: slice,
-                 wide: np.ndarray | None = None) -> np.ndarray:
-    """Rows `rows` of ab_small [h, w, 2] bilinearly upsampled to size = (height, width): [rows, width, 2].
-    The model's ab varies slowly (the detail comes from L), so bilinear loses nothing visible, and computed
-    a stripe at a time it needs no full-resolution ab array. `wide`: ab_small already widened to `width`
-    (`widened_ab`), shared by all stripes."""
+def ab_rows(ab_small: np.ndarray, size: tuple[int, int]) -> AbSource:
+    """ab_small [h, w, 2] bilinearly upsampled to size = (height, width), made a few rows at a time where
+    `lab_rows_to_rgb8` asks for them (into its planar a and b), so that no full-resolution ab array
+    exists. The model's ab varies slowly (the detail comes from L), so bilinear loses nothing visible."""
     height, width = size
-    if wide is None:
-        wide = widened_ab(ab_small, width)
-    upper, lower, y_weight = _bilinear_taps(height, wide.shape[0], rows.start, min(rows.stop, height))
-    above, below = wide[upper], wide[lower]
-    below -= above
-    below *= y_weight[:, None]
-    above += below
-    return above
-
-
-def widened_ab(ab_small: np.ndarray, width: int) -> np.ndarray:
-    """ab_small [h, w, 2] interpolated along its rows to `width` columns: [h, width, 2]."""
+    ab_small = np.asarray(ab_small, dtype=np.float32)
     left, right, x_weight = _bilinear_taps(width, ab_small.shape[1], 0, width)
-    return ab_small[:, left] + (ab_small[:, right] - ab_small[:, left]) * x_weight
+    wide = ab_small[:, left] + (ab_small[:, right] - ab_small[:, left]) * x_weight  # [h, width, 2]
+    wide = np.ascontiguousarray(np.moveaxis(wide, -1, 0))  # [2, h, width]: a plane, b plane
+    rise = np.diff(wide, axis=1, append=wide[:, -1:])  # to the next row; 0 after the last one
+    upper, _, y_weight = _bilinear_taps(height, ab_small.shape[0], 0, height)
+
+    def fill(rows: slice, a_norm: np.ndarray, b_norm: np.ndarray) -> None:
+        # rows between the same two small rows differ only in their weight: one numpy call for them all
+        sources, weights = upper[rows], y_weight[rows]
+        bounds = [0, *(np.flatnonzero(np.diff(sources)) + 1), len(sources)]
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            for channel, plane in enumerate((a_norm, b_norm)):
+                np.multiply(rise[channel, sources[start]], weights[start:stop], out=plane[start:stop])
+                plane[start:stop] += wide[channel, sources[start]]
+
+    return fill
 
 
-def lab_to_rgb8(lightness: np.ndarray, ab_small: np.ndarray) -> np.ndarray:
-    """Full-resolution L/100 [H, W] and the model's ab/128 [h, w, 2] → uint8 RGB [H, W, 3], in stripes."""
-    rgb = np.empty((*lightness.shape, 3), dtype=np.uint8)
-    wide = widened_ab(np.asarray(ab_small, dtype=np.float32), lightness.shape[1])
-    for rows in _stripes(*lightness.shape):
-        rgb[rows] = lab_norm_to_rgb8(lightness[rows], upsampled_ab(ab_small, lightness.shape, rows, wide))
-    return rgb
+def lab_image(lightness: np.ndarray, ab_small: np.ndarray) -> Image.Image:
+    """Full-resolution L/100 [H, W] and the model's ab/128 [h, w, 2] → an RGB image [H, W], made a few rows
+    at a time: one pass over the photo."""
+    planes = lab_rows_to_rgb8(lightness, ab_rows(ab_small, lightness.shape))
+    return Image.merge("RGB", [Image.fromarray(plane) for plane in planes])
 
 
 def colour_photo(photo: Photo, ab_small: np.ndarray) -> Image.Image:
     """Join the photo's own L with the model's ab, upsampled to the photo's size."""
-    coloured = Image.fromarray(lab_to_rgb8(photo.lightness, ab_small))
+    coloured = lab_image(photo.lightness, ab_small)
     if photo.alpha is not None:
         coloured.putalpha(photo.alpha)
     return coloured
@@ -351,7 +380,7 @@ def compare_sheet(photo: Photo, coloured: Image.Image) -> Image.Image:
     scale = min(1.0, COMPARE_MAX_SIDE / max(height, width))
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     lightness = _resize(photo.lightness, size, DOWNSAMPLE)
-    gray = Image.fromarray(lab_to_rgb8(lightness, np.zeros((1, 1, 2), dtype=np.float32)))
+    gray = lab_image(lightness, np.zeros((1, 1, 2), dtype=np.float32))
     sheet = Image.new("RGB", (2 * size[1], size[0]))
     sheet.paste(gray, (0, 0))
     sheet.paste(coloured.convert("RGB").resize(size[::-1], DOWNSAMPLE), (size[1], 0))
@@ -377,11 +406,6 @@ def save_atomic(image: Image.Image, path: Path, image_format: str) -> None:
 # --- the command --------------------------------------------------------------------------------------------
 
 
-def _batches(jobs: list[Job], size: int) -> Iterator[list[Job]]:
-    for start in range(0, len(jobs), size):
-        yield jobs[start : start + size]
-
-
 def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: str = "gan", overwrite: bool = False,
                    compare: bool = False, batch_size: int = 8, models_root: Path = Path("models"),
                    image_size: int | None = None) -> ColorizeReport:
@@ -390,7 +414,8 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     Outputs are `<stem>_color<ext>` beside each input, or under `out_dir` (a folder input `photos/` is
     mirrored as `out_dir/photos/…`); with `compare`, also `<stem>_compare.jpg` beside the output. Existing
     files (inputs included) are never replaced unless `overwrite`. Unreadable photos are reported and
-    skipped; the rest are done. Photos go through the model `batch_size` at a time.
+    skipped; the rest are done. Photos go through the model as soon as they are decoded, at most
+    `batch_size` at a time, and at most `batch_size` of them are held decoded at once.
     """
     if batch_size < 1:
         raise ChromalabError(f"batch size {batch_size}: must be at least 1")
@@ -409,48 +434,93 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     if not jobs:
         return report
 
-    colorizer = load_colorizer(model, models_root)
-    size = model_input_size(colorizer, image_size)
     # Photos are decoded, coloured and encoded on every core at once (numpy and Pillow release the GIL);
-    # the model gets each batch whole and spreads it over the cores itself.
+    # the model runs in this thread between the two, and the phases overlap: the first photos are decoded
+    # while the model loads, and the workers write the photos the model has coloured while it colours the
+    # next ones. At most batch_size photos are decoded and not yet written (their full-resolution
+    # lightness is what fills the memory).
     workers = max(1, min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else os.cpu_count() or 1))
 
-    def read(job: Job) -> tuple[Job, Photo | None, BaseException | None]:
+    def read(job: Job, size: tuple[int, int] | None) -> tuple[Job, Photo | None, BaseException | None]:
         try:
             return job, read_photo(job.source, size), None
         except READ_ERRORS as exc:
             return job, None, exc
 
-    def write(job: Job, photo: Photo, ab_small: np.ndarray) -> tuple[Job, OSError | None]:
+    def with_small(read_done: Future, size: tuple[int, int]) -> tuple[Job, Photo | None, BaseException | None]:
+        """A photo decoded before the model's input size was known, with its small lightness added. (The
+        read it waits for was submitted first, so a worker has it already: no deadlock.)"""
+        job, photo, exc = read_done.result()
+        if photo is not None:
+            try:
+                photo.small = _small_lightness(job.source, photo.lightness, size)
+            except READ_ERRORS as error:
+                return job, None, error
+        return job, photo, exc
+
+    def write(job: Job, photo: Photo, ab_small: np.ndarray) -> OSError | None:
         coloured = colour_photo(photo, ab_small)
         try:
             save_atomic(coloured, job.output, job.output_format)
             if job.compare is not None:
                 save_atomic(compare_sheet(photo, coloured), job.compare, "JPEG")
         except OSError as exc:
-            return job, exc
-        return job, None
+            return exc
+        return None
+
+    todo = iter(jobs)
+    reads: deque[Future] = deque()
+    writes: deque[tuple[Job, Future]] = deque()
+
+    def read_ahead(size: tuple[int, int] | None) -> None:
+        while len(reads) + len(writes) < batch_size and (job := next(todo, None)) is not None:
+            reads.append(pool.submit(read, job, size))
+
+    def finish_writes(wait: bool) -> None:
+        while writes and (wait or writes[0][1].done()):
+            job, written = writes.popleft()
+            exc = written.result()
+            if exc is not None:
+                _say(f"{job.source}: cannot write {job.output} ({_reason(exc)})")
+                report.failed.append((job.source, _reason(exc)))
+            else:
+                report.done.append(job.output)
+            bar.update()
 
     with tqdm(total=len(jobs), desc="colorize", unit="photo") as bar, ThreadPoolExecutor(workers) as pool:
-        for batch in _batches(jobs, batch_size):
+        read_ahead(None)
+        try:
+            colorizer = load_colorizer(model, models_root)
+        except BaseException:
+            for read_done in reads:
+                read_done.cancel()
+            raise
+        size = model_input_size(colorizer, image_size)
+        reads = deque(pool.submit(with_small, read_done, size) for read_done in reads)
+        while reads:
+            # the photos decoded by now, at least one, at most batch_size: the model colours them while
+            # the workers write those before
+            batch = [reads.popleft().result()]
+            while reads and len(batch) < batch_size and reads[0].done():
+                batch.append(reads.popleft().result())
             photos: list[tuple[Job, Photo]] = []
-            for job, photo, exc in pool.map(read, batch):
+            for job, photo, exc in batch:
                 if exc is not None:
                     _say(f"{job.source}: cannot read it ({_reason(exc)})")
                     report.failed.append((job.source, _reason(exc)))
                     bar.update()
                 else:
                     photos.append((job, photo))
-            if not photos:
-                continue
-            small = np.stack([photo.small for _, photo in photos])[..., None]
-            predicted = np.asarray(colorizer.predict_on_batch(small), dtype=np.float32)
-            for job, exc in pool.map(write, *zip(*photos), predicted):
-                if exc is not None:
-                    _say(f"{job.source}: cannot write {job.output} ({_reason(exc)})")
-                    report.failed.append((job.source, _reason(exc)))
-                else:
-                    report.done.append(job.output)
-                bar.update()
+            if photos:
+                small = np.stack([photo.small for _, photo in photos])[..., None]
+                predicted = np.asarray(colorizer.predict_on_batch(small), dtype=np.float32)
+                writes.extend((job, pool.submit(write, job, photo, ab)) for (job, photo), ab in zip(photos, predicted))
+            del batch, photos
+            finish_writes(wait=False)
+            read_ahead(size)
+            if not reads:  # batch_size photos are being written: the next read waits for them
+                finish_writes(wait=True)
+                read_ahead(size)
+        finish_writes(wait=True)
     return report
