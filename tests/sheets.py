@@ -1,0 +1,83 @@
+"""Reading evaluate's pictures back: where each picture panel is, and which picture it shows.
+
+matplotlib draws every panel as an image inside its axes frame, titles and labels apart from it: the
+frame and the image form one connected non-white region, text only small ones. Each panel is found that
+way, then shrunk back to the model's resolution and compared with the picture it should hold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from chromalab.color import lab_norm_to_rgb
+
+# evaluate.py draws 100 dpi figures: comparison.png's cells are 2.2 in square, worst.png's 2.0 × 2.2 in.
+DPI = 100
+# Panel vs the picture it shows, after shrinking: nearest-neighbour upscaling by a non-integer factor
+# blurs only the borders between source pixels. Measured: ≤ 3 levels for the right picture, ≥ 15 for any
+# other panel of these sheets (another photo, its gray input, another model's colours).
+SAME_PICTURE_MAX_MEAN_DIFF = 6.0
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as png:
+        assert png.format == "PNG", f"{path} is {png.format}, not PNG"
+        return np.asarray(png.convert("RGB"))
+
+
+def panels(sheet: np.ndarray, min_side: int = 60) -> list[list[np.ndarray]]:
+    """The sheet's picture panels as a grid (rows top to bottom, each left to right), frames cut off."""
+    non_white = (sheet < 245).any(axis=-1)
+    labels, _ = ndimage.label(non_white)
+    boxes = [box for box in ndimage.find_objects(labels)
+             if box[0].stop - box[0].start >= min_side and box[1].stop - box[1].start >= min_side]
+    for rows, cols in boxes:
+        height, width = rows.stop - rows.start, cols.stop - cols.start
+        assert abs(height - width) <= 2, f"a {width}×{height} region is not a square panel"
+    boxes.sort(key=lambda box: box[0].start)
+    grid: list[list[tuple[slice, slice]]] = []
+    for box in boxes:  # same row: tops within a few pixels
+        if grid and abs(grid[-1][0][0].start - box[0].start) <= 3:
+            grid[-1].append(box)
+        else:
+            grid.append([box])
+    inset = 3  # the axes frame (0.8 pt) and its anti-aliasing
+    return [[sheet[r.start + inset: r.stop - inset, c.start + inset: c.stop - inset]
+             for r, c in sorted(row, key=lambda box: box[1].start)] for row in grid]
+
+
+def shrunk(panel: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(panel).resize((size, size), Image.Resampling.BOX), dtype=np.float64)
+
+
+def mean_diff(panel: np.ndarray, picture: np.ndarray) -> float:
+    """Mean absolute difference (0-255 levels) between a panel and a size×size uint8 RGB picture."""
+    return float(np.abs(shrunk(panel, picture.shape[0]) - picture.astype(np.float64)).mean())
+
+
+def assert_shows(panel: np.ndarray, picture: np.ndarray, what: str) -> None:
+    diff = mean_diff(panel, picture)
+    assert diff <= SAME_PICTURE_MAX_MEAN_DIFF, f"{what}: differs from the expected picture by {diff:.1f} levels"
+
+
+def gray_picture(L: np.ndarray) -> np.ndarray:
+    """The gray input as evaluate draws it: L/100 on all three channels, as 8-bit RGB."""
+    return to_uint8(np.repeat(np.clip(L, 0, 1), 3, axis=-1))
+
+
+def colour_picture(L: np.ndarray, ab: np.ndarray) -> np.ndarray:
+    return to_uint8(lab_norm_to_rgb(L, ab))
+
+
+def to_uint8(rgb: np.ndarray) -> np.ndarray:
+    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
+
+
+def has_colour(hex_colour: str, image: np.ndarray, min_pixels: int = 50) -> bool:
+    """Whether at least `min_pixels` pixels are drawn in exactly this matplotlib colour ("#rrggbb")."""
+    rgb = np.array([int(hex_colour[i: i + 2], 16) for i in (1, 3, 5)], dtype=image.dtype)
+    return int((image == rgb).all(axis=-1).sum()) >= min_pixels
