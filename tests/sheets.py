@@ -81,3 +81,39 @@ def has_colour(hex_colour: str, image: np.ndarray, min_pixels: int = 50) -> bool
     """Whether at least `min_pixels` pixels are drawn in exactly this matplotlib colour ("#rrggbb")."""
     rgb = np.array([int(hex_colour[i: i + 2], 16) for i in (1, 3, 5)], dtype=image.dtype)
     return int((image == rgb).all(axis=-1).sum()) >= min_pixels
+
+
+def assert_comparison_sheet(path: Path, L: np.ndarray, ab: np.ndarray, predicted: dict[str, np.ndarray],
+                            columns: tuple[str, ...]) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """comparison.png: one row per photo of L/ab (the first n_sheet test photos, in order), its columns gray
+    input | each model in `predicted` | truth, each panel showing exactly that picture. Returns the panels
+    and the pictures they show, row by row."""
+    sheet = read_rgb(path)
+    cell = round(2.2 * DPI)  # evaluate's square cells
+    assert sheet.shape[:2] == (len(L) * cell, len(columns) * cell)
+    grid = panels(sheet)
+    assert [len(row) for row in grid] == [len(columns)] * len(L)
+    expected = [[gray_picture(L[i]), *(colour_picture(L[i], p[i]) for p in predicted.values()),
+                 colour_picture(L[i], ab[i])] for i in range(len(L))]
+    for r, (row, pictures) in enumerate(zip(grid, expected)):
+        for panel, picture, column in zip(row, pictures, columns):
+            assert_shows(panel, picture, f"{path.name}, row {r}, {column}")
+        gray = row[0].astype(np.int16)
+        assert (gray.max(axis=-1) - gray.min(axis=-1)).max() <= 1  # R = G = B, up to rounding
+    return grid, expected
+
+
+def assert_charts_draw(reports: Path, predictors: dict[str, str]) -> None:
+    """metrics_chart.png (one bar chart per metric of metrics.json, 4 a row) and delta_e00_hist.png, at the
+    sizes evaluate lays them out, each predictor drawn in its own colour (`predictors`: name → "#rrggbb")."""
+    import json
+    import math
+
+    chart = read_rgb(reports / "metrics_chart.png")
+    n_charts = len(json.loads((reports / "metrics.json").read_text())["gray_floor"]) - 1  # all but `count`
+    assert chart.shape[:2] == (round(2.6 * DPI) * math.ceil(n_charts / 4), round(3.2 * DPI) * 4)
+    histogram = read_rgb(reports / "delta_e00_hist.png")
+    assert histogram.shape[:2] == (4 * DPI, 7 * DPI)
+    for name, colour in predictors.items():  # its bars, and its histogram line
+        assert has_colour(colour, chart, min_pixels=500), name
+        assert has_colour(colour, histogram), name

@@ -34,7 +34,8 @@ from chromalab.metrics import METRIC_KEYS
 from chromalab.models import build_model
 from chromalab.tfrecords import load_split_arrays, read_dataset_info, run_tfrecords
 from chromalab.samples import write_images_stage
-from sheets import DPI, assert_shows, colour_picture, gray_picture, has_colour, mean_diff, panels, read_rgb
+from sheets import (DPI, assert_charts_draw, assert_comparison_sheet, assert_shows, colour_picture, gray_picture,
+                    mean_diff, panels, read_rgb)
 
 N_TRAIN, N_TEST, SIZE = 8, 4, 32
 N_SHEET = 3  # fewer than the test photos: the sheet must take n_sheet rows, not every photo
@@ -202,19 +203,10 @@ def assert_rows_show(grid: list[list[np.ndarray]], expected: list[list[np.ndarra
 
 
 def test_comparison_sheet_is_n_sheet_rows_of_gray_models_truth(evaluated, split_arrays, predicted):
-    sheet = read_rgb(REPORTS / "comparison.png")
-    cell = round(2.2 * DPI)  # evaluate's square cells
-    assert sheet.shape[:2] == (N_SHEET * cell, len(SHEET_COLUMNS) * cell)
-    grid = panels(sheet)
-    assert [len(row) for row in grid] == [len(SHEET_COLUMNS)] * N_SHEET  # n_sheet rows, not every test photo
-
-    L, ab = split_arrays.L[:N_SHEET], split_arrays.ab[:N_SHEET]
-    expected = [[gray_picture(L[i]), *(colour_picture(L[i], predicted[n][i]) for n in MODEL_NAMES),
-                 colour_picture(L[i], ab[i])] for i in range(N_SHEET)]  # the first n_sheet test photos, in order
-    assert_rows_show(grid, expected, list(SHEET_COLUMNS))
-    for row in grid:
-        gray = row[0].astype(np.int16)
-        assert (gray.max(axis=-1) - gray.min(axis=-1)).max() <= 1  # R = G = B, up to rounding
+    L, ab = split_arrays.L[:N_SHEET], split_arrays.ab[:N_SHEET]  # n_sheet rows, not every test photo
+    grid, expected = assert_comparison_sheet(REPORTS / "comparison.png", L, ab,
+                                             {name: predicted[name][:N_SHEET] for name in MODEL_NAMES}, SHEET_COLUMNS)
+    assert_rows_show(grid, expected, list(SHEET_COLUMNS))  # and the columns are told apart
 
 
 def test_worst_sheet_shows_each_models_worst_photos_beside_gray_and_truth(evaluated, split_arrays, predicted):
@@ -238,14 +230,7 @@ def test_worst_sheet_shows_each_models_worst_photos_beside_gray_and_truth(evalua
 
 
 def test_metrics_chart_and_histogram_draw_every_predictor(evaluated):
-    chart = read_rgb(REPORTS / "metrics_chart.png")
-    n_charts = len(strict_json(REPORTS / "metrics.json")[GRAY_FLOOR]) - 1  # every metric but `count`
-    assert chart.shape[:2] == (round(2.6 * DPI) * math.ceil(n_charts / 4), round(3.2 * DPI) * 4)  # 4 a row
-    histogram = read_rgb(REPORTS / "delta_e00_hist.png")
-    assert histogram.shape[:2] == (4 * DPI, 7 * DPI)
-    for name in PREDICTORS:  # each predictor's bars and its histogram line, in its own colour
-        assert has_colour(COLOURS[name], chart, min_pixels=500), name
-        assert has_colour(COLOURS[name], histogram), name
+    assert_charts_draw(REPORTS, {name: COLOURS[name] for name in PREDICTORS})
 
 
 def test_each_models_run_gets_its_test_metrics_the_gray_floors_and_the_pictures(evaluated):
