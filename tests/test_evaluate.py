@@ -88,7 +88,7 @@ def save_as_trained(params, model_name: str, tint: tuple[float, float], seed: in
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    """A git repo (the MLflow store's root) with data, both models trained and `evaluate` run once."""
+    """A git repo (the MLflow store's root) with data, both models saved and `evaluate` run once."""
     root = tmp_path_factory.mktemp("evaluate")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q",
