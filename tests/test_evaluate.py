@@ -1,7 +1,11 @@
-"""Stage `evaluate` on real photo crops (8 train / 4 test at 32 px) with both models trained for one epoch.
+"""Stage `evaluate` on real photo crops (8 train / 4 test at 32 px) with both models saved as training leaves them.
 
-The numbers are checked against values computed here independently (from the test split's arrays and the
-saved models), the pictures by their geometry and colour, the MLflow runs through a client on the store.
+Evaluate needs from training only models/<m>/model.keras and the MLflow run id in reports/<m>/train_metrics.json
+(test_pipeline.py checks that `dvc repro` hands real trained models over): here each is a tiny untrained model
+whose last layer leans to a tint of its own, so the two model columns of every sheet are told apart, in a run
+opened as training opens it (chromalab.tracking.model_run). The numbers are checked against values computed
+here independently (from the test split's arrays and the saved models), the pictures panel by panel against
+the pictures they must show, the MLflow runs through a client on the store.
 """
 
 from __future__ import annotations
@@ -19,18 +23,19 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from PIL import Image
 from skimage import color as skcolor
 
 from chromalab import tracking
 from chromalab.color import AB_SCALE, L_SCALE
 from chromalab.config import MODEL_NAMES, parse_params
 from chromalab.errors import ChromalabError
-from chromalab.evaluate import GRAY_FLOOR, run_evaluate
+from chromalab.evaluate import COLOURS, GRAY_FLOOR, run_evaluate
 from chromalab.metrics import METRIC_KEYS
-from chromalab.tfrecords import load_split_arrays, run_tfrecords
-from chromalab.training import run_train
+from chromalab.models import build_model
+from chromalab.tfrecords import load_split_arrays, read_dataset_info, run_tfrecords
 from chromalab.samples import write_images_stage
+from sheets import (DPI, assert_charts_draw, assert_comparison_sheet, assert_shows, colour_picture, gray_picture,
+                    mean_diff, panels, read_rgb)
 
 N_TRAIN, N_TEST, SIZE = 8, 4, 32
 N_SHEET = 3  # fewer than the test photos: the sheet must take n_sheet rows, not every photo
@@ -39,9 +44,8 @@ SHEET_COLUMNS = ("gray input", "baseline", "gan", "truth")
 TINY = {
     "base": {"image_size": SIZE},
     "tfrecords": {"shard_size": 4},
-    "train": {"val_every": 1, "checkpoint_every": 10, "sample_every": 10, "n_samples": 2},
-    "baseline": {"epochs": 1, "batch_size": 4, "width": 0.125},
-    "gan": {"epochs": 1, "batch_size": 4, "width": 0.125},
+    "baseline": {"width": 0.125},
+    "gan": {"width": 0.125},
     "evaluate": {"n_sheet": N_SHEET, "batch_size": 4},
 }
 TFRECORDS = Path("data/tfrecords")
@@ -63,9 +67,28 @@ def train_run_id(model_name: str) -> str:
     return json.loads(Path(f"reports/{model_name}/train_metrics.json").read_text())["mlflow_run_id"]
 
 
+# ab = tanh(bias) where the rest of the untrained net adds little: a reddish baseline, a yellow-green GAN.
+TINTS = {"baseline": (0.3, 0.1), "gan": (-0.25, 0.3)}
+
+
+def save_as_trained(params, model_name: str, tint: tuple[float, float], seed: int = 0) -> str:
+    """What train@<model> leaves for evaluate, without the training: the model file and, in
+    train_metrics.json, the id of the model's MLflow run. Returns that run id."""
+    keras.utils.set_random_seed(seed)
+    model = build_model(model_name, SIZE, width=params.model(model_name).width)
+    model.layers[-1 if model_name == "gan" else -2].bias.assign(np.arctanh(tint))  # the tanh layer
+    dataset_hash = read_dataset_info(TFRECORDS)["content_hash"]
+    with tracking.model_run(model_name, params, dataset_hash=dataset_hash, stage=f"train@{model_name}") as run:
+        Path(f"models/{model_name}").mkdir(parents=True, exist_ok=True)
+        model.save(f"models/{model_name}/model.keras")
+    Path(f"reports/{model_name}").mkdir(parents=True, exist_ok=True)
+    Path(f"reports/{model_name}/train_metrics.json").write_text(json.dumps({"mlflow_run_id": run.info.run_id}))
+    return run.info.run_id
+
+
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    """A git repo (the MLflow store's root) with data, both models trained and `evaluate` run once."""
+    """A git repo (the MLflow store's root) with data, both models saved and `evaluate` run once."""
     root = tmp_path_factory.mktemp("evaluate")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q",
@@ -78,7 +101,7 @@ def evaluated(tmp_path_factory):
         write_images_stage(root / "data/images", n_train=N_TRAIN, n_test=N_TEST, size=SIZE)
         run_tfrecords(params, workers=1)
         for name in MODEL_NAMES:
-            run_train(params, name)
+            save_as_trained(params, name, TINTS[name])
         summary = run_evaluate(params)
         yield SimpleNamespace(root=root, params=params, first_summary=summary,
                               first_run_ids={name: train_run_id(name) for name in MODEL_NAMES})
@@ -88,6 +111,12 @@ def evaluated(tmp_path_factory):
 def split_arrays(evaluated) -> SimpleNamespace:
     ids, L, ab = load_split_arrays(TFRECORDS, "test")
     return SimpleNamespace(ids=ids, L=L.astype(np.float64), ab=ab.astype(np.float64))
+
+
+@pytest.fixture(scope="module")
+def predicted(split_arrays) -> dict[str, np.ndarray]:
+    """Each saved model's ab on the test split, computed here (before the last test replaces the GAN)."""
+    return {name: predictions(name, split_arrays.L) for name in MODEL_NAMES}
 
 
 def read_rows() -> list[dict[str, str]]:
@@ -109,7 +138,7 @@ def strict_json(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-def test_per_photo_csv_has_one_labelled_row_per_photo_and_predictor(evaluated, split_arrays):
+def test_per_photo_csv_has_one_labelled_row_per_photo_and_predictor(evaluated, split_arrays, predicted):
     rows = read_rows()
     header = list(rows[0])
     assert header == ["photo_id", "model", *METRIC_KEYS]
@@ -120,7 +149,6 @@ def test_per_photo_csv_has_one_labelled_row_per_photo_and_predictor(evaluated, s
     assert all(math.isfinite(float(r[key])) for r in rows for key in METRIC_KEYS)
 
     by_key = {(r["photo_id"], r["model"]): r for r in rows}
-    computed = {name: predictions(name, split_arrays.L) for name in MODEL_NAMES}
     for i, photo_id in enumerate(split_arrays.ids):
         true_ab = split_arrays.ab[i]
         gray = by_key[photo_id, GRAY_FLOOR]
@@ -131,7 +159,7 @@ def test_per_photo_csv_has_one_labelled_row_per_photo_and_predictor(evaluated, s
         # The truth's colourfulness depends on the photo only.
         assert len({by_key[photo_id, name]["colourfulness_true"] for name in PREDICTORS}) == 1
         for name in MODEL_NAMES:
-            error = computed[name][i] - true_ab
+            error = predicted[name][i] - true_ab
             assert float(by_key[photo_id, name]["ab_mse"]) == pytest.approx(np.mean(error**2), rel=1e-4)
             assert float(by_key[photo_id, name]["ab_mae"]) == pytest.approx(np.mean(np.abs(error)), rel=1e-4)
 
@@ -159,32 +187,50 @@ def test_metrics_file_holds_each_predictors_means_and_the_gray_floor_is_exact(ev
     assert len({round(summary[name]["colourfulness_true"], 9) for name in PREDICTORS}) == 1
 
 
-def _colourful_bands(chroma_rows: np.ndarray) -> int:
-    """Runs of consecutive True values: how many separate pictures a strip of the sheet crosses."""
-    return int(np.count_nonzero(np.diff(chroma_rows.astype(np.int8), prepend=0) == 1))
+def assert_rows_show(grid: list[list[np.ndarray]], expected: list[list[np.ndarray]], names: list[str]) -> None:
+    """Each panel shows its own picture, nearer to it than to any other picture of its row; and over the rows
+    each column is far from every other column's pictures (a dark photo's colours alone are close to gray)."""
+    far = np.zeros((len(names), len(names)))
+    for r, (row, pictures) in enumerate(zip(grid, expected)):
+        for c, panel in enumerate(row):
+            assert_shows(panel, pictures[c], f"row {r}, {names[c]}")
+            diffs = [mean_diff(panel, picture) for picture in pictures]
+            assert int(np.argmin(diffs)) == c, f"row {r}, {names[c]}: nearer another column's picture {diffs}"
+            far[c] += np.array(diffs) / len(grid)
+    for c, name in enumerate(names):
+        others = np.delete(far[c], c)
+        assert others.min() > 2 * far[c, c] + 5, f"{name}: columns too alike on average {far[c]}"
 
 
-def test_comparison_sheet_is_n_sheet_rows_of_gray_models_truth(evaluated):
-    with Image.open(REPORTS / "comparison.png") as png:
-        assert png.format == "PNG"
-        sheet = np.asarray(png.convert("RGB")).astype(np.int16)
-    height, width = sheet.shape[:2]
-    # Square panels on a grid of n_sheet rows × 4 columns: the aspect ratio is columns : rows.
-    assert width / height == pytest.approx(len(SHEET_COLUMNS) / N_SHEET, rel=0.02)
-
-    chroma = sheet.max(axis=-1) - sheet.min(axis=-1)
-    quarter = width // len(SHEET_COLUMNS)
-    gray_column, truth_column = chroma[:, :quarter], chroma[:, -quarter:]
-    assert gray_column.max() <= 2  # the gray input (and its black labels): no colour, up to PNG rounding
-    colourful_rows = (truth_column > 20).mean(axis=1) > 0.05
-    assert _colourful_bands(colourful_rows) == N_SHEET  # one coloured picture per row, n_sheet rows
+def test_comparison_sheet_is_n_sheet_rows_of_gray_models_truth(evaluated, split_arrays, predicted):
+    L, ab = split_arrays.L[:N_SHEET], split_arrays.ab[:N_SHEET]  # n_sheet rows, not every test photo
+    grid, expected = assert_comparison_sheet(REPORTS / "comparison.png", L, ab,
+                                             {name: predicted[name][:N_SHEET] for name in MODEL_NAMES}, SHEET_COLUMNS)
+    assert_rows_show(grid, expected, list(SHEET_COLUMNS))  # and the columns are told apart
 
 
-def test_metrics_chart_is_a_png(evaluated):
-    with Image.open(REPORTS / "metrics_chart.png") as png:
-        assert png.format == "PNG"
-        chart = np.asarray(png.convert("L"))
-    assert chart.size > 0 and (chart < 128).any()  # something is drawn on it
+def test_worst_sheet_shows_each_models_worst_photos_beside_gray_and_truth(evaluated, split_arrays, predicted):
+    sheet = read_rgb(REPORTS / "worst.png")
+    n_rows = min(evaluated.params.evaluate.n_worst, N_TEST)
+    columns = 3 * len(MODEL_NAMES)  # gray | model | truth for each model
+    assert sheet.shape[:2] == (round(2.2 * DPI) * n_rows, round(2.0 * DPI) * columns)
+    grid = panels(sheet)
+    assert [len(row) for row in grid] == [columns] * n_rows
+
+    rows = read_rows()
+    L, ab = split_arrays.L, split_arrays.ab
+    index = {photo_id: i for i, photo_id in enumerate(split_arrays.ids)}
+    for b, name in enumerate(MODEL_NAMES):  # one block of three columns per model
+        delta_e = {r["photo_id"]: float(r["delta_e00"]) for r in rows if r["model"] == name}
+        worst_first = sorted(split_arrays.ids, key=lambda photo_id: -delta_e[photo_id])[:n_rows]
+        expected = [[gray_picture(L[i]), colour_picture(L[i], predicted[name][i]), colour_picture(L[i], ab[i])]
+                    for i in (index[photo_id] for photo_id in worst_first)]
+        block = [row[3 * b: 3 * b + 3] for row in grid]
+        assert_rows_show(block, expected, [f"{name}'s gray", name, f"{name}'s truth"])
+
+
+def test_metrics_chart_and_histogram_draw_every_predictor(evaluated):
+    assert_charts_draw(REPORTS, {name: COLOURS[name] for name in PREDICTORS})
 
 
 def test_each_models_run_gets_its_test_metrics_the_gray_floors_and_the_pictures(evaluated):
@@ -215,10 +261,26 @@ def test_a_missing_model_is_one_line_naming_the_stage_that_makes_it(evaluated, t
     assert not (tmp_path / "reports/evaluate/metrics.json").exists()
 
 
+def test_failures_are_counted_per_photo_not_averaged_away(evaluated, split_arrays):
+    summary = strict_json(REPORTS / "metrics.json")
+    rows = read_rows()
+    delta_e = {name: np.array([float(r["delta_e00"]) for r in rows if r["model"] == name]) for name in PREDICTORS}
+    for name in PREDICTORS:
+        assert summary[name]["delta_e00_median"] == pytest.approx(np.median(delta_e[name]))
+        assert summary[name]["delta_e00_p90"] == pytest.approx(np.percentile(delta_e[name], 90))
+        wins = sum(float(m) < float(g) for m, g in zip(delta_e[name], delta_e[GRAY_FLOOR]))
+        assert summary[name]["beats_gray"] == pytest.approx(wins / N_TEST)
+        assert 0.0 <= summary[name]["out_of_gamut"] <= 1.0
+    assert summary[GRAY_FLOOR]["beats_gray"] == 0.0 and summary[GRAY_FLOOR]["out_of_gamut"] == 0.0
+    assert summary[GRAY_FLOOR]["edge_chroma_gap"] == 0.0
+    # The truth's own edge gap is the photos', the same whichever predictor it sits beside.
+    assert len({round(summary[name]["edge_chroma_gap_true"], 9) for name in PREDICTORS}) == 1
+
+
 def test_re_evaluating_after_a_retrain_reports_the_new_model_into_its_new_run(evaluated):
     before, old_gan_run = evaluated.first_summary, evaluated.first_run_ids["gan"]
     params = tiny_params(gan={"epochs": 2})
-    retrained_run = run_train(params, "gan")["mlflow_run_id"]
+    retrained_run = save_as_trained(params, "gan", (0.3, -0.3), seed=1)
     assert retrained_run != old_gan_run
 
     run_evaluate(params)
@@ -236,38 +298,3 @@ def test_re_evaluating_after_a_retrain_reports_the_new_model_into_its_new_run(ev
     for key in ("ab_mse", "delta_e00", "colourfulness"):
         assert new_metrics[f"test_{key}"] == pytest.approx(after["gan"][key])
         assert old_metrics[f"test_{key}"] == pytest.approx(before["gan"][key])  # the old run keeps its own
-
-
-def test_failures_are_counted_per_photo_not_averaged_away(evaluated, split_arrays):
-    summary = strict_json(REPORTS / "metrics.json")
-    rows = read_rows()
-    delta_e = {name: np.array([float(r["delta_e00"]) for r in rows if r["model"] == name]) for name in PREDICTORS}
-    for name in PREDICTORS:
-        assert summary[name]["delta_e00_median"] == pytest.approx(np.median(delta_e[name]))
-        assert summary[name]["delta_e00_p90"] == pytest.approx(np.percentile(delta_e[name], 90))
-        wins = sum(float(m) < float(g) for m, g in zip(delta_e[name], delta_e[GRAY_FLOOR]))
-        assert summary[name]["beats_gray"] == pytest.approx(wins / N_TEST)
-        assert 0.0 <= summary[name]["out_of_gamut"] <= 1.0
-    assert summary[GRAY_FLOOR]["beats_gray"] == 0.0 and summary[GRAY_FLOOR]["out_of_gamut"] == 0.0
-    assert summary[GRAY_FLOOR]["edge_chroma_gap"] == 0.0
-    # The truth's own edge gap is the photos', the same whichever predictor it sits beside.
-    assert len({round(summary[name]["edge_chroma_gap_true"], 9) for name in PREDICTORS}) == 1
-
-
-def test_worst_sheet_shows_each_models_worst_photos_beside_gray_and_truth(evaluated):
-    with Image.open(REPORTS / "worst.png") as png:
-        sheet = np.asarray(png.convert("RGB")).astype(np.int16)
-    height, width = sheet.shape[:2]
-    n_rows = min(evaluated.params.evaluate.n_worst, N_TEST)
-    columns = 3 * len(MODEL_NAMES)  # gray | model | truth for each model
-    assert width / height == pytest.approx(columns * 2.0 / (n_rows * 2.2), rel=0.05)
-    chroma = sheet.max(axis=-1) - sheet.min(axis=-1)
-    block = width // len(MODEL_NAMES)
-    for b in range(len(MODEL_NAMES)):
-        third = block // 3  # the middle of each third, clear of the margins
-        gray_column = chroma[:, b * block + third // 4: b * block + 3 * third // 4]
-        truth_column = chroma[:, (b + 1) * block - 3 * third // 4: (b + 1) * block - third // 4]
-        assert gray_column.max() <= 2  # gray input, no colour
-        assert (truth_column > 20).mean() > 0.02  # the real photos, in colour
-    with Image.open(REPORTS / "delta_e00_hist.png") as png:
-        assert png.format == "PNG" and (np.asarray(png.convert("L")) < 128).any()

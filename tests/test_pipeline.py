@@ -1,16 +1,19 @@
 """End to end with real DVC: a temporary git repo, the project's dvc.yaml and stages, a fake Unsplash.
 
-One module-scoped pipeline (tiny: 32 px, 16 train / 4 test photos, width-0.125 models, 2 epochs) that
-the tests below inspect in order: data stages, the DAG, training + evaluation, then an experiment.
+One module-scoped pipeline (tiny: 32 px, 16 train / 4 test photos, width-0.125 models, a few epochs) that
+the tests below inspect in order: data stages, the DAG, training + evaluation (whose first `dvc repro` is
+killed mid-way through train@gan and resumed), then one experiment per model's params.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,8 @@ import yaml
 from PIL import Image
 
 from chromalab.color import lab_norm_to_rgb
+from conftest import stop_process_group
+from sheets import assert_charts_draw, assert_comparison_sheet, panels, read_rgb
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +35,10 @@ TINY_PARAMS = {
     "split": {"n_train": N_TRAIN, "n_test": N_TEST, "n_reserve": 8},
     "images": {"concurrency": 4, "timeout_s": 5.0, "retries": 2},
     "tfrecords": {"shard_size": 8},
-    "train": {"val_every": 1, "checkpoint_every": 1, "sample_every": 1, "n_samples": 2},
+    "train": {"val_every": 1, "checkpoint_every": 1, "sample_every": 3, "n_samples": 2},
     "baseline": {"epochs": 2, "batch_size": 4, "width": 0.125},
-    "gan": {"epochs": 2, "batch_size": 4, "width": 0.125},
+    # Enough epochs that a kill after the first checkpoint lands while epochs are left to train.
+    "gan": {"epochs": 6, "batch_size": 4, "width": 0.125},
     "evaluate": {"n_sheet": 2, "batch_size": 4},
 }
 
@@ -80,11 +86,13 @@ def repo(tmp_path_factory, server) -> Path:
         params[group].update(values)
     params["data"]["url"] = server.latest_url
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     run(repo, "git", "init", "-q")
+    # in the repo's own config: `dvc exp run` on a workspace an experiment has changed stashes it first
+    run(repo, "git", "config", "user.name", "test")
+    run(repo, "git", "config", "user.email", "test@example.com")
     run(repo, "dvc", "init", "-q")
-    run(repo, *git, "add", "-A")
-    run(repo, *git, "commit", "-qm", "tiny pipeline")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "tiny pipeline")
     return repo
 
 
@@ -119,12 +127,75 @@ def test_data_stages_end_with_records_that_decode_to_the_fetched_photos(repo, se
             assert np.abs(decoded - fetched).max() <= 2.0
 
 
+def stages_run(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+GAN_CHECKPOINT = Path("models/gan/checkpoint")  # dvc.yaml: persist: true
+
+
 @pytest.fixture(scope="module")
-def full_pipeline(repo, data_stages) -> str:
+def interrupted(repo, data_stages) -> dict:
+    """`dvc repro` killed (its whole process group) once train@gan has written its first checkpoint; what the
+    checkpoint held then, and the stages that had started."""
+    state_file = repo / GAN_CHECKPOINT / "state.json"
+    log_path = repo.parent / "interrupted.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env={**_env(repo), "PYTHONUNBUFFERED": "1"},
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline, state = time.monotonic() + 600, {}
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+            if state.get("status") == "running" and state.get("epoch", 0) >= 1:
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            stop_process_group(proc)  # SIGTERM, then SIGKILL
+    out = log_path.read_text()
+    assert state.get("epoch", 0) >= 1, f"no checkpoint before dvc repro ended ({proc.returncode}):\n{out[-3000:]}"
+    with (repo / GAN_CHECKPOINT / "history.csv").open(newline="") as f:
+        history = list(csv.DictReader(f))
+    return {"state": state, "history": history, "started": stages_run(out), "output": out}
+
+
+@pytest.fixture(scope="module")
+def full_pipeline(repo, interrupted) -> str:
     return run(repo, "dvc", "repro")
 
 
+def test_an_interrupted_repro_resumes_train_at_gan_from_its_persisted_checkpoint(repo, interrupted, full_pipeline):
+    import mlflow
+
+    epochs, done = TINY_PARAMS["gan"]["epochs"], interrupted["state"]["epoch"]
+    assert "train@gan" in interrupted["started"] and "evaluate" not in interrupted["started"], interrupted["output"]
+    assert 1 <= done < epochs, f"the kill landed after the last epoch: nothing left to resume ({done}/{epochs})"
+    # What had finished before the kill is not run again; the killed stage is, and what follows it.
+    assert stages_run(full_pipeline) == {"train@gan", "evaluate"} | ({"train@baseline"} - interrupted["started"])
+    assert f"resuming gan from its checkpoint at epoch {done}/{epochs}" in full_pipeline
+
+    # The epochs before the kill were not trained again: their rows (and timings) are the killed run's.
+    with (repo / "reports/gan/history.csv").open(newline="") as f:
+        history = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in history] == list(range(1, epochs + 1))
+    assert history[:done] == interrupted["history"][:done]
+    # ...and they went on in the same MLflow run, each epoch logged once.
+    run_id = interrupted["state"]["mlflow_run_id"]
+    assert json.loads((repo / "reports/gan/train_metrics.json").read_text())["mlflow_run_id"] == run_id
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    gan_runs = client.search_runs([client.get_experiment_by_name("chromalab").experiment_id], "tags.model = 'gan'")
+    assert [r.info.run_id for r in gan_runs] == [run_id]
+    assert [m.step for m in client.get_metric_history(run_id, "g_loss")] == list(range(1, epochs + 1))
+    # Complete: the model, and a checkpoint folder that says so (the next forced run starts afresh).
+    assert (repo / "models/gan/model.keras").is_file()
+    assert json.loads((repo / GAN_CHECKPOINT / "state.json").read_text())["status"] == "complete"
+
+
 def test_training_and_evaluation_outputs(repo, full_pipeline):
+    import keras
+    from chromalab.tfrecords import load_split_arrays
+
     for model in ("baseline", "gan"):
         assert (repo / f"models/{model}/model.keras").is_file()
         history = (repo / f"reports/{model}/history.csv").read_text().splitlines()
@@ -132,10 +203,22 @@ def test_training_and_evaluation_outputs(repo, full_pipeline):
     metrics = json.loads((repo / "reports/evaluate/metrics.json").read_text())
     assert set(metrics) == {"gray_floor", "baseline", "gan"}
     assert metrics["gray_floor"]["colourfulness"] == 0.0
-    for png in ("comparison.png", "metrics_chart.png"):
-        assert Image.open(repo / "reports/evaluate" / png).size[0] > 100
     shown = json.loads(run(repo, "dvc", "metrics", "show", "--json"))
     assert "reports/evaluate/metrics.json" in json.dumps(shown)
+
+    # The pictures show the trained models' colours: every panel is the picture it must be.
+    n_sheet = TINY_PARAMS["evaluate"]["n_sheet"]
+    _, L, ab = load_split_arrays(repo / "data/tfrecords", "test")
+    L, ab = L[:n_sheet].astype(np.float64), ab[:n_sheet].astype(np.float64)
+    predicted = {}
+    for model in ("baseline", "gan"):
+        saved = keras.saving.load_model(repo / f"models/{model}/model.keras", compile=False)
+        predicted[model] = np.asarray(saved.predict(L.astype(np.float32), verbose=0), dtype=np.float64)
+    reports = repo / "reports/evaluate"
+    assert_comparison_sheet(reports / "comparison.png", L, ab, predicted, ("gray input", "baseline", "gan", "truth"))
+    assert_charts_draw(reports, {"gray_floor": "#999999", "baseline": "#4c72b0", "gan": "#dd8452"})
+    worst = panels(read_rgb(reports / "worst.png"))  # test_evaluate.py checks what each panel shows
+    assert [len(row) for row in worst] == [6] * min(N_TEST, 6)
 
 
 def test_mlflow_holds_one_run_per_model_in_the_repo_store(repo, full_pipeline):
@@ -144,21 +227,22 @@ def test_mlflow_holds_one_run_per_model_in_the_repo_store(repo, full_pipeline):
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("chromalab").experiment_id])
     by_model = {r.data.tags["model"]: r for r in runs}
-    assert set(by_model) == {"baseline", "gan"}
+    assert set(by_model) == {"baseline", "gan"} and len(runs) == 2
     gan = by_model["gan"]
-    assert gan.data.params["gan.epochs"] == "2" and gan.data.params["base.image_size"] == "32"
+    assert gan.data.params["gan.epochs"] == str(TINY_PARAMS["gan"]["epochs"])
+    assert gan.data.params["base.image_size"] == "32"
     assert "test_delta_e00" in gan.data.metrics  # evaluate logged into the model's own run
-    assert [m.step for m in client.get_metric_history(gan.info.run_id, "g_loss")] == [1, 2]
 
 
-def test_exp_run_reruns_only_what_the_param_touches(repo, full_pipeline):
-    out = run(repo, "dvc", "exp", "run", "-S", "gan.epochs=3", "-n", "gan3")
-    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train@gan", "evaluate"}, out
-    experiment = _find_experiment(json.loads(run(repo, "dvc", "exp", "show", "--json")), "gan3")
-    assert experiment["params"]["params.yaml"]["data"]["gan"]["epochs"] == 3
+@pytest.mark.parametrize(("model", "param", "value"), [("gan", "epochs", 3), ("baseline", "learning_rate", 0.002)])
+def test_exp_run_reruns_only_what_the_param_touches(repo, full_pipeline, model, param, value):
+    name = f"{model}-{param}"
+    out = run(repo, "dvc", "exp", "run", "-S", f"{model}.{param}={value}", "-n", name)
+    assert stages_run(out) == {f"train@{model}", "evaluate"}, out
+    experiment = _find_experiment(json.loads(run(repo, "dvc", "exp", "show", "--json")), name)
+    assert experiment["params"]["params.yaml"]["data"][model][param] == value
     scores = experiment["metrics"]["reports/evaluate/metrics.json"]["data"]
-    assert {"gray_floor", "baseline", "gan"} <= set(scores) and "delta_e00" in scores["gan"]
+    assert {"gray_floor", "baseline", "gan"} <= set(scores) and "delta_e00" in scores[model]
 
 
 def _find_experiment(node, name: str) -> dict:
