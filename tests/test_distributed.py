@@ -3,6 +3,7 @@ processes on 127.0.0.1 end in step; under TensorFlow, TF_CONFIG is refused in on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -13,18 +14,35 @@ import numpy as np
 import pytest
 import yaml
 
+from chromalab.epochs import epoch_order
 from chromalab.errors import ChromalabError
+from chromalab.tfrecords import load_split_arrays
 from chromalab.training import read_history, run_train
 from conftest import _free_port, jax_env
-from test_training import TINY, dataset, tiny_params, workdir  # noqa: F401  (fixtures)
+from test_training import TINY, dataset, mlflow_db_template, tiny_params, workdir  # noqa: F401  (fixtures)
 
 WORKER = textwrap.dedent("""
-    import sys
+    import hashlib, json, sys
     from pathlib import Path
     import numpy as np, keras
+    from chromalab import device_data
     from chromalab.config import load_params
     from chromalab.training import read_history, run_train
     me = Path(f"worker{sys.argv[1]}")
+    me.mkdir()
+
+    # What this process feeds fit, batch by batch: per row its (epoch, step, row of the global batch) and a
+    # fingerprint of the photo's ab (before the compiled augmentation).
+    own_batches = device_data.JaxTrainingFeed._streamed_batches
+    def recording(self, initial_epoch):
+        for lum, ab, rows in own_batches(self, initial_epoch):
+            with open(me / "fed.jsonl", "a") as f:
+                for (_, epoch, step, row), photo_ab in zip(rows.tolist(), ab):
+                    digest = hashlib.sha256(np.asarray(photo_ab, np.float32).tobytes()).hexdigest()[:12]
+                    f.write(json.dumps([epoch, step, row, digest]) + "\\n")
+            yield lum, ab, rows
+    device_data.JaxTrainingFeed._streamed_batches = recording
+
     run_train(load_params(), "gan", models_root=me / "models", reports_root=me / "reports")
     model = keras.saving.load_model(me / "models/gan/model.keras")
     np.save(me / "weights.npy", np.concatenate([np.ravel(w) for w in model.get_weights()]))
@@ -35,12 +53,13 @@ def _tf_config(addresses: list[str], index: int) -> str:
     return json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
 
 
-def test_two_jax_processes_on_localhost_train_one_model_in_step(workdir):
+def test_two_jax_processes_on_localhost_train_one_model_in_step(workdir, dataset):
     """Each process reads its half of every global batch; both end with identical weights, and only
     process 0 logs to the repository's MLflow store."""
+    epochs, global_batch = 2, 4
     (workdir / "params.yaml").write_text(yaml.safe_dump(
         {**TINY, "train": {**TINY["train"], "val_every": 100, "sample_every": 100},
-         "gan": {**TINY["gan"], "epochs": 2, "batch_size": 2}}))
+         "gan": {**TINY["gan"], "epochs": epochs, "batch_size": global_batch // 2}}))
     addresses = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
     workers = [
         subprocess.Popen([sys.executable, "-c", WORKER, str(i)], cwd=workdir, stdout=subprocess.PIPE,
@@ -49,11 +68,25 @@ def test_two_jax_processes_on_localhost_train_one_model_in_step(workdir):
         for i in range(2)
     ]
     try:
-        outputs = [w.communicate(timeout=240)[0] for w in workers]
+        outputs = [w.communicate(timeout=600)[0] for w in workers]  # a loaded 2-core machine: two JAX compiles
     finally:
         for w in workers:
             w.kill()
     assert [w.returncode for w in workers] == [0, 0], "\n\n".join(o[-2500:] for o in outputs)
+    # Identical weights alone would also come from two unsynchronised runs with the same seed: each process
+    # must have been fed its own half of each global batch that one process would have taken.
+    _, _, train_ab = load_split_arrays(dataset, "train")
+    photo = [hashlib.sha256(ab.tobytes()).hexdigest()[:12] for ab in train_ab]
+    seed, n_photos = tiny_params().base.seed, len(photo)
+    steps = n_photos // global_batch
+    fed = [[json.loads(line) for line in (workdir / f"worker{i}/fed.jsonl").read_text().splitlines()] for i in range(2)]
+    for epoch in range(epochs):
+        order = epoch_order(seed, epoch, n_photos)
+        for step in range(steps):
+            whole = [photo[i] for i in order[step * global_batch:(step + 1) * global_batch]]
+            halves = [[(row, digest) for e, s, row, digest in rows if (e, s) == (epoch, step)] for rows in fed]
+            assert halves == [list(enumerate(whole))[:2], list(enumerate(whole))[2:]], (epoch, step, whole, halves)
+    assert len(set(photo)) == n_photos  # the fingerprints tell every photo apart, so the check above can fail
     process0, process1 = (np.load(workdir / f"worker{i}/weights.npy") for i in range(2))
     np.testing.assert_array_equal(process0, process1)
     metrics = [json.loads((workdir / f"worker{i}/reports/gan/train_metrics.json").read_text()) for i in range(2)]

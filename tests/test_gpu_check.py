@@ -29,6 +29,8 @@ def test_reduced_gpu_check_runs_end_to_end_without_tensorflow(tmp_path):
     summary = json.loads((reports / "gpu_check.json").read_text())
     assert summary["failed"] is None and summary["backend"] == "jax"
     assert summary["tensorflow_blocked"] and summary["tensorflow_imported_by"] == []
+    # The steps share JAX's persistent compilation cache: training reuses what the bench compiled.
+    assert summary["jax_cache_hits"].get("train gan", 0) > 0, summary["jax_cache_hits"]
     steps = [s["step"] for s in summary["steps"]]
     assert steps == ["photos", "tfrecords", "bench: best batch, step and loop",  # one batch size: no grid
                      "train gan", "train baseline", "evaluate", "colorize"]
@@ -40,6 +42,7 @@ def test_reduced_gpu_check_runs_end_to_end_without_tensorflow(tmp_path):
     assert len(list((tmp_path / "work/coloured").glob("*_color.jpg"))) == 4  # the 4 test photos
     table = (reports / "gpu_check.md").read_text()
     assert "| loop / step |" in table and "projected 1500 epochs" in table and "FAILED" not in table
+    assert "| JAX compile cache hits / misses |" in table
 
 
 def test_a_failing_step_is_named_and_fails_the_check(tmp_path, monkeypatch):

@@ -215,15 +215,26 @@ JAX_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_losses_agree_under_jax(tmp_path):
+@pytest.fixture(scope="module", autouse=True)
+def jax_run(tmp_path_factory):
+    """JAX_SCRIPT on fixed data, started with the module: its imports and compiles overlap the other tests."""
     true = real_ab(2, 32, seed=8)
     pred = degraded(true, 1.0, 0.05)
-    np.savez(tmp_path / "data.npz", true=true, pred=pred, real_logits=REAL_LOGITS, fake_logits=FAKE_LOGITS)
-    env = jax_env()
-    proc = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(tmp_path / "data.npz")], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    data = tmp_path_factory.mktemp("jax-losses") / "data.npz"
+    np.savez(data, true=true, pred=pred, real_logits=REAL_LOGITS, fake_logits=FAKE_LOGITS)
+    proc = subprocess.Popen([sys.executable, "-c", JAX_SCRIPT, str(data)], env=jax_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield proc, true, pred
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_losses_agree_under_jax(jax_run):
+    proc, true, pred = jax_run
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(result["ssim"], np.asarray(losses.ssim(true, pred)), atol=1e-5)
     np.testing.assert_allclose(result["ms_ssim"], np.asarray(losses.ms_ssim(true, pred)), atol=1e-5)
     np.testing.assert_allclose(result["generator"], [float(v) for v in losses.generator_loss(FAKE_LOGITS, true, pred)],

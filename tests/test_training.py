@@ -3,8 +3,10 @@ falling losses, what MLflow holds, a killed run that resumes, other backends and
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,16 +48,38 @@ def dataset(tmp_path_factory) -> Path:
     return root / "tfrecords"
 
 
+@pytest.fixture(scope="module")
+def mlflow_db_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, its tables made once: creating them (MLflow's migrations) costs seconds
+    that each fresh repo's first run would pay again. Repos get a copy; runs still land in their own."""
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tracking_server_boots_early(mlflow_server_process):
+    """`mlflow server` takes 12-17 s to start: let it start while the first tests train."""
+
+
 @pytest.fixture
-def workdir(tmp_path, monkeypatch, dataset) -> Path:
+def workdir(tmp_path, monkeypatch, dataset, mlflow_db_template) -> Path:
     """A git repo with data/tfrecords in place: the MLflow store lands here (its real root)."""
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], cwd=tmp_path, check=True)
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data/tfrecords").symlink_to(dataset)
+    _git_repo(tmp_path, dataset, mlflow_db_template)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def _git_repo(path: Path, dataset: Path, mlflow_db: Path | None) -> Path:
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], cwd=path, check=True)
+    (path / "data").mkdir()
+    (path / "data/tfrecords").symlink_to(dataset)
+    if mlflow_db is not None:
+        shutil.copy(mlflow_db, path / "mlflow.db")
+    return path
 
 
 def _client(workdir: Path) -> mlflow.MlflowClient:
@@ -128,13 +152,8 @@ RECORDING_TRAIN = textwrap.dedent("""
 """)
 
 
-def _repo(path: Path, dataset: Path, params: dict) -> Path:
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
-    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "start"], cwd=path, check=True)
-    (path / "data").mkdir()
-    (path / "data/tfrecords").symlink_to(dataset)
+def _repo(path: Path, dataset: Path, params: dict, mlflow_db: Path) -> Path:
+    _git_repo(path, dataset, mlflow_db)
     (path / "params.yaml").write_text(yaml.safe_dump(params))
     return path
 
@@ -160,15 +179,15 @@ def _final_weights(repo: Path) -> list[np.ndarray]:
     return [np.asarray(w) for w in keras.saving.load_model(repo / "models/gan/model.keras", compile=False).weights]
 
 
-def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, dataset):
+def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, dataset, mlflow_db_template):
     """20 epochs straight against the same run SIGKILLed after a checkpoint and started again: the same
     photos in the same order each epoch, the same MLflow steps (each once), the same final weights."""
     epochs = 20
     params = {**TINY, "train": {**TINY["train"], "checkpoint_every": 2, "val_every": 3, "sample_every": 4},
               "gan": {**TINY["gan"], "epochs": epochs}}  # decay_epochs: half, so the schedule resumes too
     cmd = [sys.executable, "-c", RECORDING_TRAIN]
-    straight = _repo(tmp_path / "straight", dataset, params)
-    killed = _repo(tmp_path / "killed", dataset, params)
+    straight = _repo(tmp_path / "straight", dataset, params, mlflow_db_template)
+    killed = _repo(tmp_path / "killed", dataset, params, mlflow_db_template)
     # Side by side: the straight run in the background while the other is started, killed and resumed.
     # (stderr to files: a full pipe nobody reads would stall a run)
     done = subprocess.Popen(cmd, cwd=straight, stdout=subprocess.DEVNULL, stderr=(tmp_path / "straight.err").open("w"))
@@ -219,104 +238,40 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, dataset):
         np.testing.assert_array_equal(a, b)
 
 
-def test_changed_params_start_afresh_instead_of_resuming(workdir, dataset, capsys):
+@pytest.fixture(scope="module")
+def afresh_run_on_server(tmp_path_factory, dataset, mlflow_server) -> tuple[Path, dict, str]:
+    """One 2-epoch GAN run serves two tests: it logs to the tracking server (MLFLOW_TRACKING_URI), and it finds
+    the checkpoint of a run whose GAN params differ. Returns its repo, metrics and stderr."""
+    repo = _git_repo(tmp_path_factory.mktemp("afresh"), dataset, None)
     # The checkpoint of a run with one GAN param different, fingerprinted as run_train does it: if the
     # fingerprint ignored params, this run would try to resume from it (and fail on the weights).
     dataset_hash = str(read_dataset_info(dataset).get("content_hash", ""))
     other = params_fingerprint(tiny_params(gan={"epochs": 2, "l1_lambda": 50.0}), "gan", dataset_hash)
     assert other != params_fingerprint(tiny_params(gan={"epochs": 2}), "gan", dataset_hash)
-    checkpoint = workdir / "models/gan/checkpoint"
+    checkpoint = repo / "models/gan/checkpoint"
     checkpoint.mkdir(parents=True)
     (checkpoint / "state.weights.h5").write_bytes(b"not weights from these params")
     (checkpoint / "state.json").write_text(json.dumps(
         {"status": "running", "epoch": 1, "fingerprint": other, "mlflow_run_id": "gone"}))
-    metrics = run_train(tiny_params(gan={"epochs": 2}), "gan")
-    assert "starting afresh" in capsys.readouterr().err
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
+        patch.chdir(repo)
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        metrics = run_train(tiny_params(gan={"epochs": 2}), "gan")
+    return repo, metrics, stderr.getvalue()
+
+
+def test_changed_params_start_afresh_instead_of_resuming(afresh_run_on_server):
+    repo, metrics, stderr = afresh_run_on_server
+    assert "starting afresh" in stderr
     assert metrics["epochs"] == 2
-    assert len(read_history(workdir / "reports/gan/history.csv")) == 2
+    assert len(read_history(repo / "reports/gan/history.csv")) == 2
 
 
-def test_training_logs_to_a_real_tracking_server(workdir, mlflow_server, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    metrics = run_train(tiny_params(gan={"epochs": 2}), "gan")
+def test_training_logs_to_a_real_tracking_server(afresh_run_on_server, mlflow_server):
+    repo, metrics, _ = afresh_run_on_server
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.data.params["gan.epochs"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "g_loss")] == [1, 2]
-    assert not (workdir / "mlflow.db").exists()  # the env var overrides the default store
-
-
-def _run_python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **env})
-
-
-def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
-    # Global batch 2 x 2 replicas = 4 divides both splits (8 train / 4 test).
-    (workdir / "params.yaml").write_text(yaml.safe_dump({**TINY, "gan": {**TINY["gan"], "epochs": 3,
-                                                                          "batch_size": 2}}))
-    done = _run_python("""
-        import tensorflow as tf
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        from chromalab import gan
-        from chromalab.config import load_params
-        from chromalab.training import run_train
-
-        # What the train step itself sees, as it is traced on each replica: how many replicas share the
-        # step, and its own share of the global batch of 4.
-        seen = []
-        own_step = gan.Pix2Pix._tf_train_step
-        def spy(self, data):
-            seen.append((tf.distribute.get_replica_context().num_replicas_in_sync, data[0].shape[0]))
-            return own_step(self, data)
-        gan.Pix2Pix._tf_train_step = spy
-        run_train(load_params(), "gan", strategy=strategy)
-        print("steps saw", sorted(set(seen)))
-    """, workdir)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "steps saw [(2, 2)]" in done.stdout, done.stdout[-2000:]
-    losses = [row["g_l1"] for row in read_history(workdir / "reports/gan/history.csv")]
-    assert len(losses) == 3 and np.isfinite(losses).all()
-
-
-def test_jax_backend_trains_both_models_the_gan_with_falling_losses(workdir):
-    (workdir / "params.yaml").write_text(yaml.safe_dump(
-        {**TINY, "train": {**TINY["train"], "val_every": 100, "sample_every": 100},
-         "gan": {**TINY["gan"], "epochs": 6}, "baseline": {**TINY["baseline"], "epochs": 3}}))
-    done = _run_python("""
-        import keras
-        from chromalab.config import load_params
-        from chromalab.training import run_train
-        print("backend", keras.backend.backend(), run_train(load_params(), "gan"), run_train(load_params(), "baseline"))
-    """, workdir, KERAS_BACKEND="jax", XLA_FLAGS="--xla_backend_optimization_level=0")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "backend jax" in done.stdout
-    losses = np.array([row["g_l1"] for row in read_history(workdir / "reports/gan/history.csv")])
-    assert np.isfinite(losses).all() and losses[-2:].mean() < losses[:2].mean(), losses
-    baseline = np.array([row["loss"] for row in read_history(workdir / "reports/baseline/history.csv")])
-    assert len(baseline) == 3 and np.isfinite(baseline).all()
-    assert (workdir / "models/baseline/model.keras").is_file()
-
-
-def test_float16_with_loss_scaling_and_xla_train_through_run_train(workdir, monkeypatch):
-    # `mixed_precision: on` means float16 with loss scaling on GPUs without bfloat16; a CPU would get
-    # bfloat16, so that choice is made for it here. `xla: on` compiles the step on the CPU too.
-    from chromalab import training
-
-    monkeypatch.setattr(training, "precision_policy", lambda switch, gpus: "mixed_float16")
-    built = []
-    build = training.build_for_training
-    monkeypatch.setattr(training, "build_for_training", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
-    try:
-        run_train(tiny_params(train={"mixed_precision": "on", "xla": "on"}, gan={"epochs": 2}), "gan")
-    finally:
-        import keras
-
-        keras.mixed_precision.set_global_policy("float32")
-    (model,) = built
-    assert type(model.optimizer).__name__ == "LossScaleOptimizer" and model.jit_compile is True
-    assert model.generator.dtype_policy.name == "mixed_float16"
-    rows = read_history(workdir / "reports/gan/history.csv")
-    assert len(rows) == 2 and all(np.isfinite(row["g_l1"]) and np.isfinite(row["d_loss"]) for row in rows)
+    assert not (repo / "mlflow.db").exists()  # the env var overrides the default store

@@ -1,0 +1,94 @@
+"""Training on other backends and devices, through run_train as a user would: JAX, a MirroredStrategy over two
+logical CPUs, float16 with loss scaling and XLA. (A module of its own so pytest-xdist can run it beside
+tests/test_training.py, whose tiny dataset and repos it shares.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from chromalab.training import read_history, run_train
+from conftest import jax_env
+from test_training import TINY, dataset, mlflow_db_template, tiny_params, workdir  # noqa: F401  (fixtures)
+
+
+def _run_python(code: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env=env or dict(os.environ))
+
+
+def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
+    # Global batch 2 x 2 replicas = 4 divides both splits (8 train / 4 test).
+    (workdir / "params.yaml").write_text(yaml.safe_dump({**TINY, "gan": {**TINY["gan"], "epochs": 3,
+                                                                          "batch_size": 2}}))
+    done = _run_python("""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        from chromalab import gan
+        from chromalab.config import load_params
+        from chromalab.training import run_train
+
+        # What the train step itself sees, as it is traced on each replica: how many replicas share the
+        # step, and its own share of the global batch of 4.
+        seen = []
+        own_step = gan.Pix2Pix._tf_train_step
+        def spy(self, data):
+            seen.append((tf.distribute.get_replica_context().num_replicas_in_sync, data[0].shape[0]))
+            return own_step(self, data)
+        gan.Pix2Pix._tf_train_step = spy
+        run_train(load_params(), "gan", strategy=strategy)
+        print("steps saw", sorted(set(seen)))
+    """, workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "steps saw [(2, 2)]" in done.stdout, done.stdout[-2000:]
+    losses = [row["g_l1"] for row in read_history(workdir / "reports/gan/history.csv")]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+
+
+def test_jax_backend_trains_both_models_the_gan_with_falling_losses(workdir):
+    (workdir / "params.yaml").write_text(yaml.safe_dump(
+        {**TINY, "train": {**TINY["train"], "val_every": 100, "sample_every": 100},
+         "gan": {**TINY["gan"], "epochs": 6}, "baseline": {**TINY["baseline"], "epochs": 3}}))
+    done = _run_python("""
+        import keras
+        from chromalab.config import load_params
+        from chromalab.training import run_train
+        print("backend", keras.backend.backend(), run_train(load_params(), "gan"), run_train(load_params(), "baseline"))
+    """, workdir, jax_env())  # JAX on the CPU, XLA's slow optimisation passes off
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "backend jax" in done.stdout
+    losses = np.array([row["g_l1"] for row in read_history(workdir / "reports/gan/history.csv")])
+    assert np.isfinite(losses).all() and losses[-2:].mean() < losses[:2].mean(), losses
+    baseline = np.array([row["loss"] for row in read_history(workdir / "reports/baseline/history.csv")])
+    assert len(baseline) == 3 and np.isfinite(baseline).all()
+    assert (workdir / "models/baseline/model.keras").is_file()
+
+
+def test_float16_with_loss_scaling_and_xla_train_through_run_train(workdir, monkeypatch):
+    # `mixed_precision: on` means float16 with loss scaling on GPUs without bfloat16; a CPU would get
+    # bfloat16, so that choice is made for it here. `xla: on` compiles the step on the CPU too.
+    from chromalab import training
+
+    monkeypatch.setattr(training, "precision_policy", lambda switch, gpus: "mixed_float16")
+    built = []
+    build = training.build_for_training
+    monkeypatch.setattr(training, "build_for_training", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    try:
+        run_train(tiny_params(train={"mixed_precision": "on", "xla": "on"}, gan={"epochs": 2}), "gan")
+    finally:
+        import keras
+
+        keras.mixed_precision.set_global_policy("float32")
+    (model,) = built
+    assert type(model.optimizer).__name__ == "LossScaleOptimizer" and model.jit_compile is True
+    assert model.generator.dtype_policy.name == "mixed_float16"
+    rows = read_history(workdir / "reports/gan/history.csv")
+    assert len(rows) == 2 and all(np.isfinite(row["g_l1"]) and np.isfinite(row["d_loss"]) for row in rows)
