@@ -102,3 +102,16 @@ def jax_env() -> dict[str, str]:
     run for these tiny models (one compilation per op and weight shape) and buy nothing here."""
     xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
     return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}
+
+
+# --- xdist: the longest modules start first, so that the two workers finish together -----------------------
+LONGEST_FIRST = ("test_pipeline.py", "test_gpu_check.py", "test_bench.py", "test_training.py",
+                 "test_training_backends.py", "test_distributed.py")  # ~100-400 s each on 2 cores
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module is kept

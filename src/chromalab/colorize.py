@@ -170,24 +170,31 @@ def plan_jobs(paths: Sequence[Path], out_dir: Path | None, compare: bool, report
 # --- the model --------------------------------------------------------------------------------------------
 
 
-def load_colorizer(model: str, models_root: Path = Path("models")):
-    """A Keras model L [B, S, S, 1] → ab [B, S, S, 2], from a model name, a .keras file or an MLflow URI."""
-    import keras
-
+def model_file(model: str, models_root: Path = Path("models")) -> Path | None:
+    """The .keras file `model` names (checked to exist), or None for an MLflow URI; bad names are one-line
+    errors. Cheap: colorize checks it before any photo is read."""
+    if URI_PATTERN.match(model) and model not in MODEL_NAMES:
+        return None
     if model in MODEL_NAMES:
         path = models_root / model / "model.keras"
         if not path.is_file():
             raise ChromalabError(f"{path} does not exist: train the {model} model first "
                                  f"(`dvc repro train@{model}` or `chromalab train {model}`)")
-    elif URI_PATTERN.match(model):
+        return path
+    path = Path(model)
+    if path.suffix != ".keras":
+        raise ChromalabError(f"--model {model!r}: expected {', '.join(MODEL_NAMES)}, a .keras file, "
+                             "or an MLflow model URI (runs:/<run id>/model, models:/chromalab-gan@champion)")
+    if not path.is_file():
+        raise ChromalabError(f"model file {path} does not exist: check the path")
+    return path
+
+
+def load_colorizer(model: str, models_root: Path = Path("models")):
+    """A Keras model L [B, S, S, 1] → ab [B, S, S, 2], from a model name, a .keras file or an MLflow URI."""
+    path = model_file(model, models_root)
+    if path is None:
         return _load_mlflow(model)
-    else:
-        path = Path(model)
-        if path.suffix != ".keras":
-            raise ChromalabError(f"--model {model!r}: expected {', '.join(MODEL_NAMES)}, a .keras file, "
-                                 "or an MLflow model URI (runs:/<run id>/model, models:/chromalab-gan@champion)")
-        if not path.is_file():
-            raise ChromalabError(f"model file {path} does not exist: check the path")
     try:
         return _checked(_load_keras_file(path), str(path))
     except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
@@ -488,6 +495,7 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
                 report.done.append(job.output)
             bar.update()
 
+    model_file(model, models_root)  # a wrong model name fails here, before any progress bar or decoding
     with tqdm(total=len(jobs), desc="colorize", unit="photo") as bar, ThreadPoolExecutor(workers) as pool:
         read_ahead(None)
         try:
