@@ -1,6 +1,6 @@
 """DVC stage `download`: reads params.yaml, calls the library (same code as `chromalab download`)."""
 
-from chromalab.cli import main
+from chromalab.cli import run
 
 if __name__ == "__main__":
-    main(["download"])
+    run(["download"])

@@ -1,6 +1,6 @@
 """DVC stage `evaluate`: reads params.yaml, calls the library (same code as `chromalab evaluate`)."""
 
-from chromalab.cli import main
+from chromalab.cli import run
 
 if __name__ == "__main__":
-    main(["evaluate"])
+    run(["evaluate"])

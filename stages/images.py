@@ -1,6 +1,6 @@
 """DVC stage `images`: reads params.yaml, calls the library (same code as `chromalab images`)."""
 
-from chromalab.cli import main
+from chromalab.cli import run
 
 if __name__ == "__main__":
-    main(["images"])
+    run(["images"])

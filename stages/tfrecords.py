@@ -1,6 +1,6 @@
 """DVC stage `tfrecords`: reads params.yaml, calls the library (same code as `chromalab tfrecords`)."""
 
-from chromalab.cli import main
+from chromalab.cli import run
 
 if __name__ == "__main__":
-    main(["tfrecords"])
+    run(["tfrecords"])

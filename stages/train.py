@@ -2,7 +2,7 @@
 
 import sys
 
-from chromalab.cli import main
+from chromalab.cli import run
 
 if __name__ == "__main__":
-    main(["train", *sys.argv[1:]])
+    run(["train", *sys.argv[1:]])

@@ -45,7 +45,7 @@ def _colorize(folder: Path, *options: str) -> subprocess.Popen:
     brings up TensorFlow."""
     Image.fromarray(np.full((40, 48), 120, np.uint8)).save(folder / "gray.png")
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's shell has it
-    return subprocess.Popen([sys.executable, "-c", "from chromalab.cli import main; main()", *options, "colorize",
+    return subprocess.Popen([sys.executable, "-c", "from chromalab.cli import run; run()", *options, "colorize",
                              "gray.png", "--model", "missing.keras"],
                             cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -76,3 +76,45 @@ def test_a_users_own_tensorflow_log_level_is_kept(monkeypatch):
     assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ
     cli.quiet_tensorflow()
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"
+
+
+# A program that prints without flushing, leaves a worker-pool task and an exit handler pending, and holds an
+# object that Python's teardown would finalise; then hands over to `chromalab` (the console script, `run`).
+EXITING = """
+import atexit, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+out = Path(sys.argv[1])
+
+class FinalisedAtTeardown:
+    def __del__(self):
+        out.joinpath("teardown").write_text("ran")
+
+kept = FinalisedAtTeardown()
+print("printed before, unflushed", end="")
+atexit.register(lambda: out.joinpath("atexit").write_text("ran"))
+pool = ThreadPoolExecutor(1)
+pool.submit(lambda: (time.sleep(0.5), out.joinpath("pool").write_text("ran")))
+from chromalab.cli import run
+run(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize(("args", "status", "stderr_says"), [
+    (["--help"], 0, ""),
+    (["no-such-command"], 2, "error: No such command 'no-such-command' (see `chromalab --help`)\n"),
+    (["train", "--bogus"], 2, "error: No such option: --bogus (see `chromalab train --help`)\n"),
+    (["split", "--params", "missing.yaml"], 1, "error: missing.yaml: "),
+])
+def test_the_program_exits_with_its_status_after_the_exit_handlers_but_skips_the_teardown(tmp_path, args, status,
+                                                                                           stderr_says):
+    done = subprocess.run([sys.executable, "-c", EXITING, str(tmp_path), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == status, done.stderr
+    assert done.stderr.startswith(stderr_says) and done.stderr.count("\n") == (1 if status else 0), done.stderr
+    assert done.stdout.startswith("printed before, unflushed")
+    # What a normal exit does still happens: pending pool work, then the exit handlers...
+    assert (tmp_path / "pool").is_file() and (tmp_path / "atexit").is_file()
+    # ...but not the seconds of finalising every module (and TensorFlow) after the work is saved.
+    assert not (tmp_path / "teardown").exists()
