@@ -242,7 +242,7 @@ def test_dvc_plans_to_rerun_only_what_a_model_param_touches(repo, full_pipeline,
     path = repo / "params.yaml"
     before = path.read_text()
     params = yaml.safe_load(before)
-    assert params[model][param] != value, "the change must be a change"
+    assert params[model][param] != value, f"params.yaml already holds {model}.{param}={value}: nothing to plan"
     params[model][param] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
