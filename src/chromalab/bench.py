@@ -32,6 +32,7 @@ Needs TensorFlow only for `input` (tf.data): under KERAS_BACKEND=jax it never im
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -229,6 +230,13 @@ def _fed(data: tuple[np.ndarray, np.ndarray], n_steps: int):
     return (data for _ in range(n_steps))
 
 
+@functools.cache
+def step_flops(part: str, image_size: int, width: float) -> int:
+    """FLOPs per image of a `part` training step, counted once per size: counting builds the nets (their
+    weights too), which the step row and the loop row would otherwise each pay at every batch size."""
+    return (gan_train_step_flops if part == "gan" else baseline_train_step_flops)(image_size, width)
+
+
 def _timed_fit(model: keras.Model, data: tuple[np.ndarray, np.ndarray], steps: int) -> tuple[float, float]:
     """(wall, CPU) seconds of `steps` fit steps after WARMUP_STEPS untimed ones: how `chromalab train` steps."""
     n_steps = WARMUP_STEPS + steps
@@ -299,7 +307,7 @@ def time_training_step(part: str, *, image_size: int, batch: int, width: float, 
                       xla=jit_compile)
     keras.backend.clear_session()  # frees the previous model; it also resets the dtype policy
     keras.mixed_precision.set_global_policy(precision)
-    flops = (gan_train_step_flops if part == "gan" else baseline_train_step_flops)(image_size, width)
+    flops = step_flops(part, image_size, width)
     params = Params(gan=GanParams(width=width), baseline=BaselineParams(width=width))
     model = build_for_training(part, params, image_size, jit_compile)  # what `chromalab train` runs
     data = synthetic_batch(batch, image_size)
@@ -360,7 +368,7 @@ def time_training_loop(part: str, records: Path, *, image_size: int, batch: int,
         return row
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy(precision)
-    flops = (gan_train_step_flops if part == "gan" else baseline_train_step_flops)(image_size, width)
+    flops = step_flops(part, image_size, width)
     params = Params(gan=GanParams(width=width), baseline=BaselineParams(width=width))
     model = build_for_training(part, params, image_size, jit_compile)
     n_steps = WARMUP_STEPS + steps
