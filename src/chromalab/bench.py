@@ -7,10 +7,11 @@ Measured, each on its own (a JSON report plus a table):
   losses have been computed (on JAX, work is asynchronous: the logs are read back, which waits for them).
   Model FLOPs utilisation = FLOPs per image (from the layer shapes: chromalab.models) × images/s ÷ the
   device's peak, taken from PEAK_TFLOPS for known GPUs or given with `peak_tflops`; none on a CPU.
-- `loop`: beside each `gan` / `baseline` step row, real training at the same settings: `fit` on TFRecords
-  with training's own input (JAX: the split on the device; TensorFlow: tf.data), augmentation and epoch
-  boundaries included, timed the same way over the same number of steps. Its note gives loop/step: what
-  the input costs. The records are the bench's own photos, or `records` (e.g. the pipeline's data/tfrecords).
+- `loop`: beside each `gan` / `baseline` step row, real training at the same settings, on the step row's
+  model (built once for both): `fit` on TFRecords with training's own input (JAX: the split on the device;
+  TensorFlow: tf.data), augmentation and epoch boundaries included, timed the same way over the same
+  number of steps. Its note gives loop/step: what the input costs. The records are the bench's own
+  photos, or `records` (e.g. the pipeline's data/tfrecords).
   Beside chromalab's GAN step, on TensorFlow, the same run times the yardstick: the TensorFlow pix2pix
   tutorial's step (two GradientTapes in one tf.function, two Adams, the same generator and discriminator),
   and the GAN row gives chromalab's speed as a ratio of it (`reference_ratio`, ≥ 1: at least as fast).
@@ -32,6 +33,7 @@ Needs TensorFlow only for `input` (tf.data): under KERAS_BACKEND=jax it never im
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -229,6 +231,13 @@ def _fed(data: tuple[np.ndarray, np.ndarray], n_steps: int):
     return (data for _ in range(n_steps))
 
 
+@functools.cache
+def step_flops(part: str, image_size: int, width: float) -> int:
+    """FLOPs per image of a `part` training step, counted once per size: counting builds the nets (their
+    weights too), which the step row and the loop row would otherwise each pay at every batch size."""
+    return (gan_train_step_flops if part == "gan" else baseline_train_step_flops)(image_size, width)
+
+
 def _timed_fit(model: keras.Model, data: tuple[np.ndarray, np.ndarray], steps: int) -> tuple[float, float]:
     """(wall, CPU) seconds of `steps` fit steps after WARMUP_STEPS untimed ones: how `chromalab train` steps."""
     n_steps = WARMUP_STEPS + steps
@@ -291,17 +300,26 @@ def _reference_skipped(precision: str) -> str | None:
     return None
 
 
-def time_training_step(part: str, *, image_size: int, batch: int, width: float, precision: str, steps: int,
-                       jit_compile: bool, peak_tflops: float | None) -> list[Measurement]:
-    """Images/s of `steps` training steps of `part` ("gan" | "baseline") after WARMUP_STEPS untimed ones;
-    for the GAN also the reference step's row, timed alternately with it (TIMING_ROUNDS rounds)."""
-    row = Measurement(part, image_size=image_size, batch=batch, width=width, precision=precision,
-                      xla=jit_compile)
+def training_model(part: str, *, image_size: int, width: float, precision: str, jit_compile: bool) -> keras.Model:
+    """`part`'s model as `chromalab train` builds and compiles it, in a fresh session under `precision`."""
     keras.backend.clear_session()  # frees the previous model; it also resets the dtype policy
     keras.mixed_precision.set_global_policy(precision)
-    flops = (gan_train_step_flops if part == "gan" else baseline_train_step_flops)(image_size, width)
     params = Params(gan=GanParams(width=width), baseline=BaselineParams(width=width))
-    model = build_for_training(part, params, image_size, jit_compile)  # what `chromalab train` runs
+    return build_for_training(part, params, image_size, jit_compile)
+
+
+def time_training_step(part: str, *, image_size: int, batch: int, width: float, precision: str, steps: int,
+                       jit_compile: bool, peak_tflops: float | None,
+                       model: keras.Model | None = None) -> list[Measurement]:
+    """Images/s of `steps` training steps of `part` ("gan" | "baseline") after WARMUP_STEPS untimed ones;
+    for the GAN also the reference step's row, timed alternately with it (TIMING_ROUNDS rounds).
+    `model`: one from training_model at these settings (default: a new one)."""
+    row = Measurement(part, image_size=image_size, batch=batch, width=width, precision=precision,
+                      xla=jit_compile)
+    flops = step_flops(part, image_size, width)
+    if model is None:
+        model = training_model(part, image_size=image_size, width=width, precision=precision,
+                               jit_compile=jit_compile)
     data = synthetic_batch(batch, image_size)
     rows = [row]
     reference, skipped = None, _reference_skipped(precision) if part == "gan" else None
@@ -345,8 +363,9 @@ class _LoopClock(_StepClock):
 
 def time_training_loop(part: str, records: Path, *, image_size: int, batch: int, width: float, precision: str,
                        steps: int, jit_compile: bool, peak_tflops: float | None,
-                       step_row: Measurement | None = None) -> Measurement:
-    """Images/s of `fit` on `records` with training's input, over WARMUP_STEPS + `steps` steps."""
+                       step_row: Measurement | None = None, model: keras.Model | None = None) -> Measurement:
+    """Images/s of `fit` on `records` with training's input, over WARMUP_STEPS + `steps` steps. `model`: the
+    step row's (same settings), so that the model is built, and on TensorFlow traced, once for both."""
     from chromalab.device_data import training_input
     from chromalab.epochs import steps_per_epoch
 
@@ -358,16 +377,18 @@ def time_training_loop(part: str, records: Path, *, image_size: int, batch: int,
         row.status = "skipped"
         row.note = f"{records} holds {n_train} photos of {info['image_size']} px: need >= {batch} of {image_size} px"
         return row
-    keras.backend.clear_session()
-    keras.mixed_precision.set_global_policy(precision)
-    flops = (gan_train_step_flops if part == "gan" else baseline_train_step_flops)(image_size, width)
+    flops = step_flops(part, image_size, width)
     params = Params(gan=GanParams(width=width), baseline=BaselineParams(width=width))
-    model = build_for_training(part, params, image_size, jit_compile)
+    if model is None:
+        model = training_model(part, image_size=image_size, width=width, precision=precision,
+                               jit_compile=jit_compile)
     n_steps = WARMUP_STEPS + steps
     per_epoch = steps_per_epoch(n_train, batch)
     epochs = -(-n_steps // per_epoch)
     data = training_input(records, batch, params.train, params.base.seed, epochs=epochs)
     data.prepare(model)
+    if data.feed is not None:  # JAX: the feed has wrapped train_step; a step traced before lacks its input
+        model.train_function = None
     clock = _LoopClock((WARMUP_STEPS - 1, n_steps - 1))
     model.fit(data.train, epochs=epochs, steps_per_epoch=per_epoch, verbose=0, shuffle=False, callbacks=[clock])
     (start, cpu_start), (end, cpu_end) = clock.times[WARMUP_STEPS - 1], clock.times[n_steps - 1]
@@ -554,15 +575,17 @@ def _measurements(parts: list[str], *, image_size: int, batches: list[int], widt
         records = records or work / "tfrecords"
         for part in models:
             for batch in batches:
+                model = training_model(part, image_size=image_size, width=width, precision=precision,
+                                       jit_compile=jit_compile)  # one for the step and the loop rows
                 step, *reference = time_training_step(part, image_size=image_size, batch=batch, width=width,
                                                       precision=precision, steps=steps, jit_compile=jit_compile,
-                                                      peak_tflops=peak_tflops)
+                                                      peak_tflops=peak_tflops, model=model)
                 yield step
                 yield from reference
                 if LOOP in parts:
                     yield time_training_loop(part, records, image_size=image_size, batch=batch, width=width,
                                              precision=precision, steps=steps, jit_compile=jit_compile,
-                                             peak_tflops=peak_tflops, step_row=step)
+                                             peak_tflops=peak_tflops, step_row=step, model=model)
         if "tfrecords" in parts:
             yield stage
         if "input" in parts:
