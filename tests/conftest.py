@@ -47,9 +47,36 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server_process(tmp_path_factory):
+def mlflow_db_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, its tables made once per test session, by whichever xdist worker asks
+    first: MLflow's migrations cost ~5 CPU s (and far more wall time on a busy disk) that every fresh store
+    would pay again. A fresh store is a copy of it; runs still land in their own store."""
+    import shutil
+
+    import mlflow
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's basetemp, which the workers share
+    path = root / "mlflow-template.db"
+    with FileLock(f"{path}.lock"):
+        if not path.is_file():
+            folder = root / "mlflow-template-making"
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+            os.replace(folder / "mlflow.db", path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_process(tmp_path_factory, mlflow_db_template):
     """A real `mlflow server` on 127.0.0.1 (light settings, security middleware on), one per session."""
+    import shutil
+
     folder = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copy(mlflow_db_template, folder / "mlflow.db")  # its tables made already
     port = _free_port()
     log_path = folder / "server.log"
     with log_path.open("wb") as log:

@@ -19,12 +19,12 @@ from chromalab.errors import ChromalabError
 from chromalab.tfrecords import load_split_arrays
 from chromalab.training import read_history, run_train
 from conftest import _free_port, jax_env
-from test_training import TINY, dataset, mlflow_db_template, tiny_params, workdir  # noqa: F401  (fixtures)
+from test_training import TINY, dataset, tiny_params, workdir  # noqa: F401  (fixtures)
 
 WORKER = textwrap.dedent("""
-    import hashlib, json, sys
+    import hashlib, json, os, sys
     from pathlib import Path
-    import numpy as np, keras
+    import jax, keras, numpy as np
     from chromalab import device_data
     from chromalab.config import load_params
     from chromalab.training import read_history, run_train
@@ -46,6 +46,10 @@ WORKER = textwrap.dedent("""
     run_train(load_params(), "gan", models_root=me / "models", reports_root=me / "reports")
     model = keras.saving.load_model(me / "models/gan/model.keras")
     np.save(me / "weights.npy", np.concatenate([np.ravel(w) for w in model.get_weights()]))
+    # All is written: leave the cluster as atexit would, then skip the interpreter's teardown.
+    jax.distributed.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 """)
 
 

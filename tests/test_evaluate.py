@@ -87,12 +87,13 @@ def save_as_trained(params, model_name: str, tint: tuple[float, float], seed: in
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
+def evaluated(tmp_path_factory, mlflow_db_template):
     """A git repo (the MLflow store's root) with data, both models saved and `evaluate` run once."""
     root = tmp_path_factory.mktemp("evaluate")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q",
                     "--allow-empty", "-m", "start"], cwd=root, check=True)
+    shutil.copy(mlflow_db_template, root / "mlflow.db")  # the default store, its tables made already
     with pytest.MonkeyPatch.context() as mp:
         for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
             mp.delenv(name, raising=False)

@@ -7,6 +7,7 @@ the module; every check reads back through MlflowClient, from the default SQLite
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def _start_server_early(mlflow_server_process):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tmp_path_factory, mlflow_db_template):
     """A git repo with data/tfrecords, the GAN trained (so registered) and evaluated, as the cwd.
 
     The baseline is saved untrained, as if trained before the registry existed (no run, no version): it
@@ -50,6 +51,7 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     subprocess.run([*GIT, "commit", "-q", "--allow-empty", "-m", "start"], cwd=root, check=True)
+    shutil.copy(mlflow_db_template, root / "mlflow.db")  # the default store, its tables made already
     params = parse_params(TINY)
     write_images_stage(root / "images", n_train=8, n_test=4, size=32)
     run_tfrecords(params, images_dir=root / "images", out_dir=root / "data/tfrecords", workers=1)

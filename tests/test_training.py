@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -48,15 +49,6 @@ def dataset(tmp_path_factory) -> Path:
     return root / "tfrecords"
 
 
-@pytest.fixture(scope="module")
-def mlflow_db_template(tmp_path_factory) -> Path:
-    """An empty MLflow SQLite store, its tables made once: creating them (MLflow's migrations) costs seconds
-    that each fresh repo's first run would pay again. Repos get a copy; runs still land in their own."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _tracking_server_boots_early(mlflow_server_process):
     """`mlflow server` takes 12-17 s to start: let it start while the first tests train."""
@@ -86,54 +78,13 @@ def _client(workdir: Path) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
 
 
-@pytest.mark.parametrize("model_name, loss_key", [("gan", "g_l1"), ("baseline", "loss")])
-def test_tiny_model_overfits_with_finite_falling_loss_and_mlflow_holds_the_run(workdir, dataset, model_name,
-                                                                              loss_key):
-    metrics = run_train(tiny_params(), model_name)
+def recording_make_dataset(real_make_dataset):
+    """chromalab.tfrecords.make_dataset that also records what training is fed: epoch by epoch, a fingerprint of
+    every (L, ab) sample of each training dataset it builds (the same deterministic pipeline, iterated once
+    more here), one line per dataset in fed.jsonl in the cwd."""
+    import hashlib
 
-    history = read_history(workdir / f"reports/{model_name}/history.csv")
-    assert [row["epoch"] for row in history] == list(range(1, 31))
-    losses = np.array([row[loss_key] for row in history])
-    assert np.isfinite(losses).all()
-    # Means of five epochs, so one noisy epoch can't decide it (the baseline's dropout makes it noisy).
-    assert losses[-5:].mean() < losses[:5].mean() - 0.005, losses
-    assert (workdir / f"models/{model_name}/model.keras").is_file()
-    assert json.loads((workdir / f"reports/{model_name}/train_metrics.json").read_text()) == metrics
-
-    client = _client(workdir)
-    run = client.get_run(metrics["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    params = run.data.params
-    assert params[f"{model_name}.epochs"] == "30" and params["base.image_size"] == "32"
-    assert "data.url" in params and "train.flip_lr" in params  # data params too, flattened
-    other = "baseline" if model_name == "gan" else "gan"
-    assert not any(key.startswith(f"{other}.") for key in params)
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, loss_key)]
-    assert steps == list(range(1, 31))
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ssim")] == [10, 20, 30]
-    tags = run.data.tags
-    assert tags["model"] == model_name and tags["stage"] == f"train@{model_name}"
-    assert tags["dataset_hash"] == read_dataset_info(dataset)["content_hash"]
-    assert tags["device"] == "CPU" and "keras.version" in tags and "mlflow.source.git.dirty" in tags
-    image_files = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert len([p for p in image_files if p.endswith(".png")]) >= 3  # sample sheets at epochs 10, 20, 30
-    logged = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
-    L = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
-    assert logged.predict(L, verbose=0).shape == (2, 32, 32, 2)
-
-
-# Runs `chromalab train gan` with TensorFlow's deterministic ops, and records what training is fed: epoch by
-# epoch, a fingerprint of every (L, ab) sample of the training dataset it builds (the same deterministic
-# pipeline, iterated once more here).
-RECORDING_TRAIN = textwrap.dedent("""
-    import hashlib, json, sys
-    import tensorflow as tf
-    tf.config.experimental.enable_op_determinism()
     from chromalab import tfrecords
-    from chromalab.config import load_params
-    from chromalab.training import run_train
-
-    real_make_dataset = tfrecords.make_dataset
 
     def recording(data_dir, split, batch_size, **options):
         if options.get("training"):
@@ -144,11 +95,28 @@ RECORDING_TRAIN = textwrap.dedent("""
                     digest = hashlib.sha256(l_img.tobytes() + ab_img.tobytes()).hexdigest()[:12]
                     fed.setdefault(first + i // steps, []).append(digest)
             with open("fed.jsonl", "a") as f:
-                f.write(json.dumps(fed) + "\\n")
+                f.write(json.dumps(fed) + "\n")
         return real_make_dataset(data_dir, split, batch_size, **options)
 
-    tfrecords.make_dataset = recording
+    return recording
+
+
+# Runs `chromalab train gan` in a process of its own with TensorFlow's deterministic ops, recording what
+# training is fed. os._exit once all is written: TensorFlow's interpreter teardown takes seconds.
+RECORDING_TRAIN = textwrap.dedent(f"""
+    import os, sys
+    import tensorflow as tf
+    tf.config.experimental.enable_op_determinism()
+    sys.path.insert(0, {str(Path(__file__).parent)!r})
+    from chromalab import tfrecords
+    from chromalab.config import load_params
+    from chromalab.training import run_train
+    from test_training import recording_make_dataset
+
+    tfrecords.make_dataset = recording_make_dataset(tfrecords.make_dataset)
     run_train(load_params(), "gan")
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 """)
 
 
@@ -179,41 +147,61 @@ def _final_weights(repo: Path) -> list[np.ndarray]:
     return [np.asarray(w) for w in keras.saving.load_model(repo / "models/gan/model.keras", compile=False).weights]
 
 
-def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, dataset, mlflow_db_template):
+def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, dataset, mlflow_db_template, monkeypatch):
     """20 epochs straight against the same run SIGKILLed after a checkpoint and started again: the same
     photos in the same order each epoch, the same MLflow steps (each once), the same final weights."""
+    import tensorflow as tf
+
+    from chromalab import tfrecords
+    from chromalab.config import load_params
+
     epochs = 20
     params = {**TINY, "train": {**TINY["train"], "checkpoint_every": 2, "val_every": 3, "sample_every": 4},
               "gan": {**TINY["gan"], "epochs": epochs}}  # decay_epochs: half, so the schedule resumes too
     cmd = [sys.executable, "-c", RECORDING_TRAIN]
     straight = _repo(tmp_path / "straight", dataset, params, mlflow_db_template)
     killed = _repo(tmp_path / "killed", dataset, params, mlflow_db_template)
-    # Side by side: the straight run in the background while the other is started, killed and resumed.
-    # (stderr to files: a full pipe nobody reads would stall a run)
-    done = subprocess.Popen(cmd, cwd=straight, stdout=subprocess.DEVNULL, stderr=(tmp_path / "straight.err").open("w"))
-    try:
-        state_file = killed / "models/gan/checkpoint/state.json"
-        proc = subprocess.Popen(cmd, cwd=killed, stdout=subprocess.DEVNULL, stderr=(tmp_path / "killed.err").open("w"))
+    # The run to be killed starts in a process of its own (stderr to a file: a full pipe nobody reads would
+    # stall it); a thread kills it after a checkpoint while the straight run trains here, in this process
+    # (sparing a third TensorFlow start-up), with the same deterministic ops.
+    state_file = killed / "models/gan/checkpoint/state.json"
+    proc = subprocess.Popen(cmd, cwd=killed, stdout=subprocess.DEVNULL, stderr=(tmp_path / "killed.err").open("w"))
+
+    def kill_after_a_checkpoint() -> None:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and proc.poll() is None:
             if state_file.is_file():
                 state = json.loads(state_file.read_text())
                 if state.get("status") == "running" and 6 <= state.get("epoch", 0) < epochs:
                     proc.send_signal(signal.SIGKILL)
-                    break
+                    return
             time.sleep(0.01)
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL, f"not killed mid-run:\n{(tmp_path / 'killed.err').read_text()[-2000:]}"
-        run_id = json.loads(state_file.read_text())["mlflow_run_id"]
-        second = subprocess.run(cmd, cwd=killed, capture_output=True, text=True, timeout=600)
-        assert second.returncode == 0, second.stderr[-3000:]
-        resumed_at = int(second.stderr.split("resuming gan from its checkpoint at epoch ")[1].split("/")[0])
-        assert 6 <= resumed_at < epochs
-        assert done.wait(timeout=600) == 0, (tmp_path / "straight.err").read_text()[-3000:]
-    finally:  # never leave the straight run behind
-        if done.poll() is None:
-            done.kill()
-            done.wait()
+
+    killer = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
+    killer.start()
+    try:
+        monkeypatch.chdir(straight)
+        monkeypatch.setattr(tfrecords, "make_dataset", recording_make_dataset(tfrecords.make_dataset))
+        tf.config.experimental.enable_op_determinism()
+        try:
+            run_train(load_params(), "gan")
+        finally:
+            from tensorflow.python.framework import config as tf_config
+
+            tf_config.disable_op_determinism()  # the tests after this one run as they would alone
+            monkeypatch.undo()
+        killer.join(timeout=600)
+        proc.wait(timeout=600)
+    finally:  # never leave the killed run behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"not killed mid-run:\n{(tmp_path / 'killed.err').read_text()[-2000:]}"
+    run_id = json.loads(state_file.read_text())["mlflow_run_id"]
+    second = subprocess.run(cmd, cwd=killed, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed_at = int(second.stderr.split("resuming gan from its checkpoint at epoch ")[1].split("/")[0])
+    assert 6 <= resumed_at < epochs
 
     # The same samples (photo, flip, contrast variant) in the same order, epoch by epoch.
     (fed_straight,), (fed_first, fed_resumed) = _fed_epochs(straight), _fed_epochs(killed)
@@ -239,15 +227,15 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, dataset, mlflow
 
 
 @pytest.fixture(scope="module")
-def afresh_run_on_server(tmp_path_factory, dataset, mlflow_server) -> tuple[Path, dict, str]:
-    """One 2-epoch GAN run serves two tests: it logs to the tracking server (MLFLOW_TRACKING_URI), and it finds
-    the checkpoint of a run whose GAN params differ. Returns its repo, metrics and stderr."""
-    repo = _git_repo(tmp_path_factory.mktemp("afresh"), dataset, None)
+def gan_run_on_server(tmp_path_factory, dataset, mlflow_server) -> tuple[Path, dict, str]:
+    """The GAN's 30-epoch run serves three tests: it logs to the tracking server (MLFLOW_TRACKING_URI), and it
+    finds the checkpoint of a run whose GAN params differ. Returns its repo, metrics and stderr."""
+    repo = _git_repo(tmp_path_factory.mktemp("gan-on-server"), dataset, None)
     # The checkpoint of a run with one GAN param different, fingerprinted as run_train does it: if the
     # fingerprint ignored params, this run would try to resume from it (and fail on the weights).
     dataset_hash = str(read_dataset_info(dataset).get("content_hash", ""))
-    other = params_fingerprint(tiny_params(gan={"epochs": 2, "l1_lambda": 50.0}), "gan", dataset_hash)
-    assert other != params_fingerprint(tiny_params(gan={"epochs": 2}), "gan", dataset_hash)
+    other = params_fingerprint(tiny_params(gan={"l1_lambda": 50.0}), "gan", dataset_hash)
+    assert other != params_fingerprint(tiny_params(), "gan", dataset_hash)
     checkpoint = repo / "models/gan/checkpoint"
     checkpoint.mkdir(parents=True)
     (checkpoint / "state.weights.h5").write_bytes(b"not weights from these params")
@@ -257,21 +245,63 @@ def afresh_run_on_server(tmp_path_factory, dataset, mlflow_server) -> tuple[Path
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
         patch.chdir(repo)
         patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        metrics = run_train(tiny_params(gan={"epochs": 2}), "gan")
+        metrics = run_train(tiny_params(), "gan")
     return repo, metrics, stderr.getvalue()
 
 
-def test_changed_params_start_afresh_instead_of_resuming(afresh_run_on_server):
-    repo, metrics, stderr = afresh_run_on_server
+@pytest.mark.parametrize("model_name, loss_key", [("baseline", "loss"), ("gan", "g_l1")])
+def test_tiny_model_overfits_with_finite_falling_loss_and_mlflow_holds_the_run(request, monkeypatch, dataset,
+                                                                              model_name, loss_key):
+    if model_name == "gan":  # the run on the tracking server, read back from there
+        workdir, metrics, _ = request.getfixturevalue("gan_run_on_server")
+        client = mlflow.MlflowClient(request.getfixturevalue("mlflow_server"))
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)  # for runs:/ below
+    else:  # the default store: mlflow.db at the repo root
+        workdir = request.getfixturevalue("workdir")
+        metrics = run_train(tiny_params(), model_name)
+        client = _client(workdir)
+
+    history = read_history(workdir / f"reports/{model_name}/history.csv")
+    assert [row["epoch"] for row in history] == list(range(1, 31))
+    losses = np.array([row[loss_key] for row in history])
+    assert np.isfinite(losses).all()
+    # Means of five epochs, so one noisy epoch can't decide it (the baseline's dropout makes it noisy).
+    assert losses[-5:].mean() < losses[:5].mean() - 0.005, losses
+    assert (workdir / f"models/{model_name}/model.keras").is_file()
+    assert json.loads((workdir / f"reports/{model_name}/train_metrics.json").read_text()) == metrics
+
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params[f"{model_name}.epochs"] == "30" and params["base.image_size"] == "32"
+    assert "data.url" in params and "train.flip_lr" in params  # data params too, flattened
+    other = "baseline" if model_name == "gan" else "gan"
+    assert not any(key.startswith(f"{other}.") for key in params)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, loss_key)]
+    assert steps == list(range(1, 31))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ssim")] == [10, 20, 30]
+    tags = run.data.tags
+    assert tags["model"] == model_name and tags["stage"] == f"train@{model_name}"
+    assert tags["dataset_hash"] == read_dataset_info(dataset)["content_hash"]
+    assert tags["device"] == "CPU" and "keras.version" in tags and "mlflow.source.git.dirty" in tags
+    image_files = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert len([p for p in image_files if p.endswith(".png")]) >= 3  # sample sheets at epochs 10, 20, 30
+    logged = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    L = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
+    assert logged.predict(L, verbose=0).shape == (2, 32, 32, 2)
+
+
+def test_changed_params_start_afresh_instead_of_resuming(gan_run_on_server):
+    repo, metrics, stderr = gan_run_on_server
     assert "starting afresh" in stderr
-    assert metrics["epochs"] == 2
-    assert len(read_history(repo / "reports/gan/history.csv")) == 2
+    assert metrics["epochs"] == 30
+    assert len(read_history(repo / "reports/gan/history.csv")) == 30
 
 
-def test_training_logs_to_a_real_tracking_server(afresh_run_on_server, mlflow_server):
-    repo, metrics, _ = afresh_run_on_server
+def test_training_logs_to_a_real_tracking_server(gan_run_on_server, mlflow_server):
+    repo, metrics, _ = gan_run_on_server
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(metrics["mlflow_run_id"])
-    assert run.data.params["gan.epochs"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "g_loss")] == [1, 2]
+    assert run.data.params["gan.epochs"] == "30"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "g_loss")] == list(range(1, 31))
     assert not (repo / "mlflow.db").exists()  # the env var overrides the default store

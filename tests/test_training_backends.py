@@ -15,7 +15,7 @@ import yaml
 
 from chromalab.training import read_history, run_train
 from conftest import jax_env
-from test_training import TINY, dataset, mlflow_db_template, tiny_params, workdir  # noqa: F401  (fixtures)
+from test_training import TINY, dataset, tiny_params, workdir  # noqa: F401  (fixtures)
 
 
 def _run_python(code: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -28,6 +28,7 @@ def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
     (workdir / "params.yaml").write_text(yaml.safe_dump({**TINY, "gan": {**TINY["gan"], "epochs": 3,
                                                                           "batch_size": 2}}))
     done = _run_python("""
+        import os
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -45,7 +46,8 @@ def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
             return own_step(self, data)
         gan.Pix2Pix._tf_train_step = spy
         run_train(load_params(), "gan", strategy=strategy)
-        print("steps saw", sorted(set(seen)))
+        print("steps saw", sorted(set(seen)), flush=True)
+        os._exit(0)  # all is written: TensorFlow's interpreter teardown would take seconds
     """, workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "steps saw [(2, 2)]" in done.stdout, done.stdout[-2000:]
@@ -58,10 +60,13 @@ def test_jax_backend_trains_both_models_the_gan_with_falling_losses(workdir):
         {**TINY, "train": {**TINY["train"], "val_every": 100, "sample_every": 100},
          "gan": {**TINY["gan"], "epochs": 6}, "baseline": {**TINY["baseline"], "epochs": 3}}))
     done = _run_python("""
+        import os
         import keras
         from chromalab.config import load_params
         from chromalab.training import run_train
-        print("backend", keras.backend.backend(), run_train(load_params(), "gan"), run_train(load_params(), "baseline"))
+        print("backend", keras.backend.backend(), run_train(load_params(), "gan"), run_train(load_params(), "baseline"),
+              flush=True)
+        os._exit(0)  # all is written: skip the interpreter's teardown
     """, workdir, jax_env())  # JAX on the CPU, XLA's slow optimisation passes off
     assert done.returncode == 0, done.stderr[-3000:]
     assert "backend jax" in done.stdout
@@ -78,6 +83,10 @@ def test_float16_with_loss_scaling_and_xla_train_through_run_train(workdir, monk
     from chromalab import training
 
     monkeypatch.setattr(training, "precision_policy", lambda switch, gpus: "mixed_float16")
+    # As for JAX (conftest.jax_env): XLA's optimisation passes take most of the compile and buy nothing here.
+    # XLA reads them once, at its first compile in this process: after an earlier test's compile this step
+    # compiles optimised, as before; after this one, later compiles in the process stay unoptimised.
+    monkeypatch.setenv("XLA_FLAGS", jax_env()["XLA_FLAGS"])
     built = []
     build = training.build_for_training
     monkeypatch.setattr(training, "build_for_training", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
