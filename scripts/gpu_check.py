@@ -102,8 +102,8 @@ PRELUDE = textwrap.dedent("""
         n_train, n_test, size = map(int, sys.argv[2:5])
         write_images_stage(__import__("pathlib").Path("data/images"), n_train, n_test, size, seed=1)
     else:
-        from chromalab.cli import main
-        main(sys.argv[1:])
+        from chromalab.cli import run  # as the `chromalab` program: exit handlers, no teardown
+        run(sys.argv[1:])
 """)
 
 

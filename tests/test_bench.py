@@ -33,8 +33,8 @@ WITHOUT_TENSORFLOW = textwrap.dedent("""
             return None
 
     sys.meta_path.insert(0, HideTensorFlow())
-    from chromalab.cli import main
-    main(sys.argv[1:])
+    from chromalab.cli import run
+    run(sys.argv[1:])
 """)
 
 
