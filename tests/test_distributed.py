@@ -26,6 +26,7 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
     import jax, keras, numpy as np
     from chromalab import device_data
+    from chromalab.cli import exit_without_teardown
     from chromalab.config import load_params
     from chromalab.training import read_history, run_train
     me = Path(f"worker{sys.argv[1]}")
@@ -46,10 +47,9 @@ WORKER = textwrap.dedent("""
     run_train(load_params(), "gan", models_root=me / "models", reports_root=me / "reports")
     model = keras.saving.load_model(me / "models/gan/model.keras")
     np.save(me / "weights.npy", np.concatenate([np.ravel(w) for w in model.get_weights()]))
-    # All is written: leave the cluster as atexit would, then skip the interpreter's teardown.
+    # All is written: leave the cluster, then end as `chromalab` does, without the interpreter's teardown.
     jax.distributed.shutdown()
-    sys.stdout.flush()
-    os._exit(0)
+    exit_without_teardown()
 """)
 
 

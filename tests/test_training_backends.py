@@ -28,8 +28,8 @@ def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
     (workdir / "params.yaml").write_text(yaml.safe_dump({**TINY, "gan": {**TINY["gan"], "epochs": 3,
                                                                           "batch_size": 2}}))
     done = _run_python("""
-        import os
         import tensorflow as tf
+        from chromalab.cli import exit_without_teardown
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -46,8 +46,8 @@ def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
             return own_step(self, data)
         gan.Pix2Pix._tf_train_step = spy
         run_train(load_params(), "gan", strategy=strategy)
-        print("steps saw", sorted(set(seen)), flush=True)
-        os._exit(0)  # all is written: TensorFlow's interpreter teardown would take seconds
+        print("steps saw", sorted(set(seen)))
+        exit_without_teardown()  # TensorFlow's interpreter teardown would take seconds
     """, workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "steps saw [(2, 2)]" in done.stdout, done.stdout[-2000:]
@@ -60,13 +60,12 @@ def test_jax_backend_trains_both_models_the_gan_with_falling_losses(workdir):
         {**TINY, "train": {**TINY["train"], "val_every": 100, "sample_every": 100},
          "gan": {**TINY["gan"], "epochs": 6}, "baseline": {**TINY["baseline"], "epochs": 3}}))
     done = _run_python("""
-        import os
         import keras
+        from chromalab.cli import exit_without_teardown
         from chromalab.config import load_params
         from chromalab.training import run_train
-        print("backend", keras.backend.backend(), run_train(load_params(), "gan"), run_train(load_params(), "baseline"),
-              flush=True)
-        os._exit(0)  # all is written: skip the interpreter's teardown
+        print("backend", keras.backend.backend(), run_train(load_params(), "gan"), run_train(load_params(), "baseline"))
+        exit_without_teardown()  # all is written: skip the interpreter's teardown
     """, workdir, jax_env())  # JAX on the CPU, XLA's slow optimisation passes off
     assert done.returncode == 0, done.stderr[-3000:]
     assert "backend jax" in done.stdout

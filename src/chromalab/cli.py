@@ -192,9 +192,6 @@ def run(argv: list[str] | None = None) -> None:
     is skipped. An unexpected error keeps Python's usual traceback and exit. In-process callers (tests)
     use `main`, which returns.
     """
-    import atexit
-    import threading
-
     try:
         main(argv)
         code = 0
@@ -203,10 +200,17 @@ def run(argv: list[str] | None = None) -> None:
     if code is not None and not isinstance(code, int):  # what Python does with sys.exit("message")
         print(code, file=sys.stderr)
         code = 1
-    # CPython's own exit, less the teardown: join non-daemon threads (after their pools' shut-down hooks,
-    # e.g. MLflow's artifact-logging executors), then the atexit handlers.
+    exit_without_teardown(code or 0)
+
+
+def exit_without_teardown(code: int = 0) -> None:
+    """End the process as CPython's exit does, less the teardown: join non-daemon threads (after their pools'
+    shut-down hooks, e.g. MLflow's artifact-logging executors), run the atexit handlers, flush, exit."""
+    import atexit
+    import threading
+
     threading._shutdown()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code or 0)
+    os._exit(code)
