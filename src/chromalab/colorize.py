@@ -37,6 +37,7 @@ from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb
 from chromalab.config import MODEL_NAMES
 from chromalab.errors import ChromalabError
 from chromalab.files import atomic_file
+from chromalab.inference import for_inference
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}  # anything else is written as PNG
@@ -248,11 +249,12 @@ def _load_mlflow(uri: str):
 
 
 def _checked(model, name: str):
+    """`model`, checked to be a colorizer, made cheaper to run (chromalab.inference)."""
     shape = model.input_shape
     if not (isinstance(shape, tuple) and len(shape) == 4 and shape[-1] == 1 and model.output_shape[-1] == 2):
         raise ChromalabError(f"model {name} maps {shape} → {model.output_shape}; a colorizer maps "
                              "L [B, S, S, 1] → ab [B, S, S, 2]")
-    return model
+    return for_inference(model)
 
 
 def model_input_size(model, image_size: int | None) -> tuple[int, int]:
@@ -414,7 +416,7 @@ def save_atomic(image: Image.Image, path: Path, image_format: str) -> None:
 
 
 def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: str = "gan", overwrite: bool = False,
-                   compare: bool = False, batch_size: int = 8, models_root: Path = Path("models"),
+                   compare: bool = False, batch_size: int = 1, models_root: Path = Path("models"),
                    image_size: int | None = None) -> ColorizeReport:
     """Colour every photo in `paths` (files and folders, searched recursively) at its full resolution.
 
@@ -444,10 +446,12 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     # Photos are decoded, coloured and encoded on every core at once (numpy and Pillow release the GIL);
     # the model runs in this thread between the two, and the phases overlap: the first photos are decoded
     # while the model loads, and the workers write the photos the model has coloured while it colours the
-    # next ones. At most batch_size photos are decoded and not yet written (their full-resolution
-    # lightness is what fills the memory).
+    # next ones.
     workers = max(1, min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else os.cpu_count() or 1))
+    # Photos decoded and not yet written, at most: enough for every worker to write one while as many more
+    # wait for or go through the model. Their full-resolution lightness is what fills the memory.
+    held = max(batch_size, 2 * workers)
 
     def read(job: Job, size: tuple[int, int] | None) -> tuple[Job, Photo | None, BaseException | None]:
         try:
@@ -481,7 +485,7 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     writes: deque[tuple[Job, Future]] = deque()
 
     def read_ahead(size: tuple[int, int] | None) -> None:
-        while len(reads) + len(writes) < batch_size and (job := next(todo, None)) is not None:
+        while len(reads) + len(writes) < held and (job := next(todo, None)) is not None:
             reads.append(pool.submit(read, job, size))
 
     def finish_writes(wait: bool) -> None:
@@ -527,7 +531,7 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
             del batch, photos
             finish_writes(wait=False)
             read_ahead(size)
-            if not reads:  # batch_size photos are being written: the next read waits for them
+            if not reads:  # `held` photos are being written: the next read waits for them
                 finish_writes(wait=True)
                 read_ahead(size)
         finish_writes(wait=True)
