@@ -1,0 +1,49 @@
+"""What a chromalab process imports at start: not the scikit-learn, JAX and pyplot integrations of Keras and
+TensorFlow that it never uses (chromalab.UNUSED_EXTRAS), while everyone else still gets those modules."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import chromalab
+
+UNUSED = sorted(chromalab.UNUSED_EXTRAS)
+
+
+def test_keras_on_tensorflow_starts_without_its_unused_extras_and_they_stay_importable():
+    script = f"""
+import json, sys
+import chromalab, keras, tensorflow as tf
+assert keras.backend.backend() == "tensorflow"
+dense = keras.layers.Dense(2)
+assert dense(keras.ops.ones((1, 3))).shape == (1, 2)
+skipped = {{name: name not in sys.modules for name in {UNUSED!r}}}
+import sklearn.base, matplotlib.pyplot, jax.numpy  # anyone else may import them
+print(json.dumps(skipped))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {name: True for name in UNUSED}
+
+
+def test_only_the_named_importers_are_refused(tmp_path, monkeypatch):
+    (tmp_path / "chromalab_probe.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    monkeypatch.setitem(chromalab.UNUSED_EXTRAS, "chromalab_probe", ("keras.", "tensorflow.lite"))
+    monkeypatch.delitem(sys.modules, "chromalab_probe", raising=False)
+
+    def import_from(importer: str) -> None:
+        exec("import chromalab_probe", {"__name__": importer})
+
+    for refused in ("keras.src.wrappers.fixes", "tensorflow.lite.python.util"):
+        with pytest.raises(ModuleNotFoundError, match="chromalab_probe"):
+            import_from(refused)
+    assert "chromalab_probe" not in sys.modules
+    import_from("mlflow.keras")  # any other importer gets it
+    assert sys.modules["chromalab_probe"].VALUE == 1
+    import_from("keras.src.wrappers.fixes")  # and once imported, so does everyone
