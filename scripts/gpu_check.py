@@ -8,11 +8,13 @@
 `chromalab` command of its own: makes N train + M test photos (random crops of scikit-image's photos),
 runs `tfrecords`, `chromalab bench` on the GAN and baseline steps at every batch size, then the best batch
 again with the loop row (fit on the records, input included) beside the step row, `train gan` for a few
-epochs (to time one) and `train baseline` for one (evaluate needs both), `evaluate` and `colorize`. It
-writes reports/gpu/gpu_check.json and reports/gpu/gpu_check.md and exits 1 naming the step that failed.
+epochs (to time one) and `train baseline` (evaluate needs both), `evaluate` and `colorize`. It writes
+reports/gpu/gpu_check.json and reports/gpu/gpu_check.md (each step's output: logs/ in the work folder) and
+exits 1 naming the step that failed.
 
 Sizes: full (default; 2,000 + 200 photos at 256 px, full width, bf16) or small
-(`--size small` or CHROMALAB_GPU_CHECK_SIZE=small: a minute or two on a CPU, what the test runs).
+(`--size small` or CHROMALAB_GPU_CHECK_SIZE=small: 16 + 4 photos at 32 px, width 0.125, the bench in
+float16 with loss scaling; a few minutes on a CPU, what the tests run).
 `--block-tensorflow` makes `import tensorflow` fail in every step, as on the GPU machine, and the report
 says whether any step imported it anyway.
 
@@ -51,11 +53,13 @@ WHEELS_LIMIT_MIB = 64  # the device tool carries at most 64 MiB of working tree
 
 SIZES = {
     "full": {"n_train": 2000, "n_test": 200, "image_size": 256, "width": 1.0, "batches": [1, 16, 64, 128, 256],
-             "steps": 20, "precision": "mixed_bfloat16", "gan_epochs": 3, "budget_s": 480,
+             "steps": 20, "precision": "mixed_bfloat16", "gan_epochs": 3, "baseline_epochs": 1, "budget_s": 480,
              "best_parts": ["gan", "baseline", "loop"]},
+    # The GAN's loop only: each compile costs a CPU much. Epochs cost a CPU little: enough of them to see
+    # the losses fall. float16 (with loss scaling) and the input rows: the bench's other paths under JAX.
     "small": {"n_train": 16, "n_test": 4, "image_size": 32, "width": 0.125, "batches": [4], "steps": 2,
-              "precision": "mixed_bfloat16", "gan_epochs": 2, "budget_s": 1200,
-              "best_parts": ["gan", "loop"]},  # the GAN's loop only: each compile costs a CPU much
+              "precision": "mixed_float16", "gan_epochs": 6, "baseline_epochs": 3, "budget_s": 1200,
+              "best_parts": ["gan", "loop", "input"]},
 }
 SEED_EPOCHS = 1500  # the seed's GAN run: 1,500 epochs of 2,000 photos
 TARGET_IMG_S, GOAL_IMG_S, TARGET_LOOP_RATIO, TARGET_MINUTES = 2000, 4000, 0.9, 15
@@ -88,6 +92,8 @@ PRELUDE = textwrap.dedent("""
 
     def _stats():
         stats = {"tensorflow_imported": any(m.split(".")[0] == "tensorflow" for m in sys.modules), **_cache}
+        if "keras" in sys.modules:
+            stats["keras_backend"] = sys.modules["keras"].backend.backend()
         if "jax" in sys.modules:
             import jax
             device = jax.devices()[0]
@@ -220,6 +226,10 @@ class Check:
             rc = 124
             output = f"{exc.stdout or ''}{exc.stderr or ''}\n(out of the {self.s['budget_s']} s budget)"
         stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        log = self.work / "logs" / f"{len(self.steps):02d}-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.log"
+        log.parent.mkdir(exist_ok=True)
+        log.write_text(output)  # what the step printed (its tables, its epochs), kept for a look afterwards
+        stats["log"] = str(log.relative_to(self.work))
         self._record(name, start, rc, output, stats)
         return stats
 
@@ -231,7 +241,7 @@ class Check:
             tfrecords: {{shard_size: 250}}
             train: {{val_every: {big}, checkpoint_every: {big}, sample_every: {big}, n_samples: 2,
                      mixed_precision: "on", xla: "on"}}
-            baseline: {{epochs: 1, batch_size: {baseline_batch}, width: {s['width']}}}
+            baseline: {{epochs: {s['baseline_epochs']}, batch_size: {baseline_batch}, width: {s['width']}}}
             gan: {{epochs: {s['gan_epochs']}, batch_size: {gan_batch}, width: {s['width']}}}
             evaluate: {{n_sheet: 2, batch_size: 16}}
             """)

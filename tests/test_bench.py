@@ -1,11 +1,9 @@
-"""`chromalab bench`: the report's rows and fields, FLOPs and utilisation, and a run without TensorFlow."""
+"""`chromalab bench`: the report's rows and fields, FLOPs and utilisation. Its run under JAX without TensorFlow:
+tests/test_gpu_check.py (the reduced gpu-check's bench step)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 import time
 
 import keras
@@ -13,56 +11,14 @@ import pytest
 
 from chromalab import bench
 from chromalab.bench import Measurement, render_table, run_bench, spec_peak
-from chromalab.config import Params
 from chromalab.errors import ChromalabError
 from chromalab.models import baseline_train_step_flops, gan_train_step_flops
-from chromalab.samples import write_images_stage
-from chromalab.tfrecords import run_tfrecords
-from conftest import jax_env
 
 TINY = {"image_size": 32, "batches": [2], "width": 0.125, "steps": 2}
 
-# Imports chromalab's CLI with `import tensorflow` failing as it does where TensorFlow is not installed.
-WITHOUT_TENSORFLOW = textwrap.dedent("""
-    import sys
-
-    class HideTensorFlow:
-        def find_spec(self, name, path=None, target=None):
-            if name == "tensorflow" or name.startswith("tensorflow."):
-                raise ImportError("No module named 'tensorflow'")
-            return None
-
-    sys.meta_path.insert(0, HideTensorFlow())
-    from chromalab.cli import run
-    run(sys.argv[1:])
-""")
-
 
 @pytest.fixture(scope="module")
-def jax_run(tmp_path_factory):
-    """`chromalab bench` under JAX without TensorFlow, started first: its XLA compile overlaps the other tests.
-    Its loop reads 8 photos' records made here (in this process, which has TensorFlow): the bench's own
-    64 photos and their encoding would cost it more than its loop row. Photos and records made under JAX
-    without TensorFlow: test_gpu_check."""
-    folder = tmp_path_factory.mktemp("bench-jax")
-    images = write_images_stage(folder / "images", 8, 1, 32, seed=0)
-    run_tfrecords(Params(), images, folder / "tfrecords", workers=1)
-    out = folder / "report.json"
-    env = jax_env()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WITHOUT_TENSORFLOW, "bench", "-o", str(out), "--only", "gan", "--only", "loop", "--only", "input",
-         "--records", str(folder / "tfrecords"),
-         "--image-size", "32", "--width", "0.125", "--batch", "2", "--steps", "2",
-         "--precision", "mixed_float16"],  # float16 with loss scaling in the JAX GAN step
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    yield proc, out
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def tiny_report(tmp_path_factory, jax_run):
+def tiny_report(tmp_path_factory):
     """Every part at 32 px, width 0.125, batch 2, 2 timed steps, few photos, a given peak of 1 TFLOP/s."""
     patch = pytest.MonkeyPatch()
     for name, value in {"BENCH_PHOTOS": 8, "BENCH_TEST_PHOTOS": 1, "INPUT_MIN_SECONDS": 0.1,
@@ -222,22 +178,3 @@ def test_bad_options_are_one_line_errors(tmp_path, options, message):
         run_bench(**{"out": tmp_path / "r.json", **TINY, **options})
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "r.json").exists()
-
-
-def test_runs_under_jax_without_tensorflow(jax_run):
-    proc, out = jax_run
-    stdout, stderr = proc.communicate(timeout=600)  # a loaded 2-core CI machine: two JAX compiles
-    assert proc.returncode == 0, stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["backend"] == "jax" and "tensorflow" not in report["versions"]
-    gan, reference, loop, *pipeline = report["rows"]
-    assert (gan["part"], gan["status"], gan["xla"], gan["precision"]) == ("gan", "ok", True, "mixed_float16")
-    assert (reference["variant"], reference["status"]) == ("reference", "skipped") and gan["reference_ratio"] is None
-    assert "TensorFlow backend" in reference["note"]
-    assert gan["images_per_s"] > 0 and gan["gflops_per_image"] == pytest.approx(gan_train_step_flops(32, 0.125) / 1e9)
-    assert (loop["part"], loop["variant"], loop["status"]) == ("gan", "loop", "ok")  # records read without TF
-    assert loop["images_per_s"] > 0 and "loop/step" in loop["note"] and "fit on 8 photos" in loop["note"]
-    assert [(row["part"], row["variant"], row["status"]) for row in pipeline] == [
-        ("input", "augmented", "skipped"), ("input", "no augmentation", "skipped")]
-    assert all("loop rows time training's own input" in row["note"] for row in pipeline)
-    assert "skipped" in stdout and "n/a" in stdout  # the table: input skipped, no peak on a CPU

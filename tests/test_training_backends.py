@@ -1,5 +1,6 @@
-"""Training on other backends and devices, through run_train as a user would: JAX, a MirroredStrategy over two
-logical CPUs, float16 with loss scaling and XLA. (A module of its own so pytest-xdist can run it beside
+"""Training on other devices, through run_train as a user would: a MirroredStrategy over two logical CPUs,
+float16 with loss scaling and XLA. (Training under JAX: tests/test_gpu_check.py, on the reduced gpu-check's
+`train gan` and `train baseline` steps.) (A module of its own so pytest-xdist can run it beside
 tests/test_training.py, whose tiny dataset and repos it shares.)"""
 
 from __future__ import annotations
@@ -53,27 +54,6 @@ def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
     assert "steps saw [(2, 2)]" in done.stdout, done.stdout[-2000:]
     losses = [row["g_l1"] for row in read_history(workdir / "reports/gan/history.csv")]
     assert len(losses) == 3 and np.isfinite(losses).all()
-
-
-def test_jax_backend_trains_both_models_the_gan_with_falling_losses(workdir):
-    (workdir / "params.yaml").write_text(yaml.safe_dump(
-        {**TINY, "train": {**TINY["train"], "val_every": 100, "sample_every": 100},
-         "gan": {**TINY["gan"], "epochs": 6}, "baseline": {**TINY["baseline"], "epochs": 3}}))
-    done = _run_python("""
-        import keras
-        from chromalab.cli import exit_without_teardown
-        from chromalab.config import load_params
-        from chromalab.training import run_train
-        print("backend", keras.backend.backend(), run_train(load_params(), "gan"), run_train(load_params(), "baseline"))
-        exit_without_teardown()  # all is written: skip the interpreter's teardown
-    """, workdir, jax_env())  # JAX on the CPU, XLA's slow optimisation passes off
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "backend jax" in done.stdout
-    losses = np.array([row["g_l1"] for row in read_history(workdir / "reports/gan/history.csv")])
-    assert np.isfinite(losses).all() and losses[-2:].mean() < losses[:2].mean(), losses
-    baseline = np.array([row["loss"] for row in read_history(workdir / "reports/baseline/history.csv")])
-    assert len(baseline) == 3 and np.isfinite(baseline).all()
-    assert (workdir / "models/baseline/model.keras").is_file()
 
 
 def test_float16_with_loss_scaling_and_xla_train_through_run_train(workdir, monkeypatch):

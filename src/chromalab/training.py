@@ -271,7 +271,10 @@ class EpochRecorder(keras.callbacks.Callback):
         if done % self.train_params.sample_every == 0 or done == self.total_epochs:
             L, ab = self.samples
             generator = getattr(self.model, "generator", self.model)
-            pred = np.asarray(ops.convert_to_numpy(generator(L, training=False)), dtype=np.float32)
+            # Under JAX a plain call runs op by op, each op compiled at its first use (seconds for a U-Net);
+            # predict_on_batch compiles the whole call once. TensorFlow's eager ops need no compile.
+            pred = generator.predict_on_batch(L) if keras.backend.backend() == "jax" else generator(L, training=False)
+            pred = np.asarray(ops.convert_to_numpy(pred), dtype=np.float32)
             self._unlogged_sheets.append((sample_sheet(L, pred, ab), done))
         if done % self.train_params.checkpoint_every == 0 or done == self.total_epochs:
             self.state["epoch"] = done
