@@ -9,6 +9,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+import chromalab  # noqa: E402,F401  before any test module imports Keras: it then skips its unused imports
+
 # --- fake Unsplash (tests/fake_unsplash.py) for the download / split / images stages ---
 import pytest  # noqa: E402
 

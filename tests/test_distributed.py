@@ -24,6 +24,7 @@ from test_training import TINY, dataset, tiny_params, workdir  # noqa: F401  (fi
 WORKER = textwrap.dedent("""
     import hashlib, json, os, sys
     from pathlib import Path
+    import chromalab  # first: Keras then skips its unused imports (chromalab.UNUSED_EXTRAS)
     import jax, keras, numpy as np
     from chromalab import device_data
     from chromalab.cli import exit_without_teardown

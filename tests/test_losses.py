@@ -199,6 +199,7 @@ def test_gan_losses_are_stable_for_large_logits():
 
 JAX_SCRIPT = textwrap.dedent("""
     import json, sys
+    import chromalab  # first: Keras then skips its unused imports (chromalab.UNUSED_EXTRAS)
     import jax, keras, numpy as np
     from chromalab import losses
     assert keras.backend.backend() == "jax"

@@ -330,6 +330,7 @@ def test_mixed_precision_keeps_outputs_float32(mixed_bfloat16):
 
 JAX_SCRIPT = textwrap.dedent("""
     import json, sys
+    import chromalab  # first: Keras then skips its unused imports (chromalab.UNUSED_EXTRAS)
     import keras, numpy as np
     from chromalab.models import forward_flops
     assert keras.backend.backend() == "jax"

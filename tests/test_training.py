@@ -105,6 +105,7 @@ def recording_make_dataset(real_make_dataset):
 # training is fed. It ends as `chromalab` does, without the interpreter's teardown (seconds, after TensorFlow).
 RECORDING_TRAIN = textwrap.dedent(f"""
     import sys
+    import chromalab  # first: TensorFlow then skips its unused imports (chromalab.UNUSED_EXTRAS)
     import tensorflow as tf
     tf.config.experimental.enable_op_determinism()
     sys.path.insert(0, {str(Path(__file__).parent)!r})

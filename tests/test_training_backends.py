@@ -29,6 +29,7 @@ def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
     (workdir / "params.yaml").write_text(yaml.safe_dump({**TINY, "gan": {**TINY["gan"], "epochs": 3,
                                                                           "batch_size": 2}}))
     done = _run_python("""
+        import chromalab  # first: TensorFlow then skips its unused imports (chromalab.UNUSED_EXTRAS)
         import tensorflow as tf
         from chromalab.cli import exit_without_teardown
         cpu = tf.config.list_physical_devices("CPU")[0]
