@@ -158,3 +158,17 @@ def test_shapes_images_batches_and_mismatches():
     assert color.out_of_gamut(l_norm, ab).shape == (2, 5, 7)
     with pytest.raises(ValueError, match="do not match"):
         color.lab_norm_to_rgb(l_norm[:, :4], ab)
+
+
+def test_black_and_white_with_chroma_become_black_and_white_and_leave_the_rest_as_bisected(wild_lab):
+    """At L <= 0 and L >= 100 the only sRGB colours are black and white: the mapping takes all their chroma
+    (without bisecting), and the other pixels of the same call are mapped exactly as on their own."""
+    l_norm, ab_norm = norm(wild_lab)
+    extremes = np.array([-0.1, 0.0, 1.0, 1.2], dtype=np.float32)
+    chroma = np.array([[0.3, -0.2], [0.05, 0.01], [-0.4, 0.3], [0.2, 0.2]], dtype=np.float32)
+    mixed_l, mixed_ab = np.concatenate([l_norm, extremes]), np.concatenate([ab_norm, chroma])
+    mapped = color.gamut_mapped_ab(mixed_l, mixed_ab)
+    assert np.all(mapped[-4:] == 0)
+    np.testing.assert_array_equal(mapped[:-4], color.gamut_mapped_ab(l_norm, ab_norm))
+    rgb = color.lab_norm_to_rgb8(extremes, chroma)
+    np.testing.assert_array_equal(rgb, [[0, 0, 0], [0, 0, 0], [255, 255, 255], [255, 255, 255]])
