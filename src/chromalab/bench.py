@@ -52,14 +52,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from chromalab import __version__
-from chromalab.colorize import colorize_paths
+from chromalab.colorize import colorize_paths, limit_model_threads
 from chromalab.config import BaselineParams, GanParams, Params, TrainParams
-from chromalab.devices import gpu_names
+from chromalab.devices import available_cores, gpu_names
 from chromalab.errors import ChromalabError
 from chromalab.models import (baseline_train_step_flops, build_discriminator, build_generator,
                               gan_train_step_flops)
 from chromalab.samples import real_crops, write_images_stage
-from chromalab.tfrecords import available_cores, make_dataset, read_dataset_info, run_tfrecords
+from chromalab.tfrecords import make_dataset, read_dataset_info, run_tfrecords
 from chromalab.training import build_for_training
 
 PARTS = ("gan", "baseline", "loop", "input", "tfrecords", "colorize")
@@ -472,8 +472,18 @@ def time_colorize(folder: Path, image_size: int, width: float, precision: str) -
     return Measurement("colorize", variant=f"{megapixels:.3g} MP gray photos", image_size=image_size,
                        width=width, precision=precision, items=len(report.done), seconds=seconds,
                        cpu_seconds=cpu_seconds, images_per_s=len(report.done) / seconds,
-                       note=f"one call, model load included; untrained U-Net; peak memory of the bench "
-                            f"process so far {peak_memory_bytes() / 2**30:.2f} GiB")
+                       note=f"one call, model load included; untrained U-Net; {_model_threads()}; peak memory "
+                            f"of the bench process so far {peak_memory_bytes() / 2**30:.2f} GiB")
+
+
+def _model_threads() -> str:
+    """How many threads TensorFlow gives an operation here (colorize sets it only in a fresh process)."""
+    if keras.backend.backend() != "tensorflow":
+        return f"{keras.backend.backend()} backend"
+    import tensorflow as tf
+
+    threads = tf.config.threading.get_intra_op_parallelism_threads()
+    return f"model on {threads} TensorFlow thread(s)" if threads else "model on TensorFlow's default threads"
 
 
 # --- report ----------------------------------------------------------------------------------------------
@@ -613,6 +623,8 @@ def run_bench(out: Path = Path("bench/report.json"), image_size: int = 256, batc
     """
     out, batches = Path(out), list(batches)
     parts = _check_options(out, image_size, batches, width, precision, steps, only, peak_tflops, records)
+    if parts == ["colorize"]:  # as `chromalab colorize` does before its first TensorFlow operation
+        limit_model_threads(available_cores())
     device = detect_device(precision, peak_tflops)
     jit_compile = True if keras.backend.backend() == "jax" else (device.accelerator == "gpu" if xla is None else xla)
     report = {

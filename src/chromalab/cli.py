@@ -116,7 +116,7 @@ def colorize(
     model: Annotated[str, typer.Option("--model", "-m", help="gan, baseline, a .keras file, or an MLflow model URI.")] = "gan",
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs, and inputs when writing in place.")] = False,
     compare: Annotated[bool, typer.Option(help="Also write input | colourised side by side.")] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="At most this many photos per model call (those decoded by then).")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="At most this many photos per model call (those decoded by then); 1 lets the cores write each photo while the model colours the next.")] = 1,
 ) -> None:
     """Colour your own photos at their full resolution."""
     from chromalab.colorize import colorize_paths

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import keras
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def gpu_names() -> list[str]:

@@ -23,7 +23,6 @@ import io
 import json
 import math
 import multiprocessing
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -40,6 +39,7 @@ from tqdm import tqdm
 
 from chromalab.color import AB_SCALE, L_SCALE, rgb_to_lab_norm
 from chromalab.config import Params
+from chromalab.devices import available_cores
 from chromalab.errors import ChromalabError
 from chromalab.files import staged_dir
 from chromalab.epochs import epoch_order, steps_per_epoch
@@ -158,11 +158,6 @@ def content_hash(photos: list[ManifestPhoto], variant_names: tuple[str, ...]) ->
 def shard_names(split: str, count: int, shard_size: int) -> list[str]:
     n_shards = math.ceil(count / shard_size)
     return [f"{split}-{i:05d}-of-{n_shards:05d}.tfrecord" for i in range(n_shards)]
-
-
-def available_cores() -> int:
-    """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextmanager
