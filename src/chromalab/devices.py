@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-import keras
-
 
 def available_cores() -> int:
     """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
@@ -15,6 +13,8 @@ def available_cores() -> int:
 
 def gpu_names() -> list[str]:
     """The GPUs the current Keras backend sees (empty on a CPU-only machine)."""
+    import keras  # here, not above: available_cores is for processes that may never start Keras
+
     if keras.backend.backend() == "jax":
         import jax
 
@@ -36,6 +36,8 @@ def precision_policy(switch: str, gpus: list[str]) -> str:
 def hide_gpus_from_tensorflow() -> None:
     """Under the JAX backend, keep a TensorFlow that something else imported off the GPU (it would claim memory)."""
     # Only where something already imported it: under JAX chromalab itself never imports TensorFlow.
+    import keras
+
     tf = sys.modules.get("tensorflow")
     if keras.backend.backend() == "tensorflow" or tf is None:
         return

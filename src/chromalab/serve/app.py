@@ -29,6 +29,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from chromalab import colorize
+from chromalab.errors import one_line
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 50.0
@@ -81,7 +82,7 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
             entry = await run_in_threadpool(_colour_file, folder, name)
         except colorize.READ_ERRORS as exc:
             _remove(folder)
-            raise HTTPException(422, f"{name}: cannot read it as a photo ({colorize._reason(exc)})") from None
+            raise HTTPException(422, f"{name}: cannot read it as a photo ({one_line(exc)})") from None
         results[job_id] = entry
         while len(results) > MAX_RESULTS:
             _remove(workdir / results.popitem(last=False)[0])
@@ -95,7 +96,7 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
         data = (folder / "upload").read_bytes()
         with model_lock:
             photo, coloured = colorize.colour_bytes(colorizer, data, image_size)
-        download_name, image_format = colorize._output_name(Path(name))
+        download_name, image_format = colorize.output_name(Path(name))
         colorize.save_atomic(coloured, folder / "colour", image_format)
         sheet = colorize.compare_sheet(photo, coloured)  # gray | coloured, each ≤ COMPARE_MAX_SIDE
         half = sheet.width // 2

@@ -62,7 +62,8 @@ class Colorizer(mlflow.pyfunc.PythonModel):
         self.colorizer = load_colorizer(context.artifacts[KERAS_ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from chromalab.colorize import READ_ERRORS, _reason, colour_bytes
+        from chromalab.colorize import READ_ERRORS, colour_bytes
+        from chromalab.errors import one_line
 
         if not isinstance(model_input, pd.DataFrame) or COLUMN not in model_input:
             raise _bad_input(f"expected a DataFrame with a column {COLUMN!r} of photo files (bytes or base64)")
@@ -71,7 +72,7 @@ class Colorizer(mlflow.pyfunc.PythonModel):
             try:
                 _, coloured = colour_bytes(self.colorizer, _file_bytes(value, row))
             except READ_ERRORS as exc:
-                raise _bad_input(f"row {row}: not a readable photo ({_reason(exc)})") from None
+                raise _bad_input(f"row {row}: not a readable photo ({one_line(exc)})") from None
             buffer = io.BytesIO()
             coloured.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)  # JPEG has no alpha
             images.append(buffer.getvalue())

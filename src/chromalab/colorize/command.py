@@ -1,0 +1,246 @@
+"""The `colorize` command: finding photos, naming their outputs, and colouring them on every core."""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from chromalab.colorize.model import limit_model_threads, load_colorizer, model_file, model_input_size
+from chromalab.colorize.photos import READ_ERRORS, Photo, _small_lightness, colour_photo, compare_sheet, read_photo, save_atomic
+from chromalab.devices import available_cores
+from chromalab.errors import ChromalabError, one_line
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}  # anything else is written as PNG
+OUTPUT_TAG = "_color"
+COMPARE_TAG = "_compare"
+
+
+@dataclass
+class ColorizeReport:
+    done: list[Path] = field(default_factory=list)  # outputs written
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # (input, one-line reason)
+    skipped: list[Path] = field(default_factory=list)  # inputs whose output already existed
+
+    @property
+    def total(self) -> int:
+        return len(self.done) + len(self.failed) + len(self.skipped)
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path
+    output: Path
+    output_format: str
+    compare: Path | None
+
+
+def _say(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+# --- finding photos and naming outputs ----------------------------------------------------------------------
+
+
+def output_name(source: Path) -> tuple[str, str]:
+    """(`<stem>_color<ext>`, Pillow format): JPEG, PNG and WebP keep theirs, the rest become PNG."""
+    image_format = Image.registered_extensions().get(source.suffix.lower())
+    if image_format in KEPT_FORMATS:
+        return f"{source.stem}{OUTPUT_TAG}{source.suffix}", image_format
+    return f"{source.stem}{OUTPUT_TAG}.png", "PNG"
+
+
+def _is_earlier_output(path: Path, stems: set[tuple[Path, str]]) -> bool:
+    """`x_color.jpg` / `x_compare.jpg` beside an `x.*` photo: a previous run's output, not a new photo."""
+    for tag in (OUTPUT_TAG, COMPARE_TAG):
+        if path.stem.endswith(tag) and (path.parent, path.stem.removesuffix(tag)) in stems:
+            return True
+    return False
+
+
+def _folder_photos(folder: Path, out_dir: Path | None) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
+    if out_dir is not None:  # outputs written inside the scanned folder are not inputs
+        out_resolved = out_dir.resolve()
+        files = [p for p in files if not p.resolve().is_relative_to(out_resolved)]
+    stems = {(p.parent, p.stem) for p in files}
+    return [p for p in files if not _is_earlier_output(p, stems)]
+
+
+def plan_jobs(paths: Sequence[Path], out_dir: Path | None, compare: bool, report: ColorizeReport) -> list[Job]:
+    """One job per photo found; missing paths and clashing outputs go to `report.failed`."""
+    jobs: list[Job] = []
+    seen: set[Path] = set()
+    owner_of: dict[Path, Path] = {}  # output → the input that writes it
+    for given in map(Path, paths):
+        if given.is_dir():
+            # Under out_dir a folder keeps its own name, as `cp -r` does: `colorize a/ b/ -o out` gives
+            # out/a/… and out/b/…, so same-named photos in different folders don't collide.
+            found = [(p, given.resolve().name / p.relative_to(given).parent)
+                     for p in _folder_photos(given, out_dir)]
+            if not found:
+                _say(f"{given}: no photos here ({', '.join(PHOTO_SUFFIXES)})")
+        elif given.is_file():
+            found = [(given, None)]
+        else:
+            _say(f"{given}: no such file or folder")
+            report.failed.append((given, "no such file or folder"))
+            continue
+        for source, mirrored_dir in found:
+            if source.resolve() in seen:
+                continue
+            seen.add(source.resolve())
+            name, output_format = output_name(source)
+            if out_dir is None:
+                output = source.with_name(name)
+            elif mirrored_dir is None:
+                output = out_dir / name
+            else:
+                output = out_dir / mirrored_dir / name
+            sheet = output.with_name(f"{source.stem}{COMPARE_TAG}.jpg") if compare else None
+            clash = next((owner_of[t.resolve()] for t in (output, sheet) if t and t.resolve() in owner_of), None)
+            if clash is not None:
+                reason = f"its output would overwrite that of {clash}; colorize one of them separately"
+                _say(f"{source}: {reason}")
+                report.failed.append((source, reason))
+                continue
+            for target in (output, sheet):
+                if target is not None:
+                    owner_of[target.resolve()] = source
+            jobs.append(Job(source, output, output_format, sheet))
+    return jobs
+
+
+# --- the command --------------------------------------------------------------------------------------------
+
+
+def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: str = "gan", overwrite: bool = False,
+                   compare: bool = False, batch_size: int = 1, models_root: Path = Path("models"),
+                   image_size: int | None = None) -> ColorizeReport:
+    """Colour every photo in `paths` (files and folders, searched recursively) at its full resolution.
+
+    Outputs are `<stem>_color<ext>` beside each input, or under `out_dir` (a folder input `photos/` is
+    mirrored as `out_dir/photos/…`); with `compare`, also `<stem>_compare.jpg` beside the output. Existing
+    files (inputs included) are never replaced unless `overwrite`. Unreadable photos are reported and
+    skipped; the rest are done. Photos go through the model as soon as they are decoded, at most
+    `batch_size` at a time, and at most `batch_size` of them are held decoded at once.
+    """
+    if batch_size < 1:
+        raise ChromalabError(f"batch size {batch_size}: must be at least 1")
+    report = ColorizeReport()
+    jobs = []
+    for job in plan_jobs(paths, out_dir, compare, report):
+        existing = next((t for t in (job.output, job.compare) if t is not None and t.exists()), None)
+        if existing is not None and not overwrite:
+            _say(f"skipped {job.source}: {existing} exists (--overwrite replaces it)")
+            report.skipped.append(job.source)
+        else:
+            jobs.append(job)
+    if report.total == 0 and not jobs:
+        raise ChromalabError(f"no photos found in {', '.join(map(str, paths))}: "
+                             f"looked for {', '.join(PHOTO_SUFFIXES)}")
+    if not jobs:
+        return report
+
+    # Photos are decoded, coloured and encoded on every core at once (numpy and Pillow release the GIL);
+    # the model runs in this thread between the two, and the phases overlap: the first photos are decoded
+    # while the model loads, and the workers write the photos the model has coloured while it colours the
+    # next ones.
+    workers = max(1, min(len(jobs), available_cores()))
+    # Photos decoded and not yet written, at most: enough for the workers to decode the next ones while they
+    # write those the model has coloured (with 2 per worker, the model waited for decoding once they were
+    # all being written). Their full-resolution lightness is what fills the memory.
+    held = max(batch_size, 2 * workers)
+
+    def read(job: Job, size: tuple[int, int] | None) -> tuple[Job, Photo | None, BaseException | None]:
+        try:
+            return job, read_photo(job.source, size), None
+        except READ_ERRORS as exc:
+            return job, None, exc
+
+    def with_small(read_done: Future, size: tuple[int, int]) -> tuple[Job, Photo | None, BaseException | None]:
+        """A photo decoded before the model's input size was known, with its small lightness added. (The
+        read it waits for was submitted first, so a worker has it already: no deadlock.)"""
+        job, photo, exc = read_done.result()
+        if photo is not None:
+            try:
+                photo.small = _small_lightness(job.source, photo.lightness, size)
+            except READ_ERRORS as error:
+                return job, None, error
+        return job, photo, exc
+
+    def write(job: Job, photo: Photo, ab_small: np.ndarray) -> OSError | None:
+        coloured = colour_photo(photo, ab_small)
+        try:
+            save_atomic(coloured, job.output, job.output_format)
+            if job.compare is not None:
+                save_atomic(compare_sheet(photo, coloured), job.compare, "JPEG")
+        except OSError as exc:
+            return exc
+        return None
+
+    todo = iter(jobs)
+    reads: deque[Future] = deque()
+    writes: deque[tuple[Job, Future]] = deque()
+
+    def read_ahead(size: tuple[int, int] | None) -> None:
+        while len(reads) + len(writes) < held and (job := next(todo, None)) is not None:
+            reads.append(pool.submit(read, job, size))
+
+    def finish_writes(wait: bool) -> None:
+        while writes and (wait or writes[0][1].done()):
+            job, written = writes.popleft()
+            exc = written.result()
+            if exc is not None:
+                _say(f"{job.source}: cannot write {job.output} ({one_line(exc)})")
+                report.failed.append((job.source, one_line(exc)))
+            else:
+                report.done.append(job.output)
+            bar.update()
+
+    model_file(model, models_root)  # a wrong model name fails here, before any progress bar or decoding
+    limit_model_threads(available_cores())
+    with tqdm(total=len(jobs), desc="colorize", unit="photo") as bar, ThreadPoolExecutor(workers) as pool:
+        read_ahead(None)
+        try:
+            colorizer = load_colorizer(model, models_root)
+        except BaseException:
+            for read_done in reads:
+                read_done.cancel()
+            raise
+        size = model_input_size(colorizer, image_size)
+        reads = deque(pool.submit(with_small, read_done, size) for read_done in reads)
+        while reads:
+            # the photos decoded by now, at least one, at most batch_size: the model colours them while
+            # the workers write those before
+            batch = [reads.popleft().result()]
+            while reads and len(batch) < batch_size and reads[0].done():
+                batch.append(reads.popleft().result())
+            photos: list[tuple[Job, Photo]] = []
+            for job, photo, exc in batch:
+                if exc is not None:
+                    _say(f"{job.source}: cannot read it ({one_line(exc)})")
+                    report.failed.append((job.source, one_line(exc)))
+                    bar.update()
+                else:
+                    photos.append((job, photo))
+            if photos:
+                small = np.stack([photo.small for _, photo in photos])[..., None]
+                predicted = np.asarray(colorizer.predict_on_batch(small), dtype=np.float32)
+                writes.extend((job, pool.submit(write, job, photo, ab)) for (job, photo), ab in zip(photos, predicted))
+            del batch, photos
+            finish_writes(wait=False)
+            read_ahead(size)
+            if not reads:  # `held` photos are being written: the next read waits for them
+                finish_writes(wait=True)
+                read_ahead(size)
+        finish_writes(wait=True)
+    return report

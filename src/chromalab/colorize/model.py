@@ -1,0 +1,136 @@
+"""Loading a colorizer for `colorize` and `serve`: a model name, a .keras file or an MLflow URI → a Keras
+model L [B, S, S, 1] → ab [B, S, S, 2], checked, made cheaper to run (chromalab.inference), and the
+threads TensorFlow gives it."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+from chromalab.config import MODEL_NAMES
+from chromalab.errors import ChromalabError, one_line
+
+DEFAULT_IMAGE_SIZE = 256  # for models without a fixed input size, when image_size is not given
+URI_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # runs:/…, models:/…, s3://…; not C:/…
+ZEROS_INITIALIZER = {"module": "keras.initializers", "class_name": "Zeros", "config": {}, "registered_name": None}
+
+
+def model_file(model: str, models_root: Path = Path("models")) -> Path | None:
+    """The .keras file `model` names (checked to exist), or None for an MLflow URI; bad names are one-line
+    errors. Cheap: colorize checks it before any photo is read."""
+    if URI_PATTERN.match(model) and model not in MODEL_NAMES:
+        return None
+    if model in MODEL_NAMES:
+        path = models_root / model / "model.keras"
+        if not path.is_file():
+            raise ChromalabError(f"{path} does not exist: train the {model} model first "
+                                 f"(`dvc repro train@{model}` or `chromalab train {model}`)")
+        return path
+    path = Path(model)
+    if path.suffix != ".keras":
+        raise ChromalabError(f"--model {model!r}: expected {', '.join(MODEL_NAMES)}, a .keras file, "
+                             "or an MLflow model URI (runs:/<run id>/model, models:/chromalab-gan@champion)")
+    if not path.is_file():
+        raise ChromalabError(f"model file {path} does not exist: check the path")
+    return path
+
+
+def load_colorizer(model: str, models_root: Path = Path("models")):
+    """A Keras model L [B, S, S, 1] → ab [B, S, S, 2], from a model name, a .keras file or an MLflow URI."""
+    path = model_file(model, models_root)
+    if path is None:
+        return _load_mlflow(model)
+    try:
+        return _checked(_load_keras_file(path), str(path))
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
+        raise ChromalabError(f"cannot load model {path}: {one_line(exc)}") from None
+
+
+def _load_keras_file(path: Path):
+    """`keras.saving.load_model(path, compile=False)` without first filling every weight with random numbers
+    that the file's weights then replace: its initialisers become Zeros (for the 54 M-parameter U-Net that
+    skips a second of CPU, on the way to the first photo). Weights the file lacks fail as in load_model."""
+    import keras
+
+    with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory() as folder:
+        config = json.loads(archive.read("config.json"))
+        config["compile_config"] = None
+        model = keras.saving.deserialize_keras_object(_zero_initializers(config))
+        # from a file of its own: h5py reading inside the zip seeks back and forth, which zipfile pays for
+        # by reading from the member's start again (seconds for 200 MB)
+        model.load_weights(archive.extract("model.weights.h5", folder))
+    return model
+
+
+def _zero_initializers(config):
+    if isinstance(config, list):
+        return [_zero_initializers(item) for item in config]
+    if not isinstance(config, dict):
+        return config
+    return {key: ZEROS_INITIALIZER if key.endswith("_initializer") and isinstance(value, dict)
+            else _zero_initializers(value) for key, value in config.items()}
+
+
+def _load_mlflow(uri: str):
+    """A run's Keras model (runs:/<id>/model) or a registered chromalab model, whose pyfunc holds one."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from chromalab import tracking
+
+    tracking.use_store()
+    try:
+        if "keras" in mlflow.models.get_model_info(uri).flavors:
+            loaded = mlflow.keras.load_model(uri, load_model_kwargs={"compile": False})
+        else:  # chromalab.serve.pyfunc.Colorizer: its Keras model is loaded with it
+            loaded = getattr(mlflow.pyfunc.load_model(uri).unwrap_python_model(), "colorizer", None)
+            if loaded is None:
+                raise ValueError("not a chromalab colorizer (no Keras flavour, no chromalab pyfunc)")
+    except (MlflowException, OSError, ValueError) as exc:
+        raise ChromalabError(f"cannot load MLflow model {uri} from {tracking.tracking_uri()}: "
+                             f"{one_line(exc)} (set MLFLOW_TRACKING_URI if it lives elsewhere)") from None
+    return _checked(loaded, uri)
+
+
+def _checked(model, name: str):
+    """`model`, checked to be a colorizer, made cheaper to run (chromalab.inference)."""
+    shape = model.input_shape
+    if not (isinstance(shape, tuple) and len(shape) == 4 and shape[-1] == 1 and model.output_shape[-1] == 2):
+        raise ChromalabError(f"model {name} maps {shape} → {model.output_shape}; a colorizer maps "
+                             "L [B, S, S, 1] → ab [B, S, S, 2]")
+    from chromalab.inference import for_inference  # Keras: imported once a model is being loaded
+
+    return for_inference(model)
+
+
+def model_input_size(model, image_size: int | None) -> tuple[int, int]:
+    """(height, width) the model is fed: its own fixed size (the U-Net has one), else image_size or 256."""
+    height, width = model.input_shape[1:3]
+    if height is not None and width is not None:
+        return height, width
+    side = image_size or DEFAULT_IMAGE_SIZE
+    return height or side, width or side
+
+
+def limit_model_threads(cores: int) -> int | None:
+    """On TensorFlow, give the model a third of the cores (1 of 2) before it first runs: the photo workers
+    keep every core busy, and more TensorFlow threads only contend with them (12 MP photos, 2 cores: 0.95 →
+    1.06-1.10 photos/s, 12.6 → 11.3 CPU-s for 8). The model is about a third of the CPU work per photo.
+    TensorFlow fixes its threads at its first operation, so this is possible only before that (not in a
+    process that already ran TensorFlow, nor under JAX). Returns the threads set, or None."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    threads = max(1, round(cores / 3))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)  # one model call at a time
+    except RuntimeError:  # TensorFlow is already running in this process: its threads stay as they are
+        return None
+    return threads

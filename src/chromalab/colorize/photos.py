@@ -1,0 +1,182 @@
+"""A photo's pixels in `colorize`: decoded upright into its full-resolution lightness (and alpha) and the
+model's small input, then joined with the model's ab, upsampled, into the coloured photo; the side-by-side
+sheet; atomic saving."""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
+from chromalab.colorize.model import model_input_size
+from chromalab.files import atomic_file
+
+SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
+COMPARE_MAX_SIDE = 2048  # each half of the side-by-side sheet: a preview, not a second full-size copy
+# The lightness of an RGB photo is computed in stripes of a quarter megapixel, so that its temporaries stay
+# small whatever the photo's size.
+STRIPE_PIXELS = 1 << 18
+DOWNSAMPLE = Image.Resampling.LANCZOS
+REDUCING_GAP = 3.0  # Pillow first box-reduces by whole factors down to 3x the target, then filters: ~5x faster
+# Pillow's 16-bit grayscale modes ("I" is how some readers deliver 16-bit PNG/TIFF; its values are 0-65535).
+GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass
+class Photo:
+    """A decoded photo: its lightness at full resolution (L/100, float32 [H, W]) and its alpha, if any,
+    and, when read for a model, its lightness at the model's size (`small`, [S, S])."""
+
+    lightness: np.ndarray
+    alpha: Image.Image | None
+    small: np.ndarray | None = None
+
+
+def _stripes(height: int, width: int) -> Iterator[slice]:
+    rows = max(1, STRIPE_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        yield slice(top, top + rows)
+
+
+@functools.cache
+def _gray_lightness_table(levels: int) -> np.ndarray:
+    """L/100 of every gray level (256 or 65536): a gray photo's L is then an exact table lookup."""
+    dtype = np.uint8 if levels == 256 else np.uint16
+    gray = np.arange(levels, dtype=dtype)
+    return rgb_to_lab_norm(np.repeat(gray[:, None], 3, axis=1))[:, 0]
+
+
+def _rgb_lightness(rgb: np.ndarray) -> np.ndarray:
+    lightness = np.empty(rgb.shape[:2], dtype=np.float32)
+    for rows in _stripes(*rgb.shape[:2]):
+        lightness[rows] = rgb8_lightness_norm(rgb[rows])
+    return lightness
+
+
+def _lightness_and_alpha(image: Image.Image) -> tuple[np.ndarray, Image.Image | None]:
+    alpha = None
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    if "A" in image.getbands():
+        alpha = image.getchannel("A")
+        image = image.convert("RGB" if "R" in image.getbands() else "L")
+    if image.mode in GRAY16_MODES:
+        levels = np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
+        return _gray_lightness_table(65536)[levels], alpha
+    if image.mode in ("L", "1"):
+        return _gray_lightness_table(256)[np.asarray(image.convert("L"))], alpha
+    return _rgb_lightness(np.asarray(image.convert("RGB"))), alpha
+
+
+def _small_lightness(path: Path | io.BytesIO, lightness: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The lightness at the model's size. A JPEG is decoded again in draft mode, straight at 1/2, 1/4 or 1/8
+    scale (still at least the model's size): a few milliseconds, where filtering the full-resolution L
+    down would cost a full-resolution pass."""
+    if hasattr(path, "seek"):
+        path.seek(0)  # a file object: read_photo's own decode has moved it
+    with Image.open(path) as opened:
+        if opened.format == "JPEG" and opened.mode in ("L", "RGB"):
+            opened.draft(opened.mode, (max(size), max(size)))
+            small, _ = _lightness_and_alpha(ImageOps.exif_transpose(opened))
+            return _resize(small, size, DOWNSAMPLE)
+    return _resize(lightness, size, DOWNSAMPLE)
+
+
+def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = None) -> Photo:
+    """Decode a photo upright (EXIF orientation applied) into its full-resolution lightness and alpha, and,
+    with `model_size` = (height, width), its lightness at that size for the model."""
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened)
+    lightness, alpha = _lightness_and_alpha(image)
+    small = None if model_size is None else _small_lightness(path, lightness, model_size)
+    return Photo(lightness, alpha, small)
+
+
+def _resize(channel: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    """Resize one float32 channel [H, W] to size = (height, width)."""
+    image = Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32))
+    return np.asarray(image.resize(size[::-1], resample, reducing_gap=REDUCING_GAP))
+
+
+def _bilinear_taps(out_size: int, in_size: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For output positions start..stop-1 of out_size: the two input positions each lies between and the
+    weight of the second (pixel centres aligned, as Pillow and OpenCV do)."""
+    position = (np.arange(start, stop) + 0.5) * (in_size / out_size) - 0.5
+    position = np.clip(position, 0, in_size - 1)
+    first = np.floor(position).astype(np.intp)
+    return first, np.minimum(first + 1, in_size - 1), (position - first).astype(np.float32)[:, None]
+
+
+def ab_rows(ab_small: np.ndarray, size: tuple[int, int]) -> AbSource:
+    """ab_small [h, w, 2] bilinearly upsampled to size = (height, width), made a few rows at a time where
+    `lab_rows_to_rgb8` asks for them (into its planar a and b), so that no full-resolution ab array
+    exists. The model's ab varies slowly (the detail comes from L), so bilinear loses nothing visible."""
+    height, width = size
+    ab_small = np.asarray(ab_small, dtype=np.float32)
+    left, right, x_weight = _bilinear_taps(width, ab_small.shape[1], 0, width)
+    wide = ab_small[:, left] + (ab_small[:, right] - ab_small[:, left]) * x_weight  # [h, width, 2]
+    wide = np.ascontiguousarray(np.moveaxis(wide, -1, 0))  # [2, h, width]: a plane, b plane
+    rise = np.diff(wide, axis=1, append=wide[:, -1:])  # to the next row; 0 after the last one
+    upper, _, y_weight = _bilinear_taps(height, ab_small.shape[0], 0, height)
+
+    def fill(rows: slice, a_norm: np.ndarray, b_norm: np.ndarray) -> None:
+        # rows between the same two small rows differ only in their weight: one numpy call for them all
+        sources, weights = upper[rows], y_weight[rows]
+        bounds = [0, *(np.flatnonzero(np.diff(sources)) + 1), len(sources)]
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            for channel, plane in enumerate((a_norm, b_norm)):
+                np.multiply(rise[channel, sources[start]], weights[start:stop], out=plane[start:stop])
+                plane[start:stop] += wide[channel, sources[start]]
+
+    return fill
+
+
+def lab_image(lightness: np.ndarray, ab_small: np.ndarray) -> Image.Image:
+    """Full-resolution L/100 [H, W] and the model's ab/128 [h, w, 2] → an RGB image [H, W], made a few rows
+    at a time: one pass over the photo."""
+    planes = lab_rows_to_rgb8(lightness, ab_rows(ab_small, lightness.shape))
+    return Image.merge("RGB", [Image.fromarray(plane) for plane in planes])
+
+
+def colour_photo(photo: Photo, ab_small: np.ndarray) -> Image.Image:
+    """Join the photo's own L with the model's ab, upsampled to the photo's size."""
+    coloured = lab_image(photo.lightness, ab_small)
+    if photo.alpha is not None:
+        coloured.putalpha(photo.alpha)
+    return coloured
+
+
+def compare_sheet(photo: Photo, coloured: Image.Image) -> Image.Image:
+    """Gray input | colourised, side by side, each at most COMPARE_MAX_SIDE on its long side."""
+    height, width = photo.lightness.shape
+    scale = min(1.0, COMPARE_MAX_SIDE / max(height, width))
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    lightness = _resize(photo.lightness, size, DOWNSAMPLE)
+    gray = lab_image(lightness, np.zeros((1, 1, 2), dtype=np.float32))
+    sheet = Image.new("RGB", (2 * size[1], size[0]))
+    sheet.paste(gray, (0, 0))
+    sheet.paste(coloured.convert("RGB").resize(size[::-1], DOWNSAMPLE), (size[1], 0))
+    return sheet
+
+
+def colour_bytes(colorizer, data: bytes, image_size: int | None = None) -> tuple[Photo, Image.Image]:
+    """One photo file's contents → (the decoded photo, coloured at its full size), as `colorize` colours it.
+
+    The entry point of the served model and of `chromalab serve`; raises one of READ_ERRORS on a bad file.
+    """
+    photo = read_photo(io.BytesIO(data), model_input_size(colorizer, image_size))
+    ab_small = np.asarray(colorizer.predict_on_batch(photo.small[None, ..., None]), dtype=np.float32)[0]
+    return photo, colour_photo(photo, ab_small)
+
+
+def save_atomic(image: Image.Image, path: Path, image_format: str) -> None:
+    """Write to a temporary file beside `path`, then rename: an interrupted write leaves no half photo."""
+    with atomic_file(path) as f:
+        image.save(f, format=image_format, **SAVE_OPTIONS.get(image_format, {}))
