@@ -21,9 +21,12 @@ TINY = {"image_size": 32, "batches": [2], "width": 0.125, "steps": 2}
 def tiny_report(tmp_path_factory):
     """Every part at 32 px, width 0.125, batch 2, 2 timed steps, few photos, a given peak of 1 TFLOP/s."""
     patch = pytest.MonkeyPatch()
-    for name, value in {"BENCH_PHOTOS": 8, "BENCH_TEST_PHOTOS": 1, "INPUT_MIN_SECONDS": 0.1,
-                        "COLORIZE_PHOTOS": 2, "COLORIZE_SIDE": 64}.items():
-        patch.setattr(bench, name, value)
+    # Patched where they are read: the plan (chromalab.bench) writes the photos, bench.pipeline times the stages.
+    for module, values in ((bench, {"BENCH_PHOTOS": 8, "BENCH_TEST_PHOTOS": 1}),
+                           (bench.pipeline, {"BENCH_TEST_PHOTOS": 1, "INPUT_MIN_SECONDS": 0.1, "COLORIZE_PHOTOS": 2,
+                                             "COLORIZE_SIDE": 64})):
+        for name, value in values.items():
+            patch.setattr(module, name, value)
     out = tmp_path_factory.mktemp("bench") / "report.json"
     try:
         returned = run_bench(out=out, peak_tflops=1.0, **TINY)
@@ -97,12 +100,12 @@ def test_table_shows_the_utilisation(tiny_report):
 def test_steps_are_timed_after_the_warm_up_and_every_timed_step_counts(tmp_path, monkeypatch):
     # Each step made slower by a known sleep: 3 s in the first (warm-up) step, 0.25 s in every other.
     # s/step must include the 0.25 s of each timed step and none of the warm-up's 3 s.
-    class SlowSteps(bench._StepClock):
+    class SlowSteps(bench.steps._StepClock):
         def on_train_batch_end(self, batch, logs=None):
             time.sleep(3.0 if batch == 0 else 0.25)
             super().on_train_batch_end(batch, logs)
 
-    monkeypatch.setattr(bench, "_StepClock", SlowSteps)
+    monkeypatch.setattr(bench.steps, "_StepClock", SlowSteps)
     (row,) = run_bench(out=tmp_path / "r.json", only=["baseline"], **{**TINY, "steps": 3})["rows"]
     assert 0.25 <= row["s_per_step"] < 1.0
     assert row["seconds"] == pytest.approx(3 * row["s_per_step"]) and row["items"] == 3 * 2
