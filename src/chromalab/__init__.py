@@ -9,9 +9,9 @@ __version__ = "0.1.0"
 
 # Keras and TensorFlow import scikit-learn, JAX and matplotlib's pyplot whenever they are installed, for
 # integrations chromalab never uses (Keras's scikit-learn wrappers, image gallery and Orbax checkpoints, TF
-# Lite's JAX converter): ~5 of the ~13 CPU-seconds every TensorFlow command spends importing, on 2 cores. Each of those
-# imports is optional (guarded by `except ImportError`), so those integrations are simply off. Only these
-# importers are refused: JAX as Keras's backend, MLflow, and chromalab's own plots import them as usual.
+# Lite's JAX converter): ~4 of the ~12 CPU-seconds every TensorFlow command spends importing, on 2 cores.
+# Each of those imports is optional (guarded by `except ImportError`), so those integrations are simply off.
+# Only these importers are refused: JAX as Keras's backend, MLflow, and chromalab's own plots import them.
 UNUSED_EXTRAS = {  # module: the importers refused it
     "sklearn": ("keras.",),
     "matplotlib.pyplot": ("keras.",),
