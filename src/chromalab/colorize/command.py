@@ -14,7 +14,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from chromalab.colorize.model import limit_model_threads, load_colorizer, model_file, model_input_size
-from chromalab.colorize.photos import READ_ERRORS, Photo, _small_lightness, colour_photo, compare_sheet, read_photo, save_atomic
+from chromalab.colorize.photos import (READ_ERRORS, Photo, colour_photo, compare_sheet, read_photo, save_atomic,
+                                       small_lightness)
 from chromalab.devices import available_cores
 from chromalab.errors import ChromalabError, one_line
 
@@ -131,7 +132,7 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     mirrored as `out_dir/photos/…`); with `compare`, also `<stem>_compare.jpg` beside the output. Existing
     files (inputs included) are never replaced unless `overwrite`. Unreadable photos are reported and
     skipped; the rest are done. Photos go through the model as soon as they are decoded, at most
-    `batch_size` at a time, and at most `batch_size` of them are held decoded at once.
+    `batch_size` at a time, and at most max(`batch_size`, 2 per core) of them are held decoded at once.
     """
     if batch_size < 1:
         raise ChromalabError(f"batch size {batch_size}: must be at least 1")
@@ -155,9 +156,9 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     # while the model loads, and the workers write the photos the model has coloured while it colours the
     # next ones.
     workers = max(1, min(len(jobs), available_cores()))
-    # Photos decoded and not yet written, at most: enough for the workers to decode the next ones while they
-    # write those the model has coloured (with 2 per worker, the model waited for decoding once they were
-    # all being written). Their full-resolution lightness is what fills the memory.
+    # Photos decoded and not yet written, at most: each worker writes one while another waits for or goes
+    # through the model (4 per worker measured slower: more threads contending for the cores). Their
+    # full-resolution lightness is what fills the memory.
     held = max(batch_size, 2 * workers)
 
     def read(job: Job, size: tuple[int, int] | None) -> tuple[Job, Photo | None, BaseException | None]:
@@ -172,7 +173,7 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
         job, photo, exc = read_done.result()
         if photo is not None:
             try:
-                photo.small = _small_lightness(job.source, photo.lightness, size)
+                photo.small = small_lightness(job.source, photo.lightness, size)
             except READ_ERRORS as error:
                 return job, None, error
         return job, photo, exc

@@ -75,7 +75,7 @@ def _lightness_and_alpha(image: Image.Image) -> tuple[np.ndarray, Image.Image | 
     return _rgb_lightness(np.asarray(image.convert("RGB"))), alpha
 
 
-def _small_lightness(path: Path | io.BytesIO, lightness: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def small_lightness(path: Path | io.BytesIO, lightness: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The lightness at the model's size. A JPEG is decoded again in draft mode, straight at 1/2, 1/4 or 1/8
     scale (still at least the model's size): a few milliseconds, where filtering the full-resolution L
     down would cost a full-resolution pass."""
@@ -95,7 +95,7 @@ def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = Non
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)
     lightness, alpha = _lightness_and_alpha(image)
-    small = None if model_size is None else _small_lightness(path, lightness, model_size)
+    small = None if model_size is None else small_lightness(path, lightness, model_size)
     return Photo(lightness, alpha, small)
 
 
