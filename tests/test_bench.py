@@ -97,20 +97,6 @@ def test_table_shows_the_utilisation(tiny_report):
     assert f"{rows_of(returned, 'gan')[0]['reference_ratio']:.2f}x" in gan_line
 
 
-def test_steps_are_timed_after_the_warm_up_and_every_timed_step_counts(tmp_path, monkeypatch):
-    # Each step made slower by a known sleep: 3 s in the first (warm-up) step, 0.25 s in every other.
-    # s/step must include the 0.25 s of each timed step and none of the warm-up's 3 s.
-    class SlowSteps(bench.steps._StepClock):
-        def on_train_batch_end(self, batch, logs=None):
-            time.sleep(3.0 if batch == 0 else 0.25)
-            super().on_train_batch_end(batch, logs)
-
-    monkeypatch.setattr(bench.steps, "_StepClock", SlowSteps)
-    (row,) = run_bench(out=tmp_path / "r.json", only=["baseline"], **{**TINY, "steps": 3})["rows"]
-    assert 0.25 <= row["s_per_step"] < 1.0
-    assert row["seconds"] == pytest.approx(3 * row["s_per_step"]) and row["items"] == 3 * 2
-
-
 @pytest.mark.parametrize("step_flops", [baseline_train_step_flops, gan_train_step_flops])
 def test_flops_per_image_follow_size_and_width(step_flops):
     """The FLOPs the training rows report (checked above to be these) grow as the layer shapes do."""
@@ -153,16 +139,28 @@ def test_unknown_devices_have_no_peak(device):
     assert spec_peak(device, "mixed_bfloat16") is None
 
 
-def test_interrupted_run_keeps_finished_rows_and_the_dtype_policy(tmp_path, monkeypatch):
+def test_steps_are_timed_after_the_warm_up_and_an_interrupted_run_keeps_its_finished_rows(tmp_path, monkeypatch):
+    """One baseline bench (one trace) for two behaviours: its row times only the steps after the warm-up, and
+    when the next part is interrupted that row is on disk, with its dtype policy, and the policy is restored."""
+    # Each step made slower by a known sleep: 3 s in the first (warm-up) step, 0.25 s in every other.
+    # s/step must include the 0.25 s of each timed step and none of the warm-up's 3 s.
+    class SlowSteps(bench.steps._StepClock):
+        def on_train_batch_end(self, batch, logs=None):
+            time.sleep(3.0 if batch == 0 else 0.25)
+            super().on_train_batch_end(batch, logs)
+
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
+    monkeypatch.setattr(bench.steps, "_StepClock", SlowSteps)
     monkeypatch.setattr(bench, "time_colorize", interrupted)
     out = tmp_path / "report.json"
     with pytest.raises(KeyboardInterrupt):
-        run_bench(out=out, only=["baseline", "colorize"], precision="mixed_bfloat16", **{**TINY, "batches": [1]})
+        run_bench(out=out, only=["baseline", "colorize"], precision="mixed_bfloat16", **{**TINY, "steps": 3})
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["part"], row["precision"], row["status"]) == ("baseline", "mixed_bfloat16", "ok")
+    assert 0.25 <= row["s_per_step"] < 1.0
+    assert row["seconds"] == pytest.approx(3 * row["s_per_step"]) and row["items"] == 3 * 2
     assert keras.mixed_precision.global_policy().name == "float32"
     assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file
 
