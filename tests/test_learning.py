@@ -1,10 +1,12 @@
-"""Learning check: a tiny pix2pix, trained for a bounded number of steps on real photos, learns colour.
+"""Learning checks: a tiny pix2pix and a tiny baseline, trained for a bounded number of steps on real photos,
+learn colour.
 
 Not "it runs" but "it learns": the photos go through the project's Lab encoding (chromalab.color), the GAN
 is built and compiled as the train stage builds it (training.build_for_training: U-Net + PatchGAN,
 Adam(β1 = 0.5), adversarial + λ·L1), trained with `fit` (chromalab.gan's train step), and its predictions
 are decoded and scored by chromalab.metrics. If any link is broken (a wrong scale, a sign, a loss that
 doesn't reach the generator) the model ends no closer to the truth than a gray or flat-tinted photo.
+The baseline (the seed's CNN, SSIM loss, RMSprop) goes the same way, against a weaker bar: beating gray.
 """
 
 from __future__ import annotations
@@ -75,34 +77,75 @@ def trained_predictions(photos) -> np.ndarray:
     return ops.convert_to_numpy(gan.generator(L, training=False))
 
 
-def test_the_bar_rejects_predictions_that_ignore_the_photo(photos):
-    L, ab = photos
-    noise = np.random.default_rng(0).uniform(-0.3, 0.3, ab.shape).astype(np.float32)
-    flat_true_tint = np.broadcast_to(ab.mean(axis=(1, 2), keepdims=True), ab.shape)
-    for not_learned in (metrics.gray_floor(ab), noise, flat_true_tint):
-        with pytest.raises(AssertionError):
-            assert_learned_colour(L, ab, not_learned)
-
-
 def test_a_tiny_gan_learns_colour_from_real_photos(photos, trained_predictions):
     L, ab = photos
     assert_learned_colour(L, ab, trained_predictions)
 
 
-# Why the baseline (the seed's CNN, SSIM loss, RMSprop; build_for_training("baseline", …)) has no learning test
-# here (issue 12), measured on the same 4 crops at 32 px, batch 4 (every photo each step), TensorFlow on 2 CPU
-# cores shared with other work, seeds 0-4 and 42, ΔE00 of eval-mode predictions (floors: gray 15.9, best flat
-# tint shared by all photos 13.5 on a 25 × 25 grid of a, b in ±38, each photo's own flat true tint 7.5):
-#   width 0.125, lr 3e-3, 600 steps:         10.4 10.7 28.3 11.7 11.7 14.4   (at 300 steps 20.3-40.5 on seeds 1-4)
-#   width 0.125, lr 3e-3 decaying to 0, 300:  15.3 34.8 15.5 15.3 14.8 32.1
-#   width 0.125, lr 1e-3 (RMSprop's), 600:    13.6 14.5 15.1 17.1 19.5 18.2
-#   seed 0 only: width 0.25, lr 3e-3, 600 steps 12.1; the same with batch 1: 19.8
-#   64 px (gray 16.0), width 0.125, lr 3e-3, 300 steps, seeds 0-3 and 42: 10.3 15.4 25.1 17.1 13.9 (29 CPU s)
-# No setting beats gray on every seed, let alone with headroom, and the closest ones cost 30 CPU s on top of the
-# GAN's (build and trace alone cost 16 CPU s, then 24 ms a step at width 0.125, 38 ms at 0.25). Its own
-# objective, ab SSIM, does not separate it either (lr 1e-3: 0.41-0.50 vs 0.35 for the shared tint; lr 3e-3
-# drops to 0.17 on seed 2). One cause is BatchNorm's moving statistics (momentum 0.99): after 300 steps the first
-# layer's moving variance still holds 5 % of its initial 1.0 (0.049 against the batches' 0.008), and seeds 1
-# and 42 score 34.8/32.1 in eval mode but 15.1/21.4 on batch statistics; 200 extra training-mode passes bring
-# eval mode to 15.9/22.6, so even then it has not learned past gray. The README's dev run agrees (64 px, width
-# 0.25, 25 epochs of 1,000 photos: baseline ΔE00 12.58 vs gray 12.67): it learns too slowly for a test's budget.
+# The baseline as the train stage builds it, at a test's size. Its SSIM objective scores a predicted chroma k times
+# the truth's as it scores 1/k times (twice the colour costs what half costs), so it overshoots colour early on
+# (colourfulness up to 140 against the truth's 56) and learns erratically. Two of its params make it learn here:
+# - dropout 0: the seed's Dropout(0.5) at width 0.125 drops half of 16-64 channels each step;
+# - RMSprop at 1e-2 for 300 steps, then decaying linearly to 0 over 300 more: a settled end.
+BASELINE_STEPS = 600
+BASELINE_EPOCHS = 2  # the rate is constant for the first, decays to 0 over the second
+TINY_BASELINE = {"base": {"seed": 42, "image_size": SIZE},
+                 "baseline": {"width": 0.125, "learning_rate": 1e-2, "dropout": 0.0,
+                              "epochs": BASELINE_EPOCHS, "decay_epochs": "half"}}
+# The bar, from measurements of this fixture (seeds 0-7 and 42, TensorFlow on 2 shared CPU cores, 14-19 CPU s
+# each): ΔE00 8.6-13.2 against the gray floor's 15.9 (0.54-0.83 of it), colourfulness 54-68 (truth 55.9).
+# "Below 0.9 of the gray floor" (14.35) leaves 1.2 ΔE00 of headroom on the worst seed. A flat tint can pass that
+# part (the best tint shared by all photos scores 13.5, each photo's own true mean tint 7.5); the GAN's
+# colourfulness bar (half the truth's) rejects the shared one (21-25). What fails the bar: the seed's
+# Dropout(0.5) in this same setting (seed 2: ΔE00 29.0), dropout 0 at a constant 3e-3 (seed 2: 28.3), and a
+# model the loss does not reach (rate 1e-9: 38.0, colourfulness 129). BatchNorm's moving statistics
+# (momentum 0.99) are no cause here: at 0.9 the seeds end within 0.35 ΔE00 of these. The earlier setting
+# (Dropout 0.5, constant 3e-3) ended at 10.4-28.3 on seeds 0-4 and 42.
+MAX_BASELINE_FRACTION_OF_GRAY = 0.9
+
+
+def assert_beats_gray(L: np.ndarray, true_ab: np.ndarray, pred_ab: np.ndarray) -> None:
+    """The baseline's bar: closer to the truth than the gray floor by a margin, and colourful."""
+    predicted = scores(L, true_ab, pred_ab)
+    gray = scores(L, true_ab, metrics.gray_floor(true_ab))
+    figures = (f"ΔE00 {predicted['delta_e00']:.2f} vs gray floor {gray['delta_e00']:.2f}; colourfulness "
+               f"{predicted['colourfulness']:.1f} (truth {predicted['colourfulness_true']:.1f})")
+    assert predicted["delta_e00"] < MAX_BASELINE_FRACTION_OF_GRAY * gray["delta_e00"], figures
+    assert predicted["colourfulness"] > MIN_COLOURFULNESS_FRACTION_OF_TRUTH * predicted["colourfulness_true"], figures
+
+
+@pytest.fixture(scope="module")
+def baseline_predictions(photos) -> np.ndarray:
+    L, ab = photos
+    params = parse_params(TINY_BASELINE)
+    keras.utils.set_random_seed(params.base.seed)
+    steps_per_epoch = BASELINE_STEPS // BASELINE_EPOCHS
+    model = build_for_training("baseline", params, SIZE, jit_compile=False, steps_per_epoch=steps_per_epoch)
+    model.fit(np.tile(L, (steps_per_epoch, 1, 1, 1)), np.tile(ab, (steps_per_epoch, 1, 1, 1)),
+              batch_size=N_PHOTOS, epochs=BASELINE_EPOCHS, shuffle=False, verbose=0)
+    return ops.convert_to_numpy(model(L, training=False))
+
+
+def ignoring_the_photo(ab: np.ndarray) -> dict[str, np.ndarray]:
+    """Predictions that ignore the image content."""
+    return {"gray": metrics.gray_floor(ab),
+            "noise": np.random.default_rng(0).uniform(-0.3, 0.3, ab.shape).astype(np.float32),
+            "flat true tint": np.broadcast_to(ab.mean(axis=(1, 2), keepdims=True), ab.shape),
+            "shared tint": np.broadcast_to(ab.mean(axis=(0, 1, 2)), ab.shape)}
+
+
+# The baseline's bar is weaker: each photo's own true mean tint (an oracle of its colour) passes it.
+@pytest.mark.parametrize("bar, rejected", [(assert_learned_colour, ("gray", "noise", "flat true tint", "shared tint")),
+                                           (assert_beats_gray, ("gray", "noise", "shared tint"))],
+                         ids=["gan", "baseline"])
+def test_the_bars_reject_predictions_that_ignore_the_photo(photos, bar, rejected):
+    L, ab = photos
+    predictions = ignoring_the_photo(ab)
+    for name in rejected:
+        with pytest.raises(AssertionError):
+            bar(L, ab, predictions[name])
+
+
+def test_the_baseline_learns_to_beat_the_gray_floor(photos, baseline_predictions):
+    L, ab = photos
+    assert_beats_gray(L, ab, baseline_predictions)

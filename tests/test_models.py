@@ -146,6 +146,14 @@ def test_baseline_without_fixed_size_takes_any_multiple_of_8():
         assert out.shape == (1, size, size, 2)
 
 
+def test_baseline_dropout_rate_is_the_seeds_unless_set():
+    def rates(model):
+        return [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+
+    assert rates(build_baseline(32, TINY)) == [0.5] * 3
+    assert rates(build_baseline(32, TINY, dropout=0.0)) == [0.0] * 3
+
+
 def test_width_scales_parameters_quadratically():
     # At 64 px (6 U-Net levels): the rule is about channels, and 256 px would build 54 M weights again.
     for build in (build_baseline, build_generator, build_discriminator):

@@ -116,6 +116,7 @@ class BaselineParams(_Schedule):
     learning_rate: float = Field(1e-3, gt=0)
     loss: Literal["ssim", "msssim"] = "ssim"
     width: float = Field(1.0, gt=0)
+    dropout: float = Field(0.5, ge=0, lt=1)
 
 
 class GanParams(_Schedule):

@@ -75,9 +75,10 @@ def unet_depth(image_size: int) -> int:
 # --- baseline: the seed's CNN ------------------------------------------------------------------------
 
 
-def build_baseline(image_size: int | None = 256, width: float = 1.0) -> keras.Model:
+def build_baseline(image_size: int | None = 256, width: float = 1.0, dropout: float = DROPOUT_RATE) -> keras.Model:
     """The seed's CNN, layer for layer: 3×3 ReLU convolutions with BatchNorm, three stride-2 downsamplings,
-    three BN + Dropout(0.5) convolutions, then three 2× nearest-neighbour upsamplings back to full size.
+    three BN + Dropout convolutions (rate `dropout`, the seed's 0.5), then three 2× nearest-neighbour
+    upsamplings back to full size.
     One departure: the stride-2 convolutions are 4×4, not 3×3, so that they pad and sample symmetrically
     (BASELINE_DOWN_KERNEL: the seed's 3×3 painted a one-sided right/bottom edge).
 
@@ -103,7 +104,7 @@ def build_baseline(image_size: int | None = 256, width: float = 1.0) -> keras.Mo
     for filters, strides in BASELINE_ENCODER:
         x = conv_bn(x, filters, strides)
     for filters in BASELINE_DROPOUT_CONVS:
-        x = layers.Dropout(DROPOUT_RATE, name=f"dropout{n + 1}")(conv_bn(x, filters))
+        x = layers.Dropout(dropout, name=f"dropout{n + 1}")(conv_bn(x, filters))
     for filters in BASELINE_UPSAMPLE_CONVS:
         x = layers.UpSampling2D(2, name=f"upsample{n + 1}")(conv_bn(x, filters))
     x = layers.Conv2D(AB_CHANNELS, BASELINE_KERNEL, padding="same", activation="tanh", dtype="float32", name="ab_conv")(x)

@@ -331,7 +331,7 @@ def build_for_training(model_name: str, params: Params, image_size: int, jit_com
                        steps_per_epoch: int = 1) -> keras.Model:
     if model_name == "baseline":
         p = params.baseline
-        model = build_baseline(image_size, width=p.width)
+        model = build_baseline(image_size, width=p.width, dropout=p.dropout)
         loss = losses.ssim_loss if p.loss == "ssim" else losses.ms_ssim_loss
         optimizer = keras.optimizers.RMSprop(learning_rate(p, steps_per_epoch))
         model.compile(optimizer=optimizer, loss=loss, metrics=list(validation_trackers().values()),
