@@ -48,6 +48,8 @@ WORKER = textwrap.dedent("""
     run_train(load_params(), "gan", models_root=me / "models", reports_root=me / "reports")
     model = keras.saving.load_model(me / "models/gan/model.keras")
     np.save(me / "weights.npy", np.concatenate([np.ravel(w) for w in model.get_weights()]))
+    # Trained, saved and loaded under JAX: nothing needed TensorFlow (installed here, unlike the GPU machine).
+    (me / "tensorflow_imported").write_text(str("tensorflow" in sys.modules))
     # All is written: leave the cluster, then end as `chromalab` does, without the interpreter's teardown.
     jax.distributed.shutdown()
     exit_without_teardown()
@@ -94,6 +96,7 @@ def test_two_jax_processes_on_localhost_train_one_model_in_step(workdir, dataset
     assert len(set(photo)) == n_photos  # the fingerprints tell every photo apart, so the check above can fail
     process0, process1 = (np.load(workdir / f"worker{i}/weights.npy") for i in range(2))
     np.testing.assert_array_equal(process0, process1)
+    assert [(workdir / f"worker{i}/tensorflow_imported").read_text() for i in range(2)] == ["False", "False"]
     metrics = [json.loads((workdir / f"worker{i}/reports/gan/train_metrics.json").read_text()) for i in range(2)]
     assert metrics[0]["g_l1"] == metrics[1]["g_l1"]  # one loss: the mean over the global batch
     losses = [row["g_l1"] for row in read_history(workdir / "worker0/reports/gan/history.csv")]

@@ -205,12 +205,13 @@ JAX_SCRIPT = textwrap.dedent("""
     assert keras.backend.backend() == "jax"
     data = np.load(sys.argv[1])
     true, pred = data["true"], data["pred"]
-    grad = jax.grad(lambda p: keras.ops.mean(losses.ms_ssim_loss(true, p)))(-true)  # cs < 0 everywhere
+    # Jitted, as training runs them: eager JAX compiles every op on its own (~6 of this script's ~10 CPU-s).
+    grad = jax.jit(jax.grad(lambda p: keras.ops.mean(losses.ms_ssim_loss(true, p))))(-true)  # cs < 0 everywhere
     print(json.dumps({
-        "ssim": np.asarray(losses.ssim(true, pred)).tolist(),
-        "ms_ssim": np.asarray(losses.ms_ssim(true, pred)).tolist(),
-        "generator": [float(v) for v in losses.generator_loss(data["fake_logits"], true, pred)],
-        "discriminator": float(losses.discriminator_loss(data["real_logits"], data["fake_logits"])),
+        "ssim": np.asarray(jax.jit(losses.ssim)(true, pred)).tolist(),
+        "ms_ssim": np.asarray(jax.jit(losses.ms_ssim)(true, pred)).tolist(),
+        "generator": [float(v) for v in jax.jit(losses.generator_loss)(data["fake_logits"], true, pred)],
+        "discriminator": float(jax.jit(losses.discriminator_loss)(data["real_logits"], data["fake_logits"])),
         "grad_finite": bool(np.all(np.isfinite(np.asarray(grad)))),
     }))
 """)

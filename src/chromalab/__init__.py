@@ -16,6 +16,9 @@ UNUSED_EXTRAS = {  # module: the importers refused it
     "sklearn": ("keras.",),
     "matplotlib.pyplot": ("keras.",),
     "jax": ("tensorflow.", "keras.src.callbacks.orbax_checkpoint"),  # not the JAX backend's own import
+    # Keras's optional TensorFlow (seeding tf.random, spotting tf.TensorShape when saving), which imports
+    # TensorFlow under JAX too: ~5 CPU-s and its threads per process. The TensorFlow backend imported it already.
+    "tensorflow": ("keras.src.utils.module_utils",),
 }
 
 
