@@ -78,6 +78,20 @@ def _client(workdir: Path) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
 
 
+@contextlib.contextmanager
+def _fluent_store(uri: str):
+    """MLflow's fluent API (runs:/ URIs) on `uri`, whichever store the last run_train in this process chose."""
+    from chromalab.tracking import store_override
+
+    before = mlflow.get_tracking_uri()
+    with store_override():  # set_tracking_uri exports MLFLOW_TRACKING_URI: put it back after
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(before)
+
+
 def recording_make_dataset(real_make_dataset):
     """chromalab.tfrecords.make_dataset that also records what training is fed: epoch by epoch, a fingerprint of
     every (L, ab) sample of each training dataset it builds (the same deterministic pipeline, iterated once
@@ -101,8 +115,9 @@ def recording_make_dataset(real_make_dataset):
     return recording
 
 
-# Runs `chromalab train gan` in a process of its own with TensorFlow's deterministic ops, recording what
-# training is fed. It ends as `chromalab` does, without the interpreter's teardown (seconds, after TensorFlow).
+# Runs `chromalab train gan` in a process of its own (one that can be SIGKILLed) with TensorFlow's deterministic
+# ops, recording what training is fed. It ends as `chromalab` does, without the interpreter's teardown (seconds,
+# after TensorFlow).
 RECORDING_TRAIN = textwrap.dedent(f"""
     import sys
     import chromalab  # first: TensorFlow then skips its unused imports (chromalab.UNUSED_EXTRAS)
@@ -121,7 +136,30 @@ RECORDING_TRAIN = textwrap.dedent(f"""
 """)
 
 
-def _repo(path: Path, dataset: Path, params: dict, mlflow_db: Path) -> Path:
+def _train_recorded(repo: Path, tracking_uri: str | None = None) -> tuple[dict, str]:
+    """`chromalab train gan` in `repo`, in this process, as RECORDING_TRAIN runs it: TensorFlow's deterministic
+    ops, what training is fed recorded. Returns its metrics and stderr."""
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
+
+    from chromalab import tfrecords
+    from chromalab.config import load_params
+
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
+        patch.chdir(repo)
+        if tracking_uri is not None:
+            patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        patch.setattr(tfrecords, "make_dataset", recording_make_dataset(tfrecords.make_dataset))
+        tf.config.experimental.enable_op_determinism()
+        try:
+            metrics = run_train(load_params(), "gan")
+        finally:
+            tf_config.disable_op_determinism()  # the tests after this one run as they would alone
+    return metrics, stderr.getvalue()
+
+
+def _repo(path: Path, dataset: Path, params: dict, mlflow_db: Path | None) -> Path:
     _git_repo(path, dataset, mlflow_db)
     (path / "params.yaml").write_text(yaml.safe_dump(params))
     return path
@@ -133,13 +171,10 @@ def _fed_epochs(repo: Path) -> list[dict[int, list[str]]]:
     return [{int(e): v for e, v in json.loads(line).items()} for line in lines]
 
 
-def _mlflow_history(repo: Path) -> tuple[str, dict[str, list[int]]]:
-    """The one run's id and, per metric, the steps logged, with repeats (not a set)."""
-    client = _client(repo)
-    runs = client.search_runs([client.get_experiment_by_name("chromalab").experiment_id])
-    assert len(runs) == 1, [r.info.run_id for r in runs]
-    run_id = runs[0].info.run_id
-    return run_id, {key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in runs[0].data.metrics}
+def _mlflow_steps(client: mlflow.MlflowClient, run_id: str) -> dict[str, list[int]]:
+    """Per metric of the run, the steps logged, with repeats (not a set)."""
+    metrics = client.get_run(run_id).data.metrics
+    return {key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in metrics}
 
 
 def _final_weights(repo: Path) -> list[np.ndarray]:
@@ -148,23 +183,45 @@ def _final_weights(repo: Path) -> list[np.ndarray]:
     return [np.asarray(w) for w in keras.saving.load_model(repo / "models/gan/model.keras", compile=False).weights]
 
 
-def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, dataset, mlflow_db_template, monkeypatch):
-    """20 epochs straight against the same run SIGKILLed after a checkpoint and started again: the same
-    photos in the same order each epoch, the same MLflow steps (each once), the same final weights."""
-    import tensorflow as tf
+# The GAN's run: its checkpoints, validation and sample sheets often enough that a kill mid-run loses epochs
+# and the resumed run must log some of each again; decay_epochs: half, so the schedule resumes too.
+GAN_RUN = {**TINY, "train": {**TINY["train"], "checkpoint_every": 2, "val_every": 3, "sample_every": 4},
+           "gan": {**TINY["gan"], "epochs": 20}}
 
-    from chromalab import tfrecords
-    from chromalab.config import load_params
 
-    epochs = 20
-    params = {**TINY, "train": {**TINY["train"], "checkpoint_every": 2, "val_every": 3, "sample_every": 4},
-              "gan": {**TINY["gan"], "epochs": epochs}}  # decay_epochs: half, so the schedule resumes too
+@pytest.fixture(scope="module")
+def gan_run_on_server(tmp_path_factory, dataset, mlflow_server) -> tuple[Path, dict, str]:
+    """The GAN's one in-process run serves four tests: it is the uninterrupted run a killed one must match
+    (TensorFlow's deterministic ops, what it is fed recorded in fed.jsonl), it logs to the tracking server
+    (MLFLOW_TRACKING_URI), and it finds the checkpoint of a run whose GAN params differ. Returns its repo,
+    metrics and stderr."""
+    repo = _repo(tmp_path_factory.mktemp("gan-on-server"), dataset, GAN_RUN, None)
+    # The checkpoint of a run with one GAN param different, fingerprinted as run_train does it: if the
+    # fingerprint ignored params, this run would try to resume from it (and fail on the weights).
+    dataset_hash = str(read_dataset_info(dataset).get("content_hash", ""))
+    params = parse_params(GAN_RUN)
+    other = params_fingerprint(parse_params({**GAN_RUN, "gan": {**GAN_RUN["gan"], "l1_lambda": 50.0}}), "gan",
+                               dataset_hash)
+    assert other != params_fingerprint(params, "gan", dataset_hash)
+    checkpoint = repo / "models/gan/checkpoint"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.weights.h5").write_bytes(b"not weights from these params")
+    (checkpoint / "state.json").write_text(json.dumps(
+        {"status": "running", "epoch": 1, "fingerprint": other, "mlflow_run_id": "gone"}))
+    metrics, stderr = _train_recorded(repo, mlflow_server)
+    return repo, metrics, stderr
+
+
+def test_a_killed_run_resumes_exactly_where_it_stopped(request, tmp_path, dataset, mlflow_db_template):
+    """The GAN's uninterrupted run (gan_run_on_server) against the same run SIGKILLed after a checkpoint and
+    started again: the same photos in the same order each epoch, the same MLflow steps (each once), the same
+    final weights."""
+    epochs = GAN_RUN["gan"]["epochs"]
     cmd = [sys.executable, "-c", RECORDING_TRAIN]
-    straight = _repo(tmp_path / "straight", dataset, params, mlflow_db_template)
-    killed = _repo(tmp_path / "killed", dataset, params, mlflow_db_template)
+    killed = _repo(tmp_path / "killed", dataset, GAN_RUN, mlflow_db_template)
     # The run to be killed starts in a process of its own (stderr to a file: a full pipe nobody reads would
-    # stall it); a thread kills it after a checkpoint while the straight run trains here, in this process
-    # (sparing a third TensorFlow start-up), with the same deterministic ops.
+    # stall it); a thread kills it after a checkpoint while the uninterrupted run trains here, in this process
+    # (sparing a TensorFlow start-up), with the same deterministic ops.
     state_file = killed / "models/gan/checkpoint/state.json"
     proc = subprocess.Popen(cmd, cwd=killed, stdout=subprocess.DEVNULL, stderr=(tmp_path / "killed.err").open("w"))
 
@@ -181,16 +238,7 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, dataset, mlflow
     killer = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
     killer.start()
     try:
-        monkeypatch.chdir(straight)
-        monkeypatch.setattr(tfrecords, "make_dataset", recording_make_dataset(tfrecords.make_dataset))
-        tf.config.experimental.enable_op_determinism()
-        try:
-            run_train(load_params(), "gan")
-        finally:
-            from tensorflow.python.framework import config as tf_config
-
-            tf_config.disable_op_determinism()  # the tests after this one run as they would alone
-            monkeypatch.undo()
+        straight, straight_metrics, _ = request.getfixturevalue("gan_run_on_server")
         killer.join(timeout=600)
         proc.wait(timeout=600)
     finally:  # never leave the killed run behind
@@ -199,9 +247,10 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, dataset, mlflow
             proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"not killed mid-run:\n{(tmp_path / 'killed.err').read_text()[-2000:]}"
     run_id = json.loads(state_file.read_text())["mlflow_run_id"]
-    second = subprocess.run(cmd, cwd=killed, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    resumed_at = int(second.stderr.split("resuming gan from its checkpoint at epoch ")[1].split("/")[0])
+    # Started again here, in this process (sparing a third TensorFlow start-up): all it can resume from is
+    # what the killed process left on disk and in its MLflow store.
+    _, stderr = _train_recorded(killed)
+    resumed_at = int(stderr.split("resuming gan from its checkpoint at epoch ")[1].split("/")[0])
     assert 6 <= resumed_at < epochs
 
     # The same samples (photo, flip, contrast variant) in the same order, epoch by epoch.
@@ -211,59 +260,40 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, dataset, mlflow
     assert fed_killed == fed_straight
     assert fed_straight[0] != fed_straight[1]  # a new order each epoch, so the check above can fail
 
-    # MLflow: one run, every per-epoch metric at steps 1..20 exactly once, as in the straight run.
-    straight_run, straight_steps = _mlflow_history(straight)
-    killed_run, killed_steps = _mlflow_history(killed)
-    assert killed_run == run_id
-    assert killed_steps == straight_steps
+    # MLflow: one run, every per-epoch metric at steps 1..20 exactly once, as in the uninterrupted run.
+    killed_client = _client(killed)
+    runs = killed_client.search_runs([killed_client.get_experiment_by_name("chromalab").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    killed_steps = _mlflow_steps(killed_client, run_id)
+    assert killed_steps == _mlflow_steps(mlflow.MlflowClient(request.getfixturevalue("mlflow_server")),
+                                         straight_metrics["mlflow_run_id"])
     assert killed_steps["g_l1"] == killed_steps["epoch_seconds"] == list(range(1, epochs + 1))
     assert killed_steps["val_ssim"] == [3, 6, 9, 12, 15, 18]
     history = read_history(killed / "reports/gan/history.csv")
     assert [row["epoch"] for row in history] == list(range(1, epochs + 1))
 
     # Weights, optimizer state (Adam's moments and step count, which the decaying rate follows) and dropout
-    # RNG state were restored: with deterministic ops the resumed run ends with the straight run's weights.
+    # RNG state were restored: with deterministic ops the resumed run ends with the uninterrupted run's weights.
     for a, b in zip(_final_weights(straight), _final_weights(killed), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.fixture(scope="module")
-def gan_run_on_server(tmp_path_factory, dataset, mlflow_server) -> tuple[Path, dict, str]:
-    """The GAN's 30-epoch run serves three tests: it logs to the tracking server (MLFLOW_TRACKING_URI), and it
-    finds the checkpoint of a run whose GAN params differ. Returns its repo, metrics and stderr."""
-    repo = _git_repo(tmp_path_factory.mktemp("gan-on-server"), dataset, None)
-    # The checkpoint of a run with one GAN param different, fingerprinted as run_train does it: if the
-    # fingerprint ignored params, this run would try to resume from it (and fail on the weights).
-    dataset_hash = str(read_dataset_info(dataset).get("content_hash", ""))
-    other = params_fingerprint(tiny_params(gan={"l1_lambda": 50.0}), "gan", dataset_hash)
-    assert other != params_fingerprint(tiny_params(), "gan", dataset_hash)
-    checkpoint = repo / "models/gan/checkpoint"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "state.weights.h5").write_bytes(b"not weights from these params")
-    (checkpoint / "state.json").write_text(json.dumps(
-        {"status": "running", "epoch": 1, "fingerprint": other, "mlflow_run_id": "gone"}))
-    stderr = io.StringIO()
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
-        patch.chdir(repo)
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        metrics = run_train(tiny_params(), "gan")
-    return repo, metrics, stderr.getvalue()
-
-
 @pytest.mark.parametrize("model_name, loss_key", [("baseline", "loss"), ("gan", "g_l1")])
-def test_tiny_model_overfits_with_finite_falling_loss_and_mlflow_holds_the_run(request, monkeypatch, dataset,
-                                                                              model_name, loss_key):
+def test_tiny_model_overfits_with_finite_falling_loss_and_mlflow_holds_the_run(request, dataset, model_name,
+                                                                              loss_key):
     if model_name == "gan":  # the run on the tracking server, read back from there
         workdir, metrics, _ = request.getfixturevalue("gan_run_on_server")
+        p = parse_params(GAN_RUN)
         client = mlflow.MlflowClient(request.getfixturevalue("mlflow_server"))
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)  # for runs:/ below
     else:  # the default store: mlflow.db at the repo root
         workdir = request.getfixturevalue("workdir")
-        metrics = run_train(tiny_params(), model_name)
+        p = tiny_params()
+        metrics = run_train(p, model_name)
         client = _client(workdir)
+    epochs, val_every, sample_every = p.model(model_name).epochs, p.train.val_every, p.train.sample_every
 
     history = read_history(workdir / f"reports/{model_name}/history.csv")
-    assert [row["epoch"] for row in history] == list(range(1, 31))
+    assert [row["epoch"] for row in history] == list(range(1, epochs + 1))
     losses = np.array([row[loss_key] for row in history])
     assert np.isfinite(losses).all()
     # Means of five epochs, so one noisy epoch can't decide it (the baseline's dropout makes it noisy).
@@ -274,20 +304,24 @@ def test_tiny_model_overfits_with_finite_falling_loss_and_mlflow_holds_the_run(r
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params[f"{model_name}.epochs"] == "30" and params["base.image_size"] == "32"
+    assert params[f"{model_name}.epochs"] == str(epochs) and params["base.image_size"] == "32"
     assert "data.url" in params and "train.flip_lr" in params  # data params too, flattened
     other = "baseline" if model_name == "gan" else "gan"
     assert not any(key.startswith(f"{other}.") for key in params)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, loss_key)]
-    assert steps == list(range(1, 31))
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ssim")] == [10, 20, 30]
+    assert steps == list(range(1, epochs + 1))
+    val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_ssim")]
+    assert val_steps == list(range(val_every, epochs + 1, val_every))
     tags = run.data.tags
     assert tags["model"] == model_name and tags["stage"] == f"train@{model_name}"
     assert tags["dataset_hash"] == read_dataset_info(dataset)["content_hash"]
     assert tags["device"] == "CPU" and "keras.version" in tags and "mlflow.source.git.dirty" in tags
     image_files = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert len([p for p in image_files if p.endswith(".png")]) >= 3  # sample sheets at epochs 10, 20, 30
-    logged = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    # A sample sheet every sample_every epochs and at the last, each once (images/samples+step+<epoch>+….png).
+    sheet_steps = sorted(int(path.split("+step+")[1].split("+")[0]) for path in image_files if path.endswith(".png"))
+    assert sheet_steps == sorted({*range(sample_every, epochs + 1, sample_every), epochs}), image_files
+    with _fluent_store(client.tracking_uri):
+        logged = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
     L = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
     assert logged.predict(L, verbose=0).shape == (2, 32, 32, 2)
 
@@ -295,14 +329,15 @@ def test_tiny_model_overfits_with_finite_falling_loss_and_mlflow_holds_the_run(r
 def test_changed_params_start_afresh_instead_of_resuming(gan_run_on_server):
     repo, metrics, stderr = gan_run_on_server
     assert "starting afresh" in stderr
-    assert metrics["epochs"] == 30
-    assert len(read_history(repo / "reports/gan/history.csv")) == 30
+    assert metrics["epochs"] == GAN_RUN["gan"]["epochs"]
+    assert len(read_history(repo / "reports/gan/history.csv")) == GAN_RUN["gan"]["epochs"]
 
 
 def test_training_logs_to_a_real_tracking_server(gan_run_on_server, mlflow_server):
     repo, metrics, _ = gan_run_on_server
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(metrics["mlflow_run_id"])
-    assert run.data.params["gan.epochs"] == "30"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "g_loss")] == list(range(1, 31))
+    epochs = GAN_RUN["gan"]["epochs"]
+    assert run.data.params["gan.epochs"] == str(epochs)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "g_loss")] == list(range(1, epochs + 1))
     assert not (repo / "mlflow.db").exists()  # the env var overrides the default store
