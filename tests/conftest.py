@@ -134,8 +134,8 @@ def jax_env() -> dict[str, str]:
 
 
 # --- xdist: the longest modules start first, so that the two workers finish together -----------------------
-LONGEST_FIRST = ("test_pipeline.py", "test_gpu_check.py", "test_bench.py", "test_training.py",
-                 "test_training_backends.py", "test_distributed.py")  # ~100-400 s each on 2 cores
+LONGEST_FIRST = ("test_pipeline.py", "test_gpu_check.py", "test_training.py", "test_learning.py",
+                 "test_training_backends.py", "test_bench.py", "test_distributed.py")  # ~60-200 s each on 2 cores
 
 
 def pytest_collection_modifyitems(items):
