@@ -12,8 +12,10 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
+from chromalab.devices import xla_choice
 from chromalab.training import read_history, run_train
 from conftest import jax_env
 from test_training import TINY, dataset, tiny_params, workdir  # noqa: F401  (fixtures)
@@ -47,12 +49,22 @@ def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
             seen.append((tf.distribute.get_replica_context().num_replicas_in_sync, data[0].shape[0]))
             return own_step(self, data)
         gan.Pix2Pix._tf_train_step = spy
+        # XLA cannot run a step mirrored over several devices: `xla: on` is refused before any work.
+        import yaml
+        from chromalab.config import parse_params
+        from chromalab.errors import ChromalabError
+        raw = yaml.safe_load(open("params.yaml"))
+        try:
+            run_train(parse_params({**raw, "train": {**raw.get("train", {}), "xla": "on"}}), "gan", strategy=strategy)
+        except ChromalabError as refused:
+            print("xla on:", refused)
         run_train(load_params(), "gan", strategy=strategy)
         print("steps saw", sorted(set(seen)))
         exit_without_teardown()  # TensorFlow's interpreter teardown would take seconds
     """, workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "steps saw [(2, 2)]" in done.stdout, done.stdout[-2000:]
+    assert "xla on: train.xla: on cannot compile TensorFlow's step mirrored over 2 devices" in done.stdout
     losses = [row["g_l1"] for row in read_history(workdir / "reports/gan/history.csv")]
     assert len(losses) == 3 and np.isfinite(losses).all()
 
@@ -81,3 +93,16 @@ def test_float16_with_loss_scaling_and_xla_train_through_run_train(workdir, monk
     assert model.generator.dtype_policy.name == "mixed_float16"
     rows = read_history(workdir / "reports/gan/history.csv")
     assert len(rows) == 2 and all(np.isfinite(row["g_l1"]) and np.isfinite(row["d_loss"]) for row in rows)
+
+
+@pytest.mark.parametrize(("switch", "backend", "gpus", "replicas", "compiled"), [
+    ("auto", "tensorflow", [], 1, False),  # a CPU: XLA buys nothing there, only compile time
+    ("auto", "tensorflow", ["NVIDIA H100"], 1, True),
+    ("auto", "tensorflow", ["NVIDIA H100"] * 2, 2, False),  # mirrored: XLA cannot run it
+    ("auto", "jax", [], 1, True),  # uncompiled JAX runs op by op
+    ("auto", "jax", ["NVIDIA H100"] * 2, 2, True),  # JAX's data parallelism compiles as one program
+    ("on", "tensorflow", [], 1, True),
+    ("off", "jax", ["NVIDIA H100"], 1, False),
+])
+def test_xla_choice(switch, backend, gpus, replicas, compiled):
+    assert xla_choice(switch, backend, gpus, replicas) is compiled

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+from chromalab.errors import ChromalabError
+
 
 def available_cores() -> int:
     """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
@@ -31,6 +33,21 @@ def precision_policy(switch: str, gpus: list[str]) -> str:
         return "float32"
     old_gpu = any(tag in name for name in gpus for tag in ("V100", "T4", "P100", "K80"))
     return "mixed_float16" if old_gpu else "mixed_bfloat16"
+
+
+def xla_choice(switch: str, backend: str, gpus: list[str], replicas: int) -> bool:
+    """Whether the train step is compiled with XLA. 'auto': under JAX always (uncompiled JAX runs op by op, far
+    slower), under TensorFlow on GPUs, but not for a MirroredStrategy over several devices, which Keras 3
+    compiles as one function that XLA cannot run (it reads each replica's variables from another device)."""
+    mirrored = backend == "tensorflow" and replicas > 1
+    if switch == "on" and mirrored:
+        raise ChromalabError(
+            f"train.xla: on cannot compile TensorFlow's step mirrored over {replicas} devices (XLA reads each "
+            "replica's variables from another device): set train.xla: auto or off, or train with KERAS_BACKEND=jax"
+        )
+    if switch != "auto":
+        return switch == "on"
+    return backend == "jax" or (bool(gpus) and not mirrored)
 
 
 def hide_gpus_from_tensorflow() -> None:

@@ -29,7 +29,7 @@ from keras import ops
 from chromalab import losses
 from chromalab.color import lab_norm_to_rgb
 from chromalab.config import MODEL_NAMES, Params, flatten
-from chromalab.devices import gpu_names, hide_gpus_from_tensorflow, precision_policy
+from chromalab.devices import gpu_names, hide_gpus_from_tensorflow, precision_policy, xla_choice
 from chromalab.errors import ChromalabError
 from chromalab.files import atomic_file, write_text_atomic
 from chromalab.gan import VALIDATION_METRICS, Pix2Pix, validation_trackers
@@ -395,8 +395,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     gpus = gpu_names()
     policy = precision_policy(train_p.mixed_precision, gpus)
     keras.mixed_precision.set_global_policy(policy)
-    # Under JAX "auto" compiles on a CPU too: uncompiled JAX runs op by op, far slower.
-    jit_compile = train_p.xla == "on" or (train_p.xla == "auto" and (bool(gpus) or keras.backend.backend() == "jax"))
+    jit_compile = xla_choice(train_p.xla, keras.backend.backend(), gpus, replica_count(strategy))
     keras.utils.set_random_seed(params.base.seed)
 
     model_dir = models_root / model_name
