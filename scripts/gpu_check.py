@@ -55,7 +55,7 @@ SIZES = {
     "full": {"n_train": 2000, "n_test": 200, "image_size": 256, "width": 1.0, "batches": [1, 16, 64, 128, 256],
              "steps": 20, "precision": "mixed_bfloat16", "gan_epochs": 3, "baseline_epochs": 1, "budget_s": 480,
              "best_parts": ["gan", "baseline", "loop"]},
-    # The GAN's loop only: each compile costs a CPU much. Epochs cost a CPU ~1 s each (bfloat16 is emulated
+    # The GAN's loop only: each compile costs a CPU much. Epochs cost a CPU ~1 s each (float16 is emulated
     # there): 4 show the losses fall (g_l1 falls every epoch from the 1st). float16 (with loss scaling) and
     # the input rows: the bench's other paths under JAX.
     "small": {"n_train": 16, "n_test": 4, "image_size": 32, "width": 0.125, "batches": [4], "steps": 2,
