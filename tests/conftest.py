@@ -32,6 +32,8 @@ def fast_backoff(monkeypatch):
 
 
 # --- a real MLflow tracking server, shared by the tracking and training tests ---
+import contextlib  # noqa: E402
+import json  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -72,25 +74,86 @@ def mlflow_db_template(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def mlflow_server_process(tmp_path_factory, mlflow_db_template):
-    """A real `mlflow server` on 127.0.0.1 (light settings, security middleware on), one per session."""
+# One `mlflow server` for the whole run, however many xdist workers ask for it: each start costs ~10 CPU-s
+# (MLflow's imports, twice: the CLI and its uvicorn worker). The first worker to ask starts it and writes
+# where it listens into SHARED_DIR; the others read that. The pytest process that made SHARED_DIR (xdist's
+# controller, or the only process under -n 0) stops it at the end, after every worker has finished.
+SHARED_DIR = "CHROMALAB_TESTS_SHARED_DIR"
+
+
+def pytest_configure(config):
+    if SHARED_DIR not in os.environ:  # the first pytest process: workers inherit its environment
+        import tempfile
+
+        os.environ[SHARED_DIR] = tempfile.mkdtemp(prefix="chromalab-tests-")
+        config._chromalab_shared_dir = Path(os.environ[SHARED_DIR])
+
+
+def pytest_unconfigure(config):
     import shutil
 
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    shutil.copy(mlflow_db_template, folder / "mlflow.db")  # its tables made already
-    port = _free_port()
-    log_path = folder / "server.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-             "--artifacts-destination", str(folder / "artifacts")],
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its workers share its group
-        )
-    yield f"http://127.0.0.1:{port}", proc, log_path
-    stop_process_group(proc)
+    shared = getattr(config, "_chromalab_shared_dir", None)
+    if shared is None:
+        return
+    server = shared / "mlflow-server.json"
+    if server.is_file():
+        pid = json.loads(server.read_text())["pid"]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.1)
+            os.killpg(pid, signal.SIGKILL)
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaps it if it is our child and has exited
+    try:  # a zombie (exited, its parent gone, not yet reaped) has not the state R/S/D/... but Z
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+_STARTED: list[subprocess.Popen] = []
+
+
+class _Started:
+    """What wait_until_up needs of a server another process started: whether it still runs."""
+
+    def __init__(self, pid: int, args: list[str]):
+        self.pid, self.args, self.returncode = pid, args, None
+
+    def poll(self):
+        return None if _alive(self.pid) else -1
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_process(mlflow_db_template):
+    """A real `mlflow server` on 127.0.0.1 (light settings, security middleware on), one per test run."""
+    import shutil
+
+    from filelock import FileLock
+
+    folder = Path(os.environ[SHARED_DIR]) / "mlflow-server"
+    record = folder.parent / "mlflow-server.json"
+    with FileLock(f"{record}.lock"):
+        if not record.is_file():
+            folder.mkdir()
+            shutil.copy(mlflow_db_template, folder / "mlflow.db")  # its tables made already
+            port = _free_port()
+            args = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                    "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                    "--artifacts-destination", str(folder / "artifacts")]
+            with (folder / "server.log").open("wb") as log:
+                proc = subprocess.Popen(args, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                                        stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)  # its workers share its group
+            _STARTED.append(proc)  # kept: the process that made SHARED_DIR stops it, not this Popen's finaliser
+            record.write_text(json.dumps({"url": f"http://127.0.0.1:{port}", "pid": proc.pid, "args": args}))
+    started = json.loads(record.read_text())
+    return started["url"], _Started(started["pid"], started["args"]), folder / "server.log"
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:
@@ -130,17 +193,29 @@ def jax_env() -> dict[str, str]:
     """A subprocess environment for the JAX backend on CPU. XLA's optimisation passes take most of the
     run for these tiny models (one compilation per op and weight shape) and buy nothing here."""
     xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}
+    # One persistent compilation cache for the run's JAX processes: they build the same tiny nets, whose
+    # weights' initialisers compile once per shape. A size limit turns on its file lock: processes on both
+    # workers read and write it at once.
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(Path(os.environ[SHARED_DIR]) / "jax-cache"),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_COMPILATION_CACHE_MAX_SIZE": str(2**30)}
+    return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags, **cache}
 
 
-# --- xdist: the longest modules start first, so that the two workers finish together -----------------------
-LONGEST_FIRST = ("test_pipeline.py", "test_gpu_check.py", "test_training.py", "test_learning.py",
-                 "test_training_backends.py", "test_bench.py", "test_distributed.py")  # ~60-200 s each on 2 cores
+# --- xdist: modules start longest first, so that the two workers finish together ----------------------------
+# Seconds each module took in a whole run on 2 cores (`--durations`, summed per module), 2026-12-01. Modules of
+# ~1 s are left out (0 s). Longest first keeps the tail short: the last modules to start are the small ones;
+# a new long module belongs here.
+MODULE_SECONDS = {
+    "test_pipeline.py": 225, "test_gpu_check.py": 158, "test_training.py": 99, "test_bench.py": 98,
+    "test_learning.py": 84, "test_training_backends.py": 82, "test_distributed.py": 68, "test_registry.py": 36,
+    "test_tracking.py": 32, "test_evaluate.py": 27, "test_models.py": 27, "test_serve.py": 22, "test_cli.py": 13,
+    "test_tfrecords.py": 13, "test_losses.py": 10, "test_colorize.py": 9, "test_startup.py": 8,
+    "test_serve_page.py": 8, "test_images.py": 7, "test_optimizers.py": 6, "test_device_data.py": 5,
+}
 
 
 def pytest_collection_modifyitems(items):
-    def rank(item) -> int:
-        name = item.path.name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    def rank(item) -> float:
+        return -MODULE_SECONDS.get(item.path.name, 0)
 
     items.sort(key=rank)  # stable: the order within a module is kept
