@@ -126,7 +126,9 @@ class _Started:
         self.pid, self.args, self.returncode = pid, args, None
 
     def poll(self):
-        return None if _alive(self.pid) else -1
+        if self.returncode is None and not _alive(self.pid):
+            self.returncode = "unknown (another test process started it)"
+        return self.returncode
 
 
 @pytest.fixture(scope="session")
