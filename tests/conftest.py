@@ -97,13 +97,9 @@ def pytest_unconfigure(config):
         return
     server = shared / "mlflow-server.json"
     if server.is_file():
-        pid = json.loads(server.read_text())["pid"]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and _alive(pid):
-                time.sleep(0.1)
-            os.killpg(pid, signal.SIGKILL)
+        started = json.loads(server.read_text())
+        with contextlib.suppress(ProcessLookupError):  # gone already
+            stop_process_group(_Started(started["pid"], started["args"]))
     shutil.rmtree(shared, ignore_errors=True)
 
 
@@ -120,7 +116,7 @@ _STARTED: list[subprocess.Popen] = []
 
 
 class _Started:
-    """What wait_until_up needs of a server another process started: whether it still runs."""
+    """A server another process started, as much of a Popen as wait_until_up and stop_process_group use."""
 
     def __init__(self, pid: int, args: list[str]):
         self.pid, self.args, self.returncode = pid, args, None
@@ -128,6 +124,14 @@ class _Started:
     def poll(self):
         if self.returncode is None and not _alive(self.pid):
             self.returncode = "unknown (another test process started it)"
+        return self.returncode
+
+    def wait(self, timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.1)
         return self.returncode
 
 
