@@ -11,6 +11,10 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 import chromalab  # noqa: E402,F401  before any test module imports Keras: it then skips its unused imports
 
+# What TensorFlow's C++ side prints as it starts (absl's preamble, the CPU feature guard, oneDNN's notices,
+# "oneDNN supports DT_HALF only…" at the first float16 tensor), which chromalab's commands hide (chromalab.quiet).
+TENSORFLOW_NOISE = ("absl::InitializeLog", "cpu_feature_guard", "oneDNN", "DT_HALF")
+
 # --- fake Unsplash (tests/fake_unsplash.py) for the download / split / images stages ---
 import pytest  # noqa: E402
 

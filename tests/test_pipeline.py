@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 
 from chromalab.color import lab_norm_to_rgb
-from conftest import stop_process_group
+from conftest import TENSORFLOW_NOISE, stop_process_group
 from sheets import assert_charts_draw, assert_comparison_sheet, panels, read_rgb
 
 pytestmark = pytest.mark.slow
@@ -50,8 +50,9 @@ def _env(repo: Path) -> dict[str, str]:
     env["PYTHONPATH"] = str(repo / "src")  # the stages run the repo's own copy of the library
     env["DVC_SITE_CACHE_DIR"] = str(repo.parent / "dvc-site-cache")
     env["HOME"] = str(repo.parent)  # no global git/dvc config from the developer's home
-    env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    for name in ("MLFLOW_TRACKING_URI", "TF_CPP_MIN_LOG_LEVEL"):  # as a user's shell has them: the stages are quiet
+        env.pop(name, None)
     return env
 
 
@@ -191,6 +192,12 @@ def test_an_interrupted_repro_resumes_train_at_gan_from_its_persisted_checkpoint
     # Complete: the model, and a checkpoint folder that says so (the next forced run starts afresh).
     assert (repo / "models/gan/model.keras").is_file()
     assert json.loads((repo / GAN_CHECKPOINT / "state.json").read_text())["status"] == "complete"
+
+
+def test_stages_print_their_own_lines_and_none_of_tensorflows(data_stages, interrupted, full_pipeline):
+    for out in (data_stages, interrupted["output"], full_pipeline):
+        assert not [line for line in out.splitlines() if any(tag in line for tag in TENSORFLOW_NOISE)], out[-3000:]
+    assert "Epoch 1/" in interrupted["output"] and "evaluate:" in full_pipeline  # ...while their own progress shows
 
 
 def test_training_and_evaluation_outputs(repo, full_pipeline):

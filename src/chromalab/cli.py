@@ -14,30 +14,13 @@ from typing import Annotated, Optional
 import typer
 
 from chromalab.errors import ChromalabError
+from chromalab.quiet import quiet_tensorflow
 
 app = typer.Typer(
     help="Learn to colour grayscale photos of people, and colour your own.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-# TensorFlow's C++ start-up lines (oneDNN notices, the CPU feature guard, "oneDNN supports DT_HALF only…")
-# are written while it is imported, before any Python logging can filter them: the variable must be set
-# before that import. Level 2 keeps its errors.
-TF_LOG_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
-QUIET_TF_LOG_LEVEL = "2"
-
-
-def quiet_tensorflow(verbose: bool = False) -> None:
-    """Hide TensorFlow's start-up notices, unless `verbose` or the user has set TF_CPP_MIN_LOG_LEVEL."""
-    if verbose or TF_LOG_VARIABLE in os.environ:
-        return
-    os.environ[TF_LOG_VARIABLE] = QUIET_TF_LOG_LEVEL
-    # The Python side (absl warnings routed through the "absl" and "tensorflow" loggers) likewise.
-    import logging
-
-    for name in ("absl", "tensorflow"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @app.callback()
