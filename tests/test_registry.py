@@ -109,7 +109,8 @@ def test_training_registers_a_version_tagged_with_its_origin_and_evaluate_crowns
         assert len(tags["test_set_digest"]) == 64
         model = client.get_registered_model(f"chromalab-{name}")
         assert model.aliases == {"champion": version.version, "challenger": version.version}
-        assert "python_function" in mlflow.models.get_model_info(version.source).flavors
+        pyfunc = mlflow.models.get_model_info(version.source).flavors["python_function"]
+        assert "python_model" not in pyfunc and pyfunc["model_code_path"].endswith("colorizer_model.py")  # no pickle
     assert client.search_registered_models("name = 'chromalab-baseline'") == []  # evaluated, never registered
 
 

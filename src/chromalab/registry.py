@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
+from unittest import mock
 from typing import TYPE_CHECKING
 
 from chromalab.config import MODEL_NAMES
@@ -61,11 +63,13 @@ def log_colorizer(keras_file: Path, name: str = PYFUNC_NAME) -> ModelInfo:
     from chromalab.serve import pyfunc
 
     tracking._require_active_run()
-    with warnings.catch_warnings():
+    # MLflow copies the Keras file into the logged model under a "Downloading artifacts" progress bar: a local
+    # copy of ~1 s at most, shown in every training stage's output; off for that copy.
+    with warnings.catch_warnings(), mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
         # No input example on purpose: it would be a photo stored with a model that may be shared.
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         return mlflow.pyfunc.log_model(
-            name=name, python_model=pyfunc.Colorizer(), artifacts={pyfunc.KERAS_ARTIFACT: str(keras_file)},
+            name=name, python_model=pyfunc.CODE_FILE, artifacts={pyfunc.KERAS_ARTIFACT: str(keras_file)},
             signature=pyfunc.signature(),
             pip_requirements=[*tracking._model_requirements(), *_installed("pillow", "scikit-image", "pandas")],
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -23,6 +24,7 @@ import pandas as pd
 COLUMN = "image"
 KERAS_ARTIFACT = "keras_model"
 JPEG_QUALITY = 95  # as `chromalab colorize` writes JPEGs
+CODE_FILE = Path(__file__).with_name("colorizer_model.py")  # what log_colorizer logs (models from code)
 
 
 def signature() -> mlflow.models.ModelSignature:
