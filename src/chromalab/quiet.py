@@ -56,7 +56,11 @@ def start_up_lines_hidden():
     """Capture what this process writes to file descriptor 2 (C++ and Python alike) in the block, then write
     it to stderr less TensorFlow's start-up lines."""
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to filter (closed by the caller)
+        yield
+        return
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
