@@ -47,3 +47,20 @@ def test_only_the_named_importers_are_refused(tmp_path, monkeypatch):
     import_from("mlflow.keras")  # any other importer gets it
     assert sys.modules["chromalab_probe"].VALUE == 1
     import_from("keras.src.wrappers.fixes")  # and once imported, so does everyone
+
+
+def test_the_refusals_hold_behind_the_quiet_import_hook(tmp_path, monkeypatch):
+    """chromalab.quiet's hook asks the finders after it on the importer's behalf: Keras under JAX must still be
+    refused TensorFlow (~5 CPU-s and its threads) when a command runs quiet."""
+    from chromalab import quiet
+
+    (tmp_path / "chromalab_probe.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    monkeypatch.setitem(chromalab.UNUSED_EXTRAS, "chromalab_probe", ("keras.",))
+    monkeypatch.setattr(quiet, "QUIETED_IMPORTS", ("chromalab_probe",))
+    monkeypatch.setattr(sys, "meta_path", [quiet._QuietImports(), *sys.meta_path])
+    monkeypatch.delitem(sys.modules, "chromalab_probe", raising=False)
+    with pytest.raises(ModuleNotFoundError, match="chromalab_probe"):
+        exec("import chromalab_probe", {"__name__": "keras.src.utils.module_utils"})
+    exec("import chromalab_probe", {"__name__": "mlflow.keras"})
+    assert sys.modules["chromalab_probe"].VALUE == 1

@@ -22,14 +22,19 @@ UNUSED_EXTRAS = {  # module: the importers refused it
 }
 
 
+# The frames between an import statement and a finder: Python's import machinery, and chromalab.quiet's import
+# hook, which asks the finders after it on its importer's behalf.
+IMPORT_MACHINERY = ("importlib", "_frozen_importlib", "chromalab.quiet")
+
+
 class _SkipUnusedExtras(MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         prefixes = UNUSED_EXTRAS.get(name)
         if prefixes is None:
             return None  # not ours to decide: the next finder looks for it
         frame = sys._getframe(1)
-        while frame is not None and frame.f_globals.get("__name__", "").startswith(("importlib", "_frozen_importlib")):
-            frame = frame.f_back  # the import machinery's own frames
+        while frame is not None and frame.f_globals.get("__name__", "").startswith(IMPORT_MACHINERY):
+            frame = frame.f_back
         importer = "" if frame is None else frame.f_globals.get("__name__", "")
         if importer.startswith(prefixes):
             raise ModuleNotFoundError(f"{name} is not imported for {importer} (chromalab.UNUSED_EXTRAS)", name=name)

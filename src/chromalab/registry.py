@@ -19,8 +19,8 @@ import json
 import os
 import warnings
 from pathlib import Path
-from unittest import mock
 from typing import TYPE_CHECKING
+from unittest import mock
 
 from chromalab.config import MODEL_NAMES
 
