@@ -15,7 +15,6 @@ from chromalab.cli import main
 from conftest import TENSORFLOW_NOISE
 
 
-
 @pytest.mark.parametrize(("content", "message"), [
     ("base:\n  sed: 3\n", "base.sed: unknown key"),
     ("base:\n  seed: three\n", "base.seed: Input should be a valid integer"),
@@ -84,9 +83,9 @@ print("a Python warning", file=sys.stderr)
 def test_tensorflow_lines_that_ignore_the_log_level_are_hidden_at_import_and_nothing_else(tmp_path, verbose):
     (tmp_path / "tensorflow").mkdir()
     (tmp_path / "tensorflow" / "__init__.py").write_text(FAKE_TENSORFLOW)
+    (tmp_path / "tensorflow" / "python.py").write_text("")
     program = ("import sys; from chromalab.quiet import quiet_tensorflow; quiet_tensorflow(sys.argv[1] == 'v'); "
                "print('before', file=sys.stderr); import tensorflow.python; print('after', file=sys.stderr)")
-    (tmp_path / "tensorflow" / "python.py").write_text("")
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", program, "v" if verbose else "q"], env=env, capture_output=True,
@@ -103,7 +102,6 @@ def test_a_users_own_tensorflow_log_level_is_kept(monkeypatch):
     from chromalab import cli
 
     monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))  # the import hook quiet mode adds goes with it
-
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
     cli.quiet_tensorflow()
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
