@@ -105,7 +105,7 @@ PRELUDE = textwrap.dedent("""
 
     atexit.register(_stats)
     if sys.argv[1] == "--photos":
-        from chromalab.samples import write_images_stage
+        from chromalab.bench.samples import write_images_stage
         n_train, n_test, size = map(int, sys.argv[2:5])
         write_images_stage(__import__("pathlib").Path("data/images"), n_train, n_test, size, seed=1)
     else:

@@ -1,6 +1,15 @@
-"""DVC stage `evaluate`: reads params.yaml, calls the library (same code as `chromalab evaluate`)."""
+"""DVC stage `evaluate`: reads params.yaml and scores both models and the gray floor (as `chromalab evaluate` does)."""
 
-from chromalab.cli import run
+from chromalab.entry import run_stage
+
+
+def main() -> None:
+    # Imported once run_stage has set up the process (chromalab.entry), before Keras is.
+    from chromalab.config import load_params
+    from chromalab.evaluate.stage import run_evaluate
+
+    run_evaluate(load_params())
+
 
 if __name__ == "__main__":
-    run(["evaluate"])
+    run_stage(main)

@@ -1,6 +1,15 @@
-"""DVC stage `images`: reads params.yaml, calls the library (same code as `chromalab images`)."""
+"""DVC stage `images`: reads params.yaml and fetches the selected photos (resumable) (as `chromalab images` does)."""
 
-from chromalab.cli import run
+from chromalab.entry import run_stage
+
+
+def main() -> None:
+    # Imported once run_stage has set up the process (chromalab.entry), before Keras is.
+    from chromalab.config import load_params
+    from chromalab.data.images import run_images
+
+    run_images(load_params())
+
 
 if __name__ == "__main__":
-    run(["images"])
+    run_stage(main)

@@ -1,6 +1,15 @@
-"""DVC stage `split`: reads params.yaml, calls the library (same code as `chromalab split`)."""
+"""DVC stage `split`: reads params.yaml and selects the people subset into train / test / reserve (as `chromalab split` does)."""
 
-from chromalab.cli import run
+from chromalab.entry import run_stage
+
+
+def main() -> None:
+    # Imported once run_stage has set up the process (chromalab.entry), before Keras is.
+    from chromalab.config import load_params
+    from chromalab.data.split import run_split
+
+    run_split(load_params())
+
 
 if __name__ == "__main__":
-    run(["split"])
+    run_stage(main)

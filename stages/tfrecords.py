@@ -1,6 +1,15 @@
-"""DVC stage `tfrecords`: reads params.yaml, calls the library (same code as `chromalab tfrecords`)."""
+"""DVC stage `tfrecords`: reads params.yaml and converts the photos to Lab TFRecords (as `chromalab tfrecords` does)."""
 
-from chromalab.cli import run
+from chromalab.entry import run_stage
+
+
+def main() -> None:
+    # Imported once run_stage has set up the process (chromalab.entry), before Keras is.
+    from chromalab.config import load_params
+    from chromalab.data.tfrecords import run_tfrecords
+
+    run_tfrecords(load_params())
+
 
 if __name__ == "__main__":
-    run(["tfrecords"])
+    run_stage(main)

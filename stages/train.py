@@ -1,8 +1,17 @@
-"""DVC stage `train@<model>`: reads params.yaml, calls the library (same code as `chromalab train`)."""
+"""DVC stage `train@<model>`: reads params.yaml and trains one model (as `chromalab train <model>` does)."""
 
 import sys
 
-from chromalab.cli import run
+from chromalab.entry import run_stage
+
+
+def main() -> None:
+    # Imported once run_stage has set up the process (chromalab.entry), before Keras is.
+    from chromalab.config import load_params
+    from chromalab.train.stage import run_train
+
+    run_train(load_params(), " ".join(sys.argv[1:]))  # anything but one model name is refused by run_train
+
 
 if __name__ == "__main__":
-    run(["train", *sys.argv[1:]])
+    run_stage(main)

@@ -9,7 +9,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
-import chromalab  # noqa: E402,F401  before any test module imports Keras: it then skips its unused imports
+from chromalab.entry import skip_unused_extras  # noqa: E402
+
+skip_unused_extras()  # as every chromalab program does, before any test module imports Keras
 
 # What TensorFlow's C++ side prints as it starts (absl's preamble, the CPU feature guard, oneDNN's notices,
 # "oneDNN supports DT_HALF only…" at the first float16 tensor), which chromalab's commands hide (chromalab.quiet).
@@ -31,8 +33,8 @@ def fake_unsplash():
 @pytest.fixture
 def fast_backoff(monkeypatch):
     """Millisecond backoff between retries (urllib3 Retry), so retry tests do not sleep for seconds."""
-    monkeypatch.setattr("chromalab.download.DOWNLOAD_BACKOFF_S", 0.01)
-    monkeypatch.setattr("chromalab.images.BACKOFF_FACTOR_S", 0.01)
+    monkeypatch.setattr("chromalab.data.download.DOWNLOAD_BACKOFF_S", 0.01)
+    monkeypatch.setattr("chromalab.data.images.BACKOFF_FACTOR_S", 0.01)
 
 
 # --- a real MLflow tracking server, shared by the tracking and training tests ---
@@ -220,7 +222,7 @@ MODULE_SECONDS = {
     "test_learning.py": 84, "test_training_backends.py": 82, "test_distributed.py": 68, "test_registry.py": 36,
     "test_tracking.py": 32, "test_evaluate.py": 27, "test_models.py": 27, "test_serve.py": 22, "test_cli.py": 13,
     "test_tfrecords.py": 13, "test_losses.py": 10, "test_colorize.py": 9, "test_startup.py": 8,
-    "test_serve_page.py": 8, "test_images.py": 7, "test_optimizers.py": 6, "test_device_data.py": 5,
+    "test_serve_page.py": 8, "test_images.py": 7, "test_optimizers.py": 6, "test_training_input.py": 8,
 }
 
 

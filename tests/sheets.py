@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from chromalab.color import lab_norm_to_rgb
 
-# evaluate.py draws 100 dpi figures: comparison.png's cells are 2.2 in square, worst.png's 2.0 × 2.2 in.
+# chromalab.evaluate.figures draws 100 dpi figures: comparison.png's cells are 2.2 in square, worst.png's 2.0 × 2.2 in.
 DPI = 100
 # Panel vs the picture it shows, after shrinking: nearest-neighbour upscaling by a non-integer factor
 # blurs only the borders between source pixels. Measured on test_evaluate's sheets: 3.3-3.7 levels for the

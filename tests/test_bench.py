@@ -12,7 +12,7 @@ import pytest
 from chromalab import bench
 from chromalab.bench import Measurement, render_table, run_bench, spec_peak
 from chromalab.errors import ChromalabError
-from chromalab.models import baseline_train_step_flops, gan_train_step_flops
+from chromalab.train.models import baseline_train_step_flops, gan_train_step_flops
 
 TINY = {"image_size": 32, "batches": [2], "width": 0.125, "steps": 2}
 

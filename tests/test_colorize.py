@@ -19,7 +19,7 @@ from chromalab.cli import app
 from chromalab.color import rgb_to_lab_norm
 from chromalab.colorize import ColorizeReport, colorize_paths, load_colorizer, read_photo
 from chromalab.errors import ChromalabError
-from chromalab.samples import real_crops
+from chromalab.bench.samples import real_crops
 
 MODEL_SIZE = 16
 TINT_AB = np.tanh([0.05, 0.08]) * 128  # what the tint model predicts everywhere, in Lab units

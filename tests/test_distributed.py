@@ -14,36 +14,36 @@ import numpy as np
 import pytest
 import yaml
 
-from chromalab.epochs import epoch_order
+from chromalab.train.epochs import epoch_order
 from chromalab.errors import ChromalabError
-from chromalab.tfrecords import load_split_arrays
-from chromalab.training import read_history, run_train
+from chromalab.data.dataset import load_split_arrays
+from chromalab.train.checkpoint import read_history
+from chromalab.train.stage import run_train
 from conftest import _free_port, jax_env
 from test_training import TINY, dataset, tiny_params, workdir  # noqa: F401  (fixtures)
 
 WORKER = textwrap.dedent("""
     import hashlib, json, os, sys
     from pathlib import Path
-    import chromalab  # first: Keras then skips its unused imports (chromalab.UNUSED_EXTRAS)
+    from chromalab.entry import skip_unused_extras; skip_unused_extras()  # first: Keras then skips its unused imports
     import jax, keras, numpy as np
-    from chromalab import device_data
-    from chromalab.cli import exit_without_teardown
+    from chromalab.entry import exit_without_teardown
     from chromalab.config import load_params
-    from chromalab.training import read_history, run_train
+    from chromalab.train import input as training_input
+    from chromalab.train.checkpoint import read_history
+    from chromalab.train.stage import run_train
     me = Path(f"worker{sys.argv[1]}")
     me.mkdir()
 
-    # What this process feeds fit, batch by batch: per row its (epoch, step, row of the global batch) and a
-    # fingerprint of the photo's ab (before the compiled augmentation).
-    own_batches = device_data.JaxTrainingFeed._streamed_batches
-    def recording(self, initial_epoch):
-        for lum, ab, rows in own_batches(self, initial_epoch):
-            with open(me / "fed.jsonl", "a") as f:
-                for (_, epoch, step, row), photo_ab in zip(rows.tolist(), ab):
-                    digest = hashlib.sha256(np.asarray(photo_ab, np.float32).tobytes()).hexdigest()[:12]
-                    f.write(json.dumps([epoch, step, row, digest]) + "\\n")
-            yield lum, ab, rows
-    device_data.JaxTrainingFeed._streamed_batches = recording
+    # What this process reads for fit, photo by photo in order (one reader thread): a fingerprint of each
+    # photo's ab as stored, before the augmentation.
+    decode = training_input.decode_photo
+    def recording(*args):
+        photo = decode(*args)
+        with open(me / "fed.jsonl", "a") as f:
+            f.write(json.dumps(hashlib.sha256(np.asarray(photo[2], np.float32).tobytes()).hexdigest()[:12]) + "\n")
+        return photo
+    training_input.decode_photo = recording
 
     run_train(load_params(), "gan", models_root=me / "models", reports_root=me / "reports")
     model = keras.saving.load_model(me / "models/gan/model.keras")
@@ -86,13 +86,15 @@ def test_two_jax_processes_on_localhost_train_one_model_in_step(workdir, dataset
     photo = [hashlib.sha256(ab.tobytes()).hexdigest()[:12] for ab in train_ab]
     seed, n_photos = tiny_params().base.seed, len(photo)
     steps = n_photos // global_batch
-    fed = [[json.loads(line) for line in (workdir / f"worker{i}/fed.jsonl").read_text().splitlines()] for i in range(2)]
-    for epoch in range(epochs):
-        order = epoch_order(seed, epoch, n_photos)
-        for step in range(steps):
-            whole = [photo[i] for i in order[step * global_batch:(step + 1) * global_batch]]
-            halves = [[(row, digest) for e, s, row, digest in rows if (e, s) == (epoch, step)] for rows in fed]
-            assert halves == [list(enumerate(whole))[:2], list(enumerate(whole))[2:]], (epoch, step, whole, halves)
+    for rank in range(2):
+        own = []  # this process's half of each global batch, step after step
+        for epoch in range(epochs):
+            order = epoch_order(seed, epoch, n_photos)
+            for step in range(steps):
+                whole = [photo[i] for i in order[step * global_batch:(step + 1) * global_batch]]
+                own += whole[rank * global_batch // 2:(rank + 1) * global_batch // 2]
+        fed = [json.loads(line) for line in (workdir / f"worker{rank}/fed.jsonl").read_text().splitlines()]
+        assert fed[:len(own)] == own, rank  # beyond: the batch read ahead when training ended
     assert len(set(photo)) == n_photos  # the fingerprints tell every photo apart, so the check above can fail
     process0, process1 = (np.load(workdir / f"worker{i}/weights.npy") for i in range(2))
     np.testing.assert_array_equal(process0, process1)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from fake_unsplash import lite_photos, make_lite_archive
 
-from chromalab import download
+from chromalab.data import download
 from chromalab.config import parse_params
-from chromalab.download import open_table, partial_download_path, run_download
+from chromalab.data.download import open_table, partial_download_path, run_download
 from chromalab.errors import ChromalabError
 
 KINDS = {"person": 6, "person_user": 2, "low_confidence": 2, "bw_keyword": 2, "caption": 1, "other": 4}

@@ -3,7 +3,7 @@
 Evaluate needs from training only models/<m>/model.keras and the MLflow run id in reports/<m>/train_metrics.json
 (test_pipeline.py checks that `dvc repro` hands real trained models over): here each is a tiny untrained model
 whose last layer leans to a tint of its own, so the two model columns of every sheet are told apart, in a run
-opened as training opens it (chromalab.tracking.model_run). The numbers are checked against values computed
+opened as training opens it (chromalab.track.runs.model_run). The numbers are checked against values computed
 here independently (from the test split's arrays and the saved models), the pictures panel by panel against
 the pictures they must show, the MLflow runs through a client on the store.
 """
@@ -25,15 +25,18 @@ import numpy as np
 import pytest
 from skimage import color as skcolor
 
-from chromalab import tracking
+from chromalab.track import runs
 from chromalab.color import AB_SCALE, L_SCALE
 from chromalab.config import MODEL_NAMES, parse_params
 from chromalab.errors import ChromalabError
-from chromalab.evaluate import COLOURS, GRAY_FLOOR, run_evaluate
-from chromalab.metrics import METRIC_KEYS
-from chromalab.models import build_model
-from chromalab.tfrecords import load_split_arrays, read_dataset_info, run_tfrecords
-from chromalab.samples import write_images_stage
+from chromalab.evaluate.figures import COLOURS
+from chromalab.evaluate.scoring import GRAY_FLOOR
+from chromalab.evaluate.stage import run_evaluate
+from chromalab.evaluate.metrics import METRIC_KEYS
+from chromalab.train.models import build_model
+from chromalab.data.dataset import load_split_arrays, read_dataset_info
+from chromalab.data.tfrecords import run_tfrecords
+from chromalab.bench.samples import write_images_stage
 from sheets import (DPI, assert_charts_draw, assert_comparison_sheet, assert_shows, colour_picture, gray_picture,
                     mean_diff, panels, read_rgb)
 
@@ -78,7 +81,7 @@ def save_as_trained(params, model_name: str, tint: tuple[float, float], seed: in
     model = build_model(model_name, SIZE, width=params.model(model_name).width)
     model.layers[-1 if model_name == "gan" else -2].bias.assign(np.arctanh(tint))  # the tanh layer
     dataset_hash = read_dataset_info(TFRECORDS)["content_hash"]
-    with tracking.model_run(model_name, params, dataset_hash=dataset_hash, stage=f"train@{model_name}") as run:
+    with runs.model_run(model_name, params, dataset_hash=dataset_hash, stage=f"train@{model_name}") as run:
         Path(f"models/{model_name}").mkdir(parents=True, exist_ok=True)
         model.save(f"models/{model_name}/model.keras")
     Path(f"reports/{model_name}").mkdir(parents=True, exist_ok=True)
@@ -236,8 +239,8 @@ def test_metrics_chart_and_histogram_draw_every_predictor(evaluated):
 
 def test_each_models_run_gets_its_test_metrics_the_gray_floors_and_the_pictures(evaluated):
     summary = strict_json(REPORTS / "metrics.json")
-    client = mlflow.MlflowClient(tracking.tracking_uri())
-    assert tracking.tracking_uri() == f"sqlite:///{evaluated.root.resolve() / 'mlflow.db'}"
+    client = mlflow.MlflowClient(runs.tracking_uri())
+    assert runs.tracking_uri() == f"sqlite:///{evaluated.root.resolve() / 'mlflow.db'}"
     for name in MODEL_NAMES:
         run = client.get_run(train_run_id(name))
         assert run.info.status == "FINISHED"
@@ -293,7 +296,7 @@ def test_re_evaluating_after_a_retrain_reports_the_new_model_into_its_new_run(ev
     gan_rows = [r for r in read_rows() if r["model"] == "gan"]
     assert np.mean([float(r["ab_mse"]) for r in gan_rows]) == pytest.approx(after["gan"]["ab_mse"])
 
-    client = mlflow.MlflowClient(tracking.tracking_uri())
+    client = mlflow.MlflowClient(runs.tracking_uri())
     new_metrics = client.get_run(retrained_run).data.metrics
     old_metrics = client.get_run(old_gan_run).data.metrics
     for key in ("ab_mse", "delta_e00", "colourfulness"):

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chromalab.models import gan_train_step_flops
-from chromalab.training import read_history
+from chromalab.train.models import gan_train_step_flops
+from chromalab.train.checkpoint import read_history
 from conftest import jax_env
 
 ROOT = Path(__file__).resolve().parents[1]

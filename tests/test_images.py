@@ -19,7 +19,7 @@ from PIL import Image
 from chromalab.color import mean_chroma
 from chromalab.config import parse_params
 from chromalab.errors import ChromalabError
-from chromalab.images import run_images, sized_url
+from chromalab.data.images import run_images, sized_url
 
 SIZE = 32
 
@@ -161,7 +161,7 @@ KILL_SCRIPT = """
 import json, sys
 from pathlib import Path
 from chromalab.config import parse_params
-from chromalab.images import run_images
+from chromalab.data.images import run_images
 run_images(parse_params(json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]))
 """
 

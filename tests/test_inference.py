@@ -1,4 +1,4 @@
-"""chromalab.inference: a loaded colorizer computed faster, and still the same function."""
+"""chromalab.colorize.inference: a loaded colorizer computed faster, and still the same function."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from chromalab.inference import PhaseConvTranspose, for_inference
-from chromalab.models import build_baseline, build_generator
+from chromalab.colorize.inference import PhaseConvTranspose, for_inference
+from chromalab.train.models import build_baseline, build_generator
 
 
 def random_inputs(model, batch: int = 2, seed: int = 0) -> np.ndarray:

@@ -3,8 +3,8 @@ learn colour.
 
 Not "it runs" but "it learns": the photos go through the project's Lab encoding (chromalab.color), the GAN
 is built and compiled as the train stage builds it (training.build_for_training: U-Net + PatchGAN,
-Adam(β1 = 0.5), adversarial + λ·L1), trained with `fit` (chromalab.gan's train step), and its predictions
-are decoded and scored by chromalab.metrics. If any link is broken (a wrong scale, a sign, a loss that
+Adam(β1 = 0.5), adversarial + λ·L1), trained with `fit` (chromalab.train.gan's train step), and its predictions
+are decoded and scored by chromalab.evaluate.metrics. If any link is broken (a wrong scale, a sign, a loss that
 doesn't reach the generator) the model ends no closer to the truth than a gray or flat-tinted photo.
 The baseline (the seed's CNN, SSIM loss, RMSprop) goes the same way, against a weaker bar: beating gray.
 """
@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from keras import ops
 
-from chromalab import metrics
+from chromalab.evaluate import metrics
 from chromalab.color import rgb_to_lab_norm
 from chromalab.config import parse_params
-from chromalab.training import build_for_training
-from chromalab.samples import real_crops
+from chromalab.train.build import build_for_training
+from chromalab.bench.samples import real_crops
 
 SIZE = 32
 N_PHOTOS = 4  # crops of astronaut (the person), chelsea, coffee and rocket

@@ -16,12 +16,12 @@ import tensorflow as tf
 from skimage.filters import gaussian
 from skimage.metrics import structural_similarity
 
-from chromalab import losses
+from chromalab.train import losses
 from chromalab.color import rgb_to_lab_norm
 from chromalab.errors import ChromalabError
-from chromalab.models import build_baseline, build_generator
+from chromalab.train.models import build_baseline, build_generator
 from conftest import jax_env
-from chromalab.samples import real_crops
+from chromalab.bench.samples import real_crops
 
 
 def real_ab(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -143,7 +143,7 @@ def test_losses_compute_in_float32_for_mixed_precision_outputs(dtype):
         assert keras.backend.standardize_dtype(out.dtype) == "float32"
         reference = fn(true, np.asarray(keras.ops.cast(low, "float32")))  # same rounded pixels, in float32
         np.testing.assert_allclose(np.asarray(out), np.asarray(reference), atol=1e-6)
-    total, _, _ = losses.generator_loss(keras.ops.cast(np.ones((2, 2, 2, 1)), dtype), true, low)
+    total, _, _ = losses.generator_loss(keras.ops.cast(np.ones((2, 2, 2, 1)), dtype), true, low, 100.0)
     assert keras.backend.standardize_dtype(total.dtype) == "float32"
 
 
@@ -178,7 +178,7 @@ def test_generator_loss_against_hand_computed_values():
     assert adversarial == pytest.approx(expected_adv, rel=1e-5)
     assert l1 == pytest.approx(expected_l1, rel=1e-6)
     assert total == pytest.approx(expected_adv + 100.0 * expected_l1, rel=1e-5)
-    assert float(losses.generator_loss(FAKE_LOGITS, real, real)[2]) == 0.0
+    assert float(losses.generator_loss(FAKE_LOGITS, real, real, 100.0)[2]) == 0.0
 
 
 def test_discriminator_loss_against_hand_computed_values():
@@ -190,7 +190,7 @@ def test_discriminator_loss_against_hand_computed_values():
 def test_gan_losses_are_stable_for_large_logits():
     confident = np.full((1, 2, 2, 1), 200.0, np.float32)  # a naive log(sigmoid) gives inf here
     assert float(losses.discriminator_loss(confident, -confident)) == pytest.approx(0.0, abs=1e-6)
-    assert float(losses.generator_loss(-confident, np.zeros((1, 4, 4, 2)), np.zeros((1, 4, 4, 2)))[1]) \
+    assert float(losses.generator_loss(-confident, np.zeros((1, 4, 4, 2)), np.zeros((1, 4, 4, 2)), 100.0)[1]) \
         == pytest.approx(200.0, rel=1e-5)
 
 
@@ -199,9 +199,9 @@ def test_gan_losses_are_stable_for_large_logits():
 
 JAX_SCRIPT = textwrap.dedent("""
     import json, sys
-    import chromalab  # first: Keras then skips its unused imports (chromalab.UNUSED_EXTRAS)
+    from chromalab.entry import skip_unused_extras; skip_unused_extras()  # first: Keras then skips its unused imports
     import jax, keras, numpy as np
-    from chromalab import losses
+    from chromalab.train import losses
     assert keras.backend.backend() == "jax"
     data = np.load(sys.argv[1])
     true, pred = data["true"], data["pred"]
@@ -210,7 +210,7 @@ JAX_SCRIPT = textwrap.dedent("""
     print(json.dumps({
         "ssim": np.asarray(jax.jit(losses.ssim)(true, pred)).tolist(),
         "ms_ssim": np.asarray(jax.jit(losses.ms_ssim)(true, pred)).tolist(),
-        "generator": [float(v) for v in jax.jit(losses.generator_loss)(data["fake_logits"], true, pred)],
+        "generator": [float(v) for v in jax.jit(losses.generator_loss, static_argnums=3)(data["fake_logits"], true, pred, 100.0)],
         "discriminator": float(jax.jit(losses.discriminator_loss)(data["real_logits"], data["fake_logits"])),
         "grad_finite": bool(np.all(np.isfinite(np.asarray(grad)))),
     }))
@@ -239,7 +239,7 @@ def test_losses_agree_under_jax(jax_run):
     result = json.loads(stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(result["ssim"], np.asarray(losses.ssim(true, pred)), atol=1e-5)
     np.testing.assert_allclose(result["ms_ssim"], np.asarray(losses.ms_ssim(true, pred)), atol=1e-5)
-    np.testing.assert_allclose(result["generator"], [float(v) for v in losses.generator_loss(FAKE_LOGITS, true, pred)],
+    np.testing.assert_allclose(result["generator"], [float(v) for v in losses.generator_loss(FAKE_LOGITS, true, pred, 100.0)],
                                rtol=1e-5)
     expected_d = float(losses.discriminator_loss(REAL_LOGITS, FAKE_LOGITS))
     assert result["discriminator"] == pytest.approx(expected_d, rel=1e-5)

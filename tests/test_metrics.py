@@ -1,4 +1,4 @@
-"""chromalab.metrics against scikit-image, TensorFlow and hand-computed values on known images."""
+"""chromalab.evaluate.metrics against scikit-image, TensorFlow and hand-computed values on known images."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 from skimage import color as skcolor
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from chromalab import metrics
+from chromalab.evaluate import metrics
 from chromalab.color import rgb_to_lab_norm
 from chromalab.errors import ChromalabError
-from chromalab.samples import real_crops
+from chromalab.bench.samples import real_crops
 
 SIZE = 48
 

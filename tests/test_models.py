@@ -12,10 +12,10 @@ import keras
 import numpy as np
 import pytest
 
-from chromalab import models
+from chromalab.train import models
 from chromalab.color import rgb_to_lab_norm
 from chromalab.errors import ChromalabError
-from chromalab.models import (
+from chromalab.train.models import (
     baseline_train_step_flops,
     build_baseline,
     build_discriminator,
@@ -174,7 +174,7 @@ def test_tiny_width_keeps_at_least_one_channel():
 
 def _mirror_symmetric_photo(size: int) -> np.ndarray:
     """Normalised L [1, S, S, 1] of a real photo crop, made left-right and top-bottom mirror symmetric."""
-    from chromalab.samples import real_crops
+    from chromalab.bench.samples import real_crops
 
     quarter = rgb_to_lab_norm(real_crops(1, size // 2, seed=4)[0])[..., :1]
     half = np.concatenate([quarter, quarter[:, ::-1]], axis=1)
@@ -338,9 +338,9 @@ def test_mixed_precision_keeps_outputs_float32(mixed_bfloat16):
 
 JAX_SCRIPT = textwrap.dedent("""
     import json, sys
-    import chromalab  # first: Keras then skips its unused imports (chromalab.UNUSED_EXTRAS)
+    from chromalab.entry import skip_unused_extras; skip_unused_extras()  # first: Keras then skips its unused imports
     import jax, keras, numpy as np
-    from chromalab.models import forward_flops
+    from chromalab.train.models import forward_flops
     assert keras.backend.backend() == "jax"
 
     def call(model, inputs, training):

@@ -1,4 +1,4 @@
-"""FusedAdam: Keras' Adam arithmetic through TensorFlow's one-pass kernel (chromalab.optimizers)."""
+"""FusedAdam: Keras' Adam arithmetic through TensorFlow's one-pass kernel (chromalab.train.optimizers)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from chromalab.optimizers import FusedAdam
+from chromalab.train.optimizers import FusedAdam
 
 
 def _train(optimizer: keras.optimizers.Optimizer) -> tuple[keras.Model, list[np.ndarray]]:

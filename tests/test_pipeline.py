@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -112,7 +113,7 @@ def test_dag_orders_the_stages(repo):
 
 
 def test_data_stages_end_with_records_that_decode_to_the_fetched_photos(repo, server, data_stages):
-    from chromalab.tfrecords import load_split_arrays, read_dataset_info
+    from chromalab.data.dataset import load_split_arrays, read_dataset_info
 
     info = read_dataset_info(repo / "data/tfrecords")
     assert info["counts"] == {"train": N_TRAIN, "test": N_TEST}
@@ -157,7 +158,8 @@ def interrupted(repo, data_stages) -> dict:
             stop_process_group(proc)  # SIGTERM, then SIGKILL
     out = log_path.read_text()
     assert state.get("epoch", 0) >= 1, f"no checkpoint before dvc repro ended ({proc.returncode}):\n{out[-3000:]}"
-    with (repo / GAN_CHECKPOINT / "history.csv").open(newline="") as f:
+    state = json.loads(state_file.read_text())  # as the kill left it: a later checkpoint may have been written
+    with (repo / GAN_CHECKPOINT / state["history"]).open(newline="") as f:
         history = list(csv.DictReader(f))
     return {"state": state, "history": history, "started": stages_run(out), "output": out}
 
@@ -203,11 +205,13 @@ def test_stages_print_their_own_lines_not_tensorflows_or_mlflows_notices(data_st
         noise = [line for line in out.splitlines() if any(tag in line for tag in TENSORFLOW_NOISE + MLFLOW_NOISE)]
         assert not noise, out[-3000:]
     assert "Epoch 1/" in interrupted["output"] and "evaluate:" in full_pipeline  # ...while their own progress shows
+    # Each epoch's line under Keras' own says where the run stands (tests/test_progress.py: its projection).
+    assert re.search(r"train@gan: epoch 1/\d+, \S+ elapsed, ~\S+ left", interrupted["output"])
 
 
 def test_training_and_evaluation_outputs(repo, full_pipeline):
     import keras
-    from chromalab.tfrecords import load_split_arrays
+    from chromalab.data.dataset import load_split_arrays
 
     for model in ("baseline", "gan"):
         assert (repo / f"models/{model}/model.keras").is_file()

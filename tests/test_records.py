@@ -1,4 +1,4 @@
-"""chromalab.records: TFRecord framing and tf.train.Example without TensorFlow, checked against TensorFlow."""
+"""chromalab.data.records: TFRecord framing and tf.train.Example without TensorFlow, checked against TensorFlow."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from chromalab.errors import ChromalabError
-from chromalab.records import RecordIndex, RecordWriter, decode_example, encode_example, read_records
+from chromalab.data.records import RecordIndex, RecordWriter, decode_example, encode_example, read_records
 
 PAYLOAD = np.arange(-3, 200, dtype=np.float16).tobytes()
 

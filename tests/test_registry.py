@@ -16,15 +16,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chromalab import registry, tracking
+from chromalab.serve import pyfunc
+from chromalab.track import registry
+from chromalab.track import runs
 from chromalab.cli import main
 from chromalab.colorize import colorize_paths
 from chromalab.config import parse_params
-from chromalab.evaluate import run_evaluate
-from chromalab.models import build_baseline
-from chromalab.samples import real_crops, write_images_stage
-from chromalab.tfrecords import read_dataset_info, run_tfrecords
-from chromalab.training import run_train
+from chromalab.evaluate.stage import run_evaluate
+from chromalab.train.models import build_baseline
+from chromalab.bench.samples import real_crops, write_images_stage
+from chromalab.data.dataset import read_dataset_info
+from chromalab.data.tfrecords import run_tfrecords
+from chromalab.train.stage import run_train
 
 TINY = {
     "base": {"image_size": 32},
@@ -67,7 +70,7 @@ def project(tmp_path_factory, mlflow_db_template):
                "info": read_dataset_info(root / "data/tfrecords"),
                "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                         text=True, check=True).stdout.strip(),
-               "client": mlflow.MlflowClient(tracking.tracking_uri())}
+               "client": mlflow.MlflowClient(runs.tracking_uri())}
 
 
 def test_training_runs_log_their_train_and_test_data_as_mlflow_datasets(project):
@@ -91,7 +94,7 @@ def test_training_runs_log_their_train_and_test_data_as_mlflow_datasets(project)
 
 
 def test_the_experiment_says_it_holds_model_training_runs(project):
-    experiment = project["client"].get_experiment_by_name(tracking.EXPERIMENT)
+    experiment = project["client"].get_experiment_by_name(runs.EXPERIMENT)
     # MLflow 3's record of an experiment's kind (model training, not GenAI); see the README for the UI.
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
@@ -109,8 +112,8 @@ def test_training_registers_a_version_tagged_with_its_origin_and_evaluate_crowns
         assert len(tags["test_set_digest"]) == 64
         model = client.get_registered_model(f"chromalab-{name}")
         assert model.aliases == {"champion": version.version, "challenger": version.version}
-        pyfunc = mlflow.models.get_model_info(version.source).flavors["python_function"]
-        assert "python_model" not in pyfunc and pyfunc["model_code_path"].endswith("colorizer_model.py")  # no pickle
+        flavour = mlflow.models.get_model_info(version.source).flavors["python_function"]
+        assert "python_model" not in flavour and flavour["model_code_path"].endswith("colorizer_model.py")  # no pickle
     assert client.search_registered_models("name = 'chromalab-baseline'") == []  # evaluated, never registered
 
 
@@ -122,7 +125,7 @@ def test_champion_is_the_lowest_delta_e00_on_the_same_test_set_and_challenger_th
     best = float(first.tags["test_delta_e00"])
 
     def new_version(delta_e00: float, test_digest: str) -> str:
-        with mlflow.start_run(experiment_id=client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id) as run:
+        with mlflow.start_run(experiment_id=client.get_experiment_by_name(runs.EXPERIMENT).experiment_id) as run:
             pass
         version = client.create_model_version("chromalab-gan", first.source, run_id=run.info.run_id)
         (tmp_path / "gan").mkdir(exist_ok=True)
@@ -164,8 +167,8 @@ def test_the_registry_works_on_a_remote_tracking_server(project, mlflow_server, 
     monkeypatch.chdir(project["root"])
     keras_file = project["root"] / "models/gan/model.keras"
     params = parse_params(TINY)
-    with tracking.model_run("gan", params, dataset_hash="h", stage="train@gan") as run:
-        version = registry.register_trained_model("gan", keras_file, "h")
+    with runs.model_run("gan", params, dataset_hash="h", stage="train@gan") as run:
+        version = registry.register_trained_model("gan", pyfunc.log_colorizer(keras_file), "h")
     (tmp_path / "gan").mkdir()
     (tmp_path / "gan/train_metrics.json").write_text(json.dumps({"mlflow_run_id": run.info.run_id}))
     aliases = registry.record_evaluation(tmp_path, {"gan": {"delta_e00": 9.5}}, "remote test set")

@@ -20,11 +20,13 @@ import pytest
 import requests
 from PIL import Image
 
-from chromalab import registry, tracking
+from chromalab.serve import pyfunc
+from chromalab.track import registry
+from chromalab.track import runs
 from chromalab.colorize import colorize_paths
 from chromalab.config import parse_params
-from chromalab.models import build_generator
-from chromalab.samples import real_crops
+from chromalab.train.models import build_generator
+from chromalab.bench.samples import real_crops
 from conftest import _free_port, stop_process_group, wait_until_up
 
 BIN = Path(sys.executable).parent
@@ -41,8 +43,8 @@ def store(tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.setenv("MLFLOW_TRACKING_URI", uri)
-        with tracking.model_run("gan", parse_params({}), dataset_hash="h", stage="test"):
-            version = registry.register_trained_model("gan", keras_file, "h")
+        with runs.model_run("gan", parse_params({}), dataset_hash="h", stage="test"):
+            version = registry.register_trained_model("gan", pyfunc.log_colorizer(keras_file), "h")
         mlflow.MlflowClient(uri).set_registered_model_alias("chromalab-gan", "champion", version.version)
     return {"uri": uri, "keras_file": keras_file, "root": root}
 

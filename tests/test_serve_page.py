@@ -18,8 +18,8 @@ import requests
 from PIL import Image
 
 from chromalab.colorize import colorize_paths, load_colorizer
-from chromalab.models import build_generator
-from chromalab.samples import real_crops
+from chromalab.train.models import build_generator
+from chromalab.bench.samples import real_crops
 from chromalab.serve.app import create_app
 from conftest import _free_port
 

@@ -18,9 +18,9 @@ from fake_unsplash import DEFAULT_KINDS, SELECTED_KINDS, lite_photos, make_lite_
 from PIL import Image
 
 from chromalab.config import parse_params
-from chromalab.download import run_download
+from chromalab.data.download import run_download
 from chromalab.errors import ChromalabError
-from chromalab.split import SAFE_PHOTO_ID, run_split
+from chromalab.data.split import SAFE_PHOTO_ID, run_split
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_BASE = "https://images.example.test"
@@ -124,7 +124,7 @@ def test_split_is_seeded_and_stable(raw_dir, tmp_path):
         import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         from test_split import params
-        from chromalab.split import run_split
+        from chromalab.data.split import run_split
         run_split(params(n_train=20, n_test=5, n_reserve=5), Path({str(raw_dir)!r}), Path({str(tmp_path / "e")!r}))
     """)
     hash_seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"

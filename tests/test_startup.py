@@ -1,25 +1,27 @@
 """What a chromalab process imports at start: not the scikit-learn, JAX and pyplot integrations of Keras and
-TensorFlow that it never uses (chromalab.UNUSED_EXTRAS), while everyone else still gets those modules."""
+TensorFlow that it never uses (chromalab.entry.UNUSED_EXTRAS), while everyone else still gets those modules."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-import chromalab
+from chromalab import entry
 
 # TensorFlow is refused only to Keras's optional loader, for JAX processes (tests/test_distributed.py shows
 # they run without it); on the TensorFlow backend it is the backend, imported before that loader asks.
-UNUSED = sorted(set(chromalab.UNUSED_EXTRAS) - {"tensorflow"})
+UNUSED = sorted(set(entry.UNUSED_EXTRAS) - {"tensorflow"})
 
 
 def test_keras_on_tensorflow_starts_without_its_unused_extras():
     script = f"""
 import json, sys
-import chromalab, keras, tensorflow as tf
+import chromalab.entry; chromalab.entry.skip_unused_extras()
+import keras, tensorflow as tf
 assert keras.backend.backend() == "tensorflow"
 dense = keras.layers.Dense(2)
 assert dense(keras.ops.ones((1, 3))).shape == (1, 2)
@@ -31,10 +33,38 @@ print(json.dumps({{name: name not in sys.modules for name in {UNUSED!r}}}))
     assert json.loads(done.stdout.splitlines()[-1]) == {name: True for name in UNUSED}
 
 
+def test_importing_chromalab_changes_nothing_global():
+    """A library user gets neither the import refusals nor the quiet stderr filter (nor TF_CPP_MIN_LOG_LEVEL):
+    only the `chromalab` command and the stages' entry points install them (chromalab.entry)."""
+    script = """
+import json, os, sys
+import chromalab, chromalab.cli, chromalab.config, chromalab.train.models, chromalab.data.tfrecords
+print(json.dumps({"finders": [type(f).__module__ for f in sys.meta_path],
+                  "tf_log": os.environ.get("TF_CPP_MIN_LOG_LEVEL")}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={"KERAS_BACKEND": "tensorflow", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert not [module for module in seen["finders"] if module.startswith("chromalab")]  # Keras adds its own
+    assert seen["tf_log"] != "3"  # chromalab.quiet's level (Keras itself sets 1 where unset)
+
+
+def test_a_chromalab_program_installs_the_refusals_and_the_quiet_filter(monkeypatch):
+    from chromalab import quiet
+
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    monkeypatch.delenv(quiet.TF_LOG_VARIABLE, raising=False)
+    entry.start_process()
+    kinds = [type(finder) for finder in sys.meta_path]
+    assert entry.SkipUnusedExtras in kinds and quiet._QuietImports in kinds
+    assert os.environ[quiet.TF_LOG_VARIABLE] == quiet.QUIET_TF_LOG_LEVEL
+
+
 def test_only_the_named_importers_are_refused(tmp_path, monkeypatch):
     (tmp_path / "chromalab_probe.py").write_text("VALUE = 1\n")
     monkeypatch.syspath_prepend(tmp_path)
-    monkeypatch.setitem(chromalab.UNUSED_EXTRAS, "chromalab_probe", ("keras.", "tensorflow.lite"))
+    monkeypatch.setitem(entry.UNUSED_EXTRAS, "chromalab_probe", ("keras.", "tensorflow.lite"))
     monkeypatch.delitem(sys.modules, "chromalab_probe", raising=False)
 
     def import_from(importer: str) -> None:
@@ -56,7 +86,7 @@ def test_the_refusals_hold_behind_the_quiet_import_hook(tmp_path, monkeypatch):
 
     (tmp_path / "chromalab_probe.py").write_text("VALUE = 1\n")
     monkeypatch.syspath_prepend(tmp_path)
-    monkeypatch.setitem(chromalab.UNUSED_EXTRAS, "chromalab_probe", ("keras.",))
+    monkeypatch.setitem(entry.UNUSED_EXTRAS, "chromalab_probe", ("keras.",))
     monkeypatch.setattr(quiet, "QUIETED_IMPORTS", ("chromalab_probe",))
     monkeypatch.setattr(sys, "meta_path", [quiet._QuietImports(), *sys.meta_path])
     monkeypatch.delitem(sys.modules, "chromalab_probe", raising=False)

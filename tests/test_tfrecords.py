@@ -15,15 +15,10 @@ from PIL import Image
 from chromalab.color import lab_norm_to_rgb, rgb_to_lab_norm
 from chromalab.config import parse_params
 from chromalab.errors import ChromalabError
-from chromalab.tfrecords import (
-    VARIANT_NAMES,
-    contrast_variants,
-    epoch_order,
-    load_split_arrays,
-    make_dataset,
-    read_dataset_info,
-    run_tfrecords,
-)
+from chromalab.data.dataset import load_split_arrays, read_dataset_info
+from chromalab.data.tfrecords import VARIANT_NAMES, contrast_variants, run_tfrecords
+from chromalab.train.epochs import epoch_order
+from chromalab.train.input import make_dataset
 
 SIZE = 32
 SHARD_SIZE = 4

@@ -1,4 +1,4 @@
-"""chromalab.tracking against real stores: the default SQLite file and a real `mlflow server`.
+"""chromalab.track.runs against real stores: the default SQLite file and a real `mlflow server`.
 
 Every check reads back through MlflowClient. One server serves the whole file; it is launched by the
 first test so its ~15 s start overlaps the SQLite tests.
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chromalab import tracking
+from chromalab.track import runs
 from chromalab.config import flatten, parse_params
 from chromalab.errors import ChromalabError
 from conftest import _free_port
@@ -61,7 +61,7 @@ def store(request, repo, monkeypatch) -> str:
     """The tracking URI the code under test will pick: its SQLite default, or a real server via the env."""
     if request.param == "server":
         monkeypatch.setenv("MLFLOW_TRACKING_URI", request.getfixturevalue("mlflow_server"))
-    return tracking.tracking_uri()
+    return runs.tracking_uri()
 
 
 def _tiny_model():
@@ -79,7 +79,7 @@ def test_model_run_logs_params_metrics_images_model_and_tags(store, repo, monkey
     import mlflow
     import tensorflow as tf
 
-    tracking.check_tracking_server()
+    runs.check_tracking_server()
     commit = _git(repo, "rev-parse", "HEAD")
     (repo / "params.yaml").write_text("gan: {epochs: 4}\n")  # uncommitted change: dirty
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-lynx")
@@ -89,23 +89,23 @@ def test_model_run_logs_params_metrics_images_model_and_tags(store, repo, monkey
     x = np.random.default_rng(0).random((2, 8, 8, 1), dtype=np.float32)
     sheets = {step: np.full((16, 24, 3), 40 * step, dtype=np.uint8) for step in (1, 3)}
 
-    with tracking.model_run("gan", params, dataset_hash="sha256:abc", stage="train@gan") as run:
+    with runs.model_run("gan", params, dataset_hash="sha256:abc", stage="train@gan") as run:
         for epoch in (1, 2, 3):
-            tracking.log_epoch({"g_loss": 1.0 / epoch, "d_loss": 0.5}, epoch)
+            runs.log_epoch({"g_loss": 1.0 / epoch, "d_loss": 0.5}, epoch)
             if epoch in sheets:
-                tracking.log_sample_sheet(sheets[epoch], epoch)
-        tracking.log_keras_model(model, x[:1])
+                runs.log_sample_sheet(sheets[epoch], epoch)
+        runs.log_keras_model(model, x[:1])
     run_id = run.info.run_id
 
     client = mlflow.MlflowClient(store)
     logged = client.get_run(run_id)
     assert logged.info.status == "FINISHED"
     assert logged.info.run_name == "brisk-lynx-gan"
-    assert client.get_experiment(logged.info.experiment_id).name == tracking.EXPERIMENT
+    assert client.get_experiment(logged.info.experiment_id).name == runs.EXPERIMENT
 
     # params: every key of the shared groups and the run's own model, nothing of the other model or evaluate
     expected = {k: str(v) for k, v in flatten(params).items()
-                if k.split(".")[0] in (*tracking.SHARED_PARAM_GROUPS, "gan")}
+                if k.split(".")[0] in (*runs.SHARED_PARAM_GROUPS, "gan")}
     assert logged.data.params == expected
     assert logged.data.params["gan.epochs"] == "3"
     assert not any(k.startswith(("baseline.", "evaluate.")) for k in logged.data.params)
@@ -142,7 +142,7 @@ def test_model_run_logs_params_metrics_images_model_and_tags(store, repo, monkey
         # the default store and its artifacts sit at the repo root, not in a temp folder
         assert store == f"sqlite:///{repo.resolve() / 'mlflow.db'}"
         assert logged.info.artifact_uri.startswith((repo.resolve() / "mlruns").as_uri() + "/")
-        assert (repo / "mlruns" / tracking.EXPERIMENT / run_id / "artifacts" / pngs[3]).is_file()
+        assert (repo / "mlruns" / runs.EXPERIMENT / run_id / "artifacts" / pngs[3]).is_file()
 
 
 def test_killed_run_resumes_by_id_and_a_missing_one_starts_afresh(store, repo, capsys):
@@ -150,16 +150,16 @@ def test_killed_run_resumes_by_id_and_a_missing_one_starts_afresh(store, repo, c
 
     params = parse_params({})
     with pytest.raises(KeyboardInterrupt):
-        with tracking.model_run("baseline", params, dataset_hash="h", stage="train@baseline") as first:
-            tracking.log_epoch({"loss": 0.9}, 1)
+        with runs.model_run("baseline", params, dataset_hash="h", stage="train@baseline") as first:
+            runs.log_epoch({"loss": 0.9}, 1)
             raise KeyboardInterrupt  # the training process is stopped mid-run
     client = mlflow.MlflowClient(store)
     assert client.get_run(first.info.run_id).info.status == "KILLED"
 
-    with tracking.model_run("baseline", params, dataset_hash="h", stage="train@baseline",
+    with runs.model_run("baseline", params, dataset_hash="h", stage="train@baseline",
                             run_id=first.info.run_id) as resumed:
         assert client.get_run(resumed.info.run_id).info.status == "RUNNING"
-        tracking.log_epoch({"loss": 0.7}, 2)
+        runs.log_epoch({"loss": 0.7}, 2)
     assert resumed.info.run_id == first.info.run_id
     run = client.get_run(first.info.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "workspace-baseline"
@@ -168,7 +168,7 @@ def test_killed_run_resumes_by_id_and_a_missing_one_starts_afresh(store, repo, c
         == [first.info.run_id]
 
     gone = "0" * 32
-    with tracking.model_run("baseline", params, dataset_hash="h", stage="train@baseline", run_id=gone) as fresh:
+    with runs.model_run("baseline", params, dataset_hash="h", stage="train@baseline", run_id=gone) as fresh:
         pass
     assert fresh.info.run_id not in (gone, first.info.run_id)
     assert f"MLflow run {gone}" in capsys.readouterr().err
@@ -181,11 +181,11 @@ def test_a_stage_in_a_dvc_temp_copy_logs_to_the_real_root(repo, monkeypatch):
     copy = repo / ".dvc" / "tmp" / "exps" / "standalone" / "tmpq8v1"
     (copy / ".dvc").mkdir(parents=True)
     monkeypatch.chdir(copy)
-    with tracking.model_run("gan", parse_params({}), dataset_hash="h", stage="train@gan") as run:
-        tracking.log_sample_sheet(np.zeros((8, 8, 3), dtype=np.uint8), 1)
+    with runs.model_run("gan", parse_params({}), dataset_hash="h", stage="train@gan") as run:
+        runs.log_sample_sheet(np.zeros((8, 8, 3), dtype=np.uint8), 1)
     assert (repo / "mlflow.db").is_file() and not (copy / "mlflow.db").exists()
-    artifacts = mlflow.MlflowClient(tracking.tracking_uri()).get_run(run.info.run_id).info.artifact_uri
-    assert artifacts == (repo.resolve() / "mlruns" / tracking.EXPERIMENT / run.info.run_id / "artifacts").as_uri()
+    artifacts = mlflow.MlflowClient(runs.tracking_uri()).get_run(run.info.run_id).info.artifact_uri
+    assert artifacts == (repo.resolve() / "mlruns" / runs.EXPERIMENT / run.info.run_id / "artifacts").as_uri()
     assert list((repo / "mlruns").rglob("samples+step+1+*.png")) and not (copy / "mlruns").exists()
 
 
@@ -193,17 +193,17 @@ def test_logging_outside_a_model_run_is_refused(repo):
     import mlflow
 
     with pytest.raises(RuntimeError, match="model_run"):
-        tracking.log_epoch({"loss": 1.0}, 1)
+        runs.log_epoch({"loss": 1.0}, 1)
     assert mlflow.active_run() is None
 
 
 def test_deleted_experiment_is_a_one_line_error(repo):
     import mlflow
 
-    client = mlflow.MlflowClient(tracking.tracking_uri())
-    client.delete_experiment(client.create_experiment(tracking.EXPERIMENT))
+    client = mlflow.MlflowClient(runs.tracking_uri())
+    client.delete_experiment(client.create_experiment(runs.EXPERIMENT))
     with pytest.raises(ChromalabError, match="restore it") as err:
-        with tracking.model_run("gan", parse_params({}), dataset_hash="h", stage="train@gan"):
+        with runs.model_run("gan", parse_params({}), dataset_hash="h", stage="train@gan"):
             pass
     assert "\n" not in str(err.value)
 
@@ -213,7 +213,7 @@ def test_unreachable_server_is_reported_at_once(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     started = time.monotonic()
     with pytest.raises(ChromalabError) as err:
-        tracking.check_tracking_server()
+        runs.check_tracking_server()
     assert time.monotonic() - started < 10
     assert uri in str(err.value) and "\n" not in str(err.value)
 
@@ -221,18 +221,18 @@ def test_unreachable_server_is_reported_at_once(monkeypatch):
 def test_sqlite_store_in_a_missing_folder_is_reported(tmp_path):
     uri = f"sqlite:///{tmp_path / 'no-such-folder' / 'mlflow.db'}"
     with pytest.raises(ChromalabError, match="does not exist"):
-        tracking.check_tracking_server(uri)
+        runs.check_tracking_server(uri)
 
 
 def test_silent_server_times_out(monkeypatch):
-    monkeypatch.setattr(tracking, "HEALTH_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(runs, "HEALTH_TIMEOUT_S", 1.0)
     with socket.socket() as silent:  # accepts connections (kernel backlog) but never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
         started = time.monotonic()
         with pytest.raises(ChromalabError, match="unreachable") as err:
-            tracking.check_tracking_server(uri)
+            runs.check_tracking_server(uri)
         assert time.monotonic() - started < 5
     assert uri in str(err.value)
 
@@ -245,19 +245,19 @@ def test_repo_root_leaves_dvc_temp_copies(tmp_path, monkeypatch):
     copy = root / ".dvc" / "tmp" / "exps" / "celery" / "tmpk2j4"
     (copy / ".dvc").mkdir(parents=True)
     (copy / "src").mkdir()
-    assert tracking.repo_root(copy / "src") == root.resolve()
+    assert runs.repo_root(copy / "src") == root.resolve()
     plain = tmp_path / "not-a-dvc-repo"
     plain.mkdir()
     monkeypatch.chdir(plain)
-    assert tracking.repo_root() == plain.resolve()
+    assert runs.repo_root() == plain.resolve()
     monkeypatch.setenv("DVC_ROOT", str(root))
-    assert tracking.repo_root() == root.resolve()
+    assert runs.repo_root() == root.resolve()
 
 
 PROBE = """\
 import json, os, sys
 from pathlib import Path
-from chromalab.tracking import repo_root, tracking_uri
+from chromalab.track.runs import repo_root, tracking_uri
 answer = {"cwd": os.getcwd(), "root": str(repo_root()), "uri": tracking_uri(), "exp": os.environ.get("DVC_EXP_NAME")}
 os.environ.pop("DVC_ROOT")
 answer["root_from_cwd_alone"] = str(repo_root())
@@ -292,9 +292,9 @@ def test_real_root_inside_dvc_exp_run_temp(tmp_path):
 def test_choosing_the_store_does_not_leak_into_the_environment(repo, monkeypatch, tmp_path):
     """MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI; ours must not turn into an override."""
     assert "MLFLOW_TRACKING_URI" not in os.environ
-    first = tracking.use_store()
+    first = runs.use_store()
     assert "MLFLOW_TRACKING_URI" not in os.environ
     other = tmp_path / "other-repo"
     other.mkdir()
     monkeypatch.chdir(other)
-    assert tracking.use_store() != first
+    assert runs.use_store() != first

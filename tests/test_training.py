@@ -21,9 +21,11 @@ import pytest
 import yaml
 
 from chromalab.config import parse_params
-from chromalab.tfrecords import read_dataset_info, run_tfrecords
-from chromalab.training import params_fingerprint, read_history, run_train
-from chromalab.samples import write_images_stage
+from chromalab.data.dataset import read_dataset_info
+from chromalab.data.tfrecords import run_tfrecords
+from chromalab.train.checkpoint import params_fingerprint, read_history
+from chromalab.train.stage import run_train
+from chromalab.bench.samples import write_images_stage
 
 BIN = Path(sys.executable).parent
 TINY = {
@@ -81,7 +83,7 @@ def _client(workdir: Path) -> mlflow.MlflowClient:
 @contextlib.contextmanager
 def _fluent_store(uri: str):
     """MLflow's fluent API (runs:/ URIs) on `uri`, whichever store the last run_train in this process chose."""
-    from chromalab.tracking import store_override
+    from chromalab.track.runs import store_override
 
     before = mlflow.get_tracking_uri()
     with store_override():  # set_tracking_uri exports MLFLOW_TRACKING_URI: put it back after
@@ -93,16 +95,16 @@ def _fluent_store(uri: str):
 
 
 def recording_make_dataset(real_make_dataset):
-    """chromalab.tfrecords.make_dataset that also records what training is fed: epoch by epoch, a fingerprint of
+    """chromalab.train.input.make_dataset that also records what training is fed: epoch by epoch, a fingerprint of
     every (L, ab) sample of each training dataset it builds (the same deterministic pipeline, iterated once
     more here), one line per dataset in fed.jsonl in the cwd."""
     import hashlib
 
-    from chromalab import tfrecords
+    from chromalab.train.epochs import steps_per_epoch
 
     def recording(data_dir, split, batch_size, **options):
         if options.get("training"):
-            first, steps = options["initial_epoch"], tfrecords.steps_per_epoch(8, batch_size)
+            first, steps = options["initial_epoch"], steps_per_epoch(8, batch_size)
             fed = {}
             for i, (L, ab) in enumerate(real_make_dataset(data_dir, split, batch_size, **options)):
                 for l_img, ab_img in zip(L.numpy(), ab.numpy()):
@@ -120,17 +122,17 @@ def recording_make_dataset(real_make_dataset):
 # after TensorFlow).
 RECORDING_TRAIN = textwrap.dedent(f"""
     import sys
-    import chromalab  # first: TensorFlow then skips its unused imports (chromalab.UNUSED_EXTRAS)
+    from chromalab.entry import skip_unused_extras; skip_unused_extras()  # first: TensorFlow then skips its unused imports
     import tensorflow as tf
     tf.config.experimental.enable_op_determinism()
     sys.path.insert(0, {str(Path(__file__).parent)!r})
-    from chromalab import tfrecords
-    from chromalab.cli import exit_without_teardown
+    from chromalab.entry import exit_without_teardown
     from chromalab.config import load_params
-    from chromalab.training import run_train
+    from chromalab.train import input as training_input
+    from chromalab.train.stage import run_train
     from test_training import recording_make_dataset
 
-    tfrecords.make_dataset = recording_make_dataset(tfrecords.make_dataset)
+    training_input.make_dataset = recording_make_dataset(training_input.make_dataset)
     run_train(load_params(), "gan")
     exit_without_teardown()
 """)
@@ -142,15 +144,15 @@ def _train_recorded(repo: Path, tracking_uri: str | None = None) -> tuple[dict, 
     import tensorflow as tf
     from tensorflow.python.framework import config as tf_config
 
-    from chromalab import tfrecords
     from chromalab.config import load_params
+    from chromalab.train import input as training_input
 
     stderr = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(stderr):
         patch.chdir(repo)
         if tracking_uri is not None:
             patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-        patch.setattr(tfrecords, "make_dataset", recording_make_dataset(tfrecords.make_dataset))
+        patch.setattr(training_input, "make_dataset", recording_make_dataset(training_input.make_dataset))
         tf.config.experimental.enable_op_determinism()
         try:
             metrics = run_train(load_params(), "gan")
@@ -205,9 +207,11 @@ def gan_run_on_server(tmp_path_factory, dataset, mlflow_server) -> tuple[Path, d
     assert other != params_fingerprint(params, "gan", dataset_hash)
     checkpoint = repo / "models/gan/checkpoint"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "state.weights.h5").write_bytes(b"not weights from these params")
+    (checkpoint / "epoch-00001.weights.h5").write_bytes(b"not weights from these params")
+    (checkpoint / "epoch-00001.history.csv").write_text("epoch\n1\n")
     (checkpoint / "state.json").write_text(json.dumps(
-        {"status": "running", "epoch": 1, "fingerprint": other, "mlflow_run_id": "gone"}))
+        {"status": "running", "epoch": 1, "fingerprint": other, "mlflow_run_id": "gone",
+         "weights": "epoch-00001.weights.h5", "history": "epoch-00001.history.csv"}))
     metrics, stderr = _train_recorded(repo, mlflow_server)
     return repo, metrics, stderr
 
@@ -275,6 +279,38 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(request, tmp_path, datase
     # Weights, optimizer state (Adam's moments and step count, which the decaying rate follows) and dropout
     # RNG state were restored: with deterministic ops the resumed run ends with the uninterrupted run's weights.
     for a, b in zip(_final_weights(straight), _final_weights(killed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class _Crash(BaseException):
+    """What a kill does to the process: the write under way never finishes, nothing after it runs."""
+
+
+def test_a_crash_between_a_checkpoints_writes_resumes_from_the_last_complete_one(request, tmp_path, dataset,
+                                                                                  mlflow_db_template):
+    """Killed after epoch 8's weights are written but before the state.json that names them: the folder still
+    holds epoch 6's whole checkpoint, the run resumes from it, and ends with the uninterrupted run's weights."""
+    from chromalab.train import checkpoint as checkpoints
+
+    repo = _repo(tmp_path / "crashed", dataset, GAN_RUN, mlflow_db_template)
+    write = checkpoints.write_text_atomic
+
+    def crash_before_epoch_8s_state(path, text):
+        if path.name == checkpoints.STATE_FILE and json.loads(text)["epoch"] == 8:
+            raise _Crash
+        write(path, text)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(_Crash):
+        patch.setattr(checkpoints, "write_text_atomic", crash_before_epoch_8s_state)
+        _train_recorded(repo)
+    folder = repo / "models/gan/checkpoint"
+    assert json.loads((folder / "state.json").read_text())["epoch"] == 6
+    assert (folder / "epoch-00008.weights.h5").is_file()  # written, but nothing names it
+    _, stderr = _train_recorded(repo)
+    assert f"resuming gan from its checkpoint at epoch 6/{GAN_RUN['gan']['epochs']}" in stderr
+    assert [p.name for p in folder.iterdir()] == ["state.json"]  # complete: no weights left behind
+    straight, _, _ = request.getfixturevalue("gan_run_on_server")
+    for a, b in zip(_final_weights(straight), _final_weights(repo), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

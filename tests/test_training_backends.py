@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from chromalab.devices import xla_choice
-from chromalab.training import read_history, run_train
+from chromalab.train.checkpoint import read_history
+from chromalab.train.stage import run_train
 from conftest import jax_env
 from test_training import TINY, dataset, tiny_params, workdir  # noqa: F401  (fixtures)
 
@@ -31,15 +32,15 @@ def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
     (workdir / "params.yaml").write_text(yaml.safe_dump({**TINY, "gan": {**TINY["gan"], "epochs": 3,
                                                                           "batch_size": 2}}))
     done = _run_python("""
-        import chromalab  # first: TensorFlow then skips its unused imports (chromalab.UNUSED_EXTRAS)
+        from chromalab.entry import skip_unused_extras; skip_unused_extras()  # first: TensorFlow then skips its unused imports
         import tensorflow as tf
-        from chromalab.cli import exit_without_teardown
+        from chromalab.entry import exit_without_teardown
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        from chromalab import gan
+        from chromalab.train import gan
         from chromalab.config import load_params
-        from chromalab.training import run_train
+        from chromalab.train.stage import run_train
 
         # What the train step itself sees, as it is traced on each replica: how many replicas share the
         # step, and its own share of the global batch of 4.
@@ -72,7 +73,7 @@ def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
 def test_float16_with_loss_scaling_and_xla_train_through_run_train(workdir, monkeypatch):
     # `mixed_precision: on` means float16 with loss scaling on GPUs without bfloat16; a CPU would get
     # bfloat16, so that choice is made for it here. `xla: on` compiles the step on the CPU too.
-    from chromalab import training
+    from chromalab.train import stage as training
 
     monkeypatch.setattr(training, "precision_policy", lambda switch, gpus: "mixed_float16")
     # As for JAX (conftest.jax_env): XLA's optimisation passes take most of the compile and buy nothing here.

@@ -6,13 +6,13 @@ Heavy imports (TensorFlow, MLflow) happen inside the commands so that `--help` i
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from chromalab.entry import exit_code, exit_without_teardown, skip_unused_extras
 from chromalab.errors import ChromalabError
 from chromalab.quiet import quiet_tensorflow
 
@@ -44,7 +44,7 @@ def _params(path: Path):
 @app.command()
 def download(params: ParamsOpt = PARAMS) -> None:
     """Fetch the Unsplash Lite archive (data.url) and extract its tables into data/raw."""
-    from chromalab.download import run_download
+    from chromalab.data.download import run_download
 
     run_download(_params(params))
 
@@ -52,7 +52,7 @@ def download(params: ParamsOpt = PARAMS) -> None:
 @app.command()
 def split(params: ParamsOpt = PARAMS) -> None:
     """Select the people subset (or your folder) into train / test / reserve lists in data/split."""
-    from chromalab.split import run_split
+    from chromalab.data.split import run_split
 
     run_split(_params(params))
 
@@ -60,7 +60,7 @@ def split(params: ParamsOpt = PARAMS) -> None:
 @app.command()
 def images(params: ParamsOpt = PARAMS) -> None:
     """Fetch the selected photos at image_size x image_size into data/images (resumable)."""
-    from chromalab.images import run_images
+    from chromalab.data.images import run_images
 
     run_images(_params(params))
 
@@ -68,7 +68,7 @@ def images(params: ParamsOpt = PARAMS) -> None:
 @app.command()
 def tfrecords(params: ParamsOpt = PARAMS) -> None:
     """Convert data/images to normalised Lab TFRecords in data/tfrecords."""
-    from chromalab.tfrecords import run_tfrecords
+    from chromalab.data.tfrecords import run_tfrecords
 
     run_tfrecords(_params(params))
 
@@ -79,7 +79,7 @@ def train(
     params: ParamsOpt = PARAMS,
 ) -> None:
     """Train one model from data/tfrecords, tracked in MLflow; resumes from its checkpoint."""
-    from chromalab.training import run_train
+    from chromalab.train.stage import run_train
 
     run_train(_params(params), model)
 
@@ -87,7 +87,7 @@ def train(
 @app.command()
 def evaluate(params: ParamsOpt = PARAMS) -> None:
     """Score both models and the gray floor on the test photos; write reports/evaluate."""
-    from chromalab.evaluate import run_evaluate
+    from chromalab.evaluate.stage import run_evaluate
 
     run_evaluate(_params(params))
 
@@ -149,6 +149,7 @@ def bench(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 1, not a traceback."""
+    skip_unused_extras()  # before any command imports Keras
     try:
         app(args=argv, standalone_mode=False, prog_name="chromalab")
     except ChromalabError as exc:
@@ -167,33 +168,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(argv: list[str] | None = None) -> None:
-    """The `chromalab` program and the DVC stages: `main`, then leave without the interpreter's teardown.
-
-    Once TensorFlow is imported, Python's own exit (finalising every module, TensorFlow's C++ destructors)
-    takes ~3.5 s on 2 cores, after the work is done and saved: each DVC stage paid it. The exit handlers
-    still run (MLflow, logging, worker pools) and threads are joined, as at a normal exit; only the teardown
-    is skipped. An unexpected error keeps Python's usual traceback and exit. In-process callers (tests)
-    use `main`, which returns.
-    """
+    """The `chromalab` program: `main`, then leave without the interpreter's teardown (chromalab.entry).
+    In-process callers (tests) use `main`, which returns."""
     try:
         main(argv)
         code = 0
     except SystemExit as exc:
-        code = exc.code
-    if code is not None and not isinstance(code, int):  # what Python does with sys.exit("message")
-        print(code, file=sys.stderr)
-        code = 1
-    exit_without_teardown(code or 0)
-
-
-def exit_without_teardown(code: int = 0) -> None:
-    """End the process as CPython's exit does, less the teardown: join non-daemon threads (after their pools'
-    shut-down hooks, e.g. MLflow's artifact-logging executors), run the atexit handlers, flush, exit."""
-    import atexit
-    import threading
-
-    threading._shutdown()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        code = exit_code(exc)
+    exit_without_teardown(code)

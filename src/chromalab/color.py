@@ -106,7 +106,7 @@ class _Scratch:
 def _f_inverse(t: np.ndarray, low: np.ndarray, cube: np.ndarray) -> np.ndarray:
     """t³ above the knee, (t - 16/116) / 7.787 below, into t (`low`, `cube`: scratch of t's size). That line
     is the cube's tangent at the knee, so max(t, k)³ + (min(t, k) - k) / 7.787 is the same function without
-    np.where, which is ~10x slower; and where no value is below the knee (most chunks) it is t³ alone."""
+    np.where, which is several times slower; and where no value is below the knee (most chunks) it is t³ alone."""
     if t.min() >= _F_KNEE:
         np.multiply(t, t, out=cube)
         t *= cube
@@ -178,7 +178,7 @@ def _flat_lab(l_norm: np.ndarray, ab_norm: np.ndarray) -> tuple[tuple[int, ...],
 
 
 def _chunks(count: int, size: int = CHUNK_PIXELS) -> Iterator[slice]:
-    # Small chunks keep every temporary in the CPU cache (and out of mmap'd fresh pages): 3-5x faster
+    # Small chunks keep every temporary in the CPU cache (and out of mmap'd fresh pages): several times faster
     # per pixel than whole-megapixel arrays.
     for start in range(0, count, size):
         yield slice(start, min(start + size, count))

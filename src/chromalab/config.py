@@ -24,15 +24,28 @@ class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+# The PatchGAN's two 4×4 valid convolutions need ≥ 3×3 px after three halvings.
+MIN_IMAGE_SIZE = 32
+PIX2PIX_L1_LAMBDA = 100.0  # pix2pix (Isola et al. 2017): the L1 term's weight against the adversarial one
+
+
+def image_size_problem(size: object) -> str | None:
+    """What is wrong with `size` as the models' input size, or None: the U-Net halves it down to 1 px."""
+    if isinstance(size, int) and size >= MIN_IMAGE_SIZE and size & (size - 1) == 0:
+        return None
+    return f"must be a power of two >= {MIN_IMAGE_SIZE} (the U-Net halves it down to 1 px), got {size!r}"
+
+
 class BaseParams(_Group):
     seed: int = 42
-    image_size: int = Field(256, ge=32)
+    image_size: int = 256
 
     @field_validator("image_size")
     @classmethod
     def _power_of_two(cls, v: int) -> int:
-        if v & (v - 1):
-            raise ValueError(f"must be a power of two (the U-Net halves it down to 1 px), got {v}")
+        problem = image_size_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
 
@@ -125,7 +138,7 @@ class GanParams(_Schedule):
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
     beta_1: float = Field(0.5, ge=0, lt=1)
-    l1_lambda: float = Field(100.0, ge=0)
+    l1_lambda: float = Field(PIX2PIX_L1_LAMBDA, ge=0)
     width: float = Field(1.0, gt=0)
 
 
@@ -153,6 +166,15 @@ class Params(_Group):
 
 
 MODEL_NAMES = ("baseline", "gan")
+
+
+def trained_model_path(model_name: str, models_root: Path = Path("models")) -> Path:
+    """models/<model>/model.keras, which `train@<model>` writes; a one-line error while it does not exist."""
+    path = Path(models_root) / model_name / "model.keras"
+    if not path.is_file():
+        raise ChromalabError(f"{path} does not exist: train the {model_name} model first "
+                             f"(`dvc repro train@{model_name}` or `chromalab train {model_name}`)")
+    return path
 
 
 def parse_params(raw: object, source: str = "params.yaml") -> Params:

@@ -36,6 +36,21 @@ def atomic_file(path: Path, text: bool = False) -> Iterator[IO]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A fresh path beside `path` for a library that writes files by name (Keras' save); renamed onto `path`
+    when the block succeeds. The name keeps `path`'s suffixes, which such libraries check."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{secrets.token_hex(4)}.tmp.{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     with atomic_file(path) as f:
         f.write(data)

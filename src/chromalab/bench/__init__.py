@@ -5,7 +5,7 @@ Measured, each on its own (a JSON report plus a table):
   in memory, at the chosen image size, width, precision and batch sizes. The first WARMUP_STEPS steps
   (tracing, XLA compilation, optimizer slots) are not timed; the clock stops only once the last step's
   losses have been computed (on JAX, work is asynchronous: the logs are read back, which waits for them).
-  Model FLOPs utilisation = FLOPs per image (from the layer shapes: chromalab.models) × images/s ÷ the
+  Model FLOPs utilisation = FLOPs per image (from the layer shapes: chromalab.train.models) × images/s ÷ the
   device's peak, taken from PEAK_TFLOPS for known GPUs or given with `peak_tflops`; none on a CPU.
 - `loop`: beside each `gan` / `baseline` step row, real training at the same settings, on the step row's
   model (built once for both): `fit` on TFRecords with training's own input (JAX: the split on the device;
@@ -16,7 +16,7 @@ Measured, each on its own (a JSON report plus a table):
   tutorial's step (two GradientTapes in one tf.function, two Adams, the same generator and discriminator),
   and the GAN row gives chromalab's speed as a ratio of it (`reference_ratio`, ≥ 1: at least as fast).
   The arithmetic is the same; chromalab's step is faster on a CPU because its Adam updates each variable in
-  one fused kernel (chromalab.optimizers.FusedAdam) where Keras' Adam makes ~10 passes over 57 M parameters.
+  one fused kernel (chromalab.train.optimizers.FusedAdam) where Keras' Adam makes ~10 passes over 57 M parameters.
   The two alternate for TIMING_ROUNDS rounds and each keeps its fastest round, so that other work on a
   shared machine slows neither more than the other.
 - `tfrecords`: the tfrecords stage (`run_tfrecords`) on BENCH_PHOTOS real photographs at the chosen size.
@@ -54,16 +54,16 @@ from chromalab.bench.pipeline import (BENCH_PHOTOS, BENCH_TEST_PHOTOS, INPUT_VAR
 from chromalab.bench.report import TRAINING_PARTS, Measurement, _versions, _write_json, render_table
 from chromalab.bench.steps import LOOP, WARMUP_STEPS, time_training_loop, time_training_step, training_model
 from chromalab.colorize import limit_model_threads
-from chromalab.config import Params
+from chromalab.config import Params, image_size_problem
 from chromalab.devices import available_cores
 from chromalab.errors import ChromalabError
-from chromalab.samples import write_images_stage
+from chromalab.bench.samples import write_images_stage
 
 __all__ = ["PARTS", "PEAK_TFLOPS", "PRECISIONS", "Device", "GpuPeak", "Measurement", "detect_device", "render_table",
            "run_bench", "spec_peak", "utilisation"]
 
 PARTS = ("gan", "baseline", "loop", "input", "tfrecords", "colorize")
-NEEDS_TENSORFLOW = ("input",)  # tf.data; the rest is pure Keras and chromalab.records
+NEEDS_TENSORFLOW = ("input",)  # tf.data; the rest is pure Keras and chromalab.data.records
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 REPORT_FORMAT = 1
 TABLE_MIN_WIDTH = 150  # rich assumes 80 columns when not on a terminal: too narrow for the table
@@ -84,14 +84,13 @@ def _check_options(out: Path, image_size: int, batches: list[int], width: float,
         raise ChromalabError(f"--peak-tflops must be a positive number of TFLOP/s, got {peak_tflops!r}")
     if not (isinstance(width, (int, float)) and width > 0):
         raise ChromalabError(f"width must be a positive number (1.0 = the paper), got {width!r}")
-    if not (isinstance(image_size, int) and image_size >= 32 and image_size & (image_size - 1) == 0):
-        raise ChromalabError(f"image size must be a power of two >= 32 (the U-Net halves it down to 1 px), "
-                             f"got {image_size!r}")
+    if image_size_problem(image_size):
+        raise ChromalabError(f"image size {image_size_problem(image_size)}")
     unknown = sorted(set(only or ()) - set(PARTS))
     if unknown:
         raise ChromalabError(f"--only {', '.join(unknown)}: choose among {', '.join(PARTS)}")
     if records is not None:
-        from chromalab.tfrecords import read_dataset_info as check_records
+        from chromalab.data.dataset import read_dataset_info as check_records
 
         check_records(records)
     return [part for part in PARTS if not only or part in only]

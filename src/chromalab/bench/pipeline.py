@@ -15,9 +15,10 @@ from chromalab.colorize import colorize_paths
 from chromalab.config import Params, TrainParams
 from chromalab.devices import available_cores
 from chromalab.errors import ChromalabError
-from chromalab.models import build_generator
-from chromalab.samples import real_crops
-from chromalab.tfrecords import make_dataset, run_tfrecords
+from chromalab.train.models import build_generator
+from chromalab.bench.samples import real_crops
+from chromalab.data.tfrecords import run_tfrecords
+from chromalab.train.input import make_dataset
 
 INPUT_VARIANTS = ("augmented", "no augmentation")
 BENCH_PHOTOS = 64  # training photos in the bench's TFRecords
@@ -25,7 +26,7 @@ BENCH_TEST_PHOTOS = 4  # the stage needs a test split too
 INPUT_MIN_SECONDS = 3.0  # whole passes over the cached records are timed until this much time has passed
 COLORIZE_PHOTOS = 8
 COLORIZE_SIDE = 3464  # photos colourised at full resolution: 12 megapixels each, as from a phone
-PHOTO_SEED = 0  # crops of scikit-image's bundled photos (chromalab.samples) are the bench's photos
+PHOTO_SEED = 0  # crops of scikit-image's bundled photos (chromalab.bench.samples) are the bench's photos
 
 
 def time_tfrecords_stage(images_dir: Path, out_dir: Path, image_size: int, n_train: int | None = None) -> Measurement:

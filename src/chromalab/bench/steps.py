@@ -13,10 +13,10 @@ import numpy as np
 from chromalab.bench.device import utilisation
 from chromalab.bench.report import Measurement, cpu_time
 from chromalab.config import BaselineParams, GanParams, Params
-from chromalab.models import (baseline_train_step_flops, build_discriminator, build_generator,
+from chromalab.train.models import (baseline_train_step_flops, build_discriminator, build_generator,
                               gan_train_step_flops)
-from chromalab.tfrecords import read_dataset_info
-from chromalab.training import build_for_training
+from chromalab.data.dataset import read_dataset_info
+from chromalab.train.build import build_for_training
 
 LOOP = "loop"  # the variant of a training row that times real training, input included
 WARMUP_STEPS = 2  # step 1 traces and compiles; step 2 can still retrace once the optimizer has its slots
@@ -50,9 +50,9 @@ def synthetic_batch(batch: int, image_size: int, seed: int = 0) -> tuple[np.ndar
 
 def _fed(data: tuple[np.ndarray, np.ndarray], n_steps: int):
     """The batch `n_steps` times, as training feeds fit. On TensorFlow that is a tf.data pipeline of batches
-    of a fixed size (tfrecords.make_dataset drops the partial one): fed from a Python generator instead,
-    the step is traced for batches of unknown size, and runs ~20 % slower on a CPU (the 0.74-0.82x of
-    issue 12). JAX, which may run without TensorFlow here, gets a generator; it compiles for fixed shapes."""
+    of a fixed size (chromalab.train.input drops the partial one): fed from a Python generator instead,
+    the step is traced for batches of unknown size, and runs slower on a CPU (README, "Measured figures
+    behind the code"). JAX, which may run without TensorFlow here, gets a generator; it compiles for fixed shapes."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
@@ -195,8 +195,8 @@ def time_training_loop(part: str, records: Path, *, image_size: int, batch: int,
                        step_row: Measurement | None = None, model: keras.Model | None = None) -> Measurement:
     """Images/s of `fit` on `records` with training's input, over WARMUP_STEPS + `steps` steps. `model`: the
     step row's (same settings), so that the model is built, and on TensorFlow traced, once for both."""
-    from chromalab.device_data import training_input
-    from chromalab.epochs import steps_per_epoch
+    from chromalab.train.input import training_input
+    from chromalab.train.epochs import steps_per_epoch
 
     row = Measurement(part, variant=LOOP, image_size=image_size, batch=batch, width=width, precision=precision,
                       xla=jit_compile)
@@ -215,9 +215,6 @@ def time_training_loop(part: str, records: Path, *, image_size: int, batch: int,
     per_epoch = steps_per_epoch(n_train, batch)
     epochs = -(-n_steps // per_epoch)
     data = training_input(records, batch, params.train, params.base.seed, epochs=epochs)
-    data.prepare(model)
-    if data.feed is not None:  # JAX: the feed has wrapped train_step; a step traced before lacks its input
-        model.train_function = None
     clock = _LoopClock((WARMUP_STEPS - 1, n_steps - 1))
     model.fit(data.train, epochs=epochs, steps_per_epoch=per_epoch, verbose=0, shuffle=False, callbacks=[clock])
     (start, cpu_start), (end, cpu_end) = clock.times[WARMUP_STEPS - 1], clock.times[n_steps - 1]

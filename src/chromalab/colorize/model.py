@@ -1,5 +1,5 @@
 """Loading a colorizer for `colorize` and `serve`: a model name, a .keras file or an MLflow URI → a Keras
-model L [B, S, S, 1] → ab [B, S, S, 2], checked, made cheaper to run (chromalab.inference), and the
+model L [B, S, S, 1] → ab [B, S, S, 2], checked, made cheaper to run (chromalab.colorize.inference), and the
 threads TensorFlow gives it."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from chromalab.config import MODEL_NAMES
+from chromalab.config import MODEL_NAMES, trained_model_path
 from chromalab.errors import ChromalabError, one_line
 
 DEFAULT_IMAGE_SIZE = 256  # for models without a fixed input size, when image_size is not given
@@ -24,11 +24,7 @@ def model_file(model: str, models_root: Path = Path("models")) -> Path | None:
     if URI_PATTERN.match(model) and model not in MODEL_NAMES:
         return None
     if model in MODEL_NAMES:
-        path = models_root / model / "model.keras"
-        if not path.is_file():
-            raise ChromalabError(f"{path} does not exist: train the {model} model first "
-                                 f"(`dvc repro train@{model}` or `chromalab train {model}`)")
-        return path
+        return trained_model_path(model, models_root)
     path = Path(model)
     if path.suffix != ".keras":
         raise ChromalabError(f"--model {model!r}: expected {', '.join(MODEL_NAMES)}, a .keras file, "
@@ -79,9 +75,9 @@ def _load_mlflow(uri: str):
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from chromalab import tracking
+    from chromalab.track import runs
 
-    tracking.use_store()
+    runs.use_store()
     try:
         if "keras" in mlflow.models.get_model_info(uri).flavors:
             loaded = mlflow.keras.load_model(uri, load_model_kwargs={"compile": False})
@@ -90,18 +86,18 @@ def _load_mlflow(uri: str):
             if loaded is None:
                 raise ValueError("not a chromalab colorizer (no Keras flavour, no chromalab pyfunc)")
     except (MlflowException, OSError, ValueError) as exc:
-        raise ChromalabError(f"cannot load MLflow model {uri} from {tracking.tracking_uri()}: "
+        raise ChromalabError(f"cannot load MLflow model {uri} from {runs.tracking_uri()}: "
                              f"{one_line(exc)} (set MLFLOW_TRACKING_URI if it lives elsewhere)") from None
     return _checked(loaded, uri)
 
 
 def _checked(model, name: str):
-    """`model`, checked to be a colorizer, made cheaper to run (chromalab.inference)."""
+    """`model`, checked to be a colorizer, made cheaper to run (chromalab.colorize.inference)."""
     shape = model.input_shape
     if not (isinstance(shape, tuple) and len(shape) == 4 and shape[-1] == 1 and model.output_shape[-1] == 2):
         raise ChromalabError(f"model {name} maps {shape} → {model.output_shape}; a colorizer maps "
                              "L [B, S, S, 1] → ab [B, S, S, 2]")
-    from chromalab.inference import for_inference  # Keras: imported once a model is being loaded
+    from chromalab.colorize.inference import for_inference  # Keras: imported once a model is being loaded
 
     return for_inference(model)
 

@@ -15,16 +15,24 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
+from unittest import mock
 
 import mlflow
 import numpy as np
 import pandas as pd
 
+if TYPE_CHECKING:
+    from mlflow.models.model import ModelInfo
+
 COLUMN = "image"
 KERAS_ARTIFACT = "keras_model"
 JPEG_QUALITY = 95  # as `chromalab colorize` writes JPEGs
 CODE_FILE = Path(__file__).with_name("colorizer_model.py")  # what log_colorizer logs (models from code)
+PYFUNC_NAME = "colorizer"  # its name in a training run
 
 
 def signature() -> mlflow.models.ModelSignature:
@@ -82,3 +90,28 @@ class Colorizer(mlflow.pyfunc.PythonModel):
             heights.append(coloured.height)
         return pd.DataFrame({COLUMN: images, "width": np.asarray(widths, dtype=np.int64),
                              "height": np.asarray(heights, dtype=np.int64)})
+
+
+def log_colorizer(keras_file: Path, name: str = PYFUNC_NAME) -> "ModelInfo":
+    """Log the pyfunc colorizer (with `keras_file` inside) into the active run."""
+    import mlflow
+
+    from chromalab.track import runs
+
+    runs.require_active_run()
+    # MLflow copies the Keras file into the logged model under a "Downloading artifacts" progress bar: a local
+    # copy, shown in every training stage's output; off for that copy.
+    with warnings.catch_warnings(), mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
+        # No input example on purpose: it would be a photo stored with a model that may be shared.
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=CODE_FILE, artifacts={KERAS_ARTIFACT: str(keras_file)},
+            signature=signature(),
+            pip_requirements=[*runs.model_requirements(), *_installed("pillow", "scikit-image", "pandas")],
+        )
+
+
+def _installed(*packages: str) -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{package}=={version(package)}" for package in packages]

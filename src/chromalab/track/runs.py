@@ -6,7 +6,7 @@ The repo root is the *real* one even when DVC runs a stage in a temporary copy o
 (`dvc exp run --temp` / `--queue` work in `<root>/.dvc/tmp/exps/…`): runs and artifacts would otherwise
 vanish with the copy.
 
-Training (`chromalab.training`) opens `model_run(...)`, logs per-epoch metrics, sample sheets and the final
+Training (`chromalab.train.stage`) opens `model_run(...)`, logs per-epoch metrics, sample sheets and the final
 model; evaluation later logs its test metrics into the same run by id.
 MLflow's HTTP client retries for minutes by default (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`,
 `MLFLOW_HTTP_REQUEST_TIMEOUT`); `check_tracking_server` therefore asks the server directly, once, with a
@@ -15,6 +15,7 @@ short timeout, and leaves those settings to the user for the run itself.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -267,19 +268,19 @@ def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
             raise
 
 
-def _require_active_run() -> None:
+def require_active_run() -> None:
     import mlflow
 
     # mlflow.log_* would silently open a stray run in the Default experiment.
     if mlflow.active_run() is None:
-        raise RuntimeError("chromalab.tracking: log inside `with model_run(...)`")
+        raise RuntimeError("chromalab.track.runs: log inside `with model_run(...)`")
 
 
 def log_epoch(metrics: dict[str, float], epoch: int) -> None:
     """Per-epoch metrics at step `epoch` (1-based: the number of epochs done)."""
     import mlflow
 
-    _require_active_run()
+    require_active_run()
     mlflow.log_metrics(metrics, step=epoch)
 
 
@@ -287,7 +288,7 @@ def log_sample_sheet(image: np.ndarray, epoch: int, key: str = "samples") -> Non
     """A stepped image series (MLflow stores `images/<key>+step+<epoch>+….png` and a webp thumbnail)."""
     import mlflow
 
-    _require_active_run()
+    require_active_run()
     mlflow.log_image(image, key=key, step=epoch)
 
 
@@ -300,17 +301,17 @@ def log_keras_model(model: keras.Model, input_example: np.ndarray, name: str = "
     import numpy as np
     from mlflow.models import infer_signature
 
-    _require_active_run()
+    require_active_run()
     inputs = np.asarray(input_example, dtype=np.float32)
     outputs = np.asarray(model.predict(inputs, verbose=0), dtype=np.float32)  # float32 under mixed precision too
     return mlflow.keras.log_model(model, name=name, signature=infer_signature(inputs, outputs),
-                                  pip_requirements=_model_requirements())
+                                  pip_requirements=model_requirements())
 
 
-def _model_requirements() -> list[str]:
+def model_requirements() -> list[str]:
     """What loading the model needs: Keras and its backend, pinned as installed.
 
-    Stated rather than inferred: MLflow's inference reloads the model in a subprocess (~8 s a model).
+    Stated rather than inferred: MLflow's inference reloads the model in a subprocess, seconds per model.
     """
     import keras
     from importlib.metadata import PackageNotFoundError, version
@@ -324,3 +325,9 @@ def _model_requirements() -> list[str]:
         except PackageNotFoundError:
             continue
     return pinned
+
+
+def training_run_id(reports_root: Path, model_name: str) -> str | None:
+    """The MLflow run that trained `model_name`, as reports/<model>/train_metrics.json records it."""
+    train_metrics = Path(reports_root) / model_name / "train_metrics.json"
+    return json.loads(train_metrics.read_text()).get("mlflow_run_id") if train_metrics.is_file() else None

@@ -31,22 +31,18 @@ import numpy as np
 import urllib3
 from PIL import ExifTags, Image, ImageOps
 from tqdm import tqdm
-from urllib3.util.retry import Retry
 
 from chromalab.color import mean_chroma
 from chromalab.config import Params
-from chromalab.download import RETRY_STATUSES
 from chromalab.files import write_bytes_atomic, write_text_atomic
 from chromalab.errors import ChromalabError
-from chromalab.split import FIELDS as SPLIT_FIELDS
-from chromalab.split import SAFE_PHOTO_ID, SPLITS
+from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, TRAINING_SPLITS
+from chromalab.data.http import RETRY_STATUSES, USER_AGENT, retry_policy
 
-FETCH_SPLITS = ("train", "test")
 GONE_STATUSES = (404, 410)
 BACKOFF_FACTOR_S = 0.5  # urllib3: no wait before the 1st retry, then 1 s, 2 s, 4 s, … (capped below)
 BACKOFF_MAX_S = 60.0
 RETRY_AFTER_MAX_S = 300  # a 429's Retry-After beyond this is cut to it rather than stalling a worker for hours
-MANIFEST_FIELDS = ("photo_id", "split", "file", "sha256", "source")
 REJECTED_FIELDS = ("photo_id", "split", "reason")
 # What the files on disk were made with: another value invalidates them (only "gone" rejections survive).
 SETTINGS_FILE = "fetch_settings.json"
@@ -81,7 +77,7 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
     journal = RejectionJournal(out_dir / "rejected.csv")
     fetcher = PhotoFetcher(params, out_dir, journal)
 
-    slots = [(split, photo) for split in FETCH_SPLITS for photo in lists[split]]
+    slots = [(split, photo) for split in TRAINING_SPLITS for photo in lists[split]]
     chosen, failed, stats = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency)
 
     if failed:
@@ -95,7 +91,7 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
         totals = Counter(split for split, _ in slots)
         raise ChromalabError(
             "reserve exhausted: "
-            + ", ".join(f"{missing[s]} of {totals[s]} {s} photos missing" for s in FETCH_SPLITS if missing[s])
+            + ", ".join(f"{missing[s]} of {totals[s]} {s} photos missing" for s in TRAINING_SPLITS if missing[s])
             + "; raise split.n_reserve"
         )
 
@@ -167,15 +163,11 @@ class PhotoFetcher:
         self.journal = journal
         # preload_content=True makes urllib3 read the body inside its retry loop, so a truncated body
         # or a read timeout mid-body is retried like a connection error (requests cannot do that).
-        retry = Retry(
-            total=ip.retries, connect=ip.retries, read=ip.retries, status=ip.retries,
-            backoff_factor=BACKOFF_FACTOR_S, backoff_max=BACKOFF_MAX_S, status_forcelist=RETRY_STATUSES,
-            allowed_methods={"GET"}, respect_retry_after_header=True, retry_after_max=RETRY_AFTER_MAX_S,
-            raise_on_status=False,
-        )
+        retry = retry_policy(ip.retries, BACKOFF_FACTOR_S, backoff_max=BACKOFF_MAX_S,
+                             retry_after_max=RETRY_AFTER_MAX_S)
         self.http = urllib3.PoolManager(
             maxsize=ip.concurrency, retries=retry, timeout=urllib3.Timeout(connect=ip.timeout_s, read=ip.timeout_s),
-            headers={"User-Agent": "chromalab (+Unsplash Lite research download)"},
+            headers={"User-Agent": USER_AGENT},
         )
 
     def source(self, photo: Photo) -> str:
@@ -185,7 +177,7 @@ class PhotoFetcher:
         target = self.out_dir / split / f"{photo.photo_id}.jpg"
         if target.exists():
             return Outcome("ok")
-        for other in FETCH_SPLITS:  # a param change may move a reserve photo to the other split
+        for other in TRAINING_SPLITS:  # a param change may move a reserve photo to the other split
             elsewhere = self.out_dir / other / target.name
             if other != split and elsewhere.exists():
                 os.replace(elsewhere, target)
@@ -328,16 +320,16 @@ def prepare_out_dir(out_dir: Path, settings: dict) -> None:
     previous = json.loads(settings_path.read_text()) if settings_path.is_file() else None
     if previous is not None and previous != settings:
         tqdm.write(f"images: settings changed ({previous} -> {settings}); fetching again", file=sys.stderr)
-        for split in FETCH_SPLITS:
+        for split in TRAINING_SPLITS:
             shutil.rmtree(out_dir / split, ignore_errors=True)
         journal = RejectionJournal(out_dir / "rejected.csv")
         journal.rewrite_sorted({pid for pid, (_, why) in journal.rows.items() if why.startswith(GONE)})
-    for split in FETCH_SPLITS:
+    for split in TRAINING_SPLITS:
         (out_dir / split).mkdir(parents=True, exist_ok=True)
     for temp in [*out_dir.glob(".*.tmp"), *out_dir.glob("*/.*.tmp")]:  # left by a killed run
         temp.unlink()
     # Until this run completes, out_dir must not look complete to the next stage.
-    (out_dir / "manifest.csv").unlink(missing_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)
     write_text_atomic(settings_path, json.dumps(settings, sort_keys=True) + "\n")
 
 
@@ -357,7 +349,7 @@ def read_split(path: Path) -> list[Photo]:
 
 def remove_unselected(out_dir: Path, keep: set[tuple[str, str]]) -> None:
     """After a param change, files of photos no longer selected must not reach the next stage."""
-    for split in FETCH_SPLITS:
+    for split in TRAINING_SPLITS:
         for path in (out_dir / split).iterdir():
             if (split, path.stem) not in keep or path.suffix != ".jpg":
                 path.unlink()
@@ -371,4 +363,4 @@ def write_manifest(out_dir: Path, selected: list[tuple[str, Photo]], fetcher: Ph
         file = f"{split}/{photo.photo_id}.jpg"
         sha = hashlib.sha256((out_dir / file).read_bytes()).hexdigest()
         writer.writerow((photo.photo_id, split, file, sha, fetcher.source(photo)))
-    write_text_atomic(out_dir / "manifest.csv", text.getvalue())
+    write_text_atomic(out_dir / MANIFEST, text.getvalue())

@@ -21,9 +21,10 @@ from urllib.request import url2pathname
 import requests
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
-from urllib3.util.retry import Retry
 
 from chromalab.config import Params
+from chromalab.data.formats import open_table
+from chromalab.data.http import RETRY_STATUSES, USER_AGENT, retry_policy
 from chromalab.errors import ChromalabError
 from chromalab.files import staged_dir, write_text_atomic
 
@@ -32,7 +33,6 @@ from chromalab.files import staged_dir, write_text_atomic
 DOWNLOAD_RETRIES = 5
 DOWNLOAD_BACKOFF_S = 0.5
 DOWNLOAD_TIMEOUT_S = (15.0, 60.0)  # (connect, read between bytes)
-RETRY_STATUSES = (429, 500, 502, 503, 504)
 # A connection that drops mid-chunk loses that chunk (urllib3 discards a short read): keep chunks small.
 CHUNK_BYTES = 1 << 16
 
@@ -112,14 +112,9 @@ def local_archive_path(url: str) -> Path | None:
 
 def retrying_session(retries: int, backoff_s: float) -> requests.Session:
     """A requests Session whose adapter retries connection errors, 429 and 5xx with urllib3's backoff."""
-    retry = Retry(
-        total=retries, connect=retries, read=retries, status=retries,
-        backoff_factor=backoff_s, status_forcelist=RETRY_STATUSES, allowed_methods={"GET"},
-        respect_retry_after_header=True, raise_on_status=False,  # the last answer's status makes the message
-    )
     session = requests.Session()
-    session.headers["User-Agent"] = "chromalab (+Unsplash Lite research download)"
-    adapter = HTTPAdapter(max_retries=retry)
+    session.headers["User-Agent"] = USER_AGENT
+    adapter = HTTPAdapter(max_retries=retry_policy(retries, backoff_s))
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -343,12 +338,6 @@ def _check_columns(header_line: bytes, table: str, member: str, archive: Path) -
             f"{archive}: table '{table}' ({member}) lacks column(s) {', '.join(missing)}; "
             "is this an Unsplash Lite zip?"
         )
-
-
-def open_table(path: Path):
-    """A csv reader for one of the Lite tables (tab-separated, QUOTE_MINIMAL: keywords may hold quoted newlines)."""
-    f = path.open(newline="", encoding="utf-8-sig")
-    return f, csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
 
 
 def count_rows(path: Path) -> int:

@@ -23,16 +23,12 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from chromalab.config import Params, SplitParams
-from chromalab.download import open_table
+from chromalab.data.formats import SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, open_table
 from chromalab.files import staged_dir
 from chromalab.errors import ChromalabError
 
-SPLITS = ("train", "test", "reserve")
-FIELDS = ("photo_id", "image_url", "reason")
 # Captions that contradict the keywords or describe a photo that teaches gray.
 CAPTION_EXCLUDE = re.compile(r"\b(?:no people|black[- ]and[- ]white|monochrome|gr[ae]yscale)\b", re.IGNORECASE)
-# Photo ids become file names in the images stage.
-SAFE_PHOTO_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 
 
@@ -76,7 +72,7 @@ def run_split(params: Params, raw_dir: Path = Path("data/raw"), out_dir: Path = 
         for name, rows in splits.items():
             with (tmp / f"{name}.csv").open("w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f, lineterminator="\n")
-                writer.writerow(FIELDS)
+                writer.writerow(SPLIT_FIELDS)
                 writer.writerows(rows)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -1,7 +1,7 @@
 """pix2pix as a `keras.Model` (Keras 3 custom-train-step pattern), pure Keras: TensorFlow or JAX backend.
 
 The generator is a U-Net (L → ab), the discriminator a 70×70 PatchGAN judging (L, ab) pairs
-(chromalab.models). `fit` drives it; a metric tracker per loss term shows each in the progress bar.
+(chromalab.train.models). `fit` drives it; a metric tracker per loss term shows each in the progress bar.
 """
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from chromalab import losses
-from chromalab.errors import ChromalabError
+from chromalab.train import losses
 
 VALIDATION_METRICS = ("ssim", "mse", "mae")  # on ab, as the seed reported them
 
@@ -32,7 +31,7 @@ class Pix2Pix(keras.Model):
     `optimizer` that Keras checkpoints, distributes and threads through the JAX trainer.
     """
 
-    def __init__(self, generator: keras.Model, discriminator: keras.Model, l1_lambda: float = 100.0, **kwargs):
+    def __init__(self, generator: keras.Model, discriminator: keras.Model, l1_lambda: float, **kwargs):
         super().__init__(**kwargs)
         self.generator = generator
         self.discriminator = discriminator

@@ -19,7 +19,7 @@ import math
 import keras
 from keras import layers
 
-from chromalab.config import MODEL_NAMES
+from chromalab.config import MODEL_NAMES, image_size_problem
 from chromalab.errors import ChromalabError
 
 # pix2pix (Isola et al. 2017; the TensorFlow tutorial the seed copied)
@@ -30,7 +30,6 @@ GAN_INIT_STDDEV = 0.02
 LEAKY_SLOPE = 0.2  # pix2pix's; Keras 3's LeakyReLU defaults to 0.3
 DROPOUT_RATE = 0.5
 N_DROPOUT_UP_BLOCKS = 3
-GAN_MIN_IMAGE_SIZE = 32  # the PatchGAN's two 4×4 valid convolutions need ≥ 3×3 px after three halvings
 
 # The seed's CNN: (filters, stride) of the encoder, then the decoder's three BN + Dropout convolutions
 # and its two convolutions that are each followed by a 2× upsampling.
@@ -60,10 +59,9 @@ def _check_width(width: float) -> None:
 
 
 def _check_gan_size(image_size: int) -> None:
-    if not (isinstance(image_size, int) and image_size >= GAN_MIN_IMAGE_SIZE
-            and image_size & (image_size - 1) == 0):
-        raise ChromalabError(f"image size for pix2pix must be a power of two >= {GAN_MIN_IMAGE_SIZE} "
-                             f"(the U-Net halves it down to 1 px), got {image_size!r}")
+    problem = image_size_problem(image_size)
+    if problem:
+        raise ChromalabError(f"image size for pix2pix {problem}")
 
 
 def unet_depth(image_size: int) -> int:

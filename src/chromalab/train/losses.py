@@ -3,7 +3,7 @@
 - `ssim`: per-image SSIM of Wang et al. (2004), channels averaged: Gaussian 11-tap window (σ = 1.5),
   valid convolution, K1 = 0.01, K2 = 0.03, population covariance. This is `tf.image.ssim` and
   `skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`,
-  which chromalab.metrics uses at evaluation, so training and evaluation numbers agree.
+  which chromalab.evaluate.metrics uses at evaluation, so training and evaluation numbers agree.
   `max_val` is 2.0: the range of ab. An image smaller than the window gets a smaller odd window with σ
   shrunk in proportion (the same ±3.3σ support), rather than an error.
 - `ms_ssim`: multi-scale SSIM (Wang et al. 2003) with the standard weights, in a numerically safe form:
@@ -29,6 +29,7 @@ import math
 import numpy as np
 from keras import ops
 
+from chromalab.config import PIX2PIX_L1_LAMBDA
 from chromalab.errors import ChromalabError
 
 AB_RANGE = 2.0  # ab/128 spans [-1, 1]
@@ -38,7 +39,6 @@ SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli & Bovik (2003), fine → coarse
 MS_SSIM_EPS = 1e-6  # floor of each factor before its fractional power: finite value and gradient
-L1_LAMBDA = 100.0  # pix2pix
 
 
 # --- SSIM ---------------------------------------------------------------------------------------------
@@ -183,10 +183,10 @@ def _bce_with_logits(target: float, logits):
     return ops.mean(ops.binary_crossentropy(ops.full_like(logits, target), logits, from_logits=True))
 
 
-def generator_loss(fake_logits, real_ab, fake_ab, l1_lambda: float = L1_LAMBDA):
+def generator_loss(fake_logits, real_ab, fake_ab, l1_lambda: float):
     """pix2pix generator loss → (total, adversarial, l1): BCE(D(fake), real) + λ · mean |real − fake|."""
     if not (isinstance(l1_lambda, (int, float)) and math.isfinite(l1_lambda) and l1_lambda >= 0):
-        raise ChromalabError(f"l1_lambda must be a number >= 0 (pix2pix: 100), got {l1_lambda!r}")
+        raise ChromalabError(f"l1_lambda must be a number >= 0 (pix2pix: {PIX2PIX_L1_LAMBDA:g}), got {l1_lambda!r}")
     adversarial = _bce_with_logits(1.0, fake_logits)
     l1 = ops.mean(ops.abs(ops.cast(real_ab, "float32") - ops.cast(fake_ab, "float32")))
     return adversarial + l1_lambda * l1, adversarial, l1

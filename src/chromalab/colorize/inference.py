@@ -3,7 +3,8 @@
 The U-Net's decoder upsamples with `Conv2DTranspose(kernel 4, strides 2, padding "same")`. On the CPU,
 TensorFlow runs it as a convolution's input gradient, which rearranges the whole kernel on every call: at
 batch 1 the 8 M-weight layers near the bottleneck (2×2 and 4×4 pixels) cost more than their arithmetic, and
-the decoder took 0.46 of the U-Net's 0.55 CPU-s per 256×256 photo. The same layer is four 2×2
+the decoder took most of the U-Net's time per photo (README, "Measured figures behind the code"). The same
+layer is four 2×2
 convolutions, one per output phase (even/odd row × even/odd column), whose kernels are slices of the
 transposed kernel, made once here rather than on every call: each output pixel is the same sum of the same
 products. Used where a loaded model only predicts (`colorize`, `serve`, the registered model); training
@@ -22,10 +23,9 @@ PHASE_TAPS = ((3, 1), (2, 0))
 
 
 def _is_upsampling_conv(layer) -> bool:
-    """A stride-2, 4×4 "same" Conv2DTranspose reading at most 4 pixels per output channel, where the phase
-    convolutions are faster (per layer, 256-px U-Net, batch 1: 0.100 → 0.016 CPU-s at 2×2 pixels, 0.110 →
-    0.044 at 16×16 pixels and 256 channels, level at 32×32 and 128, and slower beyond, where TensorFlow's own
-    way is efficient and converting the kernel would not pay)."""
+    """A stride-2, 4×4 "same" Conv2DTranspose reading at most 4 pixels per output channel: where the phase
+    convolutions were measured faster; on larger maps TensorFlow's own way is efficient and converting the
+    kernel would not pay (README, "Measured figures behind the code")."""
     if type(layer) is not keras.layers.Conv2DTranspose:
         return False
     try:

@@ -1,26 +1,22 @@
 """MLflow model registry: every trained model becomes a version of `chromalab-<model>`; evaluate crowns one.
 
-`train@<model>` logs a pyfunc colorizer (chromalab.serve.pyfunc, the .keras file inside) into its run and
-registers it as a new version, tagged with what made it: DVC experiment, git commit, dataset digest.
+`train@<model>` logs a pyfunc colorizer (chromalab.serve.pyfunc, the .keras file inside) into its run, and
+this module registers it as a new version, tagged with what made it: DVC experiment, git commit, dataset digest.
 `evaluate` tags each model's version with its test metrics and the digest of the test set it was scored on,
 then moves two aliases among the versions scored on that same test set:
-- `champion`: the lowest test ΔE00 (`test_delta_e00`; lower is better, see chromalab.metrics);
+- `champion`: the lowest test ΔE00 (`test_delta_e00`; lower is better, see chromalab.evaluate.metrics);
 - `challenger`: the newest version, the one just trained, which may also be the champion.
 Versions scored on another test set keep their tags but can't win: their ΔE00 is not comparable.
 
 `models:/chromalab-gan@champion` then works for `chromalab colorize`, `chromalab serve` and
-`mlflow models serve`. The registry lives in the tracking store (chromalab.tracking.tracking_uri()).
+`mlflow models serve`. The registry lives in the tracking store (chromalab.track.runs.tracking_uri()).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
-from unittest import mock
 
 from chromalab.config import MODEL_NAMES
 
@@ -39,7 +35,6 @@ TAG_DVC_EXPERIMENT = "dvc_experiment"
 TAG_GIT_COMMIT = "git_commit"
 TAG_DATASET_DIGEST = "dataset_digest"
 TAG_TEST_SET = "test_set_digest"
-PYFUNC_NAME = "colorizer"
 
 
 def registered_name(model_name: str) -> str:
@@ -49,47 +44,20 @@ def registered_name(model_name: str) -> str:
 def _client() -> mlflow.MlflowClient:
     import mlflow
 
-    from chromalab import tracking
+    from chromalab.track import runs
 
-    uri = tracking.use_store()
+    uri = runs.use_store()
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def log_colorizer(keras_file: Path, name: str = PYFUNC_NAME) -> ModelInfo:
-    """Log the pyfunc colorizer (with `keras_file` inside) into the active run."""
-    import mlflow
-
-    from chromalab import tracking
-    from chromalab.serve import pyfunc
-
-    tracking._require_active_run()
-    # MLflow copies the Keras file into the logged model under a "Downloading artifacts" progress bar: a local
-    # copy of ~1 s at most, shown in every training stage's output; off for that copy.
-    with warnings.catch_warnings(), mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
-        # No input example on purpose: it would be a photo stored with a model that may be shared.
-        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
-        return mlflow.pyfunc.log_model(
-            name=name, python_model=pyfunc.CODE_FILE, artifacts={pyfunc.KERAS_ARTIFACT: str(keras_file)},
-            signature=pyfunc.signature(),
-            pip_requirements=[*tracking._model_requirements(), *_installed("pillow", "scikit-image", "pandas")],
-        )
-
-
-def _installed(*packages: str) -> list[str]:
-    from importlib.metadata import version
-
-    return [f"{package}=={version(package)}" for package in packages]
-
-
-def register_trained_model(model_name: str, keras_file: Path, dataset_digest: str) -> ModelVersion:
-    """Log the colorizer into the active training run and register it as a new `chromalab-<model>` version."""
+def register_trained_model(model_name: str, logged: ModelInfo, dataset_digest: str) -> ModelVersion:
+    """Register the model `logged` into the active training run as a new `chromalab-<model>` version."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-    from chromalab import tracking
+    from chromalab.track import runs
 
-    info = log_colorizer(keras_file)
     client = _client()
     name = registered_name(model_name)
     if client.search_registered_models(f"name = '{name}'") == []:
@@ -102,13 +70,13 @@ def register_trained_model(model_name: str, keras_file: Path, dataset_digest: st
             if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
     run = mlflow.active_run()
-    identity = tracking.run_identity()
-    tags = {TAG_DVC_EXPERIMENT: identity[tracking.TAG_DVC_EXP_NAME], TAG_DATASET_DIGEST: dataset_digest,
+    identity = runs.run_identity()
+    tags = {TAG_DVC_EXPERIMENT: identity[runs.TAG_DVC_EXP_NAME], TAG_DATASET_DIGEST: dataset_digest,
             "model": model_name}
-    if tracking.TAG_GIT_COMMIT in identity:
-        tags[TAG_GIT_COMMIT] = identity[tracking.TAG_GIT_COMMIT]
-    return client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags,
-                                       model_id=info.model_id)
+    if runs.TAG_GIT_COMMIT in identity:
+        tags[TAG_GIT_COMMIT] = identity[runs.TAG_GIT_COMMIT]
+    return client.create_model_version(name, logged.model_uri, run_id=run.info.run_id, tags=tags,
+                                       model_id=logged.model_id)
 
 
 def test_set_digest(ids: list[str], L: np.ndarray, ab: np.ndarray) -> str:
@@ -127,11 +95,12 @@ def record_evaluation(reports_root: Path, summary: dict[str, dict[str, float]], 
     Models are found through the run id in reports/<model>/train_metrics.json; a model trained before the
     registry existed (no version for its run) is skipped.
     """
+    from chromalab.track import runs
+
     client = _client()
     aliases = {}
     for model_name in MODEL_NAMES:
-        train_metrics = reports_root / model_name / "train_metrics.json"
-        run_id = json.loads(train_metrics.read_text()).get("mlflow_run_id") if train_metrics.is_file() else None
+        run_id = runs.training_run_id(reports_root, model_name)
         if not run_id or model_name not in summary:
             continue
         name = registered_name(model_name)

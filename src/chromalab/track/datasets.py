@@ -70,12 +70,12 @@ class RecordsDataset(MetaDataset):
 
 def dataset_inputs(info: dict, data_dir: Path) -> dict[str, RecordsDataset]:
     """dataset.json's train and test splits as MLflow datasets, by context ("training", "testing")."""
-    from chromalab import tracking
+    from chromalab.track import runs
 
-    root = tracking.repo_root()
+    root = runs.repo_root()
     path = Path(data_dir).resolve()
     source = DVCDatasetSource(path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path),
-                              tracking._git_state(root).get(tracking.TAG_GIT_COMMIT, ""))
+                              runs._git_state(root).get(runs.TAG_GIT_COMMIT, ""))
     size = int(info["image_size"])
     variants = len(info.get("variants", []))
     specs = [TensorSpec(np.dtype(np.str_), (-1,), "photo_id"),
@@ -98,8 +98,8 @@ def log_dataset_inputs(info: dict, data_dir: Path) -> None:
     """Log the training and test data into the active run."""
     import mlflow
 
-    from chromalab import tracking
+    from chromalab.track import runs
 
-    tracking._require_active_run()
+    runs.require_active_run()
     datasets = dataset_inputs(info, data_dir)
     mlflow.log_inputs(list(datasets.values()), contexts=list(datasets), tags_list=[None] * len(datasets))

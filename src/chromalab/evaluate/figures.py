@@ -1,27 +1,15 @@
-"""Stage `evaluate`: both models and the gray floor on every test photo.
-
-The gray floor (predict ab = 0) stands beside every model because RGB SSIM/MSE barely separate a good
-colorizer from a gray one (see README); ΔE00, ab metrics and colourfulness do. Means hide failures, so
-each model also gets the share of photos on which it beats the gray floor, its ΔE00 median and 90th
-percentile, a ΔE00 histogram (delta_e00_hist.png) and its worst photos beside gray and truth (worst.png).
-"""
+"""The evaluate stage's pictures: the comparison sheet, the metrics chart, the ΔE00 histogram, the worst photos."""
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from chromalab.color import lab_norm_to_rgb
-from chromalab.config import MODEL_NAMES, Params
-from chromalab.errors import ChromalabError
-from chromalab.files import atomic_file, write_text_atomic
-from chromalab.metrics import gray_floor, photo_metrics, summarise
+from chromalab.evaluate.scoring import GRAY_FLOOR
+from chromalab.files import atomic_file
 
-GRAY_FLOOR = "gray_floor"
 # Metrics where lower is better; the chart marks the direction so nobody reads a bar the wrong way.
 LOWER_IS_BETTER = {"ab_mse", "ab_mae", "rgb_mse", "rgb_mae", "delta_e00", "delta_e00_median", "delta_e00_p90",
                    "out_of_gamut"}
@@ -33,21 +21,7 @@ CHART_NOTES = {
     "edge_chroma_gap_true": "the truth's, for scale",
     "beats_gray": "share of photos with lower ΔE00 than gray",
 }
-PICTURES = ("comparison.png", "metrics_chart.png", "delta_e00_hist.png", "worst.png")  # in reports/evaluate
 COLOURS = {GRAY_FLOOR: "#999999", "baseline": "#4c72b0", "gan": "#dd8452"}
-
-
-def predict_ab(model, L: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.asarray(model.predict(L, batch_size=batch_size, verbose=0), dtype=np.float32)
-
-
-def load_trained(models_root: Path, name: str):
-    import keras
-
-    path = models_root / name / "model.keras"
-    if not path.is_file():
-        raise ChromalabError(f"{path} is missing: train it first (`dvc repro train@{name}`)")
-    return keras.saving.load_model(path, compile=False)
 
 
 def _pyplot():
@@ -63,16 +37,6 @@ def _save(fig, path: Path) -> None:
     with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=100)
     _pyplot().close(fig)
-
-
-def failure_summary(delta_e: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Per predictor, from its per-photo ΔE00 (all in the same photo order): median, 90th percentile and the
-    share of photos on which it is strictly closer to the truth than the gray floor."""
-    gray = delta_e[GRAY_FLOOR]
-    return {name: {"delta_e00_median": float(np.median(values)),
-                   "delta_e00_p90": float(np.percentile(values, 90)),
-                   "beats_gray": float(np.mean(values < gray))}
-            for name, values in delta_e.items()}
 
 
 def delta_e_histogram(path: Path, delta_e: dict[str, np.ndarray]) -> None:
@@ -160,65 +124,3 @@ def metrics_chart(path: Path, summary: dict[str, dict[str, float]]) -> None:
     fig.suptitle("Test set: models against the gray floor (ab = 0); means unless named")
     fig.tight_layout()
     _save(fig, path)
-
-
-def log_to_model_runs(reports_root: Path, summary: dict, pictures: list[Path]) -> list[str]:
-    """Test metrics (and the gray floor's, for scale) into each model's own MLflow run."""
-    import mlflow
-
-    from chromalab import tracking
-
-    tracking.use_store()
-    logged = []
-    for name in MODEL_NAMES:
-        train_metrics = reports_root / name / "train_metrics.json"
-        run_id = json.loads(train_metrics.read_text()).get("mlflow_run_id") if train_metrics.is_file() else None
-        if not run_id:
-            continue
-        with mlflow.start_run(run_id=run_id):
-            for prefix, scores in (("test_", summary[name]), ("test_gray_floor_", summary[GRAY_FLOOR])):
-                mlflow.log_metrics({f"{prefix}{k}": v for k, v in scores.items() if k != "count"})
-            for picture in pictures:
-                mlflow.log_artifact(str(picture), artifact_path="evaluate")
-        logged.append(run_id)
-    return logged
-
-
-def run_evaluate(params: Params, *, data_dir: Path = Path("data/tfrecords"), models_root: Path = Path("models"),
-                 reports_root: Path = Path("reports"), log_mlflow: bool = True) -> dict:
-    from chromalab import registry, tracking
-    from chromalab.tfrecords import load_split_arrays
-
-    if log_mlflow:
-        tracking.check_tracking_server()
-    out_dir = reports_root / "evaluate"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ids, L, true_ab = load_split_arrays(data_dir, "test")
-    predictions = {GRAY_FLOOR: gray_floor(true_ab)}
-    for name in MODEL_NAMES:
-        predictions[name] = predict_ab(load_trained(models_root, name), L, params.evaluate.batch_size)
-
-    rows = []
-    for i in tqdm(range(len(ids)), desc="evaluate", unit="photo"):
-        for name, pred in predictions.items():
-            rows.append({"photo_id": ids[i], "model": name, **photo_metrics(L[i], true_ab[i], pred[i])})
-    summary = {name: summarise([r for r in rows if r["model"] == name]) for name in predictions}
-    delta_e = {name: np.array([r["delta_e00"] for r in rows if r["model"] == name]) for name in predictions}
-    for name, extra in failure_summary(delta_e).items():
-        summary[name].update(extra)
-
-    with atomic_file(out_dir / "per_photo.csv", text=True) as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    n_sheet = min(params.evaluate.n_sheet, len(ids))
-    comparison_sheet(out_dir / "comparison.png", ids[:n_sheet], L[:n_sheet],
-                     {k: v[:n_sheet] for k, v in predictions.items()}, true_ab[:n_sheet])
-    metrics_chart(out_dir / "metrics_chart.png", summary)
-    delta_e_histogram(out_dir / "delta_e00_hist.png", delta_e)
-    worst_sheet(out_dir / "worst.png", ids, L, predictions, true_ab, delta_e, params.evaluate.n_worst)
-    write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2))
-    if log_mlflow:
-        log_to_model_runs(reports_root, summary, [out_dir / name for name in PICTURES])
-        registry.record_evaluation(reports_root, summary, registry.test_set_digest(ids, L, true_ab))
-    return summary

@@ -1,0 +1,23 @@
+"""What each data stage hands the next, defined once: the raw Lite tables, the split lists, the images manifest."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+# download → split: Unsplash Lite's tables, tab-separated.
+# split → images: one list per split, these columns; photo ids become file names in the images stage.
+SPLITS = ("train", "test", "reserve")
+SPLIT_FIELDS = ("photo_id", "image_url", "reason")
+SAFE_PHOTO_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+# images → tfrecords: the fetched photos and where each came from.
+MANIFEST = "manifest.csv"
+MANIFEST_FIELDS = ("photo_id", "split", "file", "sha256", "source")
+TRAINING_SPLITS = ("train", "test")  # the splits the images stage fetches and the records hold
+
+
+def open_table(path: Path):
+    """A csv reader for one of the Lite tables (tab-separated, QUOTE_MINIMAL: keywords may hold quoted newlines)."""
+    f = path.open(newline="", encoding="utf-8-sig")
+    return f, csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL)

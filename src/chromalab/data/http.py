@@ -1,0 +1,17 @@
+"""How the data stages talk to a photo host: one retry policy for the archive and for every photo."""
+
+from __future__ import annotations
+
+from urllib3.util.retry import Retry
+
+USER_AGENT = "chromalab (+Unsplash Lite research download)"
+# Worth another try: rate limiting and the server's own failures. 404/410 are final (the photo is gone).
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+
+
+def retry_policy(retries: int, backoff_s: float, **options) -> Retry:
+    """urllib3's retries of connection errors, reads and RETRY_STATUSES, honouring Retry-After, with
+    exponential backoff; the last answer is returned rather than raised, so its status makes the message."""
+    return Retry(total=retries, connect=retries, read=retries, status=retries, backoff_factor=backoff_s,
+                 status_forcelist=RETRY_STATUSES, allowed_methods={"GET"}, respect_retry_after_header=True,
+                 raise_on_status=False, **options)

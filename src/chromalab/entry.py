@@ -1,0 +1,101 @@
+"""How every chromalab process starts and ends: the `chromalab` command and each DVC stage's entry point.
+
+Start: refuse the imports Keras and TensorFlow make for integrations chromalab never uses, and hide
+TensorFlow's start-up lines (chromalab.quiet). End: a user's error is one line on stderr and exit status 1,
+and the interpreter's teardown is skipped. A library user who imports chromalab gets none of this.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from importlib.abc import MetaPathFinder
+
+from chromalab.errors import ChromalabError
+from chromalab.quiet import quiet_tensorflow
+
+# Keras and TensorFlow import scikit-learn, JAX and matplotlib's pyplot whenever they are installed, for
+# integrations chromalab never uses (Keras's scikit-learn wrappers, image gallery and Orbax checkpoints, TF
+# Lite's JAX converter): seconds of every TensorFlow command's start on 2 cores (README, "Tests").
+# Each of those imports is optional (guarded by `except ImportError`), so those integrations are simply off.
+# Only these importers are refused: JAX as Keras's backend, MLflow, and chromalab's own plots import them.
+UNUSED_EXTRAS = {  # module: the importers refused it
+    "sklearn": ("keras.",),
+    "matplotlib.pyplot": ("keras.",),
+    "jax": ("tensorflow.", "keras.src.callbacks.orbax_checkpoint"),  # not the JAX backend's own import
+    # Keras's optional TensorFlow (seeding tf.random, spotting tf.TensorShape when saving), which imports
+    # TensorFlow under JAX too, with its threads. The TensorFlow backend imported it already.
+    "tensorflow": ("keras.src.utils.module_utils",),
+}
+
+# The frames between an import statement and a finder: Python's import machinery, and chromalab.quiet's import
+# hook, which asks the finders after it on its importer's behalf.
+IMPORT_MACHINERY = ("importlib", "_frozen_importlib", "chromalab.quiet")
+
+
+class SkipUnusedExtras(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        prefixes = UNUSED_EXTRAS.get(name)
+        if prefixes is None:
+            return None  # not ours to decide: the next finder looks for it
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_globals.get("__name__", "").startswith(IMPORT_MACHINERY):
+            frame = frame.f_back
+        importer = "" if frame is None else frame.f_globals.get("__name__", "")
+        if importer.startswith(prefixes):
+            raise ModuleNotFoundError(f"{name} is not imported for {importer} (chromalab.entry.UNUSED_EXTRAS)",
+                                      name=name)
+        return None
+
+
+def skip_unused_extras() -> None:
+    """Install the refusals (once); before Keras or TensorFlow is imported, or they have imported it all."""
+    if not any(isinstance(finder, SkipUnusedExtras) for finder in sys.meta_path):
+        sys.meta_path.insert(0, SkipUnusedExtras())
+
+
+def start_process(verbose: bool = False) -> None:
+    """What a chromalab program does first: the import refusals, and quiet TensorFlow unless `verbose`."""
+    skip_unused_extras()
+    quiet_tensorflow(verbose)
+
+
+def run_stage(stage: Callable[[], object]) -> None:
+    """A DVC stage's entry point: start the process, run `stage`, end as `chromalab <stage>` would."""
+    start_process()
+    try:
+        stage()
+        code = 0
+    except ChromalabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
+    exit_without_teardown(code)
+
+
+def exit_code(exc: SystemExit) -> int:
+    """The status Python gives `sys.exit(code)`; a message is printed, as Python does."""
+    code = exc.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        return 1
+    return code or 0
+
+
+def exit_without_teardown(code: int = 0) -> None:
+    """End the process as CPython's exit does, less the teardown: join non-daemon threads (after their pools'
+    shut-down hooks, e.g. MLflow's artifact-logging executors), run the atexit handlers, flush, exit.
+
+    Once TensorFlow is imported, Python's own exit (finalising every module, TensorFlow's C++ destructors)
+    takes seconds after the work is done and saved. The exit handlers still run (MLflow, logging, worker
+    pools) and threads are joined, as at a normal exit; only the teardown is skipped. An unexpected error
+    keeps Python's usual traceback and exit (the caller never gets here).
+    """
+    import atexit
+    import threading
+
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,69 @@
+"""Stage `evaluate`: both models and the gray floor on every test photo.
+
+The gray floor (predict ab = 0) stands beside every model because RGB SSIM/MSE barely separate a good
+colorizer from a gray one (see README); ΔE00, ab metrics and colourfulness do. Means hide failures, so
+each model also gets the share of photos on which it beats the gray floor, its ΔE00 median and 90th
+percentile, a ΔE00 histogram (delta_e00_hist.png) and its worst photos beside gray and truth (worst.png).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from chromalab.config import MODEL_NAMES, Params
+from chromalab.evaluate.figures import comparison_sheet, delta_e_histogram, metrics_chart, worst_sheet
+from chromalab.evaluate.scoring import GRAY_FLOOR, score
+from chromalab.files import atomic_file, write_text_atomic
+
+PICTURES = ("comparison.png", "metrics_chart.png", "delta_e00_hist.png", "worst.png")  # in reports/evaluate
+
+
+def log_to_model_runs(reports_root: Path, summary: dict, pictures: list[Path]) -> list[str]:
+    """Test metrics (and the gray floor's, for scale) into each model's own MLflow run."""
+    import mlflow
+
+    from chromalab.track import runs
+
+    runs.use_store()
+    logged = []
+    for name in MODEL_NAMES:
+        run_id = runs.training_run_id(reports_root, name)
+        if not run_id:
+            continue
+        with mlflow.start_run(run_id=run_id):
+            for prefix, scores in (("test_", summary[name]), ("test_gray_floor_", summary[GRAY_FLOOR])):
+                mlflow.log_metrics({f"{prefix}{k}": v for k, v in scores.items() if k != "count"})
+            for picture in pictures:
+                mlflow.log_artifact(str(picture), artifact_path="evaluate")
+        logged.append(run_id)
+    return logged
+
+
+def run_evaluate(params: Params, *, data_dir: Path = Path("data/tfrecords"), models_root: Path = Path("models"),
+                 reports_root: Path = Path("reports"), log_mlflow: bool = True) -> dict:
+    from chromalab.data.dataset import load_split_arrays
+    from chromalab.track import registry, runs
+
+    if log_mlflow:
+        runs.check_tracking_server()
+    out_dir = reports_root / "evaluate"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids, L, true_ab = load_split_arrays(data_dir, "test")
+    predictions, rows, summary, delta_e = score(L, true_ab, ids, models_root, params.evaluate.batch_size)
+    with atomic_file(out_dir / "per_photo.csv", text=True) as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    n_sheet = min(params.evaluate.n_sheet, len(ids))
+    comparison_sheet(out_dir / "comparison.png", ids[:n_sheet], L[:n_sheet],
+                     {k: v[:n_sheet] for k, v in predictions.items()}, true_ab[:n_sheet])
+    metrics_chart(out_dir / "metrics_chart.png", summary)
+    delta_e_histogram(out_dir / "delta_e00_hist.png", delta_e)
+    worst_sheet(out_dir / "worst.png", ids, L, predictions, true_ab, delta_e, params.evaluate.n_worst)
+    write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2))
+    if log_mlflow:
+        log_to_model_runs(reports_root, summary, [out_dir / name for name in PICTURES])
+        registry.record_evaluation(reports_root, summary, registry.test_set_digest(ids, L, true_ab))
+    return summary

@@ -1,0 +1,1 @@
+"""MLflow: where runs are stored, what each run records, the dataset inputs, the model registry."""

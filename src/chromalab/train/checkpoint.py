@@ -1,0 +1,121 @@
+"""A training run's checkpoint: complete or absent, whatever moment a kill picks.
+
+The folder (DVC keeps it in place, `persist: true`) holds each checkpoint's files under its epoch's name,
+`epoch-00005.weights.h5` and `epoch-00005.history.csv`, and `state.json`, which names them. state.json is
+replaced last (atomically), and only then are the previous epoch's files removed: a kill at any point leaves
+a state.json that names files which are whole, so the resumed run starts from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from chromalab.config import Params, flatten
+from chromalab.errors import ChromalabError
+from chromalab.files import atomic_file, atomic_path, write_text_atomic
+
+STATE_FILE = "state.json"
+
+
+def params_fingerprint(params: Params, model_name: str, dataset_hash: str) -> str:
+    """What a checkpoint must match to be resumed: this model's params and the dataset."""
+    own = {k: v for k, v in flatten(params).items() if k.split(".")[0] in ("base", "train", model_name)}
+    blob = json.dumps({"params": own, "dataset": dataset_hash}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _rng_states(model: keras.Model) -> list:
+    """The layers' random-seed states (dropout), in model order: `variables` beyond the saved `weights`."""
+    saved = {id(v) for v in model.weights}
+    return [v for v in model.variables if id(v) not in saved]
+
+
+@dataclass
+class Checkpoint:
+    """The weights file holds the model's and the optimizer's variables (its step count included); state.json
+    adds the dropout layers' seed states, which `save_weights` leaves out, so resumed dropout masks match."""
+
+    folder: Path
+
+    @property
+    def state_file(self) -> Path:
+        return self.folder / STATE_FILE
+
+    def load_state(self) -> dict | None:
+        if not self.state_file.is_file():
+            return None
+        try:
+            return json.loads(self.state_file.read_text())
+        except json.JSONDecodeError:
+            return None  # a torn write can't happen (atomic), but a hand-edited file can
+
+    def save(self, model: keras.Model, state: dict, history: list[dict]) -> None:
+        """Checkpoint epoch `state["epoch"]`: its files first, then state.json naming them, then cleanup."""
+        stamp = f"epoch-{int(state['epoch']):05d}"
+        state["weights"], state["history"] = f"{stamp}.weights.h5", f"{stamp}.history.csv"
+        state["rng_states"] = [np.asarray(v).tolist() for v in _rng_states(model)]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.folder / state["weights"]) as tmp:
+            model.save_weights(tmp, overwrite=True)
+        write_history(self.folder / state["history"], history)
+        write_text_atomic(self.state_file, json.dumps(state, indent=2))  # now this checkpoint is the one
+        keep = {state["weights"], state["history"], STATE_FILE}
+        for stale in self.folder.iterdir():  # the previous checkpoint's files, and any a kill left half-written
+            if stale.name not in keep:
+                stale.unlink()
+
+    def restore(self, model: keras.Model, state: dict) -> None:
+        """Weights, optimizer state (with its step count: the learning-rate schedule follows it) and RNG states."""
+        model.optimizer.build(model.trainable_variables)  # create the slots the checkpoint fills
+        model.load_weights(self.folder / state["weights"])
+        variables, values = _rng_states(model), state.get("rng_states", [])
+        if len(variables) != len(values):
+            raise ChromalabError(f"{self.state_file} holds {len(values)} RNG states but the model has "
+                                 f"{len(variables)}: delete {self.folder} to start afresh")
+        for variable, value in zip(variables, values):
+            variable.assign(np.asarray(value, dtype=variable.dtype))
+
+    def history(self, state: dict) -> list[dict]:
+        return read_history(self.folder / state["history"])
+
+    def resumable(self, state: dict | None, fingerprint: str) -> bool:
+        """A running checkpoint of these params and data whose files are all there."""
+        return bool(state and state.get("fingerprint") == fingerprint and state.get("status") == "running"
+                    and all((self.folder / str(state.get(key))).is_file() for key in ("weights", "history")))
+
+    def reset(self) -> None:
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+
+    def mark_complete(self, fingerprint: str, run_id: str) -> None:
+        """Training is over: the next `dvc repro -f` starts afresh, in a new MLflow run."""
+        self.reset()
+        write_text_atomic(self.state_file, json.dumps({"status": "complete", "fingerprint": fingerprint,
+                                                       "mlflow_run_id": run_id}, indent=2))
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    columns = ["epoch"] + sorted({k for row in rows for k in row} - {"epoch"})
+    with atomic_file(path, text=True) as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [
+            {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v != ""}
+            for row in csv.DictReader(f)
+        ]

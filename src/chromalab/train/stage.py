@@ -1,0 +1,180 @@
+"""Stage `train@<model>`: fit the baseline CNN or the pix2pix GAN on the Lab TFRecords.
+
+Both models go through `model.fit`: the baseline with a compiled loss, the GAN as chromalab.train.gan.Pix2Pix.
+A killed run resumes from its last complete checkpoint (chromalab.train.checkpoint: weights, optimizer state,
+dropout RNG state, epoch, history and the same MLflow run) and continues exactly as an uninterrupted run would:
+epoch e's photo order and augmentation depend only on (seed, e) (chromalab.train.epochs), the learning-rate
+schedule on the optimizer's restored step count, and MLflow only ever holds checkpointed epochs
+(chromalab.train.callbacks.EpochRecorder). Changed params start afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+
+from chromalab.config import MODEL_NAMES, Params
+from chromalab.devices import gpu_names, hide_gpus_from_tensorflow, precision_policy, xla_choice
+from chromalab.errors import ChromalabError
+from chromalab.files import atomic_path, write_text_atomic
+from chromalab.train.build import build_for_training
+from chromalab.train.callbacks import EpochRecorder, RunProgress
+from chromalab.train.checkpoint import Checkpoint, params_fingerprint, write_history
+from chromalab.train.distribute import chief_logs_to_mlflow, make_strategy, replica_count
+from chromalab.train.epochs import steps_per_epoch
+from chromalab.train.gan import VALIDATION_METRICS
+
+
+def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tfrecords"),
+              models_root: Path = Path("models"), reports_root: Path = Path("reports"),
+              strategy=None) -> dict:
+    """Train `model_name` ("baseline" | "gan"); writes models/<m>/model.keras and reports/<m>/*."""
+    from chromalab.track import runs
+
+    if model_name not in MODEL_NAMES:
+        raise ChromalabError(f"unknown model {model_name!r}: choose one of {', '.join(MODEL_NAMES)}")
+    runs.check_tracking_server()  # before any training time is spent
+    # Before the backend does any work: JAX's processes must connect first.
+    strategy = strategy or make_strategy()
+    if isinstance(strategy, keras.distribution.DataParallel):
+        keras.distribution.set_distribution(strategy)  # fit, evaluate and predict shard their batches by it
+    with chief_logs_to_mlflow(strategy):
+        return _train(params, model_name, data_dir, models_root, reports_root, strategy)
+
+
+@dataclass
+class Resume:
+    """Where this run starts: afresh (epoch 0) or from a checkpoint of the same params and data."""
+
+    checkpoint: Checkpoint
+    fingerprint: str
+    state: dict
+    epoch: int
+    history: list[dict]
+
+
+def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, reports_root: Path,
+           strategy) -> dict:
+    from chromalab.data.dataset import load_split_arrays
+    from chromalab.serve import pyfunc
+    from chromalab.track import datasets, registry, runs
+    from chromalab.train.input import training_input
+
+    info = _dataset_info(data_dir, params)
+    jit_compile, has_gpu = _set_up_device(params, strategy)
+    resume = _resume_point(params, model_name, models_root / model_name / "checkpoint", info)
+    epochs, global_batch = params.model(model_name).epochs, params.model(model_name).batch_size * replica_count(strategy)
+    data = training_input(data_dir, global_batch, params.train, params.base.seed, epochs=epochs,
+                          initial_epoch=resume.epoch, distributed=strategy is not None)
+    n_train = int(info["counts"]["train"])
+    steps = steps_per_epoch(n_train, global_batch)
+    _, sample_L, sample_ab = load_split_arrays(data_dir, "test")
+    samples = (sample_L[: params.train.n_samples], sample_ab[: params.train.n_samples])
+    with strategy.scope() if strategy is not None else nullcontext():
+        model = build_for_training(model_name, params, int(info["image_size"]), jit_compile, steps)
+    if resume.epoch:
+        resume.checkpoint.restore(model, resume.state)
+
+    dataset_hash = str(info.get("content_hash", ""))
+    with runs.model_run(model_name, params, dataset_hash=dataset_hash, stage=f"train@{model_name}",
+                        run_id=resume.state.get("mlflow_run_id")) as run:
+        resume.state["mlflow_run_id"] = run.info.run_id
+        datasets.log_dataset_inputs(info, data_dir)
+        recorder = EpochRecorder(checkpoint=resume.checkpoint, state=resume.state, history=resume.history,
+                                 train_params=params.train, total_epochs=epochs, samples=samples,
+                                 images_per_epoch=n_train)
+        if resume.epoch:
+            recorder.log_checkpointed_rows_mlflow_lacks(run.info.run_id)
+        started = time.perf_counter()
+        if data.train is not None:
+            # The input orders and augments the photos (chromalab.train.epochs), not fit.
+            # Keras' own epoch line first, then where the run stands (RunProgress).
+            progress = [keras.callbacks.ProgbarLogger(), RunProgress(f"train@{model_name}", epochs, has_gpu=has_gpu)]
+            model.fit(data.train, epochs=epochs, initial_epoch=resume.epoch, steps_per_epoch=steps,
+                      validation_data=data.validation, validation_freq=params.train.val_every,
+                      callbacks=[recorder, *progress], shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+        metrics = _final_metrics(model, data.validation, resume.history, epochs, time.perf_counter() - started)
+        metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run; `dvc exp show` links to it
+        runs.log_epoch({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, epochs)
+        model_file = models_root / model_name / "model.keras"
+        deliverable = _export(model, model_name, model_file, strategy)
+        runs.log_keras_model(deliverable, sample_L[:1])
+        registry.register_trained_model(model_name, pyfunc.log_colorizer(model_file), dataset_hash)
+
+    _write_reports(reports_root / model_name, resume.history, metrics)
+    resume.checkpoint.mark_complete(resume.fingerprint, run.info.run_id)
+    return metrics
+
+
+def _dataset_info(data_dir: Path, params: Params) -> dict:
+    from chromalab.data.dataset import read_dataset_info
+
+    info = read_dataset_info(data_dir)
+    if int(info["image_size"]) != params.base.image_size:
+        raise ChromalabError(
+            f"{data_dir} holds {info['image_size']} px photos but base.image_size is {params.base.image_size}: "
+            "run `dvc repro` so images and tfrecords follow the param"
+        )
+    return info
+
+
+def _set_up_device(params: Params, strategy) -> tuple[bool, bool]:
+    """Precision policy and seeds for this run; returns whether the train step is compiled with XLA, and
+    whether a GPU trains."""
+    hide_gpus_from_tensorflow()
+    gpus = gpu_names()
+    keras.mixed_precision.set_global_policy(precision_policy(params.train.mixed_precision, gpus))
+    keras.utils.set_random_seed(params.base.seed)
+    return xla_choice(params.train.xla, keras.backend.backend(), gpus, replica_count(strategy)), bool(gpus)
+
+
+def _resume_point(params: Params, model_name: str, folder: Path, info: dict) -> Resume:
+    checkpoint = Checkpoint(folder)
+    fingerprint = params_fingerprint(params, model_name, str(info.get("content_hash", "")))
+    state = checkpoint.load_state()
+    if checkpoint.resumable(state, fingerprint):
+        epoch = int(state["epoch"])
+        history = [row for row in checkpoint.history(state) if row["epoch"] <= epoch]
+        print(f"resuming {model_name} from its checkpoint at epoch {epoch}/{params.model(model_name).epochs}",
+              file=sys.stderr)
+        return Resume(checkpoint, fingerprint, state, epoch, history)
+    if state:
+        print(f"{checkpoint.folder}: params or data changed since the checkpoint; starting afresh", file=sys.stderr)
+    checkpoint.reset()
+    return Resume(checkpoint, fingerprint, {"fingerprint": fingerprint, "status": "running", "epoch": 0}, 0, [])
+
+
+def _final_metrics(model: keras.Model, val_ds, history: list[dict], epochs: int, train_seconds: float) -> dict:
+    scores = model.evaluate(val_ds, verbose=0, return_dict=True)
+    last = history[-1] if history else {}
+    out = {f"test_{k}": float(v) for k, v in scores.items() if k in VALIDATION_METRICS}
+    out.update({k: v for k, v in last.items() if k not in ("epoch",) and not k.startswith("val_")})
+    out["epochs"] = epochs
+    out["train_seconds_this_run"] = round(train_seconds, 2)
+    return out
+
+
+def _export(model: keras.Model, model_name: str, model_file: Path, strategy) -> keras.Model:
+    """Save the trained net as an inference model (same layers, no compile state), so that it loads without
+    chromalab's losses; returns that model."""
+    if isinstance(strategy, keras.distribution.DataParallel):
+        # Training is over and every process holds the whole model: predicting on local arrays (the model
+        # log's signature) must not be split across processes, which Keras allows only for tf.data.
+        keras.distribution.set_distribution(None)
+    trained = model.generator if model_name == "gan" else model
+    deliverable = keras.Model(trained.inputs, trained.outputs, name=trained.name)
+    with atomic_path(model_file) as tmp:
+        deliverable.save(tmp)
+    return deliverable
+
+
+def _write_reports(reports_dir: Path, history: list[dict], metrics: dict) -> None:
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    write_history(reports_dir / "history.csv", history)
+    write_text_atomic(reports_dir / "train_metrics.json", json.dumps(metrics, indent=2))
