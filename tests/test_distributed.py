@@ -41,7 +41,7 @@ WORKER = textwrap.dedent("""
     def recording(*args):
         photo = decode(*args)
         with open(me / "fed.jsonl", "a") as f:
-            f.write(json.dumps(hashlib.sha256(np.asarray(photo[2], np.float32).tobytes()).hexdigest()[:12]) + "\n")
+            f.write(json.dumps(hashlib.sha256(np.asarray(photo[2], np.float32).tobytes()).hexdigest()[:12]) + "\\n")
         return photo
     training_input.decode_photo = recording
 

@@ -206,7 +206,8 @@ def test_stages_print_their_own_lines_not_tensorflows_or_mlflows_notices(data_st
         assert not noise, out[-3000:]
     assert "Epoch 1/" in interrupted["output"] and "evaluate:" in full_pipeline  # ...while their own progress shows
     # Each epoch's line under Keras' own says where the run stands (tests/test_progress.py: its projection).
-    assert re.search(r"train@gan: epoch 1/\d+, \S+ elapsed, ~\S+ left", interrupted["output"])
+    assert re.search(r"train@baseline: epoch 1/\d+, \S+ elapsed, ~\S+ left", interrupted["output"])
+    assert re.search(r"train@gan: epoch \d+/\d+, \S+ elapsed, ~\S+ left", full_pipeline)
 
 
 def test_training_and_evaluation_outputs(repo, full_pipeline):

@@ -104,9 +104,10 @@ def duration(seconds: float) -> str:
 class RunProgress(keras.callbacks.Callback):
     """One line per epoch under Keras' own: where the run stands and when, at this pace, it will end.
 
-    The projection is the mean time of the epochs this process has trained, times the epochs left (the first
-    epoch, which compiles the step, counts too: on a long run it is soon outweighed). Once, after the first
-    epoch, a run projected beyond LONG_RUN_S on a machine without a GPU says so, and where a short run is.
+    The projection is the mean time of the epochs this process has trained, times the epochs left; from the
+    second epoch on the first is left out of the mean, since it also traced or compiled the step. Once, after
+    the first epoch, a run projected beyond LONG_RUN_S on a machine without a GPU says so, and where a short
+    run is.
     """
 
     LONG_RUN_S = 3 * 3600
@@ -115,7 +116,7 @@ class RunProgress(keras.callbacks.Callback):
         super().__init__()
         self.label, self.total_epochs, self.has_gpu = label, total_epochs, has_gpu
         self.clock, self.out = clock, out
-        self._started = self._first_epoch = None
+        self._started = self._first_epoch = self._first_seconds = None
 
     def _say(self, line: str) -> None:
         print(line, file=self.out or sys.stderr, flush=True)
@@ -127,7 +128,10 @@ class RunProgress(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         done, elapsed = epoch + 1, self.clock() - self._started
         trained = done - self._first_epoch
-        left = elapsed / trained * (self.total_epochs - done)
+        if trained == 1:
+            self._first_seconds = elapsed
+        per_epoch = elapsed if trained == 1 else (elapsed - self._first_seconds) / (trained - 1)
+        left = per_epoch * (self.total_epochs - done)
         ends = datetime.datetime.now() + datetime.timedelta(seconds=left)
         self._say(f"{self.label}: epoch {done}/{self.total_epochs}, {duration(elapsed)} elapsed, "
                   f"~{duration(left)} left (ends ~{ends:%Y-%m-%d %H:%M})")

@@ -62,7 +62,7 @@ def make_strategy():
         # Before any JAX computation; on CPU the processes exchange gradients through gloo (JAX's default).
         keras.distribution.initialize(",".join(addresses), len(addresses), process_id)
     if len(keras.distribution.list_devices()) > 1:
-        # Each process feeds only its own rows of every global batch (chromalab.train.input_jax), so Keras must
+        # Each process feeds only its own rows of every global batch (chromalab.train.input), so Keras must
         # not shard the input again (it can only shard tf.data, which JAX runs do not use).
         return keras.distribution.DataParallel(auto_shard_dataset=False)
     return None
