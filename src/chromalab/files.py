@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import IO
 
 
+# The photo files chromalab reads (a folder source, `chromalab colorize`): what Pillow decodes of them.
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
 def _temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
 

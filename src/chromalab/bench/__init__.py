@@ -51,7 +51,7 @@ from tqdm import tqdm
 from chromalab.bench.device import PEAK_TFLOPS, Device, GpuPeak, cpu_name, detect_device, spec_peak, utilisation
 from chromalab.bench.pipeline import (BENCH_PHOTOS, BENCH_TEST_PHOTOS, INPUT_VARIANTS, PHOTO_SEED, time_colorize,
                                       time_input_pipeline, time_tfrecords_stage)
-from chromalab.bench.report import TRAINING_PARTS, Measurement, _versions, _write_json, render_table
+from chromalab.bench.report import TRAINING_PARTS, Measurement, library_versions, write_report_json, render_table
 from chromalab.bench.steps import LOOP, WARMUP_STEPS, time_training_loop, time_training_step, training_model
 from chromalab.colorize import limit_model_threads
 from chromalab.config import Params, image_size_problem
@@ -161,7 +161,7 @@ def run_bench(out: Path = Path("bench/report.json"), image_size: int = 256, batc
         "device": {**asdict(device), "cpu": cpu_name(), "cpu_cores": available_cores(),
                    "load_average_1m": os.getloadavg()[0]},  # other work on a shared machine slows the bench
         "backend": keras.backend.backend(),
-        "versions": _versions(),
+        "versions": library_versions(),
         "settings": {"image_size": image_size, "batches": batches, "width": width, "precision": precision,
                      "steps": steps, "warmup_steps": WARMUP_STEPS, "xla": jit_compile, "parts": parts},
         "rows": [],
@@ -179,8 +179,8 @@ def run_bench(out: Path = Path("bench/report.json"), image_size: int = 256, batc
                                      peak_tflops=device.peak_tflops, records=records):
                 rows.append(row)
                 report["rows"] = [asdict(r) for r in rows]
-                report["versions"] = _versions()  # TensorFlow may have been imported since
-                _write_json(out, report)
+                report["versions"] = library_versions()  # TensorFlow may have been imported since
+                write_report_json(out, report)
                 what = " ".join(str(x) for x in (row.part, row.variant, row.batch and f"batch {row.batch}") if x)
                 rate = f"{row.images_per_s:.3g} img/s" if row.status == "ok" else "skipped"
                 if row.reference_ratio is not None:

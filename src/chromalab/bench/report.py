@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chromalab import __version__
+from chromalab.files import write_text_atomic
 
 TRAINING_PARTS = ("gan", "baseline")
 
@@ -45,7 +46,7 @@ def cpu_time() -> float:
     return time.process_time() + children.children_user + children.children_system
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "chromalab": __version__}
     for module in ("keras", "numpy", "tensorflow", "jax", "jaxlib"):
         if module in sys.modules:
@@ -53,11 +54,8 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+def write_report_json(path: Path, payload: dict) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _cell(value, digits: int = 3) -> str:

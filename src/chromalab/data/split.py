@@ -24,12 +24,11 @@ from tqdm import tqdm
 
 from chromalab.config import Params, SplitParams
 from chromalab.data.formats import SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, open_table
-from chromalab.files import staged_dir
+from chromalab.files import PHOTO_SUFFIXES, staged_dir
 from chromalab.errors import ChromalabError
 
 # Captions that contradict the keywords or describe a photo that teaches gray.
 CAPTION_EXCLUDE = re.compile(r"\b(?:no people|black[- ]and[- ]white|monochrome|gr[ae]yscale)\b", re.IGNORECASE)
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 
 
 class Candidate(NamedTuple):
@@ -186,13 +185,13 @@ def folder_candidates(folder: str) -> list[Candidate]:
     candidates = []
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not any(
+        if path.suffix.lower() in PHOTO_SUFFIXES and path.is_file() and not any(
             part.startswith(".") for part in relative.parts
         ):
             candidates.append(Candidate(folder_photo_id(relative), str(path), "folder"))
     if not candidates:
         raise ChromalabError(
-            f"data.folder: no photos ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}; add some or fix the path"
+            f"data.folder: no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) under {root}; add some or fix the path"
         )
     return candidates
 
