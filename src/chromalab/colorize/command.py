@@ -14,12 +14,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from chromalab.colorize.model import limit_model_threads, load_colorizer, model_file, model_input_size
-from chromalab.colorize.photos import (READ_ERRORS, Photo, colour_photo, compare_sheet, read_photo, save_atomic,
-                                       small_lightness)
+from chromalab.colorize.photos import (PHOTO_SUFFIXES, READ_ERRORS, Photo, colour_photo, compare_sheet,
+                                       describe_unreadable, read_photo, save_atomic, small_lightness)
 from chromalab.devices import available_cores
 from chromalab.errors import ChromalabError, one_line
 
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}  # anything else is written as PNG
 OUTPUT_TAG = "_color"
 COMPARE_TAG = "_compare"
@@ -125,13 +124,14 @@ def plan_jobs(paths: Sequence[Path], out_dir: Path | None, compare: bool, report
 
 def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: str = "gan", overwrite: bool = False,
                    compare: bool = False, batch_size: int = 1, models_root: Path = Path("models"),
-                   image_size: int | None = None) -> ColorizeReport:
+                   image_size: int | None = None, verbose: bool = False) -> ColorizeReport:
     """Colour every photo in `paths` (files and folders, searched recursively) at its full resolution.
 
     Outputs are `<stem>_color<ext>` beside each input, or under `out_dir` (a folder input `photos/` is
     mirrored as `out_dir/photos/…`); with `compare`, also `<stem>_compare.jpg` beside the output. Existing
     files (inputs included) are never replaced unless `overwrite`. Unreadable photos are reported and
-    skipped; the rest are done. Photos go through the model as soon as they are decoded, at most
+    skipped, saying what was wrong with each in the user's words (and, if `verbose`, the technical detail
+    too); the rest are done. Photos go through the model as soon as they are decoded, at most
     `batch_size` at a time, and at most max(`batch_size`, 2 per core) of them are held decoded at once.
     """
     if batch_size < 1:
@@ -228,8 +228,9 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
             photos: list[tuple[Job, Photo]] = []
             for job, photo, exc in batch:
                 if exc is not None:
-                    _say(f"{job.source}: cannot read it ({one_line(exc)})")
-                    report.failed.append((job.source, one_line(exc)))
+                    reason = describe_unreadable(exc, job.source)
+                    _say(f"{job.source}: {reason}" + (f" [{one_line(exc)}]" if verbose else ""))
+                    report.failed.append((job.source, reason))
                     bar.update()
                 else:
                     photos.append((job, photo))

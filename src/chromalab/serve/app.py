@@ -6,7 +6,7 @@ telemetry; Gradio would bring a large second web stack for one page.
 
 - POST /api/colorize?name=<file name>: the photo file is the request body (no multipart parsing). It is
   streamed into a private temporary folder and refused past `max_upload_mb` (HTTP 413); a file that is not
-  a readable photo gets HTTP 422 with the reason, and the server carries on.
+  a readable photo gets HTTP 422 with what was wrong with it, in colorize's words, and the server carries on.
 - The photo is coloured exactly as `chromalab colorize` colours it (chromalab.colorize: same model choice,
   same full-resolution output, same file name and format), so the downloaded file is the one `colorize`
   would write. Previews (gray | coloured, at most 2048 px a side) come from colorize's compare sheet.
@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from chromalab import colorize
-from chromalab.errors import one_line
+from chromalab.colorize.photos import describe_unreadable
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 50.0
@@ -75,14 +75,15 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
         if size > limit or size == 0:
             _remove(folder)
             raise HTTPException(413, f"{name} is over the {max_upload_mb:g} MB limit") if size else \
-                HTTPException(400, f"{name} is empty: choose a photo file")
+                HTTPException(400, f"{name}: {describe_unreadable(None, b'')}")
         from starlette.concurrency import run_in_threadpool
 
         try:
             entry = await run_in_threadpool(_colour_file, folder, name)
         except colorize.READ_ERRORS as exc:
+            reason = describe_unreadable(exc, folder / "upload")
             _remove(folder)
-            raise HTTPException(422, f"{name}: cannot read it as a photo ({one_line(exc)})") from None
+            raise HTTPException(422, f"{name}: {reason}") from None
         results[job_id] = entry
         while len(results) > MAX_RESULTS:
             _remove(workdir / results.popitem(last=False)[0])
