@@ -65,21 +65,11 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
         job_id = uuid.uuid4().hex
         folder = workdir / job_id
         folder.mkdir()
-        size = 0
-        with (folder / "upload").open("wb") as f:
-            async for chunk in request.stream():  # a body without (or with a false) Content-Length stops here
-                size += len(chunk)
-                if size > limit:
-                    break
-                f.write(chunk)
-        if size > limit or size == 0:
-            _remove(folder)
-            raise HTTPException(413, f"{name} is over the {max_upload_mb:g} MB limit") if size else \
-                HTTPException(400, f"{name}: {describe_unreadable(None, b'')}")
+        await _receive(request, folder, name, max_upload_mb)
         from starlette.concurrency import run_in_threadpool
 
         try:
-            entry = await run_in_threadpool(_colour_file, folder, name)
+            entry = await run_in_threadpool(_colour_file, colorizer, model_lock, folder, name, image_size)
         except colorize.READ_ERRORS as exc:
             reason = describe_unreadable(exc, folder / "upload")
             _remove(folder)
@@ -91,21 +81,6 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
                 "width": entry["width"], "height": entry["height"], "seconds": entry["seconds"],
                 "result": f"/api/results/{job_id}/colour", "gray_preview": f"/api/results/{job_id}/gray",
                 "colour_preview": f"/api/results/{job_id}/preview"}
-
-    def _colour_file(folder: Path, name: str) -> dict:
-        started = time.perf_counter()
-        data = (folder / "upload").read_bytes()
-        with model_lock:
-            photo, coloured = colorize.colour_bytes(colorizer, data, image_size)
-        download_name, image_format = colorize.output_name(Path(name))
-        colorize.save_atomic(coloured, folder / "colour", image_format)
-        sheet = colorize.compare_sheet(photo, coloured)  # gray | coloured, each ≤ COMPARE_MAX_SIDE
-        half = sheet.width // 2
-        colorize.save_atomic(sheet.crop((0, 0, half, sheet.height)), folder / "gray", "JPEG")
-        colorize.save_atomic(sheet.crop((half, 0, sheet.width, sheet.height)), folder / "preview", "JPEG")
-        (folder / "upload").unlink()
-        return {"download_name": download_name, "format": image_format, "width": coloured.width,
-                "height": coloured.height, "seconds": round(time.perf_counter() - started, 3)}
 
     @app.get("/api/results/{job_id}/{kind}")
     def result(job_id: str, kind: str) -> FileResponse:
@@ -119,6 +94,39 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
 
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
     return app
+
+
+async def _receive(request: Request, folder: Path, name: str, max_upload_mb: float) -> None:
+    """Stream the request's body into `folder`/upload; refuse (and remove the folder) past the limit or empty."""
+    limit = int(max_upload_mb * 1e6)
+    size = 0
+    with (folder / "upload").open("wb") as f:
+        async for chunk in request.stream():  # a body without (or with a false) Content-Length stops here
+            size += len(chunk)
+            if size > limit:
+                break
+            f.write(chunk)
+    if size > limit or size == 0:
+        _remove(folder)
+        raise HTTPException(413, f"{name} is over the {max_upload_mb:g} MB limit") if size else \
+            HTTPException(400, f"{name}: {describe_unreadable(None, b'')}")
+
+
+def _colour_file(colorizer, model_lock: threading.Lock, folder: Path, name: str, image_size: int | None) -> dict:
+    """Colour `folder`/upload as `colorize` would, into `folder`/colour, gray and preview."""
+    started = time.perf_counter()
+    data = (folder / "upload").read_bytes()
+    with model_lock:
+        photo, coloured = colorize.colour_bytes(colorizer, data, image_size)
+    download_name, image_format = colorize.output_name(Path(name))
+    colorize.save_atomic(coloured, folder / "colour", image_format)
+    sheet = colorize.compare_sheet(photo, coloured)  # gray | coloured, each ≤ COMPARE_MAX_SIDE
+    half = sheet.width // 2
+    colorize.save_atomic(sheet.crop((0, 0, half, sheet.height)), folder / "gray", "JPEG")
+    colorize.save_atomic(sheet.crop((half, 0, sheet.width, sheet.height)), folder / "preview", "JPEG")
+    (folder / "upload").unlink()
+    return {"download_name": download_name, "format": image_format, "width": coloured.width,
+            "height": coloured.height, "seconds": round(time.perf_counter() - started, 3)}
 
 
 def _remove(folder: Path) -> None:
