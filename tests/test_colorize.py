@@ -348,3 +348,41 @@ def test_the_models_input_from_a_draft_decoded_jpeg_matches_filtering_the_full_p
     assert photo.lightness.shape == (1200, 1600) and photo.small.shape == (64, 64)
     full = np.asarray(Image.fromarray(photo.lightness).resize((64, 64), Image.Resampling.LANCZOS))
     assert np.abs(photo.small - full).mean() < 0.01  # within 1 L unit on average
+
+
+def test_bad_files_are_named_in_the_users_words_and_verbose_adds_the_detail(tmp_path, models, rgb_photos):
+    from bad_files import assert_in_user_words, bad_files
+
+    files = bad_files()
+    for name, (data, _) in files.items():
+        (tmp_path / name).write_bytes(data)
+    Image.fromarray(rgb_photos[0]).save(tmp_path / "good.png")
+    report = run([tmp_path / name for name in [*files, "good.png"]], models)
+    assert [p.name for p in report.done] == ["good_color.png"]
+    reasons = dict((p.name, reason) for p, reason in report.failed)
+    for name, (_, problem) in files.items():
+        assert_in_user_words(reasons[name], problem)
+
+    command = ["colorize", *(str(tmp_path / name) for name in files), "--model", str(models["tint"])]
+    quiet = CliRunner().invoke(app, command)
+    assert quiet.exit_code == 1 and "4 of 4 photo(s) failed" in quiet.output
+    for name, (_, problem) in files.items():
+        (line,) = [line for line in quiet.output.splitlines() if line.startswith(str(tmp_path / name))]
+        assert_in_user_words(line, problem)
+    verbose = CliRunner().invoke(app, ["-v", *command])
+    assert "[UnidentifiedImageError: cannot identify image file" in verbose.output
+    assert "[OSError: image file is truncated" in verbose.output
+
+
+def test_a_photo_too_large_to_decode_is_named_with_the_limit(tmp_path, models):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    # a PNG that says it is 20000 × 20000 (400 megapixels): Pillow refuses it as a decompression bomb
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    (reason,) = [reason for _, reason in run([tmp_path / "huge.png"], models).failed]
+    assert reason == "the photo is too large: 400 megapixels, where chromalab reads photos of up to 179 megapixels"

@@ -136,7 +136,7 @@ def test_pyfunc_names_the_row_that_is_not_a_photo(store, photo, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
     model = mlflow.pyfunc.load_model(CHAMPION)
-    with pytest.raises(MlflowException, match=r"row 1: not a readable photo") as error:
+    with pytest.raises(MlflowException, match=r"row 1: the GIF photo is damaged or cut short") as error:
         model.predict(pd.DataFrame({"image": [_encoded(photo, "PNG"), b"GIF89a truncated"]}))
     assert error.value.get_http_status_code() == 400
 
@@ -160,7 +160,7 @@ def test_mlflow_models_serve_answers_photos_rejects_a_corrupt_file_and_stays_up(
     corrupt = _invoke(served, jpeg[: len(jpeg) // 3])
     assert corrupt.status_code == 400
     assert corrupt.json()["error_code"] == "INVALID_PARAMETER_VALUE"
-    assert "row 0: not a readable photo" in corrupt.json()["message"]
+    assert "row 0: the JPEG photo is cut short" in corrupt.json()["message"]
     assert requests.get(f"{served}/ping", timeout=5).status_code == 200
 
     # 12 MP, gray: an old scan, the common case (and colorize's faster path: the suite stays short)
@@ -170,3 +170,14 @@ def test_mlflow_models_serve_answers_photos_rejects_a_corrupt_file_and_stays_up(
     (prediction,) = answer.json()["predictions"]
     assert (prediction["width"], prediction["height"]) == (4000, 3000)
     assert _decoded(prediction["image"]).size == (4000, 3000)
+
+
+def test_mlflow_models_serve_says_what_is_wrong_with_a_bad_file_in_the_users_words(served, tmp_path):
+    from bad_files import assert_in_user_words, bad_files
+
+    for name, (data, problem) in bad_files().items():
+        (tmp_path / name).write_bytes(data)
+        answer = _invoke(served, (tmp_path / name).read_bytes())
+        assert answer.status_code == 400 and answer.json()["error_code"] == "INVALID_PARAMETER_VALUE", name
+        assert answer.json()["message"].startswith("row 0: "), answer.text
+        assert_in_user_words(answer.json()["message"], problem)

@@ -74,7 +74,7 @@ def test_the_api_rejects_bad_and_oversized_files_with_a_message_and_carries_on(p
     url, workdir = page
     bad = requests.post(f"{url}/api/colorize", params={"name": "../../etc/broken.jpg"},
                         data=photos["bad"].read_bytes(), timeout=30)
-    assert bad.status_code == 422 and bad.json()["detail"].startswith("broken.jpg: cannot read it as a photo")
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("broken.jpg: the JPEG photo is cut short")
     huge = requests.post(f"{url}/api/colorize", params={"name": "huge.png"}, data=photos["huge"].read_bytes(),
                          timeout=30)
     assert huge.status_code == 413 and "limit is 0.5 MB" in huge.json()["detail"]
@@ -91,6 +91,19 @@ def test_the_api_rejects_bad_and_oversized_files_with_a_message_and_carries_on(p
     kept = [p for p in workdir.rglob("*") if p.is_file()]
     assert kept and all(p.parent.parent == workdir for p in kept)
     assert {p.name for p in kept} == {"colour", "gray", "preview"}
+
+
+def test_the_api_says_what_is_wrong_with_a_bad_file_in_the_users_words(page, tmp_path):
+    from bad_files import assert_in_user_words, bad_files
+
+    url, _ = page
+    for name, (data, problem) in bad_files().items():
+        (tmp_path / name).write_bytes(data)
+        answer = requests.post(f"{url}/api/colorize", params={"name": name}, data=(tmp_path / name).read_bytes(),
+                               timeout=30)
+        assert answer.status_code == (400 if not data else 422), name
+        assert answer.json()["detail"].startswith(f"{name}: "), answer.text
+        assert_in_user_words(answer.json()["detail"], problem)
 
 
 def _browser(download_dir: Path):
@@ -130,7 +143,7 @@ def test_in_a_browser_photos_are_uploaded_shown_side_by_side_and_download_as_col
 
         items = {item.find_element(By.TAG_NAME, "strong").text: item
                  for item in browser.find_elements(By.CLASS_NAME, "item")}
-        assert "cannot read it as a photo" in items["broken.jpg"].find_element(By.CLASS_NAME, "error").text
+        assert "the JPEG photo is cut short" in items["broken.jpg"].find_element(By.CLASS_NAME, "error").text
         assert "the limit is 0.5 MB" in items["huge.png"].find_element(By.CLASS_NAME, "error").text
         done = items["family.jpg"]
         assert "120×80" in done.find_element(By.CLASS_NAME, "status").text

@@ -94,6 +94,7 @@ def evaluate(params: ParamsOpt = PARAMS) -> None:
 
 @app.command()
 def colorize(
+    context: typer.Context,
     paths: Annotated[list[Path], typer.Argument(help="Photos and/or folders (searched recursively).")],
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder (default: beside each input, *_color).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="gan, baseline, a .keras file, or an MLflow model URI.")] = "gan",
@@ -105,7 +106,8 @@ def colorize(
     from chromalab.colorize import colorize_paths
 
     report = colorize_paths(
-        paths, out_dir=out, model=model, overwrite=overwrite, compare=compare, batch_size=batch_size
+        paths, out_dir=out, model=model, overwrite=overwrite, compare=compare, batch_size=batch_size,
+        verbose=context.parent.params["verbose"],  # `chromalab -v colorize …`: the technical detail of bad files
     )
     if report.failed:
         typer.echo(f"{len(report.failed)} of {report.total} photo(s) failed (listed above).", err=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +14,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from chromalab.colorize.model import limit_model_threads, load_colorizer, model_file, model_input_size
-from chromalab.colorize.photos import (READ_ERRORS, Photo, colour_photo, compare_sheet, read_photo, save_atomic,
-                                       small_lightness)
+from chromalab.colorize.photos import (PHOTO_SUFFIXES, READ_ERRORS, Photo, colour_photo, compare_sheet,
+                                       describe_unreadable, read_photo, save_atomic, small_lightness)
 from chromalab.devices import available_cores
 from chromalab.errors import ChromalabError, one_line
 
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}  # anything else is written as PNG
 OUTPUT_TAG = "_color"
 COMPARE_TAG = "_compare"
@@ -125,26 +124,20 @@ def plan_jobs(paths: Sequence[Path], out_dir: Path | None, compare: bool, report
 
 def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: str = "gan", overwrite: bool = False,
                    compare: bool = False, batch_size: int = 1, models_root: Path = Path("models"),
-                   image_size: int | None = None) -> ColorizeReport:
+                   image_size: int | None = None, verbose: bool = False) -> ColorizeReport:
     """Colour every photo in `paths` (files and folders, searched recursively) at its full resolution.
 
     Outputs are `<stem>_color<ext>` beside each input, or under `out_dir` (a folder input `photos/` is
     mirrored as `out_dir/photos/…`); with `compare`, also `<stem>_compare.jpg` beside the output. Existing
     files (inputs included) are never replaced unless `overwrite`. Unreadable photos are reported and
-    skipped; the rest are done. Photos go through the model as soon as they are decoded, at most
+    skipped, saying what was wrong with each in the user's words (and, if `verbose`, the technical detail
+    too); the rest are done. Photos go through the model as soon as they are decoded, at most
     `batch_size` at a time, and at most max(`batch_size`, 2 per core) of them are held decoded at once.
     """
     if batch_size < 1:
         raise ChromalabError(f"batch size {batch_size}: must be at least 1")
     report = ColorizeReport()
-    jobs = []
-    for job in plan_jobs(paths, out_dir, compare, report):
-        existing = next((t for t in (job.output, job.compare) if t is not None and t.exists()), None)
-        if existing is not None and not overwrite:
-            _say(f"skipped {job.source}: {existing} exists (--overwrite replaces it)")
-            report.skipped.append(job.source)
-        else:
-            jobs.append(job)
+    jobs = _pending(plan_jobs(paths, out_dir, compare, report), overwrite, report)
     if report.total == 0 and not jobs:
         raise ChromalabError(f"no photos found in {', '.join(map(str, paths))}: "
                              f"looked for {', '.join(PHOTO_SUFFIXES)}")
@@ -160,88 +153,127 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     # through the model (4 per worker measured slower: more threads contending for the cores). Their
     # full-resolution lightness is what fills the memory.
     held = max(batch_size, 2 * workers)
-
-    def read(job: Job, size: tuple[int, int] | None) -> tuple[Job, Photo | None, BaseException | None]:
-        try:
-            return job, read_photo(job.source, size), None
-        except READ_ERRORS as exc:
-            return job, None, exc
-
-    def with_small(read_done: Future, size: tuple[int, int]) -> tuple[Job, Photo | None, BaseException | None]:
-        """A photo decoded before the model's input size was known, with its small lightness added. (The
-        read it waits for was submitted first, so a worker has it already: no deadlock.)"""
-        job, photo, exc = read_done.result()
-        if photo is not None:
-            try:
-                photo.small = small_lightness(job.source, photo.lightness, size)
-            except READ_ERRORS as error:
-                return job, None, error
-        return job, photo, exc
-
-    def write(job: Job, photo: Photo, ab_small: np.ndarray) -> OSError | None:
-        coloured = colour_photo(photo, ab_small)
-        try:
-            save_atomic(coloured, job.output, job.output_format)
-            if job.compare is not None:
-                save_atomic(compare_sheet(photo, coloured), job.compare, "JPEG")
-        except OSError as exc:
-            return exc
-        return None
-
-    todo = iter(jobs)
-    reads: deque[Future] = deque()
-    writes: deque[tuple[Job, Future]] = deque()
-
-    def read_ahead(size: tuple[int, int] | None) -> None:
-        while len(reads) + len(writes) < held and (job := next(todo, None)) is not None:
-            reads.append(pool.submit(read, job, size))
-
-    def finish_writes(wait: bool) -> None:
-        while writes and (wait or writes[0][1].done()):
-            job, written = writes.popleft()
-            exc = written.result()
-            if exc is not None:
-                _say(f"{job.source}: cannot write {job.output} ({one_line(exc)})")
-                report.failed.append((job.source, one_line(exc)))
-            else:
-                report.done.append(job.output)
-            bar.update()
-
     model_file(model, models_root)  # a wrong model name fails here, before any progress bar or decoding
     limit_model_threads(available_cores())
     with tqdm(total=len(jobs), desc="colorize", unit="photo") as bar, ThreadPoolExecutor(workers) as pool:
-        read_ahead(None)
+        flow = _Pipeline(pool, iter(jobs), held, report, bar, verbose)
+        flow.read_ahead(None)
         try:
             colorizer = load_colorizer(model, models_root)
         except BaseException:
-            for read_done in reads:
+            for read_done in flow.reads:
                 read_done.cancel()
             raise
         size = model_input_size(colorizer, image_size)
-        reads = deque(pool.submit(with_small, read_done, size) for read_done in reads)
-        while reads:
-            # the photos decoded by now, at least one, at most batch_size: the model colours them while
-            # the workers write those before
-            batch = [reads.popleft().result()]
-            while reads and len(batch) < batch_size and reads[0].done():
-                batch.append(reads.popleft().result())
-            photos: list[tuple[Job, Photo]] = []
-            for job, photo, exc in batch:
-                if exc is not None:
-                    _say(f"{job.source}: cannot read it ({one_line(exc)})")
-                    report.failed.append((job.source, one_line(exc)))
-                    bar.update()
-                else:
-                    photos.append((job, photo))
+        flow.reads = deque(pool.submit(_with_small, read_done, size) for read_done in flow.reads)
+        while flow.reads:
+            photos = flow.decoded(batch_size)
             if photos:
-                small = np.stack([photo.small for _, photo in photos])[..., None]
-                predicted = np.asarray(colorizer.predict_on_batch(small), dtype=np.float32)
-                writes.extend((job, pool.submit(write, job, photo, ab)) for (job, photo), ab in zip(photos, predicted))
-            del batch, photos
-            finish_writes(wait=False)
-            read_ahead(size)
-            if not reads:  # `held` photos are being written: the next read waits for them
-                finish_writes(wait=True)
-                read_ahead(size)
-        finish_writes(wait=True)
+                flow.colour(colorizer, photos)
+            del photos  # the workers hold them until written: `held` counts only theirs
+            flow.finish_writes(wait=False)
+            flow.read_ahead(size)
+            if not flow.reads:  # `held` photos are being written: the next read waits for them
+                flow.finish_writes(wait=True)
+                flow.read_ahead(size)
+        flow.finish_writes(wait=True)
     return report
+
+
+def _pending(jobs: list[Job], overwrite: bool, report: ColorizeReport) -> list[Job]:
+    """The jobs to do: those whose outputs exist are skipped (in `report`) unless `overwrite`."""
+    pending = []
+    for job in jobs:
+        existing = next((t for t in (job.output, job.compare) if t is not None and t.exists()), None)
+        if existing is not None and not overwrite:
+            _say(f"skipped {job.source}: {existing} exists (--overwrite replaces it)")
+            report.skipped.append(job.source)
+        else:
+            pending.append(job)
+    return pending
+
+
+Read = tuple[Job, Photo | None, BaseException | None]  # a job, its decoded photo or why it could not be read
+
+
+def _read(job: Job, size: tuple[int, int] | None) -> Read:
+    try:
+        return job, read_photo(job.source, size), None
+    except READ_ERRORS as exc:
+        return job, None, exc
+
+
+def _with_small(read_done: Future, size: tuple[int, int]) -> Read:
+    """A photo decoded before the model's input size was known, with its small lightness added. (The
+    read it waits for was submitted first, so a worker has it already: no deadlock.)"""
+    job, photo, exc = read_done.result()
+    if photo is not None:
+        try:
+            photo.small = small_lightness(job.source, photo.lightness, size)
+        except READ_ERRORS as error:
+            return job, None, error
+    return job, photo, exc
+
+
+def _write(job: Job, photo: Photo, ab_small: np.ndarray) -> OSError | None:
+    coloured = colour_photo(photo, ab_small)
+    try:
+        save_atomic(coloured, job.output, job.output_format)
+        if job.compare is not None:
+            save_atomic(compare_sheet(photo, coloured), job.compare, "JPEG")
+    except OSError as exc:
+        return exc
+    return None
+
+
+@dataclass
+class _Pipeline:
+    """The photos in flight: being decoded on the pool (`reads`, in order) or written (`writes`), at most
+    `held` of them together."""
+
+    pool: ThreadPoolExecutor
+    todo: Iterator[Job]
+    held: int
+    report: ColorizeReport
+    bar: tqdm
+    verbose: bool
+    reads: deque[Future] = field(default_factory=deque)
+    writes: deque[tuple[Job, Future]] = field(default_factory=deque)
+
+    def read_ahead(self, size: tuple[int, int] | None) -> None:
+        while len(self.reads) + len(self.writes) < self.held and (job := next(self.todo, None)) is not None:
+            self.reads.append(self.pool.submit(_read, job, size))
+
+    def decoded(self, batch_size: int) -> list[tuple[Job, Photo]]:
+        """The photos decoded by now, at least one read, at most batch_size; the unreadable are reported."""
+        batch = [self.reads.popleft().result()]
+        while self.reads and len(batch) < batch_size and self.reads[0].done():
+            batch.append(self.reads.popleft().result())
+        photos = []
+        for job, photo, exc in batch:
+            if exc is None:
+                photos.append((job, photo))
+                continue
+            reason = describe_unreadable(exc, job.source)
+            _say(f"{job.source}: {reason}" + (f" [{one_line(exc)}]" if self.verbose else ""))
+            self.report.failed.append((job.source, reason))
+            self.bar.update()
+        return photos
+
+    def colour(self, colorizer, photos: list[tuple[Job, Photo]]) -> None:
+        """The model colours `photos` while the workers write those before; the workers then write these."""
+        small = np.stack([photo.small for _, photo in photos])[..., None]
+        predicted = np.asarray(colorizer.predict_on_batch(small), dtype=np.float32)
+        for (job, photo), ab in zip(photos, predicted):
+            self.writes.append((job, self.pool.submit(_write, job, photo, ab)))
+
+    def finish_writes(self, wait: bool) -> None:
+        while self.writes and (wait or self.writes[0][1].done()):
+            job, written = self.writes.popleft()
+            exc = written.result()
+            if exc is not None:
+                _say(f"{job.source}: cannot write {job.output} ({one_line(exc)})")
+                self.report.failed.append((job.source, one_line(exc)))
+            else:
+                self.report.done.append(job.output)
+            self.bar.update()

@@ -1,11 +1,12 @@
 """A photo's pixels in `colorize`: decoded upright into its full-resolution lightness (and alpha) and the
 model's small input, then joined with the model's ab, upsampled, into the coloured photo; the side-by-side
-sheet; atomic saving."""
+sheet; atomic saving; and, for a file that cannot be read, what was wrong with it in the user's words."""
 
 from __future__ import annotations
 
 import functools
 import io
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,11 @@ REDUCING_GAP = 3.0  # Pillow first box-reduces by whole factors down to 3x the t
 # Pillow's 16-bit grayscale modes ("I" is how some readers deliver 16-bit PNG/TIFF; its values are 0-65535).
 GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# The photos a folder is searched for, by kind. A file named on its own is read whatever its name, if Pillow
+# decodes it (GIF, PSD, …).
+PHOTO_FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WebP": (".webp",), "BMP": (".bmp",),
+                 "TIFF": (".tif", ".tiff")}
+PHOTO_SUFFIXES = tuple(suffix for suffixes in PHOTO_FORMATS.values() for suffix in suffixes)
 
 
 @dataclass
@@ -180,3 +186,92 @@ def save_atomic(image: Image.Image, path: Path, image_format: str) -> None:
     """Write to a temporary file beside `path`, then rename: an interrupted write leaves no half photo."""
     with atomic_file(path) as f:
         image.save(f, format=image_format, **SAVE_OPTIONS.get(image_format, {}))
+
+
+# --- a file that cannot be read, in the user's words ---------------------------------------------------------
+
+_KINDS = list(PHOTO_FORMATS)
+ACCEPTED = f"chromalab reads {', '.join(_KINDS[:-1])} and {_KINDS[-1]} photos"
+HEAD_BYTES = 512  # enough to tell a kind of file by its first bytes
+# Kinds of file that Pillow cannot read, by their first bytes: files chromalab does not accept.
+FOREIGN_KINDS = (
+    (re.compile(rb".{4}ftyp(heic|heix|hevc|hevx|heim|heis|mif1|msf1)", re.S),
+     "HEIC/HEIF format (as iPhones save photos)"),
+    (re.compile(rb"\xff\x0a|\x00\x00\x00\x0cJXL \r\n\x87\n"), "JPEG XL format"),
+    (re.compile(rb".{4}ftyp(isom|iso2|mp41|mp42|avc1|M4V |qt  )", re.S), "a video format (MP4/MOV)"),
+    (re.compile(rb"%PDF-"), "PDF format"),
+    (re.compile(rb"\s*(<\?xml[^>]*>\s*)?(<!--.*?-->\s*)*(<!DOCTYPE svg[^>]*>\s*)?<svg", re.S | re.I),
+     "SVG format (a drawing)"),
+)
+# The photo kinds chromalab reads, by their first bytes: when Pillow gives up on one, the file is damaged.
+PHOTO_SIGNATURES = ((re.compile(rb"\xff\xd8\xff"), "JPEG"), (re.compile(rb"\x89PNG\r\n\x1a\n"), "PNG"),
+                    (re.compile(rb"RIFF.{4}WEBP", re.S), "WebP"), (re.compile(rb"BM.{4}\x00{4}", re.S), "BMP"),
+                    (re.compile(rb"II\*\x00|MM\x00\*"), "TIFF"), (re.compile(rb"GIF8[79]a"), "GIF"))
+PILLOW_NAMES = {"WEBP": "WebP", "MPO": "JPEG"}  # Pillow's format names that are not what users call them
+# Pillow's words for a kind it knows but cannot decode here (EPS without Ghostscript, a codec left out)
+NO_READER = re.compile(r"ghostscript|not available|not supported|unsupported|cannot find loader", re.I)
+CUT_SHORT = re.compile(r"truncat|premature end|end of file", re.I)
+
+
+def describe_unreadable(exc: BaseException | None, source: Path | bytes) -> str:
+    """Why a photo file (its path or its contents) that raised one of READ_ERRORS cannot be read, and what
+    chromalab reads, in words a user can act on: never an exception's class or an object's repr (Pillow's
+    messages hold both). `exc` None: the file was refused before decoding (an empty upload)."""
+    message = "" if exc is None else str(exc)
+    if isinstance(exc, OSError) and exc.errno is not None:  # from the file system, not from decoding
+        return f"cannot open the file: {(exc.strerror or message).lower()}"
+    if isinstance(exc, Image.DecompressionBombError):
+        pixels = [int(n) / 1e6 for n in re.findall(r"(\d+) pixels", message)] or [0.0, Image.MAX_IMAGE_PIXELS * 2e-6]
+        return (f"the photo is too large: {pixels[0]:.0f} megapixels, where chromalab reads photos of up to "
+                f"{pixels[-1]:.0f} megapixels")
+    try:
+        head = _head(source)
+    except OSError as error:
+        return f"cannot open the file: {(error.strerror or str(error)).lower()}"
+    if not head:
+        return f"the file is empty (0 bytes). {ACCEPTED}."
+    foreign = next((kind for pattern, kind in FOREIGN_KINDS if pattern.match(head)), None)
+    pillow_format = _pillow_format(source)
+    kind = PILLOW_NAMES.get(pillow_format, pillow_format) or next(
+        (kind for pattern, kind in PHOTO_SIGNATURES if pattern.match(head)), None)
+    if foreign is None and kind is not None and NO_READER.search(message):
+        foreign = f"{kind} format"
+    if foreign is not None:
+        return f"the file is in {foreign}, which chromalab cannot read: convert it to JPEG or PNG first. {ACCEPTED}."
+    if kind is not None:
+        if isinstance(exc, EOFError) or CUT_SHORT.search(message):
+            return f"the {kind} photo is cut short (truncated: an interrupted download or copy?). {ACCEPTED}."
+        problem = "damaged or cut short" if pillow_format is None else "damaged: part of it cannot be decoded"
+        return f"the {kind} photo is {problem}. {ACCEPTED}."
+    if _is_text(head):
+        if re.match(rb"\s*(<!doctype html|<html)", head, re.I):
+            return f"not a photo: the file is a web page (HTML), saved in place of the picture? {ACCEPTED}."
+        return f"not a photo: the file holds text. {ACCEPTED}."
+    return f"not a photo, or of a kind chromalab does not know. {ACCEPTED}."
+
+
+def _head(source: Path | bytes) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source[:HEAD_BYTES])
+    with open(source, "rb") as f:
+        return f.read(HEAD_BYTES)
+
+
+def _pillow_format(source: Path | bytes) -> str | None:
+    """The format Pillow recognises the file as (its header alone), or None."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source) as opened:
+            return opened.format
+    except Exception:  # noqa: BLE001  describing a failure must not fail: whatever stops Pillow, it knows no format
+        return None
+
+
+def _is_text(head: bytes) -> bool:
+    """UTF-8 (or ASCII) with no control characters but whitespace: text, not a photo."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 3:  # not merely a character cut by HEAD_BYTES
+            return False
+        text = head[: error.start].decode("utf-8")
+    return bool(text) and not any(ch < " " and ch not in "\t\n\r\f" for ch in text)

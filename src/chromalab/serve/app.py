@@ -6,7 +6,7 @@ telemetry; Gradio would bring a large second web stack for one page.
 
 - POST /api/colorize?name=<file name>: the photo file is the request body (no multipart parsing). It is
   streamed into a private temporary folder and refused past `max_upload_mb` (HTTP 413); a file that is not
-  a readable photo gets HTTP 422 with the reason, and the server carries on.
+  a readable photo gets HTTP 422 with what was wrong with it, in colorize's words, and the server carries on.
 - The photo is coloured exactly as `chromalab colorize` colours it (chromalab.colorize: same model choice,
   same full-resolution output, same file name and format), so the downloaded file is the one `colorize`
   would write. Previews (gray | coloured, at most 2048 px a side) come from colorize's compare sheet.
@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from chromalab import colorize
-from chromalab.errors import one_line
+from chromalab.colorize.photos import describe_unreadable
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 50.0
@@ -65,24 +65,15 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
         job_id = uuid.uuid4().hex
         folder = workdir / job_id
         folder.mkdir()
-        size = 0
-        with (folder / "upload").open("wb") as f:
-            async for chunk in request.stream():  # a body without (or with a false) Content-Length stops here
-                size += len(chunk)
-                if size > limit:
-                    break
-                f.write(chunk)
-        if size > limit or size == 0:
-            _remove(folder)
-            raise HTTPException(413, f"{name} is over the {max_upload_mb:g} MB limit") if size else \
-                HTTPException(400, f"{name} is empty: choose a photo file")
+        await _receive(request, folder, name, max_upload_mb)
         from starlette.concurrency import run_in_threadpool
 
         try:
-            entry = await run_in_threadpool(_colour_file, folder, name)
+            entry = await run_in_threadpool(_colour_file, colorizer, model_lock, folder, name, image_size)
         except colorize.READ_ERRORS as exc:
+            reason = describe_unreadable(exc, folder / "upload")
             _remove(folder)
-            raise HTTPException(422, f"{name}: cannot read it as a photo ({one_line(exc)})") from None
+            raise HTTPException(422, f"{name}: {reason}") from None
         results[job_id] = entry
         while len(results) > MAX_RESULTS:
             _remove(workdir / results.popitem(last=False)[0])
@@ -90,21 +81,6 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
                 "width": entry["width"], "height": entry["height"], "seconds": entry["seconds"],
                 "result": f"/api/results/{job_id}/colour", "gray_preview": f"/api/results/{job_id}/gray",
                 "colour_preview": f"/api/results/{job_id}/preview"}
-
-    def _colour_file(folder: Path, name: str) -> dict:
-        started = time.perf_counter()
-        data = (folder / "upload").read_bytes()
-        with model_lock:
-            photo, coloured = colorize.colour_bytes(colorizer, data, image_size)
-        download_name, image_format = colorize.output_name(Path(name))
-        colorize.save_atomic(coloured, folder / "colour", image_format)
-        sheet = colorize.compare_sheet(photo, coloured)  # gray | coloured, each ≤ COMPARE_MAX_SIDE
-        half = sheet.width // 2
-        colorize.save_atomic(sheet.crop((0, 0, half, sheet.height)), folder / "gray", "JPEG")
-        colorize.save_atomic(sheet.crop((half, 0, sheet.width, sheet.height)), folder / "preview", "JPEG")
-        (folder / "upload").unlink()
-        return {"download_name": download_name, "format": image_format, "width": coloured.width,
-                "height": coloured.height, "seconds": round(time.perf_counter() - started, 3)}
 
     @app.get("/api/results/{job_id}/{kind}")
     def result(job_id: str, kind: str) -> FileResponse:
@@ -118,6 +94,39 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
 
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
     return app
+
+
+async def _receive(request: Request, folder: Path, name: str, max_upload_mb: float) -> None:
+    """Stream the request's body into `folder`/upload; refuse (and remove the folder) past the limit or empty."""
+    limit = int(max_upload_mb * 1e6)
+    size = 0
+    with (folder / "upload").open("wb") as f:
+        async for chunk in request.stream():  # a body without (or with a false) Content-Length stops here
+            size += len(chunk)
+            if size > limit:
+                break
+            f.write(chunk)
+    if size > limit or size == 0:
+        _remove(folder)
+        raise HTTPException(413, f"{name} is over the {max_upload_mb:g} MB limit") if size else \
+            HTTPException(400, f"{name}: {describe_unreadable(None, b'')}")
+
+
+def _colour_file(colorizer, model_lock: threading.Lock, folder: Path, name: str, image_size: int | None) -> dict:
+    """Colour `folder`/upload as `colorize` would, into `folder`/colour, gray and preview."""
+    started = time.perf_counter()
+    data = (folder / "upload").read_bytes()
+    with model_lock:
+        photo, coloured = colorize.colour_bytes(colorizer, data, image_size)
+    download_name, image_format = colorize.output_name(Path(name))
+    colorize.save_atomic(coloured, folder / "colour", image_format)
+    sheet = colorize.compare_sheet(photo, coloured)  # gray | coloured, each ≤ COMPARE_MAX_SIDE
+    half = sheet.width // 2
+    colorize.save_atomic(sheet.crop((0, 0, half, sheet.height)), folder / "gray", "JPEG")
+    colorize.save_atomic(sheet.crop((half, 0, sheet.width, sheet.height)), folder / "preview", "JPEG")
+    (folder / "upload").unlink()
+    return {"download_name": download_name, "format": image_format, "width": coloured.width,
+            "height": coloured.height, "seconds": round(time.perf_counter() - started, 3)}
 
 
 def _remove(folder: Path) -> None:

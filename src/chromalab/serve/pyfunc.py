@@ -4,7 +4,8 @@ Input: a DataFrame with a column `image` holding photo files, as bytes or base64
 `mlflow models serve` send base64; MLflow decodes it for the binary column). Anything `chromalab colorize`
 reads works: any size, gray/colour/16-bit/palette/alpha, EXIF orientation applied. Output: a DataFrame with
 `image` (JPEG bytes, quality 95, at the photo's own size; base64 in JSON answers), `width` and `height`.
-A file that is not a photo is a client error (HTTP 400 from the scoring server), naming the row.
+A file that is not a photo is a client error (HTTP 400 from the scoring server), naming the row and saying
+what was wrong with the file, in colorize's words.
 
 The Keras model travels as an artifact (`model.keras`) and is run by chromalab.colorize, so served photos
 come out exactly as `chromalab colorize` makes them. Serving needs chromalab installed (`--env-manager local`).
@@ -24,6 +25,7 @@ from unittest import mock
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -57,10 +59,23 @@ def _file_bytes(value: object, row: int) -> bytes:
                      f"got {type(value).__name__}")
 
 
-def _bad_input(message: str) -> Exception:
-    from mlflow.exceptions import MlflowException
+class _ClientError(MlflowException):
+    """HTTP 400 from `mlflow models serve`, with its message kept as written: the scoring server rewrites a
+    failed prediction's message to "Failed to predict data '<the input DataFrame>'. \nError: …", which puts the
+    file's bytes and a programmer's label before the words a user can act on."""
 
-    return MlflowException.invalid_parameter_value(message)  # → HTTP 400 from `mlflow models serve`
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):  # set once, by MlflowException's constructor
+            self._message = value
+
+
+def _bad_input(message: str) -> Exception:
+    return _ClientError.invalid_parameter_value(message)  # → HTTP 400 from `mlflow models serve`
 
 
 class Colorizer(mlflow.pyfunc.PythonModel):
@@ -73,16 +88,17 @@ class Colorizer(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from chromalab.colorize import READ_ERRORS, colour_bytes
-        from chromalab.errors import one_line
+        from chromalab.colorize.photos import describe_unreadable
 
         if not isinstance(model_input, pd.DataFrame) or COLUMN not in model_input:
             raise _bad_input(f"expected a DataFrame with a column {COLUMN!r} of photo files (bytes or base64)")
         images, widths, heights = [], [], []
         for row, value in enumerate(model_input[COLUMN]):
+            data = _file_bytes(value, row)
             try:
-                _, coloured = colour_bytes(self.colorizer, _file_bytes(value, row))
+                _, coloured = colour_bytes(self.colorizer, data)
             except READ_ERRORS as exc:
-                raise _bad_input(f"row {row}: not a readable photo ({one_line(exc)})") from None
+                raise _bad_input(f"row {row}: {describe_unreadable(exc, data)}") from None
             buffer = io.BytesIO()
             coloured.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)  # JPEG has no alpha
             images.append(buffer.getvalue())
