@@ -26,7 +26,7 @@ app = typer.Typer(
 @app.callback()
 def _options(
     verbose: Annotated[bool, typer.Option("-v", "--verbose",
-                                          help="Also show TensorFlow's own start-up and warning lines.")] = False,
+                                          help="Also show TensorFlow's own start-up and warning lines, and the technical detail of files that can't be read.")] = False,
 ) -> None:
     quiet_tensorflow(verbose)
 

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import IO
 
 
-# The photo files chromalab reads (a folder source, `chromalab colorize`): what Pillow decodes of them.
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# The photos a folder is searched for, by kind (the folder data source, `chromalab colorize`). A file named on
+# its own is read whatever its name, if Pillow decodes it (GIF, PSD, …).
+PHOTO_FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WebP": (".webp",), "BMP": (".bmp",),
+                 "TIFF": (".tif", ".tiff")}
+PHOTO_SUFFIXES = tuple(suffix for suffixes in PHOTO_FORMATS.values() for suffix in suffixes)
 
 
 def _temp_sibling(path: Path) -> Path:

@@ -16,13 +16,13 @@ JPEG (quality 95), PNG and WebP stay what they were; every other format (BMP, TI
 from chromalab.colorize.command import (
     COMPARE_TAG,
     OUTPUT_TAG,
-    PHOTO_SUFFIXES,
     ColorizeReport,
     Job,
     colorize_paths,
     output_name,
     plan_jobs,
 )
+from chromalab.files import PHOTO_SUFFIXES
 from chromalab.colorize.model import limit_model_threads, load_colorizer, model_file, model_input_size
 from chromalab.colorize.photos import (
     COMPARE_MAX_SIDE,

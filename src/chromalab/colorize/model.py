@@ -113,8 +113,8 @@ def model_input_size(model, image_size: int | None) -> tuple[int, int]:
 
 def limit_model_threads(cores: int) -> int | None:
     """On TensorFlow, give the model a third of the cores (1 of 2) before it first runs: the photo workers
-    keep every core busy, and more TensorFlow threads only contend with them (12 MP photos, 2 cores: 0.95 →
-    1.06-1.10 photos/s, 12.6 → 11.3 CPU-s for 8). The model is about a third of the CPU work per photo.
+    keep every core busy, and more TensorFlow threads only contend with them (README, "Measured figures behind
+    the code"). The model is about a third of the CPU work per photo.
     TensorFlow fixes its threads at its first operation, so this is possible only before that (not in a
     process that already ran TensorFlow, nor under JAX). Returns the threads set, or None."""
     import keras

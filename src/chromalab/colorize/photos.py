@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.colorize.model import model_input_size
-from chromalab.files import atomic_file
+from chromalab.files import PHOTO_FORMATS, atomic_file
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
 COMPARE_MAX_SIDE = 2048  # each half of the side-by-side sheet: a preview, not a second full-size copy
@@ -24,15 +24,10 @@ COMPARE_MAX_SIDE = 2048  # each half of the side-by-side sheet: a preview, not a
 # small whatever the photo's size.
 STRIPE_PIXELS = 1 << 18
 DOWNSAMPLE = Image.Resampling.LANCZOS
-REDUCING_GAP = 3.0  # Pillow first box-reduces by whole factors down to 3x the target, then filters: ~5x faster
+REDUCING_GAP = 3.0  # Pillow first box-reduces by whole factors down to 3x the target, then filters: much faster
 # Pillow's 16-bit grayscale modes ("I" is how some readers deliver 16-bit PNG/TIFF; its values are 0-65535).
 GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-# The photos a folder is searched for, by kind. A file named on its own is read whatever its name, if Pillow
-# decodes it (GIF, PSD, …).
-PHOTO_FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WebP": (".webp",), "BMP": (".bmp",),
-                 "TIFF": (".tif", ".tiff")}
-PHOTO_SUFFIXES = tuple(suffix for suffixes in PHOTO_FORMATS.values() for suffix in suffixes)
 
 
 @dataclass
