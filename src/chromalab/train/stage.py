@@ -62,8 +62,7 @@ class Resume:
 def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, reports_root: Path,
            strategy) -> dict:
     from chromalab.data.dataset import load_split_arrays
-    from chromalab.serve import pyfunc
-    from chromalab.track import datasets, registry, runs
+    from chromalab.track import datasets, runs
     from chromalab.train.input import training_input
 
     info = _dataset_info(data_dir, params)
@@ -86,30 +85,45 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
                         run_id=resume.state.get("mlflow_run_id")) as run:
         resume.state["mlflow_run_id"] = run.info.run_id
         datasets.log_dataset_inputs(info, data_dir)
-        recorder = EpochRecorder(checkpoint=resume.checkpoint, state=resume.state, history=resume.history,
-                                 train_params=params.train, total_epochs=epochs, samples=samples,
-                                 images_per_epoch=n_train)
-        if resume.epoch:
-            recorder.log_checkpointed_rows_mlflow_lacks(run.info.run_id)
         started = time.perf_counter()
-        if data.train is not None:
-            # The input orders and augments the photos (chromalab.train.epochs), not fit.
-            # Keras' own epoch line first, then where the run stands (RunProgress).
-            progress = [keras.callbacks.ProgbarLogger(), RunProgress(f"train@{model_name}", epochs, has_gpu=has_gpu)]
-            model.fit(data.train, epochs=epochs, initial_epoch=resume.epoch, steps_per_epoch=steps,
-                      validation_data=data.validation, validation_freq=params.train.val_every,
-                      callbacks=[recorder, *progress], shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+        _fit(model, data, resume, params, model_name, steps, samples, n_train, has_gpu)
         metrics = _final_metrics(model, data.validation, resume.history, epochs, time.perf_counter() - started)
         metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run; `dvc exp show` links to it
         runs.log_epoch({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, epochs)
-        model_file = models_root / model_name / "model.keras"
-        deliverable = _export(model, model_name, model_file, strategy)
-        runs.log_keras_model(deliverable, sample_L[:1])
-        registry.register_trained_model(model_name, pyfunc.log_colorizer(model_file), dataset_hash)
+        _deliver(model, model_name, models_root / model_name / "model.keras", strategy, sample_L[:1], dataset_hash)
 
     _write_reports(reports_root / model_name, resume.history, metrics)
     resume.checkpoint.mark_complete(resume.fingerprint, run.info.run_id)
     return metrics
+
+
+def _fit(model: keras.Model, data, resume: Resume, params: Params, model_name: str, steps: int,
+         samples: tuple, n_train: int, has_gpu: bool) -> None:
+    """The epochs still to train, each recorded (history, checkpoint, MLflow) and reported as it ends."""
+    epochs = params.model(model_name).epochs
+    recorder = EpochRecorder(checkpoint=resume.checkpoint, state=resume.state, history=resume.history,
+                             train_params=params.train, total_epochs=epochs, samples=samples,
+                             images_per_epoch=n_train)
+    if resume.epoch:
+        recorder.log_checkpointed_rows_mlflow_lacks(resume.state["mlflow_run_id"])
+    if data.train is None:  # the last checkpoint was the final epoch
+        return
+    # Keras' own epoch line first, then where the run stands. The input orders and augments the photos
+    # (chromalab.train.epochs), not fit.
+    progress = [keras.callbacks.ProgbarLogger(), RunProgress(f"train@{model_name}", epochs, has_gpu=has_gpu)]
+    model.fit(data.train, epochs=epochs, initial_epoch=resume.epoch, steps_per_epoch=steps,
+              validation_data=data.validation, validation_freq=params.train.val_every,
+              callbacks=[recorder, *progress], shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+
+
+def _deliver(model: keras.Model, model_name: str, model_file: Path, strategy, input_example, dataset_hash: str):
+    """models/<m>/model.keras, the same model in the MLflow run, and its pyfunc colorizer as a registry version."""
+    from chromalab.serve import pyfunc
+    from chromalab.track import registry, runs
+
+    deliverable = _export(model, model_name, model_file, strategy)
+    runs.log_keras_model(deliverable, input_example)
+    registry.register_trained_model(model_name, pyfunc.log_colorizer(model_file), dataset_hash)
 
 
 def _dataset_info(data_dir: Path, params: Params) -> dict:
