@@ -34,9 +34,9 @@ from chromalab.train.epochs import Augment, epoch_plan, steps_per_epoch
 GIB = 2**30
 
 
-def augment_for(data_dir: Path, flip_lr: bool, flip_ud: bool, contrast_aug: bool) -> Augment:
-    """The augmentation the params ask for, on what the records hold."""
-    n_variants = len(read_dataset_info(data_dir)["variants"])
+def augment_for(data_dir: Path, info: dict, flip_lr: bool, flip_ud: bool, contrast_aug: bool) -> Augment:
+    """The augmentation the params ask for, on what the records (`info`: their dataset.json) hold."""
+    n_variants = len(info["variants"])
     if contrast_aug and not n_variants:
         warnings.warn(f"{data_dir} was built without contrast variants (tfrecords.contrast_variants: false), "
                       "so contrast_aug has nothing to pick from", stacklevel=3)
@@ -74,7 +74,7 @@ def make_dataset(data_dir: Path, split: str, batch_size: int, *, training: bool,
     if training:
         if not 0 <= initial_epoch < epochs:
             raise ChromalabError(f"make_dataset: need 0 <= initial_epoch < epochs, got {initial_epoch} and {epochs}")
-        augment = augment_for(data_dir, flip_lr, flip_ud, contrast_aug)
+        augment = augment_for(data_dir, info, flip_lr, flip_ud, contrast_aug)
         dataset = _training_batches(records, n_photos, batch_size, augment, seed, range(initial_epoch, epochs), cache)
     else:
         dataset = records.map(lambda photo_id, l_stack, ab: (tf.cast(l_stack[..., :1], tf.float32),
@@ -204,7 +204,7 @@ def jax_training_feed(data_dir: Path, batch_size: int, *, flip_lr: bool, flip_ud
     """The JAX feed for `data_dir`'s training split: on the device if it fits `max_gb` and one device trains."""
     info = read_dataset_info(data_dir)
     n_photos = int(info["counts"]["train"])
-    augment = augment_for(data_dir, flip_lr, flip_ud, contrast_aug)
+    augment = augment_for(data_dir, info, flip_lr, flip_ud, contrast_aug)
     nbytes = split_nbytes(info, "train", augment.n_choices)
     on_device = not distributed and nbytes <= max_gb * GIB
     if not on_device:
