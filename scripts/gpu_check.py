@@ -15,8 +15,9 @@ exits 1 naming the step that failed.
 Sizes: full (default; 2,000 + 200 photos at 256 px, full width, bf16) or small
 (`--size small` or CHROMALAB_GPU_CHECK_SIZE=small: 16 + 4 photos at 32 px, width 0.125, the bench in
 float16 with loss scaling; a few minutes on a CPU, what the tests run).
-`--block-tensorflow` makes `import tensorflow` fail in every step, as on the GPU machine, and the report
-says whether any step imported it anyway.
+`--block-tensorflow` makes `import tensorflow` (and `import dvc`) fail in every step, as on the GPU machine,
+and the report says whether any step imported TensorFlow anyway. `--batch N` (repeatable) measures only
+those batch sizes: a rerun that skips the grid.
 
 Only the standard library here: the machine has no chromalab environment until the wheels are in.
 MLflow travels as mlflow-skinny (the full package's SQL store needs SQLAlchemy, and its repository
@@ -71,12 +72,12 @@ PRELUDE = textwrap.dedent("""
     import atexit, json, os, sys
 
     if os.environ.get("CHROMALAB_BLOCK_TENSORFLOW"):
-        class _HideTensorFlow:
+        class _HideAbsent:  # what the GPU machine lacks and no wheel brings
             def find_spec(self, name, path=None, target=None):
-                if name == "tensorflow" or name.startswith("tensorflow."):
-                    raise ImportError("No module named 'tensorflow' (blocked by gpu_check)")
+                if name.split(".")[0] in ("tensorflow", "dvc"):
+                    raise ImportError(f"No module named {name!r} (blocked by gpu_check)")
                 return None
-        sys.meta_path.insert(0, _HideTensorFlow())
+        sys.meta_path.insert(0, _HideAbsent())
 
     # Compilations this step took from the persistent cache (JAX_COMPILATION_CACHE_DIR) or added to it.
     _cache = {"jax_cache_hits": 0, "jax_cache_misses": 0}
@@ -379,12 +380,15 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cmd_run(size: str, wheels: Path, work: Path, reports: Path, block_tensorflow: bool) -> int:
+def cmd_run(size: str, wheels: Path, work: Path, reports: Path, block_tensorflow: bool,
+            batches: list[int] | None = None) -> int:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     reports.mkdir(parents=True, exist_ok=True)
     check = Check(size, work, reports, block_tensorflow)
+    if batches:
+        check.s = {**check.s, "batches": sorted(set(batches))}
     failure = None
     try:
         check.install(wheels)
@@ -412,10 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--work", type=Path, default=ROOT / ".gpu-check")
     run.add_argument("--reports", type=Path, default=ROOT / "reports/gpu")
     run.add_argument("--block-tensorflow", action="store_true")
+    run.add_argument("--batch", type=int, action="append", dest="batches", help="batch sizes (default: the size's)")
     args = parser.parse_args(argv)
     if args.command == "wheels":
         return cmd_wheels(args.dest)
-    return cmd_run(args.size, args.wheels, args.work.resolve(), args.reports.resolve(), args.block_tensorflow)
+    return cmd_run(args.size, args.wheels, args.work.resolve(), args.reports.resolve(), args.block_tensorflow,
+                   args.batches)
 
 
 if __name__ == "__main__":

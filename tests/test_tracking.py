@@ -254,6 +254,29 @@ def test_repo_root_leaves_dvc_temp_copies(tmp_path, monkeypatch):
     assert runs.repo_root() == root.resolve()
 
 
+def test_repo_root_without_dvc_installed_finds_the_folder_holding_dvc(tmp_path, monkeypatch):
+    """The GPU machine has no DVC: repo_root must still answer (the first GPU check died on `import dvc`)."""
+    for name in DVC_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name in [m for m in sys.modules if m == "dvc" or m.startswith("dvc.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [BlockDvc(), *sys.meta_path])
+    root = tmp_path / "repo"
+    (root / ".dvc").mkdir(parents=True)
+    (root / "data" / "tfrecords").mkdir(parents=True)
+    assert runs.repo_root(root / "data" / "tfrecords") == root.resolve()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert runs.repo_root(plain) == plain.resolve()
+
+
+class BlockDvc:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "dvc":
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+
 PROBE = """\
 import json, os, sys
 from pathlib import Path

@@ -57,20 +57,28 @@ def repo_root(start: Path | None = None) -> Path:
     DVC sets `DVC_ROOT` for every stage (for experiment runs, to the parent repo, not the temp copy); the
     path test below also covers a stage run by hand inside a copy. Outside any DVC repo: the folder itself.
     """
-    from dvc.exceptions import NotDvcRepoError
-    from dvc.repo import Repo
-
     begin = Path(start or os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-    try:
-        root = Path(Repo.find_root(os.fspath(begin)))
-    except NotDvcRepoError:
-        root = begin
+    root = _dvc_root(begin) or begin
     parts = root.parts
     n = len(_DVC_TEMP_COPY_PARTS)
     for i in range(len(parts) - n + 1):
         if parts[i : i + n] == _DVC_TEMP_COPY_PARTS:
             return Path(*parts[:i])
     return root
+
+
+def _dvc_root(begin: Path) -> Path | None:
+    """DVC's own answer where DVC is installed; on a machine without it (the GPU check's), the nearest
+    folder holding `.dvc/`, which is what DVC looks for."""
+    try:
+        from dvc.exceptions import NotDvcRepoError
+        from dvc.repo import Repo
+    except ImportError:
+        return next((folder for folder in (begin, *begin.parents) if (folder / ".dvc").is_dir()), None)
+    try:
+        return Path(Repo.find_root(os.fspath(begin)))
+    except NotDvcRepoError:
+        return None
 
 
 def tracking_uri() -> str:
