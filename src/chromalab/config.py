@@ -139,7 +139,20 @@ class GanParams(_Schedule):
     learning_rate: float = Field(2e-4, gt=0)
     beta_1: float = Field(0.5, ge=0, lt=1)
     l1_lambda: float = Field(PIX2PIX_L1_LAMBDA, ge=0)
+    recon_loss: Literal["l1", "ssim_l1"] = "l1"
     width: float = Field(1.0, gt=0)
+    norm: Literal["batch", "group"] = "batch"
+    pretrain_epochs: int = Field(0, ge=0)
+    warmup_epochs: int = Field(0, ge=0)
+    diffaug: bool = False
+    spectral_norm: bool = False
+
+    @model_validator(mode="after")
+    def _phases_within_training(self):
+        if self.pretrain_epochs + self.warmup_epochs >= self.epochs:
+            raise ValueError(f"pretrain_epochs ({self.pretrain_epochs}) + warmup_epochs ({self.warmup_epochs}) "
+                             f"must be fewer than epochs ({self.epochs}): the adversarial phase needs an epoch")
+        return self
 
 
 class EvaluateParams(_Group):

@@ -6,12 +6,27 @@ The generator is a U-Net (L → ab), the discriminator a 70×70 PatchGAN judging
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import keras
 from keras import ops
 
 from chromalab.train import losses
 
 VALIDATION_METRICS = ("ssim", "mse", "mae")  # on ab, as the seed reported them
+
+# DeOldify's "NoGAN": the generator first learns alone on the reconstruction loss, then the discriminator alone
+# learns to tell its outputs from the truth, then both train against each other, as pix2pix does throughout.
+PRETRAIN, WARMUP, ADVERSARIAL = "pretrain", "warmup", "adversarial"
+PHASES = (PRETRAIN, WARMUP, ADVERSARIAL)
+
+
+def phase_plan(pretrain_epochs: int, warmup_epochs: int, epochs: int, start: int = 0) -> list[tuple[str, int, int]]:
+    """The phases still to train from epoch `start`: [(phase, first epoch, end epoch)], empty ones left out."""
+    bounds = (0, min(pretrain_epochs, epochs), min(pretrain_epochs + warmup_epochs, epochs), epochs)
+    return [(phase, max(begin, start), end) for phase, begin, end in zip(PHASES, bounds, bounds[1:])
+            if max(begin, start) < end]
 
 
 def validation_trackers() -> dict[str, keras.metrics.Metric]:
@@ -20,6 +35,14 @@ def validation_trackers() -> dict[str, keras.metrics.Metric]:
         "mse": keras.metrics.MeanSquaredError(name="mse"),
         "mae": keras.metrics.MeanAbsoluteError(name="mae"),
     }
+
+
+@contextlib.contextmanager
+def _net_left_alone():
+    """Quiet Keras' warning about variables without gradients: in pretraining and warm-up that is the point."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Gradients do not exist for variables")
+        yield
 
 
 class Pix2Pix(keras.Model):
@@ -31,11 +54,15 @@ class Pix2Pix(keras.Model):
     `optimizer` that Keras checkpoints, distributes and threads through the JAX trainer.
     """
 
-    def __init__(self, generator: keras.Model, discriminator: keras.Model, l1_lambda: float, **kwargs):
+    def __init__(self, generator: keras.Model, discriminator: keras.Model, l1_lambda: float, recon: str = "l1",
+                 **kwargs):
         super().__init__(**kwargs)
         self.generator = generator
         self.discriminator = discriminator
         self.l1_lambda = l1_lambda
+        self.recon = recon
+        # Which nets the next compiled step trains (PHASES); set between `fit` calls, read when the step is traced.
+        self.phase = ADVERSARIAL
         self.loss_trackers = {
             name: keras.metrics.Mean(name=name) for name in ("g_loss", "g_gan", "g_l1", "d_loss")
         }
@@ -49,10 +76,34 @@ class Pix2Pix(keras.Model):
     def call(self, L, training=False):
         return self.generator(L, training=training)
 
-    def _loss_terms(self, L, ab, fake_ab, real_logits, fake_logits):
-        g_total, g_gan, g_l1 = losses.generator_loss(fake_logits, ab, fake_ab, self.l1_lambda)
-        d_loss = losses.discriminator_loss(real_logits, fake_logits)
-        return g_total, g_gan, g_l1, d_loss
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, phase: str) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+        self._phase = phase
+        self.train_function = None  # the step is traced for one phase: the next fit traces it afresh
+
+    @property
+    def trains_generator(self) -> bool:
+        return self.phase != WARMUP
+
+    @property
+    def trains_discriminator(self) -> bool:
+        return self.phase != PRETRAIN
+
+    def _forward(self, L, ab, g_call, d_call):
+        """The losses of one batch, computing only what this phase trains: (g_total, g_gan, g_l1, d_loss)."""
+        fake_ab = g_call(L)
+        if not self.trains_discriminator:  # pretraining: the reconstruction alone, D untouched
+            g_total, g_gan, g_l1 = losses.generator_loss(None, ab, fake_ab, self.l1_lambda, self.recon)
+            return g_total, g_gan, g_l1, ops.zeros_like(g_total)
+        real_logits, fake_logits = d_call(L, ab, fake_ab)
+        g_total, g_gan, g_l1 = losses.generator_loss(fake_logits, ab, fake_ab, self.l1_lambda, self.recon)
+        return g_total, g_gan, g_l1, losses.discriminator_loss(real_logits, fake_logits)
 
     def train_step(self, *args):
         if keras.backend.backend() == "jax":
@@ -74,19 +125,24 @@ class Pix2Pix(keras.Model):
         from keras.src.losses.loss import scale_loss_for_distribution  # what Keras' own train_step uses
 
         L, ab, _ = keras.utils.unpack_x_y_sample_weight(data)
+
+        def d_call(L, ab, fake_ab):
+            return self.discriminator([L, ab], training=True), self.discriminator([L, fake_ab], training=True)
+
         with tf.GradientTape(persistent=True) as tape:
-            fake_ab = self.generator(L, training=True)
-            real_logits = self.discriminator([L, ab], training=True)
-            fake_logits = self.discriminator([L, fake_ab], training=True)
-            g_total, g_gan, g_l1, d_loss = self._loss_terms(L, ab, fake_ab, real_logits, fake_logits)
+            g_total, g_gan, g_l1, d_loss = self._forward(
+                L, ab, lambda L: self.generator(L, training=self.trains_generator), d_call)
             # Replicas' gradients are summed by all-reduce: scale so that N replicas = one big batch.
             g_scaled, d_scaled = scale_loss_for_distribution(g_total), scale_loss_for_distribution(d_loss)
             if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
                 g_scaled, d_scaled = self.optimizer.scale_loss(g_scaled), self.optimizer.scale_loss(d_scaled)
         g_vars, d_vars = self.generator.trainable_variables, self.discriminator.trainable_variables
-        grads = tape.gradient(g_scaled, g_vars) + tape.gradient(d_scaled, d_vars)
+        # A net this phase does not train gets None gradients: the optimizer leaves it, and its moments, alone.
+        grads = (tape.gradient(g_scaled, g_vars) if self.trains_generator else [None] * len(g_vars)) + \
+                (tape.gradient(d_scaled, d_vars) if self.trains_discriminator else [None] * len(d_vars))
         del tape
-        self.optimizer.apply(grads, g_vars + d_vars)
+        with _net_left_alone():
+            self.optimizer.apply(grads, g_vars + d_vars)
         for name, value in zip(self.loss_trackers, (g_total, g_gan, g_l1, d_loss)):
             self.loss_trackers[name].update_state(value)
         return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
@@ -113,24 +169,35 @@ class Pix2Pix(keras.Model):
         pick = lambda values, idx: [values[i] for i in idx]  # noqa: E731
 
         def forward(g_train, d_train):
-            fake_ab, g_nt = self.generator.stateless_call(g_train, pick(non_trainable, g_n), L, training=True)
-            real_logits, d_nt = self.discriminator.stateless_call(
-                d_train, pick(non_trainable, d_n), [L, ab], training=True)
-            fake_logits, d_nt = self.discriminator.stateless_call(d_train, d_nt, [L, fake_ab], training=True)
-            g_total, g_gan, g_l1, d_loss = self._loss_terms(L, ab, fake_ab, real_logits, fake_logits)
-            return (g_total, d_loss), (g_gan, g_l1, g_nt, d_nt)
+            nt = {"g": pick(non_trainable, g_n), "d": pick(non_trainable, d_n)}
+
+            def g_call(L):
+                fake_ab, nt["g"] = self.generator.stateless_call(g_train, nt["g"], L, training=self.trains_generator)
+                return fake_ab
+
+            def d_call(L, ab, fake_ab):
+                real_logits, nt["d"] = self.discriminator.stateless_call(d_train, nt["d"], [L, ab], training=True)
+                fake_logits, nt["d"] = self.discriminator.stateless_call(d_train, nt["d"], [L, fake_ab], training=True)
+                return real_logits, fake_logits
+
+            g_total, g_gan, g_l1, d_loss = self._forward(L, ab, g_call, d_call)
+            return (g_total, d_loss), (g_gan, g_l1, nt["g"], nt["d"])
 
         (g_total, d_loss), pullback, (g_gan, g_l1, g_nt, d_nt) = jax.vjp(
             forward, pick(trainable, g_t), pick(trainable, d_t), has_aux=True)
         # Two pullbacks of one forward pass; under jit XLA drops the halves we don't use. A cotangent of
-        # `scale` is the gradient of the scaled loss.
-        g_grads, _ = pullback((ops.full_like(g_total, scale), ops.zeros_like(d_loss)))
-        _, d_grads = pullback((ops.zeros_like(g_total), ops.full_like(d_loss, scale)))
+        # `scale` is the gradient of the scaled loss. A net this phase does not train gets None gradients.
         grads = [None] * len(trainable)
-        for idx, values in ((g_t, g_grads), (d_t, d_grads)):
-            for i, g in zip(idx, values):
+        if self.trains_generator:
+            g_grads, _ = pullback((ops.full_like(g_total, scale), ops.zeros_like(d_loss)))
+            for i, g in zip(g_t, g_grads):
                 grads[i] = g
-        trainable, optimizer_vars = self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
+        if self.trains_discriminator:
+            _, d_grads = pullback((ops.zeros_like(g_total), ops.full_like(d_loss, scale)))
+            for i, g in zip(d_t, d_grads):
+                grads[i] = g
+        with _net_left_alone():
+            trainable, optimizer_vars = self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
         non_trainable = list(non_trainable)
         for idx, values in ((g_n, g_nt), (d_n, d_nt)):
             for i, v in zip(idx, values):

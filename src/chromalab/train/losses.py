@@ -39,6 +39,8 @@ SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang, Simoncelli & Bovik (2003), fine → coarse
 MS_SSIM_EPS = 1e-6  # floor of each factor before its fractional power: finite value and gradient
+RECON_LOSSES = ("l1", "ssim_l1")
+SSIM_L1_ALPHA = 0.84  # Zhao, Gallo, Frosio & Kautz (2017), "Loss functions for image restoration"
 
 
 # --- SSIM ---------------------------------------------------------------------------------------------
@@ -183,13 +185,29 @@ def _bce_with_logits(target: float, logits):
     return ops.mean(ops.binary_crossentropy(ops.full_like(logits, target), logits, from_logits=True))
 
 
-def generator_loss(fake_logits, real_ab, fake_ab, l1_lambda: float):
-    """pix2pix generator loss → (total, adversarial, l1): BCE(D(fake), real) + λ · mean |real − fake|."""
+def reconstruction_loss(real_ab, fake_ab, kind: str = "l1"):
+    """How far the colours are from the truth → (loss, l1). "l1": mean |real − fake| (pix2pix).
+    "ssim_l1": α·(1 − SSIM) + (1 − α)·L1 with α = 0.84 (Zhao et al. 2017): SSIM keeps local structure (no
+    blotches of one hue where the truth varies), L1 keeps the mean colour that SSIM alone lets drift."""
+    real_ab, fake_ab = ops.cast(real_ab, "float32"), ops.cast(fake_ab, "float32")
+    l1 = ops.mean(ops.abs(real_ab - fake_ab))
+    if kind == "l1":
+        return l1, l1
+    if kind == "ssim_l1":
+        return SSIM_L1_ALPHA * ops.mean(ssim_loss(real_ab, fake_ab)) + (1.0 - SSIM_L1_ALPHA) * l1, l1
+    raise ChromalabError(f"reconstruction loss must be one of {', '.join(RECON_LOSSES)}, got {kind!r}")
+
+
+def generator_loss(fake_logits, real_ab, fake_ab, l1_lambda: float, recon: str = "l1"):
+    """pix2pix generator loss → (total, adversarial, l1): BCE(D(fake), real) + λ · reconstruction.
+    `fake_logits` None: the reconstruction alone (generator pretraining), adversarial term 0."""
     if not (isinstance(l1_lambda, (int, float)) and math.isfinite(l1_lambda) and l1_lambda >= 0):
         raise ChromalabError(f"l1_lambda must be a number >= 0 (pix2pix: {PIX2PIX_L1_LAMBDA:g}), got {l1_lambda!r}")
+    reconstruction, l1 = reconstruction_loss(real_ab, fake_ab, recon)
+    if fake_logits is None:
+        return reconstruction, ops.zeros_like(reconstruction), l1
     adversarial = _bce_with_logits(1.0, fake_logits)
-    l1 = ops.mean(ops.abs(ops.cast(real_ab, "float32") - ops.cast(fake_ab, "float32")))
-    return adversarial + l1_lambda * l1, adversarial, l1
+    return adversarial + l1_lambda * reconstruction, adversarial, l1
 
 
 def discriminator_loss(real_logits, fake_logits):

@@ -21,6 +21,7 @@ from keras import layers
 
 from chromalab.config import MODEL_NAMES, image_size_problem
 from chromalab.errors import ChromalabError
+from chromalab.train.diffaugment import DiffAugment
 
 # pix2pix (Isola et al. 2017; the TensorFlow tutorial the seed copied)
 GAN_BASE_CHANNELS = 64
@@ -30,6 +31,9 @@ GAN_INIT_STDDEV = 0.02
 LEAKY_SLOPE = 0.2  # pix2pix's; Keras 3's LeakyReLU defaults to 0.3
 DROPOUT_RATE = 0.5
 N_DROPOUT_UP_BLOCKS = 3
+GENERATOR_NORMS = ("batch", "group")
+GROUP_NORM_GROUPS = 32  # Wu & He 2018's default; fewer where the channels don't divide (gcd)
+GROUP_NORM_MIN_SIZE = 2  # maps of this size or smaller get no GroupNorm (see _normalise)
 
 # The seed's CNN: (filters, stride) of the encoder, then the decoder's three BN + Dropout convolutions
 # and its two convolutions that are each followed by a 2× upsampling.
@@ -118,20 +122,33 @@ def _init() -> keras.initializers.Initializer:
     return keras.initializers.RandomNormal(0.0, GAN_INIT_STDDEV)
 
 
-def _down(x, filters: int, name: str, batchnorm: bool = True):
-    """Conv 4×4 stride 2 (no bias) → [BatchNorm] → LeakyReLU(0.2): halves the size."""
+def _normalise(x, norm: str | None, name: str):
+    """BatchNorm (pix2pix: batch statistics in training, running averages in inference), GroupNorm (the same
+    arithmetic in both, independent of the batch), or nothing.
+
+    GroupNorm skips maps of 2×2 or smaller: over 4 or fewer positions per group the statistics are noise,
+    and over one position (the 1×1 bottleneck) they erase the features.
+    """
+    if norm == "batch":
+        return layers.BatchNormalization(name=f"{name}_bn")(x)
+    if norm == "group" and x.shape[1] is not None and x.shape[1] > GROUP_NORM_MIN_SIZE:
+        return layers.GroupNormalization(math.gcd(x.shape[-1], GROUP_NORM_GROUPS), name=f"{name}_gn")(x)
+    return x
+
+
+def _down(x, filters: int, name: str, norm: str | None = "batch"):
+    """Conv 4×4 stride 2 (no bias) → [norm] → LeakyReLU(0.2): halves the size."""
     x = layers.Conv2D(filters, GAN_KERNEL, strides=2, padding="same", use_bias=False,
                       kernel_initializer=_init(), name=f"{name}_conv")(x)
-    if batchnorm:
-        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = _normalise(x, norm, name)
     return layers.LeakyReLU(negative_slope=LEAKY_SLOPE, name=f"{name}_lrelu")(x)
 
 
-def _up(x, filters: int, name: str, dropout: bool):
-    """Transposed conv 4×4 stride 2 (no bias) → BatchNorm → [Dropout(0.5)] → ReLU: doubles the size."""
+def _up(x, filters: int, name: str, dropout: bool, norm: str = "batch"):
+    """Transposed conv 4×4 stride 2 (no bias) → norm → [Dropout(0.5)] → ReLU: doubles the size."""
     x = layers.Conv2DTranspose(filters, GAN_KERNEL, strides=2, padding="same", use_bias=False,
                                kernel_initializer=_init(), name=f"{name}_convT")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    x = _normalise(x, norm, name)
     if dropout:
         x = layers.Dropout(DROPOUT_RATE, name=f"{name}_dropout")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
@@ -143,46 +160,71 @@ def unet_channels(image_size: int, width: float = 1.0) -> list[int]:
     return [scaled_channels(min(GAN_BASE_CHANNELS * 2**i, GAN_MAX_CHANNELS), width) for i in range(depth)]
 
 
-def build_generator(image_size: int = 256, width: float = 1.0) -> keras.Model:
+def build_generator(image_size: int = 256, width: float = 1.0, norm: str = "batch") -> keras.Model:
     """pix2pix U-Net L → ab with log2(image_size) levels and skip connections (54.4 M params at 256 px
-    for the paper's 3-in/3-out; ours is 1-in/2-out)."""
+    for the paper's 3-in/3-out; ours is 1-in/2-out). `norm`: "batch" (pix2pix) or "group" (`_normalise`)."""
     _check_width(width)
+    _check_norm(norm)
     down_channels = unet_channels(image_size, width)
     inputs = keras.Input((image_size, image_size, L_CHANNELS), name="L")
     x = inputs
     skips = []
     for i, filters in enumerate(down_channels, start=1):
-        x = _down(x, filters, f"down{i}", batchnorm=i > 1)
+        x = _down(x, filters, f"down{i}", norm=norm if i > 1 else None)
         skips.append(x)
     # Up blocks mirror the down blocks below the bottleneck; each output meets its mirror's skip.
     for i, (filters, skip) in enumerate(zip(reversed(down_channels[:-1]), reversed(skips[:-1])), start=1):
-        x = _up(x, filters, f"up{i}", dropout=i <= N_DROPOUT_UP_BLOCKS)
+        x = _up(x, filters, f"up{i}", dropout=i <= N_DROPOUT_UP_BLOCKS, norm=norm)
         x = layers.Concatenate(name=f"up{i}_skip")([x, skip])
     outputs = layers.Conv2DTranspose(AB_CHANNELS, GAN_KERNEL, strides=2, padding="same", activation="tanh",
                                      kernel_initializer=_init(), dtype="float32", name="ab")(x)
     return keras.Model(inputs, outputs, name="generator")
 
 
-def build_discriminator(image_size: int = 256, width: float = 1.0) -> keras.Model:
+def build_discriminator(image_size: int = 256, width: float = 1.0, *, spectral_norm: bool = False,
+                        diffaug: bool = False) -> keras.Model:
     """pix2pix 70×70 PatchGAN: (L, ab) → one real/fake logit per overlapping 70×70 patch
-    ([B, 30, 30, 1] at 256 px, [B, 2, 2, 1] at 32 px)."""
+    ([B, 30, 30, 1] at 256 px, [B, 2, 2, 1] at 32 px).
+
+    For small data: `spectral_norm` bounds each convolution's spectral norm (Miyato et al. 2018) in place of
+    BatchNorm; `diffaug` translates and cuts out what the discriminator sees, real and fake alike, in
+    training only (Zhao et al. 2020, chromalab.train.diffaugment), so it cannot memorise the training pairs.
+    """
     _check_width(width)
     _check_gan_size(image_size)
     L = keras.Input((image_size, image_size, L_CHANNELS), name="L")
     ab = keras.Input((image_size, image_size, AB_CHANNELS), name="ab")
     x = layers.Concatenate(name="L_ab")([L, ab])
-    x = _down(x, scaled_channels(64, width), "down1", batchnorm=False)
-    x = _down(x, scaled_channels(128, width), "down2")
-    x = _down(x, scaled_channels(256, width), "down3")
+    if diffaug:
+        x = DiffAugment(name="diffaugment")(x)
+    conv = _spectral(layers.Conv2D) if spectral_norm else layers.Conv2D
+    norm = None if spectral_norm else "batch"
+    for i, filters in enumerate((64, 128, 256), start=1):
+        x = conv(scaled_channels(filters, width), GAN_KERNEL, strides=2, padding="same", use_bias=False,
+                 kernel_initializer=_init(), name=f"down{i}_conv")(x)
+        x = _normalise(x, norm if i > 1 else None, f"down{i}")
+        x = layers.LeakyReLU(negative_slope=LEAKY_SLOPE, name=f"down{i}_lrelu")(x)
     x = layers.ZeroPadding2D(name="pad1")(x)
-    x = layers.Conv2D(scaled_channels(512, width), GAN_KERNEL, strides=1, use_bias=False,
-                      kernel_initializer=_init(), name="conv4")(x)
-    x = layers.BatchNormalization(name="conv4_bn")(x)
+    x = conv(scaled_channels(512, width), GAN_KERNEL, strides=1, use_bias=False, kernel_initializer=_init(),
+             name="conv4")(x)
+    x = _normalise(x, norm, "conv4")
     x = layers.LeakyReLU(negative_slope=LEAKY_SLOPE, name="conv4_lrelu")(x)
     x = layers.ZeroPadding2D(name="pad2")(x)
-    logits = layers.Conv2D(1, GAN_KERNEL, strides=1, kernel_initializer=_init(), dtype="float32",
-                           name="logits")(x)
+    logits = conv(1, GAN_KERNEL, strides=1, kernel_initializer=_init(), dtype="float32", name="logits")(x)
     return keras.Model([L, ab], logits, name="discriminator")
+
+
+def _spectral(conv_class):
+    """A convolution constructor whose layer comes wrapped in Keras' SpectralNormalization."""
+    def build(*args, name: str, dtype=None, **kwargs):
+        inner = conv_class(*args, name=name, dtype=dtype, **kwargs)
+        return layers.SpectralNormalization(inner, name=f"{name}_sn", **({"dtype": dtype} if dtype else {}))
+    return build
+
+
+def _check_norm(norm: str) -> None:
+    if norm not in GENERATOR_NORMS:
+        raise ChromalabError(f"generator norm must be one of {', '.join(GENERATOR_NORMS)}, got {norm!r}")
 
 
 def build_model(name: str, image_size: int | None = 256, width: float = 1.0) -> keras.Model:
@@ -198,7 +240,7 @@ def build_model(name: str, image_size: int | None = 256, width: float = 1.0) -> 
 
 # Layers whose cost is not counted: per-element work (normalisation, activations, dropout, resizing,
 # padding, concatenation, bias adds) is < 1% of the convolutions' at every size and width used here.
-_UNCOUNTED = (layers.BatchNormalization, layers.InputLayer)
+_UNCOUNTED = (layers.BatchNormalization, layers.GroupNormalization, layers.InputLayer, DiffAugment)
 
 
 def forward_flops(model: keras.Model) -> int:
@@ -209,11 +251,13 @@ def forward_flops(model: keras.Model) -> int:
     The model needs a fixed input size; a model holding other weighted layers is refused, not miscounted.
     """
     macs = 0
-    for layer in _all_layers(model):
+    for outer in _all_layers(model):
+        # A SpectralNormalization wrapper costs its convolution (the power iteration is per weight, not per pixel).
+        layer = outer.layer if isinstance(outer, layers.SpectralNormalization) else outer
         if isinstance(layer, layers.Conv2DTranspose):
-            feature_map = layer.input.shape  # each input pixel scatters one kernel
+            feature_map = outer.input.shape  # each input pixel scatters one kernel
         elif isinstance(layer, (layers.Conv2D, layers.Dense)):
-            feature_map = layer.output.shape
+            feature_map = outer.output.shape
         elif layer.weights and not isinstance(layer, _UNCOUNTED):
             raise ChromalabError(f"forward_flops counts Conv2D, Conv2DTranspose and Dense only; layer "
                                  f"{layer.name!r} ({type(layer).__name__}) has weights it cannot count")

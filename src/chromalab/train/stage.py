@@ -28,7 +28,7 @@ from chromalab.train.callbacks import EpochRecorder, RunProgress
 from chromalab.train.checkpoint import Checkpoint, params_fingerprint, write_history
 from chromalab.train.distribute import chief_logs_to_mlflow, make_strategy, replica_count
 from chromalab.train.epochs import steps_per_epoch
-from chromalab.train.gan import VALIDATION_METRICS
+from chromalab.train.gan import VALIDATION_METRICS, phase_plan
 
 
 def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tfrecords"),
@@ -69,8 +69,12 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     jit_compile, has_gpu = _set_up_device(params, strategy)
     resume = _resume_point(params, model_name, models_root / model_name / "checkpoint", info)
     epochs, global_batch = params.model(model_name).epochs, params.model(model_name).batch_size * replica_count(strategy)
-    data = training_input(data_dir, global_batch, params.train, params.base.seed, epochs=epochs,
-                          initial_epoch=resume.epoch, distributed=strategy is not None)
+
+    def epochs_input(start: int, stop: int):
+        return training_input(data_dir, global_batch, params.train, params.base.seed, epochs=stop,
+                              initial_epoch=start, distributed=strategy is not None)
+
+    data = epochs_input(resume.epoch, epochs)
     n_train = int(info["counts"]["train"])
     steps = steps_per_epoch(n_train, global_batch)
     _, sample_L, sample_ab = load_split_arrays(data_dir, "test")
@@ -86,7 +90,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         resume.state["mlflow_run_id"] = run.info.run_id
         datasets.log_dataset_inputs(info, data_dir)
         started = time.perf_counter()
-        _fit(model, data, resume, params, model_name, steps, samples, n_train, has_gpu)
+        _fit(model, data, epochs_input, resume, params, model_name, steps, samples, n_train, has_gpu)
         metrics = _final_metrics(model, data.validation, resume.history, epochs, time.perf_counter() - started)
         metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run; `dvc exp show` links to it
         runs.log_epoch({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, epochs)
@@ -97,9 +101,10 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     return metrics
 
 
-def _fit(model: keras.Model, data, resume: Resume, params: Params, model_name: str, steps: int,
+def _fit(model: keras.Model, data, epochs_input, resume: Resume, params: Params, model_name: str, steps: int,
          samples: tuple, n_train: int, has_gpu: bool) -> None:
-    """The epochs still to train, each recorded (history, checkpoint, MLflow) and reported as it ends."""
+    """The epochs still to train, each recorded (history, checkpoint, MLflow) and reported as it ends; the GAN's
+    phases (chromalab.train.gan.phase_plan) one `fit` each, on the input of their own epochs."""
     epochs = params.model(model_name).epochs
     recorder = EpochRecorder(checkpoint=resume.checkpoint, state=resume.state, history=resume.history,
                              train_params=params.train, total_epochs=epochs, samples=samples,
@@ -111,9 +116,22 @@ def _fit(model: keras.Model, data, resume: Resume, params: Params, model_name: s
     # Keras' own epoch line first, then where the run stands. The input orders and augments the photos
     # (chromalab.train.epochs), not fit.
     progress = [keras.callbacks.ProgbarLogger(), RunProgress(f"train@{model_name}", epochs, has_gpu=has_gpu)]
-    model.fit(data.train, epochs=epochs, initial_epoch=resume.epoch, steps_per_epoch=steps,
-              validation_data=data.validation, validation_freq=params.train.val_every,
-              callbacks=[recorder, *progress], shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+    for phase, start, stop in _phases(params, model_name, resume.epoch):
+        if phase is not None:
+            model.phase = phase
+            print(f"train@{model_name}: epochs {start + 1}-{stop}: {phase}", file=sys.stderr)
+        train = data.train if (start, stop) == (resume.epoch, epochs) else epochs_input(start, stop).train
+        model.fit(train, epochs=stop, initial_epoch=start, steps_per_epoch=steps,
+                  validation_data=data.validation, validation_freq=params.train.val_every,
+                  callbacks=[recorder, *progress], shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+
+
+def _phases(params: Params, model_name: str, start: int) -> list[tuple[str | None, int, int]]:
+    """(phase, first epoch, end epoch) still to train: the baseline in one go, the GAN by its phases."""
+    if model_name == "gan":
+        p = params.gan
+        return phase_plan(p.pretrain_epochs, p.warmup_epochs, p.epochs, start)
+    return [(None, start, params.baseline.epochs)]
 
 
 def _deliver(model: keras.Model, model_name: str, model_file: Path, strategy, input_example, dataset_hash: str):
