@@ -1,4 +1,4 @@
-"""DVC stage `split`: reads params.yaml and selects the people subset into train / test / reserve (as `chromalab split` does)."""
+"""DVC stage `split`: reads params.yaml and selects the people subset into train / test / val / reserve (as `chromalab split` does)."""
 
 from chromalab.entry import run_stage
 

@@ -28,10 +28,10 @@ def photo_ids(prefix: str, n: int) -> list[str]:
     return [f"{prefix}{i:02d}" for i in range(n)]
 
 
-def write_split(split_dir: Path, image_base: str, train, test, reserve, url=None) -> None:
+def write_split(split_dir: Path, image_base: str, train, test, reserve, url=None, val=()) -> None:
     """data/split as the split stage leaves it, pointing at `image_base` (or url(photo_id) for folders)."""
     split_dir.mkdir(parents=True, exist_ok=True)
-    for name, listed in (("train", train), ("test", test), ("reserve", reserve)):
+    for name, listed in (("train", train), ("test", test), ("val", val), ("reserve", reserve)):
         with (split_dir / f"{name}.csv").open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["photo_id", "image_url", "reason"])
@@ -57,7 +57,7 @@ def check_output(out: Path) -> dict[str, list[str]]:
     """Every manifest file is a whole size×size colour RGB JPEG with the listed hash; returns ids per split."""
     manifest = read_csv(out / "manifest.csv")
     assert manifest == sorted(manifest, key=lambda r: (r["split"], r["photo_id"]))
-    by_split: dict[str, list[str]] = {"train": [], "test": []}
+    by_split: dict[str, list[str]] = {"train": [], "test": [], "val": []}
     for row in manifest:
         data = (out / row["file"]).read_bytes()
         assert row["file"] == f"{row['split']}/{row['photo_id']}.jpg"
@@ -67,40 +67,44 @@ def check_output(out: Path) -> dict[str, list[str]]:
             assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (SIZE, SIZE))
             assert mean_chroma(np.asarray(image)) >= 4.0
         by_split[row["split"]].append(row["photo_id"])
-    on_disk = {f"{p.parent.name}/{p.name}" for split in ("train", "test") for p in (out / split).iterdir()}
+    on_disk = {f"{p.parent.name}/{p.name}" for split in ("train", "test", "val") for p in (out / split).iterdir()}
     assert on_disk == {row["file"] for row in manifest}  # nothing else: no temp files, no stale photos
-    assert sorted(p.name for p in out.iterdir()) == ["fetch_settings.json", "manifest.csv", "rejected.csv", "test", "train"]
+    assert sorted(p.name for p in out.iterdir()) == ["fetch_settings.json", "manifest.csv", "rejected.csv", "test", "train",
+                                                     "val"]
     return by_split
 
 
 def test_every_fault_is_handled_and_reserves_replace_in_order(fake_unsplash, tmp_path, fast_backoff):
-    train, test, reserve = photo_ids("tr", 16), photo_ids("te", 4), photo_ids("re", 6)
+    train, test, val, reserve = photo_ids("tr", 16), photo_ids("te", 4), photo_ids("va", 2), photo_ids("re", 7)
     faults = {
         train[0]: "404", train[1]: "410", train[2]: "429-once", train[3]: "500-twice",
         train[4]: "truncated-once", train[5]: "corrupt", train[6]: "gray", train[7]: "rgba-png",
-        train[8]: "wrong-size", train[9]: "slow", test[0]: "stall-once", test[1]: "404", reserve[0]: "gray",
+        train[8]: "wrong-size", train[9]: "slow", test[0]: "stall-once", test[1]: "404", val[0]: "gray",
+        reserve[0]: "gray",
     }
     fake_unsplash.image_faults = faults
     fake_unsplash.stall_s = 2.5  # > timeout_s (1 s): the first try times out mid-wait
-    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve, val=val)
 
     summary = run_images(params(), tmp_path / "split", tmp_path / "images")
 
-    # Rejected slots, in slot order (train0, train1, train5, train6, test1), take reserve 0-4; reserve 0
-    # is gray itself, so its slot (train0) takes reserve 5.
+    # Rejected slots, in slot order (train0, train1, train5, train6, test1, val0), take reserve 0-5; reserve 0
+    # is gray itself, so its slot (train0) takes reserve 6.
     got = check_output(tmp_path / "images")
-    assert sorted(got["train"]) == sorted(train[2:5] + train[7:] + [reserve[5], reserve[1], reserve[2], reserve[3]])
+    assert sorted(got["train"]) == sorted(train[2:5] + train[7:] + [reserve[6], reserve[1], reserve[2], reserve[3]])
     assert sorted(got["test"]) == sorted([test[0], *test[2:], reserve[4]])
+    assert sorted(got["val"]) == sorted([val[1], reserve[5]])
     rejected_rows = read_csv(tmp_path / "images" / "rejected.csv")
     rejected = {r["photo_id"]: (r["split"], r["reason"].split(" ")[0]) for r in rejected_rows}
     assert rejected == {
         train[0]: ("train", "gone"), train[1]: ("train", "gone"), train[5]: ("train", "corrupt"),
-        train[6]: ("train", "gray"), test[1]: ("test", "gone"), reserve[0]: ("train", "gray"),
+        train[6]: ("train", "gray"), test[1]: ("test", "gone"), val[0]: ("val", "gray"), reserve[0]: ("train", "gray"),
     }
     counts = fake_unsplash.image_counts()
     retried = {train[2]: 2, train[3]: 3, train[4]: 2, test[0]: 2}  # 429, two 500s, truncated body, read timeout
-    assert counts == {pid: retried.get(pid, 1) for pid in train + test + reserve}
-    assert summary == {"train": 16, "test": 4, "fetched": 26, "reused": 0, "rejected": 6, "replaced_from_reserve": 6}
+    assert counts == {pid: retried.get(pid, 1) for pid in train + test + val + reserve}
+    assert summary == {"train": 16, "test": 4, "val": 2, "fetched": 29, "reused": 0, "rejected": 7,
+                       "replaced_from_reserve": 7}
 
     # the server's size×size JPEG is kept byte for byte (no second lossy encode); the others were converted
     manifest = {r["photo_id"]: r for r in read_csv(tmp_path / "images" / "manifest.csv")}

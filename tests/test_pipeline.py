@@ -30,11 +30,11 @@ from sheets import assert_charts_draw, assert_comparison_sheet, panels, read_rgb
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-N_TRAIN, N_TEST = 16, 4
+N_TRAIN, N_TEST, N_VAL = 16, 4, 4
 
 TINY_PARAMS = {
     "base": {"seed": 7, "image_size": 32},
-    "split": {"n_train": N_TRAIN, "n_test": N_TEST, "n_reserve": 8},
+    "split": {"n_train": N_TRAIN, "n_test": N_TEST, "n_val": N_VAL, "n_reserve": 8},
     "images": {"concurrency": 4, "timeout_s": 5.0, "retries": 2},
     "tfrecords": {"shard_size": 8},
     "train": {"val_every": 1, "checkpoint_every": 1, "sample_every": 3, "n_samples": 2},
@@ -116,12 +116,12 @@ def test_data_stages_end_with_records_that_decode_to_the_fetched_photos(repo, se
     from chromalab.data.dataset import load_split_arrays, read_dataset_info
 
     info = read_dataset_info(repo / "data/tfrecords")
-    assert info["counts"] == {"train": N_TRAIN, "test": N_TEST}
+    assert info["counts"] == {"train": N_TRAIN, "test": N_TEST, "val": N_VAL}
     manifest = (repo / "data/images/manifest.csv").read_text().splitlines()[1:]
-    assert len(manifest) == N_TRAIN + N_TEST
+    assert len(manifest) == N_TRAIN + N_TEST + N_VAL
     faulty = set(server.image_faults)
     assert not any(line.split(",")[0] in faulty for line in manifest), "gone/gray photos must be replaced"
-    for split in ("train", "test"):
+    for split in ("train", "test", "val"):
         ids, L, ab = load_split_arrays(repo / "data/tfrecords", split)
         for i, photo_id in enumerate(ids):
             fetched = np.asarray(Image.open(repo / "data/images" / split / f"{photo_id}.jpg").convert("RGB"))

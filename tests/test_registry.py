@@ -73,20 +73,20 @@ def project(tmp_path_factory, mlflow_db_template):
                "client": mlflow.MlflowClient(runs.tracking_uri())}
 
 
-def test_training_runs_log_their_train_and_test_data_as_mlflow_datasets(project):
+def test_training_runs_log_their_train_val_and_test_data_as_mlflow_datasets(project):
     client, info = project["client"], project["info"]
     for name, metrics in project["trained"].items():
         inputs = client.get_run(metrics["mlflow_run_id"]).inputs.dataset_inputs
         by_context = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
-        assert sorted(by_context) == ["testing", "training"], name
-        for context, split in (("training", "train"), ("testing", "test")):
+        assert sorted(by_context) == ["testing", "training", "validation"], name
+        for context, split in (("training", "train"), ("validation", "val"), ("testing", "test")):
             dataset = by_context[context]
             assert dataset.name == f"chromalab-{split}"
             assert dataset.digest == info["content_hash"][:16]  # same data → same digest: runs group together
             assert dataset.source_type == "dvc"
             assert json.loads(dataset.source) == {"path": "data/tfrecords", "rev": project["commit"]}
             profile = json.loads(dataset.profile)
-            assert profile["photos"] == info["counts"][split] == (8 if split == "train" else 4)
+            assert profile["photos"] == info["counts"][split] == {"train": 8, "val": 2, "test": 4}[split]
             assert profile["image_size"] == 32 and profile["content_hash"] == info["content_hash"]
             tensors = {spec["name"]: spec for spec in json.loads(dataset.schema)["mlflow_colspec"]}
             assert tensors["lab"]["tensor-spec"]["shape"] == [-1, 32, 32, 3]

@@ -40,14 +40,15 @@ def raw_dir(photos, tmp_path_factory):
 
 
 def params(**split):
-    """The repository's params.yaml split group (its real keyword lists), with `split` overrides."""
+    """The repository's params.yaml split group (its real keyword lists), with `split` overrides (n_val 2
+    unless given: the fake archive holds a few dozen candidates)."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    return parse_params({"base": {"seed": split.pop("seed", 7)}, "split": {**raw["split"], **split}})
+    return parse_params({"base": {"seed": split.pop("seed", 7)}, "split": {**raw["split"], "n_val": 2, **split}})
 
 
 def read_split(out: Path) -> dict[str, list[dict[str, str]]]:
     splits = {}
-    for name in ("train", "test", "reserve"):
+    for name in ("train", "test", "val", "reserve"):
         with (out / f"{name}.csv").open(newline="") as f:
             reader = csv.DictReader(f)
             assert reader.fieldnames == ["photo_id", "image_url", "reason"]
@@ -60,14 +61,14 @@ def ids(rows) -> list[str]:
 
 
 def test_people_selection_honours_keywords_threshold_user_and_exclusions(photos, raw_dir, tmp_path):
-    summary = run_split(params(n_train=20, n_test=5, n_reserve=100), raw_dir, tmp_path / "split")
+    summary = run_split(params(n_train=20, n_test=5, n_val=3, n_reserve=100), raw_dir, tmp_path / "split")
     splits = read_split(tmp_path / "split")
     chosen = [row for rows in splits.values() for row in rows]
     expected = {p.photo_id: p for p in photos if p.kind in SELECTED_KINDS}
 
     assert sorted(ids(chosen)) == sorted(expected)  # no low-confidence, b&w, "no people", look-alikes
     assert summary["candidates"] == len(expected)
-    assert summary["counts"] == {"train": 20, "test": 5, "reserve": len(expected) - 25}
+    assert summary["counts"] == {"train": 20, "test": 5, "val": 3, "reserve": len(expected) - 28}
     assert summary["left_out"] == {
         "black-and-white keyword": DEFAULT_KINDS["bw_keyword"],
         "caption says no people / black-and-white": DEFAULT_KINDS["caption"],
@@ -129,29 +130,54 @@ def test_split_is_seeded_and_stable(raw_dir, tmp_path):
     """)
     hash_seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
-    for name in ("train", "test", "reserve"):
+    for name in ("train", "test", "val", "reserve"):
         assert (tmp_path / "e" / f"{name}.csv").read_bytes() == (tmp_path / "a" / f"{name}.csv").read_bytes()
     more_reserve = run("c", n_reserve=11)
     assert more_reserve["train"] == first["train"] and more_reserve["test"] == first["test"]
     assert more_reserve["reserve"][:5] == first["reserve"]
     other_seed = run("d", n_reserve=5, seed=8)
     assert ids(other_seed["train"]) != ids(first["train"])
-    all_ids = ids(first["train"]) + ids(first["test"]) + ids(first["reserve"])
+    all_ids = ids(first["train"]) + ids(first["test"]) + ids(first["val"]) + ids(first["reserve"])
     assert len(set(all_ids)) == len(all_ids)  # disjoint
+
+
+def test_val_is_carved_from_the_reserve_after_test(raw_dir, tmp_path):
+    """Shuffled order is train, test, val, reserve: adding val photos (or more of them) takes them from the
+    head of the reserve and leaves train and test as they were, so test stays comparable across n_val."""
+    def run(name, n_val):
+        summary = run_split(params(n_train=20, n_test=5, n_val=n_val, n_reserve=8), raw_dir, tmp_path / name)
+        return summary, read_split(tmp_path / name)
+
+    _, one = run("one", 1)
+    summary, four = run("four", 4)
+    assert four["train"] == one["train"] and four["test"] == one["test"]
+    assert four["val"] == one["val"] + one["reserve"][:3]  # the reserve's head became val
+    assert four["reserve"][:5] == one["reserve"][3:]
+    assert summary["counts"] == {"train": 20, "test": 5, "val": 4, "reserve": 7}
+    assert summary["params"]["n_val"] == 4
+    assert not set(ids(four["val"])) & set(ids(four["test"]) + ids(four["train"]) + ids(four["reserve"]))
+
+
+def test_n_val_must_be_at_least_one():
+    from chromalab.config import ParamsError
+
+    with pytest.raises(ParamsError, match="split.n_val: Input should be greater than or equal to 1") as err:
+        params(n_val=0)
+    assert "\n" not in str(err.value)
 
 
 def test_too_few_candidates_says_how_many(raw_dir, tmp_path):
     found = DEFAULT_KINDS["person"] + DEFAULT_KINDS["person_user"]
-    with pytest.raises(ChromalabError, match=f"only {found} candidate photos found, 50 needed") as err:
-        run_split(params(n_train=40, n_test=10), raw_dir, tmp_path / "split")
+    with pytest.raises(ChromalabError, match=f"only {found} candidate photos found, 52 needed") as err:
+        run_split(params(n_train=40, n_test=10, n_val=2), raw_dir, tmp_path / "split")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "split").exists()
 
 
 def test_short_reserve_is_reported_not_fatal(raw_dir, tmp_path):
-    summary = run_split(params(n_train=30, n_test=4, n_reserve=10), raw_dir, tmp_path / "split")
-    assert summary["counts"] == {"train": 30, "test": 4, "reserve": 2}
-    assert summary["reserve_shortfall"] == 8
+    summary = run_split(params(n_train=30, n_test=4, n_val=1, n_reserve=10), raw_dir, tmp_path / "split")
+    assert summary["counts"] == {"train": 30, "test": 4, "val": 1, "reserve": 1}
+    assert summary["reserve_shortfall"] == 9
     assert json.loads((tmp_path / "split" / "summary.json").read_text()) == summary
 
 
@@ -168,7 +194,7 @@ def _photo(path: Path, seed: int) -> None:
 
 def folder_params(folder, **split):
     return parse_params({"base": {"seed": 5}, "data": {"source": "folder", "folder": str(folder)},
-                         "split": {"n_train": 4, "n_test": 1, "n_reserve": 5, **split}})
+                         "split": {"n_train": 3, "n_test": 1, "n_val": 1, "n_reserve": 5, **split}})
 
 
 def test_folder_source_lists_photos_recursively_with_stable_ids(tmp_path):
@@ -182,7 +208,7 @@ def test_folder_source_lists_photos_recursively_with_stable_ids(tmp_path):
 
     summary = run_split(folder_params(folder), tmp_path / "unused-raw", tmp_path / "split")
     assert summary["candidates"] == len(names)
-    assert summary["counts"] == {"train": 4, "test": 1, "reserve": 1}
+    assert summary["counts"] == {"train": 3, "test": 1, "val": 1, "reserve": 1}
     rows = [r for rows in read_split(tmp_path / "split").values() for r in rows]
     assert sorted(r["image_url"] for r in rows) == sorted(str((folder / n).resolve()) for n in names)
     assert {r["reason"] for r in rows} == {"folder"}

@@ -22,7 +22,7 @@ from chromalab.train.input import make_dataset
 
 SIZE = 32
 SHARD_SIZE = 4
-N_TRAIN, N_TEST = 10, 3
+N_TRAIN, N_TEST, N_VAL = 10, 3, 2
 # float16 keeps 11 significant bits: L/100 and a/128, b/128 are off by at most ~0.03 Lab units, which over
 # the whole sRGB cube (all 16.7 M colours, measured) moves a channel by at most 1.67/255 after Lab → RGB.
 RGB_TOLERANCE = 2 / 255
@@ -62,14 +62,14 @@ def params(**tfrecords):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """One dataset for the module, built over a real process pool; test rows sit between train rows."""
+    """One dataset for the module, built over a real process pool; test and val rows sit between train rows."""
     root = tmp_path_factory.mktemp("tfrecords")
     rng = np.random.default_rng(7)
-    splits = ["train"] * 4 + ["test"] * 2 + ["train"] * 6 + ["test"]
+    splits = ["train"] * 4 + ["test"] * 2 + ["val"] + ["train"] * 6 + ["test", "val"]
     photos = [(f"{rng.integers(16**8):08x}", split, colourful_photo(rng, SIZE)) for split in splits]
     write_images(root / "images", photos)
     info = run_tfrecords(params(), root / "images", root / "data" / "tfrecords", workers=2)
-    ids = {split: [pid for pid, s, _ in photos if s == split] for split in ("train", "test")}
+    ids = {split: [pid for pid, s, _ in photos if s == split] for split in ("train", "test", "val")}
     return {"root": root, "images": root / "images", "out": root / "data" / "tfrecords", "info": info, "ids": ids}
 
 
@@ -77,7 +77,7 @@ def built(tmp_path_factory):
 
 
 def test_round_trip_reproduces_the_photos(built):
-    for split in ("train", "test"):
+    for split in ("train", "test", "val"):
         ids, lum, ab = load_split_arrays(built["out"], split)
         assert ids == built["ids"][split]  # manifest order within the split
         assert lum.shape == (len(ids), SIZE, SIZE, 1) and ab.shape == (len(ids), SIZE, SIZE, 2)
@@ -94,8 +94,8 @@ def test_round_trip_reproduces_the_photos(built):
 def test_shards_are_named_and_filled_in_order(built):
     names = sorted(p.name for p in built["out"].iterdir())
     assert names == ["dataset.json", "test-00000-of-00001.tfrecord", "train-00000-of-00003.tfrecord",
-                     "train-00001-of-00003.tfrecord", "train-00002-of-00003.tfrecord"]
-    per_shard = [sum(1 for _ in tf.data.TFRecordDataset(str(built["out"] / name))) for name in names[2:]]
+                     "train-00001-of-00003.tfrecord", "train-00002-of-00003.tfrecord", "val-00000-of-00001.tfrecord"]
+    per_shard = [sum(1 for _ in tf.data.TFRecordDataset(str(built["out"] / name))) for name in names[2:5]]
     assert per_shard == [SHARD_SIZE, SHARD_SIZE, N_TRAIN - 2 * SHARD_SIZE]
     example = tf.train.Example.FromString(next(iter(tf.data.TFRecordDataset(str(built["out"] / names[2])))).numpy())
     features = example.features.feature
@@ -110,7 +110,8 @@ def test_shards_are_named_and_filled_in_order(built):
 def test_dataset_json_describes_the_data(built):
     info = read_dataset_info(built["out"])
     assert info == built["info"]
-    assert info["counts"] == {"train": N_TRAIN, "test": N_TEST}
+    assert info["counts"] == {"train": N_TRAIN, "test": N_TEST, "val": N_VAL}
+    assert info["format"] == 2  # 2: the val split joined train and test
     assert info["image_size"] == SIZE
     assert info["normalisation"] == {"L": 100.0, "a": 128.0, "b": 128.0, "dtype": "float16", "layout": "HWC"}
     assert info["variants"] == list(VARIANT_NAMES)
@@ -148,7 +149,7 @@ def test_rerun_replaces_the_dataset_identically_and_hash_follows_content(built, 
     edited.mkdir()
     rows = list(csv.DictReader(manifest.open()))
     rows.reverse()  # same photos, other order: a different dataset for training's fingerprint
-    for split in ("train", "test"):
+    for split in ("train", "test", "val"):
         (edited / split).symlink_to(built["images"] / split)
     with (edited / "manifest.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -292,7 +293,7 @@ def test_missing_manifest_says_to_run_the_images_stage(tmp_path):
         run_tfrecords(params(), tmp_path / "images", tmp_path / "tfrecords")
 
 
-def small_set(images_dir: Path, sizes=(SIZE, SIZE, SIZE), splits=("train", "train", "test")) -> None:
+def small_set(images_dir: Path, sizes=(SIZE,) * 4, splits=("train", "train", "test", "val")) -> None:
     rng = np.random.default_rng(1)
     write_images(images_dir, [(f"p{i}", split, colourful_photo(rng, size))
                               for i, (size, split) in enumerate(zip(sizes, splits))])
@@ -337,17 +338,32 @@ def test_changed_or_missing_image_file_is_reported(tmp_path, previous):
 
 
 def test_photos_of_different_sizes_are_refused(tmp_path, previous):
-    small_set(tmp_path / "images", sizes=(SIZE, SIZE, 2 * SIZE))
+    small_set(tmp_path / "images", sizes=(SIZE, SIZE, 2 * SIZE, SIZE))
     with pytest.raises(ChromalabError, match=r"p2\.jpg is 64x64 px but .*p0\.jpg is 32x32"):
         run_tfrecords(params(), tmp_path / "images", previous, workers=1)
     assert_failed_cleanly(previous)
 
 
 def test_empty_split_is_refused(tmp_path, previous):
-    small_set(tmp_path / "images", splits=("train", "train", "train"))
+    small_set(tmp_path / "images", splits=("train", "train", "train", "val"))
     with pytest.raises(ChromalabError, match="the test split has no photos"):
         run_tfrecords(params(), tmp_path / "images", previous, workers=1)
+    # the images of a checkout from before the val split: one line that says what to re-run
+    small_set(tmp_path / "images", splits=("train", "train", "test", "test"))
+    with pytest.raises(ChromalabError, match="the val split has no photos: check split.n_val") as err:
+        run_tfrecords(params(), tmp_path / "images", previous, workers=1)
+    assert "\n" not in str(err.value)
     assert_failed_cleanly(previous)
+
+
+def test_records_of_the_format_before_val_say_to_rebuild(built, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    info = {**json.loads((built["out"] / "dataset.json").read_text()), "format": 1}
+    (old / "dataset.json").write_text(json.dumps(info))
+    with pytest.raises(ChromalabError, match="is not format 2 of this project's dataset: re-run the tfrecords stage") as err:
+        load_split_arrays(old, "train")
+    assert "\n" not in str(err.value)
 
 
 def test_reader_errors(built, tmp_path):

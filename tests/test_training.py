@@ -1,5 +1,5 @@
-"""Training on real photo crops (8 train / 4 test at 32 px) with tiny models, checked as a user would:
-falling losses, what MLflow holds, a killed run that resumes, other backends and devices."""
+"""Training on real photo crops (8 train / 4 test / 2 val at 32 px) with tiny models, checked as a user would:
+falling losses, what MLflow holds, a killed run that resumes, validation on val and the best epoch's export."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def tiny_params(**overrides: dict):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dataset")
-    write_images_stage(root / "images", n_train=8, n_test=4, size=32)
+    write_images_stage(root / "images", n_train=8, n_test=4, size=32, n_val=2)
     run_tfrecords(tiny_params(), images_dir=root / "images", out_dir=root / "tfrecords", workers=1)
     return root / "tfrecords"
 
@@ -274,6 +274,11 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(request, tmp_path, datase
                                          straight_metrics["mlflow_run_id"])
     assert killed_steps["g_l1"] == killed_steps["epoch_seconds"] == list(range(1, epochs + 1))
     assert killed_steps["val_ssim"] == [3, 6, 9, 12, 15, 18]
+    assert killed_steps["val_delta_e00"] == [3, 6, 9, 12, 15, 18, 20]  # ΔE00 also at the last epoch
+    # The best validation survived the kill: both runs name the same epoch and score, and export it.
+    killed_metrics = json.loads((killed / "reports/gan/train_metrics.json").read_text())
+    for key in ("best_epoch", "best_val_delta_e00", "exported", "val_delta_e00"):
+        assert killed_metrics[key] == straight_metrics[key], key
     history = read_history(killed / "reports/gan/history.csv")
     assert [row["epoch"] for row in history] == list(range(1, epochs + 1))
 
@@ -346,3 +351,95 @@ def test_training_logs_to_a_real_tracking_server(gan_run_on_server, mlflow_serve
     assert run.data.params["gan.epochs"] == str(epochs)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "g_loss")] == list(range(1, epochs + 1))
     assert not (repo / "mlflow.db").exists()  # the env var overrides the default store
+
+
+# --- validation on val, and the export of its best epoch -------------------------------------------------------
+
+
+def _dataset_without_test_records(dataset: Path, folder: Path) -> Path:
+    """The records without the test split's shards (dataset.json still lists them): a training run that read
+    test would fail on the missing file."""
+    info = read_dataset_info(dataset)
+    folder.mkdir()
+    for path in dataset.iterdir():
+        if path.name not in info["shards"]["test"]:
+            shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_training_validates_on_val_never_test_and_exports_the_best_epoch(tmp_path, dataset, mlflow_db_template,
+                                                                         monkeypatch):
+    """The validations' ΔE00 scripted so that the best (epoch 4 of 6) is not the last: model.keras holds the
+    weights the colorizer had at epoch 4, train_metrics.json and MLflow name it, and the scored photos are the
+    val split's (the test records are absent: reading them would fail)."""
+    from chromalab.data.dataset import load_split_arrays
+    from chromalab.train import callbacks
+
+    records = _dataset_without_test_records(dataset, tmp_path / "records")
+    repo = _git_repo(tmp_path / "repo", records, mlflow_db_template)
+    monkeypatch.chdir(repo)
+    scripted, seen = {2: 5.0, 4: 3.0, 6: 4.0}, {}
+    _, val_L, val_ab = load_split_arrays(records, "val")
+
+    def scripted_delta_e00(net, L, true_ab, batch_size):
+        np.testing.assert_array_equal(L, val_L)  # scored on val
+        np.testing.assert_array_equal(true_ab, val_ab)
+        epoch = 2 * (len(seen) + 1)
+        seen[epoch] = [np.array(w) for w in net.weights]
+        return scripted[epoch]
+
+    monkeypatch.setattr(callbacks, "val_delta_e00", scripted_delta_e00)
+    params = tiny_params(train={"val_every": 2, "checkpoint_every": 3, "sample_every": 6},
+                         baseline={"epochs": 6})
+    metrics = run_train(params, "baseline")
+
+    assert sorted(seen) == [2, 4, 6]
+    assert metrics["best_epoch"] == 4 and metrics["best_val_delta_e00"] == 3.0
+    assert metrics["exported"] == "best validation ΔE00 (epoch 4)"
+    assert not any(key.startswith("test_") for key in metrics)  # test is the evaluate stage's
+    assert json.loads((repo / "reports/baseline/train_metrics.json").read_text()) == metrics
+    import keras
+
+    exported = keras.saving.load_model(repo / "models/baseline/model.keras", compile=False)
+    for got, best, last in zip(exported.weights, seen[4], seen[6], strict=True):
+        np.testing.assert_array_equal(np.asarray(got), best)
+    assert any(not np.array_equal(b, l) for b, l in zip(seen[4], seen[6]))  # so the check above can fail
+    # The final val_* scores are the exported net's, on val: its ΔE00 recomputed directly agrees.
+    from chromalab.train.validation import mean_delta_e00
+
+    pred = exported.predict(val_L, verbose=0)
+    assert metrics["val_delta_e00"] == pytest.approx(mean_delta_e00(val_L, val_ab, pred), rel=1e-4)
+    history = read_history(repo / "reports/baseline/history.csv")
+    assert [row.get("val_delta_e00") for row in history] == [None, 5.0, None, 3.0, None, 4.0]
+    run = _client(repo).get_run(metrics["mlflow_run_id"])
+    assert run.data.tags["exported"] == "best validation ΔE00 (epoch 4)"
+    assert run.data.metrics["best_epoch"] == 4 and run.data.metrics["best_val_delta_e00"] == 3.0
+
+
+def test_the_checkpoint_keeps_the_best_weights_it_names(tmp_path):
+    """Checkpoint.save_best writes the best validation's weights at once; state.json names them from the next
+    save on, that save keeps them (and removes an older best), and a state naming a missing one won't resume."""
+    import keras
+
+    from chromalab.train.checkpoint import Checkpoint
+
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    checkpoint = Checkpoint(tmp_path / "checkpoint")
+    state = {"fingerprint": "f", "status": "running", "epoch": 0}
+    checkpoint.save_best(net, state, 3, 7.5)
+    state["epoch"] = 4
+    checkpoint.save(net, state, [{"epoch": 4}])
+    checkpoint.save_best(net, state, 6, 6.5)  # a new best before the next checkpoint: the old file stays named
+    assert json.loads(checkpoint.state_file.read_text())["best_weights"] == "best-epoch-00003.weights.h5"
+    assert (checkpoint.folder / "best-epoch-00003.weights.h5").is_file()
+    state["epoch"] = 8
+    checkpoint.save(net, state, [{"epoch": 8}])
+    saved = json.loads(checkpoint.state_file.read_text())
+    assert (saved["best_epoch"], saved["best_val_delta_e00"], saved["best_weights"]) == (
+        6, 6.5, "best-epoch-00006.weights.h5")
+    assert sorted(p.name for p in checkpoint.folder.iterdir()) == [
+        "best-epoch-00006.weights.h5", "epoch-00008.history.csv", "epoch-00008.weights.h5", "state.json"]
+    assert checkpoint.resumable(saved, "f")
+    (checkpoint.folder / "best-epoch-00006.weights.h5").unlink()
+    assert not checkpoint.resumable(saved, "f")
+

@@ -51,7 +51,7 @@ def download(params: ParamsOpt = PARAMS) -> None:
 
 @app.command()
 def split(params: ParamsOpt = PARAMS) -> None:
-    """Select the people subset (or your folder) into train / test / reserve lists in data/split."""
+    """Select the people subset (or your folder) into train / test / val / reserve lists in data/split."""
     from chromalab.data.split import run_split
 
     run_split(_params(params))

@@ -342,3 +342,19 @@ def mean_chroma(rgb: np.ndarray) -> float:
     """Mean Lab chroma sqrt(a²+b²) in Lab units: ~0 for gray photos, 10-30 for colour photos."""
     lab = skcolor.rgb2lab(to_float_rgb(rgb[..., :3]))
     return float(np.hypot(lab[..., 1], lab[..., 2]).mean())
+
+
+def delta_e00(lab_a: np.ndarray, lab_b: np.ndarray) -> float | np.ndarray:
+    """Mean CIEDE2000 difference of Lab images [..., H, W, 3] (real Lab units): one value per image.
+
+    Here, on the shared ground, because training (the kept checkpoint) and evaluation (the reported score)
+    must measure colour error by one rule."""
+    per_pixel = skcolor.deltaE_ciede2000(np.asarray(lab_a, dtype=np.float64), np.asarray(lab_b, dtype=np.float64),
+                                         channel_axis=-1)
+    means = per_pixel.mean(axis=(-2, -1))
+    return float(means) if np.ndim(means) == 0 else means
+
+
+def lab_from_norm(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
+    """Lab in real units [..., H, W, 3] from normalised L [..., H, W] and ab [..., H, W, 2]."""
+    return np.concatenate([np.asarray(l_norm)[..., None] * L_SCALE, np.asarray(ab_norm) * AB_SCALE], axis=-1)

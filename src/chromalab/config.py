@@ -59,6 +59,9 @@ class DataParams(_Group):
 class SplitParams(_Group):
     n_train: int = Field(2000, ge=1)
     n_test: int = Field(200, ge=1)
+    # Carved from the candidates after test: training validates (and picks the exported checkpoint) on it,
+    # never on test. At least 1: with no val photos nothing could choose the checkpoint honestly.
+    n_val: int = Field(100, ge=1)
     n_reserve: int = Field(600, ge=0)
     min_confidence: float = Field(60.0, ge=0, le=100)
     # YAML gives lists; strict mode would only take tuples. Items stay strict str.

@@ -49,8 +49,8 @@ import keras
 from tqdm import tqdm
 
 from chromalab.bench.device import PEAK_TFLOPS, Device, GpuPeak, cpu_name, detect_device, spec_peak, utilisation
-from chromalab.bench.pipeline import (BENCH_PHOTOS, BENCH_TEST_PHOTOS, INPUT_VARIANTS, PHOTO_SEED, time_colorize,
-                                      time_input_pipeline, time_tfrecords_stage)
+from chromalab.bench.pipeline import (BENCH_PHOTOS, BENCH_TEST_PHOTOS, BENCH_VAL_PHOTOS, INPUT_VARIANTS, PHOTO_SEED,
+                                      time_colorize, time_input_pipeline, time_tfrecords_stage)
 from chromalab.bench.report import TRAINING_PARTS, Measurement, library_versions, write_report_json, render_table
 from chromalab.bench.steps import LOOP, WARMUP_STEPS, time_training_loop, time_training_step, training_model
 from chromalab.colorize import limit_model_threads
@@ -108,7 +108,8 @@ def _measurements(parts: list[str], *, image_size: int, batches: list[int], widt
         if own_records:  # timed here, reported in its place below; the loop and input rows read these records
             n_train = max([BENCH_PHOTOS] + (batches if LOOP in parts else []))
             images_dir = write_images_stage(work / "images", n_train, BENCH_TEST_PHOTOS, image_size,
-                                            seed=PHOTO_SEED, quality=Params().images.jpeg_quality)
+                                            seed=PHOTO_SEED, quality=Params().images.jpeg_quality,
+                                            n_val=BENCH_VAL_PHOTOS)
             stage = time_tfrecords_stage(images_dir, work / "tfrecords", image_size, n_train)
         records = records or work / "tfrecords"
         for part in models:

@@ -23,6 +23,7 @@ from chromalab.train.input import make_dataset
 INPUT_VARIANTS = ("augmented", "no augmentation")
 BENCH_PHOTOS = 64  # training photos in the bench's TFRecords
 BENCH_TEST_PHOTOS = 4  # the stage needs a test split too
+BENCH_VAL_PHOTOS = 2  # ... and a val split
 INPUT_MIN_SECONDS = 3.0  # whole passes over the cached records are timed until this much time has passed
 COLORIZE_PHOTOS = 8
 COLORIZE_SIDE = 3464  # photos colourised at full resolution: 12 megapixels each, as from a phone
@@ -31,7 +32,7 @@ PHOTO_SEED = 0  # crops of scikit-image's bundled photos (chromalab.bench.sample
 
 def time_tfrecords_stage(images_dir: Path, out_dir: Path, image_size: int, n_train: int | None = None) -> Measurement:
     """Photos/s of the whole tfrecords stage (one worker process per core) on the photos in `images_dir`."""
-    n_photos = (n_train or BENCH_PHOTOS) + BENCH_TEST_PHOTOS
+    n_photos = (n_train or BENCH_PHOTOS) + BENCH_TEST_PHOTOS + BENCH_VAL_PHOTOS
     workers = min(available_cores(), n_photos)
     start, cpu_start = time.perf_counter(), cpu_time()
     run_tfrecords(Params(), images_dir, out_dir, workers=workers)  # returns once its workers have exited

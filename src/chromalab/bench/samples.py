@@ -33,11 +33,12 @@ def real_crops(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def write_images_stage(out_dir: Path, n_train: int, n_test: int, size: int, seed: int = 0,
-                       quality: int = 95) -> Path:
-    """A data/images folder as the images stage leaves it: <split>/<id>.jpg and manifest.csv."""
+                       quality: int = 95, n_val: int = 2) -> Path:
+    """A data/images folder as the images stage leaves it: <split>/<id>.jpg and manifest.csv. The val photos
+    come last, so asking for more of them leaves the train and test photos as they were."""
     rows = []
-    for i, rgb in enumerate(real_crops(n_train + n_test, size, seed)):
-        split = "train" if i < n_train else "test"
+    for i, rgb in enumerate(real_crops(n_train + n_test + n_val, size, seed)):
+        split = "train" if i < n_train else "test" if i < n_train + n_test else "val"
         photo_id = f"photo{i:04d}"
         path = out_dir / split / f"{photo_id}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)

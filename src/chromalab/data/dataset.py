@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 INFO_FILE = "dataset.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a val split beside train and test (training validates on it, not on test)
 # Little-endian float16, as tf.io.decode_raw(..., tf.float16) reads it on every platform.
 STORAGE_DTYPE = np.dtype("<f2")
 NORMALISATION = {"L": L_SCALE, "a": AB_SCALE, "b": AB_SCALE, "dtype": "float16", "layout": "HWC"}

@@ -8,13 +8,16 @@ from pathlib import Path
 
 # download → split: Unsplash Lite's tables, tab-separated.
 # split → images: one list per split, these columns; photo ids become file names in the images stage.
-SPLITS = ("train", "test", "reserve")
+# The shuffled candidates are cut in this order, so a larger n_val or n_reserve never changes train or test.
+SPLITS = ("train", "test", "val", "reserve")
 SPLIT_FIELDS = ("photo_id", "image_url", "reason")
 SAFE_PHOTO_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 # images → tfrecords: the fetched photos and where each came from.
 MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ("photo_id", "split", "file", "sha256", "source")
-TRAINING_SPLITS = ("train", "test")  # the splits the images stage fetches and the records hold
+# The splits the images stage fetches and the records hold: train fits, val chooses (curves, the kept
+# checkpoint), test is only for the evaluate stage.
+FETCHED_SPLITS = ("train", "test", "val")
 
 
 def open_table(path: Path):

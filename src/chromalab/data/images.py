@@ -1,4 +1,4 @@
-"""Stage `images`: the train and test photos as image_size² RGB JPEGs, each checked, bad ones replaced.
+"""Stage `images`: the train, test and val photos as image_size² RGB JPEGs, each checked, bad ones replaced.
 
 Unsplash photos are fetched from their dynamic image URL, cropped by the server
 (`fit=crop&crop=faces,entropy`); folder photos are centre-cropped here. Every photo must decode in
@@ -36,7 +36,7 @@ from chromalab.color import mean_chroma
 from chromalab.config import Params
 from chromalab.files import write_bytes_atomic, write_text_atomic
 from chromalab.errors import ChromalabError
-from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, TRAINING_SPLITS
+from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, FETCHED_SPLITS
 from chromalab.data.http import RETRY_STATUSES, USER_AGENT, retry_policy
 
 GONE_STATUSES = (404, 410)
@@ -70,14 +70,14 @@ class FetchFailed(Exception):
 
 
 def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Path = Path("data/images")) -> dict:
-    """Fill out_dir/train and out_dir/test with exactly the listed number of checked photos; write manifest.csv."""
+    """Fill out_dir/train, out_dir/test and out_dir/val with exactly the listed number of checked photos; write manifest.csv."""
     split_dir, out_dir = Path(split_dir), Path(out_dir)
     lists = {name: read_split(split_dir / f"{name}.csv") for name in SPLITS}
     prepare_out_dir(out_dir, fetch_settings(params))
     journal = RejectionJournal(out_dir / "rejected.csv")
     fetcher = PhotoFetcher(params, out_dir, journal)
 
-    slots = [(split, photo) for split in TRAINING_SPLITS for photo in lists[split]]
+    slots = [(split, photo) for split in FETCHED_SPLITS for photo in lists[split]]
     chosen, failed, stats = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency)
 
     if failed:
@@ -91,7 +91,7 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
         totals = Counter(split for split, _ in slots)
         raise ChromalabError(
             "reserve exhausted: "
-            + ", ".join(f"{missing[s]} of {totals[s]} {s} photos missing" for s in TRAINING_SPLITS if missing[s])
+            + ", ".join(f"{missing[s]} of {totals[s]} {s} photos missing" for s in FETCHED_SPLITS if missing[s])
             + "; raise split.n_reserve"
         )
 
@@ -101,7 +101,7 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
     listed = {photo.photo_id for photos in lists.values() for photo in photos}
     journal.rewrite_sorted(listed)
     summary = {
-        "train": len(lists["train"]), "test": len(lists["test"]),
+        **{split: len(lists[split]) for split in FETCHED_SPLITS},
         "fetched": stats["fetched"], "reused": stats["reused"],
         "rejected": len(journal.listed(listed)), "replaced_from_reserve": stats["replaced"],
     }
@@ -177,7 +177,7 @@ class PhotoFetcher:
         target = self.out_dir / split / f"{photo.photo_id}.jpg"
         if target.exists():
             return Outcome("ok")
-        for other in TRAINING_SPLITS:  # a param change may move a reserve photo to the other split
+        for other in FETCHED_SPLITS:  # a param change may move a photo to another split (e.g. reserve → val)
             elsewhere = self.out_dir / other / target.name
             if other != split and elsewhere.exists():
                 os.replace(elsewhere, target)
@@ -320,11 +320,11 @@ def prepare_out_dir(out_dir: Path, settings: dict) -> None:
     previous = json.loads(settings_path.read_text()) if settings_path.is_file() else None
     if previous is not None and previous != settings:
         tqdm.write(f"images: settings changed ({previous} -> {settings}); fetching again", file=sys.stderr)
-        for split in TRAINING_SPLITS:
+        for split in FETCHED_SPLITS:
             shutil.rmtree(out_dir / split, ignore_errors=True)
         journal = RejectionJournal(out_dir / "rejected.csv")
         journal.rewrite_sorted({pid for pid, (_, why) in journal.rows.items() if why.startswith(GONE)})
-    for split in TRAINING_SPLITS:
+    for split in FETCHED_SPLITS:
         (out_dir / split).mkdir(parents=True, exist_ok=True)
     for temp in [*out_dir.glob(".*.tmp"), *out_dir.glob("*/.*.tmp")]:  # left by a killed run
         temp.unlink()
@@ -349,7 +349,7 @@ def read_split(path: Path) -> list[Photo]:
 
 def remove_unselected(out_dir: Path, keep: set[tuple[str, str]]) -> None:
     """After a param change, files of photos no longer selected must not reach the next stage."""
-    for split in TRAINING_SPLITS:
+    for split in FETCHED_SPLITS:
         for path in (out_dir / split).iterdir():
             if (split, path.stem) not in keep or path.suffix != ".jpg":
                 path.unlink()

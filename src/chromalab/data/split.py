@@ -1,10 +1,11 @@
-"""Stage `split`: choose the photos of people (or the photos of your folder) → train / test / reserve.
+"""Stage `split`: choose the photos of people (or the photos of your folder) → train / test / val / reserve.
 
 Unsplash: a photo is a candidate when one of its keywords is in split.include_keywords with an AI
 confidence >= split.min_confidence on either tagger, or was suggested by a person; photos tagged or
 captioned as black-and-white (or "no people") are left out. The candidates, sorted by id, are
-shuffled with base.seed and cut into n_train, n_test and n_reserve (stand-ins for photos that turn
-out gone or gray in the images stage).
+shuffled with base.seed and cut, in this order, into n_train, n_test, n_val (what training validates
+on and chooses its exported checkpoint by) and n_reserve (stand-ins for photos that turn out gone or gray
+in the images stage). val comes after test, so adding or resizing it never changes train or test.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Candidate(NamedTuple):
 
 
 def run_split(params: Params, raw_dir: Path = Path("data/raw"), out_dir: Path = Path("data/split")) -> dict:
-    """Write train.csv, test.csv, reserve.csv and summary.json into out_dir; returns the summary."""
+    """Write train.csv, test.csv, val.csv, reserve.csv and summary.json into out_dir; returns the summary."""
     sp = params.split
     if params.data.source == "folder":
         candidates, left_out = folder_candidates(params.data.folder), {}
@@ -78,17 +79,18 @@ def run_split(params: Params, raw_dir: Path = Path("data/raw"), out_dir: Path = 
 
 
 def split_candidates(candidates: list[Candidate], seed: int, sp: SplitParams) -> dict[str, list[Candidate]]:
-    """Seeded shuffle of the id-sorted candidates; a bigger n_reserve never changes train or test."""
-    needed = sp.n_train + sp.n_test
+    """Seeded shuffle of the id-sorted candidates, cut in SPLITS order: a bigger n_val or n_reserve never
+    changes train or test (val is carved from what would have been the reserve)."""
+    needed = sp.n_train + sp.n_test + sp.n_val
     if len(candidates) < needed:
         raise ChromalabError(
             f"only {len(candidates)} candidate photos found, {needed} needed "
-            f"(split.n_train {sp.n_train} + split.n_test {sp.n_test}); lower them, or widen "
-            "split.include_keywords / lower split.min_confidence (or add photos to data.folder)"
+            f"(split.n_train {sp.n_train} + split.n_test {sp.n_test} + split.n_val {sp.n_val}); lower them, or "
+            "widen split.include_keywords / lower split.min_confidence (or add photos to data.folder)"
         )
     ordered = sorted(candidates)
     random.Random(seed).shuffle(ordered)
-    cuts = (0, sp.n_train, needed, needed + sp.n_reserve)
+    cuts = (0, sp.n_train, sp.n_train + sp.n_test, needed, needed + sp.n_reserve)
     return {name: ordered[start:stop] for name, start, stop in zip(SPLITS, cuts, cuts[1:])}
 
 

@@ -5,8 +5,8 @@ Lab as (L/100, a/128, b/128) in float16, plus — with `tfrecords.contrast_varia
 contrast augmentations of L, precomputed once here so that training picks one at random at no CPU cost.
 float16 keeps a 256 px photo at 768 KiB (1.5 MiB with the variants) and is exact to about 0.03 Lab units.
 
-Layout of `data/tfrecords`: `train-00000-of-00008.tfrecord`, …, `test-00000-of-00001.tfrecord` (manifest
-order, `tfrecords.shard_size` photos per shard) and `dataset.json` (counts, size, normalisation, variant
+Layout of `data/tfrecords`: `train-00000-of-00008.tfrecord`, …, `test-00000-of-00001.tfrecord`,
+`val-00000-of-00001.tfrecord` (manifest order, `tfrecords.shard_size` photos per shard) and `dataset.json` (counts, size, normalisation, variant
 names, shard names, and a content hash that training logs as the dataset's identity).
 
 The files are standard TFRecords of tf.train.Example, written by chromalab.data.records without TensorFlow.
@@ -36,7 +36,7 @@ from tqdm import tqdm
 from chromalab.color import rgb_to_lab_norm
 from chromalab.config import Params
 from chromalab.data.dataset import FORMAT_VERSION, INFO_FILE, NORMALISATION, STORAGE_DTYPE
-from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, TRAINING_SPLITS
+from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, FETCHED_SPLITS
 from chromalab.data.records import RecordWriter, encode_example
 from chromalab.devices import available_cores
 from chromalab.errors import ChromalabError
@@ -115,16 +115,16 @@ def read_manifest(images_dir: Path) -> list[ManifestPhoto]:
         rows = list(reader)
     photos, seen = [], set()
     for line, row in enumerate(rows, start=2):
-        if row["split"] not in TRAINING_SPLITS:
+        if row["split"] not in FETCHED_SPLITS:
             raise ChromalabError(
-                f"{manifest} line {line}: split {row['split']!r} is not one of {', '.join(TRAINING_SPLITS)}: "
+                f"{manifest} line {line}: split {row['split']!r} is not one of {', '.join(FETCHED_SPLITS)}: "
                 "re-run the images stage"
             )
         if row["photo_id"] in seen:
             raise ChromalabError(f"{manifest} line {line}: photo {row['photo_id']} is listed twice: re-run the images stage")
         seen.add(row["photo_id"])
         photos.append(ManifestPhoto(row["photo_id"], row["split"], Path(images_dir) / row["file"], row["sha256"]))
-    for split in TRAINING_SPLITS:
+    for split in FETCHED_SPLITS:
         if not any(p.split == split for p in photos):
             raise ChromalabError(
                 f"{manifest}: the {split} split has no photos: check split.n_{split} and re-run the split and images stages"
@@ -212,14 +212,14 @@ def run_tfrecords(params: Params, images_dir: Path = Path("data/images"), out_di
     with_variants = params.tfrecords.contrast_variants
     variant_names = VARIANT_NAMES if with_variants else ()
     shard_size = params.tfrecords.shard_size
-    by_split = {split: [p for p in photos if p.split == split] for split in TRAINING_SPLITS}
+    by_split = {split: [p for p in photos if p.split == split] for split in FETCHED_SPLITS}
     shards = {split: shard_names(split, len(rows), shard_size) for split, rows in by_split.items()}
     workers = workers or min(available_cores(), len(photos))
 
     with staged_dir(out_dir) as build_dir:
         one_size = _OneSize()
         with _photo_encoder(workers) as encode:
-            for split in TRAINING_SPLITS:
+            for split in FETCHED_SPLITS:
                 _write_split(encode, by_split[split], shards[split], shard_size, with_variants, build_dir, one_size)
         info = {
             "format": FORMAT_VERSION,

@@ -8,7 +8,8 @@ Keys of `photo_metrics` (all floats):
   ab_ssim, ab_mse, ab_mae          on ab as the models output them (a/128, b/128, ~[-1, 1])
   rgb_ssim, rgb_mse, rgb_mae       on RGB in [0, 1], both images decoded from the same L
   rgb_psnr                         dB, capped at PSNR_CAP_DB (see there)
-  delta_e00                        mean CIEDE2000 between true and predicted Lab (Lab units)
+  delta_e00                        mean CIEDE2000 between true and predicted Lab (Lab units; chromalab.color
+                                   holds the rule, which training also uses to choose its checkpoint)
   colourfulness                    Hasler & Süsstrunk (2003) of the prediction, on 0-255 RGB
   colourfulness_true               the same for the true photo
   colourfulness_gap                colourfulness - colourfulness_true (< 0: the prediction is too dull)
@@ -27,10 +28,9 @@ from collections.abc import Iterable, Mapping
 from numbers import Real
 
 import numpy as np
-from skimage import color as skcolor
 from skimage.metrics import structural_similarity
 
-from chromalab.color import AB_SCALE, L_SCALE, lab_norm_to_rgb, out_of_gamut, to_float_rgb
+from chromalab.color import AB_SCALE, delta_e00, lab_from_norm, lab_norm_to_rgb, out_of_gamut, to_float_rgb
 from chromalab.errors import ChromalabError
 
 AB_DATA_RANGE = 2.0  # ab/128 spans [-1, 1] (the models' tanh output)
@@ -78,14 +78,6 @@ def psnr_from_mse(mse_value: float, data_range: float = RGB_DATA_RANGE) -> float
     return min(10.0 * math.log10(data_range**2 / mse_value), PSNR_CAP_DB)
 
 
-def delta_e00(lab_a: np.ndarray, lab_b: np.ndarray) -> float | np.ndarray:
-    """Mean CIEDE2000 difference of Lab images [..., H, W, 3] (real Lab units): one value per image."""
-    per_pixel = skcolor.deltaE_ciede2000(np.asarray(lab_a, dtype=np.float64), np.asarray(lab_b, dtype=np.float64),
-                                         channel_axis=-1)
-    means = per_pixel.mean(axis=(-2, -1))
-    return float(means) if np.ndim(means) == 0 else means
-
-
 def colourfulness(rgb: np.ndarray) -> float | np.ndarray:
     """Hasler & Süsstrunk (2003) colourfulness of RGB [..., H, W, 3] (uint8, uint16 or float in [0, 1]).
 
@@ -118,10 +110,6 @@ def gray_floor(true_ab: np.ndarray) -> np.ndarray:
     return np.zeros_like(true_ab)
 
 
-def _lab(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
-    return np.concatenate([l_norm[..., None] * L_SCALE, ab_norm * AB_SCALE], axis=-1)
-
-
 def photo_metrics(l_norm: np.ndarray, true_ab: np.ndarray, pred_ab: np.ndarray) -> dict[str, float]:
     """All metrics of one photo: normalised L [S, S] or [S, S, 1], true and predicted ab [S, S, 2].
 
@@ -149,7 +137,7 @@ def photo_metrics(l_norm: np.ndarray, true_ab: np.ndarray, pred_ab: np.ndarray) 
         "rgb_mse": rgb_mse,
         "rgb_mae": mae(true_rgb, pred_rgb),
         "rgb_psnr": psnr_from_mse(rgb_mse),
-        "delta_e00": delta_e00(_lab(l_norm, true_ab), _lab(l_norm, pred_ab)),
+        "delta_e00": delta_e00(lab_from_norm(l_norm, true_ab), lab_from_norm(l_norm, pred_ab)),
         "colourfulness": pred_colourfulness,
         "colourfulness_true": true_colourfulness,
         "colourfulness_gap": pred_colourfulness - true_colourfulness,

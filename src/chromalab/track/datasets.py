@@ -1,7 +1,9 @@
-"""MLflow dataset inputs: the data each training run was trained and tested on (the runs table's Dataset column).
+"""MLflow dataset inputs: the data each training run was trained, validated and tested on (the runs table's
+Dataset column).
 
-The train and test splits of `data/tfrecords` become two MLflow datasets, `chromalab-train` and
-`chromalab-test`, logged with the contexts "training" and "testing":
+The train, val and test splits of `data/tfrecords` become three MLflow datasets, `chromalab-train`,
+`chromalab-val` and `chromalab-test`, logged with the contexts "training", "validation" (what chose the
+exported epoch) and "testing" (what the evaluate stage scores, in the same run):
 - digest: the records' content hash from dataset.json (its first 16 characters: MLflow keeps 36), so runs
   on the same data group together and a changed dataset shows at a glance;
 - source: type "dvc", the data's path in the repository and the git revision whose dvc.lock pins it;
@@ -20,7 +22,7 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.types import Schema, TensorSpec
 
-SPLIT_CONTEXTS = {"train": "training", "test": "testing"}
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 DIGEST_CHARS = 16
 
 
@@ -69,7 +71,7 @@ class RecordsDataset(MetaDataset):
 
 
 def dataset_inputs(info: dict, data_dir: Path) -> dict[str, RecordsDataset]:
-    """dataset.json's train and test splits as MLflow datasets, by context ("training", "testing")."""
+    """dataset.json's splits as MLflow datasets, by context ("training", "validation", "testing")."""
     from chromalab.track import runs
 
     root = runs.repo_root()
@@ -95,7 +97,7 @@ def dataset_inputs(info: dict, data_dir: Path) -> dict[str, RecordsDataset]:
 
 
 def log_dataset_inputs(info: dict, data_dir: Path) -> None:
-    """Log the training and test data into the active run."""
+    """Log the training, validation and test data into the active run."""
     import mlflow
 
     from chromalab.track import runs

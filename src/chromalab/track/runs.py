@@ -292,6 +292,16 @@ def log_epoch(metrics: dict[str, float], epoch: int) -> None:
     mlflow.log_metrics(metrics, step=epoch)
 
 
+def log_exported_checkpoint(best_epoch: int, best_val_delta_e00: float, exported: str) -> None:
+    """Which epoch's weights the run exported and why: the metrics best_epoch and best_val_delta_e00, and the
+    tag `exported` (e.g. "best validation ΔE00 (epoch 40)"), as train_metrics.json says it."""
+    import mlflow
+
+    require_active_run()
+    mlflow.log_metrics({"best_epoch": best_epoch, "best_val_delta_e00": best_val_delta_e00})
+    mlflow.set_tag("exported", exported)
+
+
 def log_sample_sheet(image: np.ndarray, epoch: int, key: str = "samples") -> None:
     """A stepped image series (MLflow stores `images/<key>+step+<epoch>+….png` and a webp thumbnail)."""
     import mlflow

@@ -9,10 +9,10 @@ import time
 
 import keras
 import numpy as np
-from keras import ops
 
 from chromalab.color import lab_norm_to_rgb
 from chromalab.train.checkpoint import Checkpoint
+from chromalab.train.validation import VAL_DELTA_E00, colorizer, predict_ab, val_delta_e00
 
 
 def sample_sheet(L: np.ndarray, pred_ab: np.ndarray, true_ab: np.ndarray) -> np.ndarray:
@@ -28,6 +28,11 @@ class EpochRecorder(keras.callbacks.Callback):
     """Each epoch's row joins the history; every `checkpoint_every` epochs (and at the last) a checkpoint is
     saved and only then are the rows and sample sheets since the previous one sent to MLflow.
 
+    Every `val_every` epochs (when `fit` validates) and at the last, the row also gets val_delta_e00 (mean
+    ΔE00 on the val split, `validation`); the lowest so far after epoch `keep_after` keeps its weights
+    (Checkpoint.save_best), which the stage exports: the GAN's is chosen from its adversarial epochs, since a
+    generator pretrained on the reconstruction alone is not what the stage trains. It joins the row before the checkpoint, so history and MLflow hold it like any metric.
+
     MLflow therefore never holds an epoch that a kill could lose: a resumed run re-trains those epochs and
     logs each step once. (MLflow has no API to delete logged metric values, and deleting rows from its
     database behind its back would not work for a tracking server.) The price: the MLflow UI lags by up to
@@ -35,8 +40,10 @@ class EpochRecorder(keras.callbacks.Callback):
     """
 
     def __init__(self, *, checkpoint: Checkpoint, state: dict, history: list[dict], train_params,
-                 total_epochs: int, samples: tuple[np.ndarray, np.ndarray], images_per_epoch: int):
+                 total_epochs: int, samples: tuple[np.ndarray, np.ndarray], images_per_epoch: int,
+                 validation: tuple[np.ndarray, np.ndarray], batch_size: int, keep_after: int = 0):
         super().__init__()
+        self.keep_after = keep_after  # epochs up to this one are validated but never kept (the GAN's pretraining)
         self.checkpoint = checkpoint
         self.state = state
         self.history_rows = history
@@ -44,6 +51,9 @@ class EpochRecorder(keras.callbacks.Callback):
         self.total_epochs = total_epochs
         self.samples = samples
         self.images_per_epoch = images_per_epoch
+        self.validation = validation
+        self.batch_size = batch_size
+        self._colorizer: keras.Model | None = None  # built at the first use, once `fit` has set self.model
         self._epoch_start = 0.0
         self._unlogged: list[dict] = []
         self._unlogged_sheets: list[tuple[np.ndarray, int]] = []
@@ -58,16 +68,13 @@ class EpochRecorder(keras.callbacks.Callback):
         seconds = time.perf_counter() - self._epoch_start
         row = {"epoch": done, **{k: float(v) for k, v in (logs or {}).items()},
                "epoch_seconds": seconds, "images_per_second": self.images_per_epoch / seconds}
+        if done % self.train_params.val_every == 0 or done == self.total_epochs:
+            row[VAL_DELTA_E00] = self._validate(done)
         self.history_rows.append(row)
         self._unlogged.append(row)
         if done % self.train_params.sample_every == 0 or done == self.total_epochs:
             L, ab = self.samples
-            generator = getattr(self.model, "generator", self.model)
-            # Under JAX a plain call runs op by op, each op compiled at its first use (seconds for a U-Net);
-            # predict_on_batch compiles the whole call once. TensorFlow's eager ops need no compile.
-            pred = generator.predict_on_batch(L) if keras.backend.backend() == "jax" else generator(L, training=False)
-            pred = np.asarray(ops.convert_to_numpy(pred), dtype=np.float32)
-            self._unlogged_sheets.append((sample_sheet(L, pred, ab), done))
+            self._unlogged_sheets.append((sample_sheet(L, predict_ab(self.colorizer, L, len(L)), ab), done))
         if done % self.train_params.checkpoint_every == 0 or done == self.total_epochs:
             self.state["epoch"] = done
             self.checkpoint.save(self.model, self.state, self.history_rows)
@@ -75,6 +82,19 @@ class EpochRecorder(keras.callbacks.Callback):
             for sheet, step in self._unlogged_sheets:
                 runs.log_sample_sheet(sheet, step)
             self._unlogged, self._unlogged_sheets = [], []
+
+    @property
+    def colorizer(self) -> keras.Model:
+        if self._colorizer is None:
+            self._colorizer = colorizer(self.model)
+        return self._colorizer
+
+    def _validate(self, done: int) -> float:
+        """Epoch `done`'s val ΔE00; a new lowest keeps its weights (strictly lower: ties keep the earlier)."""
+        score = val_delta_e00(self.colorizer, *self.validation, self.batch_size)
+        if done > self.keep_after and score < self.state.get("best_val_delta_e00", float("inf")):
+            self.checkpoint.save_best(self.colorizer, self.state, done, score)
+        return score
 
     @staticmethod
     def log_rows(rows: list[dict]) -> None:

@@ -4,6 +4,11 @@ The folder (DVC keeps it in place, `persist: true`) holds each checkpoint's file
 `epoch-00005.weights.h5` and `epoch-00005.history.csv`, and `state.json`, which names them. state.json is
 replaced last (atomically), and only then are the previous epoch's files removed: a kill at any point leaves
 a state.json that names files which are whole, so the resumed run starts from the last complete checkpoint.
+
+The best validation so far (lowest val ΔE00) keeps the colorizer's weights in `best-epoch-00009.weights.h5`,
+written when that validation ends; state.json names it (with `best_epoch`, `best_val_delta_e00`) from the
+next checkpoint on, so a resumed run compares against the best its checkpoint had seen, and its file is
+there: an older best file goes only when a checkpoint that names a newer one is written.
 """
 
 from __future__ import annotations
@@ -67,10 +72,23 @@ class Checkpoint:
             model.save_weights(tmp, overwrite=True)
         write_history(self.folder / state["history"], history)
         write_text_atomic(self.state_file, json.dumps(state, indent=2))  # now this checkpoint is the one
-        keep = {state["weights"], state["history"], STATE_FILE}
+        keep = {state["weights"], state["history"], STATE_FILE, state.get("best_weights")}
         for stale in self.folder.iterdir():  # the previous checkpoint's files, and any a kill left half-written
             if stale.name not in keep:
                 stale.unlink()
+
+    def save_best(self, colorizer: keras.Model, state: dict, epoch: int, score: float) -> None:
+        """Keep `colorizer`'s weights as the best so far (epoch `epoch`, val ΔE00 `score`): the file now, its
+        name in `state` (so in state.json from the next `save` on)."""
+        name = f"best-epoch-{epoch:05d}.weights.h5"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.folder / name) as tmp:
+            colorizer.save_weights(tmp, overwrite=True)
+        state.update(best_weights=name, best_epoch=epoch, best_val_delta_e00=score)
+
+    def best_weights(self, state: dict) -> Path | None:
+        """The best validation's weights file, or None before the first validation."""
+        return self.folder / state["best_weights"] if state.get("best_weights") else None
 
     def restore(self, model: keras.Model, state: dict) -> None:
         """Weights, optimizer state (with its step count: the learning-rate schedule follows it) and RNG states."""
@@ -87,9 +105,10 @@ class Checkpoint:
         return read_history(self.folder / state["history"])
 
     def resumable(self, state: dict | None, fingerprint: str) -> bool:
-        """A running checkpoint of these params and data whose files are all there."""
+        """A running checkpoint of these params and data whose files (the best validation's too) are all there."""
+        named = ("weights", "history", "best_weights") if state and state.get("best_weights") else ("weights", "history")
         return bool(state and state.get("fingerprint") == fingerprint and state.get("status") == "running"
-                    and all((self.folder / str(state.get(key))).is_file() for key in ("weights", "history")))
+                    and all((self.folder / str(state.get(key))).is_file() for key in named))
 
     def reset(self) -> None:
         if self.folder.exists():

@@ -188,14 +188,13 @@ class Pix2Pix(keras.Model):
         # Two pullbacks of one forward pass; under jit XLA drops the halves we don't use. A cotangent of
         # `scale` is the gradient of the scaled loss. A net this phase does not train gets None gradients.
         grads = [None] * len(trainable)
-        if self.trains_generator:
-            g_grads, _ = pullback((ops.full_like(g_total, scale), ops.zeros_like(d_loss)))
-            for i, g in zip(g_t, g_grads):
-                grads[i] = g
-        if self.trains_discriminator:
-            _, d_grads = pullback((ops.zeros_like(g_total), ops.full_like(d_loss, scale)))
-            for i, g in zip(d_t, d_grads):
-                grads[i] = g
+        for trains, positions, cotangents in (
+                (self.trains_generator, g_t, (ops.full_like(g_total, scale), ops.zeros_like(d_loss))),
+                (self.trains_discriminator, d_t, (ops.zeros_like(g_total), ops.full_like(d_loss, scale)))):
+            if trains:
+                net_grads = pullback(cotangents)[0 if positions is g_t else 1]
+                for i, g in zip(positions, net_grads):
+                    grads[i] = g
         with _net_left_alone():
             trainable, optimizer_vars = self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
         non_trainable = list(non_trainable)

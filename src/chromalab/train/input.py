@@ -32,6 +32,7 @@ from chromalab.train.augment import augment_batch
 from chromalab.train.epochs import Augment, epoch_plan, steps_per_epoch
 
 GIB = 2**30
+VALIDATION_SPLIT = "val"
 
 
 def augment_for(data_dir: Path, info: dict, flip_lr: bool, flip_ud: bool, contrast_aug: bool) -> Augment:
@@ -229,16 +230,17 @@ class TrainingInput:
 
 def training_input(data_dir: Path, global_batch: int, train_params, seed: int, *, epochs: int,
                    initial_epoch: int = 0, distributed: bool = False) -> TrainingInput:
-    """Epochs `initial_epoch` … `epochs - 1` of the training split, and the test split for validation."""
+    """Epochs `initial_epoch` … `epochs - 1` of the training split, and the val split for validation (never
+    test: what chooses among epochs must not be what scores the result)."""
     p = train_params
     remaining = initial_epoch < epochs
     if keras.backend.backend() == "jax":
         feed = jax_training_feed(data_dir, global_batch, flip_lr=p.flip_lr, flip_ud=p.flip_ud,
                                  contrast_aug=p.contrast_aug, seed=seed, max_gb=p.device_data_max_gb,
                                  distributed=distributed)
-        _, L, ab = load_split_arrays(data_dir, "test")
+        _, L, ab = load_split_arrays(data_dir, VALIDATION_SPLIT)
         return TrainingInput(feed.batches(initial_epoch) if remaining else None, ArrayBatches(L, ab, global_batch))
     train = make_dataset(data_dir, "train", global_batch, training=True, flip_lr=p.flip_lr, flip_ud=p.flip_ud,
                          contrast_aug=p.contrast_aug, seed=seed, epochs=epochs,
                          initial_epoch=initial_epoch) if remaining else None
-    return TrainingInput(train, make_dataset(data_dir, "test", global_batch, training=False))
+    return TrainingInput(train, make_dataset(data_dir, VALIDATION_SPLIT, global_batch, training=False))

@@ -6,6 +6,11 @@ dropout RNG state, epoch, history and the same MLflow run) and continues exactly
 epoch e's photo order and augmentation depend only on (seed, e) (chromalab.train.epochs), the learning-rate
 schedule on the optimizer's restored step count, and MLflow only ever holds checkpointed epochs
 (chromalab.train.callbacks.EpochRecorder). Changed params start afresh.
+
+Training validates on the val split, never on test (the evaluate stage's): Keras' SSIM/MSE/MAE every
+`train.val_every` epochs, and mean ΔE00 then and at the last epoch. The exported model.keras is the colorizer
+of the validation with the lowest ΔE00 (chromalab.train.validation), not necessarily the last epoch's;
+train_metrics.json and the MLflow run say which (best_epoch, best_val_delta_e00, exported).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from chromalab.train.checkpoint import Checkpoint, params_fingerprint, write_his
 from chromalab.train.distribute import chief_logs_to_mlflow, make_strategy, replica_count
 from chromalab.train.epochs import steps_per_epoch
 from chromalab.train.gan import VALIDATION_METRICS, phase_plan
+from chromalab.train.validation import VAL_DELTA_E00, colorizer, val_delta_e00
 
 
 def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tfrecords"),
@@ -63,7 +69,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
            strategy) -> dict:
     from chromalab.data.dataset import load_split_arrays
     from chromalab.track import datasets, runs
-    from chromalab.train.input import training_input
+    from chromalab.train.input import VALIDATION_SPLIT, training_input
 
     info = _dataset_info(data_dir, params)
     jit_compile, has_gpu = _set_up_device(params, strategy)
@@ -77,8 +83,8 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     data = epochs_input(resume.epoch, epochs)
     n_train = int(info["counts"]["train"])
     steps = steps_per_epoch(n_train, global_batch)
-    _, sample_L, sample_ab = load_split_arrays(data_dir, "test")
-    samples = (sample_L[: params.train.n_samples], sample_ab[: params.train.n_samples])
+    _, val_L, val_ab = load_split_arrays(data_dir, VALIDATION_SPLIT)  # for ΔE00 and the sample sheets
+    validation = Validation(val_L, val_ab, global_batch)
     with strategy.scope() if strategy is not None else nullcontext():
         model = build_for_training(model_name, params, int(info["image_size"]), jit_compile, steps)
     if resume.epoch:
@@ -90,25 +96,40 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         resume.state["mlflow_run_id"] = run.info.run_id
         datasets.log_dataset_inputs(info, data_dir)
         started = time.perf_counter()
-        _fit(model, data, epochs_input, resume, params, model_name, steps, samples, n_train, has_gpu)
-        metrics = _final_metrics(model, data.validation, resume.history, epochs, time.perf_counter() - started)
+        _fit(model, data, epochs_input, resume, params, model_name, steps, validation, n_train, has_gpu)
+        exported = _best_colorizer(model, resume)
+        metrics = _final_metrics(model, exported, data.validation, validation, resume, epochs,
+                                 time.perf_counter() - started)
         metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run; `dvc exp show` links to it
-        runs.log_epoch({f"final_{k}": v for k, v in metrics.items() if isinstance(v, float)}, epochs)
-        _deliver(model, model_name, models_root / model_name / "model.keras", strategy, sample_L[:1], dataset_hash)
+        runs.log_epoch({f"final_{k}": v for k, v in metrics.items()
+                        if isinstance(v, float) and not k.startswith("best_")}, epochs)
+        runs.log_exported_checkpoint(metrics["best_epoch"], metrics["best_val_delta_e00"], metrics["exported"])
+        _deliver(exported, models_root / model_name / "model.keras", strategy, val_L[:1], dataset_hash)
 
     _write_reports(reports_root / model_name, resume.history, metrics)
     resume.checkpoint.mark_complete(resume.fingerprint, run.info.run_id)
     return metrics
 
 
+@dataclass
+class Validation:
+    """The val split in memory (L [N,S,S,1], ab [N,S,S,2] float32) and the batch to predict it in."""
+
+    L: object
+    ab: object
+    batch_size: int
+
+
 def _fit(model: keras.Model, data, epochs_input, resume: Resume, params: Params, model_name: str, steps: int,
-         samples: tuple, n_train: int, has_gpu: bool) -> None:
+         validation: Validation, n_train: int, has_gpu: bool) -> None:
     """The epochs still to train, each recorded (history, checkpoint, MLflow) and reported as it ends; the GAN's
     phases (chromalab.train.gan.phase_plan) one `fit` each, on the input of their own epochs."""
-    epochs = params.model(model_name).epochs
+    epochs, n_samples = params.model(model_name).epochs, params.train.n_samples
     recorder = EpochRecorder(checkpoint=resume.checkpoint, state=resume.state, history=resume.history,
-                             train_params=params.train, total_epochs=epochs, samples=samples,
-                             images_per_epoch=n_train)
+                             train_params=params.train, total_epochs=epochs,
+                             samples=(validation.L[:n_samples], validation.ab[:n_samples]),
+                             images_per_epoch=n_train, validation=(validation.L, validation.ab),
+                             batch_size=validation.batch_size, keep_after=_phases(params, model_name, 0)[-1][1])
     if resume.epoch:
         recorder.log_checkpointed_rows_mlflow_lacks(resume.state["mlflow_run_id"])
     if data.train is None:  # the last checkpoint was the final epoch
@@ -134,14 +155,14 @@ def _phases(params: Params, model_name: str, start: int) -> list[tuple[str | Non
     return [(None, start, params.baseline.epochs)]
 
 
-def _deliver(model: keras.Model, model_name: str, model_file: Path, strategy, input_example, dataset_hash: str):
+def _deliver(deliverable: keras.Model, model_file: Path, strategy, input_example, dataset_hash: str):
     """models/<m>/model.keras, the same model in the MLflow run, and its pyfunc colorizer as a registry version."""
     from chromalab.serve import pyfunc
     from chromalab.track import registry, runs
 
-    deliverable = _export(model, model_name, model_file, strategy)
+    _export(deliverable, model_file, strategy)
     runs.log_keras_model(deliverable, input_example)
-    registry.register_trained_model(model_name, pyfunc.log_colorizer(model_file), dataset_hash)
+    registry.register_trained_model(model_file.parent.name, pyfunc.log_colorizer(model_file), dataset_hash)
 
 
 def _dataset_info(data_dir: Path, params: Params) -> dict:
@@ -182,28 +203,39 @@ def _resume_point(params: Params, model_name: str, folder: Path, info: dict) -> 
     return Resume(checkpoint, fingerprint, {"fingerprint": fingerprint, "status": "running", "epoch": 0}, 0, [])
 
 
-def _final_metrics(model: keras.Model, val_ds, history: list[dict], epochs: int, train_seconds: float) -> dict:
-    scores = model.evaluate(val_ds, verbose=0, return_dict=True)
-    last = history[-1] if history else {}
-    out = {f"test_{k}": float(v) for k, v in scores.items() if k in VALIDATION_METRICS}
+def _best_colorizer(model: keras.Model, resume: Resume) -> keras.Model:
+    """The colorizer (sharing the training model's layers) holding the weights of the lowest val ΔE00."""
+    exported = colorizer(model)
+    exported.load_weights(resume.checkpoint.best_weights(resume.state))  # every run validates its last epoch
+    return exported
+
+
+def _final_metrics(model: keras.Model, exported: keras.Model, val_ds, validation: Validation, resume: Resume,
+                   epochs: int, train_seconds: float) -> dict:
+    """The exported colorizer's val_* scores (SSIM, MSE, MAE on ab; ΔE00, which repeats best_val_delta_e00),
+    which epoch it is, and the last epoch's training losses. Never test: that is the evaluate stage's."""
+    scores = model.evaluate(val_ds, verbose=0, return_dict=True)  # the training model now holds the best weights
+    last = resume.history[-1] if resume.history else {}
+    out = {f"val_{k}": float(v) for k, v in scores.items() if k in VALIDATION_METRICS}
+    out[VAL_DELTA_E00] = val_delta_e00(exported, validation.L, validation.ab, validation.batch_size)
     out.update({k: v for k, v in last.items() if k not in ("epoch",) and not k.startswith("val_")})
+    best_epoch = int(resume.state["best_epoch"])
+    out.update(best_epoch=best_epoch, best_val_delta_e00=float(resume.state["best_val_delta_e00"]),
+               exported=f"best validation ΔE00 (epoch {best_epoch})")
     out["epochs"] = epochs
     out["train_seconds_this_run"] = round(train_seconds, 2)
     return out
 
 
-def _export(model: keras.Model, model_name: str, model_file: Path, strategy) -> keras.Model:
-    """Save the trained net as an inference model (same layers, no compile state), so that it loads without
-    chromalab's losses; returns that model."""
+def _export(deliverable: keras.Model, model_file: Path, strategy) -> None:
+    """Save the colorizer as an inference model (same layers, no compile state), so that it loads without
+    chromalab's losses."""
     if isinstance(strategy, keras.distribution.DataParallel):
         # Training is over and every process holds the whole model: predicting on local arrays (the model
         # log's signature) must not be split across processes, which Keras allows only for tf.data.
         keras.distribution.set_distribution(None)
-    trained = model.generator if model_name == "gan" else model
-    deliverable = keras.Model(trained.inputs, trained.outputs, name=trained.name)
     with atomic_path(model_file) as tmp:
         deliverable.save(tmp)
-    return deliverable
 
 
 def _write_reports(reports_dir: Path, history: list[dict], metrics: dict) -> None:
