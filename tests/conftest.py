@@ -223,7 +223,7 @@ MODULE_SECONDS = {
     "test_tracking.py": 32, "test_evaluate.py": 27, "test_models.py": 27, "test_serve.py": 22, "test_cli.py": 13,
     "test_tfrecords.py": 13, "test_losses.py": 10, "test_colorize.py": 9, "test_startup.py": 8,
     "test_serve_page.py": 8, "test_images.py": 7, "test_optimizers.py": 6, "test_training_input.py": 23,
-    "test_progress.py": 12, "test_unreadable.py": 5, "test_layout.py": 2,
+    "test_progress.py": 12, "test_unreadable.py": 5, "test_layout.py": 2, "test_gan_levers.py": 30,
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -108,8 +109,8 @@ def recording_make_dataset(real_make_dataset):
                 for l_img, ab_img in zip(L.numpy(), ab.numpy()):
                     digest = hashlib.sha256(l_img.tobytes() + ab_img.tobytes()).hexdigest()[:12]
                     fed.setdefault(first + i // steps, []).append(digest)
-            with open("fed.jsonl", "a") as f:
-                f.write(json.dumps(fed) + "\n")
+            with open("fed.jsonl", "a") as f:  # one line per dataset: the GAN's phases build one each
+                f.write(json.dumps({"pid": os.getpid(), "fed": fed}) + "\n")
         return real_make_dataset(data_dir, split, batch_size, **options)
 
     return recording
@@ -178,9 +179,15 @@ def _repo(path: Path, dataset: Path, params: dict, mlflow_db: Path | None) -> Pa
 
 
 def _fed_epochs(repo: Path) -> list[dict[int, list[str]]]:
-    """Per process, the samples its training dataset feeds, by epoch (0-based)."""
-    lines = (repo / "fed.jsonl").read_text().splitlines()
-    return [{int(e): v for e, v in json.loads(line).items()} for line in lines]
+    """Per process, in order, the samples its training datasets feed, by epoch (0-based)."""
+    by_process: dict[int, dict[int, list[str]]] = {}
+    for line in (repo / "fed.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        epochs = by_process.setdefault(record["pid"], {})
+        for epoch, samples in record["fed"].items():
+            assert int(epoch) not in epochs, f"epoch {epoch} fed twice by one process"
+            epochs[int(epoch)] = samples
+    return list(by_process.values())
 
 
 def _mlflow_steps(client: mlflow.MlflowClient, run_id: str) -> dict[str, list[int]]:
@@ -198,7 +205,10 @@ def _final_weights(repo: Path) -> list[np.ndarray]:
 # The GAN's run: its checkpoints, validation and sample sheets often enough that a kill mid-run loses epochs
 # and the resumed run must log some of each again; decay_epochs: half, so the schedule resumes too.
 GAN_RUN = {**TINY, "train": {**TINY["train"], "checkpoint_every": 2, "val_every": 3, "sample_every": 4},
-           "gan": {**TINY["gan"], "epochs": 20}}
+           # NoGAN's phases: epochs 1-4 pretrain G, 5-7 warm D up, 8-20 adversarial. The kill below lands in
+           # the adversarial phase and the resume in the warm-up, so the resumed run crosses a phase boundary.
+           "gan": {**TINY["gan"], "epochs": 20, "pretrain_epochs": 4, "warmup_epochs": 3, "norm": "group",
+                   "recon_loss": "ssim_l1", "diffaug": True, "spectral_norm": True}}
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +266,7 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(request, tmp_path, datase
     _, stderr = _train_recorded(killed)
     resumed_at = int(stderr.split("resuming gan from its checkpoint at epoch ")[1].split("/")[0])
     assert resumed_at == state["epoch"]
+    assert "train@gan: epochs 7-7: warmup" in stderr and "train@gan: epochs 8-20: adversarial" in stderr
     assert [p.name for p in folder.iterdir()] == ["state.json"]  # complete: no weights left behind
 
     # The same samples (photo, flip, contrast variant) in the same order, epoch by epoch.

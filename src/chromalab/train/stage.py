@@ -80,7 +80,8 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         return training_input(data_dir, global_batch, params.train, params.base.seed, epochs=stop,
                               initial_epoch=start, distributed=strategy is not None)
 
-    data = epochs_input(resume.epoch, epochs)
+    first_phase = _phases(params, model_name, resume.epoch)[:1]
+    data = epochs_input(resume.epoch, first_phase[0][2] if first_phase else epochs)  # no train input if none left
     n_train = int(info["counts"]["train"])
     steps = steps_per_epoch(n_train, global_batch)
     _, val_L, val_ab = load_split_arrays(data_dir, VALIDATION_SPLIT)  # for ΔE00 and the sample sheets
@@ -141,7 +142,7 @@ def _fit(model: keras.Model, data, epochs_input, resume: Resume, params: Params,
         if phase is not None:
             model.phase = phase
             print(f"train@{model_name}: epochs {start + 1}-{stop}: {phase}", file=sys.stderr)
-        train = data.train if (start, stop) == (resume.epoch, epochs) else epochs_input(start, stop).train
+        train = data.train if start == resume.epoch else epochs_input(start, stop).train
         model.fit(train, epochs=stop, initial_epoch=start, steps_per_epoch=steps,
                   validation_data=data.validation, validation_freq=params.train.val_every,
                   callbacks=[recorder, *progress], shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
@@ -152,7 +153,7 @@ def _phases(params: Params, model_name: str, start: int) -> list[tuple[str | Non
     if model_name == "gan":
         p = params.gan
         return phase_plan(p.pretrain_epochs, p.warmup_epochs, p.epochs, start)
-    return [(None, start, params.baseline.epochs)]
+    return [(None, start, params.baseline.epochs)] if start < params.baseline.epochs else []
 
 
 def _deliver(deliverable: keras.Model, model_file: Path, strategy, input_example, dataset_hash: str):
