@@ -40,7 +40,7 @@ TINY_PARAMS = {
     "train": {"val_every": 1, "checkpoint_every": 1, "sample_every": 3, "n_samples": 2},
     "baseline": {"epochs": 2, "batch_size": 4, "width": 0.125},
     # Enough epochs that a kill after the first checkpoint lands while epochs are left to train.
-    "gan": {"epochs": 6, "batch_size": 4, "width": 0.125},
+    "gan": {"epochs": 6, "batch_size": 4, "width": 0.125, "pretrain_epochs": 1, "warmup_epochs": 1},
     "evaluate": {"n_sheet": 2, "batch_size": 4},
 }
 

@@ -136,6 +136,8 @@ class BaselineParams(_Schedule):
 
 
 class GanParams(_Schedule):
+    """The levers' defaults here are pix2pix's (the seed's); params.yaml holds chromalab's recipe."""
+
     epochs: int = Field(200, ge=1)
     decay_epochs: int | str = "half"  # pix2pix
     batch_size: int = Field(16, ge=1)
