@@ -66,7 +66,7 @@ def test_report_has_every_part_with_its_fields(tiny_report):
     (gan,), (reference,) = rows_of(report, "gan"), rows_of(report, "gan", "reference")
     assert gan["reference_ratio"] == pytest.approx(gan["images_per_s"] / reference["images_per_s"])
     assert reference["reference_ratio"] is None and "tutorial" in reference["note"]
-    assert rows_of(report, "tfrecords")[0]["items"] == 8 + 1
+    assert rows_of(report, "tfrecords")[0]["items"] == 8 + 1 + bench.BENCH_VAL_PHOTOS  # train, test, val
     # CPU time is counted in the workers too (child processes), not only in this process's threads.
     assert all(row["cpu_seconds"] > 0 for row in report["rows"])
     for row in rows_of(report, "input"):  # whole passes over the 8 photos, in batches of 2
