@@ -31,7 +31,8 @@ class EpochRecorder(keras.callbacks.Callback):
     Every `val_every` epochs (when `fit` validates) and at the last, the row also gets val_delta_e00 (mean
     ΔE00 on the val split, `validation`); the lowest so far after epoch `keep_after` keeps its weights
     (Checkpoint.save_best), which the stage exports: the GAN's is chosen from its adversarial epochs, since a
-    generator pretrained on the reconstruction alone is not what the stage trains. It joins the row before the checkpoint, so history and MLflow hold it like any metric.
+    generator pretrained on the reconstruction alone is not what the stage trains. It joins the row before the
+    checkpoint, so history and MLflow hold it like any metric.
 
     MLflow therefore never holds an epoch that a kill could lose: a resumed run re-trains those epochs and
     logs each step once. (MLflow has no API to delete logged metric values, and deleting rows from its

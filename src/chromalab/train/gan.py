@@ -188,12 +188,11 @@ class Pix2Pix(keras.Model):
         # Two pullbacks of one forward pass; under jit XLA drops the halves we don't use. A cotangent of
         # `scale` is the gradient of the scaled loss. A net this phase does not train gets None gradients.
         grads = [None] * len(trainable)
-        for trains, positions, cotangents in (
-                (self.trains_generator, g_t, (ops.full_like(g_total, scale), ops.zeros_like(d_loss))),
-                (self.trains_discriminator, d_t, (ops.zeros_like(g_total), ops.full_like(d_loss, scale)))):
+        for net, trains, positions, cotangents in (
+                (0, self.trains_generator, g_t, (ops.full_like(g_total, scale), ops.zeros_like(d_loss))),
+                (1, self.trains_discriminator, d_t, (ops.zeros_like(g_total), ops.full_like(d_loss, scale)))):
             if trains:
-                net_grads = pullback(cotangents)[0 if positions is g_t else 1]
-                for i, g in zip(positions, net_grads):
+                for i, g in zip(positions, pullback(cotangents)[net]):
                     grads[i] = g
         with _net_left_alone():
             trainable, optimizer_vars = self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
