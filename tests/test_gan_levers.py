@@ -128,3 +128,72 @@ def test_each_phase_trains_only_its_nets():
 
     assert counts(generator) == {6.0}  # pretraining's 4 steps, then 2 adversarial
     assert counts(discriminator) == {4.0}  # the warm-up's 2, then 2 adversarial
+
+
+def ema_follows_the_generator(folder: str) -> dict:
+    """Train one step per `fit` (adversarial ×3, warm-up ×1, adversarial ×1) and replay the average in NumPy
+    from the generator's weights after each step. Runs under either backend (the JAX test calls it in a
+    subprocess); returns what the tests compare."""
+    from chromalab.train.validation import colorizer
+
+    keras.utils.set_random_seed(0)
+    gan = Pix2Pix(build_generator(32, TINY), build_discriminator(32, TINY), 100.0, ema=0.9)
+    gan.compile(optimizer=FusedAdam(1e-2, beta_1=0.5))  # a large rate: each step moves the weights visibly
+    rng = np.random.default_rng(0)
+    L = rng.uniform(0, 1, (4, 32, 32, 1)).astype("float32")
+    ab = rng.uniform(-0.3, 0.3, (4, 32, 32, 2)).astype("float32")
+    trainable = [w.trainable for w in gan.generator.weights]
+    expected, updates = [np.asarray(w).copy() for w in gan.generator.weights], 0
+    for phase in (ADVERSARIAL,) * 3 + (WARMUP, ADVERSARIAL):
+        gan.phase = phase
+        gan.fit(L, ab, batch_size=4, epochs=1, verbose=0)
+        if phase == ADVERSARIAL:
+            decay = min(0.9, (1 + updates) / (10 + updates))
+            expected = [decay * e + (1 - decay) * np.asarray(w) if t else np.asarray(w).copy()
+                        for e, w, t in zip(expected, gan.generator.weights, trainable)]
+            updates += 1
+    averaged = [np.asarray(w) for w in gan.generator_ema.weights]
+    gan.save_weights(f"{folder}/gan.weights.h5")
+    fresh = Pix2Pix(build_generator(32, TINY), build_discriminator(32, TINY), 100.0, ema=0.9)
+    fresh.load_weights(f"{folder}/gan.weights.h5")
+    val = gan.evaluate(L, ab, batch_size=4, verbose=0, return_dict=True)
+    return {
+        "max_error": max(float(np.abs(a - e).max()) for a, e in zip(averaged, expected)),
+        "max_gap_to_trained": max(float(np.abs(a - np.asarray(w)).max())
+                                  for a, w in zip(averaged, gan.generator.weights)),
+        "updates": float(np.asarray(gan.ema_updates)),
+        "colorizer_is_the_average": bool(np.allclose(np.asarray(colorizer(gan)(L)),
+                                                     np.asarray(gan.generator_ema(L)), atol=1e-6)),
+        "val_mae_is_the_average's": bool(np.isclose(
+            val["mae"], np.abs(np.asarray(gan.generator_ema(L)) - ab).mean(), rtol=1e-4)),
+        "reload_exact": all(np.array_equal(np.asarray(a), np.asarray(b))
+                            for a, b in zip(fresh.weights, gan.weights)),
+    }
+
+
+def _assert_ema_follows(result: dict) -> None:
+    assert result["max_error"] < 1e-5  # exactly the recursion, warm-up included; the warm-up step skipped
+    assert result["max_gap_to_trained"] > 1e-3  # and not simply the trained weights
+    assert result["updates"] == 4.0
+    assert result["colorizer_is_the_average"] and result["val_mae_is_the_average's"]
+    assert result["reload_exact"]  # a checkpoint holds the average and its count
+
+
+def test_ema_is_the_moving_average_of_the_trained_generator(tmp_path):
+    _assert_ema_follows(ema_follows_the_generator(str(tmp_path)))
+
+
+def test_ema_under_jax_is_the_same_average(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import jax_env
+
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_gan_levers as t; "
+            "print(json.dumps(t.ema_follows_the_generator(sys.argv[2])))")
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path)],
+                          env=jax_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_ema_follows(json.loads(done.stdout.strip().splitlines()[-1]))

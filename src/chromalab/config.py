@@ -151,6 +151,7 @@ class GanParams(_Schedule):
     warmup_epochs: int = Field(0, ge=0)
     diffaug: bool = False
     spectral_norm: bool = False
+    ema: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _phases_within_training(self):

@@ -24,7 +24,7 @@ def build_for_training(model_name: str, params: Params, image_size: int, jit_com
     p = params.gan
     gan = Pix2Pix(build_generator(image_size, width=p.width, norm=p.norm),
                   build_discriminator(image_size, width=p.width, spectral_norm=p.spectral_norm, diffaug=p.diffaug),
-                  l1_lambda=p.l1_lambda, recon=p.recon_loss)
+                  l1_lambda=p.l1_lambda, recon=p.recon_loss, ema=p.ema)
     # Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer itself (auto_scale_loss).
     # FusedAdam: Keras' Adam in one kernel per variable on TensorFlow (a third of a CPU step, otherwise).
     gan.compile(optimizer=FusedAdam(learning_rate(p, steps_per_epoch), beta_1=p.beta_1),

@@ -55,12 +55,20 @@ class Pix2Pix(keras.Model):
     """
 
     def __init__(self, generator: keras.Model, discriminator: keras.Model, l1_lambda: float, recon: str = "l1",
-                 **kwargs):
+                 ema: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.generator = generator
         self.discriminator = discriminator
         self.l1_lambda = l1_lambda
         self.recon = recon
+        self.ema = ema
+        if ema:
+            # A moving average of the generator's weights (its own copy, never trained): what validation
+            # judges and the stage exports, since the trained net itself jitters with each adversarial step.
+            self.generator_ema = keras.models.clone_model(generator)
+            self.generator_ema.set_weights(generator.get_weights())
+            self.generator_ema.trainable = False
+            self.ema_updates = self.add_weight(shape=(), initializer="zeros", trainable=False, name="ema_updates")
         # Which nets the next compiled step trains (PHASES); set between `fit` calls, read when the step is traced.
         self.phase = ADVERSARIAL
         self.loss_trackers = {
@@ -75,6 +83,21 @@ class Pix2Pix(keras.Model):
 
     def call(self, L, training=False):
         return self.generator(L, training=training)
+
+    @property
+    def colorizing_generator(self) -> keras.Model:
+        """The generator that colours: the moving average when `ema` is on, else the trained one."""
+        return self.generator_ema if self.ema else self.generator
+
+    def _ema_decay(self, updates):
+        # TF's ExponentialMovingAverage warm-up (num_updates): early on the average follows the net closely,
+        # so that a short run's average is not held back by the initial weights.
+        return ops.minimum(self.ema, (1.0 + updates) / (10.0 + updates))
+
+    def _ema_pairs(self):
+        """(the generator's weight, its average) in layer order; non-trainable weights (BatchNorm's running
+        statistics) are copied, not averaged."""
+        return zip(self.generator.weights, self.generator_ema.weights)
 
     @property
     def phase(self) -> str:
@@ -114,7 +137,7 @@ class Pix2Pix(keras.Model):
         if keras.backend.backend() == "jax":
             return self._jax_test_step(*args)
         L, ab, _ = keras.utils.unpack_x_y_sample_weight(args[0])
-        fake_ab = ops.cast(self.generator(L, training=False), "float32")
+        fake_ab = ops.cast(self.colorizing_generator(L, training=False), "float32")
         for tracker in self.val_trackers.values():
             tracker.update_state(ab, fake_ab)
         return {name: tracker.result() for name, tracker in self.val_trackers.items()}
@@ -143,6 +166,11 @@ class Pix2Pix(keras.Model):
         del tape
         with _net_left_alone():
             self.optimizer.apply(grads, g_vars + d_vars)
+        if self.ema and self.trains_generator:
+            decay = self._ema_decay(self.ema_updates)
+            for weight, average in self._ema_pairs():
+                average.assign(decay * average + (1.0 - decay) * weight if weight.trainable else weight)
+            self.ema_updates.assign_add(1.0)
         for name, value in zip(self.loss_trackers, (g_total, g_gan, g_l1, d_loss)):
             self.loss_trackers[name].update_state(value)
         return {name: tracker.result() for name, tracker in self.loss_trackers.items()}
@@ -200,6 +228,8 @@ class Pix2Pix(keras.Model):
         for idx, values in ((g_n, g_nt), (d_n, d_nt)):
             for i, v in zip(idx, values):
                 non_trainable[i] = v
+        if self.ema and self.trains_generator:
+            self._jax_update_ema(trainable, non_trainable)
 
         logs, new_metrics_vars, offset = {}, [], 0
         values = dict(zip(self.loss_trackers, (g_total, g_gan, g_l1, d_loss)))
@@ -212,12 +242,26 @@ class Pix2Pix(keras.Model):
             new_metrics_vars += own
         return logs, (trainable, non_trainable, optimizer_vars, new_metrics_vars)
 
+    def _jax_update_ema(self, trainable: list, non_trainable: list) -> None:
+        """The TensorFlow step's average update, on the new state's values (in place)."""
+        in_tv = {id(v): i for i, v in enumerate(self.trainable_variables)}
+        in_ntv = {id(v): i for i, v in enumerate(self.non_trainable_variables)}
+        count = in_ntv[id(self.ema_updates)]
+        decay = self._ema_decay(non_trainable[count])
+        for weight, average in self._ema_pairs():
+            i = in_ntv[id(average)]
+            if id(weight) in in_tv:
+                non_trainable[i] = decay * non_trainable[i] + (1.0 - decay) * trainable[in_tv[id(weight)]]
+            else:
+                non_trainable[i] = non_trainable[in_ntv[id(weight)]]
+        non_trainable[count] = non_trainable[count] + 1.0
+
     def _jax_test_step(self, state, data):
         trainable, non_trainable, metrics_vars = state
         L, ab, _ = keras.utils.unpack_x_y_sample_weight(data)
-        tv, ntv = self.trainable_variables, self.non_trainable_variables
-        g_t, g_n = self._positions(tv, self.generator, True), self._positions(ntv, self.generator, False)
-        fake_ab, _ = self.generator.stateless_call([trainable[i] for i in g_t], [non_trainable[i] for i in g_n],
+        tv, ntv, net = self.trainable_variables, self.non_trainable_variables, self.colorizing_generator
+        g_t, g_n = self._positions(tv, net, True), self._positions(ntv, net, False)
+        fake_ab, _ = net.stateless_call([trainable[i] for i in g_t], [non_trainable[i] for i in g_n],
                                                    L, training=False)
         fake_ab = ops.cast(fake_ab, "float32")
         logs, new_metrics_vars, offset = {}, [], 0

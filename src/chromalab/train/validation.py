@@ -18,10 +18,10 @@ VAL_DELTA_E00 = "val_delta_e00"  # its key in the history rows, MLflow and train
 
 
 def colorizer(model: keras.Model) -> keras.Model:
-    """The net that colours (the GAN's generator, or the baseline itself) as an inference model that shares
+    """The net that colours (the GAN's generator or its moving average, or the baseline itself) as an inference model that shares
     its layers: what is exported, and what the best checkpoint's weights are saved from and loaded into
     (without the optimizer's state, which only the resumable checkpoint needs)."""
-    trained = getattr(model, "generator", model)
+    trained = getattr(model, "colorizing_generator", model)
     return keras.Model(trained.inputs, trained.outputs, name=trained.name)
 
 
