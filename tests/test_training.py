@@ -208,7 +208,7 @@ GAN_RUN = {**TINY, "train": {**TINY["train"], "checkpoint_every": 2, "val_every"
            # NoGAN's phases: epochs 1-4 pretrain G, 5-7 warm D up, 8-20 adversarial. The kill below lands in
            # the adversarial phase and the resume in the warm-up, so the resumed run crosses a phase boundary.
            "gan": {**TINY["gan"], "epochs": 20, "pretrain_epochs": 4, "warmup_epochs": 3, "norm": "group",
-                   "recon_loss": "ssim_l1", "diffaug": True, "spectral_norm": True}}
+                   "recon_loss": "ssim_l1", "diffaug": True, "spectral_norm": True, "ema": 0.99}}
 
 
 @pytest.fixture(scope="module")

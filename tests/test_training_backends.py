@@ -30,7 +30,7 @@ def _run_python(code: str, cwd: Path, env: dict[str, str] | None = None) -> subp
 def test_mirrored_strategy_trains_on_two_logical_devices(workdir):
     # Global batch 2 x 2 replicas = 4 divides both splits (8 train / 4 test).
     (workdir / "params.yaml").write_text(yaml.safe_dump({**TINY, "gan": {**TINY["gan"], "epochs": 3,
-                                                                          "batch_size": 2}}))
+                                                                          "batch_size": 2, "ema": 0.99}}))
     done = _run_python("""
         from chromalab.entry import skip_unused_extras; skip_unused_extras()  # first: TensorFlow then skips its unused imports
         import tensorflow as tf
