@@ -180,16 +180,19 @@ class Pix2Pix(keras.Model):
         own = {id(v) for v in (net.trainable_variables if trainable else net.non_trainable_variables)}
         return [i for i, v in enumerate(variables) if id(v) in own]
 
+    def _loss_scale(self, optimizer_vars):
+        """float16: both losses are scaled by the current dynamic scale (as Keras' own JAX step does), and
+        stateless_apply unscales, skips non-finite steps and adapts the scale; 1 otherwise."""
+        if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            return 1.0
+        with keras.StatelessScope(state_mapping=list(zip(self.optimizer.variables, optimizer_vars))):
+            return self.optimizer.scale_loss(1.0)
+
     def _jax_train_step(self, state, data):
         import jax
 
         trainable, non_trainable, optimizer_vars, metrics_vars = state
-        scale = 1.0
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            # float16: scale both losses by the current dynamic scale (as Keras' own JAX step does);
-            # stateless_apply below unscales, skips non-finite steps and adapts the scale.
-            with keras.StatelessScope(state_mapping=list(zip(self.optimizer.variables, optimizer_vars))):
-                scale = self.optimizer.scale_loss(1.0)
+        scale = self._loss_scale(optimizer_vars)
         L, ab, _ = keras.utils.unpack_x_y_sample_weight(data)
         tv, ntv = self.trainable_variables, self.non_trainable_variables
         g_t, d_t = self._positions(tv, self.generator, True), self._positions(tv, self.discriminator, True)
