@@ -12,7 +12,7 @@ from chromalab.files import atomic_file
 
 # Metrics where lower is better; the chart marks the direction so nobody reads a bar the wrong way.
 LOWER_IS_BETTER = {"ab_mse", "ab_mae", "rgb_mse", "rgb_mae", "delta_e00", "delta_e00_median", "delta_e00_p90",
-                   "out_of_gamut"}
+                   "out_of_gamut", "face_cool_cast"}
 CHART_NOTES = {
     "colourfulness_gap": "closer to 0 is better",
     "colourfulness_true": "the truth's, for scale",
@@ -20,6 +20,7 @@ CHART_NOTES = {
     "edge_chroma_gap": "right - left edge; the truth's is about 0",
     "edge_chroma_gap_true": "the truth's, for scale",
     "beats_gray": "share of photos with lower ΔE00 than gray",
+    "face_cool_cast": "share of face pixels painted blue where the truth is warm",
 }
 COLOURS = {GRAY_FLOOR: "#999999", "baseline": "#4c72b0", "gan": "#dd8452"}
 

@@ -17,6 +17,8 @@ Keys of `photo_metrics` (all floats):
   edge_chroma_gap                  mean chroma (Lab units) of the prediction's rightmost EDGE_FRACTION of
                                    columns minus its leftmost: a one-sided edge artefact shows here
   edge_chroma_gap_true             the same for the true photo, for scale
+  face_cool_cast                   share of the centre half's pixels (a portrait's face) painted cool, b* <
+                                   COOL_B, where the truth is warm or neutral, b* >= 0: issue 24's blue patches
 
 Every function takes one image [H, W, C]; `colourfulness` and `delta_e00` also take batches [..., H, W, C].
 """
@@ -40,13 +42,14 @@ RGB_DATA_RANGE = 1.0
 # (MSE = (1/255)² / 12) are indistinguishable, so PSNR is capped at that noise level: ≈ 58.9 dB.
 PSNR_CAP_DB = 10.0 * math.log10(12.0 * 255.0**2)
 EDGE_FRACTION = 10 / 64  # issue 11 measured the baseline's edge artefact on 10 columns of 64
+COOL_B = -5.0  # b* in Lab units: skin is b* > 0; a cast this blue on a face is visible on a sheet
 
 METRIC_KEYS = (
     "ab_ssim", "ab_mse", "ab_mae",
     "rgb_ssim", "rgb_mse", "rgb_mae", "rgb_psnr",
     "delta_e00",
     "colourfulness", "colourfulness_true", "colourfulness_gap",
-    "out_of_gamut", "edge_chroma_gap", "edge_chroma_gap_true",
+    "out_of_gamut", "edge_chroma_gap", "edge_chroma_gap_true", "face_cool_cast",
 )
 
 
@@ -105,6 +108,16 @@ def edge_chroma_gap(ab_norm: np.ndarray) -> float:
     return float(chroma[..., -cols:].mean() - chroma[..., :cols].mean())
 
 
+def face_cool_cast(true_ab_norm: np.ndarray, pred_ab_norm: np.ndarray) -> float:
+    """Share of the centre half's pixels (rows and columns S/4..3S/4, where a portrait crop has its face)
+    that the prediction paints cool (b* < COOL_B) where the truth's b* >= 0: 0 for the gray floor."""
+    size = true_ab_norm.shape[0]
+    centre = slice(size // 4, size - size // 4)
+    true_b = np.asarray(true_ab_norm, dtype=np.float64)[centre, centre, 1] * AB_SCALE
+    pred_b = np.asarray(pred_ab_norm, dtype=np.float64)[centre, centre, 1] * AB_SCALE
+    return float(np.mean((pred_b < COOL_B) & (true_b >= 0.0)))
+
+
 def gray_floor(true_ab: np.ndarray) -> np.ndarray:
     """The 'no colour' prediction (ab = 0) every model must beat."""
     return np.zeros_like(true_ab)
@@ -144,6 +157,7 @@ def photo_metrics(l_norm: np.ndarray, true_ab: np.ndarray, pred_ab: np.ndarray) 
         "out_of_gamut": float(out_of_gamut(l_norm, pred_ab).mean()),
         "edge_chroma_gap": edge_chroma_gap(pred_ab),
         "edge_chroma_gap_true": edge_chroma_gap(true_ab),
+        "face_cool_cast": face_cool_cast(true_ab, pred_ab),
     }
 
 
