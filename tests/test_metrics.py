@@ -159,18 +159,20 @@ def test_summarise_means_numeric_columns_and_counts(photos):
         metrics.summarise([])
 
 
-def test_face_cool_cast_counts_blue_paint_on_warm_centre_pixels_only():
+def test_face_cool_cast_counts_green_or_blue_paint_on_warm_centre_pixels_only():
     size = 64
     true_ab = np.zeros((size, size, 2))
-    true_ab[..., 1] = 20 / 128  # warm (skin-like) everywhere
+    true_ab[...] = (15 / 128, 20 / 128)  # warm, as skin, everywhere
     pred_ab = true_ab.copy()
-    # A blue patch of 8x8 inside the centre half (32x32 = 1024 pixels), another in a corner that is not counted.
-    pred_ab[20:28, 20:28, 1] = -10 / 128
-    pred_ab[:8, :8, 1] = -10 / 128
-    assert metrics.face_cool_cast(true_ab, pred_ab) == pytest.approx(64 / 1024)
+    # In the centre half (32x32 = 1024 pixels): an 8x8 blue patch and a 4x8 green one; a corner patch is
+    # outside the face and not counted.
+    pred_ab[20:28, 20:28] = (5 / 128, -10 / 128)
+    pred_ab[36:40, 20:28] = (-10 / 128, 10 / 128)
+    pred_ab[:8, :8] = (0, -10 / 128)
+    assert metrics.face_cool_cast(true_ab, pred_ab) == pytest.approx(96 / 1024)
     assert metrics.photo_metrics(np.full((size, size), 0.5), true_ab, pred_ab)["face_cool_cast"] == \
-        pytest.approx(64 / 1024)
-    # Blue where the truth is blue too (a blue shirt in the centre) is right, not a cast; slightly cool is not a cast.
-    true_ab[20:28, 20:28, 1] = -10 / 128
-    assert metrics.face_cool_cast(true_ab, pred_ab) == 0.0
+        pytest.approx(96 / 1024)
+    # Blue where the truth is blue too (a blue shirt) is right, not a cast; slightly cool is not a cast.
+    true_ab[20:28, 20:28] = (0, -10 / 128)
+    assert metrics.face_cool_cast(true_ab, pred_ab) == pytest.approx(32 / 1024)
     assert metrics.face_cool_cast(np.zeros_like(true_ab), np.full_like(true_ab, -4 / 128)) == 0.0

@@ -20,7 +20,7 @@ CHART_NOTES = {
     "edge_chroma_gap": "right - left edge; the truth's is about 0",
     "edge_chroma_gap_true": "the truth's, for scale",
     "beats_gray": "share of photos with lower ΔE00 than gray",
-    "face_cool_cast": "share of face pixels painted blue where the truth is warm",
+    "face_cool_cast": "share of warm face pixels painted green or blue",
 }
 COLOURS = {GRAY_FLOOR: "#999999", "baseline": "#4c72b0", "gan": "#dd8452"}
 

@@ -17,8 +17,9 @@ Keys of `photo_metrics` (all floats):
   edge_chroma_gap                  mean chroma (Lab units) of the prediction's rightmost EDGE_FRACTION of
                                    columns minus its leftmost: a one-sided edge artefact shows here
   edge_chroma_gap_true             the same for the true photo, for scale
-  face_cool_cast                   share of the centre half's pixels (a portrait's face) painted cool, b* <
-                                   COOL_B, where the truth is warm or neutral, b* >= 0: issue 24's blue patches
+  face_cool_cast                   share of the centre half's pixels (a portrait's face) whose truth is warm
+                                   (a*, b* >= 0, as skin is) painted cool (a* or b* < -COOL_MARGIN: green,
+                                   cyan, blue or purple): issue 24's blue and green patches on faces
 
 Every function takes one image [H, W, C]; `colourfulness` and `delta_e00` also take batches [..., H, W, C].
 """
@@ -42,7 +43,7 @@ RGB_DATA_RANGE = 1.0
 # (MSE = (1/255)² / 12) are indistinguishable, so PSNR is capped at that noise level: ≈ 58.9 dB.
 PSNR_CAP_DB = 10.0 * math.log10(12.0 * 255.0**2)
 EDGE_FRACTION = 10 / 64  # issue 11 measured the baseline's edge artefact on 10 columns of 64
-COOL_B = -5.0  # b* in Lab units: skin is b* > 0; a cast this blue on a face is visible on a sheet
+COOL_MARGIN = 5.0  # Lab units: skin has a*, b* > 0; a face this far out of that quadrant shows on a sheet
 
 METRIC_KEYS = (
     "ab_ssim", "ab_mse", "ab_mae",
@@ -110,12 +111,15 @@ def edge_chroma_gap(ab_norm: np.ndarray) -> float:
 
 def face_cool_cast(true_ab_norm: np.ndarray, pred_ab_norm: np.ndarray) -> float:
     """Share of the centre half's pixels (rows and columns S/4..3S/4, where a portrait crop has its face)
-    that the prediction paints cool (b* < COOL_B) where the truth's b* >= 0: 0 for the gray floor."""
+    whose truth is warm (a* >= 0 and b* >= 0) and which the prediction paints cool (a* or b* below
+    -COOL_MARGIN): 0 for the gray floor and for the truth."""
     size = true_ab_norm.shape[0]
     centre = slice(size // 4, size - size // 4)
-    true_b = np.asarray(true_ab_norm, dtype=np.float64)[centre, centre, 1] * AB_SCALE
-    pred_b = np.asarray(pred_ab_norm, dtype=np.float64)[centre, centre, 1] * AB_SCALE
-    return float(np.mean((pred_b < COOL_B) & (true_b >= 0.0)))
+    true_ab = np.asarray(true_ab_norm, dtype=np.float64)[centre, centre] * AB_SCALE
+    pred_ab = np.asarray(pred_ab_norm, dtype=np.float64)[centre, centre] * AB_SCALE
+    warm = (true_ab >= 0.0).all(axis=-1)
+    cool = (pred_ab < -COOL_MARGIN).any(axis=-1)
+    return float(np.mean(warm & cool))
 
 
 def gray_floor(true_ab: np.ndarray) -> np.ndarray:
