@@ -1,5 +1,6 @@
 """The GAN recipe's levers (issue 24): GroupNorm generator, spectral norm and DiffAugment for the
-discriminator, the SSIM+L1 reconstruction, and the NoGAN phases with a step count per net."""
+discriminator, the SSIM+L1 reconstruction, the NoGAN phases with a step count per net, and the exported
+generator's chroma curve."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from chromalab.train import losses
 from chromalab.train.diffaugment import DiffAugment
 from chromalab.train.gan import ADVERSARIAL, PRETRAIN, WARMUP, Pix2Pix, phase_plan
-from chromalab.train.models import build_discriminator, build_generator, forward_flops
+from chromalab.train.models import build_discriminator, build_generator, forward_flops, with_chroma_curve
 from chromalab.train.optimizers import FusedAdam
 
 TINY = 0.125
@@ -87,6 +88,27 @@ def test_ssim_l1_reconstruction_is_the_weighted_sum():
     total, adversarial, _ = losses.generator_loss(None, real, fake, 100.0, "ssim_l1")
     assert float(total) == pytest.approx(float(mix)) and float(adversarial) == 0.0
 
+
+
+def test_the_chroma_curve_moves_chroma_away_from_its_pivot_and_keeps_hue(tmp_path):
+    """C → C (1 - k + k C / pivot): gray stays gray, the pivot stays, chroma above it grows and below it
+    shrinks, each pixel's hue (the direction of ab) unchanged; saved, it loads with a plain load_model."""
+    inputs = keras.Input((1, 4, 2))
+    net = keras.Model(inputs, keras.layers.Identity()(inputs), name="net")
+    chroma = np.array([0.0, 10.0, 20.0, 50.0])
+    ab = np.array([[0.0, 0.0], [6.0, -8.0], [20.0, 0.0], [-30.0, 40.0]]) / 128  # chroma 0, 10, 20, 50
+    ab = ab.reshape(1, 1, 4, 2).astype("float32")
+    assert with_chroma_curve(net, 20.0, 0.0) is net
+    for k in (0.5, 1.0):
+        curved = with_chroma_curve(net, 20.0, k)
+        out = np.asarray(curved(ab))[0, 0] * 128
+        expected = chroma * (1 - k + k * chroma / 20.0)
+        np.testing.assert_allclose(np.hypot(out[:, 0], out[:, 1]), expected, atol=1e-3)
+        np.testing.assert_allclose(out[1:] / expected[1:, None], ab[0, 0, 1:] * 128 / chroma[1:, None],
+                                   atol=1e-5)
+    curved.save(tmp_path / "curved.keras")
+    loaded = keras.saving.load_model(tmp_path / "curved.keras")
+    np.testing.assert_allclose(np.asarray(loaded(ab)), np.asarray(curved(ab)), atol=1e-7)
 
 @pytest.mark.parametrize("pretrain, warmup, epochs, start, plan", [
     (0, 0, 10, 0, [(ADVERSARIAL, 0, 10)]),

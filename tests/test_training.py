@@ -208,7 +208,8 @@ GAN_RUN = {**TINY, "train": {**TINY["train"], "checkpoint_every": 2, "val_every"
            # NoGAN's phases: epochs 1-4 pretrain G, 5-7 warm D up, 8-20 adversarial. The kill below lands in
            # the adversarial phase and the resume in the warm-up, so the resumed run crosses a phase boundary.
            "gan": {**TINY["gan"], "epochs": 20, "pretrain_epochs": 4, "warmup_epochs": 3, "norm": "group",
-                   "recon_loss": "ssim_l1", "diffaug": True, "spectral_norm": True, "ema": 0.99}}
+                   "recon_loss": "ssim_l1", "diffaug": True, "spectral_norm": True, "ema": 0.99,
+                   "chroma_expand": 0.5, "chroma_pivot": 10.0}}
 
 
 @pytest.fixture(scope="module")
@@ -363,6 +364,26 @@ def test_training_logs_to_a_real_tracking_server(gan_run_on_server, mlflow_serve
     assert [m.step for m in client.get_metric_history(run.info.run_id, "g_loss")] == list(range(1, epochs + 1))
     assert not (repo / "mlflow.db").exists()  # the env var overrides the default store
 
+
+
+def test_the_gan_exports_its_generator_with_the_chroma_curve(gan_run_on_server, dataset):
+    """model.keras is the best generator followed by its chroma curve, and the final val ΔE00 is that curved
+    model's, so it differs from the best checkpoint's."""
+    import keras
+
+    from chromalab.data.dataset import load_split_arrays
+    from chromalab.train.validation import mean_delta_e00
+
+    repo, metrics, _ = gan_run_on_server
+    exported = keras.saving.load_model(repo / "models/gan/model.keras", compile=False)
+    generator = keras.Model(exported.inputs, exported.get_layer("ab").output)
+    _, val_L, val_ab = load_split_arrays(dataset, "val")
+    curved, raw = exported.predict(val_L, verbose=0), generator.predict(val_L, verbose=0)
+    k, pivot = GAN_RUN["gan"]["chroma_expand"], GAN_RUN["gan"]["chroma_pivot"]
+    chroma = np.hypot(raw[..., 0], raw[..., 1])[..., None] * 128
+    np.testing.assert_allclose(curved, raw * (1 - k + k * chroma / pivot), atol=1e-5)
+    assert metrics["val_delta_e00"] == pytest.approx(mean_delta_e00(val_L, val_ab, curved), rel=1e-4)
+    assert metrics["val_delta_e00"] != pytest.approx(metrics["best_val_delta_e00"], rel=1e-4)
 
 # --- validation on val, and the export of its best epoch -------------------------------------------------------
 

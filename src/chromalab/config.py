@@ -152,6 +152,8 @@ class GanParams(_Schedule):
     diffaug: bool = False
     spectral_norm: bool = False
     ema: float = Field(0.0, ge=0, lt=1)
+    chroma_expand: float = Field(0.0, ge=0, le=1)
+    chroma_pivot: float = Field(20.0, gt=0)
 
     @model_validator(mode="after")
     def _phases_within_training(self):

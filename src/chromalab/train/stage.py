@@ -34,6 +34,7 @@ from chromalab.train.checkpoint import Checkpoint, params_fingerprint, write_his
 from chromalab.train.distribute import chief_logs_to_mlflow, make_strategy, replica_count
 from chromalab.train.epochs import steps_per_epoch
 from chromalab.train.gan import VALIDATION_METRICS, phase_plan
+from chromalab.train.models import with_chroma_curve
 from chromalab.train.validation import VAL_DELTA_E00, colorizer, val_delta_e00
 
 
@@ -98,7 +99,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         datasets.log_dataset_inputs(info, data_dir)
         started = time.perf_counter()
         _fit(model, data, epochs_input, resume, params, model_name, steps, validation, n_train, has_gpu)
-        exported = _best_colorizer(model, resume)
+        exported = _best_colorizer(model, resume, params, model_name)
         metrics = _final_metrics(model, exported, data.validation, validation, resume, epochs,
                                  time.perf_counter() - started)
         metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run; `dvc exp show` links to it
@@ -204,17 +205,21 @@ def _resume_point(params: Params, model_name: str, folder: Path, info: dict) -> 
     return Resume(checkpoint, fingerprint, {"fingerprint": fingerprint, "status": "running", "epoch": 0}, 0, [])
 
 
-def _best_colorizer(model: keras.Model, resume: Resume) -> keras.Model:
-    """The colorizer (sharing the training model's layers) holding the weights of the lowest val ΔE00."""
+def _best_colorizer(model: keras.Model, resume: Resume, params: Params, model_name: str) -> keras.Model:
+    """The colorizer (sharing the training model's layers) holding the weights of the lowest val ΔE00; the
+    GAN's with its chroma curve (chromalab.train.models.with_chroma_curve), the baseline as the seed's."""
     exported = colorizer(model)
     exported.load_weights(resume.checkpoint.best_weights(resume.state))  # every run validates its last epoch
+    if model_name == "gan":
+        exported = with_chroma_curve(exported, params.gan.chroma_pivot, params.gan.chroma_expand)
     return exported
 
 
 def _final_metrics(model: keras.Model, exported: keras.Model, val_ds, validation: Validation, resume: Resume,
                    epochs: int, train_seconds: float) -> dict:
-    """The exported colorizer's val_* scores (SSIM, MSE, MAE on ab; ΔE00, which repeats best_val_delta_e00),
-    which epoch it is, and the last epoch's training losses. Never test: that is the evaluate stage's."""
+    """The val_* scores of the best checkpoint (SSIM, MSE, MAE on ab) and of the exported colorizer (ΔE00: the
+    GAN's after its chroma curve, otherwise best_val_delta_e00 again), which epoch it is, and the last epoch's
+    training losses. Never test: that is the evaluate stage's."""
     scores = model.evaluate(val_ds, verbose=0, return_dict=True)  # the training model now holds the best weights
     last = resume.history[-1] if resume.history else {}
     out = {f"val_{k}": float(v) for k, v in scores.items() if k in VALIDATION_METRICS}
