@@ -9,8 +9,9 @@ schedule on the optimizer's restored step count, and MLflow only ever holds chec
 
 Training validates on the val split, never on test (the evaluate stage's): Keras' SSIM/MSE/MAE every
 `train.val_every` epochs, and mean ΔE00 then and at the last epoch. The exported model.keras is the colorizer
-of the validation with the lowest ΔE00 (chromalab.train.validation), not necessarily the last epoch's;
-train_metrics.json and the MLflow run say which (best_epoch, best_val_delta_e00, exported).
+of the validation with the lowest ΔE00 (chromalab.train.validation), not necessarily the last epoch's, the GAN's
+followed by its chroma curve (`gan.chroma_expand`); train_metrics.json and the MLflow run say which
+(best_epoch, best_val_delta_e00, exported).
 """
 
 from __future__ import annotations
