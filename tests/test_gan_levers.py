@@ -89,7 +89,6 @@ def test_ssim_l1_reconstruction_is_the_weighted_sum():
     assert float(total) == pytest.approx(float(mix)) and float(adversarial) == 0.0
 
 
-
 def test_the_chroma_curve_moves_chroma_away_from_its_pivot_and_keeps_hue(tmp_path):
     """C → C (1 - k + k C / pivot): gray stays gray, the pivot stays, chroma above it grows and below it
     shrinks, each pixel's hue (the direction of ab) unchanged; saved, it loads with a plain load_model."""
@@ -109,6 +108,7 @@ def test_the_chroma_curve_moves_chroma_away_from_its_pivot_and_keeps_hue(tmp_pat
     curved.save(tmp_path / "curved.keras")
     loaded = keras.saving.load_model(tmp_path / "curved.keras")
     np.testing.assert_allclose(np.asarray(loaded(ab)), np.asarray(curved(ab)), atol=1e-7)
+
 
 @pytest.mark.parametrize("pretrain, warmup, epochs, start, plan", [
     (0, 0, 10, 0, [(ADVERSARIAL, 0, 10)]),

@@ -365,7 +365,6 @@ def test_training_logs_to_a_real_tracking_server(gan_run_on_server, mlflow_serve
     assert not (repo / "mlflow.db").exists()  # the env var overrides the default store
 
 
-
 def test_the_gan_exports_its_generator_with_the_chroma_curve(gan_run_on_server, dataset):
     """model.keras is the best generator followed by its chroma curve, and the final val ΔE00 is that curved
     model's, so it differs from the best checkpoint's."""
@@ -384,6 +383,7 @@ def test_the_gan_exports_its_generator_with_the_chroma_curve(gan_run_on_server, 
     np.testing.assert_allclose(curved, raw * (1 - k + k * chroma / pivot), atol=1e-5)
     assert metrics["val_delta_e00"] == pytest.approx(mean_delta_e00(val_L, val_ab, curved), rel=1e-4)
     assert metrics["val_delta_e00"] != pytest.approx(metrics["best_val_delta_e00"], rel=1e-4)
+
 
 # --- validation on val, and the export of its best epoch -------------------------------------------------------
 

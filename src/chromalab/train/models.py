@@ -237,7 +237,6 @@ def build_model(name: str, image_size: int | None = 256, width: float = 1.0) -> 
     raise ChromalabError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
 
 
-
 def with_chroma_curve(colorizer: keras.Model, pivot: float, expand: float) -> keras.Model:
     """`colorizer` whose output chroma C (Lab units) becomes C (1 - k + k C / pivot) with k = `expand`, hue
     kept; k = 0 gives `colorizer` back. A net trained on a per-pixel loss paints the average of the colours
@@ -257,6 +256,7 @@ def with_chroma_curve(colorizer: keras.Model, pivot: float, expand: float) -> ke
                             name="chroma_gain")(chroma)
     curved = layers.Multiply(dtype="float32", name="chroma_curve")([ab, gain])
     return keras.Model(colorizer.inputs, curved, name=colorizer.name)
+
 
 # --- FLOPs -------------------------------------------------------------------------------------------
 
