@@ -133,7 +133,6 @@ class BaselineParams(_Schedule):
     loss: Literal["ssim", "msssim"] = "ssim"
     width: float = Field(1.0, gt=0)
     dropout: float = Field(0.5, ge=0, lt=1)
-    zoom: float = Field(0.0, ge=0, le=1)
 
 
 class GanParams(_Schedule):
@@ -155,7 +154,6 @@ class GanParams(_Schedule):
     ema: float = Field(0.0, ge=0, lt=1)
     chroma_expand: float = Field(0.0, ge=0, le=1)
     chroma_pivot: float = Field(20.0, gt=0)
-    zoom: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _phases_within_training(self):

@@ -35,14 +35,13 @@ GIB = 2**30
 VALIDATION_SPLIT = "val"
 
 
-def augment_for(data_dir: Path, info: dict, flip_lr: bool, flip_ud: bool, contrast_aug: bool,
-                zoom: float = 0.0) -> Augment:
+def augment_for(data_dir: Path, info: dict, flip_lr: bool, flip_ud: bool, contrast_aug: bool) -> Augment:
     """The augmentation the params ask for, on what the records (`info`: their dataset.json) hold."""
     n_variants = len(info["variants"])
     if contrast_aug and not n_variants:
         warnings.warn(f"{data_dir} was built without contrast variants (tfrecords.contrast_variants: false), "
                       "so contrast_aug has nothing to pick from", stacklevel=3)
-    return Augment(1 + n_variants if contrast_aug else 1, flip_lr, flip_ud, zoom)
+    return Augment(1 + n_variants if contrast_aug else 1, flip_lr, flip_ud)
 
 
 def epoch_plans(seed: int, n_photos: int, batch_size: int, augment: Augment, epochs: range) -> Iterator[tuple]:
@@ -57,8 +56,8 @@ def epoch_plans(seed: int, n_photos: int, batch_size: int, augment: Augment, epo
 
 
 def make_dataset(data_dir: Path, split: str, batch_size: int, *, training: bool, flip_lr: bool = True,
-                 flip_ud: bool = False, contrast_aug: bool = True, zoom: float = 0.0, seed: int = 0,
-                 epochs: int = 1, initial_epoch: int = 0, cache: bool = True) -> "tf.data.Dataset":  # noqa: F821
+                 flip_ud: bool = False, contrast_aug: bool = True, seed: int = 0, epochs: int = 1,
+                 initial_epoch: int = 0, cache: bool = True) -> "tf.data.Dataset":  # noqa: F821
     """Batches of (L [B,S,S,1], ab [B,S,S,2]) float32 from `split`.
 
     training: the batches of epochs `initial_epoch` … `epochs - 1` (as in Keras' `fit`; pass `fit` the
@@ -76,7 +75,7 @@ def make_dataset(data_dir: Path, split: str, batch_size: int, *, training: bool,
     if training:
         if not 0 <= initial_epoch < epochs:
             raise ChromalabError(f"make_dataset: need 0 <= initial_epoch < epochs, got {initial_epoch} and {epochs}")
-        augment = augment_for(data_dir, info, flip_lr, flip_ud, contrast_aug, zoom)
+        augment = augment_for(data_dir, info, flip_lr, flip_ud, contrast_aug)
         dataset = _training_batches(records, n_photos, batch_size, augment, seed, range(initial_epoch, epochs), cache)
     else:
         dataset = records.map(lambda photo_id, l_stack, ab: (tf.cast(l_stack[..., :1], tf.float32),
@@ -202,11 +201,11 @@ def _endless(first: int) -> Iterator[int]:
 
 
 def jax_training_feed(data_dir: Path, batch_size: int, *, flip_lr: bool, flip_ud: bool, contrast_aug: bool,
-                      seed: int, max_gb: float, zoom: float = 0.0, distributed: bool = False) -> JaxTrainingFeed:
+                      seed: int, max_gb: float, distributed: bool = False) -> JaxTrainingFeed:
     """The JAX feed for `data_dir`'s training split: on the device if it fits `max_gb` and one device trains."""
     info = read_dataset_info(data_dir)
     n_photos = int(info["counts"]["train"])
-    augment = augment_for(data_dir, info, flip_lr, flip_ud, contrast_aug, zoom)
+    augment = augment_for(data_dir, info, flip_lr, flip_ud, contrast_aug)
     nbytes = split_nbytes(info, "train", augment.n_choices)
     on_device = not distributed and nbytes <= max_gb * GIB
     if not on_device:
@@ -230,19 +229,18 @@ class TrainingInput:
 
 
 def training_input(data_dir: Path, global_batch: int, train_params, seed: int, *, epochs: int,
-                   initial_epoch: int = 0, zoom: float = 0.0, distributed: bool = False) -> TrainingInput:
-    """Epochs `initial_epoch` … `epochs - 1` of the training split (zoomed by up to `zoom`, the model's own
-    param), and the val split for validation (never test: what chooses among epochs must not be what scores
-    the result)."""
+                   initial_epoch: int = 0, distributed: bool = False) -> TrainingInput:
+    """Epochs `initial_epoch` … `epochs - 1` of the training split, and the val split for validation (never
+    test: what chooses among epochs must not be what scores the result)."""
     p = train_params
     remaining = initial_epoch < epochs
     if keras.backend.backend() == "jax":
         feed = jax_training_feed(data_dir, global_batch, flip_lr=p.flip_lr, flip_ud=p.flip_ud,
                                  contrast_aug=p.contrast_aug, seed=seed, max_gb=p.device_data_max_gb,
-                                 zoom=zoom, distributed=distributed)
+                                 distributed=distributed)
         _, L, ab = load_split_arrays(data_dir, VALIDATION_SPLIT)
         return TrainingInput(feed.batches(initial_epoch) if remaining else None, ArrayBatches(L, ab, global_batch))
     train = make_dataset(data_dir, "train", global_batch, training=True, flip_lr=p.flip_lr, flip_ud=p.flip_ud,
-                         contrast_aug=p.contrast_aug, zoom=zoom, seed=seed, epochs=epochs,
+                         contrast_aug=p.contrast_aug, seed=seed, epochs=epochs,
                          initial_epoch=initial_epoch) if remaining else None
     return TrainingInput(train, make_dataset(data_dir, VALIDATION_SPLIT, global_batch, training=False))

@@ -80,8 +80,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
 
     def epochs_input(start: int, stop: int):
         return training_input(data_dir, global_batch, params.train, params.base.seed, epochs=stop,
-                              initial_epoch=start, zoom=params.model(model_name).zoom,
-                              distributed=strategy is not None)
+                              initial_epoch=start, distributed=strategy is not None)
 
     first_phase = _phases(params, model_name, resume.epoch)[:1]
     data = epochs_input(resume.epoch, first_phase[0][2] if first_phase else epochs)  # no train input if none left
