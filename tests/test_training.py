@@ -309,7 +309,9 @@ def test_tiny_model_overfits_with_finite_falling_loss_and_mlflow_holds_the_run(r
         client = mlflow.MlflowClient(request.getfixturevalue("mlflow_server"))
     else:  # the default store: mlflow.db at the repo root
         workdir = request.getfixturevalue("workdir")
-        p = tiny_params()
+        # Without the seed's dropout: at width 0.25 it halves a few channels, and whether 30 epochs then move
+        # the SSIM loss by 0.005 hung on the CPU's float order (it failed on one machine, passed on another).
+        p = tiny_params(baseline={"dropout": 0.0})
         metrics = run_train(p, model_name)
         client = _client(workdir)
     epochs, val_every, sample_every = p.model(model_name).epochs, p.train.val_every, p.train.sample_every
