@@ -4,9 +4,15 @@ generator's chroma curve."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
+import yaml
+
+from chromalab.config import GanParams
 
 from chromalab.train import losses
 from chromalab.train.diffaugment import DiffAugment
@@ -15,6 +21,7 @@ from chromalab.train.models import build_discriminator, build_generator, forward
 from chromalab.train.optimizers import FusedAdam
 
 TINY = 0.125
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_group_norm_generator_normalises_only_maps_larger_than_2x2():
@@ -219,3 +226,18 @@ def test_ema_under_jax_is_the_same_average(tmp_path):
                           env=jax_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_ema_follows(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_the_readmes_seed_recipe_line_sets_every_lever_of_the_recipe_back_to_the_seeds():
+    """params.yaml's recipe + the README's `seed-recipe` overrides = GanParams' defaults (pix2pix's), apart from
+    what the seed's tutorial itself chose: 1,500 epochs at batch 1 and a constant rate. A lever added to the
+    recipe without its `-S` in that line would make the line reproduce something other than the seed."""
+    line = re.search(r"dvc exp run -n seed-recipe (.*?)\n```", (ROOT / "README.md").read_text(), re.S).group(1)
+    overrides = dict(re.findall(r"-S gan\.(\w+)=(\S+)", line))
+    gan = yaml.safe_load((ROOT / "params.yaml").read_text())["gan"]
+    seed = GanParams(**{**gan, **{key: yaml.safe_load(value) for key, value in overrides.items()}})
+    assert (seed.epochs, seed.batch_size, seed.decay_epochs) == (1500, 1, 0)
+    tutorial_choices = {"epochs", "batch_size", "decay_epochs"}
+    differing = {name for name in GanParams.model_fields if name not in tutorial_choices
+                 and getattr(seed, name) != getattr(GanParams(), name)}
+    assert not differing, f"the README's seed-recipe line leaves these at the recipe's values: {sorted(differing)}"
