@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from chromalab.config import GanParams
-
 from chromalab.train import losses
 from chromalab.train.diffaugment import DiffAugment
 from chromalab.train.gan import ADVERSARIAL, PRETRAIN, WARMUP, Pix2Pix, phase_plan
