@@ -18,9 +18,9 @@ from chromalab.train.diffaugment import DiffAugment
 from chromalab.train.gan import ADVERSARIAL, PRETRAIN, WARMUP, Pix2Pix, phase_plan
 from chromalab.train.models import build_discriminator, build_generator, forward_flops, with_chroma_curve
 from chromalab.train.optimizers import FusedAdam
+from repo import ROOT
 
 TINY = 0.125
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_group_norm_generator_normalises_only_maps_larger_than_2x2():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +16,8 @@ import pytest
 from chromalab.train.models import gan_train_step_flops
 from chromalab.train.checkpoint import read_history
 from conftest import jax_env
+from repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts/gpu_check.py"
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo import ROOT
+
 SRC = ROOT / "src"
 PACKAGE = SRC / "chromalab"
 MAX_FUNCTION_LINES = 60

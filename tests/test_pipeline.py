@@ -25,11 +25,11 @@ from PIL import Image
 
 from chromalab.color import lab_norm_to_rgb
 from conftest import TENSORFLOW_NOISE, stop_process_group
+from repo import ROOT
 from sheets import assert_charts_draw, assert_comparison_sheet, panels, read_rgb
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST, N_VAL = 16, 4, 4
 
 TINY_PARAMS = {

@@ -21,8 +21,8 @@ from chromalab.config import parse_params
 from chromalab.data.download import run_download
 from chromalab.errors import ChromalabError
 from chromalab.data.split import SAFE_PHOTO_ID, run_split
+from repo import ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGE_BASE = "https://images.example.test"
 
 
@@ -42,7 +42,7 @@ def raw_dir(photos, tmp_path_factory):
 def params(**split):
     """The repository's params.yaml split group (its real keyword lists), with `split` overrides (n_val 2
     unless given: the fake archive holds a few dozen candidates)."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     return parse_params({"base": {"seed": split.pop("seed", 7)}, "split": {**raw["split"], "n_val": 2, **split}})
 
 
