@@ -215,7 +215,6 @@ def test_ema_under_jax_is_the_same_average(tmp_path):
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
     from conftest import jax_env
 
