@@ -4,13 +4,17 @@
     .venv/bin/python scripts/curve_frontier.py RUN [RUN ...] --out frontier.png
 
 Each RUN is a workspace that `dvc repro` (or `dvc exp run`) filled: data/tfrecords and
-models/{baseline,gan}/model.keras. For each model the curve comes off the exported model (the GAN's carries
-it), then goes back on at strengths k = 0 … 1.2 around the recipe's pivot (`params.yaml`, `gan.chroma_pivot`);
-each point is the test split scored as the evaluate stage scores it. One panel per run, the models' own
-exports marked, the issue's colour target (within 15 % of the truth) shaded; the points go to a JSON file
-beside the picture. It answers "which model is closer to the truth at the same colourfulness?", which the
-evaluate stage's single point per model cannot: per run it also prints the exported GAN against the baseline
-given the curve at the colourfulness nearest the GAN's (no more colourful), paired over the test photos.
+models/{baseline,gan}/model.keras; its folder's name labels its panel. For each model the curve comes off the
+exported model (the GAN's carries it), then goes back on at strengths k = 0 … 1.2 (and at the GAN's exported
+k) around the GAN's own pivot; each point is the test split scored as the evaluate stage scores it. The grid
+passes `chroma_expand`'s bound of 1 so that a dull model can reach the colour target; above 1 the curve
+turns the hue of the nearly gray pixels (C < pivot (k - 1) / k, under 3 Lab units at k 1.2) round.
+
+It answers "which model is closer to the truth at the same colourfulness?", which the evaluate stage's one
+point per model cannot. Per run it draws a panel (the exports starred, the issue's colour target shaded) and
+prints the exported GAN against the baseline with the curve at the strength that brings it nearest the GAN's
+colourfulness without passing it (so that any colour advantage is the baseline's), paired over the test
+photos; no match where that is more than MATCH_PCT away. The points go to a JSON file beside the picture.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chromalab.color import AB_SCALE
 from chromalab.config import MODEL_NAMES, load_params
 from chromalab.data.dataset import load_split_arrays
 from chromalab.evaluate.metrics import photo_metrics, summarise
@@ -29,18 +34,23 @@ from chromalab.train.models import with_chroma_curve
 
 STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0, 1.2)
 COLOUR_TARGET_PCT = 15.0  # issue 24: colourfulness within 15 % of the truth's
+MATCH_PCT = 5.0  # about two grid steps of colourfulness: further apart, the two models are not alike
+BOOTSTRAP_DRAWS = 5000
 BATCH = 16
+LABELS = {"baseline": "CNN (baseline)", "gan": "GAN (recipe)"}
 
 
 def without_curve(model):
-    """(the colorizer before its chroma curve, the curve's strength k): (model, 0.0) for a model without one."""
+    """(the colorizer before its chroma curve, the curve's strength k, its pivot): (model, 0.0, None) for a
+    model without one. The curve's gain layer holds scale = k · AB_SCALE / pivot and offset = 1 - k."""
     import keras
 
-    names = {layer.name for layer in model.layers}
-    if "chroma_gain" not in names:
-        return model, 0.0
-    strength = 1.0 - float(model.get_layer("chroma_gain").get_config()["offset"])  # offset = 1 - k
-    return keras.Model(model.inputs, model.get_layer("chroma_hue").input), strength
+    if "chroma_gain" not in {layer.name for layer in model.layers}:
+        return model, 0.0, None
+    gain = model.get_layer("chroma_gain").get_config()
+    strength = 1.0 - float(gain["offset"])
+    pivot = strength * AB_SCALE / float(gain["scale"])
+    return keras.Model(model.inputs, model.get_layer("chroma_hue").input), strength, pivot
 
 
 def frontier(raw, L: np.ndarray, true_ab: np.ndarray, pivot: float, strengths=STRENGTHS) -> list[dict]:
@@ -58,15 +68,17 @@ def frontier(raw, L: np.ndarray, true_ab: np.ndarray, pivot: float, strengths=ST
 
 
 def exported_point(model: dict) -> dict:
-    return min(model["points"], key=lambda p: abs(p["k"] - model["exported_k"]))
+    """The point scored at the model's own exported strength (the grid always holds it)."""
+    return next(p for p in model["points"] if p["k"] == model["exported_k"])
 
 
-def like_for_like(gan: dict, baseline: dict, draws: int = 5000) -> dict | None:
-    """The exported GAN against the baseline with the curve at the strength that brings it closest to the GAN's
-    colourfulness without passing it: the mean per-photo ΔE00 gap, its bootstrap 95 % interval and the share of
-    photos the GAN is closer on. None if no strength leaves the baseline as dull as the GAN or duller."""
+def like_for_like(gan: dict, baseline: dict, draws: int = BOOTSTRAP_DRAWS) -> dict | None:
+    """The exported GAN against the baseline with the curve at the strength that brings it nearest the GAN's
+    colourfulness without passing it: the mean per-photo ΔE00 gap, its bootstrap 95 % interval and the share
+    of photos the GAN is closer on. None if no strength leaves the baseline within MATCH_PCT below the GAN."""
     ours = exported_point(gan)
-    duller = [p for p in baseline["points"] if p["colourfulness_pct"] <= ours["colourfulness_pct"]]
+    duller = [p for p in baseline["points"]
+              if ours["colourfulness_pct"] - MATCH_PCT <= p["colourfulness_pct"] <= ours["colourfulness_pct"]]
     if not duller:
         return None
     theirs = max(duller, key=lambda p: p["colourfulness_pct"])
@@ -79,15 +91,18 @@ def like_for_like(gan: dict, baseline: dict, draws: int = 5000) -> dict | None:
             "gan_closer_share": float(np.mean(gap < 0))}
 
 
-def measure(run: Path, pivot: float) -> dict:
+def measure(run: Path, pivot: float | None) -> dict:
+    """Both models' frontiers on `run`'s test split, around `pivot` (None: the GAN's own), and the match."""
     _, L, true_ab = load_split_arrays(run / "data" / "tfrecords", "test")
-    result = {}
-    for name in MODEL_NAMES:
-        raw, exported = without_curve(load_trained(run / "models", name))
-        result[name] = {"exported_k": exported, "points": frontier(raw, L, true_ab, pivot)}
-        print(f"{run.name} {name}: " + "  ".join(
-            f"k {p['k']:g}: {p['delta_e00']:.2f} ({p['colourfulness_pct']:+.0f} %)" for p in result[name]["points"]),
-            flush=True)
+    unwrapped = {name: without_curve(load_trained(run / "models", name)) for name in MODEL_NAMES}
+    pivot = pivot or unwrapped["gan"][2] or load_params().gan.chroma_pivot
+    result = {"pivot": pivot, "photos": len(L)}
+    for name, (raw, exported, _) in unwrapped.items():
+        grid = sorted({*STRENGTHS, exported})
+        result[name] = {"exported_k": exported, "points": frontier(raw, L, true_ab, pivot, grid)}
+        print(f"{run.name} {name}: " + "  ".join(f"k {p['k']:g}: {p['delta_e00']:.2f} "
+                                                 f"({p['colourfulness_pct']:+.0f} %)" for p in result[name]["points"]),
+              flush=True)
     result["like_for_like"] = matched = like_for_like(result["gan"], result["baseline"])
     if matched:
         print(f"{run.name}: the GAN against the baseline at curve k {matched['baseline_k']:g}: gap "
@@ -96,34 +111,36 @@ def measure(run: Path, pivot: float) -> dict:
     return result
 
 
-def without_per_photo(results: dict) -> dict:
-    """`results` for the JSON file: the points' means only."""
-    return {run: {name: ({**model, "points": [{k: v for k, v in p.items() if k != "per_photo"} for p in model["points"]]}
-                         if name in MODEL_NAMES else model) for name, model in result.items()}
-            for run, result in results.items()}
+def for_json(results: dict) -> dict:
+    """`results` without the per-photo arrays, with what the numbers mean."""
+    runs = {run: {key: ({**value, "points": [{k: v for k, v in p.items() if k != "per_photo"}
+                                             for p in value["points"]]} if key in MODEL_NAMES else value)
+                  for key, value in result.items()} for run, result in results.items()}
+    return {"split": "test", "strengths": list(STRENGTHS), "match_within_pct": MATCH_PCT,
+            "bootstrap_draws": BOOTSTRAP_DRAWS, "runs": runs}
 
 
-def plot(path: Path, results: dict[str, dict], pivot: float) -> None:
+def plot(path: Path, results: dict[str, dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results), 4.2), squeeze=False)
     for ax, (label, result) in zip(axes[0], results.items()):
         ax.axvspan(-COLOUR_TARGET_PCT, COLOUR_TARGET_PCT, color="0.92", label="colour target")
-        for name, style in zip(MODEL_NAMES, ("C0", "C1")):  # baseline blue, GAN orange
-            points = result[name]["points"]
+        for name, colour in zip(MODEL_NAMES, ("C0", "C1")):
+            points, own = result[name]["points"], exported_point(result[name])
             ax.plot([p["colourfulness_pct"] for p in points], [p["delta_e00"] for p in points], "-o",
-                    color=style, ms=3, label=f"{name}, curve k 0 … {points[-1]['k']:g}")
-            own = exported_point(result[name])
-            ax.plot(own["colourfulness_pct"], own["delta_e00"], "*", color=style, ms=14, mec="k",
-                    label=f"{name} as exported (k {result[name]['exported_k']:g})")
-        ax.set_title(label)
+                    color=colour, ms=3, label=f"{LABELS[name]}, curve k 0 … {points[-1]['k']:g}")
+            ax.plot(own["colourfulness_pct"], own["delta_e00"], "*", color=colour, ms=14, mec="k",
+                    label=f"{LABELS[name]} as exported (k {own['k']:g})")
+        ax.set_title(f"{label} (pivot {result['pivot']:g})")
         ax.set_xlabel("colourfulness against the truth (%)")
-    axes[0][0].set_ylabel(f"test ΔE00 (lower is better); pivot {pivot:g}")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    axes[0][0].set_ylabel("test ΔE00 (lower is better)")
+    # one legend under the panels: inside any panel it hides some run's curve
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -131,13 +148,16 @@ def plot(path: Path, results: dict[str, dict], pivot: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="workspaces with data/tfrecords and models/")
-    parser.add_argument("--out", type=Path, required=True, help="the picture (.png); the points go beside it (.json)")
-    parser.add_argument("--pivot", type=float, default=None, help="default: params.yaml's gan.chroma_pivot")
+    parser.add_argument("--out", type=Path, required=True, help="the picture (.png); the points go beside it")
+    parser.add_argument("--pivot", type=float, default=None,
+                        help="default: the GAN's exported pivot, else params.yaml's gan.chroma_pivot")
     args = parser.parse_args()
-    pivot = args.pivot if args.pivot is not None else load_params().gan.chroma_pivot
-    results = {run.resolve().name: measure(run, pivot) for run in args.runs}
-    plot(args.out, results, pivot)
-    args.out.with_suffix(".json").write_text(json.dumps({"pivot": pivot, "runs": without_per_photo(results)}, indent=1) + "\n")
+    labels = [run.resolve().name for run in args.runs]
+    if len(set(labels)) != len(labels):
+        parser.error(f"the runs' folder names label the panels and must differ: {', '.join(labels)}")
+    results = {label: measure(run, args.pivot) for label, run in zip(labels, args.runs)}
+    plot(args.out, results)
+    args.out.with_suffix(".json").write_text(json.dumps(for_json(results), indent=1) + "\n")
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
 
 

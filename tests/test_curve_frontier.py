@@ -33,10 +33,10 @@ def photos():
 def test_the_curve_comes_off_an_exported_model_and_its_strength_reads_back(photos):
     script, L = load_script(), photos[0]
     generator = build_model("gan", SIZE, width=TINY)
-    raw, strength = script.without_curve(with_chroma_curve(generator, PIVOT, 0.75))
-    assert strength == pytest.approx(0.75)
+    raw, strength, pivot = script.without_curve(with_chroma_curve(generator, 12.5, 0.8))
+    assert (strength, pivot) == (pytest.approx(0.8), pytest.approx(12.5))
     np.testing.assert_allclose(raw.predict(L, verbose=0), generator.predict(L, verbose=0), atol=1e-6)
-    assert script.without_curve(generator) == (generator, 0.0)  # a model without a curve, as the CNN
+    assert script.without_curve(generator) == (generator, 0.0, None)  # a model without a curve, as the CNN
 
 
 def test_each_strength_is_scored_as_the_evaluate_stage_scores_that_model(photos):
@@ -68,3 +68,5 @@ def test_like_for_like_takes_the_baseline_strength_closest_to_the_gan_colour_wit
     assert matched["gan_closer_share"] == pytest.approx(2 / 3)
     assert matched["gap_95"][0] <= matched["gap"] <= matched["gap_95"][1]
     assert script.like_for_like(gan, {"exported_k": 0.0, "points": [point(0.0, 18, [5, 5, 5])]}) is None
+    far = -9 - script.MATCH_PCT - 1  # a model this much duller is not alike: no match, not a flattering gap
+    assert script.like_for_like(gan, {"exported_k": 0.0, "points": [point(1.2, far, [9, 9, 9])]}) is None
