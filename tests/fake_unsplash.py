@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import gzip
 import io
 import threading
 import time
@@ -50,8 +51,28 @@ DEFAULT_KINDS = {"person": 30, "person_user": 6, "low_confidence": 5, "bw_keywor
 ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 
 IMAGE_FAULTS = ("404", "410", "429-once", "500-twice", "500-always", "truncated-once", "corrupt", "gray",
-                "rgba-png", "wrong-size", "slow", "stall-once")
-ARCHIVE_FAULTS = ("drop-once", "ignore-range", "500-once")
+                "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif")
+# drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
+# html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes
+ARCHIVE_FAULTS = ("drop-once", "drop-always", "ignore-range", "500-once", "no-validator", "html-page", "gzip")
+SIGN_IN_PAGE = b"<!doctype html><html><body>Please sign in to continue.</body></html>"
+
+
+def archive_etag(data: bytes) -> str:
+    """The strong ETag the server gives `data`."""
+    return f'"{zlib.crc32(data):08x}-{len(data)}"'
+
+
+def exif_that_breaks_pillow(rgb: np.ndarray) -> bytes:
+    """A whole colour JPEG whose EXIF says "rotate" (orientation 6) and holds TileOffsets (a LONG tag) as text:
+    it decodes, but rotating it upright makes Pillow re-pack the EXIF and raise struct.error."""
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Cam"  # orientation; Make (ASCII), retagged below
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG", exif=exif, quality=90)
+    make_entry = b"\x01\x0f\x00\x02"  # tag 0x010F, type 2 (ASCII), big-endian as Pillow writes it
+    assert buffer.getvalue().count(make_entry) == 1
+    return buffer.getvalue().replace(make_entry, b"\x01\x44\x00\x02")
 
 
 @dataclass(frozen=True)
@@ -328,11 +349,16 @@ def _make_handler(server: FakeUnsplash):
                 self.close_connection = True
 
         def _archive(self, n):
-            data = server.archive
-            etag = f'"{zlib.crc32(data):08x}-{len(data)}"'
+            gzipped = "gzip" in server.archive_faults  # whatever the client accepts: a misbehaving proxy
+            data = gzip.compress(server.archive, mtime=0) if gzipped else server.archive
+            etag = archive_etag(data)
             if "500-once" in server.archive_faults and n == 1:
                 return self._send(500, b"internal error")
-            headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+            if "html-page" in server.archive_faults:
+                return self._send(200, SIGN_IN_PAGE, "text/html")
+            headers = {"Accept-Ranges": "bytes"} | ({} if "no-validator" in server.archive_faults else {"ETag": etag})
+            if gzipped:
+                headers["Content-Encoding"] = "gzip"
             start = 0
             ranged = self.headers.get("Range", "")
             if_range = self.headers.get("If-Range")
@@ -342,7 +368,8 @@ def _make_handler(server: FakeUnsplash):
                     return self._send(416, b"", headers={"Content-Range": f"bytes */{len(data)}"})
                 headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
             body = data[start:]
-            drop = len(body) // 2 if "drop-once" in server.archive_faults and n == 1 else None
+            dropping = "drop-always" in server.archive_faults or ("drop-once" in server.archive_faults and n == 1)
+            drop = len(body) // 2 if dropping else None
             self._send(206 if start else 200, body, "application/zip", headers, send_bytes=drop)
 
         def _image(self, photo_id, query, n):
@@ -353,6 +380,8 @@ def _make_handler(server: FakeUnsplash):
             time.sleep(delay)
             if fault in ("404", "410"):
                 return self._send(int(fault), b"gone")
+            if fault == "html-page":
+                return self._send(200, SIGN_IN_PAGE, "text/html")
             if (fault == "429-once" and n == 1):
                 return self._send(429, b"slow down", headers={"Retry-After": "1"})
             if (fault == "500-twice" and n <= 2) or fault == "500-always":
@@ -368,6 +397,8 @@ def _make_handler(server: FakeUnsplash):
                 body, content_type = encode(np.dstack([rgb, alpha]), "png", 0)
             else:
                 body, content_type = encode(rgb, query.get("fm", "jpg"), int(query.get("q", 75)))
+            if fault == "bad-exif":
+                body = exif_that_breaks_pillow(rgb)
             if fault == "corrupt":  # consistent bytes, correctly framed: only a full decode notices
                 body = body[: len(body) // 2]
             drop = len(body) // 3 if fault == "truncated-once" and n == 1 else None

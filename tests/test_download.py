@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_unsplash import lite_photos, make_lite_archive
+from fake_unsplash import archive_etag, lite_photos, make_lite_archive
 
 from chromalab.data import download
 from chromalab.config import parse_params
@@ -76,6 +76,7 @@ def test_dropped_connection_resumes_with_a_range_request(fake_unsplash, photos, 
 
     first, second = fake_unsplash.requests_to(fake_unsplash.archive_path)
     assert "Range" not in first.headers
+    assert first.headers["Accept-Encoding"] == "identity"  # a gzip-encoded body would break the byte offsets
     start = int(second.headers["Range"].removeprefix("bytes=").removesuffix("-"))
     assert 0 < start <= len(archive) // 2  # resumed from what had arrived, not from zero
     assert second.headers["If-Range"]  # guarded against the file changing in between
@@ -99,13 +100,87 @@ def test_partial_download_from_an_earlier_run_is_resumed(fake_unsplash, photos, 
     fake_unsplash.archive = archive
     part = partial_download_path(fake_unsplash.latest_url, tmp_path / "cache" / "downloads")
     part.parent.mkdir(parents=True)
-    part.write_bytes(archive[:123_456])  # what a killed run left behind
+    part.write_bytes(archive[:123_456])  # what a killed run left behind: the first bytes and their validator
+    download._meta_path(part).write_text(json.dumps({"url": fake_unsplash.latest_url, "validator": archive_etag(archive)}))
 
     out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
     (only,) = fake_unsplash.requests_to(fake_unsplash.archive_path)
     assert only.headers["Range"] == "bytes=123456-"
     check_tables(out, photos, archive)
     assert not part.exists()
+
+
+@pytest.mark.timeout(60)  # the bug this guards against is an endless loop
+def test_server_that_drops_every_transfer_and_never_resumes_is_an_error_not_a_loop(fake_unsplash, photos, tmp_path):
+    filler = np.random.default_rng(3).bytes(300_000)
+    fake_unsplash.archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})
+    fake_unsplash.archive_faults = {"drop-always", "ignore-range"}
+    with pytest.raises(ChromalabError, match="times without progress") as err:
+        run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    assert "\n" not in str(err.value)
+    # the first try gets half, each later one starts over and gets the same half: no progress
+    assert len(fake_unsplash.requests_to(fake_unsplash.archive_path)) == download.DOWNLOAD_RETRIES + 2
+
+
+def test_a_part_without_a_validator_is_downloaded_afresh_not_resumed(fake_unsplash, photos, tmp_path):
+    filler = np.random.default_rng(4).bytes(300_000)
+    archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})
+    fake_unsplash.archive = archive
+    fake_unsplash.archive_faults = {"drop-once", "no-validator"}  # nothing would tell a changed file apart
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    assert ["Range" in r.headers for r in fake_unsplash.requests_to(fake_unsplash.archive_path)] == [False, False]
+    check_tables(out, photos, archive)
+
+
+def test_a_gzip_encoded_download_starts_over_instead_of_resuming(fake_unsplash, photos, tmp_path):
+    filler = np.random.default_rng(5).bytes(300_000)
+    archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})
+    fake_unsplash.archive = archive
+    fake_unsplash.archive_faults = {"drop-once", "gzip"}  # the part holds decoded bytes, a Range counts encoded ones
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    assert ["Range" in r.headers for r in fake_unsplash.requests_to(fake_unsplash.archive_path)] == [False, False]
+    check_tables(out, photos, archive)
+
+
+def test_an_error_page_is_one_line_and_never_the_start_of_a_resume(fake_unsplash, photos, tmp_path):
+    archive = make_lite_archive(photos, fake_unsplash.url)
+    fake_unsplash.archive = archive
+    fake_unsplash.archive_faults = {"html-page"}
+    with pytest.raises(ChromalabError, match=r"not a zip archive \(text/html") as err:
+        run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    assert "\n" not in str(err.value) and "check data.url" in str(err.value)
+    assert list((tmp_path / "cache" / "downloads").glob("*.part")) == []
+
+    fake_unsplash.archive_faults = set()  # signed in again
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    assert "Range" not in fake_unsplash.requests_to(fake_unsplash.archive_path)[-1].headers
+    check_tables(out, photos, archive)
+
+
+def test_a_damaged_download_is_set_aside_and_fetched_afresh(fake_unsplash, photos, tmp_path):
+    archive = make_lite_archive(photos, fake_unsplash.url)
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        member = zf.getinfo("photos.tsv000")
+    data_start = member.header_offset + 30 + len(member.filename) + len(member.extra)
+    middle = data_start + member.compress_size // 2
+    damaged = archive[:middle] + bytes(b ^ 0xFF for b in archive[middle:middle + 8]) + archive[middle + 8:]
+    fake_unsplash.archive = damaged  # its directory reads; its data does not
+    with pytest.raises(ChromalabError, match="damaged zip archive.*kept aside as") as err:
+        run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    assert "\n" not in str(err.value)
+    assert [p.suffix for p in (tmp_path / "cache" / "downloads").iterdir()] == [".rejected"]
+
+    fake_unsplash.archive = archive
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    assert "Range" not in fake_unsplash.requests_to(fake_unsplash.archive_path)[-1].headers
+    check_tables(out, photos, archive)
+
+
+def test_a_redirect_loop_is_named(fake_unsplash, tmp_path):
+    fake_unsplash.archive = b"PK"
+    fake_unsplash.archive_path = "/data/lite/latest"  # latest redirects to itself
+    with pytest.raises(ChromalabError, match="too many redirects"):
+        run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
 
 
 def test_transient_server_error_is_retried(fake_unsplash, photos, tmp_path, fast_backoff):

@@ -161,6 +161,24 @@ def test_network_failure_asks_for_a_rerun_which_fetches_only_what_is_missing(fak
     assert sorted(got["train"]) == sorted([t for t in train if t != train[2]] + [reserve[0]])
 
 
+def test_an_error_page_is_a_failure_to_retry_and_odd_exif_a_corrupt_photo(fake_unsplash, tmp_path, fast_backoff):
+    train, test, reserve = photo_ids("tr", 4), photo_ids("te", 2), photo_ids("re", 2)
+    fake_unsplash.image_faults = {train[0]: "html-page", train[1]: "bad-exif"}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError, match=rf"1 of 6 photos could not be fetched \(e.g. {train[0]}: HTTP 200 with a "
+                                             r"text/html page instead of a photo .*\); re-run the stage"):
+        run_images(params(), tmp_path / "split", tmp_path / "images")
+    # a page says nothing about the photo: not recorded, so it is asked again; the EXIF that breaks Pillow is
+    # the photo's own fault: recorded as corrupt and replaced, instead of stopping every run with a traceback
+    reasons = {r["photo_id"]: r["reason"] for r in read_csv(tmp_path / "images" / "rejected.csv")}
+    assert list(reasons) == [train[1]] and reasons[train[1]].startswith("corrupt (")
+
+    del fake_unsplash.image_faults[train[0]]  # the host lets us in again
+    run_images(params(), tmp_path / "split", tmp_path / "images")
+    got = check_output(tmp_path / "images")
+    assert sorted(got["train"]) == sorted([train[0], *train[2:], reserve[0]])
+
+
 KILL_SCRIPT = """
 import json, sys
 from pathlib import Path

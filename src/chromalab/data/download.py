@@ -14,11 +14,13 @@ import os
 import re
 import sys
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
@@ -35,6 +37,7 @@ DOWNLOAD_BACKOFF_S = 0.5
 DOWNLOAD_TIMEOUT_S = (15.0, 60.0)  # (connect, read between bytes)
 # A connection that drops mid-chunk loses that chunk (urllib3 discards a short read): keep chunks small.
 CHUNK_BYTES = 1 << 16
+ZIP_START = b"PK"  # every zip (a local file header, or the end record of an empty one)
 
 # Only what the later stages read: everything else in the zip is never decompressed.
 REQUIRED_COLUMNS = {
@@ -68,31 +71,42 @@ def run_download(params: Params, out_dir: Path = Path("data/raw"), cache_dir: Pa
     else:
         archive, resolved_url = fetch_archive(url, cache_dir / "downloads")
 
-    digest, size = sha256_file(archive), archive.stat().st_size
-    expected = params.data.sha256.strip().lower()
-    if expected and digest != expected:
-        kept = ""
+    try:
+        digest, size = check_digest(archive, url, params.data.sha256)
+        with staged_dir(out_dir) as tmp:
+            members, rows = extract_tables(archive, tmp)
+            _write_json(tmp / "source.json", {
+                "source": "unsplash", "url": url, "resolved_url": resolved_url,
+                "sha256": digest, "size": size, "rows": rows, "members": members,
+            })
+    except ChromalabError as exc:
         if local is None:  # never leave a bad download where the next run would resume it
-            aside = archive.with_suffix(".rejected")
-            os.replace(archive, aside)
-            _meta_path(archive).unlink(missing_ok=True)
-            kept = f" (kept aside as {aside})"
-        raise ChromalabError(
-            f"{url}: SHA-256 {digest} does not match data.sha256 {expected}{kept}; "
-            "check data.sha256 against CHANGELOG.md of unsplash/datasets for this release"
-        )
-
-    with staged_dir(out_dir) as tmp:
-        members, rows = extract_tables(archive, tmp)
-        _write_json(tmp / "source.json", {
-            "source": "unsplash", "url": url, "resolved_url": resolved_url,
-            "sha256": digest, "size": size, "rows": rows, "members": members,
-        })
+            raise ChromalabError(f"{exc} ({_set_aside(archive)})") from None
+        raise
     if local is None:  # the tables are the stage's output; 700 MB of zip need not stay
         archive.unlink()
         _meta_path(archive).unlink(missing_ok=True)
     tqdm.write(f"download: {', '.join(f'{t} {n:,} rows' for t, n in rows.items())} -> {out_dir}", file=sys.stderr)
     return out_dir
+
+
+def check_digest(archive: Path, url: str, expected: str) -> tuple[str, int]:
+    """(SHA-256, size) of `archive`; an error if data.sha256 is set and differs."""
+    digest, expected = sha256_file(archive), expected.strip().lower()
+    if expected and digest != expected:
+        raise ChromalabError(
+            f"{url}: SHA-256 {digest} does not match data.sha256 {expected}; "
+            "check data.sha256 against CHANGELOG.md of unsplash/datasets for this release"
+        )
+    return digest, archive.stat().st_size
+
+
+def _set_aside(archive: Path) -> str:
+    """Move a download that failed its checks out of the way of the next run's resume; says where."""
+    aside = archive.with_suffix(".rejected")
+    os.replace(archive, aside)
+    _meta_path(archive).unlink(missing_ok=True)
+    return f"the download is kept aside as {aside}; the next run downloads it afresh"
 
 
 def local_archive_path(url: str) -> Path | None:
@@ -124,61 +138,85 @@ def fetch_archive(url: str, downloads_dir: Path) -> tuple[Path, str]:
     """Download `url` into downloads_dir, resuming a previous partial download; returns (file, final URL).
 
     urllib3's Retry covers failures before a response; a connection that drops mid-body is resumed
-    here with a Range request (If-Range guards against the file having changed on the server).
+    here with a Range request (If-Range guards against the file having changed on the server). A try that
+    adds no byte to the part counts against DOWNLOAD_RETRIES, so a server that drops every transfer
+    before it gets further, or never resumes, ends in an error instead of a loop.
     """
     downloads_dir.mkdir(parents=True, exist_ok=True)
     part = partial_download_path(url, downloads_dir)
     meta_path = _meta_path(part)
     session = retrying_session(DOWNLOAD_RETRIES, DOWNLOAD_BACKOFF_S)
-    attempts_without_progress = 0
+    tries_without_progress = 0
     while True:
-        offset = part.stat().st_size if part.exists() else 0
-        headers = {}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
-            validator = _read_meta(meta_path).get("validator")
-            if validator:
-                headers["If-Range"] = validator
+        before = _resumable_size(part, meta_path)
+        # identity: a gzip-encoded body would be stored decoded, and Range offsets count encoded bytes
+        headers = {"Accept-Encoding": "identity"}
+        if before:
+            headers |= {"Range": f"bytes={before}-", "If-Range": _read_meta(meta_path)["validator"]}
         try:
             response = session.get(url, headers=headers, stream=True, timeout=DOWNLOAD_TIMEOUT_S)
         except requests.RequestException as exc:
-            raise ChromalabError(_unreachable_message(url, exc)) from None
+            raise ChromalabError(_unreachable_message(url, _failure_reason(exc))) from None
         with response:
-            if response.status_code == 416 and offset:
-                if _content_range_total(response) == offset:  # killed after the last byte: nothing left
-                    return part, response.url
-                part.unlink()
-                continue
-            if response.status_code >= 400:
-                retried = f" after {DOWNLOAD_RETRIES} retries" if response.status_code in RETRY_STATUSES else ""
-                raise ChromalabError(
-                    f"{url}: HTTP {response.status_code} {response.reason}{retried}; "
-                    "check data.url, or download the zip elsewhere and set data.url to its local path"
-                )
-            resumed = response.status_code == 206
-            if resumed and _content_range_start(response) != offset:  # not the bytes asked for: start over
-                part.unlink()
-                continue
-            if not resumed:  # a server that ignores Range (or a changed file) sends it all again
-                offset = 0
-                _write_json(meta_path, {"url": url, "validator": _validator(response)})
-            length = response.headers.get("Content-Length")
-            total = offset + int(length) if length and length.isdigit() else None
-            try:
-                with part.open("ab" if resumed else "wb") as f, tqdm(
-                    total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc="download"
-                ) as bar:
-                    for chunk in response.iter_content(CHUNK_BYTES):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-                return part, response.url
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-                got = part.stat().st_size
-                attempts_without_progress = 0 if got > offset else attempts_without_progress + 1
-                if attempts_without_progress > DOWNLOAD_RETRIES:
-                    raise ChromalabError(_unreachable_message(url, exc)) from None
-                tqdm.write(f"download: connection lost after {got:,} bytes ({type(exc).__name__}); resuming",
-                           file=sys.stderr)
+            lost = _receive(response, url, part, meta_path, before)
+        if lost is None:
+            return part, response.url
+        got = part.stat().st_size if part.exists() else 0
+        tries_without_progress = 0 if got > before else tries_without_progress + 1
+        if tries_without_progress > DOWNLOAD_RETRIES:
+            raise ChromalabError(_unreachable_message(url, f"{lost}, {DOWNLOAD_RETRIES + 1} times without progress"))
+        tqdm.write(f"download: {lost} after {got:,} bytes; resuming", file=sys.stderr)
+
+
+def _resumable_size(part: Path, meta_path: Path) -> int:
+    """The bytes of `part` a Range request may continue from: none without a validator for If-Range, since
+    then nothing tells a changed file (a new release, an error page) from the one the part began."""
+    size = part.stat().st_size if part.exists() else 0
+    if size and not _read_meta(meta_path).get("validator"):
+        part.unlink()
+        return 0
+    return size
+
+
+def _receive(response: requests.Response, url: str, part: Path, meta_path: Path, offset: int) -> str | None:
+    """Append (206) or write (200) `response`'s body to `part`: None once the file is whole, else what broke
+    off the transfer (worth another try). A 4xx/5xx answer or a body that is no zip raises."""
+    if response.status_code == 416 and offset:
+        if _content_range_total(response) == offset:  # killed after the last byte: nothing left
+            return None
+        part.unlink()
+        return "the server refused to resume (HTTP 416)"
+    if response.status_code >= 400:
+        retried = f" after {DOWNLOAD_RETRIES} retries" if response.status_code in RETRY_STATUSES else ""
+        raise ChromalabError(
+            f"{url}: HTTP {response.status_code} {response.reason}{retried}; "
+            "check data.url, or download the zip elsewhere and set data.url to its local path"
+        )
+    resumed = response.status_code == 206
+    if resumed and _content_range_start(response) != offset:  # not the bytes asked for: start over
+        part.unlink(missing_ok=True)
+        return "the server sent other bytes than asked for"
+    if not resumed:  # a server that ignores Range (or a changed file) sends it all again
+        offset = 0
+        _write_json(meta_path, {"url": url, "validator": _validator(response)})
+    length = response.headers.get("Content-Length")
+    total = offset + int(length) if length and length.isdigit() else None
+    try:
+        with part.open("ab" if resumed else "wb") as f, tqdm(
+            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc="download"
+        ) as bar:
+            for chunk in response.iter_content(CHUNK_BYTES):
+                if f.tell() == 0 and not chunk.startswith(ZIP_START[: len(chunk)]):
+                    raise ChromalabError(_not_a_zip_message(url, response, chunk))
+                f.write(chunk)
+                bar.update(len(chunk))
+        return None
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError) as exc:
+        return _failure_reason(exc, "connection lost")
+    except ChromalabError:
+        part.unlink(missing_ok=True)  # an error page must never become the start of a later resume
+        raise
 
 
 def partial_download_path(url: str, downloads_dir: Path) -> Path:
@@ -186,16 +224,37 @@ def partial_download_path(url: str, downloads_dir: Path) -> Path:
     return downloads_dir / f"lite-{hashlib.sha256(url.encode()).hexdigest()[:16]}.zip.part"
 
 
-def _unreachable_message(url: str, exc: Exception) -> str:
-    reason = "timed out" if isinstance(exc, requests.Timeout) else f"connection failed ({type(exc).__name__})"
+def _unreachable_message(url: str, reason: str) -> str:
     return (
         f"cannot download {url}: {reason}; without internet access, download the Lite zip elsewhere "
         "and set data.url in params.yaml to its local path"
     )
 
 
+def _failure_reason(exc: Exception, broken: str = "connection failed") -> str:
+    """What went wrong, in words: requests reports an exhausted read timeout as a ConnectionError whose
+    MaxRetryError names the real cause."""
+    if isinstance(exc, requests.TooManyRedirects):
+        return "too many redirects (a redirect loop?)"
+    cause = exc.args[0] if exc.args else None
+    cause = getattr(cause, "reason", cause)
+    if isinstance(exc, requests.Timeout) or isinstance(cause, urllib3.exceptions.TimeoutError):
+        return "timed out"
+    return f"{broken} ({type(cause if isinstance(cause, Exception) else exc).__name__})"
+
+
+def _not_a_zip_message(url: str, response: requests.Response, head: bytes) -> str:
+    kind = response.headers.get("Content-Type", "").split(";")[0].strip() or "no Content-Type"
+    return (f"{url}: the server sent something that is not a zip archive ({kind}, starting {head[:16]!r}); "
+            "check data.url (a sign-in or error page?), or download the zip elsewhere and set data.url to its path")
+
+
 def _validator(response: requests.Response) -> str:
-    """What If-Range may carry: a strong ETag, else Last-Modified (RFC 9110 §13.1.5)."""
+    """What If-Range may carry: a strong ETag, else Last-Modified (RFC 9110 §13.1.5). None for an encoded
+    body (a server that gzips despite Accept-Encoding: identity): the part holds it decoded, and a Range
+    would count encoded bytes, so such a download starts over instead of resuming."""
+    if response.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        return ""
     etag = response.headers.get("ETag", "")
     if etag and not etag.startswith("W/"):
         return etag
@@ -248,7 +307,10 @@ def extract_tables(archive: Path, out_dir: Path) -> tuple[dict[str, list[str]], 
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="extract") as bar:
             for table, infos in parts.items():
                 dest = out_dir / f"{table}.tsv"
-                _concatenate_parts(zf, infos, dest, table, archive, bar)
+                try:
+                    _concatenate_parts(zf, infos, dest, table, archive, bar)
+                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a directory that reads, data that doesn't
+                    raise ChromalabError(f"{archive}: damaged zip archive ({exc}); check data.url") from None
                 members[table] = [info.filename for info in infos]
                 rows[table] = count_rows(dest)
     return members, rows

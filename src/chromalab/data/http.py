@@ -5,8 +5,9 @@ from __future__ import annotations
 from urllib3.util.retry import Retry
 
 USER_AGENT = "chromalab (+Unsplash Lite research download)"
-# Worth another try: rate limiting and the server's own failures. 404/410 are final (the photo is gone).
+# Worth another try: rate limiting and the server's own failures. 404/410/451 are final (the photo is gone).
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+RETRY_AFTER_MAX_S = 300  # a 429's Retry-After beyond this is cut to it rather than stalling for hours
 
 
 def retry_policy(retries: int, backoff_s: float, **options) -> Retry:
@@ -14,4 +15,4 @@ def retry_policy(retries: int, backoff_s: float, **options) -> Retry:
     exponential backoff; the last answer is returned rather than raised, so its status makes the message."""
     return Retry(total=retries, connect=retries, read=retries, status=retries, backoff_factor=backoff_s,
                  status_forcelist=RETRY_STATUSES, allowed_methods={"GET"}, respect_retry_after_header=True,
-                 raise_on_status=False, **options)
+                 retry_after_max=RETRY_AFTER_MAX_S, raise_on_status=False, **options)

@@ -2,7 +2,7 @@
 
 Unsplash photos are fetched from their dynamic image URL, cropped by the server
 (`fit=crop&crop=faces,entropy`); folder photos are centre-cropped here. Every photo must decode in
-full and have colour (mean chroma >= images.min_chroma); a photo that is gone (404/410), corrupt or
+full and have colour (mean chroma >= images.min_chroma); a photo that is gone (404/410/451), corrupt or
 gray is recorded in rejected.csv and its slot goes to the next reserve photo.
 
 out_dir persists across runs (DVC `persist: true`), which makes the stage resumable: each image is
@@ -39,10 +39,9 @@ from chromalab.errors import ChromalabError
 from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, FETCHED_SPLITS
 from chromalab.data.http import RETRY_STATUSES, USER_AGENT, retry_policy
 
-GONE_STATUSES = (404, 410)
+GONE_STATUSES = (404, 410, 451)  # 451: withheld for legal reasons, as final as gone
 BACKOFF_FACTOR_S = 0.5  # urllib3: no wait before the 1st retry, then 1 s, 2 s, 4 s, … (capped below)
 BACKOFF_MAX_S = 60.0
-RETRY_AFTER_MAX_S = 300  # a 429's Retry-After beyond this is cut to it rather than stalling a worker for hours
 REJECTED_FIELDS = ("photo_id", "split", "reason")
 # What the files on disk were made with: another value invalidates them (only "gone" rejections survive).
 SETTINGS_FILE = "fetch_settings.json"
@@ -163,8 +162,7 @@ class PhotoFetcher:
         self.journal = journal
         # preload_content=True makes urllib3 read the body inside its retry loop, so a truncated body
         # or a read timeout mid-body is retried like a connection error (requests cannot do that).
-        retry = retry_policy(ip.retries, BACKOFF_FACTOR_S, backoff_max=BACKOFF_MAX_S,
-                             retry_after_max=RETRY_AFTER_MAX_S)
+        retry = retry_policy(ip.retries, BACKOFF_FACTOR_S, backoff_max=BACKOFF_MAX_S)
         self.http = urllib3.PoolManager(
             maxsize=ip.concurrency, retries=retry, timeout=urllib3.Timeout(connect=ip.timeout_s, read=ip.timeout_s),
             headers={"User-Agent": USER_AGENT},
@@ -215,6 +213,9 @@ class PhotoFetcher:
         if response.status != 200:
             retried = f" after {self.retries} retries" if response.status in RETRY_STATUSES else ""
             raise FetchFailed(f"HTTP {response.status}{retried}")
+        page = response.headers.get("Content-Type", "").split(";")[0].strip()
+        if page.startswith("text/"):  # a sign-in, block or error page says nothing about the photo itself
+            raise FetchFailed(f"HTTP 200 with a {page} page instead of a photo (blocked or rate limited?)")
         return response.data
 
     def checked_jpeg(self, data: bytes) -> bytes:
@@ -231,8 +232,12 @@ class PhotoFetcher:
                 image.load()  # full decode: a truncated or corrupt file fails here, not in a later stage
                 rgb = image if as_served else square_rgb(image, self.size)
                 chroma = mean_chroma(np.asarray(rgb))
-        except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as exc:
-            raise Rejected(f"corrupt ({str(exc).splitlines()[0][:80] or type(exc).__name__})") from None
+        except Image.UnidentifiedImageError:
+            raise Rejected("corrupt (not an image file)") from None
+        # Pillow's decoders and EXIF reader raise more than OSError on hostile bytes (struct.error from a
+        # mistyped EXIF tag, for one): whatever this photo's bytes make them raise is the photo's fault.
+        except Exception as exc:
+            raise Rejected(f"corrupt ({(str(exc).splitlines() or [''])[0][:80] or type(exc).__name__})") from None
         if chroma < self.min_chroma:
             raise Rejected(f"gray (mean chroma {chroma:.2f} < images.min_chroma {self.min_chroma:g})")
         if as_served:  # already what we want: re-encoding would only lose quality
