@@ -37,6 +37,35 @@ def test_bad_params_stop_every_stage_with_one_line_and_exit_status_1(tmp_path, c
         assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and message in lines[0], captured.err
 
 
+def test_a_command_that_fails_or_is_interrupted_exits_non_zero(monkeypatch, capsys):
+    """`chromalab colorize … && next-step` must stop when some photos failed (typer.Exit(1)) or on Ctrl-C."""
+    import typer
+
+    from chromalab import cli
+
+    commands = typer.Typer()
+
+    @commands.command()
+    def partly_failed():
+        raise typer.Exit(1)
+
+    @commands.command()
+    def interrupted():
+        raise KeyboardInterrupt
+
+    @commands.command()
+    def done():
+        pass
+
+    monkeypatch.setattr(cli, "app", commands)
+    for command, status in (("partly-failed", 1), ("interrupted", 130)):
+        with pytest.raises(SystemExit) as exited:
+            cli.main([command])
+        assert exited.value.code == status, command
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "aborted"
+    cli.main(["done"])  # success returns: no SystemExit
+
+
 def _colorize(folder: Path, *options: str) -> subprocess.Popen:
     """`chromalab colorize` up to its model load, started: Keras, and with it TensorFlow, is imported, then
     the model file that is not a model stops the command with its own one-line error. The cheapest real

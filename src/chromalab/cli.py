@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 1, not a traceback."""
     skip_unused_extras()  # before any command imports Keras
     try:
-        app(args=argv, standalone_mode=False, prog_name="chromalab")
+        # Without standalone mode Typer returns, not raises, a command's typer.Exit code (and Ctrl-C's 130)
+        code = app(args=argv, standalone_mode=False, prog_name="chromalab")
     except ChromalabError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -167,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
         command = context.command_path if context is not None else "chromalab"
         typer.echo(f"error: {exc.format_message().rstrip('.')} (see `{command} --help`)", err=True)
         sys.exit(exc.exit_code)
+    if code == 130:
+        typer.echo("aborted", err=True)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def run(argv: list[str] | None = None) -> None:
