@@ -238,6 +238,20 @@ def test_compare_sheet_is_gray_input_beside_the_colour(tmp_path, models, rgb_pho
     assert np.median(ab[16:-16, 52:], axis=(0, 1))[1] > 5  # the tinted half
 
 
+def test_a_photo_whose_sheet_was_written_but_not_its_colour_is_done_again(tmp_path, models, rgb_photos):
+    # what a kill between a photo's two writes leaves: the sheet (written first), no colour output
+    Image.fromarray(rgb_photos[0]).save(tmp_path / "k.png")
+    (tmp_path / "k_compare.jpg").write_bytes(b"half a sheet")
+    stale, users = tmp_path / ".k_color.png.0123abcd.tmp", tmp_path / ".notes.txt.0123abcd.tmp"
+    for path in (stale, users):
+        path.write_bytes(b"a write a kill cut short")
+    report = run([tmp_path / "k.png"], models, compare=True)
+    assert report.done == [tmp_path / "k_color.png"] and not report.skipped
+    assert not stale.exists() and users.exists()  # in the user's folder, only its own outputs' leftovers go
+    with Image.open(tmp_path / "k_compare.jpg") as sheet:
+        assert sheet.size == (128, 64)
+
+
 def test_batching_does_not_mix_photos_up(tmp_path, models, rgb_photos):
     for i, rgb in enumerate(rgb_photos[:3]):
         (tmp_path / "in").mkdir(exist_ok=True)

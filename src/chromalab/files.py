@@ -1,16 +1,18 @@
 """Atomic output, one way for the whole project: write beside the target, then `os.replace` onto it.
 
 A file or folder that exists is whole. An interrupted run leaves the previous one untouched, plus at most
-a hidden `.<name>.<random>.tmp` beside it that the next run clears.
+a hidden `.<name>.<random>.tmp` beside it that the next run clears (`staged_dir` by itself, files through
+`clear_stale_temps`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -24,6 +26,25 @@ PHOTO_SUFFIXES = tuple(suffix for suffixes in PHOTO_FORMATS.values() for suffix 
 
 def _temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+# The temp files of atomic_file (`.<name>.<8 hex>.tmp`) and atomic_path (`.<8 hex>.tmp.<name>`).
+_TEMP_FILE = re.compile(r"^\.(?:(?P<before>.+)\.[0-9a-f]{8}\.tmp|[0-9a-f]{8}\.tmp\.(?P<after>.+))$")
+
+
+def clear_stale_temps(folder: Path, names: Iterable[str] | None = None) -> None:
+    """Remove the temp files a killed run's atomic writes left in `folder`: those of the files `names`, or all
+    of them (for a folder only chromalab writes). Call it before writing, never while another write runs."""
+    wanted = None if names is None else set(names)
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        match = _TEMP_FILE.match(entry.name)
+        if match and entry.is_file(follow_symlinks=False) and (
+                wanted is None or (match["before"] or match["after"]) in wanted):
+            Path(entry.path).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from chromalab.colorize.photos import (READ_ERRORS, Photo, colour_photo, compare
                                        read_photo, save_atomic, small_lightness)
 from chromalab.devices import available_cores
 from chromalab.errors import ChromalabError, one_line
-from chromalab.files import PHOTO_SUFFIXES
+from chromalab.files import PHOTO_SUFFIXES, clear_stale_temps
 
 KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}  # anything else is written as PNG
 OUTPUT_TAG = "_color"
@@ -138,7 +138,9 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     if batch_size < 1:
         raise ChromalabError(f"batch size {batch_size}: must be at least 1")
     report = ColorizeReport()
-    jobs = _pending(plan_jobs(paths, out_dir, compare, report), overwrite, report)
+    planned = plan_jobs(paths, out_dir, compare, report)
+    _clear_stale_temps(planned)
+    jobs = _pending(planned, overwrite, report)
     if report.total == 0 and not jobs:
         raise ChromalabError(f"no photos found in {', '.join(map(str, paths))}: "
                              f"looked for {', '.join(PHOTO_SUFFIXES)}")
@@ -181,11 +183,24 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     return report
 
 
+def _clear_stale_temps(jobs: list[Job]) -> None:
+    """What a killed run's writes left beside these jobs' outputs (in the user's folders: those files only)."""
+    by_folder: dict[Path, set[str]] = {}
+    for job in jobs:
+        for target in (job.output, job.compare):
+            if target is not None:
+                by_folder.setdefault(target.parent, set()).add(target.name)
+    for folder, names in by_folder.items():
+        clear_stale_temps(folder, names)
+
+
 def _pending(jobs: list[Job], overwrite: bool, report: ColorizeReport) -> list[Job]:
-    """The jobs to do: those whose outputs exist are skipped (in `report`) unless `overwrite`."""
+    """The jobs to do, unless `overwrite`: a job whose colour output exists is done (it is written last), and
+    is skipped (in `report`); so is one whose sheet would replace a photo of this run."""
+    sources = {job.source for job in jobs}
     pending = []
     for job in jobs:
-        existing = next((t for t in (job.output, job.compare) if t is not None and t.exists()), None)
+        existing = job.output if job.output.exists() else job.compare if job.compare in sources else None
         if existing is not None and not overwrite:
             _say(f"skipped {job.source}: {existing} exists (--overwrite replaces it)")
             report.skipped.append(job.source)
@@ -218,10 +233,10 @@ def _with_small(read_done: Future, size: tuple[int, int]) -> Read:
 
 def _write(job: Job, photo: Photo, ab_small: np.ndarray) -> OSError | None:
     coloured = colour_photo(photo, ab_small)
-    try:
-        save_atomic(coloured, job.output, job.output_format)
+    try:  # the sheet first: a photo whose colour output exists is whole
         if job.compare is not None:
             save_atomic(compare_sheet(photo, coloured), job.compare, "JPEG")
+        save_atomic(coloured, job.output, job.output_format)
     except OSError as exc:
         return exc
     return None

@@ -1,0 +1,53 @@
+"""Atomic output (chromalab.files): what a killed write leaves is cleared by the next run, and nothing else is."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+from chromalab.files import atomic_file, clear_stale_temps
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from chromalab.files import atomic_file, atomic_path
+folder = Path(sys.argv[1])
+if sys.argv[2] == "file":
+    with atomic_file(folder / "photo_color.jpg") as f:
+        f.write(b"half a ph")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+with atomic_path(folder / "model.keras") as tmp:  # a library writing by name (Keras' save)
+    tmp.write_bytes(b"half a model")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_write_killed_midway_leaves_the_old_file_and_a_temp_file_the_next_run_clears(tmp_path):
+    target = tmp_path / "photo_color.jpg"
+    target.write_bytes(b"the previous, whole photo")
+    for kind in ("file", "path"):
+        killed = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_MID_WRITE), str(tmp_path), kind])
+        assert killed.returncode == -signal.SIGKILL
+    assert target.read_bytes() == b"the previous, whole photo"
+    left = sorted(p.name for p in tmp_path.iterdir() if p != target)
+    assert len(left) == 2 and not (tmp_path / "model.keras").exists(), left
+    theirs = [".notes.txt.0123abcd.tmp", ".hidden", "a.0123abcd.tmp"]
+    for name in theirs:
+        (tmp_path / name).write_text("not a temp file of these targets")
+
+    clear_stale_temps(tmp_path, ["photo_color.jpg", "model.keras"])  # only these targets' temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["photo_color.jpg", *theirs])
+    clear_stale_temps(tmp_path)  # a folder only chromalab writes: every temp file of its writes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "a.0123abcd.tmp", "photo_color.jpg"]
+    clear_stale_temps(tmp_path / "absent")  # nothing to clear is fine
+
+
+def test_a_completed_write_replaces_the_file_and_leaves_nothing_beside_it(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+    with atomic_file(target, text=True) as f:
+        f.write("new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
