@@ -265,6 +265,23 @@ def test_a_missing_model_is_one_line_naming_the_stage_that_makes_it(evaluated, t
     assert not (tmp_path / "reports/evaluate/metrics.json").exists()
 
 
+def test_runs_missing_from_the_store_are_skipped_and_a_killed_runs_temp_files_cleared(evaluated, tmp_path, capsys):
+    """train_metrics.json naming runs this store lacks (another MLFLOW_TRACKING_URI, `mlflow gc`): the stage
+    still writes its reports, says why nothing went to MLflow, and clears what a killed run's writes left."""
+    reports = tmp_path / "reports"
+    for name in MODEL_NAMES:
+        (reports / name).mkdir(parents=True)
+        (reports / name / "train_metrics.json").write_text(json.dumps({"mlflow_run_id": "0" * 32}))
+    (reports / "evaluate").mkdir()
+    stale = reports / "evaluate" / ".metrics.json.0123abcd.tmp"
+    stale.write_text("half of a killed run's write")
+    run_evaluate(evaluated.params, reports_root=reports)
+    assert strict_json(reports / "evaluate" / "metrics.json")["gan"]["count"] == N_TEST
+    assert not stale.exists()
+    err = capsys.readouterr().err
+    assert all(f"{name}'s training run {'0' * 32} is not in" in err for name in MODEL_NAMES), err
+
+
 def test_failures_are_counted_per_photo_not_averaged_away(evaluated, split_arrays):
     summary = strict_json(REPORTS / "metrics.json")
     rows = read_rows()

@@ -117,6 +117,19 @@ def test_training_registers_a_version_tagged_with_its_origin_and_evaluate_crowns
     assert client.search_registered_models("name = 'chromalab-baseline'") == []  # evaluated, never registered
 
 
+def test_a_run_that_finishes_again_after_a_kill_keeps_its_one_version(project):
+    """Killed after registering but before DVC recorded the stage, training resumes its run and registers again:
+    it gets the run's own version back, not a second one."""
+    client, run_id = project["client"], project["trained"]["gan"]["mlflow_run_id"]
+    before = client.search_model_versions("name = 'chromalab-gan'")
+    (own,) = [v for v in before if v.run_id == run_id]
+    runs.use_store()
+    with mlflow.start_run(run_id=run_id):
+        again = registry.register_trained_model("gan", mlflow.models.get_model_info(own.source), "digest")
+    assert again.version == own.version
+    assert len(client.search_model_versions("name = 'chromalab-gan'")) == len(before)
+
+
 def test_champion_is_the_lowest_delta_e00_on_the_same_test_set_and_challenger_the_newest(project, tmp_path):
     """New versions arrive with chosen scores; a version scored on another test set can't win."""
     client = project["client"]

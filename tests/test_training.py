@@ -312,8 +312,12 @@ def test_tiny_model_overfits_with_finite_falling_loss_and_mlflow_holds_the_run(r
         # Without the seed's dropout: at width 0.25 it halves a few channels, and whether 30 epochs then move
         # the SSIM loss by 0.005 hung on the CPU's float order (it failed on one machine, passed on another).
         p = tiny_params(baseline={"dropout": 0.0})
+        started = _a_start_killed_before_its_first_checkpoint(workdir, p, dataset)
         metrics = run_train(p, model_name)
         client = _client(workdir)
+        # the start's own run goes on, rather than a second run beside one left RUNNING forever
+        assert metrics["mlflow_run_id"] == started
+        assert len(client.search_runs([client.get_experiment_by_name("chromalab").experiment_id])) == 1
     epochs, val_every, sample_every = p.model(model_name).epochs, p.train.val_every, p.train.sample_every
 
     history = read_history(workdir / f"reports/{model_name}/history.csv")
@@ -348,6 +352,21 @@ def test_tiny_model_overfits_with_finite_falling_loss_and_mlflow_holds_the_run(r
         logged = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
     L = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
     assert logged.predict(L, verbose=0).shape == (2, 32, 32, 2)
+
+
+def _a_start_killed_before_its_first_checkpoint(repo: Path, params, dataset: Path) -> str:
+    """What `train baseline` killed before its first checkpoint leaves: its MLflow run, and the state.json
+    naming it. Returns the run's id."""
+    from chromalab.track import runs
+    from chromalab.train.checkpoint import Checkpoint
+
+    dataset_hash = str(read_dataset_info(dataset).get("content_hash", ""))
+    with runs.model_run("baseline", params, dataset_hash=dataset_hash, stage="train@baseline") as run:
+        pass
+    Checkpoint(repo / "models/baseline/checkpoint").record_start(
+        {"fingerprint": params_fingerprint(params, "baseline", dataset_hash), "status": "running", "epoch": 0,
+         "mlflow_run_id": run.info.run_id})
+    return run.info.run_id
 
 
 def test_changed_params_start_afresh_instead_of_resuming(gan_run_on_server):

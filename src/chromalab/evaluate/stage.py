@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 from chromalab.config import MODEL_NAMES, Params
 from chromalab.evaluate.figures import comparison_sheet, delta_e_histogram, metrics_chart, worst_sheet
 from chromalab.evaluate.scoring import GRAY_FLOOR, score
-from chromalab.files import atomic_file, write_text_atomic
+from chromalab.files import atomic_file, clear_stale_temps, write_text_atomic
 
 PICTURES = ("comparison.png", "metrics_chart.png", "delta_e00_hist.png", "worst.png")  # in reports/evaluate
 
@@ -26,11 +27,15 @@ def log_to_model_runs(reports_root: Path, summary: dict, pictures: list[Path]) -
 
     from chromalab.track import runs
 
-    runs.use_store()
+    client = mlflow.MlflowClient(runs.use_store())
     logged = []
     for name in MODEL_NAMES:
         run_id = runs.training_run_id(reports_root, name)
         if not run_id:
+            continue
+        if not runs.run_in_store(client, run_id):  # another MLFLOW_TRACKING_URI, or removed by `mlflow gc`
+            print(f"evaluate: {name}'s training run {run_id} is not in {client.tracking_uri}; its test "
+                  "metrics are not logged to MLflow (metrics.json has them)", file=sys.stderr)
             continue
         with mlflow.start_run(run_id=run_id):
             for prefix, scores in (("test_", summary[name]), ("test_gray_floor_", summary[GRAY_FLOOR])):
@@ -50,6 +55,7 @@ def run_evaluate(params: Params, *, data_dir: Path = Path("data/tfrecords"), mod
         runs.check_tracking_server()
     out_dir = reports_root / "evaluate"
     out_dir.mkdir(parents=True, exist_ok=True)
+    clear_stale_temps(out_dir)  # what a killed run's writes left
     ids, L, true_ab = load_split_arrays(data_dir, "test")
     predictions, rows, summary, delta_e = score(L, true_ab, ids, models_root, params.evaluate.batch_size)
     with atomic_file(out_dir / "per_photo.csv", text=True) as f:

@@ -51,7 +51,8 @@ def _client() -> mlflow.MlflowClient:
 
 
 def register_trained_model(model_name: str, logged: ModelInfo, dataset_digest: str) -> ModelVersion:
-    """Register the model `logged` into the active training run as a new `chromalab-<model>` version."""
+    """Register the model `logged` into the active training run as a new `chromalab-<model>` version (the
+    run's own, if it has one already)."""
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -70,6 +71,10 @@ def register_trained_model(model_name: str, logged: ModelInfo, dataset_digest: s
             if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
     run = mlflow.active_run()
+    # A run killed after registering, before DVC recorded the stage, finishes again: one version per run.
+    registered = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
+    if registered:
+        return max(registered, key=lambda v: int(v.version))
     identity = runs.run_identity()
     tags = {TAG_DVC_EXPERIMENT: identity[runs.TAG_DVC_EXP_NAME], TAG_DATASET_DIGEST: dataset_digest,
             "model": model_name}

@@ -232,7 +232,8 @@ def _experiment_id(client: mlflow.MlflowClient, uri: str) -> str:
     return experiment.experiment_id
 
 
-def _resumable(client: mlflow.MlflowClient, run_id: str) -> bool:
+def run_in_store(client: mlflow.MlflowClient, run_id: str) -> bool:
+    """Whether this store holds `run_id`, not deleted."""
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
@@ -257,7 +258,7 @@ def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
     uri = use_store()
     client = mlflow.MlflowClient(uri)
     experiment_id = _experiment_id(client, uri)
-    if run_id and not _resumable(client, run_id):
+    if run_id and not run_in_store(client, run_id):
         print(f"MLflow run {run_id} (from the checkpoint) is not in {uri} or was deleted; starting a new run",
               file=sys.stderr)
         run_id = None

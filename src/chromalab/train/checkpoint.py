@@ -77,6 +77,20 @@ class Checkpoint:
             if stale.name not in keep:
                 stale.unlink()
 
+    def record_start(self, state: dict) -> None:
+        """state.json before the first checkpoint, naming the MLflow run: a run killed before its first
+        checkpoint starts again from epoch 0 in that same run (`started_run`), not in a second one."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.state_file, json.dumps(state, indent=2))
+
+    @staticmethod
+    def started_run(state: dict | None, fingerprint: str) -> str | None:
+        """The MLflow run of a start of these params and data that was killed before its first checkpoint."""
+        if state and state.get("fingerprint") == fingerprint and state.get("status") == "running" \
+                and not state.get("weights"):
+            return state.get("mlflow_run_id")
+        return None
+
     def save_best(self, colorizer: keras.Model, state: dict, epoch: int, score: float) -> None:
         """Keep `colorizer`'s weights as the best so far (epoch `epoch`, val ΔE00 `score`): the file now, its
         name in `state` (so in state.json from the next `save` on)."""

@@ -28,7 +28,7 @@ import keras
 from chromalab.config import MODEL_NAMES, Params
 from chromalab.devices import gpu_names, hide_gpus_from_tensorflow, precision_policy, xla_choice
 from chromalab.errors import ChromalabError
-from chromalab.files import atomic_path, write_text_atomic
+from chromalab.files import atomic_path, clear_stale_temps, write_text_atomic
 from chromalab.train.build import build_for_training
 from chromalab.train.callbacks import EpochRecorder, RunProgress
 from chromalab.train.checkpoint import Checkpoint, params_fingerprint, write_history
@@ -74,6 +74,8 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     from chromalab.train.input import VALIDATION_SPLIT, training_input
 
     info = _dataset_info(data_dir, params)
+    for folder in (models_root / model_name, reports_root / model_name):
+        clear_stale_temps(folder)  # what a killed run's writes left (the checkpoint folder clears its own)
     jit_compile, has_gpu = _set_up_device(params, strategy)
     resume = _resume_point(params, model_name, models_root / model_name / "checkpoint", info)
     epochs, global_batch = params.model(model_name).epochs, params.model(model_name).batch_size * replica_count(strategy)
@@ -97,6 +99,8 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     with runs.model_run(model_name, params, dataset_hash=dataset_hash, stage=f"train@{model_name}",
                         run_id=resume.state.get("mlflow_run_id")) as run:
         resume.state["mlflow_run_id"] = run.info.run_id
+        if not resume.epoch:
+            resume.checkpoint.record_start(resume.state)
         datasets.log_dataset_inputs(info, data_dir)
         started = time.perf_counter()
         _fit(model, data, epochs_input, resume, params, model_name, steps, validation, n_train, has_gpu)
@@ -200,10 +204,16 @@ def _resume_point(params: Params, model_name: str, folder: Path, info: dict) -> 
         print(f"resuming {model_name} from its checkpoint at epoch {epoch}/{params.model(model_name).epochs}",
               file=sys.stderr)
         return Resume(checkpoint, fingerprint, state, epoch, history)
-    if state:
+    fresh = {"fingerprint": fingerprint, "status": "running", "epoch": 0}
+    if run_id := checkpoint.started_run(state, fingerprint):
+        fresh["mlflow_run_id"] = run_id
+    elif state and state.get("fingerprint") == fingerprint and state.get("status") == "complete":
+        print(f"{checkpoint.folder}: the last run of these params and data finished; training them again "
+              "from the start", file=sys.stderr)
+    elif state:
         print(f"{checkpoint.folder}: params or data changed since the checkpoint; starting afresh", file=sys.stderr)
     checkpoint.reset()
-    return Resume(checkpoint, fingerprint, {"fingerprint": fingerprint, "status": "running", "epoch": 0}, 0, [])
+    return Resume(checkpoint, fingerprint, fresh, 0, [])
 
 
 def _best_colorizer(model: keras.Model, resume: Resume, params: Params, model_name: str) -> keras.Model:
