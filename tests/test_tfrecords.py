@@ -376,3 +376,47 @@ def test_reader_errors(built, tmp_path):
     (copy / "dataset.json").write_text((built["out"] / "dataset.json").read_text())
     with pytest.raises(ChromalabError, match=r"test-00000-of-00001\.tfrecord is missing"):
         load_split_arrays(copy, "test")
+
+
+
+# The tfrecords stage's process pool, busy, then every child of this process listed (the pool's workers and
+# multiprocessing's resource tracker), and a wait for the kill.
+ORPHANED_POOL = """
+import os, time
+from chromalab.data import tfrecords
+with tfrecords._photo_encoder(2) as encode:
+    pool = encode.func.__self__  # partial(pool.map, …)
+    for done in [pool.submit(time.sleep, 0.5) for _ in range(4)]:
+        done.result()
+    print(open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read(), flush=True)
+    time.sleep(120)
+"""
+
+
+def test_pool_workers_end_with_a_stage_killed_with_9():
+    """kill -9 closes no queue: without more, the encoding workers would live on, idle, under PID 1."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    stage = subprocess.Popen([sys.executable, "-c", ORPHANED_POOL], stdout=subprocess.PIPE, text=True)
+    try:
+        children = [int(pid) for pid in stage.stdout.readline().split()]
+    finally:
+        stage.send_signal(signal.SIGKILL)
+        stage.wait()
+    assert len(children) >= 3  # two workers and the resource tracker
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in children)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

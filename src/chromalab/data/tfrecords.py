@@ -21,6 +21,8 @@ import io
 import json
 import math
 import multiprocessing
+import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -154,12 +156,24 @@ def _photo_encoder(workers: int) -> Iterator[Callable]:
         yield functools.partial(map, encode_photo)
         return
     # spawn, not fork: the parent may already run TensorFlow's threads, which fork does not carry safely.
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_end_with_parent, initargs=(os.getpid(),))
     try:
         yield functools.partial(pool.map, encode_photo, chunksize=POOL_CHUNKSIZE)
     finally:
         # After an error, report it now rather than after encoding every remaining photo.
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _end_with_parent(parent: int) -> None:
+    """In a pool worker: end when the stage's process does, even killed with -9, which closes no queue
+    (Linux's PR_SET_PDEATHSIG; elsewhere a worker still ends once it finds its queue gone)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the stage died before the line above
+        os._exit(1)
 
 
 def _example(photo_id: str, size: int, lab: bytes, variants: bytes) -> bytes:
