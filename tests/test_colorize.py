@@ -122,6 +122,41 @@ def test_alpha_is_kept_for_rgba_and_la(tmp_path, models, rgb_photos):
             np.testing.assert_array_equal(np.asarray(out.getchannel("A")), alpha)
 
 
+def test_a_png_colour_key_stays_transparent_and_a_transparent_photo_named_jpg_is_coloured(tmp_path, models,
+                                                                                         rgb_photos):
+    keyed = Image.fromarray(rgb_photos[1])
+    key = tuple(int(v) for v in rgb_photos[1][0, 0])
+    keyed.save(tmp_path / "keyed.png", transparency=key)  # RGB with a tRNS colour key, no alpha channel
+    alpha = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))
+    Image.fromarray(np.dstack([rgb_photos[2], alpha])).save(tmp_path / "logo.jpg", format="PNG")  # renamed
+    report = run([tmp_path / "keyed.png", tmp_path / "logo.jpg"], models)
+    assert sorted(report.done) == [tmp_path / "keyed_color.png", tmp_path / "logo_color.jpg"], report.failed
+    with Image.open(tmp_path / "keyed_color.png") as out:
+        assert out.mode == "RGBA"
+        np.testing.assert_array_equal(np.asarray(out.getchannel("A")) == 0, (rgb_photos[1] == key).all(axis=-1))
+    with Image.open(tmp_path / "logo_color.jpg") as out:
+        assert (out.format, out.mode, out.size) == ("JPEG", "RGB", (64, 64))  # JPEG holds no alpha
+
+
+def test_an_output_folder_that_is_a_file_is_one_line_and_one_that_holds_the_photos_works(tmp_path, models,
+                                                                                        rgb_photos):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(rgb_photos[0]).save(photos / "a.png")
+    (tmp_path / "notes").write_text("a file, not a folder")
+    for out_dir in (tmp_path / "notes", tmp_path / "notes" / "sub"):
+        with pytest.raises(ChromalabError, match="is a file, not a folder") as err:
+            run([photos], models, out_dir=out_dir)
+        assert "\n" not in str(err.value)
+    # -o the folder itself, or the one above it: the photos are still found (outputs mirror under -o)
+    assert run([photos], models, out_dir=photos).done == [photos / "photos" / "a_color.png"]
+    assert run([photos], models, out_dir=photos).skipped == [photos / "a.png"]  # its outputs are not new photos
+    others = tmp_path / "above" / "others"
+    others.mkdir(parents=True)
+    Image.fromarray(rgb_photos[1]).save(others / "b.png")
+    assert run([others], models, out_dir=others.parent).done == [others / "b_color.png"]
+
+
 def test_16_bit_gray_uses_its_full_range(tmp_path, models):
     levels = np.tile(np.linspace(0, 65535, 48).astype(np.uint16), (32, 1))
     Image.fromarray(levels).save(tmp_path / "deep.png")
@@ -334,7 +369,7 @@ def test_folders_keep_their_names_under_out_and_clashes_fail(tmp_path, models, r
     flat = run([tmp_path / "a" / "p.jpg", tmp_path / "b" / "p.jpg"], models, out_dir=tmp_path / "flat")
     assert flat.done == [tmp_path / "flat" / "p_color.jpg"]
     assert [p for p, _ in flat.failed] == [tmp_path / "b" / "p.jpg"]
-    assert "colorize one of them separately" in flat.failed[0][1]
+    assert "colorize it alone with -o <another folder>" in flat.failed[0][1]
 
 
 def test_ab_is_upsampled_bilinearly_a_few_rows_at_a_time_as_in_one_pass():

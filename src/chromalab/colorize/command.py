@@ -69,11 +69,20 @@ def _is_earlier_output(path: Path, stems: set[tuple[Path, str]]) -> bool:
 
 def _folder_photos(folder: Path, out_dir: Path | None) -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
-    if out_dir is not None:  # outputs written inside the scanned folder are not inputs
-        out_resolved = out_dir.resolve()
-        files = [p for p in files if not p.resolve().is_relative_to(out_resolved)]
+    outputs = _output_folders_inside(folder, out_dir)
+    files = [p for p in files if not any(p.resolve().is_relative_to(o) for o in outputs)]
     stems = {(p.parent, p.stem) for p in files}
     return [p for p in files if not _is_earlier_output(p, stems)]
+
+
+def _output_folders_inside(folder: Path, out_dir: Path | None) -> list[Path]:
+    """The parts of `folder` that hold outputs, not photos: `out_dir` where it lies inside `folder`, and the
+    folder's outputs are mirrored to (`out_dir`/<folder's name>), where that does. With `-o` the folder
+    itself or one above it, the photos are found all the same."""
+    if out_dir is None:
+        return []
+    inside, out = folder.resolve(), out_dir.resolve()
+    return [o for o in (out, out / inside.name) if o != inside and o.is_relative_to(inside)]
 
 
 def plan_jobs(paths: Sequence[Path], out_dir: Path | None, compare: bool, report: ColorizeReport) -> list[Job]:
@@ -109,7 +118,7 @@ def plan_jobs(paths: Sequence[Path], out_dir: Path | None, compare: bool, report
             sheet = output.with_name(f"{source.stem}{COMPARE_TAG}.jpg") if compare else None
             clash = next((owner_of[t.resolve()] for t in (output, sheet) if t and t.resolve() in owner_of), None)
             if clash is not None:
-                reason = f"its output would overwrite that of {clash}; colorize one of them separately"
+                reason = f"its output would overwrite that of {clash}; colorize it alone with -o <another folder>"
                 _say(f"{source}: {reason}")
                 report.failed.append((source, reason))
                 continue
@@ -137,6 +146,8 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     """
     if batch_size < 1:
         raise ChromalabError(f"batch size {batch_size}: must be at least 1")
+    if out_dir is not None:
+        _check_out_dir(Path(out_dir))
     report = ColorizeReport()
     planned = plan_jobs(paths, out_dir, compare, report)
     _clear_stale_temps(planned)
@@ -181,6 +192,15 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
                 flow.read_ahead(size)
         flow.finish_writes(wait=True)
     return report
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """--out must be a folder, or a path one can be made at."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ChromalabError(f"--out {out_dir}: {path} is a file, not a folder; name a folder for the outputs")
+            return
 
 
 def _clear_stale_temps(jobs: list[Job]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import io
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,10 @@ from PIL import Image, ImageOps
 from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.colorize.model import model_input_size
 from chromalab.files import PHOTO_FORMATS, atomic_file
+
+# Pillow warns, in words about attacks, from 89 to 179 megapixels, then refuses (DecompressionBombError, which
+# chromalab reports in its own words). A 100-megapixel camera photo is not an attack: no warning.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
 COMPARE_MAX_SIDE = 2048  # each half of the side-by-side sheet: a preview, not a second full-size copy
@@ -65,6 +70,8 @@ def _lightness_and_alpha(image: Image.Image) -> tuple[np.ndarray, Image.Image | 
     alpha = None
     if image.mode in ("P", "PA"):
         image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    elif image.mode in ("RGB", "L") and "transparency" in image.info:  # a PNG's colour key (tRNS)
+        image = image.convert("RGBA" if image.mode == "RGB" else "LA")
     if "A" in image.getbands():
         alpha = image.getchannel("A")
         image = image.convert("RGB" if "R" in image.getbands() else "L")
@@ -180,7 +187,14 @@ def colour_bytes(colorizer, data: bytes, image_size: int | None = None) -> tuple
 def save_atomic(image: Image.Image, path: Path, image_format: str) -> None:
     """Write to a temporary file beside `path`, then rename: an interrupted write leaves no half photo."""
     with atomic_file(path) as f:
-        image.save(f, format=image_format, **SAVE_OPTIONS.get(image_format, {}))
+        encodable(image, image_format).save(f, format=image_format, **SAVE_OPTIONS.get(image_format, {}))
+
+
+def encodable(image: Image.Image, image_format: str) -> Image.Image:
+    """`image` as `image_format` can hold it: JPEG has no alpha (a transparent photo named .jpg loses it)."""
+    if image_format == "JPEG" and image.mode not in ("RGB", "L"):
+        return image.convert("RGB")
+    return image
 
 
 # --- a file that cannot be read, in the user's words ---------------------------------------------------------
