@@ -7,7 +7,9 @@ install them. The page's server runs in a thread of this process, on 127.0.0.1, 
 
 from __future__ import annotations
 
+import io
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -104,6 +106,27 @@ def test_the_api_says_what_is_wrong_with_a_bad_file_in_the_users_words(page, tmp
         assert answer.status_code == (400 if not data else 422), name
         assert answer.json()["detail"].startswith(f"{name}: "), answer.text
         assert_in_user_words(answer.json()["detail"], problem)
+
+
+def test_the_api_refuses_a_form_upload_survives_a_cut_off_one_and_colours_a_transparent_photo(page, photos):
+    url, workdir = page
+    form = requests.post(f"{url}/api/colorize", files={"file": ("family.jpg", photos["jpeg"].read_bytes())},
+                         timeout=30)
+    assert form.status_code == 415 and "--data-binary" in form.json()["detail"]
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as cut_off:  # says 100 kB, sends 1 kB, leaves
+        cut_off.sendall(b"POST /api/colorize?name=cut.jpg HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+                        + photos["jpeg"].read_bytes()[:1000])
+    deadline = time.monotonic() + 10
+    while any(workdir.rglob("upload")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(workdir.rglob("upload"))  # what came of it is gone
+
+    buffer = io.BytesIO()  # a PNG with transparency under the default name, photo.jpg: JPEG holds no alpha
+    Image.open(photos["jpeg"]).convert("RGBA").save(buffer, "PNG")
+    answer = requests.post(f"{url}/api/colorize", data=buffer.getvalue(), timeout=60)
+    assert answer.status_code == 200 and answer.json()["download_name"] == "photo_color.jpg"
 
 
 def _browser(download_dir: Path):

@@ -27,9 +27,11 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.requests import ClientDisconnect
 
 from chromalab import colorize
 from chromalab.colorize.photos import describe_unreadable
+from chromalab.errors import one_line
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 50.0
@@ -59,6 +61,9 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
     @app.post("/api/colorize")
     async def colorize_upload(request: Request, name: str = "photo.jpg") -> dict:
         name = _safe_name(name)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise HTTPException(415, f"{name}: send the photo itself as the request body (curl --data-binary "
+                                     "@photo.jpg …), not as a form upload")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise HTTPException(413, f"{name} is {int(declared) / 1e6:.1f} MB; the limit is {max_upload_mb:g} MB")
@@ -70,6 +75,9 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
 
         try:
             entry = await run_in_threadpool(_colour_file, colorizer, model_lock, folder, name, image_size)
+        except _StoreFailed as exc:
+            _remove(folder)
+            raise HTTPException(507, f"{name}: coloured, but the result could not be stored ({exc})") from None
         except colorize.READ_ERRORS as exc:
             reason = describe_unreadable(exc, folder / "upload")
             _remove(folder)
@@ -100,16 +108,24 @@ async def _receive(request: Request, folder: Path, name: str, max_upload_mb: flo
     """Stream the request's body into `folder`/upload; refuse (and remove the folder) past the limit or empty."""
     limit = int(max_upload_mb * 1e6)
     size = 0
-    with (folder / "upload").open("wb") as f:
-        async for chunk in request.stream():  # a body without (or with a false) Content-Length stops here
-            size += len(chunk)
-            if size > limit:
-                break
-            f.write(chunk)
+    try:
+        with (folder / "upload").open("wb") as f:
+            async for chunk in request.stream():  # a body without (or with a false) Content-Length stops here
+                size += len(chunk)
+                if size > limit:
+                    break
+                f.write(chunk)
+    except ClientDisconnect:  # nobody is left to answer: just drop what came
+        _remove(folder)
+        raise HTTPException(400, f"{name}: the upload was cut off") from None
     if size > limit or size == 0:
         _remove(folder)
         raise HTTPException(413, f"{name} is over the {max_upload_mb:g} MB limit") if size else \
             HTTPException(400, f"{name}: {describe_unreadable(None, b'')}")
+
+
+class _StoreFailed(Exception):
+    """The server could not write a result (a full or read-only disk)."""
 
 
 def _colour_file(colorizer, model_lock: threading.Lock, folder: Path, name: str, image_size: int | None) -> dict:
@@ -119,11 +135,14 @@ def _colour_file(colorizer, model_lock: threading.Lock, folder: Path, name: str,
     with model_lock:
         photo, coloured = colorize.colour_bytes(colorizer, data, image_size)
     download_name, image_format = colorize.output_name(Path(name))
-    colorize.save_atomic(coloured, folder / "colour", image_format)
     sheet = colorize.compare_sheet(photo, coloured)  # gray | coloured, each ≤ COMPARE_MAX_SIDE
     half = sheet.width // 2
-    colorize.save_atomic(sheet.crop((0, 0, half, sheet.height)), folder / "gray", "JPEG")
-    colorize.save_atomic(sheet.crop((half, 0, sheet.width, sheet.height)), folder / "preview", "JPEG")
+    try:  # an OSError here is the server's (its disk), not the photo's: not one of READ_ERRORS' reasons
+        colorize.save_atomic(coloured, folder / "colour", image_format)
+        colorize.save_atomic(sheet.crop((0, 0, half, sheet.height)), folder / "gray", "JPEG")
+        colorize.save_atomic(sheet.crop((half, 0, sheet.width, sheet.height)), folder / "preview", "JPEG")
+    except OSError as exc:
+        raise _StoreFailed(one_line(exc)) from None
     (folder / "upload").unlink()
     return {"download_name": download_name, "format": image_format, "width": coloured.width,
             "height": coloured.height, "seconds": round(time.perf_counter() - started, 3)}

@@ -88,7 +88,7 @@ class Colorizer(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from chromalab.colorize import READ_ERRORS, colour_bytes
-        from chromalab.colorize.photos import describe_unreadable
+        from chromalab.colorize.photos import describe_unreadable, encodable
 
         if not isinstance(model_input, pd.DataFrame) or COLUMN not in model_input:
             raise _bad_input(f"expected a DataFrame with a column {COLUMN!r} of photo files (bytes or base64)")
@@ -100,7 +100,7 @@ class Colorizer(mlflow.pyfunc.PythonModel):
             except READ_ERRORS as exc:
                 raise _bad_input(f"row {row}: {describe_unreadable(exc, data)}") from None
             buffer = io.BytesIO()
-            coloured.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)  # JPEG has no alpha
+            encodable(coloured, "JPEG").save(buffer, format="JPEG", quality=JPEG_QUALITY)
             images.append(buffer.getvalue())
             widths.append(coloured.width)
             heights.append(coloured.height)
