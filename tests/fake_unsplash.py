@@ -51,7 +51,7 @@ DEFAULT_KINDS = {"person": 30, "person_user": 6, "low_confidence": 5, "bw_keywor
 ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 
 IMAGE_FAULTS = ("404", "410", "429-once", "500-twice", "500-always", "truncated-once", "corrupt", "gray",
-                "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif")
+                "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip")
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes
 ARCHIVE_FAULTS = ("drop-once", "drop-always", "ignore-range", "500-once", "no-validator", "html-page", "gzip")
@@ -337,13 +337,19 @@ def _make_handler(server: FakeUnsplash):
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout, killed)
                 self.close_connection = True
 
-        def _send(self, status, body, content_type="text/plain", headers=None, send_bytes=None):
+        def _send(self, status, body, content_type="text/plain", headers=None, send_bytes=None, drip=False):
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
             self.end_headers()
+            if drip:  # 64 bytes at a time, each well inside a read timeout, the whole far beyond any patience
+                for start in range(0, len(body), 64):
+                    self.wfile.write(body[start:start + 64])
+                    self.wfile.flush()
+                    time.sleep(server.slow_s)
+                return
             self.wfile.write(body if send_bytes is None else body[:send_bytes])
             if send_bytes is not None and send_bytes < len(body):  # a dropped connection
                 self.close_connection = True
@@ -402,6 +408,6 @@ def _make_handler(server: FakeUnsplash):
             if fault == "corrupt":  # consistent bytes, correctly framed: only a full decode notices
                 body = body[: len(body) // 2]
             drop = len(body) // 3 if fault == "truncated-once" and n == 1 else None
-            self._send(200, body, content_type, send_bytes=drop)
+            self._send(200, body, content_type, send_bytes=drop, drip=fault == "drip")
 
     return Handler

@@ -179,6 +179,22 @@ def test_an_error_page_is_a_failure_to_retry_and_odd_exif_a_corrupt_photo(fake_u
     assert sorted(got["train"]) == sorted([train[0], *train[2:], reserve[0]])
 
 
+def test_a_photo_dripped_byte_by_byte_fails_at_its_deadline_instead_of_holding_the_stage(fake_unsplash, tmp_path,
+                                                                                          fast_backoff):
+    train, test, reserve = photo_ids("tr", 3), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "drip"}
+    fake_unsplash.slow_s = 0.2  # between 64-byte pieces: inside the 0.5 s read timeout, ~5 s for a photo
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError, match=rf"1 of 4 photos could not be fetched \(e.g. {train[0]}: too slow "
+                                             r"\([\d,]+ bytes in 2 s\) after 1 retries\)") as err:
+        run_images(params(timeout_s=0.5, retries=1), tmp_path / "split", tmp_path / "images")
+    assert fake_unsplash.image_counts()[train[0]] == 2
+    # given up at the deadline, part-way: not after waiting for the whole photo
+    received = int(str(err.value).split("too slow (")[1].split(" bytes")[0].replace(",", ""))
+    photo, _ = encode(render_photo(train[0], SIZE, SIZE), "jpg", 90)
+    assert 0 < received < len(photo)
+
+
 KILL_SCRIPT = """
 import json, sys
 from pathlib import Path

@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ from chromalab.data.http import RETRY_STATUSES, USER_AGENT, retry_policy
 GONE_STATUSES = (404, 410, 451)  # 451: withheld for legal reasons, as final as gone
 BACKOFF_FACTOR_S = 0.5  # urllib3: no wait before the 1st retry, then 1 s, 2 s, 4 s, … (capped below)
 BACKOFF_MAX_S = 60.0
+# A photo's whole transfer may take this many images.timeout_s (each read's limit): a server that drips its
+# bytes just inside that limit cannot hold a worker for hours.
+PHOTO_DEADLINE_READS = 4
 REJECTED_FIELDS = ("photo_id", "split", "reason")
 # What the files on disk were made with: another value invalidates them (only "gone" rejections survive).
 SETTINGS_FILE = "fetch_settings.json"
@@ -66,6 +70,10 @@ class Rejected(Exception):
 
 class FetchFailed(Exception):
     """The photo could not be fetched even after retries; nothing is known about it yet."""
+
+
+class _BodyBroken(Exception):
+    """An answer's body did not arrive whole in time: worth another try."""
 
 
 def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Path = Path("data/images")) -> dict:
@@ -160,9 +168,10 @@ class PhotoFetcher:
         self.from_folder = params.data.source == "folder"
         self.out_dir = out_dir
         self.journal = journal
-        # preload_content=True makes urllib3 read the body inside its retry loop, so a truncated body
-        # or a read timeout mid-body is retried like a connection error (requests cannot do that).
+        # urllib3 retries what fails before an answer (connection, status); a body cut short, stalled or
+        # dripping past the deadline is retried in `read`, as many times.
         retry = retry_policy(ip.retries, BACKOFF_FACTOR_S, backoff_max=BACKOFF_MAX_S)
+        self.deadline_s = PHOTO_DEADLINE_READS * ip.timeout_s
         self.http = urllib3.PoolManager(
             maxsize=ip.concurrency, retries=retry, timeout=urllib3.Timeout(connect=ip.timeout_s, read=ip.timeout_s),
             headers={"User-Agent": USER_AGENT},
@@ -202,21 +211,52 @@ class PhotoFetcher:
                 raise Rejected(f"{GONE} (file no longer exists)") from None
             except OSError as exc:
                 raise FetchFailed(f"cannot read {photo.image_url}: {exc.strerror}") from None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(BACKOFF_MAX_S, BACKOFF_FACTOR_S * 2 ** attempt))
+            try:
+                return self._fetch(self.source(photo))
+            except _BodyBroken as exc:
+                broken = exc
+        raise FetchFailed(f"{broken} after {self.retries} retries")
+
+    def _fetch(self, url: str) -> bytes:
+        """One GET (urllib3 retrying what fails before the answer), its body read whole within the deadline."""
         try:
-            response = self.http.request("GET", self.source(photo), preload_content=True)
+            response = self.http.request("GET", url, preload_content=False)
         except urllib3.exceptions.MaxRetryError as exc:
             raise FetchFailed(f"{type(exc.reason).__name__} after {self.retries} retries") from None
         except urllib3.exceptions.HTTPError as exc:
             raise FetchFailed(type(exc).__name__) from None
-        if response.status in GONE_STATUSES:
-            raise Rejected(f"{GONE} (HTTP {response.status})")
-        if response.status != 200:
-            retried = f" after {self.retries} retries" if response.status in RETRY_STATUSES else ""
-            raise FetchFailed(f"HTTP {response.status}{retried}")
-        page = response.headers.get("Content-Type", "").split(";")[0].strip()
-        if page.startswith("text/"):  # a sign-in, block or error page says nothing about the photo itself
-            raise FetchFailed(f"HTTP 200 with a {page} page instead of a photo (blocked or rate limited?)")
-        return response.data
+        whole = False
+        try:
+            if response.status in GONE_STATUSES:
+                raise Rejected(f"{GONE} (HTTP {response.status})")
+            if response.status != 200:
+                retried = f" after {self.retries} retries" if response.status in RETRY_STATUSES else ""
+                raise FetchFailed(f"HTTP {response.status}{retried}")
+            page = response.headers.get("Content-Type", "").split(";")[0].strip()
+            if page.startswith("text/"):  # a sign-in, block or error page says nothing about the photo itself
+                raise FetchFailed(f"HTTP 200 with a {page} page instead of a photo (blocked or rate limited?)")
+            data, whole = self._body(response), True
+            return data
+        finally:  # a connection whose answer was not read to the end cannot serve the next request
+            if whole:
+                response.release_conn()
+            else:
+                response.close()
+
+    def _body(self, response) -> bytes:
+        deadline, chunks = time.monotonic() + self.deadline_s, []
+        try:
+            while chunk := response.read1(1 << 16):  # what has arrived: `stream` would wait for 64 KiB
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    received = sum(map(len, chunks))
+                    raise _BodyBroken(f"too slow ({received:,} bytes in {self.deadline_s:g} s)")
+        except urllib3.exceptions.HTTPError as exc:  # cut short (IncompleteRead), a read timing out mid-body
+            raise _BodyBroken(type(exc).__name__) from None
+        return b"".join(chunks)
 
     def checked_jpeg(self, data: bytes) -> bytes:
         """The photo as an RGB size×size JPEG, if it decodes in full and has colour."""
