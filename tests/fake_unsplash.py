@@ -314,100 +314,105 @@ class FakeUnsplash:
             return self.counts[path]
 
 
-def _make_handler(server: FakeUnsplash):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as a CDN does; every response has a Content-Length
+class _Handler(BaseHTTPRequestHandler):
+    """FakeUnsplash's answers; `fake` is the server it answers for (set per server by `_make_handler`)."""
 
-        def log_message(self, *args):  # quiet: tests read server.log instead
-            pass
+    fake: FakeUnsplash
+    protocol_version = "HTTP/1.1"  # keep-alive, as a CDN does; every response has a Content-Length
 
-        def do_GET(self):
-            parts = urlsplit(self.path)
-            query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-            n = server._arrive(parts.path, query, dict(self.headers.items()))
-            try:
-                if parts.path == "/data/lite/latest":
-                    self._send(302, b"", headers={"Location": server.url + server.archive_path})
-                elif parts.path == server.archive_path and server.archive:
-                    self._archive(n)
-                elif parts.path.startswith("/photo-"):
-                    self._image(parts.path[len("/photo-"):], query, n)
-                else:
-                    self._send(404, b"not found")
-            except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout, killed)
-                self.close_connection = True
+    def log_message(self, *args):  # quiet: tests read the FakeUnsplash log instead
+        pass
 
-        def _send(self, status, body, content_type="text/plain", headers=None, send_bytes=None, drip=False):
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            if drip:  # 64 bytes at a time, each well inside a read timeout, the whole far beyond any patience
-                for start in range(0, len(body), 64):
-                    self.wfile.write(body[start:start + 64])
-                    self.wfile.flush()
-                    time.sleep(server.slow_s)
-                return
-            self.wfile.write(body if send_bytes is None else body[:send_bytes])
-            if send_bytes is not None and send_bytes < len(body):  # a dropped connection
-                self.close_connection = True
-
-        def _archive(self, n):
-            gzipped = "gzip" in server.archive_faults  # whatever the client accepts: a misbehaving proxy
-            data = gzip.compress(server.archive, mtime=0) if gzipped else server.archive
-            etag = archive_etag(data)
-            if "500-once" in server.archive_faults and n == 1:
-                return self._send(500, b"internal error")
-            if "html-page" in server.archive_faults:
-                return self._send(200, SIGN_IN_PAGE, "text/html")
-            headers = {"Accept-Ranges": "bytes"} | ({} if "no-validator" in server.archive_faults else {"ETag": etag})
-            if gzipped:
-                headers["Content-Encoding"] = "gzip"
-            start = 0
-            ranged = self.headers.get("Range", "")
-            if_range = self.headers.get("If-Range")
-            if ranged.startswith("bytes=") and "ignore-range" not in server.archive_faults and if_range in (None, etag):
-                start = int(ranged[len("bytes="):].split("-")[0])
-                if start >= len(data):
-                    return self._send(416, b"", headers={"Content-Range": f"bytes */{len(data)}"})
-                headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-            body = data[start:]
-            dropping = "drop-always" in server.archive_faults or ("drop-once" in server.archive_faults and n == 1)
-            drop = len(body) // 2 if dropping else None
-            self._send(206 if start else 200, body, "application/zip", headers, send_bytes=drop)
-
-        def _image(self, photo_id, query, n):
-            fault = server.image_faults.get(photo_id, "")
-            delay = server.delay_s + (server.slow_s if fault == "slow" else 0.0)
-            if fault == "stall-once" and n == 1:
-                delay += server.stall_s
-            time.sleep(delay)
-            if fault in ("404", "410"):
-                return self._send(int(fault), b"gone")
-            if fault == "html-page":
-                return self._send(200, SIGN_IN_PAGE, "text/html")
-            if (fault == "429-once" and n == 1):
-                return self._send(429, b"slow down", headers={"Retry-After": "1"})
-            if (fault == "500-twice" and n <= 2) or fault == "500-always":
-                return self._send(500, b"internal error")
-            width, height = int(query.get("w", 640)), int(query.get("h", 480))
-            if fault == "wrong-size":
-                width, height = width + width // 2, height
-            rgb = render_photo(photo_id, width, height)
-            if fault == "gray":
-                rgb = np.repeat(rgb.mean(axis=-1, keepdims=True), 3, axis=-1).astype(np.uint8)
-            if fault == "rgba-png":
-                alpha = np.linspace(0, 255, width, dtype=np.uint8)[None, :].repeat(height, axis=0)
-                body, content_type = encode(np.dstack([rgb, alpha]), "png", 0)
+    def do_GET(self):
+        parts = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        n = self.fake._arrive(parts.path, query, dict(self.headers.items()))
+        try:
+            if parts.path == "/data/lite/latest":
+                self._send(302, b"", headers={"Location": self.fake.url + self.fake.archive_path})
+            elif parts.path == self.fake.archive_path and self.fake.archive:
+                self._archive(n)
+            elif parts.path.startswith("/photo-"):
+                self._image(parts.path[len("/photo-"):], query, n)
             else:
-                body, content_type = encode(rgb, query.get("fm", "jpg"), int(query.get("q", 75)))
-            if fault == "bad-exif":
-                body = exif_that_breaks_pillow(rgb)
-            if fault == "corrupt":  # consistent bytes, correctly framed: only a full decode notices
-                body = body[: len(body) // 2]
-            drop = len(body) // 3 if fault == "truncated-once" and n == 1 else None
-            self._send(200, body, content_type, send_bytes=drop, drip=fault == "drip")
+                self._send(404, b"not found")
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout, killed)
+            self.close_connection = True
 
-    return Handler
+    def _send(self, status, body, content_type="text/plain", headers=None, send_bytes=None, drip=False):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if drip:  # 64 bytes at a time, each well inside a read timeout, the whole far beyond any patience
+            for start in range(0, len(body), 64):
+                self.wfile.write(body[start:start + 64])
+                self.wfile.flush()
+                time.sleep(self.fake.slow_s)
+            return
+        self.wfile.write(body if send_bytes is None else body[:send_bytes])
+        if send_bytes is not None and send_bytes < len(body):  # a dropped connection
+            self.close_connection = True
+
+    def _archive(self, n):
+        gzipped = "gzip" in self.fake.archive_faults  # whatever the client accepts: a misbehaving proxy
+        data = gzip.compress(self.fake.archive, mtime=0) if gzipped else self.fake.archive
+        etag = archive_etag(data)
+        if "500-once" in self.fake.archive_faults and n == 1:
+            return self._send(500, b"internal error")
+        if "html-page" in self.fake.archive_faults:
+            return self._send(200, SIGN_IN_PAGE, "text/html")
+        headers = {"Accept-Ranges": "bytes"} | ({} if "no-validator" in self.fake.archive_faults else {"ETag": etag})
+        if gzipped:
+            headers["Content-Encoding"] = "gzip"
+        start = 0
+        ranged = self.headers.get("Range", "")
+        if_range = self.headers.get("If-Range")
+        if ranged.startswith("bytes=") and "ignore-range" not in self.fake.archive_faults and if_range in (None, etag):
+            start = int(ranged[len("bytes="):].split("-")[0])
+            if start >= len(data):
+                return self._send(416, b"", headers={"Content-Range": f"bytes */{len(data)}"})
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        body = data[start:]
+        dropping = "drop-always" in self.fake.archive_faults or ("drop-once" in self.fake.archive_faults and n == 1)
+        drop = len(body) // 2 if dropping else None
+        self._send(206 if start else 200, body, "application/zip", headers, send_bytes=drop)
+
+    def _image(self, photo_id, query, n):
+        fault = self.fake.image_faults.get(photo_id, "")
+        delay = self.fake.delay_s + (self.fake.slow_s if fault == "slow" else 0.0)
+        if fault == "stall-once" and n == 1:
+            delay += self.fake.stall_s
+        time.sleep(delay)
+        if fault in ("404", "410"):
+            return self._send(int(fault), b"gone")
+        if fault == "html-page":
+            return self._send(200, SIGN_IN_PAGE, "text/html")
+        if (fault == "429-once" and n == 1):
+            return self._send(429, b"slow down", headers={"Retry-After": "1"})
+        if (fault == "500-twice" and n <= 2) or fault == "500-always":
+            return self._send(500, b"internal error")
+        width, height = int(query.get("w", 640)), int(query.get("h", 480))
+        if fault == "wrong-size":
+            width, height = width + width // 2, height
+        rgb = render_photo(photo_id, width, height)
+        if fault == "gray":
+            rgb = np.repeat(rgb.mean(axis=-1, keepdims=True), 3, axis=-1).astype(np.uint8)
+        if fault == "rgba-png":
+            alpha = np.linspace(0, 255, width, dtype=np.uint8)[None, :].repeat(height, axis=0)
+            body, content_type = encode(np.dstack([rgb, alpha]), "png", 0)
+        else:
+            body, content_type = encode(rgb, query.get("fm", "jpg"), int(query.get("q", 75)))
+        if fault == "bad-exif":
+            body = exif_that_breaks_pillow(rgb)
+        if fault == "corrupt":  # consistent bytes, correctly framed: only a full decode notices
+            body = body[: len(body) // 2]
+        drop = len(body) // 3 if fault == "truncated-once" and n == 1 else None
+        self._send(200, body, content_type, send_bytes=drop, drip=fault == "drip")
+
+
+
+def _make_handler(server: FakeUnsplash) -> type[_Handler]:
+    return type("Handler", (_Handler,), {"fake": server})

@@ -273,18 +273,29 @@ def test_compare_sheet_is_gray_input_beside_the_colour(tmp_path, models, rgb_pho
     assert np.median(ab[16:-16, 52:], axis=(0, 1))[1] > 5  # the tinted half
 
 
-def test_a_photo_whose_sheet_was_written_but_not_its_colour_is_done_again(tmp_path, models, rgb_photos):
-    # what a kill between a photo's two writes leaves: the sheet (written first), no colour output
+def test_a_photo_whose_sheet_exists_but_not_its_colour_gets_its_colour_and_keeps_the_sheet(tmp_path, models,
+                                                                                          rgb_photos):
+    # what a kill between a photo's two writes leaves (the sheet is written first), or a file of the user's:
+    # either way it is whole, and nothing is overwritten without --overwrite
     Image.fromarray(rgb_photos[0]).save(tmp_path / "k.png")
-    (tmp_path / "k_compare.jpg").write_bytes(b"half a sheet")
+    (tmp_path / "k_compare.jpg").write_bytes(b"a sheet, or the user's own file")
     stale, users = tmp_path / ".k_color.png.0123abcd.tmp", tmp_path / ".notes.txt.0123abcd.tmp"
     for path in (stale, users):
         path.write_bytes(b"a write a kill cut short")
     report = run([tmp_path / "k.png"], models, compare=True)
     assert report.done == [tmp_path / "k_color.png"] and not report.skipped
+    assert (tmp_path / "k_compare.jpg").read_bytes() == b"a sheet, or the user's own file"
     assert not stale.exists() and users.exists()  # in the user's folder, only its own outputs' leftovers go
-    with Image.open(tmp_path / "k_compare.jpg") as sheet:
-        assert sheet.size == (128, 64)
+
+
+def test_outputs_written_into_an_input_folder_are_not_taken_for_photos(tmp_path, models, rgb_photos):
+    for folder, rgb in (("a", rgb_photos[0]), ("b", rgb_photos[1])):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(rgb).save(tmp_path / folder / f"{folder}1.png")
+    first = run([tmp_path / "a", tmp_path / "b"], models, out_dir=tmp_path / "a")
+    assert sorted(first.done) == [tmp_path / "a/a/a1_color.png", tmp_path / "a/b/b1_color.png"]
+    again = run([tmp_path / "a", tmp_path / "b"], models, out_dir=tmp_path / "a")
+    assert sorted(again.skipped) == [tmp_path / "a/a1.png", tmp_path / "b/b1.png"] and not again.done
 
 
 def test_batching_does_not_mix_photos_up(tmp_path, models, rgb_photos):

@@ -121,6 +121,10 @@ def test_server_that_drops_every_transfer_and_never_resumes_is_an_error_not_a_lo
     # the first try gets half, each later one starts over and gets the same half: no progress
     assert len(fake_unsplash.requests_to(fake_unsplash.archive_path)) == download.DOWNLOAD_RETRIES + 2
 
+    fake_unsplash.archive_faults = {"drop-always", "no-validator"}  # each try must start over by itself
+    with pytest.raises(ChromalabError, match="times without progress"):
+        run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+
 
 def test_a_part_without_a_validator_is_downloaded_afresh_not_resumed(fake_unsplash, photos, tmp_path):
     filler = np.random.default_rng(4).bytes(300_000)

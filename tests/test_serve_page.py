@@ -118,15 +118,22 @@ def test_the_api_refuses_a_form_upload_survives_a_cut_off_one_and_colours_a_tran
     with socket.create_connection((host, int(port)), timeout=10) as cut_off:  # says 100 kB, sends 1 kB, leaves
         cut_off.sendall(b"POST /api/colorize?name=cut.jpg HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
                         + photos["jpeg"].read_bytes()[:1000])
-    deadline = time.monotonic() + 10
-    while any(workdir.rglob("upload")) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(workdir.rglob("upload"))  # what came of it is gone
+        assert _within(10, lambda: any(workdir.rglob("upload")))  # the server is receiving it
+    assert _within(10, lambda: not any(workdir.rglob("upload")))  # and once the client is gone, so is the upload
 
     buffer = io.BytesIO()  # a PNG with transparency under the default name, photo.jpg: JPEG holds no alpha
     Image.open(photos["jpeg"]).convert("RGBA").save(buffer, "PNG")
     answer = requests.post(f"{url}/api/colorize", data=buffer.getvalue(), timeout=60)
     assert answer.status_code == 200 and answer.json()["download_name"] == "photo_color.jpg"
+
+
+def _within(seconds: float, condition) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _browser(download_dir: Path):

@@ -38,7 +38,7 @@ def clear_stale_temps(folder: Path, names: Iterable[str] | None = None) -> None:
     wanted = None if names is None else set(names)
     try:
         entries = list(os.scandir(folder))
-    except (FileNotFoundError, NotADirectoryError):  # nothing written there yet, or nothing can be
+    except OSError:  # nothing written there yet, nothing can be, or no listing: clearing is a courtesy
         return
     for entry in entries:
         match = _TEMP_FILE.match(entry.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -67,22 +68,25 @@ def _is_earlier_output(path: Path, stems: set[tuple[Path, str]]) -> bool:
     return False
 
 
-def _folder_photos(folder: Path, out_dir: Path | None) -> list[Path]:
+def _folder_photos(folder: Path, output_roots: list[Path]) -> list[Path]:
+    """The photos in `folder`, without what this command's outputs (`output_roots`) or earlier ones are."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
-    outputs = _output_folders_inside(folder, out_dir)
+    inside = folder.resolve()
+    # An output root that lies inside the folder holds outputs, not photos; one that is the folder itself, or
+    # above it (`-o` the folder or its parent), does not hide the photos.
+    outputs = [root for root in output_roots if root != inside and root.is_relative_to(inside)]
     files = [p for p in files if not any(p.resolve().is_relative_to(o) for o in outputs)]
     stems = {(p.parent, p.stem) for p in files}
     return [p for p in files if not _is_earlier_output(p, stems)]
 
 
-def _output_folders_inside(folder: Path, out_dir: Path | None) -> list[Path]:
-    """The parts of `folder` that hold outputs, not photos: `out_dir` where it lies inside `folder`, and the
-    folder's outputs are mirrored to (`out_dir`/<folder's name>), where that does. With `-o` the folder
-    itself or one above it, the photos are found all the same."""
+def _output_roots(paths: list[Path], out_dir: Path | None) -> list[Path]:
+    """Where this command writes under `out_dir`: itself (photos named one by one) and <folder's name> for
+    each folder given."""
     if out_dir is None:
         return []
-    inside, out = folder.resolve(), out_dir.resolve()
-    return [o for o in (out, out / inside.name) if o != inside and o.is_relative_to(inside)]
+    out = out_dir.resolve()
+    return [out] + [out / given.resolve().name for given in paths if given.is_dir()]
 
 
 def plan_jobs(paths: Sequence[Path], out_dir: Path | None, compare: bool, report: ColorizeReport) -> list[Job]:
@@ -90,12 +94,14 @@ def plan_jobs(paths: Sequence[Path], out_dir: Path | None, compare: bool, report
     jobs: list[Job] = []
     seen: set[Path] = set()
     owner_of: dict[Path, Path] = {}  # output → the input that writes it
-    for given in map(Path, paths):
+    paths = [Path(given) for given in paths]
+    output_roots = _output_roots(paths, out_dir)
+    for given in paths:
         if given.is_dir():
             # Under out_dir a folder keeps its own name, as `cp -r` does: `colorize a/ b/ -o out` gives
             # out/a/… and out/b/…, so same-named photos in different folders don't collide.
             found = [(p, given.resolve().name / p.relative_to(given).parent)
-                     for p in _folder_photos(given, out_dir)]
+                     for p in _folder_photos(given, output_roots)]
             if not found:
                 _say(f"{given}: no photos here ({', '.join(PHOTO_SUFFIXES)})")
         elif given.is_file():
@@ -215,15 +221,18 @@ def _clear_stale_temps(jobs: list[Job]) -> None:
 
 
 def _pending(jobs: list[Job], overwrite: bool, report: ColorizeReport) -> list[Job]:
-    """The jobs to do, unless `overwrite`: a job whose colour output exists is done (it is written last), and
-    is skipped (in `report`); so is one whose sheet would replace a photo of this run."""
-    sources = {job.source for job in jobs}
+    """The jobs to do, unless `overwrite`: a job whose colour output exists is done (it is written last) and
+    is skipped (in `report`); one whose sheet exists already (a kill between the two writes, or a file of
+    the user's) writes only its colour output."""
     pending = []
     for job in jobs:
-        existing = job.output if job.output.exists() else job.compare if job.compare in sources else None
-        if existing is not None and not overwrite:
-            _say(f"skipped {job.source}: {existing} exists (--overwrite replaces it)")
+        if overwrite:
+            pending.append(job)
+        elif job.output.exists():
+            _say(f"skipped {job.source}: {job.output} exists (--overwrite replaces it)")
             report.skipped.append(job.source)
+        elif job.compare is not None and job.compare.exists():
+            pending.append(dataclasses.replace(job, compare=None))
         else:
             pending.append(job)
     return pending

@@ -146,7 +146,7 @@ def fetch_archive(url: str, downloads_dir: Path) -> tuple[Path, str]:
     part = partial_download_path(url, downloads_dir)
     meta_path = _meta_path(part)
     session = retrying_session(DOWNLOAD_RETRIES, DOWNLOAD_BACKOFF_S)
-    tries_without_progress = 0
+    tries_without_progress, furthest = 0, 0
     while True:
         before = _resumable_size(part, meta_path)
         # identity: a gzip-encoded body would be stored decoded, and Range offsets count encoded bytes
@@ -162,7 +162,9 @@ def fetch_archive(url: str, downloads_dir: Path) -> tuple[Path, str]:
         if lost is None:
             return part, response.url
         got = part.stat().st_size if part.exists() else 0
-        tries_without_progress = 0 if got > before else tries_without_progress + 1
+        # progress is getting further than ever: a part that must start over (no validator) gets as far again
+        tries_without_progress = 0 if got > furthest else tries_without_progress + 1
+        furthest = max(furthest, got)
         if tries_without_progress > DOWNLOAD_RETRIES:
             raise ChromalabError(_unreachable_message(url, f"{lost}, {DOWNLOAD_RETRIES + 1} times without progress"))
         tqdm.write(f"download: {lost} after {got:,} bytes; resuming", file=sys.stderr)
@@ -193,7 +195,7 @@ def _receive(response: requests.Response, url: str, part: Path, meta_path: Path,
             "check data.url, or download the zip elsewhere and set data.url to its local path"
         )
     resumed = response.status_code == 206
-    if resumed and _content_range_start(response) != offset:  # not the bytes asked for: start over
+    if resumed and (_content_range_start(response) != offset or _encoded(response)):  # not the bytes asked for
         part.unlink(missing_ok=True)
         return "the server sent other bytes than asked for"
     if not resumed:  # a server that ignores Range (or a changed file) sends it all again
@@ -253,12 +255,16 @@ def _validator(response: requests.Response) -> str:
     """What If-Range may carry: a strong ETag, else Last-Modified (RFC 9110 §13.1.5). None for an encoded
     body (a server that gzips despite Accept-Encoding: identity): the part holds it decoded, and a Range
     would count encoded bytes, so such a download starts over instead of resuming."""
-    if response.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+    if _encoded(response):
         return ""
     etag = response.headers.get("ETag", "")
     if etag and not etag.startswith("W/"):
         return etag
     return response.headers.get("Last-Modified", "")
+
+
+def _encoded(response: requests.Response) -> bool:
+    return response.headers.get("Content-Encoding", "identity").strip().lower() != "identity"
 
 
 def _content_range_start(response: requests.Response) -> int | None:

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import sys
 import threading
 import time
@@ -46,6 +47,12 @@ BACKOFF_MAX_S = 60.0
 # A photo's whole transfer may take this many images.timeout_s (each read's limit): a server that drips its
 # bytes just inside that limit cannot hold a worker for hours.
 PHOTO_DEADLINE_READS = 4
+MAX_PHOTO_BYTES = 64 << 20  # a fetched photo is image_size² pixels: far beyond this, the server is not sending one
+# What Pillow raises on a photo's hostile or broken bytes.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, KeyError, IndexError, ZeroDivisionError,
+                 struct.error, Image.DecompressionBombError)
+# Answers that are a page about the request (sign-in, error, rate limit), not a photo.
+PAGE_TYPES = ("text/", "application/json", "application/xml", "application/xhtml+xml")
 REJECTED_FIELDS = ("photo_id", "split", "reason")
 # What the files on disk were made with: another value invalidates them (only "gone" rejections survive).
 SETTINGS_FILE = "fetch_settings.json"
@@ -235,24 +242,25 @@ class PhotoFetcher:
             if response.status != 200:
                 retried = f" after {self.retries} retries" if response.status in RETRY_STATUSES else ""
                 raise FetchFailed(f"HTTP {response.status}{retried}")
-            page = response.headers.get("Content-Type", "").split(";")[0].strip()
-            if page.startswith("text/"):  # a sign-in, block or error page says nothing about the photo itself
+            page = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if page.startswith(PAGE_TYPES):  # a sign-in, block or error page says nothing about the photo itself
                 raise FetchFailed(f"HTTP 200 with a {page} page instead of a photo (blocked or rate limited?)")
             data, whole = self._body(response), True
             return data
         finally:  # a connection whose answer was not read to the end cannot serve the next request
-            if whole:
-                response.release_conn()
-            else:
+            if not whole:
                 response.close()
+            response.release_conn()
 
     def _body(self, response) -> bytes:
-        deadline, chunks = time.monotonic() + self.deadline_s, []
+        deadline, chunks, received = time.monotonic() + self.deadline_s, [], 0
         try:
             while chunk := response.read1(1 << 16):  # what has arrived: `stream` would wait for 64 KiB
                 chunks.append(chunk)
+                received += len(chunk)
+                if received > MAX_PHOTO_BYTES:
+                    raise FetchFailed(f"the answer runs past {MAX_PHOTO_BYTES >> 20} MB: not a photo of this size")
                 if time.monotonic() > deadline:
-                    received = sum(map(len, chunks))
                     raise _BodyBroken(f"too slow ({received:,} bytes in {self.deadline_s:g} s)")
         except urllib3.exceptions.HTTPError as exc:  # cut short (IncompleteRead), a read timing out mid-body
             raise _BodyBroken(type(exc).__name__) from None
@@ -275,8 +283,8 @@ class PhotoFetcher:
         except Image.UnidentifiedImageError:
             raise Rejected("corrupt (not an image file)") from None
         # Pillow's decoders and EXIF reader raise more than OSError on hostile bytes (struct.error from a
-        # mistyped EXIF tag, for one): whatever this photo's bytes make them raise is the photo's fault.
-        except Exception as exc:
+        # mistyped EXIF tag, for one); a bug of ours (or MemoryError) must not become a lasting rejection.
+        except DECODE_ERRORS as exc:
             raise Rejected(f"corrupt ({(str(exc).splitlines() or [''])[0][:80] or type(exc).__name__})") from None
         if chroma < self.min_chroma:
             raise Rejected(f"gray (mean chroma {chroma:.2f} < images.min_chroma {self.min_chroma:g})")

@@ -61,7 +61,7 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
     @app.post("/api/colorize")
     async def colorize_upload(request: Request, name: str = "photo.jpg") -> dict:
         name = _safe_name(name)
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             raise HTTPException(415, f"{name}: send the photo itself as the request body (curl --data-binary "
                                      "@photo.jpg …), not as a form upload")
         declared = request.headers.get("content-length")
@@ -77,7 +77,7 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
             entry = await run_in_threadpool(_colour_file, colorizer, model_lock, folder, name, image_size)
         except _StoreFailed as exc:
             _remove(folder)
-            raise HTTPException(507, f"{name}: coloured, but the result could not be stored ({exc})") from None
+            raise HTTPException(507, f"{name}: coloured, but the result could not be written ({exc})") from None
         except colorize.READ_ERRORS as exc:
             reason = describe_unreadable(exc, folder / "upload")
             _remove(folder)

@@ -213,6 +213,8 @@ def _resume_point(params: Params, model_name: str, folder: Path, info: dict) -> 
     elif state:
         print(f"{checkpoint.folder}: params or data changed since the checkpoint; starting afresh", file=sys.stderr)
     checkpoint.reset()
+    if run_id:  # named again at once: a second kill before training records the start must not lose it
+        checkpoint.record_start(fresh)
     return Resume(checkpoint, fingerprint, fresh, 0, [])
 
 
