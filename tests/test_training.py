@@ -363,10 +363,36 @@ def _a_start_killed_before_its_first_checkpoint(repo: Path, params, dataset: Pat
     dataset_hash = str(read_dataset_info(dataset).get("content_hash", ""))
     with runs.model_run("baseline", params, dataset_hash=dataset_hash, stage="train@baseline") as run:
         pass
-    Checkpoint(repo / "models/baseline/checkpoint").record_start(
+    Checkpoint(repo / "models/baseline/checkpoint").write_state(
         {"fingerprint": params_fingerprint(params, "baseline", dataset_hash), "status": "running", "epoch": 0,
          "mlflow_run_id": run.info.run_id})
     return run.info.run_id
+
+
+def test_a_run_killed_while_finishing_logs_and_registers_its_model_once(workdir, monkeypatch):
+    """Killed after the final metrics and the model went to MLflow, before the registry: the rerun resumes
+    the trained run and does only what is left, so nothing shows twice in the MLflow UI."""
+    from chromalab.track import registry
+
+    params = tiny_params(baseline={"epochs": 2})
+    register = registry.register_trained_model
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry, "register_trained_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(params, "baseline")
+    monkeypatch.setattr(registry, "register_trained_model", register)
+    metrics = run_train(params, "baseline")
+
+    client, run_id = _client(workdir), metrics["mlflow_run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "final_loss")] == [2]
+    assert [m.step for m in client.get_metric_history(run_id, "best_epoch")] == [0]
+    experiment = client.get_experiment_by_name("chromalab").experiment_id
+    logged = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+    assert sorted(m.name for m in logged) == ["colorizer", "model"]
+    assert [v.run_id for v in client.search_model_versions("name = 'chromalab-baseline'")] == [run_id]
 
 
 def test_changed_params_start_afresh_instead_of_resuming(gan_run_on_server):

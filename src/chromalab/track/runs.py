@@ -277,6 +277,20 @@ def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
             raise
 
 
+def logged_model(name: str):
+    """The active run's model logged as `name`, whole (READY), or None: what a run that finishes again after a
+    kill logged already."""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    require_active_run()
+    run = mlflow.active_run()
+    found = mlflow.MlflowClient().search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
+    ready = [model for model in found if model.status == LoggedModelStatus.READY]
+    return ready[-1] if ready else None
+
+
 def require_active_run() -> None:
     import mlflow
 

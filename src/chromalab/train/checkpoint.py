@@ -77,9 +77,10 @@ class Checkpoint:
             if stale.name not in keep:
                 stale.unlink()
 
-    def record_start(self, state: dict) -> None:
-        """state.json before the first checkpoint, naming the MLflow run: a run killed before its first
-        checkpoint starts again from epoch 0 in that same run (`started_run`), not in a second one."""
+    def write_state(self, state: dict) -> None:
+        """state.json as `state` says, with no new weights: a start naming its MLflow run (a run killed before
+        its first checkpoint starts again from epoch 0 in that same run, `started_run`), or how far the
+        finishing of a trained run got (`finished_steps`)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.state_file, json.dumps(state, indent=2))
 

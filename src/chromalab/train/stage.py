@@ -100,7 +100,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
                         run_id=resume.state.get("mlflow_run_id")) as run:
         resume.state["mlflow_run_id"] = run.info.run_id
         if not resume.epoch:
-            resume.checkpoint.record_start(resume.state)
+            resume.checkpoint.write_state(resume.state)
         datasets.log_dataset_inputs(info, data_dir)
         started = time.perf_counter()
         _fit(model, data, epochs_input, resume, params, model_name, steps, validation, n_train, has_gpu)
@@ -108,10 +108,8 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         metrics = _final_metrics(model, exported, data.validation, validation, resume, epochs,
                                  time.perf_counter() - started)
         metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run; `dvc exp show` links to it
-        runs.log_epoch({f"final_{k}": v for k, v in metrics.items()
-                        if isinstance(v, float) and not k.startswith("best_")}, epochs)
-        runs.log_exported_checkpoint(metrics["best_epoch"], metrics["best_val_delta_e00"], metrics["exported"])
-        _deliver(exported, models_root / model_name / "model.keras", strategy, val_L[:1], dataset_hash)
+        _deliver(exported, metrics, resume, models_root / model_name / "model.keras", strategy, val_L[:1],
+                 dataset_hash)
 
     _write_reports(reports_root / model_name, resume.history, metrics)
     resume.checkpoint.mark_complete(resume.fingerprint, run.info.run_id)
@@ -162,14 +160,32 @@ def _phases(params: Params, model_name: str, start: int) -> list[tuple[str | Non
     return [(None, start, params.baseline.epochs)] if start < params.baseline.epochs else []
 
 
-def _deliver(deliverable: keras.Model, model_file: Path, strategy, input_example, dataset_hash: str):
-    """models/<m>/model.keras, the same model in the MLflow run, and its pyfunc colorizer as a registry version."""
+def _deliver(deliverable: keras.Model, metrics: dict, resume: Resume, model_file: Path, strategy, input_example,
+             dataset_hash: str) -> None:
+    """models/<m>/model.keras, the final metrics and the same model in the MLflow run, and its pyfunc
+    colorizer as a registry version; each MLflow step once, even when a kill makes the run finish twice."""
     from chromalab.serve import pyfunc
     from chromalab.track import registry, runs
 
     _export(deliverable, model_file, strategy)
-    runs.log_keras_model(deliverable, input_example)
-    registry.register_trained_model(model_file.parent.name, pyfunc.log_colorizer(model_file), dataset_hash)
+    _once(resume, "final metrics", lambda: (
+        runs.log_epoch({f"final_{k}": v for k, v in metrics.items()
+                        if isinstance(v, float) and not k.startswith("best_")}, int(metrics["epochs"])),
+        runs.log_exported_checkpoint(metrics["best_epoch"], metrics["best_val_delta_e00"], metrics["exported"])))
+    _once(resume, "model", lambda: runs.log_keras_model(deliverable, input_example))
+    _once(resume, "registered", lambda: registry.register_trained_model(
+        model_file.parent.name, runs.logged_model(pyfunc.PYFUNC_NAME) or pyfunc.log_colorizer(model_file),
+        dataset_hash))
+
+
+def _once(resume: Resume, step: str, action) -> None:
+    """`action()` unless this run did it already before a kill (state.json remembers, until training is
+    marked complete)."""
+    done = resume.state.setdefault("finished_steps", [])
+    if step not in done:
+        action()
+        done.append(step)
+        resume.checkpoint.write_state(resume.state)
 
 
 def _dataset_info(data_dir: Path, params: Params) -> dict:
@@ -214,7 +230,7 @@ def _resume_point(params: Params, model_name: str, folder: Path, info: dict) -> 
         print(f"{checkpoint.folder}: params or data changed since the checkpoint; starting afresh", file=sys.stderr)
     checkpoint.reset()
     if run_id:  # named again at once: a second kill before training records the start must not lose it
-        checkpoint.record_start(fresh)
+        checkpoint.write_state(fresh)
     return Resume(checkpoint, fingerprint, fresh, 0, [])
 
 
