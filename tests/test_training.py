@@ -369,22 +369,25 @@ def _a_start_killed_before_its_first_checkpoint(repo: Path, params, dataset: Pat
     return run.info.run_id
 
 
+def _killed_at_then_rerun(monkeypatch, module, function: str, params) -> dict:
+    """`train baseline` stopped (Ctrl-C) at its first call of `module.function`, then run again in full;
+    returns the second run's metrics."""
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, function, killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_train(params, "baseline")
+    return run_train(params, "baseline")
+
+
 def test_a_run_killed_while_finishing_logs_and_registers_its_model_once(workdir, monkeypatch):
     """Killed after the final metrics and the model went to MLflow, before the registry: the rerun resumes
     the trained run and does only what is left, so nothing shows twice in the MLflow UI."""
     from chromalab.track import registry
 
-    params = tiny_params(baseline={"epochs": 2})
-    register = registry.register_trained_model
-
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(registry, "register_trained_model", killed)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(params, "baseline")
-    monkeypatch.setattr(registry, "register_trained_model", register)
-    metrics = run_train(params, "baseline")
+    metrics = _killed_at_then_rerun(monkeypatch, registry, "register_trained_model", tiny_params(baseline={"epochs": 2}))
 
     client, run_id = _client(workdir), metrics["mlflow_run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "final_loss")] == [2]
@@ -393,6 +396,19 @@ def test_a_run_killed_while_finishing_logs_and_registers_its_model_once(workdir,
     logged = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
     assert sorted(m.name for m in logged) == ["colorizer", "model"]
     assert [v.run_id for v in client.search_model_versions("name = 'chromalab-baseline'")] == [run_id]
+
+
+def test_a_sample_sheet_cut_off_by_a_kill_reaches_mlflow_when_the_run_resumes(workdir, monkeypatch):
+    """Killed after a checkpoint and its rows went to MLflow, before its sample sheet did: the checkpoint kept
+    the sheet, and the resumed run logs it, once."""
+    from chromalab.track import runs
+
+    params = tiny_params(train={"val_every": 2, "checkpoint_every": 2, "sample_every": 2}, baseline={"epochs": 4})
+    metrics = _killed_at_then_rerun(monkeypatch, runs, "log_sample_sheet", params)
+
+    client = _client(workdir)
+    paths = [a.path for a in client.list_artifacts(metrics["mlflow_run_id"], "images") if a.path.endswith(".png")]
+    assert sorted(int(path.split("+step+")[1].split("+")[0]) for path in paths) == [2, 4], paths
 
 
 def test_changed_params_start_afresh_instead_of_resuming(gan_run_on_server):

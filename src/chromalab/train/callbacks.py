@@ -78,6 +78,7 @@ class EpochRecorder(keras.callbacks.Callback):
             self._unlogged_sheets.append((sample_sheet(L, predict_ab(self.colorizer, L, len(L)), ab), done))
         if done % self.train_params.checkpoint_every == 0 or done == self.total_epochs:
             self.state["epoch"] = done
+            self.checkpoint.keep_sheets(self._unlogged_sheets, self.state)
             self.checkpoint.save(self.model, self.state, self.history_rows)
             self.log_rows(self._unlogged)
             for sheet, step in self._unlogged_sheets:
@@ -104,12 +105,21 @@ class EpochRecorder(keras.callbacks.Callback):
         for row in rows:
             runs.log_epoch({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
-    def log_checkpointed_rows_mlflow_lacks(self, run_id: str) -> None:
-        """After a kill between a checkpoint and its MLflow logging: log the checkpoint's rows MLflow lacks."""
+    def log_checkpoint_mlflow_lacks(self, run_id: str) -> None:
+        """After a kill between a checkpoint and its MLflow logging: log the checkpoint's rows and sample
+        sheets MLflow lacks."""
         import mlflow
 
-        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "epoch_seconds")}
+        from chromalab.track import runs
+
+        client = mlflow.MlflowClient()
+        logged = {m.step for m in client.get_metric_history(run_id, "epoch_seconds")}
         self.log_rows([row for row in self.history_rows if row["epoch"] not in logged])
+        shown = {int(a.path.split("+step+")[1].split("+")[0]) for a in client.list_artifacts(run_id, "images")
+                 if "+step+" in a.path}
+        for sheet, step in self.checkpoint.sheets(self.state):
+            if step not in shown:
+                runs.log_sample_sheet(sheet, step)
 
 
 def duration(seconds: float) -> str:

@@ -72,7 +72,7 @@ class Checkpoint:
             model.save_weights(tmp, overwrite=True)
         write_history(self.folder / state["history"], history)
         write_text_atomic(self.state_file, json.dumps(state, indent=2))  # now this checkpoint is the one
-        keep = {state["weights"], state["history"], STATE_FILE, state.get("best_weights")}
+        keep = {state["weights"], state["history"], STATE_FILE, state.get("best_weights"), *state.get("sheets", [])}
         for stale in self.folder.iterdir():  # the previous checkpoint's files, and any a kill left half-written
             if stale.name not in keep:
                 stale.unlink()
@@ -91,6 +91,21 @@ class Checkpoint:
                 and not state.get("weights"):
             return state.get("mlflow_run_id")
         return None
+
+    def keep_sheets(self, sheets: list[tuple[np.ndarray, int]], state: dict) -> None:
+        """Sample sheets (image, epoch) that MLflow has yet to get, as files named in `state`: the next `save`
+        keeps them with its checkpoint, so a kill before they reach MLflow does not lose them."""
+        state["sheets"] = []
+        for sheet, epoch in sheets:
+            name = f"sheet-{epoch:05d}.npy"
+            with atomic_file(self.folder / name) as f:
+                np.save(f, sheet)
+            state["sheets"].append(name)
+
+    def sheets(self, state: dict) -> list[tuple[np.ndarray, int]]:
+        """The sample sheets the checkpoint of `state` kept, as (image, epoch)."""
+        return [(np.load(self.folder / name), int(name.removeprefix("sheet-").removesuffix(".npy")))
+                for name in state.get("sheets", [])]
 
     def save_best(self, colorizer: keras.Model, state: dict, epoch: int, score: float) -> None:
         """Keep `colorizer`'s weights as the best so far (epoch `epoch`, val ΔE00 `score`): the file now, its
@@ -123,7 +138,8 @@ class Checkpoint:
         """A running checkpoint of these params and data whose files (the best validation's too) are all there."""
         named = ("weights", "history", "best_weights") if state and state.get("best_weights") else ("weights", "history")
         return bool(state and state.get("fingerprint") == fingerprint and state.get("status") == "running"
-                    and all((self.folder / str(state.get(key))).is_file() for key in named))
+                    and all((self.folder / str(state.get(key))).is_file() for key in named)
+                    and all((self.folder / name).is_file() for name in state.get("sheets", [])))
 
     def reset(self) -> None:
         if self.folder.exists():

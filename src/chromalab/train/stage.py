@@ -136,7 +136,7 @@ def _fit(model: keras.Model, data, epochs_input, resume: Resume, params: Params,
                              images_per_epoch=n_train, validation=(validation.L, validation.ab),
                              batch_size=validation.batch_size, keep_after=_phases(params, model_name, 0)[-1][1])
     if resume.epoch:
-        recorder.log_checkpointed_rows_mlflow_lacks(resume.state["mlflow_run_id"])
+        recorder.log_checkpoint_mlflow_lacks(resume.state["mlflow_run_id"])
     if data.train is None:  # the last checkpoint was the final epoch
         return
     # Keras' own epoch line first, then where the run stands. The input orders and augments the photos
