@@ -168,6 +168,15 @@ def test_16_bit_gray_uses_its_full_range(tmp_path, models):
     assert np.abs(out_l - expected)[:, 4:-4].max() < 1.5  # away from pure black/white, where the tint clips
 
 
+def test_32_bit_float_gray_is_read_as_0_to_1(tmp_path, models):
+    levels = np.tile(np.linspace(0.0, 1.0, 48, dtype=np.float32), (32, 1))
+    Image.fromarray(levels, mode="F").save(tmp_path / "float.tif")
+    assert Image.open(tmp_path / "float.tif").mode == "F"
+    run([tmp_path / "float.tif"], models)
+    expected = rgb_to_lab_norm(np.repeat(levels[..., None], 3, axis=-1))[..., 0] * 100
+    assert np.abs(lightness(tmp_path / "float_color.png") - expected)[:, 4:-4].max() < 1.5
+
+
 def test_palette_images_with_and_without_transparency(tmp_path, models, rgb_photos):
     palette = Image.fromarray(rgb_photos[3]).convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
     palette.save(tmp_path / "pal.png")

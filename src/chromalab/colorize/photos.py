@@ -78,6 +78,9 @@ def _lightness_and_alpha(image: Image.Image) -> tuple[np.ndarray, Image.Image | 
     if image.mode in GRAY16_MODES:
         levels = np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
         return _gray_lightness_table(65536)[levels], alpha
+    if image.mode == "F":  # 32-bit float gray (TIFF): 0-1, as scikit-image reads float images
+        levels = np.round(np.clip(np.nan_to_num(np.asarray(image)), 0.0, 1.0) * 65535).astype(np.uint16)
+        return _gray_lightness_table(65536)[levels], alpha
     if image.mode in ("L", "1"):
         return _gray_lightness_table(256)[np.asarray(image.convert("L"))], alpha
     return _rgb_lightness(np.asarray(image.convert("RGB"))), alpha
