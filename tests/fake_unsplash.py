@@ -51,7 +51,8 @@ DEFAULT_KINDS = {"person": 30, "person_user": 6, "low_confidence": 5, "bw_keywor
 ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 
 IMAGE_FAULTS = ("404", "410", "429-once", "500-twice", "500-always", "truncated-once", "corrupt", "gray",
-                "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip")
+                "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
+                "503-unreadable-retry-after-once")
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes
 ARCHIVE_FAULTS = ("drop-once", "drop-always", "ignore-range", "500-once", "no-validator", "html-page", "gzip")
@@ -392,6 +393,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, SIGN_IN_PAGE, "text/html")
         if (fault == "429-once" and n == 1):
             return self._send(429, b"slow down", headers={"Retry-After": "1"})
+        if fault == "503-unreadable-retry-after-once" and n == 1:  # RFC 9110 allows only seconds or a date
+            return self._send(503, b"busy", headers={"Retry-After": "soon"})
         if (fault == "500-twice" and n <= 2) or fault == "500-always":
             return self._send(500, b"internal error")
         width, height = int(query.get("w", 640)), int(query.get("h", 480))

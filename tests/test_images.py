@@ -79,7 +79,7 @@ def test_every_fault_is_handled_and_reserves_replace_in_order(fake_unsplash, tmp
     faults = {
         train[0]: "404", train[1]: "410", train[2]: "429-once", train[3]: "500-twice",
         train[4]: "truncated-once", train[5]: "corrupt", train[6]: "gray", train[7]: "rgba-png",
-        train[8]: "wrong-size", train[9]: "slow", test[0]: "stall-once", test[1]: "404", val[0]: "gray",
+        train[8]: "wrong-size", train[9]: "slow", train[11]: "503-unreadable-retry-after-once", test[0]: "stall-once", test[1]: "404", val[0]: "gray",
         reserve[0]: "gray",
     }
     fake_unsplash.image_faults = faults
@@ -101,7 +101,8 @@ def test_every_fault_is_handled_and_reserves_replace_in_order(fake_unsplash, tmp
         train[6]: ("train", "gray"), test[1]: ("test", "gone"), val[0]: ("val", "gray"), reserve[0]: ("train", "gray"),
     }
     counts = fake_unsplash.image_counts()
-    retried = {train[2]: 2, train[3]: 3, train[4]: 2, test[0]: 2}  # 429, two 500s, truncated body, read timeout
+    # 429, two 500s, truncated body, a 503 whose Retry-After is unreadable (the usual backoff), read timeout
+    retried = {train[2]: 2, train[3]: 3, train[4]: 2, train[11]: 2, test[0]: 2}
     assert counts == {pid: retried.get(pid, 1) for pid in train + test + val + reserve}
     assert summary == {"train": 16, "test": 4, "val": 2, "fetched": 29, "reused": 0, "rejected": 7,
                        "replaced_from_reserve": 7}
