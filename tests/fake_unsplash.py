@@ -54,8 +54,10 @@ IMAGE_FAULTS = ("404", "410", "429-once", "500-twice", "500-always", "truncated-
                 "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
                 "503-unreadable-retry-after-once")
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
-# html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes
-ARCHIVE_FAULTS = ("drop-once", "drop-always", "ignore-range", "500-once", "no-validator", "html-page", "gzip")
+# html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes;
+# drip: 64 bytes every slow_s
+ARCHIVE_FAULTS = ("drop-once", "drop-always", "ignore-range", "500-once", "no-validator", "html-page", "gzip",
+                  "drip")
 SIGN_IN_PAGE = b"<!doctype html><html><body>Please sign in to continue.</body></html>"
 
 
@@ -379,7 +381,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = data[start:]
         dropping = "drop-always" in self.fake.archive_faults or ("drop-once" in self.fake.archive_faults and n == 1)
         drop = len(body) // 2 if dropping else None
-        self._send(206 if start else 200, body, "application/zip", headers, send_bytes=drop)
+        self._send(206 if start else 200, body, "application/zip", headers, send_bytes=drop,
+                   drip="drip" in self.fake.archive_faults)
 
     def _image(self, photo_id, query, n):
         fault = self.fake.image_faults.get(photo_id, "")

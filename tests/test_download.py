@@ -126,6 +126,26 @@ def test_server_that_drops_every_transfer_and_never_resumes_is_an_error_not_a_lo
         run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
 
 
+@pytest.mark.timeout(60)
+def test_a_server_dripping_bytes_inside_every_timeout_is_an_error_not_a_wait_of_weeks(
+        fake_unsplash, photos, tmp_path, monkeypatch):
+    filler = np.random.default_rng(3).bytes(300_000)
+    archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})
+    fake_unsplash.archive, fake_unsplash.archive_faults, fake_unsplash.slow_s = archive, {"drip"}, 0.01
+    monkeypatch.setattr(download, "STALL_WINDOW_S", 0.3)  # ~2 KB arrive per window, far under the minimum
+    with pytest.raises(ChromalabError, match=r"too slow \([\d,]+ bytes in 0.3 s\), 6 times without progress"):
+        run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    tries = fake_unsplash.requests_to(fake_unsplash.archive_path)
+    assert len(tries) == download.DOWNLOAD_RETRIES + 1
+    assert all("Range" in t.headers for t in tries[1:])  # each try resumed what the last one brought
+
+    # what a slow try brought is kept: a fair server finishes the transfer from there
+    fake_unsplash.archive_faults = set()
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    check_tables(out, photos, archive)
+    assert int(fake_unsplash.requests_to(fake_unsplash.archive_path)[-1].headers["Range"][6:-1]) > 0
+
+
 def test_a_part_without_a_validator_is_downloaded_afresh_not_resumed(fake_unsplash, photos, tmp_path):
     filler = np.random.default_rng(4).bytes(300_000)
     archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})

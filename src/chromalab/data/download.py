@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import time
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -35,6 +36,11 @@ from chromalab.files import staged_dir, write_text_atomic
 DOWNLOAD_RETRIES = 5
 DOWNLOAD_BACKOFF_S = 0.5
 DOWNLOAD_TIMEOUT_S = (15.0, 60.0)  # (connect, read between bytes)
+# A server can drip a byte inside every read timeout and never finish: a transfer that brings fewer than
+# STALL_MIN_BYTES in a window is broken off and resumed, and counts as a try without progress.
+STALL_WINDOW_S = 120.0
+STALL_MIN_BYTES = 1 << 17  # 128 KiB per 2 minutes, about 1 KiB/s: at that rate the archive would take weeks
+TOO_SLOW = "too slow"
 # A connection that drops mid-chunk loses that chunk (urllib3 discards a short read): keep chunks small.
 CHUNK_BYTES = 1 << 16
 ZIP_START = b"PK"  # every zip (a local file header, or the end record of an empty one)
@@ -162,8 +168,10 @@ def fetch_archive(url: str, downloads_dir: Path) -> tuple[Path, str]:
         if lost is None:
             return part, response.url
         got = part.stat().st_size if part.exists() else 0
-        # progress is getting further than ever: a part that must start over (no validator) gets as far again
-        tries_without_progress = 0 if got > furthest else tries_without_progress + 1
+        # progress is getting further than ever (a part that must start over, with no validator, gets as far
+        # again), at more than a drip
+        progressed = got > furthest and not lost.startswith(TOO_SLOW)
+        tries_without_progress = 0 if progressed else tries_without_progress + 1
         furthest = max(furthest, got)
         if tries_without_progress > DOWNLOAD_RETRIES:
             raise ChromalabError(_unreachable_message(url, f"{lost}, {DOWNLOAD_RETRIES + 1} times without progress"))
@@ -207,14 +215,20 @@ def _receive(response: requests.Response, url: str, part: Path, meta_path: Path,
         with part.open("ab" if resumed else "wb") as f, tqdm(
             total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc="download"
         ) as bar:
-            for chunk in response.iter_content(CHUNK_BYTES):
+            window_start, window_bytes = time.monotonic(), 0
+            # read1: what has arrived (iter_content would wait for a whole chunk), so a drip is seen as one
+            while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
                 if f.tell() == 0 and not chunk.startswith(ZIP_START[: len(chunk)]):
                     raise ChromalabError(_not_a_zip_message(url, response, chunk))
                 f.write(chunk)
                 bar.update(len(chunk))
+                window_bytes += len(chunk)
+                if time.monotonic() - window_start > STALL_WINDOW_S:
+                    if window_bytes < STALL_MIN_BYTES:
+                        return f"{TOO_SLOW} ({window_bytes:,} bytes in {STALL_WINDOW_S:g} s)"
+                    window_start, window_bytes = time.monotonic(), 0
         return None
-    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-            requests.exceptions.ContentDecodingError) as exc:
+    except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
         return _failure_reason(exc, "connection lost")
     except ChromalabError:
         part.unlink(missing_ok=True)  # an error page must never become the start of a later resume
@@ -240,7 +254,8 @@ def _failure_reason(exc: Exception, broken: str = "connection failed") -> str:
         return "too many redirects (a redirect loop?)"
     cause = exc.args[0] if exc.args else None
     cause = getattr(cause, "reason", cause)
-    if isinstance(exc, requests.Timeout) or isinstance(cause, urllib3.exceptions.TimeoutError):
+    if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)) or \
+            isinstance(cause, urllib3.exceptions.TimeoutError):
         return "timed out"
     return f"{broken} ({type(cause if isinstance(cause, Exception) else exc).__name__})"
 
