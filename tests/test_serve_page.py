@@ -127,6 +127,23 @@ def test_the_api_refuses_a_form_upload_survives_a_cut_off_one_and_colours_a_tran
     assert answer.status_code == 200 and answer.json()["download_name"] == "photo_color.jpg"
 
 
+def test_the_api_says_so_when_the_server_cannot_store_an_upload_and_recovers(page, photos):
+    url, workdir = page
+    aside = workdir.with_name(workdir.name + "-aside")
+    workdir.rename(aside)  # its folder gone (a temp cleaner), as a full disk would fail the same writes
+    try:
+        answer = requests.post(f"{url}/api/colorize", params={"name": "family.jpg"},
+                               data=photos["jpeg"].read_bytes(), timeout=30)
+    finally:
+        aside.rename(workdir)
+    assert answer.status_code == 507, answer.text
+    detail = answer.json()["detail"]
+    assert detail.startswith("family.jpg: the server could not store the upload (") and "\n" not in detail
+    again = requests.post(f"{url}/api/colorize", params={"name": "family.jpg"}, data=photos["jpeg"].read_bytes(),
+                          timeout=60)
+    assert again.status_code == 200
+
+
 def _within(seconds: float, condition) -> bool:
     deadline = time.monotonic() + seconds
     while not condition():

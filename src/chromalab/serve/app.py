@@ -69,8 +69,13 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
             raise HTTPException(413, f"{name} is {int(declared) / 1e6:.1f} MB; the limit is {max_upload_mb:g} MB")
         job_id = uuid.uuid4().hex
         folder = workdir / job_id
-        folder.mkdir()
-        await _receive(request, folder, name, max_upload_mb)
+        try:
+            folder.mkdir()
+            await _receive(request, folder, name, max_upload_mb)
+        except OSError as exc:  # the server's disk (full, or its folder gone), not the photo
+            _remove(folder)
+            raise HTTPException(507, f"{name}: the server could not store the upload ({one_line(exc)}); "
+                                     "whoever runs it should check its disk") from None
         from starlette.concurrency import run_in_threadpool
 
         try:
