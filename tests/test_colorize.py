@@ -177,6 +177,17 @@ def test_32_bit_float_gray_is_read_as_0_to_1(tmp_path, models):
     assert np.abs(lightness(tmp_path / "float_color.png") - expected)[:, 4:-4].max() < 1.5
 
 
+def test_a_cielab_tiff_is_coloured_from_its_own_lightness(tmp_path, models):
+    lightness_levels = np.tile(np.linspace(0, 255, 48).astype(np.uint8), (32, 1))  # L* 0-100 as 0-255
+    chroma = np.full_like(lightness_levels, 140)
+    Image.merge("LAB", [Image.fromarray(band) for band in (lightness_levels, chroma, chroma)]).save(tmp_path / "lab.tif")
+    assert Image.open(tmp_path / "lab.tif").mode == "LAB"
+    report = run([tmp_path / "lab.tif"], models)
+    assert report.done == [tmp_path / "lab_color.png"] and not report.failed
+    expected = lightness_levels / 2.55
+    assert np.abs(lightness(tmp_path / "lab_color.png") - expected)[:, 4:-4].max() < 1.5
+
+
 def test_palette_images_with_and_without_transparency(tmp_path, models, rgb_photos):
     palette = Image.fromarray(rgb_photos[3]).convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
     palette.save(tmp_path / "pal.png")

@@ -67,6 +67,8 @@ def _rgb_lightness(rgb: np.ndarray) -> np.ndarray:
 
 
 def _lightness_and_alpha(image: Image.Image) -> tuple[np.ndarray, Image.Image | None]:
+    if image.mode == "LAB":  # a CIELab TIFF: Pillow cannot make it RGB, and its band "A" is a*, not alpha
+        return np.asarray(image.getchannel("L"), dtype=np.float32) / 255.0, None  # L* 0-100 stored as 0-255
     alpha = None
     if image.mode in ("P", "PA"):
         image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
