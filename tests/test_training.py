@@ -398,6 +398,21 @@ def test_a_run_killed_while_finishing_logs_and_registers_its_model_once(workdir,
     assert [v.run_id for v in client.search_model_versions("name = 'chromalab-baseline'")] == [run_id]
 
 
+def test_a_model_upload_cut_off_by_a_kill_leaves_no_unfinished_model_in_the_run(workdir, monkeypatch):
+    """Killed while MLflow was storing the Keras model (its logged model created, its files not all there):
+    the rerun logs it whole, and the run lists that one model, not a PENDING or FAILED one beside it."""
+    import mlflow.keras
+    from mlflow.entities import LoggedModelStatus
+
+    metrics = _killed_at_then_rerun(monkeypatch, mlflow.keras, "save_model", tiny_params(baseline={"epochs": 2}))
+
+    client, run_id = _client(workdir), metrics["mlflow_run_id"]
+    experiment = client.get_experiment_by_name("chromalab").experiment_id
+    logged = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+    assert sorted((m.name, m.status) for m in logged) == [("colorizer", LoggedModelStatus.READY),
+                                                         ("model", LoggedModelStatus.READY)]
+
+
 def test_a_sample_sheet_cut_off_by_a_kill_reaches_mlflow_when_the_run_resumes(workdir, monkeypatch):
     """Killed after a checkpoint and its rows went to MLflow, before its sample sheet did: the checkpoint kept
     the sheet, and the resumed run logs it, once."""

@@ -114,7 +114,7 @@ def log_colorizer(keras_file: Path, name: str = PYFUNC_NAME) -> "ModelInfo":
 
     from chromalab.track import runs
 
-    runs.require_active_run()
+    runs.discard_unfinished_models(name)
     # MLflow copies the Keras file into the logged model under a "Downloading artifacts" progress bar: a local
     # copy, shown in every training stage's output; off for that copy.
     with warnings.catch_warnings(), mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):

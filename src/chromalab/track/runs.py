@@ -291,6 +291,21 @@ def logged_model(name: str):
     return ready[-1] if ready else None
 
 
+def discard_unfinished_models(name: str) -> None:
+    """Delete the active run's models logged as `name` that never became whole (PENDING, or FAILED: a kill in
+    the middle of their upload), so that a run finishing again after a kill lists one model per name."""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    require_active_run()
+    run, client = mlflow.active_run(), mlflow.MlflowClient()
+    found = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
+    for model in found:
+        if model.status != LoggedModelStatus.READY:
+            client.delete_logged_model(model.model_id)
+
+
 def require_active_run() -> None:
     import mlflow
 
@@ -334,7 +349,7 @@ def log_keras_model(model: keras.Model, input_example: np.ndarray, name: str = "
     import numpy as np
     from mlflow.models import infer_signature
 
-    require_active_run()
+    discard_unfinished_models(name)
     inputs = np.asarray(input_example, dtype=np.float32)
     outputs = np.asarray(model.predict(inputs, verbose=0), dtype=np.float32)  # float32 under mixed precision too
     return mlflow.keras.log_model(model, name=name, signature=infer_signature(inputs, outputs),
