@@ -157,6 +157,22 @@ def test_an_output_folder_that_is_a_file_is_one_line_and_one_that_holds_the_phot
     assert run([others], models, out_dir=others.parent).done == [others / "b_color.png"]
 
 
+def test_outputs_of_an_earlier_run_into_another_folder_inside_the_input_are_not_photos(tmp_path, models, rgb_photos):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, name in enumerate(("a.jpg", "b.png")):
+        Image.fromarray(rgb_photos[i]).save(photos / name)
+    first = run([photos], models, out_dir=photos / "first", compare=True)
+    assert len(first.done) == 2
+    second = run([photos], models, out_dir=photos / "second")  # first/ is no output of this run
+    assert sorted(second.done) == [photos / "second" / "photos" / "a_color.jpg",
+                                   photos / "second" / "photos" / "b_color.png"]
+    assert not second.failed and not second.skipped
+    (photos / "first" / "photos" / "a_color.jpg").rename(photos / "renamed.jpg")  # whatever its name
+    assert run([photos], models, out_dir=photos / "third").done == [photos / "third" / "photos" / "a_color.jpg",
+                                                                    photos / "third" / "photos" / "b_color.png"]
+
+
 def test_16_bit_gray_uses_its_full_range(tmp_path, models):
     levels = np.tile(np.linspace(0, 65535, 48).astype(np.uint16), (32, 1))
     Image.fromarray(levels).save(tmp_path / "deep.png")

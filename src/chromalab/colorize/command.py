@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from chromalab.colorize.model import limit_model_threads, load_colorizer, model_file, model_input_size
 from chromalab.colorize.photos import (READ_ERRORS, Photo, colour_photo, compare_sheet, describe_unreadable,
-                                       read_photo, save_atomic, small_lightness)
+                                       is_colorize_output, read_photo, save_atomic, small_lightness)
 from chromalab.devices import available_cores
 from chromalab.errors import ChromalabError, one_line
 from chromalab.files import PHOTO_SUFFIXES, clear_stale_temps
@@ -77,7 +77,7 @@ def _folder_photos(folder: Path, output_roots: list[Path]) -> list[Path]:
     outputs = [root for root in output_roots if root != inside and root.is_relative_to(inside)]
     files = [p for p in files if not any(p.resolve().is_relative_to(o) for o in outputs)]
     stems = {(p.parent, p.stem) for p in files}
-    return [p for p in files if not _is_earlier_output(p, stems)]
+    return [p for p in files if not _is_earlier_output(p, stems) and not is_colorize_output(p)]
 
 
 def _output_roots(paths: list[Path], out_dir: Path | None) -> list[Path]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.colorize.model import model_input_size
@@ -24,6 +24,9 @@ from chromalab.files import PHOTO_FORMATS, atomic_file
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
+# EXIF "Software" of every photo colorize writes, so that a later run walking a folder can leave them out
+# wherever they lie (another run's -o inside that folder) and whatever they are named.
+OUTPUT_SOFTWARE = "chromalab colorize"
 COMPARE_MAX_SIDE = 2048  # each half of the side-by-side sheet: a preview, not a second full-size copy
 # The lightness of an RGB photo is computed in stripes of a quarter megapixel, so that its temporaries stay
 # small whatever the photo's size.
@@ -191,8 +194,19 @@ def colour_bytes(colorizer, data: bytes, image_size: int | None = None) -> tuple
 
 def save_atomic(image: Image.Image, path: Path, image_format: str) -> None:
     """Write to a temporary file beside `path`, then rename: an interrupted write leaves no half photo."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Software] = OUTPUT_SOFTWARE
     with atomic_file(path) as f:
-        encodable(image, image_format).save(f, format=image_format, **SAVE_OPTIONS.get(image_format, {}))
+        encodable(image, image_format).save(f, format=image_format, exif=exif, **SAVE_OPTIONS.get(image_format, {}))
+
+
+def is_colorize_output(path: Path) -> bool:
+    """Whether `path` is a photo colorize wrote (its EXIF says so; only the header is read)."""
+    try:
+        with Image.open(path) as opened:
+            return opened.getexif().get(ExifTags.Base.Software) == OUTPUT_SOFTWARE
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # unreadable: colorize says why
+        return False
 
 
 def encodable(image: Image.Image, image_format: str) -> Image.Image:
