@@ -171,6 +171,7 @@ def test_outputs_of_an_earlier_run_into_another_folder_inside_the_input_are_not_
     (photos / "first" / "photos" / "a_color.jpg").rename(photos / "renamed.jpg")  # whatever its name
     assert run([photos], models, out_dir=photos / "third").done == [photos / "third" / "photos" / "a_color.jpg",
                                                                     photos / "third" / "photos" / "b_color.png"]
+    assert run([photos / "renamed.jpg"], models).done == [photos / "renamed_color.jpg"]  # named: coloured anyway
 
 
 def test_16_bit_gray_uses_its_full_range(tmp_path, models):
