@@ -50,7 +50,7 @@ SELECTED_KINDS = frozenset({"person", "person_user"})
 DEFAULT_KINDS = {"person": 30, "person_user": 6, "low_confidence": 5, "bw_keyword": 5, "caption": 4, "other": 20}
 ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 
-IMAGE_FAULTS = ("404", "410", "429-once", "500-twice", "500-always", "truncated-once", "corrupt", "gray",
+IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "truncated-once", "corrupt", "gray",
                 "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
                 "503-unreadable-retry-after-once")
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
@@ -390,7 +390,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "stall-once" and n == 1:
             delay += self.fake.stall_s
         time.sleep(delay)
-        if fault in ("404", "410"):
+        if fault in ("403", "404", "410"):
             return self._send(int(fault), b"gone")
         if fault == "html-page":
             return self._send(200, SIGN_IN_PAGE, "text/html")

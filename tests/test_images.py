@@ -162,6 +162,19 @@ def test_network_failure_asks_for_a_rerun_which_fetches_only_what_is_missing(fak
     assert sorted(got["train"]) == sorted([t for t in train if t != train[2]] + [reserve[0]])
 
 
+def test_a_server_refusing_photos_is_named_as_such_and_not_taken_for_photos_gone(fake_unsplash, tmp_path,
+                                                                                 fast_backoff):
+    train, test, reserve = photo_ids("tr", 4), photo_ids("te", 2), photo_ids("re", 2)
+    fake_unsplash.image_faults = {train[1]: "403", train[3]: "403", test[0]: "500-always"}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError) as err:
+        run_images(params(retries=1), tmp_path / "split", tmp_path / "images")
+    assert str(err.value).startswith(f"3 of 6 photos could not be fetched (e.g. {train[1]}: HTTP 403); 2 of them "
+                                     "refused (HTTP 401/403: the server blocks chromalab")
+    assert fake_unsplash.image_counts()[train[1]] == 1  # a refusal is not retried, nor replaced from the reserve
+    assert not (tmp_path / "images" / "rejected.csv").read_text().count(train[1])
+
+
 def test_an_error_page_is_a_failure_to_retry_and_odd_exif_a_corrupt_photo(fake_unsplash, tmp_path, fast_backoff):
     train, test, reserve = photo_ids("tr", 4), photo_ids("te", 2), photo_ids("re", 2)
     fake_unsplash.image_faults = {train[0]: "html-page", train[1]: "bad-exif"}

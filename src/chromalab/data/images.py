@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -75,6 +76,9 @@ class Rejected(Exception):
     """A permanent property of the photo (gone, corrupt, gray): replace it from the reserve."""
 
 
+REFUSED = re.compile(r"HTTP 40[13]\b")  # a FetchFailed detail: the server said no to chromalab itself
+
+
 class FetchFailed(Exception):
     """The photo could not be fetched even after retries; nothing is known about it yet."""
 
@@ -95,10 +99,14 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
     chosen, failed, stats = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency)
 
     if failed:
-        photo, detail = failed[0]
+        refused = [(photo, detail) for photo, detail in failed if REFUSED.match(detail)]
+        photo, detail = (refused or failed)[0]
+        # a refusal is the server's decision, which a re-run (at once) does not change
+        why = (f"{len(refused)} of them refused (HTTP 401/403: the server blocks chromalab, or wants a sign-in; "
+               "a re-run fetches them only once it lets chromalab in); " if refused else "")
         raise ChromalabError(
             f"{len(failed)} of {len(slots)} photos could not be fetched (e.g. {photo.photo_id}: {detail}); "
-            "re-run the stage to fetch only what is missing"
+            f"{why}re-run the stage to fetch only what is missing"
         )
     missing = Counter(split for (split, _), photo in zip(slots, chosen) if photo is None)
     if missing:
