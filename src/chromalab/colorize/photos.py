@@ -194,10 +194,16 @@ def colour_bytes(colorizer, data: bytes, image_size: int | None = None) -> tuple
 
 def save_atomic(image: Image.Image, path: Path, image_format: str) -> None:
     """Write to a temporary file beside `path`, then rename: an interrupted write leaves no half photo."""
+    with atomic_file(path) as f:
+        write_photo(image, f, image_format)
+
+
+def write_photo(image: Image.Image, f, image_format: str) -> None:
+    """Encode `image` into the open file `f` as colorize writes every photo: its format's options, and the
+    EXIF mark that says colorize wrote it."""
     exif = Image.Exif()
     exif[ExifTags.Base.Software] = OUTPUT_SOFTWARE
-    with atomic_file(path) as f:
-        encodable(image, image_format).save(f, format=image_format, exif=exif, **SAVE_OPTIONS.get(image_format, {}))
+    encodable(image, image_format).save(f, format=image_format, exif=exif, **SAVE_OPTIONS.get(image_format, {}))
 
 
 def is_colorize_output(path: Path) -> bool:

@@ -69,13 +69,7 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
             raise HTTPException(413, f"{name} is {int(declared) / 1e6:.1f} MB; the limit is {max_upload_mb:g} MB")
         job_id = uuid.uuid4().hex
         folder = workdir / job_id
-        try:
-            folder.mkdir()
-            await _receive(request, folder, name, max_upload_mb)
-        except OSError as exc:  # the server's disk (full, or its folder gone), not the photo
-            _remove(folder)
-            raise HTTPException(507, f"{name}: the server could not store the upload ({one_line(exc)}); "
-                                     "whoever runs it should check its disk") from None
+        await _receive(request, folder, name, max_upload_mb)
         from starlette.concurrency import run_in_threadpool
 
         try:
@@ -110,10 +104,12 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
 
 
 async def _receive(request: Request, folder: Path, name: str, max_upload_mb: float) -> None:
-    """Stream the request's body into `folder`/upload; refuse (and remove the folder) past the limit or empty."""
+    """Stream the request's body into a new `folder`/upload; refuse (and remove the folder) past the limit or
+    empty, or when the server cannot store it."""
     limit = int(max_upload_mb * 1e6)
     size = 0
     try:
+        folder.mkdir()
         with (folder / "upload").open("wb") as f:
             async for chunk in request.stream():  # a body without (or with a false) Content-Length stops here
                 size += len(chunk)
@@ -123,6 +119,10 @@ async def _receive(request: Request, folder: Path, name: str, max_upload_mb: flo
     except ClientDisconnect:  # nobody is left to answer: just drop what came
         _remove(folder)
         raise HTTPException(400, f"{name}: the upload was cut off") from None
+    except OSError as exc:  # the server's disk (full, or its folder gone), not the photo
+        _remove(folder)
+        raise HTTPException(507, f"{name}: the server could not store the upload ({one_line(exc)}); "
+                                 "whoever runs it should check its disk") from None
     if size > limit or size == 0:
         _remove(folder)
         raise HTTPException(413, f"{name} is over the {max_upload_mb:g} MB limit") if size else \

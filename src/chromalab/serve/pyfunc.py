@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 COLUMN = "image"
 KERAS_ARTIFACT = "keras_model"
-JPEG_QUALITY = 95  # as `chromalab colorize` writes JPEGs
 CODE_FILE = Path(__file__).with_name("colorizer_model.py")  # what log_colorizer logs (models from code)
 PYFUNC_NAME = "colorizer"  # its name in a training run
 
@@ -88,7 +87,7 @@ class Colorizer(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from chromalab.colorize import READ_ERRORS, colour_bytes
-        from chromalab.colorize.photos import describe_unreadable, encodable
+        from chromalab.colorize.photos import describe_unreadable, write_photo
 
         if not isinstance(model_input, pd.DataFrame) or COLUMN not in model_input:
             raise _bad_input(f"expected a DataFrame with a column {COLUMN!r} of photo files (bytes or base64)")
@@ -100,7 +99,7 @@ class Colorizer(mlflow.pyfunc.PythonModel):
             except READ_ERRORS as exc:
                 raise _bad_input(f"row {row}: {describe_unreadable(exc, data)}") from None
             buffer = io.BytesIO()
-            encodable(coloured, "JPEG").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+            write_photo(coloured, buffer, "JPEG")  # the bytes `chromalab colorize` writes
             images.append(buffer.getvalue())
             widths.append(coloured.width)
             heights.append(coloured.height)
