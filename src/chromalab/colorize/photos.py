@@ -207,10 +207,16 @@ def write_photo(image: Image.Image, f, image_format: str) -> None:
 
 
 def is_colorize_output(path: Path) -> bool:
-    """Whether `path` is a photo colorize wrote (its EXIF says so; only the header is read)."""
+    """Whether `path` is a photo colorize wrote (its EXIF says so). Only the header is read: colorize writes its
+    EXIF before the pixels, and Pillow's getexif() would decode a whole PNG looking for one after them."""
     try:
         with Image.open(path) as opened:
-            return opened.getexif().get(ExifTags.Base.Software) == OUTPUT_SOFTWARE
+            raw = opened.info.get("exif")
+            if not raw:
+                return False
+            exif = Image.Exif()
+            exif.load(raw)
+            return exif.get(ExifTags.Base.Software) == OUTPUT_SOFTWARE
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # unreadable: colorize says why
         return False
 
