@@ -280,14 +280,9 @@ def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
 def logged_model(name: str):
     """The active run's model logged as `name`, whole (READY), or None: what a run that finishes again after a
     kill logged already."""
-    import mlflow
     from mlflow.entities import LoggedModelStatus
 
-    require_active_run()
-    run = mlflow.active_run()
-    found = mlflow.MlflowClient().search_logged_models(
-        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
-    ready = [model for model in found if model.status == LoggedModelStatus.READY]
+    ready = [model for model in _run_models(name) if model.status == LoggedModelStatus.READY]
     return ready[-1] if ready else None
 
 
@@ -297,13 +292,19 @@ def discard_unfinished_models(name: str) -> None:
     import mlflow
     from mlflow.entities import LoggedModelStatus
 
-    require_active_run()
-    run, client = mlflow.active_run(), mlflow.MlflowClient()
-    found = client.search_logged_models(
-        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
-    for model in found:
+    for model in _run_models(name):
         if model.status != LoggedModelStatus.READY:
-            client.delete_logged_model(model.model_id)
+            mlflow.MlflowClient().delete_logged_model(model.model_id)
+
+
+def _run_models(name: str) -> list:
+    """The active run's logged models named `name`, in any state."""
+    import mlflow
+
+    require_active_run()
+    run = mlflow.active_run()
+    return mlflow.MlflowClient().search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
 
 
 def require_active_run() -> None:
