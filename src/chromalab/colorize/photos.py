@@ -217,7 +217,7 @@ def is_colorize_output(path: Path) -> bool:
             exif = Image.Exif()
             exif.load(raw)
             return exif.get(ExifTags.Base.Software) == OUTPUT_SOFTWARE
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # unreadable: colorize says why
+    except READ_ERRORS:  # unreadable: colorize says why when it reads it
         return False
 
 

@@ -341,6 +341,15 @@ def log_sample_sheet(image: np.ndarray, epoch: int, key: str = "samples") -> Non
     mlflow.log_image(image, key=key, step=epoch)
 
 
+def sample_sheet_steps(run_id: str, key: str = "samples") -> set[int]:
+    """The epochs of the sample sheets `run_id` holds (what log_sample_sheet stored)."""
+    import mlflow
+
+    marker = f"{key}+step+"
+    return {int(a.path.split(marker)[1].split("+")[0])
+            for a in mlflow.MlflowClient().list_artifacts(run_id, "images") if marker in a.path}
+
+
 def log_keras_model(model: keras.Model, input_example: np.ndarray, name: str = "model") -> ModelInfo:
     """Log the model with a signature inferred from one input batch; loadable by `mlflow.keras.load_model`.
 

@@ -112,11 +112,9 @@ class EpochRecorder(keras.callbacks.Callback):
 
         from chromalab.track import runs
 
-        client = mlflow.MlflowClient()
-        logged = {m.step for m in client.get_metric_history(run_id, "epoch_seconds")}
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "epoch_seconds")}
         self.log_rows([row for row in self.history_rows if row["epoch"] not in logged])
-        shown = {int(a.path.split("+step+")[1].split("+")[0]) for a in client.list_artifacts(run_id, "images")
-                 if "+step+" in a.path}
+        shown = runs.sample_sheet_steps(run_id)
         for sheet, step in self.checkpoint.sheets(self.state):
             if step not in shown:
                 runs.log_sample_sheet(sheet, step)
