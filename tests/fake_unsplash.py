@@ -55,9 +55,11 @@ IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "tru
                 "503-unreadable-retry-after-once")
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes;
-# drip: 64 bytes every slow_s
+# drip: 64 bytes every slow_s; cut-unsized-once: the first answer has no Content-Length and ends half-way;
+# ignore-if-range: a Range is served from the archive of the day (`second_archive` from the second request
+# on, with its own ETag) whatever If-Range says; html-206: a Range is answered with a 206 sign-in page
 ARCHIVE_FAULTS = ("drop-once", "drop-always", "ignore-range", "500-once", "no-validator", "html-page", "gzip",
-                  "drip")
+                  "drip", "cut-unsized-once", "ignore-if-range", "html-206")
 SIGN_IN_PAGE = b"<!doctype html><html><body>Please sign in to continue.</body></html>"
 
 
@@ -261,6 +263,7 @@ class FakeUnsplash:
     """
 
     archive: bytes = b""
+    second_archive: bytes = b""  # a new release, served from the second archive request on (if set)
     image_faults: dict[str, str] = field(default_factory=dict)
     archive_faults: set[str] = field(default_factory=set)
     slow_s: float = 0.3  # the "slow" fault, and `delay_s` for every image
@@ -342,10 +345,14 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout, killed)
             self.close_connection = True
 
-    def _send(self, status, body, content_type="text/plain", headers=None, send_bytes=None, drip=False):
+    def _send(self, status, body, content_type="text/plain", headers=None, send_bytes=None, drip=False, sized=True):
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        if sized:
+            self.send_header("Content-Length", str(len(body)))
+        else:  # the end of the body is the end of the connection
+            self.send_header("Connection", "close")
+            self.close_connection = True
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
@@ -360,8 +367,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _archive(self, n):
-        gzipped = "gzip" in self.fake.archive_faults  # whatever the client accepts: a misbehaving proxy
-        data = gzip.compress(self.fake.archive, mtime=0) if gzipped else self.fake.archive
+        faults = self.fake.archive_faults
+        gzipped = "gzip" in faults  # whatever the client accepts: a misbehaving proxy
+        data = self.fake.second_archive if self.fake.second_archive and n > 1 else self.fake.archive
+        data = gzip.compress(data, mtime=0) if gzipped else data
         etag = archive_etag(data)
         if "500-once" in self.fake.archive_faults and n == 1:
             return self._send(500, b"internal error")
@@ -373,16 +382,21 @@ class _Handler(BaseHTTPRequestHandler):
         start = 0
         ranged = self.headers.get("Range", "")
         if_range = self.headers.get("If-Range")
-        if ranged.startswith("bytes=") and "ignore-range" not in self.fake.archive_faults and if_range in (None, etag):
+        if ranged.startswith("bytes=") and "html-206" in faults:
+            return self._send(206, SIGN_IN_PAGE, "text/html", headers={
+                "Content-Range": f"bytes {ranged[len('bytes='):].split('-')[0]}-{len(data) - 1}/{len(data)}"})
+        if ranged.startswith("bytes=") and "ignore-range" not in faults and \
+                (if_range in (None, etag) or "ignore-if-range" in faults):
             start = int(ranged[len("bytes="):].split("-")[0])
             if start >= len(data):
                 return self._send(416, b"", headers={"Content-Range": f"bytes */{len(data)}"})
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         body = data[start:]
-        dropping = "drop-always" in self.fake.archive_faults or ("drop-once" in self.fake.archive_faults and n == 1)
+        unsized = "cut-unsized-once" in faults and n == 1
+        dropping = "drop-always" in faults or ("drop-once" in faults and n == 1) or unsized
         drop = len(body) // 2 if dropping else None
         self._send(206 if start else 200, body, "application/zip", headers, send_bytes=drop,
-                   drip="drip" in self.fake.archive_faults)
+                   drip="drip" in faults, sized=not unsized)
 
     def _image(self, photo_id, query, n):
         fault = self.fake.image_faults.get(photo_id, "")

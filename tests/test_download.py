@@ -50,6 +50,13 @@ def check_tables(out: Path, photos, archive: bytes) -> dict:
     return source
 
 
+def filled_archive(photos, base_url: str, seed: int, size: int = 300_000) -> bytes:
+    """A Lite zip with `size` incompressible bytes beside the tables, so that a transfer is several chunks long
+    and a drop happens mid-file."""
+    filler = np.random.default_rng(seed).bytes(size)
+    return make_lite_archive(photos, base_url, extra_entries={"DOCS-media.bin": filler})
+
+
 def test_download_follows_redirect_and_extracts_only_the_needed_tables(fake_unsplash, photos, tmp_path):
     archive = make_lite_archive(photos, fake_unsplash.url)
     fake_unsplash.archive = archive
@@ -67,9 +74,7 @@ def test_download_follows_redirect_and_extracts_only_the_needed_tables(fake_unsp
 
 
 def test_dropped_connection_resumes_with_a_range_request(fake_unsplash, photos, tmp_path):
-    # incompressible filler so that the zip is several chunks long and the drop happens mid-file
-    filler = np.random.default_rng(0).bytes(400_000)
-    archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})
+    archive = filled_archive(photos, fake_unsplash.url, 0, 400_000)
     fake_unsplash.archive = archive
     fake_unsplash.archive_faults = {"drop-once"}
     out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
@@ -84,8 +89,7 @@ def test_dropped_connection_resumes_with_a_range_request(fake_unsplash, photos, 
 
 
 def test_server_that_ignores_range_means_starting_over(fake_unsplash, photos, tmp_path):
-    filler = np.random.default_rng(1).bytes(300_000)
-    archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})
+    archive = filled_archive(photos, fake_unsplash.url, 1)
     fake_unsplash.archive = archive
     fake_unsplash.archive_faults = {"drop-once", "ignore-range"}
     out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
@@ -95,8 +99,7 @@ def test_server_that_ignores_range_means_starting_over(fake_unsplash, photos, tm
 
 
 def test_partial_download_from_an_earlier_run_is_resumed(fake_unsplash, photos, tmp_path):
-    filler = np.random.default_rng(2).bytes(300_000)
-    archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})
+    archive = filled_archive(photos, fake_unsplash.url, 2)
     fake_unsplash.archive = archive
     part = partial_download_path(fake_unsplash.latest_url, tmp_path / "cache" / "downloads")
     part.parent.mkdir(parents=True)
@@ -129,8 +132,7 @@ def test_server_that_drops_every_transfer_and_never_resumes_is_an_error_not_a_lo
 @pytest.mark.timeout(60)
 def test_a_server_dripping_bytes_inside_every_timeout_is_an_error_not_a_wait_of_weeks(
         fake_unsplash, photos, tmp_path, monkeypatch):
-    filler = np.random.default_rng(3).bytes(300_000)
-    archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})
+    archive = filled_archive(photos, fake_unsplash.url, 3)
     fake_unsplash.archive, fake_unsplash.archive_faults, fake_unsplash.slow_s = archive, {"drip"}, 0.01
     monkeypatch.setattr(download, "STALL_WINDOW_S", 0.3)  # ~2 KB arrive per window, far under the minimum
     with pytest.raises(ChromalabError, match=r"too slow \([\d,]+ bytes in 0.3 s\), 6 times without progress"):
@@ -147,8 +149,7 @@ def test_a_server_dripping_bytes_inside_every_timeout_is_an_error_not_a_wait_of_
 
 
 def test_a_part_without_a_validator_is_downloaded_afresh_not_resumed(fake_unsplash, photos, tmp_path):
-    filler = np.random.default_rng(4).bytes(300_000)
-    archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})
+    archive = filled_archive(photos, fake_unsplash.url, 4)
     fake_unsplash.archive = archive
     fake_unsplash.archive_faults = {"drop-once", "no-validator"}  # nothing would tell a changed file apart
     out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
@@ -157,8 +158,7 @@ def test_a_part_without_a_validator_is_downloaded_afresh_not_resumed(fake_unspla
 
 
 def test_a_gzip_encoded_download_starts_over_instead_of_resuming(fake_unsplash, photos, tmp_path):
-    filler = np.random.default_rng(5).bytes(300_000)
-    archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})
+    archive = filled_archive(photos, fake_unsplash.url, 5)
     fake_unsplash.archive = archive
     fake_unsplash.archive_faults = {"drop-once", "gzip"}  # the part holds decoded bytes, a Range counts encoded ones
     out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
@@ -189,7 +189,7 @@ def test_a_damaged_download_is_set_aside_and_fetched_afresh(fake_unsplash, photo
     middle = data_start + member.compress_size // 2
     damaged = archive[:middle] + bytes(b ^ 0xFF for b in archive[middle:middle + 8]) + archive[middle + 8:]
     fake_unsplash.archive = damaged  # its directory reads; its data does not
-    with pytest.raises(ChromalabError, match="damaged zip archive.*kept aside as") as err:
+    with pytest.raises(ChromalabError, match="damaged or unreadable zip archive.*kept aside as") as err:
         run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
     assert "\n" not in str(err.value)
     assert [p.suffix for p in (tmp_path / "cache" / "downloads").iterdir()] == [".rejected"]
@@ -317,6 +317,97 @@ def _tables_zip(photos, extra: dict[str, bytes]) -> bytes:
     with zipfile.ZipFile(io.BytesIO(make_lite_archive(photos))) as zf:
         entries = {name: zf.read(name) for name in zf.namelist()}
     return _zip({**entries, **extra})
+
+
+def test_a_transfer_cut_short_without_a_size_resumes_in_the_same_run(fake_unsplash, photos, tmp_path):
+    # no Content-Length: the end of the connection looked like the end of the file
+    archive = filled_archive(photos, fake_unsplash.url, 3)
+    fake_unsplash.archive = archive
+    fake_unsplash.archive_faults = {"cut-unsized-once"}
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    first, second = fake_unsplash.requests_to(fake_unsplash.archive_path)
+    assert second.headers["Range"] == f"bytes={len(archive) // 2}-"
+    check_tables(out, photos, archive)
+
+
+def test_a_206_of_a_new_release_is_not_spliced_onto_the_old_one(fake_unsplash, photos, tmp_path):
+    """A server that ignores If-Range answers a resume with the new file's bytes (and its new ETag)."""
+    old, new = filled_archive(photos, fake_unsplash.url, 4), filled_archive(photos, fake_unsplash.url, 5, 310_000)
+    fake_unsplash.archive, fake_unsplash.second_archive = old, new
+    fake_unsplash.archive_faults = {"drop-once", "ignore-if-range"}
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    assert [bool(r.headers.get("Range")) for r in fake_unsplash.requests_to(fake_unsplash.archive_path)] == \
+        [False, True, False]  # the 206 of the new release was dropped, and the new release fetched whole
+    check_tables(out, photos, new)
+
+
+def test_a_page_answering_a_resume_is_not_appended_to_the_archive(fake_unsplash, photos, tmp_path):
+    archive = filled_archive(photos, fake_unsplash.url, 6)
+    fake_unsplash.archive = archive
+    fake_unsplash.archive_faults = {"drop-once", "html-206"}
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    assert [bool(r.headers.get("Range")) for r in fake_unsplash.requests_to(fake_unsplash.archive_path)] == \
+        [False, True, False]
+    check_tables(out, photos, archive)
+
+
+@pytest.mark.parametrize("lie", [False, True], ids=["endless-body", "announced-size"])
+def test_an_answer_far_larger_than_the_archive_is_refused_before_it_fills_the_disk(
+        fake_unsplash, photos, tmp_path, monkeypatch, lie):
+    archive = make_lite_archive(photos, fake_unsplash.url)
+    fake_unsplash.archive = archive
+    fake_unsplash.archive_faults = set() if lie else {"cut-unsized-once"}  # no Content-Length: it might never end
+    monkeypatch.setattr(download, "MAX_ARCHIVE_BYTES", len(archive) - 1 if lie else len(archive) // 4)
+    what = "announces" if lie else "runs past"
+    with pytest.raises(ChromalabError, match=f"the answer {what} .* far more than the Lite zip") as err:
+        run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    assert "\n" not in str(err.value)
+    assert list((tmp_path / "cache" / "downloads").glob("*.part")) == []
+
+
+def _table_bytes(photos) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(make_lite_archive(photos))) as zf:
+        return {name: zf.read(name) for name in ("photos.tsv000", "keywords.tsv000")}
+
+
+def _flag_bits(data: bytes, offsets: dict[bytes, tuple[int, int]]) -> bytes:
+    """`data` with, in every header whose signature is a key, the byte at the offset set (|) or replaced."""
+    out = bytearray(data)
+    for signature, (offset, value) in offsets.items():
+        at = 0
+        while (at := out.find(signature, at)) >= 0:
+            out[at + offset] = value if value > 1 else out[at + offset] | value
+            at += len(signature)
+    return bytes(out)
+
+
+def _hostile_zip(photos, kind: str) -> bytes:
+    tables = _table_bytes(photos)
+    if kind == "latin-1 table":
+        tables["photos.tsv000"] = tables["photos.tsv000"].replace(b"\n", "\tcaf\xe9\n".encode("latin-1"), 2)
+    if kind == "CR-only line ends":
+        tables["photos.tsv000"] = tables["photos.tsv000"].replace(b"\n", b"\r")
+    method = zipfile.ZIP_STORED if kind in ("encrypted member", "deflate64 member") else zipfile.ZIP_DEFLATED
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=method) as zf:
+        for name, data in tables.items():
+            zf.writestr(name, data)
+    local, central = b"PK\x03\x04", b"PK\x01\x02"
+    if kind == "encrypted member":  # general-purpose flag bit 0
+        return _flag_bits(buffer.getvalue(), {local: (6, 1), central: (8, 1)})
+    if kind == "deflate64 member":  # compression method 9, which zipfile cannot read
+        return _flag_bits(buffer.getvalue(), {local: (8, 9), central: (10, 9)})
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["latin-1 table", "CR-only line ends", "encrypted member", "deflate64 member"])
+def test_a_zip_that_cannot_be_read_is_one_line_and_set_aside(fake_unsplash, photos, tmp_path, kind):
+    fake_unsplash.archive = _hostile_zip(photos, kind)
+    for _ in range(2):  # each run fetches afresh: the bad zip is never resumed (nor 'complete' after a 416)
+        with pytest.raises(ChromalabError, match="kept aside") as err:
+            run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+        assert "\n" not in str(err.value)
+    assert [r.headers.get("Range") for r in fake_unsplash.requests_to(fake_unsplash.archive_path)] == [None, None]
 
 
 @pytest.mark.parametrize("name", ["../photos.tsv000", "/etc/keywords.tsv", "lite/../../evil.txt", "C:/x/colors.tsv"])

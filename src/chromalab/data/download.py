@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from chromalab.config import Params
 from chromalab.data.formats import open_table
-from chromalab.data.http import RETRY_STATUSES, USER_AGENT, retry_policy
+from chromalab.data.http import PAGE_TYPES, RETRY_STATUSES, USER_AGENT, content_type, retry_policy
 from chromalab.errors import ChromalabError
 from chromalab.files import staged_dir, write_text_atomic
 
@@ -44,6 +44,7 @@ TOO_SLOW = "too slow"
 # A connection that drops mid-chunk loses that chunk (urllib3 discards a short read): keep chunks small.
 CHUNK_BYTES = 1 << 16
 ZIP_START = b"PK"  # every zip (a local file header, or the end record of an empty one)
+MAX_ARCHIVE_BYTES = 4 << 30  # the Lite zip is ~700 MB: far beyond, the server is filling the disk, not sending it
 
 # Only what the later stages read: everything else in the zip is never decompressed.
 REQUIRED_COLUMNS = {
@@ -203,36 +204,71 @@ def _receive(response: requests.Response, url: str, part: Path, meta_path: Path,
             "check data.url, or download the zip elsewhere and set data.url to its local path"
         )
     resumed = response.status_code == 206
-    if resumed and (_content_range_start(response) != offset or _encoded(response)):  # not the bytes asked for
-        part.unlink(missing_ok=True)
-        return "the server sent other bytes than asked for"
+    if resumed and (refused := _not_a_continuation(response, offset, _read_meta(meta_path).get("validator", ""))):
+        part.unlink(missing_ok=True)  # the next try starts over
+        return refused
     if not resumed:  # a server that ignores Range (or a changed file) sends it all again
         offset = 0
         _write_json(meta_path, {"url": url, "validator": _validator(response)})
-    length = response.headers.get("Content-Length")
-    total = offset + int(length) if length and length.isdigit() else None
+    # the whole file's size: a 206 names it in Content-Range, a 200 in Content-Length
+    length = _content_range_total(response) if resumed else response.headers.get("Content-Length")
+    expected = int(length) if str(length).isdigit() else None
     try:
+        if (expected or 0) > MAX_ARCHIVE_BYTES:
+            raise ChromalabError(_too_large_message(url, f"announces {expected:,} bytes"))
         with part.open("ab" if resumed else "wb") as f, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc="download"
+            total=expected, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc="download"
         ) as bar:
-            window_start, window_bytes = time.monotonic(), 0
-            # read1: what has arrived (iter_content would wait for a whole chunk), so a drip is seen as one
-            while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
-                if f.tell() == 0 and not chunk.startswith(ZIP_START[: len(chunk)]):
-                    raise ChromalabError(_not_a_zip_message(url, response, chunk))
-                f.write(chunk)
-                bar.update(len(chunk))
-                window_bytes += len(chunk)
-                if time.monotonic() - window_start > STALL_WINDOW_S:
-                    if window_bytes < STALL_MIN_BYTES:
-                        return f"{TOO_SLOW} ({window_bytes:,} bytes in {STALL_WINDOW_S:g} s)"
-                    window_start, window_bytes = time.monotonic(), 0
-        return None
+            broken = _copy_body(response, url, f, bar)
+            got = f.tell()
     except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
         return _failure_reason(exc, "connection lost")
     except ChromalabError:
         part.unlink(missing_ok=True)  # an error page must never become the start of a later resume
         raise
+    if broken or (expected is not None and got < expected):
+        return broken or f"the transfer ended at {got:,} of {expected:,} bytes"
+    if expected is None and not zipfile.is_zipfile(part):  # a body cut short, with no size to tell
+        return "the transfer ended before the zip's end record"
+    return None
+
+
+def _not_a_continuation(response: requests.Response, offset: int, validator: str) -> str | None:
+    """Why a 206 cannot continue the part: other bytes than asked for, another version of the file (a server
+    that ignores If-Range), or a page; None if it can."""
+    if _content_range_start(response) != offset or _encoded(response):
+        return "the server sent other bytes than asked for"
+    kind = "Last-Modified" if validator and not validator.startswith(('"', "W/")) else "ETag"
+    now = response.headers.get(kind, "")
+    if validator and now and now != validator:
+        return f"the file changed on the server ({kind} {validator} → {now}); starting over"
+    if content_type(response.headers).startswith(PAGE_TYPES):
+        return f"the server sent a {content_type(response.headers)} page instead of the archive's bytes"
+    return None
+
+
+def _copy_body(response: requests.Response, url: str, f, bar: tqdm) -> str | None:
+    """Write the body to `f` as it arrives: None at its end, or why it was broken off (a drip)."""
+    window_start, window_bytes = time.monotonic(), 0
+    # read1: what has arrived (iter_content would wait for a whole chunk), so a drip is seen as one
+    while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
+        if f.tell() == 0 and not chunk.startswith(ZIP_START[: len(chunk)]):
+            raise ChromalabError(_not_a_zip_message(url, response, chunk))
+        if f.tell() + len(chunk) > MAX_ARCHIVE_BYTES:
+            raise ChromalabError(_too_large_message(url, f"runs past {MAX_ARCHIVE_BYTES:,} bytes"))
+        f.write(chunk)
+        bar.update(len(chunk))
+        window_bytes += len(chunk)
+        if time.monotonic() - window_start > STALL_WINDOW_S:
+            if window_bytes < STALL_MIN_BYTES:
+                return f"{TOO_SLOW} ({window_bytes:,} bytes in {STALL_WINDOW_S:g} s)"
+            window_start, window_bytes = time.monotonic(), 0
+    return None
+
+
+def _too_large_message(url: str, what: str) -> str:
+    return (f"{url}: the answer {what}, far more than the Lite zip (about 700 MB); "
+            "check data.url, or download the zip elsewhere and set data.url to its path")
 
 
 def partial_download_path(url: str, downloads_dir: Path) -> Path:
@@ -330,10 +366,16 @@ def extract_tables(archive: Path, out_dir: Path) -> tuple[dict[str, list[str]], 
                 dest = out_dir / f"{table}.tsv"
                 try:
                     _concatenate_parts(zf, infos, dest, table, archive, bar)
-                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a directory that reads, data that doesn't
-                    raise ChromalabError(f"{archive}: damaged zip archive ({exc}); check data.url") from None
+                    rows[table] = count_rows(dest)
+                # a directory that reads, data that doesn't: damaged, encrypted (RuntimeError), or compressed
+                # in a way zipfile cannot read (NotImplementedError)
+                except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError) as exc:
+                    raise ChromalabError(f"{archive}: damaged or unreadable zip archive ({exc}); check data.url, "
+                                         "or download the zip again") from None
+                except (UnicodeDecodeError, csv.Error) as exc:
+                    raise ChromalabError(f"{archive}: table '{table}' is not UTF-8 tab-separated text ({exc}); "
+                                         "is this an Unsplash Lite zip?") from None
                 members[table] = [info.filename for info in infos]
-                rows[table] = count_rows(dest)
     return members, rows
 
 

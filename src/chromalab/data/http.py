@@ -8,6 +8,8 @@ from urllib3.util.retry import Retry
 USER_AGENT = "chromalab (+Unsplash Lite research download)"
 # Worth another try: rate limiting and the server's own failures. 404/410/451 are final (the photo is gone).
 RETRY_STATUSES = (429, 500, 502, 503, 504)
+# Answers that are a page about the request (sign-in, error, rate limit), not the file asked for.
+PAGE_TYPES = ("text/", "application/json", "application/xml", "application/xhtml+xml")
 RETRY_AFTER_MAX_S = 300  # a 429's Retry-After beyond this is cut to it rather than stalling for hours
 
 
@@ -20,6 +22,11 @@ class _Retry(Retry):
             return super().get_retry_after(response)
         except InvalidHeader:
             return None
+
+
+def content_type(headers) -> str:
+    """An answer's media type, lower case, without parameters ("" when it names none)."""
+    return headers.get("Content-Type", "").split(";")[0].strip().lower()
 
 
 def retry_policy(retries: int, backoff_s: float, **options) -> Retry:

@@ -40,7 +40,7 @@ from chromalab.config import Params
 from chromalab.files import write_bytes_atomic, write_text_atomic
 from chromalab.errors import ChromalabError
 from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, FETCHED_SPLITS
-from chromalab.data.http import RETRY_STATUSES, USER_AGENT, retry_policy
+from chromalab.data.http import PAGE_TYPES, RETRY_STATUSES, USER_AGENT, content_type, retry_policy
 
 GONE_STATUSES = (404, 410, 451)  # 451: withheld for legal reasons, as final as gone
 BACKOFF_FACTOR_S = 0.5  # urllib3: no wait before the 1st retry, then 1 s, 2 s, 4 s, … (capped below)
@@ -52,8 +52,6 @@ MAX_PHOTO_BYTES = 64 << 20  # a fetched photo is image_size² pixels: far beyond
 # What Pillow raises on a photo's hostile or broken bytes.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, KeyError, IndexError, ZeroDivisionError,
                  struct.error, Image.DecompressionBombError)
-# Answers that are a page about the request (sign-in, error, rate limit), not a photo.
-PAGE_TYPES = ("text/", "application/json", "application/xml", "application/xhtml+xml")
 REJECTED_FIELDS = ("photo_id", "split", "reason")
 # What the files on disk were made with: another value invalidates them (only "gone" rejections survive).
 SETTINGS_FILE = "fetch_settings.json"
@@ -250,7 +248,7 @@ class PhotoFetcher:
             if response.status != 200:
                 retried = f" after {self.retries} retries" if response.status in RETRY_STATUSES else ""
                 raise FetchFailed(f"HTTP {response.status}{retried}")
-            page = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            page = content_type(response.headers)
             if page.startswith(PAGE_TYPES):  # a sign-in, block or error page says nothing about the photo itself
                 raise FetchFailed(f"HTTP 200 with a {page} page instead of a photo (blocked or rate limited?)")
             data, whole = self._body(response), True
