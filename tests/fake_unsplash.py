@@ -52,14 +52,16 @@ ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 
 IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "truncated-once", "corrupt", "gray",
                 "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
-                "503-unreadable-retry-after-once")
+                "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
+                "empty-once", "tiny")
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes;
 # drip: 64 bytes every slow_s; cut-unsized-once: the first answer has no Content-Length and ends half-way;
 # ignore-if-range: a Range is served from the archive of the day (`second_archive` from the second request
-# on, with its own ETag) whatever If-Range says; html-206: a Range is answered with a 206 sign-in page
+# on, with its own ETag) whatever If-Range says; html-206: a Range is answered with a 206 sign-in page;
+# drip-headers (images too): a header line every slow_s, for ever
 ARCHIVE_FAULTS = ("drop-once", "drop-always", "ignore-range", "500-once", "no-validator", "html-page", "gzip",
-                  "drip", "cut-unsized-once", "ignore-if-range", "html-206")
+                  "drip", "cut-unsized-once", "ignore-if-range", "html-206", "drip-headers")
 SIGN_IN_PAGE = b"<!doctype html><html><body>Please sign in to continue.</body></html>"
 
 
@@ -374,8 +376,10 @@ class _Handler(BaseHTTPRequestHandler):
         etag = archive_etag(data)
         if "500-once" in self.fake.archive_faults and n == 1:
             return self._send(500, b"internal error")
-        if "html-page" in self.fake.archive_faults:
+        if "html-page" in faults:
             return self._send(200, SIGN_IN_PAGE, "text/html")
+        if "drip-headers" in faults:
+            return self._drip_headers()
         headers = {"Accept-Ranges": "bytes"} | ({} if "no-validator" in self.fake.archive_faults else {"ETag": etag})
         if gzipped:
             headers["Content-Encoding"] = "gzip"
@@ -406,6 +410,12 @@ class _Handler(BaseHTTPRequestHandler):
         time.sleep(delay)
         if fault in ("403", "404", "410"):
             return self._send(int(fault), b"gone")
+        if fault == "drip-headers":
+            return self._drip_headers()
+        if fault == "empty-once" and n == 1:
+            return self._send(200, b"", "image/jpeg")
+        if fault == "html-as-jpeg-once" and n == 1:  # a captive portal's page, labelled as what was asked for
+            return self._send(200, SIGN_IN_PAGE, "image/jpeg")
         if fault == "html-page":
             return self._send(200, SIGN_IN_PAGE, "text/html")
         if (fault == "429-once" and n == 1):
@@ -415,6 +425,8 @@ class _Handler(BaseHTTPRequestHandler):
         if (fault == "500-twice" and n <= 2) or fault == "500-always":
             return self._send(500, b"internal error")
         width, height = int(query.get("w", 640)), int(query.get("h", 480))
+        if fault == "tiny":  # a placeholder pixel, scaled up it is one flat colour
+            width, height = 1, 1
         if fault == "wrong-size":
             width, height = width + width // 2, height
         rgb = render_photo(photo_id, width, height)
@@ -429,8 +441,17 @@ class _Handler(BaseHTTPRequestHandler):
             body = exif_that_breaks_pillow(rgb)
         if fault == "corrupt":  # consistent bytes, correctly framed: only a full decode notices
             body = body[: len(body) // 2]
-        drop = len(body) // 3 if fault == "truncated-once" and n == 1 else None
-        self._send(200, body, content_type, send_bytes=drop, drip=fault == "drip")
+        cut = fault in ("truncated-once", "cut-unsized-once") and n == 1
+        self._send(200, body, content_type, send_bytes=len(body) // 3 if cut else None, drip=fault == "drip",
+                   sized=not (fault == "cut-unsized-once" and n == 1))
+
+    def _drip_headers(self):
+        self.send_response_only(200)
+        self.flush_headers()
+        for i in range(10_000):
+            self.wfile.write(b"X-Wait-%d: 1\r\n" % i)
+            self.wfile.flush()
+            time.sleep(self.fake.slow_s)
 
 
 

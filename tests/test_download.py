@@ -148,6 +148,18 @@ def test_a_server_dripping_bytes_inside_every_timeout_is_an_error_not_a_wait_of_
     assert int(fake_unsplash.requests_to(fake_unsplash.archive_path)[-1].headers["Range"][6:-1]) > 0
 
 
+@pytest.mark.timeout(60)
+def test_headers_dripped_for_ever_are_an_error_not_a_wait(fake_unsplash, photos, tmp_path, monkeypatch, fast_backoff):
+    fake_unsplash.archive = make_lite_archive(photos, fake_unsplash.url)
+    fake_unsplash.archive_faults = {"drip-headers"}
+    fake_unsplash.slow_s = 0.2  # a header line well inside every read timeout
+    monkeypatch.setattr(download, "DOWNLOAD_TIMEOUT_S", (1.0, 1.0))
+    monkeypatch.setattr(download, "HEADERS_DEADLINE_S", 2.0)
+    monkeypatch.setattr(download, "DOWNLOAD_RETRIES", 1)
+    with pytest.raises(ChromalabError, match="cannot download .*: timed out; without internet access"):
+        run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+
+
 def test_a_part_without_a_validator_is_downloaded_afresh_not_resumed(fake_unsplash, photos, tmp_path):
     archive = filled_archive(photos, fake_unsplash.url, 4)
     fake_unsplash.archive = archive

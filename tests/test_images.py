@@ -101,8 +101,9 @@ def test_every_fault_is_handled_and_reserves_replace_in_order(fake_unsplash, tmp
         train[6]: ("train", "gray"), test[1]: ("test", "gone"), val[0]: ("val", "gray"), reserve[0]: ("train", "gray"),
     }
     counts = fake_unsplash.image_counts()
-    # 429, two 500s, truncated body, a 503 whose Retry-After is unreadable (the usual backoff), read timeout
-    retried = {train[2]: 2, train[3]: 3, train[4]: 2, train[11]: 2, test[0]: 2}
+    # 429, two 500s, truncated body, corrupt (asked twice: the same bytes again), a 503 whose Retry-After is
+    # unreadable (the usual backoff), read timeout
+    retried = {train[2]: 2, train[3]: 3, train[4]: 2, train[5]: 2, train[11]: 2, test[0]: 2}
     assert counts == {pid: retried.get(pid, 1) for pid in train + test + val + reserve}
     assert summary == {"train": 16, "test": 4, "val": 2, "fetched": 29, "reused": 0, "rejected": 7,
                        "replaced_from_reserve": 7}
@@ -114,6 +115,44 @@ def test_every_fault_is_handled_and_reserves_replace_in_order(fake_unsplash, tmp
     served = fake_unsplash.requests_to(f"/photo-{train[10]}")[0].query
     assert served == {"w": "32", "h": "32", "fit": "crop", "crop": "faces,entropy", "fm": "jpg", "q": "90"}
     assert manifest[train[10]]["source"] == sized_url(f"{fake_unsplash.url}/photo-{train[10]}", SIZE, 90)
+
+
+def test_an_answer_broken_once_is_fetched_again_not_rejected_for_good(fake_unsplash, tmp_path, fast_backoff):
+    """A body cut short with no size to tell, an empty body, a page labelled as a JPEG: the network's fault."""
+    train, test, reserve = photo_ids("tr", 4), photo_ids("te", 1), photo_ids("re", 2)
+    fake_unsplash.image_faults = {train[0]: "cut-unsized-once", train[1]: "empty-once",
+                                  train[2]: "html-as-jpeg-once", train[3]: "tiny"}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError, match=rf"\(e.g. {train[2]}: HTTP 200 with a page labelled image/jpeg "):
+        run_images(params(), tmp_path / "split", tmp_path / "images")
+    run_images(params(), tmp_path / "split", tmp_path / "images")  # the portal is gone: a re-run
+    got = check_output(tmp_path / "images")
+    assert sorted(got["train"]) == sorted([*train[:3], reserve[0]])
+    reasons = {r["photo_id"]: r["reason"] for r in read_csv(tmp_path / "images" / "rejected.csv")}
+    assert reasons == {train[3]: "too small (1×1, under half of 32×32)"}  # a placeholder pixel is no photo
+    counts = fake_unsplash.image_counts()
+    assert [counts[pid] for pid in train] == [2, 2, 2, 1]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, at open, over the limit
+def test_a_photo_too_large_to_decode_safely_is_rejected(fake_unsplash, tmp_path, monkeypatch):
+    train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "rgba-png"}  # a PNG: no reduced-scale decoding as for a JPEG
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", SIZE * SIZE - 1)
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    run_images(params(), tmp_path / "split", tmp_path / "images")
+    reasons = {r["photo_id"]: r["reason"] for r in read_csv(tmp_path / "images" / "rejected.csv")}
+    assert reasons == {train[0]: "too large (32×32 pixels; decoded whole it would take gigabytes)"}
+
+
+@pytest.mark.timeout(60)
+def test_headers_dripped_for_ever_do_not_hold_a_photo(fake_unsplash, tmp_path, fast_backoff):
+    train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "drip-headers"}
+    fake_unsplash.slow_s = 0.2  # a header line well inside every read timeout (1 s); the deadline is 4 s
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError, match=rf"\(e.g. {train[0]}: ReadTimeoutError after 1 retries\)"):
+        run_images(params(retries=1), tmp_path / "split", tmp_path / "images")
 
 
 def test_replacement_does_not_depend_on_thread_timing(tmp_path, fast_backoff):

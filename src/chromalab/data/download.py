@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from chromalab.config import Params
 from chromalab.data.formats import open_table
-from chromalab.data.http import PAGE_TYPES, RETRY_STATUSES, USER_AGENT, content_type, retry_policy
+from chromalab.data.http import (PAGE_TYPES, RETRY_STATUSES, USER_AGENT, content_type, retry_policy,
+                                 with_headers_deadline)
 from chromalab.errors import ChromalabError
 from chromalab.files import staged_dir, write_text_atomic
 
@@ -36,6 +37,7 @@ from chromalab.files import staged_dir, write_text_atomic
 DOWNLOAD_RETRIES = 5
 DOWNLOAD_BACKOFF_S = 0.5
 DOWNLOAD_TIMEOUT_S = (15.0, 60.0)  # (connect, read between bytes)
+HEADERS_DEADLINE_S = 120.0  # for an answer's status line and headers in all (each read has the read timeout)
 # A server can drip a byte inside every read timeout and never finish: a transfer that brings fewer than
 # STALL_MIN_BYTES in a window is broken off and resumed, and counts as a try without progress.
 STALL_WINDOW_S = 120.0
@@ -136,6 +138,7 @@ def retrying_session(retries: int, backoff_s: float) -> requests.Session:
     session = requests.Session()
     session.headers["User-Agent"] = USER_AGENT
     adapter = HTTPAdapter(max_retries=retry_policy(retries, backoff_s))
+    with_headers_deadline(adapter.poolmanager, HEADERS_DEADLINE_S)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+
+import urllib3
 from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
@@ -35,3 +40,50 @@ def retry_policy(retries: int, backoff_s: float, **options) -> Retry:
     return _Retry(total=retries, connect=retries, read=retries, status=retries, backoff_factor=backoff_s,
                  status_forcelist=RETRY_STATUSES, allowed_methods={"GET"}, respect_retry_after_header=True,
                  retry_after_max=RETRY_AFTER_MAX_S, raise_on_status=False, **options)
+
+
+class _HeadersDeadline:
+    """A connection that gives up on an answer whose status line and headers take over `headers_deadline_s`
+    in all: the read timeout holds for each read only, so a server sending a header line now and then would
+    hold it for ever. Raised as a timeout, which urllib3 retries as a read timeout."""
+
+    headers_deadline_s: float
+
+    def getresponse(self, *args, **kwargs):
+        lock, state = threading.Lock(), {"done": False, "cut": False}
+
+        def cut_off():
+            with lock:
+                if not state["done"]:
+                    state["cut"] = True
+                    with contextlib.suppress(OSError, AttributeError):
+                        self.sock.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(self.headers_deadline_s, cut_off)
+        timer.daemon = True
+        timer.start()
+        try:
+            response = super().getresponse(*args, **kwargs)
+        except Exception:
+            if not state["cut"]:
+                raise
+            response = None
+        finally:
+            with lock:
+                state["done"] = True
+            timer.cancel()
+        if state["cut"]:  # cut off mid-head, http.client may take the end of the stream for the end of the head
+            if response is not None:
+                response.close()
+            raise TimeoutError(f"no whole answer head within {self.headers_deadline_s:g} s")
+        return response
+
+
+def with_headers_deadline(pool_manager: urllib3.PoolManager, deadline_s: float) -> urllib3.PoolManager:
+    """`pool_manager`, its connections bounded by `_HeadersDeadline` (set before its first request)."""
+    pool_manager.pool_classes_by_scheme = {
+        scheme: type(pool.__name__, (pool,), {"ConnectionCls": type(
+            pool.ConnectionCls.__name__, (_HeadersDeadline, pool.ConnectionCls), {"headers_deadline_s": deadline_s})})
+        for scheme, pool in urllib3.poolmanager.pool_classes_by_scheme.items()
+    }
+    return pool_manager

@@ -40,7 +40,8 @@ from chromalab.config import Params
 from chromalab.files import write_bytes_atomic, write_text_atomic
 from chromalab.errors import ChromalabError
 from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, FETCHED_SPLITS
-from chromalab.data.http import PAGE_TYPES, RETRY_STATUSES, USER_AGENT, content_type, retry_policy
+from chromalab.data.http import (PAGE_TYPES, RETRY_STATUSES, USER_AGENT, content_type, retry_policy,
+                                 with_headers_deadline)
 
 GONE_STATUSES = (404, 410, 451)  # 451: withheld for legal reasons, as final as gone
 BACKOFF_FACTOR_S = 0.5  # urllib3: no wait before the 1st retry, then 1 s, 2 s, 4 s, … (capped below)
@@ -72,6 +73,10 @@ class Outcome:
 
 class Rejected(Exception):
     """A permanent property of the photo (gone, corrupt, gray): replace it from the reserve."""
+
+
+class Corrupt(Rejected):
+    """The bytes do not decode to a photo: the photo's fault only if it sends the same bytes again."""
 
 
 REFUSED = re.compile(r"HTTP 40[13]\b")  # a FetchFailed detail: the server said no to chromalab itself
@@ -185,10 +190,10 @@ class PhotoFetcher:
         # dripping past the deadline is retried in `read`, as many times.
         retry = retry_policy(ip.retries, BACKOFF_FACTOR_S, backoff_max=BACKOFF_MAX_S)
         self.deadline_s = PHOTO_DEADLINE_READS * ip.timeout_s
-        self.http = urllib3.PoolManager(
+        self.http = with_headers_deadline(urllib3.PoolManager(
             maxsize=ip.concurrency, retries=retry, timeout=urllib3.Timeout(connect=ip.timeout_s, read=ip.timeout_s),
             headers={"User-Agent": USER_AGENT},
-        )
+        ), self.deadline_s)
 
     def source(self, photo: Photo) -> str:
         return photo.image_url if self.from_folder else sized_url(photo.image_url, self.size, self.quality)
@@ -207,7 +212,7 @@ class PhotoFetcher:
             self.journal.record(photo.photo_id, split, known)  # no-op unless meant for another split now
             return Outcome("rejected", known)
         try:
-            jpeg = self.checked_jpeg(self.read(photo))
+            jpeg = self.fetched_jpeg(photo)
         except Rejected as exc:
             self.journal.record(photo.photo_id, split, str(exc))
             return Outcome("rejected", str(exc), fetched=True)
@@ -215,6 +220,21 @@ class PhotoFetcher:
             return Outcome("failed", str(exc), fetched=True)
         write_bytes_atomic(target, jpeg)
         return Outcome("ok", fetched=True)
+
+    def fetched_jpeg(self, photo: Photo) -> bytes:
+        """checked_jpeg of the photo's bytes. A fetched photo that does not decode is fetched once more: a body
+        cut short with no size to tell, an empty or a mislabelled answer is the network's fault and must not
+        become a lasting rejection; the same bytes twice are the photo's."""
+        data = self.read(photo)
+        try:
+            return self.checked_jpeg(data)
+        except Corrupt:
+            if self.from_folder:
+                raise
+            again = self.read(photo)
+            if again == data:
+                raise
+            return self.checked_jpeg(again)
 
     def read(self, photo: Photo) -> bytes:
         if self.from_folder:
@@ -252,6 +272,9 @@ class PhotoFetcher:
             if page.startswith(PAGE_TYPES):  # a sign-in, block or error page says nothing about the photo itself
                 raise FetchFailed(f"HTTP 200 with a {page} page instead of a photo (blocked or rate limited?)")
             data, whole = self._body(response), True
+            if data.lstrip()[:1] in (b"<", b"{"):  # the same page, labelled as the photo (a captive portal)
+                raise FetchFailed(f"HTTP 200 with a page labelled {page or 'as nothing'} instead of a photo "
+                                  "(blocked or rate limited?)")
             return data
         finally:  # a connection whose answer was not read to the end cannot serve the next request
             if not whole:
@@ -281,17 +304,18 @@ class PhotoFetcher:
                     not self.from_folder and image.format == "JPEG" and image.mode == "RGB" and image.size == size
                     and image.getexif().get(ExifTags.Base.Orientation, 1) == 1
                 )
+                self._check_size(image)
                 if image.format == "JPEG" and min(image.size) > self.size:
                     image.draft("RGB", size)  # decode big JPEGs at a reduced scale (still >= size): much faster
                 image.load()  # full decode: a truncated or corrupt file fails here, not in a later stage
                 rgb = image if as_served else square_rgb(image, self.size)
                 chroma = mean_chroma(np.asarray(rgb))
         except Image.UnidentifiedImageError:
-            raise Rejected("corrupt (not an image file)") from None
+            raise Corrupt("corrupt (not an image file)") from None
         # Pillow's decoders and EXIF reader raise more than OSError on hostile bytes (struct.error from a
         # mistyped EXIF tag, for one); a bug of ours (or MemoryError) must not become a lasting rejection.
         except DECODE_ERRORS as exc:
-            raise Rejected(f"corrupt ({(str(exc).splitlines() or [''])[0][:80] or type(exc).__name__})") from None
+            raise Corrupt(f"corrupt ({(str(exc).splitlines() or [''])[0][:80] or type(exc).__name__})") from None
         if chroma < self.min_chroma:
             raise Rejected(f"gray (mean chroma {chroma:.2f} < images.min_chroma {self.min_chroma:g})")
         if as_served:  # already what we want: re-encoding would only lose quality
@@ -299,6 +323,16 @@ class PhotoFetcher:
         buffer = io.BytesIO()
         rgb.save(buffer, "JPEG", quality=self.quality)
         return buffer.getvalue()
+
+
+    def _check_size(self, image: Image.Image) -> None:
+        """A placeholder (a pixel scaled up is one flat colour) or a photo Pillow would decode whole into
+        gigabytes (only JPEG decodes at a reduced scale) is no photo to learn from."""
+        width, height = image.size
+        if 2 * min(width, height) < self.size:
+            raise Rejected(f"too small ({width}×{height}, under half of {self.size}×{self.size})")
+        if image.format != "JPEG" and width * height > Image.MAX_IMAGE_PIXELS:
+            raise Rejected(f"too large ({width}×{height} pixels; decoded whole it would take gigabytes)")
 
 
 def square_rgb(image: Image.Image, size: int) -> Image.Image:
