@@ -343,17 +343,19 @@ def test_folder_source_orients_converts_crops_and_checks(tmp_path):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     Image.fromarray(rgb[:, ::-1]).save(folder / "spare1.webp")
     Image.fromarray(rgb[::-1]).save(folder / "spare2.tif")
+    Image.fromarray(rgb[:12, 18:30]).save(folder / "small.png")  # under half of SIZE: your own, so scaled up
 
     def path(pid):
         return str(folder / {"rot": "rotated.jpg", "alpha": "transparent.png", "pal": "palette.png", "gray": "gray.jpg",
-                             "broken": "broken.jpg", "sp1": "spare1.webp", "sp2": "spare2.tif"}[pid])
+                             "broken": "broken.jpg", "sp1": "spare1.webp", "sp2": "spare2.tif",
+                             "small": "small.png"}[pid])
 
-    write_split(tmp_path / "split", "", ["rot", "alpha", "gray", "pal"], ["broken"], ["sp1", "sp2"], url=path)
+    write_split(tmp_path / "split", "", ["rot", "alpha", "gray", "pal", "small"], ["broken"], ["sp1", "sp2"], url=path)
     folder_params = parse_params({**raw_params(), "data": {"source": "folder", "folder": str(folder)}})
     run_images(folder_params, tmp_path / "split", tmp_path / "images")
 
     got = check_output(tmp_path / "images")
-    assert sorted(got["train"]) == ["alpha", "pal", "rot", "sp1"] and got["test"] == ["sp2"]
+    assert sorted(got["train"]) == ["alpha", "pal", "rot", "small", "sp1"] and got["test"] == ["sp2"]
     reasons = {r["photo_id"]: r["reason"] for r in read_csv(tmp_path / "images" / "rejected.csv")}
     assert reasons["gray"].startswith("gray") and reasons["broken"].startswith("corrupt")
     rotated = np.asarray(Image.open(tmp_path / "images" / "train" / "rot.jpg")).astype(int)

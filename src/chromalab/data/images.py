@@ -326,10 +326,11 @@ class PhotoFetcher:
 
 
     def _check_size(self, image: Image.Image) -> None:
-        """A placeholder (a pixel scaled up is one flat colour) or a photo Pillow would decode whole into
-        gigabytes (only JPEG decodes at a reduced scale) is no photo to learn from."""
+        """A placeholder for the size×size photo asked for (a pixel scaled up is one flat colour), or a photo
+        Pillow would decode whole into gigabytes (only JPEG decodes at a reduced scale), is no photo to learn
+        from. Your own photos may be small: scaling them up is what image_size asks for."""
         width, height = image.size
-        if 2 * min(width, height) < self.size:
+        if not self.from_folder and 2 * min(width, height) < self.size:
             raise Rejected(f"too small ({width}×{height}, under half of {self.size}×{self.size})")
         if image.format != "JPEG" and width * height > Image.MAX_IMAGE_PIXELS:
             raise Rejected(f"too large ({width}×{height} pixels; decoded whole it would take gigabytes)")
