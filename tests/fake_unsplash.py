@@ -59,9 +59,9 @@ IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "tru
 # drip: 64 bytes every slow_s; cut-unsized-once: the first answer has no Content-Length and ends half-way;
 # ignore-if-range: a Range is served from the archive of the day (`second_archive` from the second request
 # on, with its own ETag) whatever If-Range says; html-206: a Range is answered with a 206 sign-in page;
-# drip-headers (images too): a header line every slow_s, for ever
+# drip-headers (images too): a header line every slow_s, for ever; 204: HTTP 204 No Content
 ARCHIVE_FAULTS = ("drop-once", "drop-always", "ignore-range", "500-once", "no-validator", "html-page", "gzip",
-                  "drip", "cut-unsized-once", "ignore-if-range", "html-206", "drip-headers")
+                  "drip", "cut-unsized-once", "ignore-if-range", "html-206", "drip-headers", "204")
 SIGN_IN_PAGE = b"<!doctype html><html><body>Please sign in to continue.</body></html>"
 
 
@@ -380,6 +380,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, SIGN_IN_PAGE, "text/html")
         if "drip-headers" in faults:
             return self._drip_headers()
+        if "204" in faults:
+            return self._send(204, b"")
         headers = {"Accept-Ranges": "bytes"} | ({} if "no-validator" in self.fake.archive_faults else {"ETag": etag})
         if gzipped:
             headers["Content-Encoding"] = "gzip"

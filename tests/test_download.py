@@ -292,6 +292,13 @@ def test_http_error_names_the_status(fake_unsplash, tmp_path):
         run_download(params(url=f"{fake_unsplash.url}/data/lite/9.9.9"), tmp_path / "raw", tmp_path / "cache")
 
 
+def test_an_answer_without_a_file_is_named_not_read_as_a_broken_zip(fake_unsplash, photos, tmp_path):
+    fake_unsplash.archive = make_lite_archive(photos, fake_unsplash.url)
+    fake_unsplash.archive_faults = {"204"}
+    with pytest.raises(ChromalabError, match="HTTP 204 No Content instead of the zip; check data.url"):
+        run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -428,6 +435,15 @@ def test_unsafe_entry_names_are_refused(photos, tmp_path, name):
     with pytest.raises(ChromalabError, match="unsafe entry"):
         run_download(params(url=str(tmp_path / "a.zip")), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("copy", ["photos.tsv", "photos.csv001"])
+def test_a_second_copy_of_a_table_is_refused_not_concatenated(photos, tmp_path, copy):
+    with zipfile.ZipFile(io.BytesIO(make_lite_archive(photos))) as zf:
+        table = zf.read("photos.tsv000")
+    (tmp_path / "a.zip").write_bytes(_tables_zip(photos, {copy: table}))
+    with pytest.raises(ChromalabError, match="ambiguous parts for table 'photos'"):
+        run_download(params(url=str(tmp_path / "a.zip")), tmp_path / "raw")
 
 
 def test_zip_bomb_ratio_is_refused(photos, tmp_path):

@@ -200,10 +200,10 @@ def _receive(response: requests.Response, url: str, part: Path, meta_path: Path,
             return None
         part.unlink()
         return "the server refused to resume (HTTP 416)"
-    if response.status_code >= 400:
+    if response.status_code not in (200, 206):  # an error, or an answer with no file (204, 304, a bare 302)
         retried = f" after {DOWNLOAD_RETRIES} retries" if response.status_code in RETRY_STATUSES else ""
         raise ChromalabError(
-            f"{url}: HTTP {response.status_code} {response.reason}{retried}; "
+            f"{url}: HTTP {response.status_code} {response.reason}{retried} instead of the zip; "
             "check data.url, or download the zip elsewhere and set data.url to its local path"
         )
     resumed = response.status_code == 206
@@ -417,7 +417,9 @@ def _table_parts(zf: zipfile.ZipFile, archive: Path) -> dict[str, list[zipfile.Z
         numbered.sort(key=lambda item: item[0])
         numbers = [n for n, _ in numbered]
         folders = {str(PurePosixPath(info.filename).parent) for _, info in numbered}
-        if len(set(numbers)) != len(numbers) or len(folders) > 1:
+        kinds = {(PurePosixPath(info.filename).suffix.lower().rstrip("0123456789"), n < 0) for n, info in numbered}
+        # photos.tsv beside photos.csv000 (or tsv000): two copies of one table, not two parts of it
+        if len(set(numbers)) != len(numbers) or len(folders) > 1 or len(kinds) > 1:
             names = ", ".join(info.filename for _, info in numbered)
             raise ChromalabError(f"{archive}: ambiguous parts for table '{table}' ({names}); repack the archive")
         parts[table] = [info for _, info in numbered]
