@@ -155,6 +155,20 @@ def test_headers_dripped_for_ever_do_not_hold_a_photo(fake_unsplash, tmp_path, f
         run_images(params(retries=1), tmp_path / "split", tmp_path / "images")
 
 
+def test_a_server_that_fails_every_photo_is_given_up_on_early(fake_unsplash, tmp_path, fast_backoff, monkeypatch):
+    train, test, reserve = photo_ids("tr", 10), photo_ids("te", 2), photo_ids("re", 2)
+    fake_unsplash.image_faults = {pid: "500-always" for pid in train + test}
+    monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 3)
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError) as err:
+        run_images(params(concurrency=1, retries=1), tmp_path / "split", tmp_path / "images")
+    tried = len(fake_unsplash.image_counts())
+    assert tried <= 4  # the streak's 3, and at most the one a worker had already begun
+    assert str(err.value) == (f"12 of 12 photos could not be fetched (e.g. {train[0]}: HTTP 500 after 1 retries); "
+                              f"{12 - tried} not tried after 3 in a row failed (is the server down?); "
+                              "re-run the stage to fetch only what is missing")
+
+
 def test_replacement_does_not_depend_on_thread_timing(tmp_path, fast_backoff):
     train, test, reserve = photo_ids("tr", 10), photo_ids("te", 3), photo_ids("re", 5)
     faults = {train[1]: "404", train[4]: "gray", test[0]: "corrupt", reserve[1]: "404", train[7]: "slow"}

@@ -49,6 +49,10 @@ BACKOFF_MAX_S = 60.0
 # A photo's whole transfer may take this many images.timeout_s (each read's limit): a server that drips its
 # bytes just inside that limit cannot hold a worker for hours.
 PHOTO_DEADLINE_READS = 4
+# Photos in a row that could not be fetched, each after its retries, before the rest are not even tried: the
+# server is down or refusing, and 2,000 more photos would take hours to fail the same way.
+FAIL_FAST_STREAK = 16
+NOT_TRIED = "not tried: the photos before it could not be fetched either"
 MAX_PHOTO_BYTES = 64 << 20  # a fetched photo is image_size² pixels: far beyond this, the server is not sending one
 # What Pillow raises on a photo's hostile or broken bytes.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, KeyError, IndexError, ZeroDivisionError,
@@ -102,15 +106,7 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
     chosen, failed, stats = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency)
 
     if failed:
-        refused = [(photo, detail) for photo, detail in failed if REFUSED.match(detail)]
-        photo, detail = (refused or failed)[0]
-        # a refusal is the server's decision, which a re-run (at once) does not change
-        why = (f"{len(refused)} of them refused (HTTP 401/403: the server blocks chromalab, or wants a sign-in; "
-               "a re-run fetches them only once it lets chromalab in); " if refused else "")
-        raise ChromalabError(
-            f"{len(failed)} of {len(slots)} photos could not be fetched (e.g. {photo.photo_id}: {detail}); "
-            f"{why}re-run the stage to fetch only what is missing"
-        )
+        raise ChromalabError(_failure_message(failed, len(slots)))
     missing = Counter(split for (split, _), photo in zip(slots, chosen) if photo is None)
     if missing:
         totals = Counter(split for split, _ in slots)
@@ -134,12 +130,26 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
     return summary
 
 
+def _failure_message(failed: list[tuple[Photo, str]], n_slots: int) -> str:
+    refused = [(photo, detail) for photo, detail in failed if REFUSED.match(detail)]
+    not_tried = sum(detail == NOT_TRIED for _, detail in failed)
+    photo, detail = (refused or [f for f in failed if f[1] != NOT_TRIED])[0]
+    # a refusal is the server's decision, which a re-run (at once) does not change
+    why = (f"{len(refused)} of them refused (HTTP 401/403: the server blocks chromalab, or wants a sign-in; "
+           "a re-run fetches them only once it lets chromalab in); " if refused else "")
+    stopped = (f"{not_tried} not tried after {FAIL_FAST_STREAK} in a row failed (is the server down?); "
+               if not_tried else "")
+    return (f"{len(failed)} of {n_slots} photos could not be fetched (e.g. {photo.photo_id}: {detail}); "
+            f"{why}{stopped}re-run the stage to fetch only what is missing")
+
+
 def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency: int):
     """Obtain a photo for every (split, photo) slot; returns (photo per slot or None, failures, counts).
 
     Rounds: fetch all pending photos concurrently, then walk the outcomes *in slot order* and hand
     each rejected slot the next reserve photo. So which reserve photo replaces which depends only on
-    the photos themselves, never on which thread finished first.
+    the photos themselves, never on which thread finished first. Once FAIL_FAST_STREAK photos in a row
+    could not be fetched (retries and all), the server is down or refusing: the rest are not tried.
     """
     chosen: list[Photo | None] = [None] * len(slots)
     failed: list[tuple[Photo, str]] = []
@@ -150,15 +160,12 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
         with tqdm(total=len(slots), unit="photo", desc="images") as bar:
             while pending:
                 futures = [pool.submit(fetcher.obtain, photo, slots[index][0]) for index, photo in pending]
-                for future in as_completed(futures):
-                    outcome = future.result()
-                    if outcome.status == "ok":
-                        bar.update()
-                    elif outcome.status == "rejected":
-                        stats["rejected"] += 1
-                        bar.set_postfix(rejected=stats["rejected"])
+                _await(futures, bar, stats)
                 replacements = []
                 for (index, photo), future in zip(pending, futures):
+                    if future.cancelled():
+                        failed.append((photo, NOT_TRIED))
+                        continue
                     outcome = future.result()
                     stats["fetched" if outcome.fetched else "reused"] += 1
                     if outcome.status == "ok":
@@ -172,6 +179,25 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
     finally:  # on Ctrl-C, drop the queued fetches instead of finishing them
         pool.shutdown(wait=True, cancel_futures=True)
     return chosen, failed, stats
+
+
+def _await(futures, bar: tqdm, stats: Counter) -> None:
+    """Wait for `futures` as they finish, counting on `bar`; cancel those not started once FAIL_FAST_STREAK
+    in a row have failed."""
+    streak = 0
+    for future in as_completed(futures):
+        if future.cancelled():
+            continue
+        outcome = future.result()
+        if outcome.status == "ok":
+            bar.update()
+        elif outcome.status == "rejected":
+            stats["rejected"] += 1
+            bar.set_postfix(rejected=stats["rejected"])
+        streak = streak + 1 if outcome.status == "failed" else 0
+        if streak == FAIL_FAST_STREAK:
+            for waiting in futures:
+                waiting.cancel()  # only those not yet running: the running ones finish
 
 
 class PhotoFetcher:
