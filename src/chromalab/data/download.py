@@ -37,7 +37,7 @@ from chromalab.files import staged_dir, write_text_atomic
 DOWNLOAD_RETRIES = 5
 DOWNLOAD_BACKOFF_S = 0.5
 DOWNLOAD_TIMEOUT_S = (15.0, 60.0)  # (connect, read between bytes)
-HEADERS_DEADLINE_S = 120.0  # for an answer's status line and headers in all (each read has the read timeout)
+HEADERS_DEADLINE_S = 60.0  # for an answer's status line and headers in all (the read timeout holds per read)
 # A server can drip a byte inside every read timeout and never finish: a transfer that brings fewer than
 # STALL_MIN_BYTES in a window is broken off and resumed, and counts as a try without progress.
 STALL_WINDOW_S = 120.0
