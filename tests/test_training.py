@@ -553,3 +553,26 @@ def test_the_checkpoint_keeps_the_best_weights_it_names(tmp_path):
     (checkpoint.folder / "best-epoch-00006.weights.h5").unlink()
     assert not checkpoint.resumable(saved, "f")
 
+
+
+def test_a_code_change_is_a_new_fingerprint_so_no_run_resumes_across_it(tmp_path, monkeypatch):
+    """A run killed, then resumed after an edit to chromalab would be half old code's, recorded by DVC as
+    today's: the checkpoint's fingerprint holds the code."""
+    import chromalab
+    from chromalab.train import checkpoint
+
+    package = tmp_path / "chromalab"
+    shutil.copytree(Path(chromalab.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(chromalab, "__file__", str(package / "__init__.py"))
+    params = parse_params(GAN_RUN)
+
+    def fingerprint() -> str:
+        checkpoint.code_hash.cache_clear()
+        return params_fingerprint(params, "gan", "data")
+
+    before = fingerprint()
+    assert fingerprint() == before
+    losses = package / "train" / "losses.py"
+    losses.write_text(losses.read_text().replace("SSIM_FILTER_SIZE = 11", "SSIM_FILTER_SIZE = 7"))
+    assert fingerprint() != before
+    checkpoint.code_hash.cache_clear()
