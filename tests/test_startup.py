@@ -1,12 +1,16 @@
-"""What a chromalab process imports at start: not the scikit-learn, JAX and pyplot integrations of Keras and
-TensorFlow that it never uses (chromalab.entry.UNUSED_EXTRAS), while everyone else still gets those modules."""
+"""How a chromalab process starts and ends. At start it does not import the scikit-learn, JAX and pyplot
+integrations of Keras and TensorFlow that it never uses (chromalab.entry.UNUSED_EXTRAS), while everyone else
+still gets those modules; stopped (Ctrl-C, SIGTERM, its parent killed) it ends in one line."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +98,64 @@ def test_the_refusals_hold_behind_the_quiet_import_hook(tmp_path, monkeypatch):
         exec("import chromalab_probe", {"__name__": "keras.src.utils.module_utils"})
     exec("import chromalab_probe", {"__name__": "mlflow.keras"})
     assert sys.modules["chromalab_probe"].VALUE == 1
+
+
+# --- how a stage ends when it is stopped -------------------------------------------------------------
+
+STAGE = """
+import sys, time
+from chromalab.entry import run_stage
+def stage():
+    print("working", flush=True)
+    time.sleep(60)
+run_stage(stage)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_a_stopped_stage_says_so_in_one_line_and_exits_with_the_signals_status(signum):
+    stage = subprocess.Popen([sys.executable, "-c", STAGE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert stage.stdout.readline() == "working\n"
+    stage.send_signal(signum)
+    _, err = stage.communicate(timeout=30)
+    assert stage.returncode == 128 + signum
+    assert err.strip() == f"stopped ({signal.Signals(signum).name}); re-run to resume where it stopped"
+
+
+def test_a_stage_ends_with_the_process_that_started_it_even_one_killed_with_9():
+    """DVC killed with -9 passes nothing on: its stage went on training, an orphan beside the re-run's."""
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, "
+                               f"'-c', {STAGE!r}])"], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline() == "working\n"  # the stage is running, under the parent
+    children = [int(pid) for pid in Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()]
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.1)
+    assert children and not any(_alive(pid) for pid in children)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def test_inside_stops_deferred_a_first_stop_waits_for_a_safe_point_and_a_second_stops_at_once(monkeypatch):
+    monkeypatch.setattr(entry, "_stops", [])
+    previous = {signum: signal.getsignal(signum) for signum in entry.STOP_SIGNALS}
+    entry.handle_stop_signals()
+    try:
+        with entry.stops_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run: nothing raised
+            with pytest.raises(KeyboardInterrupt):
+                entry.raise_if_stopped()
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from chromalab.entry import exit_code, exit_without_teardown, skip_unused_extras
+from chromalab.entry import exit_code, exit_without_teardown, handle_stop_signals, skip_unused_extras
 from chromalab.errors import ChromalabError
 from chromalab.quiet import quiet_tensorflow
 
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(argv: list[str] | None = None) -> None:
     """The `chromalab` program: `main`, then leave without the interpreter's teardown (chromalab.entry).
     In-process callers (tests) use `main`, which returns."""
+    handle_stop_signals()  # SIGTERM as Ctrl-C: a training's MLflow run ends KILLED, not RUNNING for ever
     try:
         main(argv)
         code = 0

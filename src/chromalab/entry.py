@@ -2,14 +2,17 @@
 
 Start: refuse the imports Keras and TensorFlow make for integrations chromalab never uses, and hide
 TensorFlow's start-up lines (chromalab.quiet). End: a user's error is one line on stderr and exit status 1,
-and the interpreter's teardown is skipped. A library user who imports chromalab gets none of this.
+Ctrl-C or SIGTERM one line and 128 + the signal's number, and the interpreter's teardown is skipped. A
+library user who imports chromalab gets none of this.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.abc import MetaPathFinder
 
 from chromalab.errors import ChromalabError
@@ -62,15 +65,77 @@ def start_process(verbose: bool = False) -> None:
 
 
 def run_stage(stage: Callable[[], object]) -> None:
-    """A DVC stage's entry point: start the process, run `stage`, end as `chromalab <stage>` would."""
+    """A DVC stage's entry point: start the process, run `stage`, end as `chromalab <stage>` would. The stage
+    also ends when DVC does: killed with -9, DVC passes nothing on, and its stage went on training as an
+    orphan beside the re-run's."""
+    parent = os.getppid()
     start_process()
+    handle_stop_signals()
+    end_with_parent(parent)
     try:
         stage()
         code = 0
     except ChromalabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:
+        code = report_stop()
     exit_without_teardown(code)
+
+
+# --- Ctrl-C and SIGTERM -----------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_stops: list[int] = []  # the stop signals received, in order
+_deferring = [False]
+
+
+def handle_stop_signals() -> None:
+    """Ctrl-C and SIGTERM (`kill`'s default) both stop the work as a KeyboardInterrupt, which ends an MLflow
+    run as KILLED (SIGTERM's default ended the process there and then, leaving the run RUNNING for ever)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_stop_signal)
+
+
+def _on_stop_signal(signum: int, frame) -> None:
+    _stops.append(signum)
+    if not (_deferring[0] and len(_stops) == 1):  # a second signal stops at once
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Inside, a first stop signal is only noted, and `raise_if_stopped` raises it where stopping is safe:
+    raised anywhere, it could land in a destructor (which ignores it: training went on to the end) or in a
+    library's thread start (MLflow's image logging: the process hung)."""
+    _deferring[0] = True
+    try:
+        yield
+    finally:
+        _deferring[0] = False
+
+
+def raise_if_stopped() -> None:
+    if _stops:
+        raise KeyboardInterrupt
+
+
+def report_stop() -> int:
+    """One line for a stopped process; its exit status, 128 + the signal's number, as a shell gives."""
+    signum = _stops[-1] if _stops else signal.SIGINT
+    print(f"stopped ({signal.Signals(signum).name}); re-run to resume where it stopped", file=sys.stderr)
+    return 128 + signum
+
+
+def end_with_parent(parent: int) -> None:
+    """End (SIGTERM) when the process that started this one does, even killed with -9 (Linux's
+    PR_SET_PDEATHSIG); at once if it has already gone."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(128 + signal.SIGTERM)
 
 
 def exit_code(exc: SystemExit) -> int:

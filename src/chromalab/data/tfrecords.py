@@ -41,6 +41,7 @@ from chromalab.data.dataset import FORMAT_VERSION, INFO_FILE, NORMALISATION, STO
 from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, FETCHED_SPLITS
 from chromalab.data.records import RecordWriter, encode_example
 from chromalab.devices import available_cores
+from chromalab.entry import end_with_parent
 from chromalab.errors import ChromalabError
 from chromalab.files import staged_dir
 
@@ -167,13 +168,10 @@ def _photo_encoder(workers: int) -> Iterator[Callable]:
 
 def _end_with_parent(parent: int) -> None:
     """In a pool worker: end when the stage's process does, even killed with -9, which closes no queue
-    (Linux's PR_SET_PDEATHSIG; elsewhere a worker still ends once it finds its queue gone)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the stage died before the line above
-        os._exit(1)
+    (elsewhere than Linux a worker still ends once it finds its queue gone). Ctrl-C reaches every process of
+    the terminal's group: the stage stops its pool, so a worker need not print its own traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    end_with_parent(parent)
 
 
 def _example(photo_id: str, size: int, lab: bytes, variants: bytes) -> bytes:

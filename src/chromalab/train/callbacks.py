@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from chromalab.color import lab_norm_to_rgb
+from chromalab.entry import raise_if_stopped
 from chromalab.train.checkpoint import Checkpoint
 from chromalab.train.validation import VAL_DELTA_E00, colorizer, predict_ab, val_delta_e00
 
@@ -167,3 +168,18 @@ class RunProgress(keras.callbacks.Callback):
         if trained == 1 and not self.has_gpu and elapsed + left > self.LONG_RUN_S:
             self._say(f"{self.label}: at this pace the whole run takes ~{duration(elapsed + left)} on this machine, "
                       "which has no GPU; the README's \"A small run on a CPU\" runs the pipeline in minutes")
+
+
+class StopWhenAsked(keras.callbacks.Callback):
+    """Raises a Ctrl-C or SIGTERM that chromalab.entry.stops_deferred held back, between batches, where
+    stopping is safe (the checkpoint is kill-safe anyway; MLflow's threads and TensorFlow's destructors are not
+    places to raise in). Keep it last among the callbacks, so that an epoch's records are complete."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        raise_if_stopped()
+
+    def on_test_batch_end(self, batch, logs=None):
+        raise_if_stopped()
+
+    def on_epoch_end(self, epoch, logs=None):
+        raise_if_stopped()
