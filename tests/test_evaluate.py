@@ -319,3 +319,6 @@ def test_re_evaluating_after_a_retrain_reports_the_new_model_into_its_new_run(ev
     for key in ("ab_mse", "delta_e00", "colourfulness"):
         assert new_metrics[f"test_{key}"] == pytest.approx(after["gan"][key])
         assert old_metrics[f"test_{key}"] == pytest.approx(before["gan"][key])  # the old run keeps its own
+    # the baseline, evaluated again on the same photos, keeps one point per test metric, not one per evaluation
+    baseline_run = evaluated.first_run_ids["baseline"]
+    assert [len(client.get_metric_history(baseline_run, f"test_{key}")) for key in ("delta_e00", "ab_mse")] == [1, 1]

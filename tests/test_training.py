@@ -398,6 +398,32 @@ def test_a_run_killed_while_finishing_logs_and_registers_its_model_once(workdir,
     assert [v.run_id for v in client.search_model_versions("name = 'chromalab-baseline'")] == [run_id]
 
 
+def test_a_kill_just_after_an_mlflow_call_returns_logs_nothing_twice(workdir, monkeypatch):
+    """Killed after MLflow took the model and the exported checkpoint's metrics, before state.json recorded
+    either: the re-run finds them in the run instead of logging them again."""
+    from chromalab.track import runs
+
+    def then_killed(real):
+        def call(*args, **kwargs):
+            real(*args, **kwargs)
+            raise KeyboardInterrupt
+        return call
+
+    params = tiny_params(baseline={"epochs": 2})
+    for function in ("log_exported_checkpoint", "log_keras_model"):
+        with monkeypatch.context() as patch:
+            patch.setattr(runs, function, then_killed(getattr(runs, function)))
+            with pytest.raises(KeyboardInterrupt):
+                run_train(params, "baseline")
+    metrics = run_train(params, "baseline")
+    client, run_id = _client(workdir), metrics["mlflow_run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "best_epoch")] == [0]
+    assert [m.step for m in client.get_metric_history(run_id, "final_loss")] == [2]
+    experiment = client.get_experiment_by_name("chromalab").experiment_id
+    logged = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+    assert sorted(m.name for m in logged) == ["colorizer", "model"]
+
+
 def test_a_model_upload_cut_off_by_a_kill_leaves_no_unfinished_model_in_the_run(workdir, monkeypatch):
     """Killed while MLflow was storing the Keras model (its logged model created, its files not all there):
     the rerun logs it whole, and the run lists that one model, not a PENDING or FAILED one beside it."""
@@ -576,3 +602,35 @@ def test_a_code_change_is_a_new_fingerprint_so_no_run_resumes_across_it(tmp_path
     losses.write_text(losses.read_text().replace("SSIM_FILTER_SIZE = 11", "SSIM_FILTER_SIZE = 7"))
     assert fingerprint() != before
     checkpoint.code_hash.cache_clear()
+
+
+def test_a_stop_signal_during_training_stops_at_the_next_batch_and_the_run_ends_killed(workdir, monkeypatch):
+    """A Ctrl-C or SIGTERM that chromalab.entry held back (stops_deferred) stops training between batches; the
+    MLflow run ends KILLED, and the re-run resumes it."""
+    import signal
+
+    from chromalab import entry
+
+    monkeypatch.setattr(entry, "_stops", [signal.SIGTERM])  # as if received while fit ran
+    params = tiny_params(baseline={"epochs": 2})
+    with pytest.raises(KeyboardInterrupt):
+        run_train(params, "baseline")
+    client = _client(workdir)
+    (stopped,) = client.search_runs([client.get_experiment_by_name("chromalab").experiment_id])
+    assert stopped.info.status == "KILLED"
+    assert "epoch" not in stopped.data.metrics  # it stopped within the first epoch, before recording one
+    monkeypatch.setattr(entry, "_stops", [])
+    assert run_train(params, "baseline")["mlflow_run_id"] == stopped.info.run_id
+
+
+def test_a_killed_run_whose_checkpoint_is_given_up_ends_killed_not_running_for_ever(workdir):
+    from chromalab.train.checkpoint import Checkpoint
+
+    client = _client(workdir)
+    experiment = client.create_experiment("chromalab")
+    abandoned = client.create_run(experiment, run_name="workspace-baseline").info.run_id  # killed with -9: RUNNING
+    Checkpoint(workdir / "models/baseline/checkpoint").write_state(
+        {"fingerprint": "of other params", "status": "running", "epoch": 1, "mlflow_run_id": abandoned})
+    metrics = run_train(tiny_params(baseline={"epochs": 1}), "baseline")
+    assert metrics["mlflow_run_id"] != abandoned
+    assert client.get_run(abandoned).info.status == "KILLED"

@@ -39,7 +39,8 @@ def log_to_model_runs(reports_root: Path, summary: dict, pictures: list[Path]) -
             continue
         with mlflow.start_run(run_id=run_id):
             for prefix, scores in (("test_", summary[name]), ("test_gray_floor_", summary[GRAY_FLOOR])):
-                mlflow.log_metrics({f"{prefix}{k}": v for k, v in scores.items() if k != "count"})
+                # a re-run (after a kill, or with other evaluate params) must not add a second point
+                runs.log_new_metrics({f"{prefix}{k}": v for k, v in scores.items() if k != "count"})
             for picture in pictures:
                 mlflow.log_artifact(str(picture), artifact_path="evaluate")
         logged.append(run_id)

@@ -232,6 +232,16 @@ def _experiment_id(client: mlflow.MlflowClient, uri: str) -> str:
     return experiment.experiment_id
 
 
+def end_abandoned_run(run_id: str) -> None:
+    """A killed run whose checkpoint is given up (params, data or code changed) ends KILLED: nothing will
+    resume it, and RUNNING it would stay for ever beside the new run of the same name."""
+    import mlflow
+
+    client = mlflow.MlflowClient(use_store())
+    if run_in_store(client, run_id) and client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "KILLED")
+
+
 def run_in_store(client: mlflow.MlflowClient, run_id: str) -> bool:
     """Whether this store holds `run_id`, not deleted."""
     from mlflow.exceptions import MlflowException
@@ -307,12 +317,14 @@ def _run_models(name: str) -> list:
         [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
 
 
-def require_active_run() -> None:
+def require_active_run():
+    """The active MLflow run: mlflow.log_* without one would silently open a stray run in the Default experiment."""
     import mlflow
 
-    # mlflow.log_* would silently open a stray run in the Default experiment.
-    if mlflow.active_run() is None:
+    run = mlflow.active_run()
+    if run is None:
         raise RuntimeError("chromalab.track.runs: log inside `with model_run(...)`")
+    return run
 
 
 def log_epoch(metrics: dict[str, float], epoch: int) -> None:
@@ -323,13 +335,25 @@ def log_epoch(metrics: dict[str, float], epoch: int) -> None:
     mlflow.log_metrics(metrics, step=epoch)
 
 
+def log_new_metrics(metrics: dict[str, float], step: int = 0) -> None:
+    """Log `metrics` to the active run, less those whose latest value there is this one already: what the same
+    run finishing again after a kill, or an evaluation re-run, logged before (a second point would show)."""
+    import mlflow
+
+    run = require_active_run()
+    latest = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
+    fresh = {key: value for key, value in metrics.items() if latest.get(key) != value}
+    if fresh:
+        mlflow.log_metrics(fresh, step=step)
+
+
 def log_exported_checkpoint(best_epoch: int, best_val_delta_e00: float, exported: str) -> None:
     """Which epoch's weights the run exported and why: the metrics best_epoch and best_val_delta_e00, and the
     tag `exported` (e.g. "best validation ΔE00 (epoch 40)"), as train_metrics.json says it."""
     import mlflow
 
     require_active_run()
-    mlflow.log_metrics({"best_epoch": best_epoch, "best_val_delta_e00": best_val_delta_e00})
+    log_new_metrics({"best_epoch": best_epoch, "best_val_delta_e00": best_val_delta_e00})
     mlflow.set_tag("exported", exported)
 
 

@@ -27,10 +27,11 @@ import keras
 
 from chromalab.config import MODEL_NAMES, Params
 from chromalab.devices import gpu_names, hide_gpus_from_tensorflow, precision_policy, xla_choice
+from chromalab.entry import stops_deferred
 from chromalab.errors import ChromalabError
 from chromalab.files import atomic_path, clear_stale_temps, write_text_atomic
 from chromalab.train.build import build_for_training
-from chromalab.train.callbacks import EpochRecorder, RunProgress
+from chromalab.train.callbacks import EpochRecorder, RunProgress, StopWhenAsked
 from chromalab.train.checkpoint import Checkpoint, params_fingerprint, write_history
 from chromalab.train.distribute import chief_logs_to_mlflow, make_strategy, replica_count
 from chromalab.train.epochs import steps_per_epoch
@@ -147,9 +148,11 @@ def _fit(model: keras.Model, data, epochs_input, resume: Resume, params: Params,
             model.phase = phase
             print(f"train@{model_name}: epochs {start + 1}-{stop}: {phase}", file=sys.stderr)
         train = data.train if start == resume.epoch else epochs_input(start, stop).train
-        model.fit(train, epochs=stop, initial_epoch=start, steps_per_epoch=steps,
-                  validation_data=data.validation, validation_freq=params.train.val_every,
-                  callbacks=[recorder, *progress], shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+        with stops_deferred():  # Ctrl-C stops between batches (StopWhenAsked), never inside a library call
+            model.fit(train, epochs=stop, initial_epoch=start, steps_per_epoch=steps,
+                      validation_data=data.validation, validation_freq=params.train.val_every,
+                      callbacks=[recorder, *progress, StopWhenAsked()], shuffle=False,
+                      verbose=1 if sys.stdout.isatty() else 2)
 
 
 def _phases(params: Params, model_name: str, start: int) -> list[tuple[str | None, int, int]]:
@@ -168,11 +171,12 @@ def _deliver(deliverable: keras.Model, metrics: dict, resume: Resume, model_file
     from chromalab.track import registry, runs
 
     _export(deliverable, model_file, strategy)
+    # each step also looks for what it did before: a kill between its MLflow call and state.json's record
     _once(resume, "final metrics", lambda: (
-        runs.log_epoch({f"final_{k}": v for k, v in metrics.items()
-                        if isinstance(v, float) and not k.startswith("best_")}, int(metrics["epochs"])),
+        runs.log_new_metrics({f"final_{k}": v for k, v in metrics.items()
+                              if isinstance(v, float) and not k.startswith("best_")}, int(metrics["epochs"])),
         runs.log_exported_checkpoint(metrics["best_epoch"], metrics["best_val_delta_e00"], metrics["exported"])))
-    _once(resume, "model", lambda: runs.log_keras_model(deliverable, input_example))
+    _once(resume, "model", lambda: runs.logged_model("model") or runs.log_keras_model(deliverable, input_example))
     _once(resume, "registered", lambda: registry.register_trained_model(
         model_file.parent.name, runs.logged_model(pyfunc.PYFUNC_NAME) or pyfunc.log_colorizer(model_file),
         dataset_hash))
@@ -227,7 +231,12 @@ def _resume_point(params: Params, model_name: str, folder: Path, info: dict) -> 
         print(f"{checkpoint.folder}: the last run of these params and data finished; training them again "
               "from the start", file=sys.stderr)
     elif state:
-        print(f"{checkpoint.folder}: params or data changed since the checkpoint; starting afresh", file=sys.stderr)
+        print(f"{checkpoint.folder}: params, data or code changed since the checkpoint; starting afresh",
+              file=sys.stderr)
+        if state.get("status") == "running" and state.get("mlflow_run_id"):
+            from chromalab.track import runs
+
+            runs.end_abandoned_run(state["mlflow_run_id"])
     checkpoint.reset()
     if run_id:  # named again at once: a second kill before training records the start must not lose it
         checkpoint.write_state(fresh)
