@@ -390,11 +390,7 @@ def test_a_run_killed_while_finishing_logs_and_registers_its_model_once(workdir,
     metrics = _killed_at_then_rerun(monkeypatch, registry, "register_trained_model", tiny_params(baseline={"epochs": 2}))
 
     client, run_id = _client(workdir), metrics["mlflow_run_id"]
-    assert [m.step for m in client.get_metric_history(run_id, "final_loss")] == [2]
-    assert [m.step for m in client.get_metric_history(run_id, "best_epoch")] == [0]
-    experiment = client.get_experiment_by_name("chromalab").experiment_id
-    logged = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
-    assert sorted(m.name for m in logged) == ["colorizer", "model"]
+    _assert_finished_once(client, run_id)
     assert [v.run_id for v in client.search_model_versions("name = 'chromalab-baseline'")] == [run_id]
 
 
@@ -416,9 +412,13 @@ def test_a_kill_just_after_an_mlflow_call_returns_logs_nothing_twice(workdir, mo
             with pytest.raises(KeyboardInterrupt):
                 run_train(params, "baseline")
     metrics = run_train(params, "baseline")
-    client, run_id = _client(workdir), metrics["mlflow_run_id"]
-    assert [m.step for m in client.get_metric_history(run_id, "best_epoch")] == [0]
+    _assert_finished_once(_client(workdir), metrics["mlflow_run_id"])
+
+
+def _assert_finished_once(client, run_id: str) -> None:
+    """The 2-epoch run's final and exported-checkpoint metrics, one point each, and each model logged once."""
     assert [m.step for m in client.get_metric_history(run_id, "final_loss")] == [2]
+    assert [m.step for m in client.get_metric_history(run_id, "best_epoch")] == [0]
     experiment = client.get_experiment_by_name("chromalab").experiment_id
     logged = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
     assert sorted(m.name for m in logged) == ["colorizer", "model"]
