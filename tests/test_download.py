@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
@@ -435,6 +436,18 @@ def test_unsafe_entry_names_are_refused(photos, tmp_path, name):
     with pytest.raises(ChromalabError, match="unsafe entry"):
         run_download(params(url=str(tmp_path / "a.zip")), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
+
+
+def test_a_part_of_its_own_may_start_with_a_byte_order_mark(photos, tmp_path):
+    with zipfile.ZipFile(io.BytesIO(make_lite_archive(photos, parts=2))) as zf:
+        entries = {name: zf.read(name) for name in zf.namelist()}
+    reference = tmp_path / "reference.zip"
+    reference.write_bytes(_zip(entries))
+    entries["keywords.tsv001"] = codecs.BOM_UTF8 + entries["keywords.tsv001"]  # its header is the first's
+    (tmp_path / "bom.zip").write_bytes(_zip(entries))
+    expected = run_download(params(url=str(reference)), tmp_path / "expected")
+    out = run_download(params(url=str(tmp_path / "bom.zip")), tmp_path / "raw")
+    assert (out / "keywords.tsv").read_bytes() == (expected / "keywords.tsv").read_bytes()
 
 
 @pytest.mark.parametrize("copy", ["photos.tsv", "photos.csv001"])

@@ -7,6 +7,7 @@ an interrupted 700 MB download resumes (HTTP Range) instead of starting over, ev
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -439,7 +440,7 @@ def _concatenate_parts(zf, infos, dest: Path, table: str, archive: Path, bar: tq
                     out.write(first)
                 elif not _is_header(first):  # a headerless part: its first line is data
                     out.write(first)
-                elif first.rstrip(b"\r\n") != header.rstrip(b"\r\n"):
+                elif _bare(first) != _bare(header):
                     raise ChromalabError(
                         f"{archive}: {info.filename} has other columns than {infos[0].filename}; repack the archive"
                     )
@@ -454,6 +455,11 @@ def _concatenate_parts(zf, infos, dest: Path, table: str, archive: Path, bar: tq
                     last = chunk
             if last and not last.endswith(b"\n"):  # the next part must start on a line of its own
                 out.write(b"\n")
+
+
+def _bare(header_line: bytes) -> bytes:
+    """A header line as its columns: without a byte-order mark (a part of its own may start with one)."""
+    return header_line.removeprefix(codecs.BOM_UTF8).rstrip(b"\r\n")
 
 
 def _is_header(line: bytes) -> bool:
