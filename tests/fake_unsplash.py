@@ -59,9 +59,11 @@ IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "tru
 # drip: 64 bytes every slow_s; cut-unsized-once: the first answer has no Content-Length and ends half-way;
 # ignore-if-range: a Range is served from the archive of the day (`second_archive` from the second request
 # on, with its own ETag) whatever If-Range says; html-206: a Range is answered with a 206 sign-in page;
-# drip-headers (images too): a header line every slow_s, for ever; 204: HTTP 204 No Content
+# drip-headers (images too): a header line every slow_s, for ever; 204: HTTP 204 No Content; unquoted-etag:
+# an ETag without its quotes (RFC 9110 wants them; servers omit them); odd-length: Content-Length "²"
 ARCHIVE_FAULTS = ("drop-once", "drop-always", "ignore-range", "500-once", "no-validator", "html-page", "gzip",
-                  "drip", "cut-unsized-once", "ignore-if-range", "html-206", "drip-headers", "204")
+                  "drip", "cut-unsized-once", "ignore-if-range", "html-206", "drip-headers", "204", "unquoted-etag",
+                  "odd-length")
 SIGN_IN_PAGE = b"<!doctype html><html><body>Please sign in to continue.</body></html>"
 
 
@@ -373,7 +375,7 @@ class _Handler(BaseHTTPRequestHandler):
         gzipped = "gzip" in faults  # whatever the client accepts: a misbehaving proxy
         data = self.fake.second_archive if self.fake.second_archive and n > 1 else self.fake.archive
         data = gzip.compress(data, mtime=0) if gzipped else data
-        etag = archive_etag(data)
+        etag = archive_etag(data).strip('"') if "unquoted-etag" in faults else archive_etag(data)
         if "500-once" in self.fake.archive_faults and n == 1:
             return self._send(500, b"internal error")
         if "html-page" in faults:
@@ -382,7 +384,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._drip_headers()
         if "204" in faults:
             return self._send(204, b"")
-        headers = {"Accept-Ranges": "bytes"} | ({} if "no-validator" in self.fake.archive_faults else {"ETag": etag})
+        headers = {"Accept-Ranges": "bytes"} | ({} if "no-validator" in faults else {"ETag": etag})
+        if "unquoted-etag" in faults:  # beside a date, which must not be taken for the validator
+            headers["Last-Modified"] = "Wed, 02 Dec 2026 10:00:00 GMT"
         if gzipped:
             headers["Content-Encoding"] = "gzip"
         start = 0
@@ -401,6 +405,8 @@ class _Handler(BaseHTTPRequestHandler):
         unsized = "cut-unsized-once" in faults and n == 1
         dropping = "drop-always" in faults or ("drop-once" in faults and n == 1) or unsized
         drop = len(body) // 2 if dropping else None
+        if "odd-length" in faults:  # a digit to str.isdigit, not to int()
+            headers["Content-Length"], unsized = "\u00b2", True
         self._send(206 if start else 200, body, "application/zip", headers, send_bytes=drop,
                    drip="drip" in faults, sized=not unsized)
 

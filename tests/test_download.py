@@ -194,6 +194,36 @@ def test_an_error_page_is_one_line_and_never_the_start_of_a_resume(fake_unsplash
     check_tables(out, photos, archive)
 
 
+def test_a_page_answering_a_resume_with_200_keeps_what_had_arrived(fake_unsplash, photos, tmp_path):
+    archive = filled_archive(photos, fake_unsplash.url, 7)
+    fake_unsplash.archive = archive
+    part = partial_download_path(fake_unsplash.latest_url, tmp_path / "cache" / "downloads")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(archive[:123_456])
+    download._meta_path(part).write_text(json.dumps({"url": fake_unsplash.latest_url, "validator": archive_etag(archive)}))
+    fake_unsplash.archive_faults = {"html-page"}  # a sign-in page, 200, whatever was asked
+    with pytest.raises(ChromalabError, match="not a zip archive"):
+        run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    assert part.stat().st_size == 123_456
+    fake_unsplash.archive_faults = set()
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    assert fake_unsplash.requests_to(fake_unsplash.archive_path)[-1].headers["Range"] == "bytes=123456-"
+    check_tables(out, photos, archive)
+
+
+@pytest.mark.parametrize("fault", ["unquoted-etag", "odd-length"])
+def test_odd_but_readable_headers_still_resume(fake_unsplash, photos, tmp_path, fault):
+    """An ETag without quotes is still an ETag (not a date); a Content-Length Python calls a digit but int()
+    refuses is no length."""
+    archive = filled_archive(photos, fake_unsplash.url, 8)
+    fake_unsplash.archive = archive
+    fake_unsplash.archive_faults = {"drop-once", fault}
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    first, resumed = fake_unsplash.requests_to(fake_unsplash.archive_path)  # resumed, not started over
+    assert "Range" in resumed.headers
+    check_tables(out, photos, archive)
+
+
 def test_a_damaged_download_is_set_aside_and_fetched_afresh(fake_unsplash, photos, tmp_path):
     archive = make_lite_archive(photos, fake_unsplash.url)
     with zipfile.ZipFile(io.BytesIO(archive)) as zf:

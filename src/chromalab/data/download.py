@@ -208,27 +208,30 @@ def _receive(response: requests.Response, url: str, part: Path, meta_path: Path,
             "check data.url, or download the zip elsewhere and set data.url to its local path"
         )
     resumed = response.status_code == 206
-    if resumed and (refused := _not_a_continuation(response, offset, _read_meta(meta_path).get("validator", ""))):
+    meta = _read_meta(meta_path)
+    if resumed and (refused := _not_a_continuation(response, offset, meta.get("validator", ""), meta.get("kind"))):
         part.unlink(missing_ok=True)  # the next try starts over
         return refused
-    if not resumed:  # a server that ignores Range (or a changed file) sends it all again
-        offset = 0
-        _write_json(meta_path, {"url": url, "validator": _validator(response)})
     # the whole file's size: a 206 names it in Content-Range, a 200 in Content-Length
-    length = _content_range_total(response) if resumed else response.headers.get("Content-Length")
-    expected = int(length) if str(length).isdigit() else None
+    length = str(_content_range_total(response) if resumed else response.headers.get("Content-Length"))
+    expected = int(length) if length.isascii() and length.isdigit() else None
     try:
-        if (expected or 0) > MAX_ARCHIVE_BYTES:
-            raise ChromalabError(_too_large_message(url, f"announces {expected:,} bytes"))
+        first = response.raw.read1(CHUNK_BYTES, decode_content=True)
+        # judged before the part is touched: an odd answer to a resume must not cost what has arrived
+        if odd := _not_the_archive(response, url, first, expected, resumed):
+            return odd
+        if not resumed:  # a server that ignores Range (or a changed file) sends it all again
+            offset = 0
+            _write_json(meta_path, {"url": url, **_validator_of(response)})
         with part.open("ab" if resumed else "wb") as f, tqdm(
             total=expected, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc="download"
         ) as bar:
-            broken = _copy_body(response, url, f, bar)
+            broken = _copy_body(response, url, f, bar, first)
             got = f.tell()
     except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
         return _failure_reason(exc, "connection lost")
-    except ChromalabError:
-        part.unlink(missing_ok=True)  # an error page must never become the start of a later resume
+    except ArchiveTooLarge:
+        part.unlink(missing_ok=True)  # what came is no archive: a later resume must not start from it
         raise
     if broken or (expected is not None and got < expected):
         return broken or f"the transfer ended at {got:,} of {expected:,} bytes"
@@ -237,12 +240,26 @@ def _receive(response: requests.Response, url: str, part: Path, meta_path: Path,
     return None
 
 
-def _not_a_continuation(response: requests.Response, offset: int, validator: str) -> str | None:
+def _not_the_archive(response: requests.Response, url: str, first: bytes, expected: int | None,
+                     resumed: bool) -> str | None:
+    """Why an answer whose body starts with `first` is not (the rest of) the archive: an empty answer is
+    worth another try; a page, or far more than the archive, raises."""
+    if (expected or 0) > MAX_ARCHIVE_BYTES:
+        raise ChromalabError(_too_large_message(url, f"announces {expected:,} bytes"))
+    if not first:
+        return "the server sent an empty answer"
+    if not resumed and not first.startswith(ZIP_START[: len(first)]):
+        raise ChromalabError(_not_a_zip_message(url, response, first))
+    return None
+
+
+def _not_a_continuation(response: requests.Response, offset: int, validator: str, kind: str | None) -> str | None:
     """Why a 206 cannot continue the part: other bytes than asked for, another version of the file (a server
-    that ignores If-Range), or a page; None if it can."""
+    that ignores If-Range), or a page; None if it can. `kind`: the validator's header (parts from before it was
+    recorded: a quoted value is an ETag)."""
     if _content_range_start(response) != offset or _encoded(response):
         return "the server sent other bytes than asked for"
-    kind = "Last-Modified" if validator and not validator.startswith(('"', "W/")) else "ETag"
+    kind = kind or ("ETag" if validator.startswith(('"', "W/")) else "Last-Modified")
     now = response.headers.get(kind, "")
     if validator and now and now != validator:
         return f"the file changed on the server ({kind} {validator} → {now}); starting over"
@@ -251,15 +268,13 @@ def _not_a_continuation(response: requests.Response, offset: int, validator: str
     return None
 
 
-def _copy_body(response: requests.Response, url: str, f, bar: tqdm) -> str | None:
-    """Write the body to `f` as it arrives: None at its end, or why it was broken off (a drip)."""
-    window_start, window_bytes = time.monotonic(), 0
-    # read1: what has arrived (iter_content would wait for a whole chunk), so a drip is seen as one
-    while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
-        if f.tell() == 0 and not chunk.startswith(ZIP_START[: len(chunk)]):
-            raise ChromalabError(_not_a_zip_message(url, response, chunk))
+def _copy_body(response: requests.Response, url: str, f, bar: tqdm, first: bytes) -> str | None:
+    """Write `first`, then the rest of the body as it arrives, to `f`: None at its end, or why it was broken off
+    (a drip)."""
+    window_start, window_bytes, chunk = time.monotonic(), 0, first
+    while chunk:
         if f.tell() + len(chunk) > MAX_ARCHIVE_BYTES:
-            raise ChromalabError(_too_large_message(url, f"runs past {MAX_ARCHIVE_BYTES:,} bytes"))
+            raise ArchiveTooLarge(_too_large_message(url, f"runs past {MAX_ARCHIVE_BYTES:,} bytes"))
         f.write(chunk)
         bar.update(len(chunk))
         window_bytes += len(chunk)
@@ -267,7 +282,13 @@ def _copy_body(response: requests.Response, url: str, f, bar: tqdm) -> str | Non
             if window_bytes < STALL_MIN_BYTES:
                 return f"{TOO_SLOW} ({window_bytes:,} bytes in {STALL_WINDOW_S:g} s)"
             window_start, window_bytes = time.monotonic(), 0
+        # read1: what has arrived (iter_content would wait for a whole chunk), so a drip is seen as one
+        chunk = response.raw.read1(CHUNK_BYTES, decode_content=True)
     return None
+
+
+class ArchiveTooLarge(ChromalabError):
+    """The body ran past MAX_ARCHIVE_BYTES: not the archive, whatever it is."""
 
 
 def _too_large_message(url: str, what: str) -> str:
@@ -306,16 +327,16 @@ def _not_a_zip_message(url: str, response: requests.Response, head: bytes) -> st
             "check data.url (a sign-in or error page?), or download the zip elsewhere and set data.url to its path")
 
 
-def _validator(response: requests.Response) -> str:
-    """What If-Range may carry: a strong ETag, else Last-Modified (RFC 9110 §13.1.5). None for an encoded
-    body (a server that gzips despite Accept-Encoding: identity): the part holds it decoded, and a Range
-    would count encoded bytes, so such a download starts over instead of resuming."""
-    if _encoded(response):
-        return ""
+def _validator_of(response: requests.Response) -> dict:
+    """What If-Range may carry, and which header it came from: a strong ETag, else Last-Modified (RFC 9110
+    §13.1.5); none for an encoded body (a server that gzips despite Accept-Encoding: identity): the part holds
+    it decoded, and a Range would count encoded bytes, so such a download starts over instead of resuming."""
     etag = response.headers.get("ETag", "")
+    if _encoded(response):
+        return {"validator": "", "kind": None}
     if etag and not etag.startswith("W/"):
-        return etag
-    return response.headers.get("Last-Modified", "")
+        return {"validator": etag, "kind": "ETag"}
+    return {"validator": response.headers.get("Last-Modified", ""), "kind": "Last-Modified"}
 
 
 def _encoded(response: requests.Response) -> bool:
