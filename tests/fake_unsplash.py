@@ -53,7 +53,9 @@ ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "truncated-once", "corrupt", "gray",
                 "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
                 "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
-                "empty-once", "tiny")
+                "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying")
+# junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg; corrupt-varying: a truncated photo
+# with its Content-Length, cut elsewhere on each request
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes;
 # drip: 64 bytes every slow_s; cut-unsized-once: the first answer has no Content-Length and ends half-way;
@@ -424,6 +426,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, b"", "image/jpeg")
         if fault == "html-as-jpeg-once" and n == 1:  # a captive portal's page, labelled as what was asked for
             return self._send(200, SIGN_IN_PAGE, "image/jpeg")
+        if fault == "junk-as-jpeg":  # an outage's error body, the same for every photo
+            return self._send(200, b"\x00Service Unavailable", "image/jpeg")
         if fault == "html-page":
             return self._send(200, SIGN_IN_PAGE, "text/html")
         if (fault == "429-once" and n == 1):
@@ -449,9 +453,12 @@ class _Handler(BaseHTTPRequestHandler):
             body = exif_that_breaks_pillow(rgb)
         if fault == "corrupt":  # consistent bytes, correctly framed: only a full decode notices
             body = body[: len(body) // 2]
-        cut = fault in ("truncated-once", "cut-unsized-once") and n == 1
+        if fault == "corrupt-varying":
+            body = body[: len(body) // (2 + n % 2)]
+        cut = fault in ("truncated-once", "cut-unsized-once") and n == 1 or fault == "cut-unsized-always"
+        unsized = fault == "cut-unsized-once" and n == 1 or fault == "cut-unsized-always"
         self._send(200, body, content_type, send_bytes=len(body) // 3 if cut else None, drip=fault == "drip",
-                   sized=not (fault == "cut-unsized-once" and n == 1))
+                   sized=not unsized)
 
     def _drip_headers(self):
         self.send_response_only(200)

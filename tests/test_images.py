@@ -134,6 +134,22 @@ def test_an_answer_broken_once_is_fetched_again_not_rejected_for_good(fake_unspl
     assert [counts[pid] for pid in train] == [2, 2, 2, 1]
 
 
+@pytest.mark.parametrize("fault", ["junk-as-jpeg", "cut-unsized-always", "corrupt-varying"])
+def test_undecodable_answers_that_are_not_the_photos_own_are_failures_not_rejections(
+        fake_unsplash, tmp_path, fast_backoff, fault):
+    """The same error body for two photos (an outage), bodies cut short with no size, or other broken bytes
+    each time: nothing is rejected for good, so the re-run after the outage gets the photos themselves."""
+    train, test, reserve = photo_ids("tr", 4), photo_ids("te", 1), photo_ids("re", 2)
+    fake_unsplash.image_faults = {train[0]: fault, train[2]: fault}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError, match="of 5 photos could not be fetched"):
+        run_images(params(), tmp_path / "split", tmp_path / "images")
+    assert read_csv(tmp_path / "images" / "rejected.csv") == []
+    fake_unsplash.image_faults = {}  # the outage is over
+    run_images(params(), tmp_path / "split", tmp_path / "images")
+    assert sorted(check_output(tmp_path / "images")["train"]) == train
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, at open, over the limit
 def test_a_photo_too_large_to_decode_safely_is_rejected(fake_unsplash, tmp_path, monkeypatch):
     train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
@@ -167,6 +183,21 @@ def test_a_server_that_fails_every_photo_is_given_up_on_early(fake_unsplash, tmp
     assert str(err.value) == (f"12 of 12 photos could not be fetched (e.g. {train[0]}: HTTP 500 after 1 retries); "
                               f"{12 - tried} not tried after 3 in a row failed (is the server down?); "
                               "re-run the stage to fetch only what is missing")
+
+
+def test_photos_settled_before_do_not_hide_a_server_that_is_down(fake_unsplash, tmp_path, fast_backoff, monkeypatch):
+    """Rejections already in the journal say nothing about the server now, and once it is taken to be down no
+    reserve photo is tried for the slots they free."""
+    train, test, reserve = photo_ids("tr", 12), photo_ids("te", 1), photo_ids("re", 6)
+    fake_unsplash.image_faults = {pid: "500-always" for pid in train + test + reserve}
+    monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 3)
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "rejected.csv").write_text(
+        "photo_id,split,reason\n" + "".join(f"{pid},train,gone (HTTP 404)\n" for pid in train[::3]))
+    with pytest.raises(ChromalabError, match="not tried after 3 in a row failed"):
+        run_images(params(concurrency=1, retries=1), tmp_path / "split", tmp_path / "images")
+    assert len(fake_unsplash.image_counts()) <= 4  # the streak's 3, and at most the one a worker had begun
 
 
 def test_replacement_does_not_depend_on_thread_timing(tmp_path, fast_backoff):

@@ -53,6 +53,7 @@ PHOTO_DEADLINE_READS = 4
 # server is down or refusing, and 2,000 more photos would take hours to fail the same way.
 FAIL_FAST_STREAK = 16
 NOT_TRIED = "not tried: the photos before it could not be fetched either"
+SHARED_JUNK = "undecodable bytes that another photo was sent too: the server's, not the photo's"
 MAX_PHOTO_BYTES = 64 << 20  # a fetched photo is image_size² pixels: far beyond this, the server is not sending one
 # What Pillow raises on a photo's hostile or broken bytes.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, KeyError, IndexError, ZeroDivisionError,
@@ -84,6 +85,11 @@ class Corrupt(Rejected):
 
 
 REFUSED = re.compile(r"HTTP 40[13]\b")  # a FetchFailed detail: the server said no to chromalab itself
+
+
+class Answer(NamedTuple):
+    data: bytes
+    sized: bool  # its length was known (Content-Length, chunked, a file): a short body shows as broken
 
 
 class FetchFailed(Exception):
@@ -160,7 +166,7 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
         with tqdm(total=len(slots), unit="photo", desc="images") as bar:
             while pending:
                 futures = [pool.submit(fetcher.obtain, photo, slots[index][0]) for index, photo in pending]
-                _await(futures, bar, stats)
+                stopped = _await(futures, bar, stats)
                 replacements = []
                 for (index, photo), future in zip(pending, futures):
                     if future.cancelled():
@@ -175,15 +181,18 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
                     elif reserve:
                         replacements.append((index, reserve.popleft()))
                         stats["replaced"] += 1
+                if stopped:  # the server is down: its replacements would fail alike
+                    failed.extend((photo, NOT_TRIED) for _, photo in replacements)
+                    replacements = []
                 pending = replacements
     finally:  # on Ctrl-C, drop the queued fetches instead of finishing them
         pool.shutdown(wait=True, cancel_futures=True)
     return chosen, failed, stats
 
 
-def _await(futures, bar: tqdm, stats: Counter) -> None:
+def _await(futures, bar: tqdm, stats: Counter) -> bool:
     """Wait for `futures` as they finish, counting on `bar`; cancel those not started once FAIL_FAST_STREAK
-    in a row have failed."""
+    in a row have failed, and say so."""
     streak = 0
     for future in as_completed(futures):
         if future.cancelled():
@@ -194,10 +203,12 @@ def _await(futures, bar: tqdm, stats: Counter) -> None:
         elif outcome.status == "rejected":
             stats["rejected"] += 1
             bar.set_postfix(rejected=stats["rejected"])
-        streak = streak + 1 if outcome.status == "failed" else 0
+        if outcome.fetched:  # what was settled before (on disk, or in the journal) says nothing of the server
+            streak = streak + 1 if outcome.status == "failed" else 0
         if streak == FAIL_FAST_STREAK:
             for waiting in futures:
                 waiting.cancel()  # only those not yet running: the running ones finish
+    return streak >= FAIL_FAST_STREAK
 
 
 class PhotoFetcher:
@@ -216,6 +227,9 @@ class PhotoFetcher:
         # dripping past the deadline is retried in `read`, as many times.
         retry = retry_policy(ip.retries, BACKOFF_FACTOR_S, backoff_max=BACKOFF_MAX_S)
         self.deadline_s = PHOTO_DEADLINE_READS * ip.timeout_s
+        self.undecodable: dict[str, str] = {}  # SHA-256 of undecodable bytes → the first photo they came for
+        self.shared_junk: set[str] = set()  # … and those that came for more than one
+        self.undecodable_lock = threading.Lock()
         self.http = with_headers_deadline(urllib3.PoolManager(
             maxsize=ip.concurrency, retries=retry, timeout=urllib3.Timeout(connect=ip.timeout_s, read=ip.timeout_s),
             headers={"User-Agent": USER_AGENT},
@@ -240,7 +254,10 @@ class PhotoFetcher:
         try:
             jpeg = self.fetched_jpeg(photo)
         except Rejected as exc:
-            self.journal.record(photo.photo_id, split, str(exc))
+            with self.undecodable_lock:  # atomic with _refuse_shared_junk taking a rejection back
+                if getattr(exc, "digest", None) in self.shared_junk:
+                    return Outcome("failed", SHARED_JUNK, fetched=True)
+                self.journal.record(photo.photo_id, split, str(exc))
             return Outcome("rejected", str(exc), fetched=True)
         except FetchFailed as exc:
             return Outcome("failed", str(exc), fetched=True)
@@ -249,23 +266,40 @@ class PhotoFetcher:
 
     def fetched_jpeg(self, photo: Photo) -> bytes:
         """checked_jpeg of the photo's bytes. A fetched photo that does not decode is fetched once more: a body
-        cut short with no size to tell, an empty or a mislabelled answer is the network's fault and must not
-        become a lasting rejection; the same bytes twice are the photo's."""
-        data = self.read(photo)
+        cut short with no size to tell, or a mislabelled answer, is the network's fault and must not become a
+        lasting rejection. Only the same sized bytes twice, which no other photo was sent, are the photo's."""
+        answer = self.read(photo)
         try:
-            return self.checked_jpeg(data)
+            return self.checked_jpeg(answer.data)
         except Corrupt:
             if self.from_folder:
                 raise
-            again = self.read(photo)
-            if again == data:
-                raise
-            return self.checked_jpeg(again)
+        again = self.read(photo)
+        try:
+            return self.checked_jpeg(again.data)
+        except Corrupt as exc:
+            if not (answer.sized and again.sized) or again.data != answer.data:
+                raise FetchFailed(f"{exc}, in two different or unsized answers: cut short?") from None
+            exc.digest = self._refuse_shared_junk(photo.photo_id, again.data)
+            raise
 
-    def read(self, photo: Photo) -> bytes:
+    def _refuse_shared_junk(self, photo_id: str, data: bytes) -> str:
+        """The digest of `data`, undecodable: unless another photo was sent the same bytes, which are then the
+        server's (an outage's error body labelled as a JPEG), not either photo's: the other photo's rejection
+        is taken back, and this one is a failure to retry."""
+        digest = hashlib.sha256(data).hexdigest()
+        with self.undecodable_lock:
+            first = self.undecodable.setdefault(digest, photo_id)
+            if first == photo_id:
+                return digest
+            self.shared_junk.add(digest)
+            self.journal.forget(first)
+        raise FetchFailed(SHARED_JUNK)
+
+    def read(self, photo: Photo) -> Answer:
         if self.from_folder:
             try:
-                return Path(photo.image_url).read_bytes()
+                return Answer(Path(photo.image_url).read_bytes(), sized=True)
             except FileNotFoundError:
                 raise Rejected(f"{GONE} (file no longer exists)") from None
             except OSError as exc:
@@ -279,7 +313,7 @@ class PhotoFetcher:
                 broken = exc
         raise FetchFailed(f"{broken} after {self.retries} retries")
 
-    def _fetch(self, url: str) -> bytes:
+    def _fetch(self, url: str) -> Answer:
         """One GET (urllib3 retrying what fails before the answer), its body read whole within the deadline."""
         try:
             response = self.http.request("GET", url, preload_content=False)
@@ -298,10 +332,13 @@ class PhotoFetcher:
             if page.startswith(PAGE_TYPES):  # a sign-in, block or error page says nothing about the photo itself
                 raise FetchFailed(f"HTTP 200 with a {page} page instead of a photo (blocked or rate limited?)")
             data, whole = self._body(response), True
+            if not data:
+                raise _BodyBroken("an empty answer")
             if data.lstrip()[:1] in (b"<", b"{"):  # the same page, labelled as the photo (a captive portal)
                 raise FetchFailed(f"HTTP 200 with a page labelled {page or 'as nothing'} instead of a photo "
                                   "(blocked or rate limited?)")
-            return data
+            # a body whose end is only the connection's could have been cut short anywhere
+            return Answer(data, sized=response.headers.get("Content-Length") is not None or response.chunked)
         finally:  # a connection whose answer was not read to the end cannot serve the next request
             if not whole:
                 response.close()
@@ -388,7 +425,7 @@ class RejectionJournal:
 
     def __init__(self, path: Path):
         self.path = path
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # `forget` rewrites under it
         self.rows: dict[str, tuple[str, str]] = {}  # photo_id → (split, reason); the last line wins
         if path.exists():
             with path.open(newline="", encoding="utf-8") as f:
@@ -412,6 +449,12 @@ class RejectionJournal:
             csv.writer(line, lineterminator="\n").writerow((photo_id, split, reason))
             with self.path.open("a", encoding="utf-8", newline="") as f:
                 f.write(line.getvalue())  # one small write: a kill leaves the line whole or short
+
+    def forget(self, photo_id: str) -> None:
+        """Take a rejection back: the photo is asked for again by the next run."""
+        with self.lock:
+            if photo_id in self.rows:
+                self.rewrite_sorted(set(self.rows) - {photo_id})
 
     def listed(self, photo_ids: set[str] | None) -> dict[str, tuple[str, str]]:
         return {pid: entry for pid, entry in self.rows.items() if photo_ids is None or pid in photo_ids}
