@@ -62,7 +62,7 @@ def test_a_command_that_fails_or_is_interrupted_exits_non_zero(monkeypatch, caps
         with pytest.raises(SystemExit) as exited:
             cli.main([command])
         assert exited.value.code == status, command
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "aborted"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped (SIGINT); re-run to resume where it stopped"
     cli.main(["done"])  # success returns: no SystemExit
 
 

@@ -170,6 +170,29 @@ def _browser(download_dir: Path):
     return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
 
 
+def test_an_upload_that_stalls_is_dropped_with_408_not_held_for_ever(page, monkeypatch):
+    monkeypatch.setattr("chromalab.serve.app.UPLOAD_STALL_S", 1.0)
+    url, _ = page
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as client:
+        client.sendall(b"POST /api/colorize?name=slow.jpg HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+                       + b"\xff\xd8" * 500)  # 1 kB of the 100 kB announced, then nothing
+        answer = client.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and "the upload stalled" in answer
+
+
+def test_serve_names_a_port_in_use_in_one_line_and_port_0_picks_a_free_one():
+    from chromalab.errors import ChromalabError
+    from chromalab.serve.app import listen_on
+
+    with listen_on("127.0.0.1", 0) as taken:
+        port = taken.getsockname()[1]
+        assert port > 0
+        with pytest.raises(ChromalabError, match=rf"^port {port} on 127.0.0.1 is in use \(another server\?\); "
+                                                 "choose another with --port$"):
+            listen_on("127.0.0.1", port)
+
+
 def test_in_a_browser_photos_are_uploaded_shown_side_by_side_and_download_as_colorize_writes_them(
         page, photos, model_file, tmp_path):
     from selenium.webdriver.common.by import By

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from chromalab.entry import exit_code, exit_without_teardown, handle_stop_signals, skip_unused_extras
+from chromalab.entry import exit_code, exit_without_teardown, handle_stop_signals, report_stop, skip_unused_extras
 from chromalab.errors import ChromalabError
 from chromalab.quiet import quiet_tensorflow
 
@@ -118,7 +118,7 @@ def colorize(
 def serve(
     model: Annotated[str, typer.Option("--model", "-m", help="gan, baseline, a .keras file, or an MLflow model URI (models:/chromalab-gan@champion).")] = "gan",
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this computer only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free one).")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest photo file accepted, in MB.")] = 50.0,
 ) -> None:
     """A local web page to colour photos in the browser: drop photos, compare, download."""
@@ -160,16 +160,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+    except typer.Abort:  # Ctrl-C, or SIGTERM (chromalab.entry.handle_stop_signals)
+        sys.exit(report_stop())
     except typer.TyperException as exc:  # usage errors (unknown command/option, bad value), Typer's own click
         context = getattr(exc, "ctx", None)
         command = context.command_path if context is not None else "chromalab"
         typer.echo(f"error: {exc.format_message().rstrip('.')} (see `{command} --help`)", err=True)
         sys.exit(exc.exit_code)
-    if code == 130:
-        typer.echo("aborted", err=True)
+    if code == 130:  # Typer's own Ctrl-C
+        code = report_stop()
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -15,7 +15,10 @@ telemetry; Gradio would bring a large second web stack for one page.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import re
+import socket
 import sys
 import tempfile
 import threading
@@ -31,9 +34,11 @@ from starlette.requests import ClientDisconnect
 
 from chromalab import colorize
 from chromalab.colorize.photos import describe_unreadable
-from chromalab.errors import one_line
+from chromalab.errors import ChromalabError, one_line
 
 STATIC = Path(__file__).parent / "static"
+UPLOAD_STALL_S = 60.0  # an upload that sends nothing for this long is dropped
+SHUTDOWN_WAIT_S = 10.0  # Ctrl-C or SIGTERM: requests still running get this long, then the server stops
 DEFAULT_MAX_UPLOAD_MB = 50.0
 MAX_RESULTS = 200
 CHUNK = 1 << 20
@@ -111,7 +116,9 @@ async def _receive(request: Request, folder: Path, name: str, max_upload_mb: flo
     try:
         folder.mkdir()
         with (folder / "upload").open("wb") as f:
-            async for chunk in request.stream():  # a body without (or with a false) Content-Length stops here
+            chunks = request.stream().__aiter__()
+            # a body without (or with a false) Content-Length stops at its end; one that stalls, after a while
+            while chunk := await asyncio.wait_for(anext(chunks, b""), UPLOAD_STALL_S):
                 size += len(chunk)
                 if size > limit:
                     break
@@ -119,6 +126,10 @@ async def _receive(request: Request, folder: Path, name: str, max_upload_mb: flo
     except ClientDisconnect:  # nobody is left to answer: just drop what came
         _remove(folder)
         raise HTTPException(400, f"{name}: the upload was cut off") from None
+    except asyncio.TimeoutError:  # a client that stops sending would hold the upload (and a shutdown) for ever
+        _remove(folder)
+        raise HTTPException(408, f"{name}: the upload stalled (nothing for {UPLOAD_STALL_S:g} s); "
+                                 "send it again") from None
     except OSError as exc:  # the server's disk (full, or its folder gone), not the photo
         _remove(folder)
         raise HTTPException(507, f"{name}: the server could not store the upload ({one_line(exc)}); "
@@ -165,7 +176,23 @@ def run_serve(model: str = "gan", *, host: str = "127.0.0.1", port: int = 8000,
     import uvicorn
 
     colorizer = colorize.load_colorizer(model, models_root)
-    with tempfile.TemporaryDirectory(prefix="chromalab-serve-") as workdir:
+    listening = listen_on(host, port)  # before the banner, so that it names the port really listened on
+    with listening, tempfile.TemporaryDirectory(prefix="chromalab-serve-") as workdir:
         app = create_app(colorizer, model_label=model, workdir=Path(workdir), max_upload_mb=max_upload_mb)
-        print(f"chromalab serve: http://{host}:{port}  (model {model}; Ctrl-C stops)", file=sys.stderr)
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        print(f"chromalab serve: http://{host}:{listening.getsockname()[1]}  (model {model}; Ctrl-C stops)",
+              file=sys.stderr)
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_WAIT_S)
+        uvicorn.Server(config).run(sockets=[listening])
+
+
+def listen_on(host: str, port: int) -> socket.socket:
+    """A socket listening on (host, port); port 0 picks a free one. A port in use is one line, not uvicorn's
+    log and exit status 3."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ChromalabError(f"port {port} on {host} is in use (another server?); choose another with "
+                                 "--port") from None
+        raise ChromalabError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --host or "
+                             "--port") from None
