@@ -157,6 +157,25 @@ def test_an_output_folder_that_is_a_file_is_one_line_and_one_that_holds_the_phot
     assert run([others], models, out_dir=others.parent).done == [others / "b_color.png"]
 
 
+def test_your_own_photo_named_like_an_output_is_coloured_and_a_rerun_in_place_colours_nothing_twice(
+        tmp_path, models, rgb_photos):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(rgb_photos[0]).save(photos / "rose.jpg")
+    Image.fromarray(rgb_photos[1]).save(photos / "rose_color.jpg")  # yours, not colorize's: no EXIF mark
+    first = run([photos], models)
+    assert first.done == [photos / "rose_color_color.jpg"]  # yours, coloured
+    # rose.jpg's output would be your photo: named, neither skipped as done nor overwritten
+    assert [(path, reason.split(" is there")[0]) for path, reason in first.failed] == [
+        (photos / "rose.jpg", str(photos / "rose_color.jpg"))]
+    yours = (photos / "rose_color.jpg").read_bytes()
+    assert run([photos], models, overwrite=True).done == [photos / "rose_color_color.jpg"]  # not even asked to
+    assert (photos / "rose_color.jpg").read_bytes() == yours
+    again = run([photos], models, out_dir=tmp_path / "out")
+    assert sorted(again.done) == [tmp_path / "out/photos/rose_color.jpg", tmp_path / "out/photos/rose_color_color.jpg"]
+    assert run([photos], models).done == []  # a re-run in place colours nothing twice
+
+
 def test_outputs_of_an_earlier_run_into_another_folder_inside_the_input_are_not_photos(tmp_path, models, rgb_photos):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -295,7 +314,8 @@ def test_an_input_is_never_written_over_without_overwrite(tmp_path, models, rgb_
     Image.fromarray(rgb_photos[1]).save(tmp_path / "y_color.png")  # a user's photo that happens to be named so
     original = (tmp_path / "y_color.png").read_bytes()
     report = run([tmp_path / "y.png", tmp_path / "y_color.png"], models)
-    assert report.skipped == [tmp_path / "y.png"]
+    # y.png is not done: said so, not counted as skipped (its output "exists", but is the user's photo)
+    assert [path for path, _ in report.failed] == [tmp_path / "y.png"] and report.skipped == []
     assert report.done == [tmp_path / "y_color_color.png"]
     assert (tmp_path / "y_color.png").read_bytes() == original
 

@@ -60,14 +60,6 @@ def output_name(source: Path) -> tuple[str, str]:
     return f"{source.stem}{OUTPUT_TAG}.png", "PNG"
 
 
-def _is_earlier_output(path: Path, stems: set[tuple[Path, str]]) -> bool:
-    """`x_color.jpg` / `x_compare.jpg` beside an `x.*` photo: a previous run's output, not a new photo."""
-    for tag in (OUTPUT_TAG, COMPARE_TAG):
-        if path.stem.endswith(tag) and (path.parent, path.stem.removesuffix(tag)) in stems:
-            return True
-    return False
-
-
 def _folder_photos(folder: Path, output_roots: list[Path]) -> list[Path]:
     """The photos in `folder`, without what this command's outputs (`output_roots`) or earlier ones are."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
@@ -76,8 +68,13 @@ def _folder_photos(folder: Path, output_roots: list[Path]) -> list[Path]:
     # above it (`-o` the folder or its parent), does not hide the photos.
     outputs = [root for root in output_roots if root != inside and root.is_relative_to(inside)]
     files = [p for p in files if not any(p.resolve().is_relative_to(o) for o in outputs)]
-    stems = {(p.parent, p.stem) for p in files}
-    return [p for p in files if not _is_earlier_output(p, stems) and not is_colorize_output(p)]
+    # an earlier run's outputs carry colorize's EXIF mark, whatever their name: your own `rose_color.jpg` is a photo
+    return [p for p in files if not is_colorize_output(p)]
+
+
+def _not_ours(output: Path) -> bool:
+    """A file at `output` that colorize did not write: never to be skipped as done, nor overwritten."""
+    return output.is_file() and not is_colorize_output(output)
 
 
 def _output_roots(paths: list[Path], out_dir: Path | None) -> list[Path]:
@@ -123,8 +120,10 @@ def plan_jobs(paths: Sequence[Path], out_dir: Path | None, compare: bool, report
                 output = out_dir / mirrored_dir / name
             sheet = output.with_name(f"{source.stem}{COMPARE_TAG}.jpg") if compare else None
             clash = next((owner_of[t.resolve()] for t in (output, sheet) if t and t.resolve() in owner_of), None)
-            if clash is not None:
-                reason = f"its output would overwrite that of {clash}; colorize it alone with -o <another folder>"
+            if clash is not None or _not_ours(output):
+                reason = (f"its output would overwrite that of {clash}; colorize it alone with -o <another folder>"
+                          if clash else f"{output} is there and not colorize's output (a photo of yours?); colour "
+                          "into another folder with -o")
                 _say(f"{source}: {reason}")
                 report.failed.append((source, reason))
                 continue
