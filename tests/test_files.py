@@ -51,3 +51,27 @@ def test_a_completed_write_replaces_the_file_and_leaves_nothing_beside_it(tmp_pa
     with atomic_file(target, text=True) as f:
         f.write("new")
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_a_name_near_the_file_systems_limit_is_written_and_its_temp_files_cleared(tmp_path):
+    """The temp name adds 14 bytes: a legal 250-byte output name failed for its temp file's sake."""
+    from chromalab.files import atomic_path
+
+    long_names = ["é" * 120 + "_color.jpg", "a" * 244 + ".keras"]  # 250 bytes each in UTF-8
+    for name in long_names:
+        assert len(name.encode()) == 250
+    with atomic_file(tmp_path / long_names[0]) as f:
+        f.write(b"photo")
+    with atomic_path(tmp_path / long_names[1]) as tmp:
+        assert tmp.name.endswith(".keras")  # libraries writing by name check the suffix
+        tmp.write_bytes(b"model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(long_names)
+    # what a write killed midway leaves: its temp file, which the next run clears by the target's name
+    from chromalab import files
+
+    stale = [files._temp_sibling(tmp_path / long_names[0]),
+             tmp_path / f".1234abcd.tmp.{files._fitted(long_names[1], keep_end=True)}"]
+    for path in stale:
+        path.write_bytes(b"half")
+    clear_stale_temps(tmp_path, long_names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(long_names)

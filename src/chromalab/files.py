@@ -24,8 +24,23 @@ PHOTO_FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WebP": (".webp",)
 PHOTO_SUFFIXES = tuple(suffix for suffixes in PHOTO_FORMATS.values() for suffix in suffixes)
 
 
+MAX_NAME_BYTES = 255  # a file name's limit on Linux, macOS and Windows file systems
+_TEMP_EXTRA_BYTES = len(".12345678.tmp.")
+
+
+def _fitted(name: str, keep_end: bool = False) -> str:
+    """`name`, cut (at its start when `keep_end`, which keeps its suffixes) so that a temp name built on it
+    stays within MAX_NAME_BYTES: a long but legal output name must not fail for its temp file's sake."""
+    room = MAX_NAME_BYTES - _TEMP_EXTRA_BYTES
+    data = name.encode("utf-8", "surrogateescape")
+    if len(data) <= room:
+        return name
+    cut = data[-room:] if keep_end else data[:room]
+    return cut.decode("utf-8", "ignore")  # a character split by the cut is dropped whole
+
+
 def _temp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    return path.with_name(f".{_fitted(path.name)}.{secrets.token_hex(4)}.tmp")
 
 
 # The temp files of atomic_file (`.<name>.<8 hex>.tmp`) and atomic_path (`.<8 hex>.tmp.<name>`).
@@ -35,7 +50,7 @@ _TEMP_FILE = re.compile(r"^\.(?:(?P<before>.+)\.[0-9a-f]{8}\.tmp|[0-9a-f]{8}\.tm
 def clear_stale_temps(folder: Path, names: Iterable[str] | None = None) -> None:
     """Remove the temp files a killed run's atomic writes left in `folder`: those of the files `names`, or all
     of them (for a folder only chromalab writes). Call it before writing, never while another write runs."""
-    wanted = None if names is None else set(names)
+    wanted = None if names is None else {fitted for name in names for fitted in (_fitted(name), _fitted(name, True))}
     try:
         entries = list(os.scandir(folder))
     except OSError:  # nothing written there yet, nothing can be, or no listing: clearing is a courtesy
@@ -70,7 +85,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     when the block succeeds. The name keeps `path`'s suffixes, which such libraries check."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{secrets.token_hex(4)}.tmp.{path.name}")
+    tmp = path.with_name(f".{secrets.token_hex(4)}.tmp.{_fitted(path.name, keep_end=True)}")
     try:
         yield tmp
         os.replace(tmp, path)
