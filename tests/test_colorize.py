@@ -503,3 +503,18 @@ def test_a_photo_too_large_to_decode_is_named_with_the_limit(tmp_path, models):
     (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
     (reason,) = [reason for _, reason in run([tmp_path / "huge.png"], models).failed]
     assert reason == "the photo is too large: 400 megapixels, where chromalab reads photos of up to 179 megapixels"
+
+
+def test_a_photo_with_broken_exif_is_coloured_without_pillows_warning_unless_verbose(tmp_path, models, rgb_photos):
+    import warnings
+
+    photo = tmp_path / "exif.jpg"
+    Image.fromarray(rgb_photos[0]).save(photo, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff" + b"\x01" * 40)
+    for options, shown in (([], False), (["-v"], True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # every warning, as if first seen
+            result = CliRunner().invoke(app, [*options, "colorize", str(photo), "--model", str(models["tint"]),
+                                              "--overwrite"])
+        assert result.exit_code == 0, result.output
+        assert any("EXIF" in str(w.message) for w in caught) == shown
+    assert (tmp_path / "exif_color.jpg").is_file()

@@ -7,6 +7,7 @@ Heavy imports (TensorFlow, MLflow) happen inside the commands so that `--help` i
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -29,6 +30,8 @@ def _options(
                                           help="Also show TensorFlow's own start-up and warning lines, and the technical detail of files that can't be read.")] = False,
 ) -> None:
     quiet_tensorflow(verbose)
+    if not verbose:  # a photo's broken EXIF is read past (the photo is coloured): Pillow's warning is noise
+        warnings.filterwarnings("ignore", message=r"(Possibly )?[Cc]orrupt EXIF", category=UserWarning)
 
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="The params file to read.")]
