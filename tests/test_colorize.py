@@ -287,11 +287,18 @@ def test_folder_with_a_corrupt_photo_does_the_rest_and_the_cli_fails(tmp_path, m
     assert (tmp_path / "cli" / "in" / "sub" / "two_color.png").is_file()
 
 
-def test_a_missing_path_fails_alone(tmp_path, models, rgb_photos):
+def test_a_missing_path_fails_alone_and_says_why(tmp_path, models, rgb_photos):
+    import os
+
     Image.fromarray(rgb_photos[0]).save(tmp_path / "here.jpg")
-    report = run([tmp_path / "gone.jpg", tmp_path / "here.jpg"], models)
-    assert report.failed == [(tmp_path / "gone.jpg", "no such file or folder")]
-    assert report.done == [tmp_path / "here_color.jpg"] and report.total == 2
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "moved.jpg")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    report = run([tmp_path / "gone.jpg", tmp_path / "dangling.jpg", tmp_path / "pipe.jpg", tmp_path / "here.jpg"],
+                 models)
+    assert report.failed == [(tmp_path / "gone.jpg", "no such file or folder"),
+                             (tmp_path / "dangling.jpg", f"a link to {tmp_path / 'moved.jpg'}, which does not exist"),
+                             (tmp_path / "pipe.jpg", "not a regular file or folder (a pipe or a device?)")]
+    assert report.done == [tmp_path / "here_color.jpg"] and report.total == 4
 
 
 def test_existing_outputs_are_kept_unless_overwrite(tmp_path, models, rgb_photos):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -72,6 +73,15 @@ def _folder_photos(folder: Path, output_roots: list[Path]) -> list[Path]:
     return [p for p in files if not is_colorize_output(p)]
 
 
+def _not_a_photo_path(given: Path) -> str:
+    """Why a path named on the command line is neither a file nor a folder to read."""
+    if given.is_symlink() and not given.exists():
+        return f"a link to {os.readlink(given)}, which does not exist"
+    if given.exists():
+        return "not a regular file or folder (a pipe or a device?)"
+    return "no such file or folder"
+
+
 def _not_ours(output: Path) -> bool:
     """A file at `output` that colorize did not write: never to be skipped as done, nor overwritten."""
     return output.is_file() and not is_colorize_output(output)
@@ -104,8 +114,9 @@ def plan_jobs(paths: Sequence[Path], out_dir: Path | None, compare: bool, report
         elif given.is_file():
             found = [(given, None)]
         else:
-            _say(f"{given}: no such file or folder")
-            report.failed.append((given, "no such file or folder"))
+            reason = _not_a_photo_path(given)
+            _say(f"{given}: {reason}")
+            report.failed.append((given, reason))
             continue
         for source, mirrored_dir in found:
             if source.resolve() in seen:

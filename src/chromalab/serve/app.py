@@ -57,7 +57,7 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
     app = FastAPI(title="chromalab", docs_url=None, redoc_url=None, openapi_url=None)
     limit = int(max_upload_mb * 1e6)
     results: OrderedDict[str, dict] = OrderedDict()
-    model_lock = threading.Lock()  # one photo through the model at a time: memory stays one photo's worth
+    model_lock = threading.Lock()  # one photo coloured at a time: memory stays one photo's worth
 
     @app.get("/api/info")
     def info() -> dict:
@@ -147,18 +147,18 @@ class _StoreFailed(Exception):
 def _colour_file(colorizer, model_lock: threading.Lock, folder: Path, name: str, image_size: int | None) -> dict:
     """Colour `folder`/upload as `colorize` would, into `folder`/colour, gray and preview."""
     started = time.perf_counter()
-    data = (folder / "upload").read_bytes()
+    # one photo at a time from decoding to the saved results: four 170-megapixel uploads at once took 8 GB
     with model_lock:
-        photo, coloured = colorize.colour_bytes(colorizer, data, image_size)
-    download_name, image_format = colorize.output_name(Path(name))
-    sheet = colorize.compare_sheet(photo, coloured)  # gray | coloured, each ≤ COMPARE_MAX_SIDE
-    half = sheet.width // 2
-    try:  # an OSError here is the server's (its disk), not the photo's: not one of READ_ERRORS' reasons
-        colorize.save_atomic(coloured, folder / "colour", image_format)
-        colorize.save_atomic(sheet.crop((0, 0, half, sheet.height)), folder / "gray", "JPEG")
-        colorize.save_atomic(sheet.crop((half, 0, sheet.width, sheet.height)), folder / "preview", "JPEG")
-    except OSError as exc:
-        raise _StoreFailed(one_line(exc)) from None
+        photo, coloured = colorize.colour_bytes(colorizer, (folder / "upload").read_bytes(), image_size)
+        download_name, image_format = colorize.output_name(Path(name))
+        sheet = colorize.compare_sheet(photo, coloured)  # gray | coloured, each ≤ COMPARE_MAX_SIDE
+        half = sheet.width // 2
+        try:  # an OSError here is the server's (its disk), not the photo's: not one of READ_ERRORS' reasons
+            colorize.save_atomic(coloured, folder / "colour", image_format)
+            colorize.save_atomic(sheet.crop((0, 0, half, sheet.height)), folder / "gray", "JPEG")
+            colorize.save_atomic(sheet.crop((half, 0, sheet.width, sheet.height)), folder / "preview", "JPEG")
+        except OSError as exc:
+            raise _StoreFailed(one_line(exc)) from None
     (folder / "upload").unlink()
     return {"download_name": download_name, "format": image_format, "width": coloured.width,
             "height": coloured.height, "seconds": round(time.perf_counter() - started, 3)}
