@@ -200,6 +200,23 @@ def test_photos_settled_before_do_not_hide_a_server_that_is_down(fake_unsplash, 
     assert len(fake_unsplash.image_counts()) <= 4  # the streak's 3, and at most the one a worker had begun
 
 
+def test_a_photo_the_server_never_sends_is_given_up_after_two_runs_instead_of_stopping_every_run(
+        fake_unsplash, tmp_path, fast_backoff):
+    train, test, reserve = photo_ids("tr", 3), photo_ids("te", 1), photo_ids("re", 2)
+    fake_unsplash.image_faults = {train[1]: "500-always"}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError, match=r"\); re-run the stage"):
+        run_images(params(retries=1), tmp_path / "split", tmp_path / "images")
+    with pytest.raises(ChromalabError, match=r"1 of them have now failed in 2 runs, and the next run replaces them "):
+        run_images(params(retries=1), tmp_path / "split", tmp_path / "images")
+    asked = fake_unsplash.image_counts()[train[1]]
+    run_images(params(retries=1), tmp_path / "split", tmp_path / "images")
+    assert fake_unsplash.image_counts()[train[1]] == asked  # not asked a third time
+    assert sorted(check_output(tmp_path / "images")["train"]) == sorted([train[0], train[2], reserve[0]])
+    reasons = {r["photo_id"]: r["reason"] for r in read_csv(tmp_path / "images" / "rejected.csv")}
+    assert reasons == {train[1]: "unreachable (could not be fetched in 2 runs, each after its retries)"}
+
+
 def test_replacement_does_not_depend_on_thread_timing(tmp_path, fast_backoff):
     train, test, reserve = photo_ids("tr", 10), photo_ids("te", 3), photo_ids("re", 5)
     faults = {train[1]: "404", train[4]: "gray", test[0]: "corrupt", reserve[1]: "404", train[7]: "slow"}

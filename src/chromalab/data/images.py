@@ -7,7 +7,8 @@ gray is recorded in rejected.csv and its slot goes to the next reserve photo.
 
 out_dir persists across runs (DVC `persist: true`), which makes the stage resumable: each image is
 written atomically, so a file that exists is whole and is not fetched again, and rejections are
-appended as they happen, so a gone photo is not asked for twice.
+appended as they happen, so a gone photo is not asked for twice. A photo that could not be fetched in
+MAX_FAILED_RUNS runs is given up (failed_runs.json counts them).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, KeyError
 REJECTED_FIELDS = ("photo_id", "split", "reason")
 # What the files on disk were made with: another value invalidates them (only "gone" rejections survive).
 SETTINGS_FILE = "fetch_settings.json"
+FAILED_RUNS_FILE = "failed_runs.json"
+MAX_FAILED_RUNS = 2  # runs in which a photo could not be fetched before it is given up (replaced)
 GONE = "gone"
 
 
@@ -106,13 +109,15 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
     lists = {name: read_split(split_dir / f"{name}.csv") for name in SPLITS}
     prepare_out_dir(out_dir, fetch_settings(params))
     journal = RejectionJournal(out_dir / "rejected.csv")
-    fetcher = PhotoFetcher(params, out_dir, journal)
+    failed_runs = FailedRuns(out_dir / FAILED_RUNS_FILE)
+    fetcher = PhotoFetcher(params, out_dir, journal, failed_runs)
 
     slots = [(split, photo) for split in FETCHED_SPLITS for photo in lists[split]]
     chosen, failed, stats = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency)
+    given_up = failed_runs.count(failed, [photo for photo in chosen if photo is not None])
 
     if failed:
-        raise ChromalabError(_failure_message(failed, len(slots)))
+        raise ChromalabError(_failure_message(failed, len(slots), given_up))
     missing = Counter(split for (split, _), photo in zip(slots, chosen) if photo is None)
     if missing:
         totals = Counter(split for split, _ in slots)
@@ -136,7 +141,7 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
     return summary
 
 
-def _failure_message(failed: list[tuple[Photo, str]], n_slots: int) -> str:
+def _failure_message(failed: list[tuple[Photo, str]], n_slots: int, given_up: int = 0) -> str:
     refused = [(photo, detail) for photo, detail in failed if REFUSED.match(detail)]
     not_tried = sum(detail == NOT_TRIED for _, detail in failed)
     photo, detail = (refused or [f for f in failed if f[1] != NOT_TRIED])[0]
@@ -145,8 +150,10 @@ def _failure_message(failed: list[tuple[Photo, str]], n_slots: int) -> str:
            "a re-run fetches them only once it lets chromalab in); " if refused else "")
     stopped = (f"{not_tried} not tried after {FAIL_FAST_STREAK} in a row failed (is the server down?); "
                if not_tried else "")
+    unreachable = (f"{given_up} of them have now failed in {MAX_FAILED_RUNS} runs, and the next run replaces them "
+                   "from the reserve; " if given_up else "")
     return (f"{len(failed)} of {n_slots} photos could not be fetched (e.g. {photo.photo_id}: {detail}); "
-            f"{why}{stopped}re-run the stage to fetch only what is missing")
+            f"{why}{stopped}{unreachable}re-run the stage to fetch only what is missing")
 
 
 def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency: int):
@@ -214,7 +221,7 @@ def _await(futures, bar: tqdm, stats: Counter) -> bool:
 class PhotoFetcher:
     """Turns one listed photo into out_dir/<split>/<photo_id>.jpg, or says why not. Thread-safe."""
 
-    def __init__(self, params: Params, out_dir: Path, journal: RejectionJournal):
+    def __init__(self, params: Params, out_dir: Path, journal: RejectionJournal, failed_runs: FailedRuns):
         ip = params.images
         self.size = params.base.image_size
         self.quality = ip.jpeg_quality
@@ -223,6 +230,7 @@ class PhotoFetcher:
         self.from_folder = params.data.source == "folder"
         self.out_dir = out_dir
         self.journal = journal
+        self.failed_runs = failed_runs
         # urllib3 retries what fails before an answer (connection, status); a body cut short, stalled or
         # dripping past the deadline is retried in `read`, as many times.
         retry = retry_policy(ip.retries, BACKOFF_FACTOR_S, backoff_max=BACKOFF_MAX_S)
@@ -248,6 +256,8 @@ class PhotoFetcher:
                 os.replace(elsewhere, target)
                 return Outcome("ok")
         known = self.journal.reason(photo.photo_id)
+        if known is None and self.failed_runs.given_up(photo.photo_id):
+            known = f"unreachable (could not be fetched in {MAX_FAILED_RUNS} runs, each after its retries)"
         if known is not None:
             self.journal.record(photo.photo_id, split, known)  # no-op unless meant for another split now
             return Outcome("rejected", known)
@@ -418,6 +428,39 @@ def sized_url(image_url: str, size: int, quality: int) -> str:
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     query.update(w=str(size), h=str(size), fit="crop", crop="faces,entropy", fm="jpg", q=str(quality))
     return urlunsplit(parts._replace(query=urlencode(query, safe=",")))
+
+
+class FailedRuns:
+    """failed_runs.json: in how many runs each photo could not be fetched (each time after its retries). A
+    photo that fails MAX_FAILED_RUNS runs is given up: one the server never sends (always 500, 403 or a page)
+    would otherwise stop every run of the stage."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.runs: dict[str, int] = {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, AttributeError, TypeError):  # none yet, or cut short by a kill: start counting
+            self.runs = {}
+
+    def given_up(self, photo_id: str) -> bool:
+        return self.runs.get(photo_id, 0) >= MAX_FAILED_RUNS
+
+    def count(self, failed: list[tuple[Photo, str]], fetched: list[Photo]) -> int:
+        """Count this run's failures, unless it stopped early (the server down: no photo's fault), forget those
+        fetched now, save; returns how many photos this run gave up on."""
+        if any(detail == NOT_TRIED for _, detail in failed):
+            failed = []
+        now, fetched_ids = {photo.photo_id for photo, _ in failed}, {photo.photo_id for photo in fetched}
+        # those fetched now need no count, nor those given up before (rejected.csv has them now)
+        self.runs = {photo_id: n for photo_id, n in self.runs.items()
+                     if photo_id not in fetched_ids and (photo_id in now or not self.given_up(photo_id))}
+        for photo_id in now:
+            self.runs[photo_id] = self.runs.get(photo_id, 0) + 1
+        if self.runs:
+            write_text_atomic(self.path, json.dumps(self.runs, sort_keys=True) + "\n")
+        else:  # a stage that completes leaves nothing to count
+            self.path.unlink(missing_ok=True)
+        return sum(self.given_up(photo.photo_id) for photo, _ in failed)
 
 
 class RejectionJournal:
