@@ -148,6 +148,9 @@ def test_an_output_folder_that_is_a_file_is_one_line_and_one_that_holds_the_phot
         with pytest.raises(ChromalabError, match="is a file, not a folder") as err:
             run([photos], models, out_dir=out_dir)
         assert "\n" not in str(err.value)
+    # a folder that takes no files (even root cannot write under /proc) is found out before any colouring
+    with pytest.raises(ChromalabError, match=r"^--out /proc/1/chromalab: cannot write there \(.+\); name another"):
+        colorize_paths([photos], out_dir=Path("/proc/1/chromalab"), model="no such model")
     # -o the folder itself, or the one above it: the photos are still found (outputs mirror under -o)
     assert run([photos], models, out_dir=photos).done == [photos / "photos" / "a_color.png"]
     assert run([photos], models, out_dir=photos).skipped == [photos / "a.png"]  # its outputs are not new photos

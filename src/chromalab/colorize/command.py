@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -211,12 +212,19 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """--out must be a folder, or a path one can be made at."""
+    """--out must be a folder, or a path one can be made at, that takes files: found out before any photo is
+    decoded and coloured (a read-only one failed each photo in turn, after the work)."""
     for path in (out_dir, *out_dir.parents):
         if path.exists():
             if not path.is_dir():
                 raise ChromalabError(f"--out {out_dir}: {path} is a file, not a folder; name a folder for the outputs")
-            return
+            break
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as exc:
+        raise ChromalabError(f"--out {out_dir}: cannot write there ({exc.strerror or exc}); name another folder "
+                             "for the outputs") from None
 
 
 def _clear_stale_temps(jobs: list[Job]) -> None:
