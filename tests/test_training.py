@@ -22,6 +22,7 @@ import yaml
 from chromalab.config import parse_params
 from chromalab.data.dataset import read_dataset_info
 from chromalab.data.tfrecords import run_tfrecords
+from chromalab.errors import ChromalabError
 from chromalab.train.checkpoint import params_fingerprint, read_history
 from chromalab.train.stage import run_train
 from chromalab.bench.samples import write_images_stage
@@ -634,3 +635,17 @@ def test_a_killed_run_whose_checkpoint_is_given_up_ends_killed_not_running_for_e
     metrics = run_train(tiny_params(baseline={"epochs": 1}), "baseline")
     assert metrics["mlflow_run_id"] != abandoned
     assert client.get_run(abandoned).info.status == "KILLED"
+
+
+def test_a_second_training_of_the_same_model_waits_then_says_so_instead_of_sharing_the_checkpoint(
+        workdir, monkeypatch):
+    """A re-run started beside a stage that is still stopping would resume the checkpoint the first is replacing."""
+    from chromalab.files import held_exclusively
+    from chromalab.train import stage
+
+    monkeypatch.setattr(stage, "TRAINING_LOCK_WAIT_S", 0.3)
+    with held_exclusively(workdir / "models" / "baseline", 0) as held:  # the other training, in effect
+        assert held
+        with pytest.raises(ChromalabError, match=r"models/baseline is being trained by another process; wait"):
+            run_train(tiny_params(baseline={"epochs": 1}), "baseline")
+    assert run_train(tiny_params(baseline={"epochs": 1}), "baseline")["epochs"] == 1  # once it has ended

@@ -12,6 +12,8 @@ import os
 import re
 import secrets
 import shutil
+import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
@@ -125,3 +127,31 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(old)
     else:
         os.replace(tmp, out_dir)
+
+
+@contextlib.contextmanager
+def held_exclusively(folder: Path, wait_s: float) -> Iterator[bool]:
+    """An advisory lock on `folder` for the block (flock on its descriptor; released by the kernel when the
+    process dies, even by -9), waiting up to `wait_s` for another holder. Yields whether it got the lock;
+    where flock does not exist it yields True."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if sys.platform.startswith("win"):
+        yield True
+        return
+    import fcntl
+
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.2)
+        yield True
+    finally:
+        os.close(descriptor)

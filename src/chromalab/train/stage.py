@@ -29,11 +29,11 @@ from chromalab.config import MODEL_NAMES, Params
 from chromalab.devices import gpu_names, hide_gpus_from_tensorflow, precision_policy, xla_choice
 from chromalab.entry import stops_deferred
 from chromalab.errors import ChromalabError
-from chromalab.files import atomic_path, clear_stale_temps, write_text_atomic
+from chromalab.files import atomic_path, clear_stale_temps, held_exclusively, write_text_atomic
 from chromalab.train.build import build_for_training
 from chromalab.train.callbacks import EpochRecorder, RunProgress, StopWhenAsked
 from chromalab.train.checkpoint import Checkpoint, params_fingerprint, write_history
-from chromalab.train.distribute import chief_logs_to_mlflow, make_strategy, replica_count
+from chromalab.train.distribute import chief_logs_to_mlflow, is_chief, make_strategy, replica_count
 from chromalab.train.epochs import steps_per_epoch
 from chromalab.train.gan import VALIDATION_METRICS, phase_plan
 from chromalab.train.models import with_chroma_curve
@@ -53,8 +53,17 @@ def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tf
     strategy = strategy or make_strategy()
     if isinstance(strategy, keras.distribution.DataParallel):
         keras.distribution.set_distribution(strategy)  # fit, evaluate and predict shard their batches by it
-    with chief_logs_to_mlflow(strategy):
+    # one training per model folder: a second (a re-run beside a stage still stopping) would resume the same
+    # checkpoint while the first replaces its files
+    lock = held_exclusively(models_root / model_name, TRAINING_LOCK_WAIT_S) if is_chief(strategy) else nullcontext(True)
+    with lock as held, chief_logs_to_mlflow(strategy):
+        if not held:
+            raise ChromalabError(f"{models_root / model_name} is being trained by another process; wait for it to "
+                                 "end, or stop it, then run this again")
         return _train(params, model_name, data_dir, models_root, reports_root, strategy)
+
+
+TRAINING_LOCK_WAIT_S = 60.0  # a stopped training's last checkpoint and MLflow calls finish well within this
 
 
 @dataclass
