@@ -58,6 +58,23 @@ def filled_archive(photos, base_url: str, seed: int, size: int = 300_000) -> byt
     return make_lite_archive(photos, base_url, extra_entries={"DOCS-media.bin": filler})
 
 
+def downloaded(fake_unsplash, photos, tmp_path: Path, faults: set[str], seed: int, size: int = 300_000):
+    """A filled archive served with `faults` and downloaded: (the archive, the stage's output folder)."""
+    archive = filled_archive(photos, fake_unsplash.url, seed, size)
+    fake_unsplash.archive, fake_unsplash.archive_faults = archive, faults
+    return archive, run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+
+
+def left_by_a_killed_run(fake_unsplash, tmp_path: Path, archive: bytes) -> Path:
+    """The partial download a killed run leaves behind: the first 123,456 bytes and their validator."""
+    part = partial_download_path(fake_unsplash.latest_url, tmp_path / "cache" / "downloads")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(archive[:123_456])
+    meta = {"url": fake_unsplash.latest_url, "validator": archive_etag(archive)}
+    download._meta_path(part).write_text(json.dumps(meta))
+    return part
+
+
 def test_download_follows_redirect_and_extracts_only_the_needed_tables(fake_unsplash, photos, tmp_path):
     archive = make_lite_archive(photos, fake_unsplash.url)
     fake_unsplash.archive = archive
@@ -75,10 +92,7 @@ def test_download_follows_redirect_and_extracts_only_the_needed_tables(fake_unsp
 
 
 def test_dropped_connection_resumes_with_a_range_request(fake_unsplash, photos, tmp_path):
-    archive = filled_archive(photos, fake_unsplash.url, 0, 400_000)
-    fake_unsplash.archive = archive
-    fake_unsplash.archive_faults = {"drop-once"}
-    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    archive, out = downloaded(fake_unsplash, photos, tmp_path, {"drop-once"}, 0, 400_000)
 
     first, second = fake_unsplash.requests_to(fake_unsplash.archive_path)
     assert "Range" not in first.headers
@@ -90,10 +104,7 @@ def test_dropped_connection_resumes_with_a_range_request(fake_unsplash, photos, 
 
 
 def test_server_that_ignores_range_means_starting_over(fake_unsplash, photos, tmp_path):
-    archive = filled_archive(photos, fake_unsplash.url, 1)
-    fake_unsplash.archive = archive
-    fake_unsplash.archive_faults = {"drop-once", "ignore-range"}
-    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    archive, out = downloaded(fake_unsplash, photos, tmp_path, {"drop-once", "ignore-range"}, 1)
 
     assert "Range" in fake_unsplash.requests_to(fake_unsplash.archive_path)[1].headers
     check_tables(out, photos, archive)  # a 200 answer replaced the part instead of being appended to it
@@ -102,10 +113,7 @@ def test_server_that_ignores_range_means_starting_over(fake_unsplash, photos, tm
 def test_partial_download_from_an_earlier_run_is_resumed(fake_unsplash, photos, tmp_path):
     archive = filled_archive(photos, fake_unsplash.url, 2)
     fake_unsplash.archive = archive
-    part = partial_download_path(fake_unsplash.latest_url, tmp_path / "cache" / "downloads")
-    part.parent.mkdir(parents=True)
-    part.write_bytes(archive[:123_456])  # what a killed run left behind: the first bytes and their validator
-    download._meta_path(part).write_text(json.dumps({"url": fake_unsplash.latest_url, "validator": archive_etag(archive)}))
+    part = left_by_a_killed_run(fake_unsplash, tmp_path, archive)
 
     out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
     (only,) = fake_unsplash.requests_to(fake_unsplash.archive_path)
@@ -162,19 +170,15 @@ def test_headers_dripped_for_ever_are_an_error_not_a_wait(fake_unsplash, photos,
 
 
 def test_a_part_without_a_validator_is_downloaded_afresh_not_resumed(fake_unsplash, photos, tmp_path):
-    archive = filled_archive(photos, fake_unsplash.url, 4)
-    fake_unsplash.archive = archive
-    fake_unsplash.archive_faults = {"drop-once", "no-validator"}  # nothing would tell a changed file apart
-    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    # no validator: nothing would tell a changed file apart
+    archive, out = downloaded(fake_unsplash, photos, tmp_path, {"drop-once", "no-validator"}, 4)
     assert ["Range" in r.headers for r in fake_unsplash.requests_to(fake_unsplash.archive_path)] == [False, False]
     check_tables(out, photos, archive)
 
 
 def test_a_gzip_encoded_download_starts_over_instead_of_resuming(fake_unsplash, photos, tmp_path):
-    archive = filled_archive(photos, fake_unsplash.url, 5)
-    fake_unsplash.archive = archive
-    fake_unsplash.archive_faults = {"drop-once", "gzip"}  # the part holds decoded bytes, a Range counts encoded ones
-    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    # gzip: the part holds decoded bytes, a Range counts encoded ones
+    archive, out = downloaded(fake_unsplash, photos, tmp_path, {"drop-once", "gzip"}, 5)
     assert ["Range" in r.headers for r in fake_unsplash.requests_to(fake_unsplash.archive_path)] == [False, False]
     check_tables(out, photos, archive)
 
@@ -197,10 +201,7 @@ def test_an_error_page_is_one_line_and_never_the_start_of_a_resume(fake_unsplash
 def test_a_page_answering_a_resume_with_200_keeps_what_had_arrived(fake_unsplash, photos, tmp_path):
     archive = filled_archive(photos, fake_unsplash.url, 7)
     fake_unsplash.archive = archive
-    part = partial_download_path(fake_unsplash.latest_url, tmp_path / "cache" / "downloads")
-    part.parent.mkdir(parents=True)
-    part.write_bytes(archive[:123_456])
-    download._meta_path(part).write_text(json.dumps({"url": fake_unsplash.latest_url, "validator": archive_etag(archive)}))
+    part = left_by_a_killed_run(fake_unsplash, tmp_path, archive)
     fake_unsplash.archive_faults = {"html-page"}  # a sign-in page, 200, whatever was asked
     with pytest.raises(ChromalabError, match="not a zip archive"):
         run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
@@ -215,10 +216,7 @@ def test_a_page_answering_a_resume_with_200_keeps_what_had_arrived(fake_unsplash
 def test_odd_but_readable_headers_still_resume(fake_unsplash, photos, tmp_path, fault):
     """An ETag without quotes is still an ETag (not a date); a Content-Length Python calls a digit but int()
     refuses is no length."""
-    archive = filled_archive(photos, fake_unsplash.url, 8)
-    fake_unsplash.archive = archive
-    fake_unsplash.archive_faults = {"drop-once", fault}
-    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    archive, out = downloaded(fake_unsplash, photos, tmp_path, {"drop-once", fault}, 8)
     first, resumed = fake_unsplash.requests_to(fake_unsplash.archive_path)  # resumed, not started over
     assert "Range" in resumed.headers
     check_tables(out, photos, archive)
@@ -371,10 +369,7 @@ def _tables_zip(photos, extra: dict[str, bytes]) -> bytes:
 
 def test_a_transfer_cut_short_without_a_size_resumes_in_the_same_run(fake_unsplash, photos, tmp_path):
     # no Content-Length: the end of the connection looked like the end of the file
-    archive = filled_archive(photos, fake_unsplash.url, 3)
-    fake_unsplash.archive = archive
-    fake_unsplash.archive_faults = {"cut-unsized-once"}
-    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    archive, out = downloaded(fake_unsplash, photos, tmp_path, {"cut-unsized-once"}, 3)
     first, second = fake_unsplash.requests_to(fake_unsplash.archive_path)
     assert second.headers["Range"] == f"bytes={len(archive) // 2}-"
     check_tables(out, photos, archive)
@@ -392,10 +387,7 @@ def test_a_206_of_a_new_release_is_not_spliced_onto_the_old_one(fake_unsplash, p
 
 
 def test_a_page_answering_a_resume_is_not_appended_to_the_archive(fake_unsplash, photos, tmp_path):
-    archive = filled_archive(photos, fake_unsplash.url, 6)
-    fake_unsplash.archive = archive
-    fake_unsplash.archive_faults = {"drop-once", "html-206"}
-    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    archive, out = downloaded(fake_unsplash, photos, tmp_path, {"drop-once", "html-206"}, 6)
     assert [bool(r.headers.get("Range")) for r in fake_unsplash.requests_to(fake_unsplash.archive_path)] == \
         [False, True, False]
     check_tables(out, photos, archive)
