@@ -84,6 +84,8 @@ def test_the_api_rejects_bad_and_oversized_files_with_a_message_and_carries_on(p
                             data=iter([photos["huge"].read_bytes()[i : i + 65536] for i in range(0, 600_000, 65536)]))
     assert chunked.status_code == 413 and "over the 0.5 MB limit" in chunked.json()["detail"]
     assert requests.post(f"{url}/api/colorize", data=b"", timeout=30).status_code == 400
+    fetched = requests.get(f"{url}/api/colorize", timeout=30)  # a browser's address bar, or curl without -d
+    assert fetched.status_code == 405 and fetched.headers["allow"] == "POST" and "POST" in fetched.json()["detail"]
     good = requests.post(f"{url}/api/colorize", params={"name": "family.jpg"}, data=photos["jpeg"].read_bytes(),
                          timeout=60)
     assert good.status_code == 200

@@ -94,6 +94,11 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
                 "result": f"/api/results/{job_id}/colour", "gray_preview": f"/api/results/{job_id}/gray",
                 "colour_preview": f"/api/results/{job_id}/preview"}
 
+    @app.api_route("/api/colorize", methods=["GET", "HEAD", "PUT", "PATCH", "DELETE"])
+    def colorize_wrong_method(request: Request) -> None:  # else the page's mount answers 404, as if no API were here
+        raise HTTPException(405, f"{request.method} /api/colorize: POST the photo itself as the request body "
+                                 "(curl --data-binary @photo.jpg …)", headers={"Allow": "POST"})
+
     @app.get("/api/results/{job_id}/{kind}")
     def result(job_id: str, kind: str) -> FileResponse:
         entry = results.get(job_id)
