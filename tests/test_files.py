@@ -7,7 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from chromalab.files import atomic_file, clear_stale_temps
+from repo import ROOT
 
 KILLED_MID_WRITE = """
 import os, signal, sys
@@ -75,3 +78,53 @@ def test_a_name_near_the_file_systems_limit_is_written_and_its_temp_files_cleare
         path.write_bytes(b"half")
     clear_stale_temps(tmp_path, long_names)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(long_names)
+
+
+def test_what_a_killed_write_leaves_in_the_repository_is_git_ignored(tmp_path):
+    """A kill mid-write leaves a temp file (or staged folder) until the next run: it may hold photos (Unsplash's
+    licence) and must not be swept into a `git add -A`, though DVC's own .gitignore files name only the outputs."""
+    from chromalab.files import atomic_path, staged_dir
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    with atomic_path(tmp_path / "model.keras") as by_name, staged_dir(tmp_path / "tfrecords") as folder:
+        left = {"models/gan": by_name.name, "data": folder.name}
+        by_name.write_bytes(b"model")
+    with atomic_file(tmp_path / "worst.png") as f:
+        left["reports/evaluate"] = next(p.name for p in tmp_path.iterdir() if p.name.startswith(".worst.png"))
+        f.write(b"png")
+    for where, name in left.items():
+        ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", f"{where}/{name}"])
+        assert ignored.returncode == 0, f"{where}/{name} is not git-ignored"
+
+
+def test_a_stop_while_a_staged_folder_replaces_the_old_one_leaves_one_of_them(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM (as chromalab.entry handles them: a KeyboardInterrupt) right after the old folder moved
+    aside: the new one must still take its place, not leave `out_dir` missing until the next run."""
+    import os
+
+    from chromalab.files import staged_dir
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    real_replace, calls = os.replace, []
+
+    def replace_then_stop(src, dst):
+        real_replace(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out_dir = tmp_path / "tfrecords"
+    out_dir.mkdir()
+    (out_dir / "dataset.json").write_text("old")
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        monkeypatch.setattr(os, "replace", replace_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            with staged_dir(out_dir) as new:
+                (new / "dataset.json").write_text("new")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (out_dir / "dataset.json").read_text() == "new"

@@ -122,11 +122,27 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
         raise
     if out_dir.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
         old = _temp_sibling(out_dir)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
+        with _stop_signals_held():  # a Ctrl-C or SIGTERM between the two renames would leave neither folder
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
         shutil.rmtree(old)
     else:
         os.replace(tmp, out_dir)
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait (blocked, not lost) until the block is over; only the main thread gets them."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no such signals to hold
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
