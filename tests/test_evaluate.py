@@ -255,6 +255,19 @@ def test_each_models_run_gets_its_test_metrics_the_gray_floors_and_the_pictures(
     assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
+def test_a_stop_while_logging_to_mlflow_leaves_the_finished_training_runs_finished(evaluated, monkeypatch):
+    """Ctrl-C or SIGTERM (a KeyboardInterrupt, chromalab.entry) while evaluate logs into the training runs: they
+    ran to their end and must stay FINISHED, not turn FAILED or KILLED (or RUNNING, after a kill -9)."""
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluate(evaluated.params)
+    client = mlflow.MlflowClient(runs.tracking_uri())
+    assert [client.get_run(train_run_id(name)).info.status for name in MODEL_NAMES] == ["FINISHED"] * 2
+
+
 def test_a_missing_model_is_one_line_naming_the_stage_that_makes_it(evaluated, tmp_path):
     models = tmp_path / "models"
     shutil.copytree("models/baseline", models / "baseline")

@@ -37,12 +37,12 @@ def log_to_model_runs(reports_root: Path, summary: dict, pictures: list[Path]) -
             print(f"evaluate: {name}'s training run {run_id} is not in {client.tracking_uri}; its test "
                   "metrics are not logged to MLflow (metrics.json has them)", file=sys.stderr)
             continue
-        with mlflow.start_run(run_id=run_id):
-            for prefix, scores in (("test_", summary[name]), ("test_gray_floor_", summary[GRAY_FLOOR])):
-                # a re-run (after a kill, or with other evaluate params) must not add a second point
-                runs.log_new_metrics({f"{prefix}{k}": v for k, v in scores.items() if k != "count"})
-            for picture in pictures:
-                mlflow.log_artifact(str(picture), artifact_path="evaluate")
+        # Written by id, never reopened: a kill meanwhile would leave the finished training run FAILED or RUNNING.
+        for prefix, scores in (("test_", summary[name]), ("test_gray_floor_", summary[GRAY_FLOOR])):
+            # a re-run (after a kill, or with other evaluate params) must not add a second point
+            runs.log_new_metrics({f"{prefix}{k}": v for k, v in scores.items() if k != "count"}, run_id=run_id)
+        for picture in pictures:
+            client.log_artifact(run_id, str(picture), artifact_path="evaluate")
         logged.append(run_id)
     return logged
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -335,16 +336,20 @@ def log_epoch(metrics: dict[str, float], epoch: int) -> None:
     mlflow.log_metrics(metrics, step=epoch)
 
 
-def log_new_metrics(metrics: dict[str, float], step: int = 0) -> None:
-    """Log `metrics` to the active run, less those whose latest value there is this one already: what the same
-    run finishing again after a kill, or an evaluation re-run, logged before (a second point would show)."""
+def log_new_metrics(metrics: dict[str, float], step: int = 0, run_id: str | None = None) -> None:
+    """Log `metrics` to run `run_id` (default: the active run), less those whose latest value there is this one
+    already: what the same run finishing again after a kill, or an evaluation re-run, logged before (a second
+    point would show). A run named by id is written without being reopened, so its status stays as it is."""
     import mlflow
+    from mlflow.entities import Metric
 
-    run = require_active_run()
-    latest = mlflow.MlflowClient().get_run(run.info.run_id).data.metrics
-    fresh = {key: value for key, value in metrics.items() if latest.get(key) != value}
+    client = mlflow.MlflowClient()
+    run_id = run_id or require_active_run().info.run_id
+    latest = client.get_run(run_id).data.metrics
+    now_ms = int(time.time() * 1000)
+    fresh = [Metric(key, value, now_ms, step) for key, value in metrics.items() if latest.get(key) != value]
     if fresh:
-        mlflow.log_metrics(fresh, step=step)
+        client.log_batch(run_id, metrics=fresh)
 
 
 def log_exported_checkpoint(best_epoch: int, best_val_delta_e00: float, exported: str) -> None:
