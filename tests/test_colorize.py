@@ -207,9 +207,10 @@ def test_16_bit_gray_uses_its_full_range(tmp_path, models):
     assert np.abs(out_l - expected)[:, 4:-4].max() < 1.5  # away from pure black/white, where the tint clips
 
 
-def test_32_bit_float_gray_is_read_as_0_to_1(tmp_path, models):
+@pytest.mark.parametrize("white", [1.0, 255.0, 65535.0])
+def test_32_bit_float_gray_is_read_as_0_to_1_or_on_the_8_or_16_bit_scale_its_values_show(tmp_path, models, white):
     levels = np.tile(np.linspace(0.0, 1.0, 48, dtype=np.float32), (32, 1))
-    Image.fromarray(levels, mode="F").save(tmp_path / "float.tif")
+    Image.fromarray(levels * np.float32(white), mode="F").save(tmp_path / "float.tif")
     assert Image.open(tmp_path / "float.tif").mode == "F"
     run([tmp_path / "float.tif"], models)
     expected = rgb_to_lab_norm(np.repeat(levels[..., None], 3, axis=-1))[..., 0] * 100

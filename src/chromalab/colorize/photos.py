@@ -69,6 +69,13 @@ def _rgb_lightness(rgb: np.ndarray) -> np.ndarray:
     return lightness
 
 
+def _float_white(values: np.ndarray) -> float:
+    """White of a float gray photo: 1 as scikit-image reads float images, unless its values pass 1, when they
+    were saved on an 8- or 16-bit scale (ImageJ, scanners): read 0-1 there, such a photo was all white."""
+    brightest = float(values.max(initial=0.0))
+    return next(white for white in (1.0, 255.0, 65535.0, brightest) if brightest <= white)
+
+
 def _lightness_and_alpha(image: Image.Image) -> tuple[np.ndarray, Image.Image | None]:
     if image.mode == "LAB":  # a CIELab TIFF: Pillow cannot make it RGB, and its band "A" is a*, not alpha
         return np.asarray(image.getchannel("L"), dtype=np.float32) / 255.0, None  # L* 0-100 stored as 0-255
@@ -83,8 +90,9 @@ def _lightness_and_alpha(image: Image.Image) -> tuple[np.ndarray, Image.Image | 
     if image.mode in GRAY16_MODES:
         levels = np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
         return _gray_lightness_table(65536)[levels], alpha
-    if image.mode == "F":  # 32-bit float gray (TIFF): 0-1, as scikit-image reads float images
-        levels = np.round(np.clip(np.nan_to_num(np.asarray(image)), 0.0, 1.0) * 65535).astype(np.uint16)
+    if image.mode == "F":  # 32-bit float gray (TIFF)
+        values = np.nan_to_num(np.asarray(image))
+        levels = np.round(np.clip(values / _float_white(values), 0.0, 1.0) * 65535).astype(np.uint16)
         return _gray_lightness_table(65536)[levels], alpha
     if image.mode in ("L", "1"):
         return _gray_lightness_table(256)[np.asarray(image.convert("L"))], alpha
