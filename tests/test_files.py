@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -120,6 +121,8 @@ def test_a_stop_while_a_staged_folder_replaces_the_old_one_leaves_one_of_them(tm
     out_dir.mkdir()
     (out_dir / "dataset.json").write_text("old")
     previous = signal.signal(signal.SIGTERM, stop)
+    done = threading.Event()  # the stages have threads (workers, progress bars): the kernel may pick any of them
+    threading.Thread(target=done.wait, daemon=True).start()
     try:
         monkeypatch.setattr(os, "replace", replace_then_stop)
         with pytest.raises(KeyboardInterrupt):
@@ -127,4 +130,5 @@ def test_a_stop_while_a_staged_folder_replaces_the_old_one_leaves_one_of_them(tm
                 (new / "dataset.json").write_text("new")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        done.set()
     assert (out_dir / "dataset.json").read_text() == "new"

@@ -225,6 +225,46 @@ def test_folder_source_lists_photos_recursively_with_stable_ids(tmp_path):
     }
 
 
+def test_folder_source_leaves_out_copies_colorize_outputs_and_names_not_utf8_saying_how_many(tmp_path):
+    """A copy of a photo could land in train and its twin in test, scoring what the model was trained on;
+    colorize's outputs would teach the model its own colours."""
+    import os
+
+    from chromalab.colorize.photos import write_photo
+
+    folder = tmp_path / "album"
+    originals = [f"p{i}.jpg" for i in range(8)]
+    for seed, name in enumerate(originals):
+        _photo(folder / name, seed)
+    (folder / "backup").mkdir()
+    for name in originals[:3]:  # the same bytes under other names and folders
+        shutil.copy(folder / name, folder / f"copy of {name}")
+        shutil.copy(folder / name, folder / "backup" / name)
+    with (folder / "p0_color.jpg").open("wb") as f:
+        write_photo(Image.open(folder / "p0.jpg").convert("RGB"), f, "JPEG")
+    latin1 = os.fsencode(folder) + b"/caf\xe9.jpg"  # a name from an old zip or camera
+    with open(latin1, "wb") as f:
+        f.write((folder / "p7.jpg").read_bytes()[:-1] + b"\x00")  # distinct bytes: left out for its name alone
+
+    summary = run_split(folder_params(folder), tmp_path / "unused-raw", tmp_path / "split")
+    assert summary["candidates"] == len(originals)
+    assert summary["left_out"] == {"copies of a photo already in": 6, "written by chromalab colorize": 1,
+                                   "names not UTF-8 (rename them)": 1}
+    rows = [r for rows in read_split(tmp_path / "split").values() for r in rows]
+    contents = [Path(r["image_url"]).read_bytes() for r in rows]
+    assert len(set(contents)) == len(contents) == len(originals)
+
+
+def test_folder_ids_do_not_depend_on_how_the_file_system_composes_accents():
+    import unicodedata
+
+    from chromalab.data.split import folder_photo_id
+
+    name = "été 2024/café.jpg"
+    composed, decomposed = (Path(unicodedata.normalize(form, name)) for form in ("NFC", "NFD"))
+    assert composed != decomposed and folder_photo_id(composed) == folder_photo_id(decomposed)
+
+
 def test_folder_source_errors(tmp_path):
     with pytest.raises(ChromalabError, match="data.folder is empty"):
         run_split(folder_params(""), tmp_path / "raw", tmp_path / "split")

@@ -18,12 +18,19 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+from PIL import ExifTags, Image
+
 
 # The photos a folder is searched for, by kind (the folder data source, `chromalab colorize`). A file named on
 # its own is read whatever its name, if Pillow decodes it (GIF, PSD, …).
 PHOTO_FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WebP": (".webp",), "BMP": (".bmp",),
                  "TIFF": (".tif", ".tiff")}
 PHOTO_SUFFIXES = tuple(suffix for suffixes in PHOTO_FORMATS.values() for suffix in suffixes)
+# What Pillow raises on a file that is not a readable photo (chromalab.colorize says which, in plain words).
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# EXIF "Software" of every photo colorize writes, so that a later run walking a folder (colorize's, or the folder
+# data source's) can leave them out wherever they lie and whatever they are named.
+OUTPUT_SOFTWARE = "chromalab colorize"
 
 
 MAX_NAME_BYTES = 255  # a file name's limit on Linux, macOS and Windows file systems
@@ -132,17 +139,29 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _stop_signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait (blocked, not lost) until the block is over; only the main thread gets them."""
+    """A Ctrl-C or SIGTERM arriving in the block is acted on (by the handler it would have met) only after it.
+    Python-level, not the thread's signal mask: the kernel hands a process's signal to any thread not blocking
+    it, and Python then runs the handler in the main thread all the same."""
     import signal
+    import threading
 
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no such signals to hold
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    caught = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append((signum, frame)))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum, frame in caught[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler in (signal.SIG_DFL, None):
+                signal.raise_signal(signum)
 
 
 @contextlib.contextmanager
@@ -171,3 +190,18 @@ def held_exclusively(folder: Path, wait_s: float) -> Iterator[bool]:
         yield True
     finally:
         os.close(descriptor)
+
+
+def is_colorize_output(path: Path) -> bool:
+    """Whether `path` is a photo colorize wrote (its EXIF says so). Only the header is read: colorize writes its
+    EXIF before the pixels, and Pillow's getexif() would decode a whole PNG looking for one after them."""
+    try:
+        with Image.open(path) as opened:
+            raw = opened.info.get("exif")
+            if not raw:
+                return False
+            exif = Image.Exif()
+            exif.load(raw)
+            return exif.get(ExifTags.Base.Software) == OUTPUT_SOFTWARE
+    except READ_ERRORS:  # unreadable: whoever reads it says why
+        return False

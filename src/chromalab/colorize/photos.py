@@ -17,16 +17,13 @@ from PIL import ExifTags, Image, ImageOps
 
 from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.colorize.model import model_input_size
-from chromalab.files import PHOTO_FORMATS, atomic_file
+from chromalab.files import OUTPUT_SOFTWARE, PHOTO_FORMATS, READ_ERRORS, atomic_file, is_colorize_output
 
 # Pillow warns, in words about attacks, from 89 to 179 megapixels, then refuses (DecompressionBombError, which
 # chromalab reports in its own words). A 100-megapixel camera photo is not an attack: no warning.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
-# EXIF "Software" of every photo colorize writes, so that a later run walking a folder can leave them out
-# wherever they lie (another run's -o inside that folder) and whatever they are named.
-OUTPUT_SOFTWARE = "chromalab colorize"
 COMPARE_MAX_SIDE = 2048  # each half of the side-by-side sheet: a preview, not a second full-size copy
 # The lightness of an RGB photo is computed in stripes of a quarter megapixel, so that its temporaries stay
 # small whatever the photo's size.
@@ -35,7 +32,6 @@ DOWNSAMPLE = Image.Resampling.LANCZOS
 REDUCING_GAP = 3.0  # Pillow first box-reduces by whole factors down to 3x the target, then filters: much faster
 # Pillow's 16-bit grayscale modes ("I" is how some readers deliver 16-bit PNG/TIFF; its values are 0-65535).
 GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
-READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -212,21 +208,6 @@ def write_photo(image: Image.Image, f, image_format: str) -> None:
     exif = Image.Exif()
     exif[ExifTags.Base.Software] = OUTPUT_SOFTWARE
     encodable(image, image_format).save(f, format=image_format, exif=exif, **SAVE_OPTIONS.get(image_format, {}))
-
-
-def is_colorize_output(path: Path) -> bool:
-    """Whether `path` is a photo colorize wrote (its EXIF says so). Only the header is read: colorize writes its
-    EXIF before the pixels, and Pillow's getexif() would decode a whole PNG looking for one after them."""
-    try:
-        with Image.open(path) as opened:
-            raw = opened.info.get("exif")
-            if not raw:
-                return False
-            exif = Image.Exif()
-            exif.load(raw)
-            return exif.get(ExifTags.Base.Software) == OUTPUT_SOFTWARE
-    except READ_ERRORS:  # unreadable: colorize says why when it reads it
-        return False
 
 
 def encodable(image: Image.Image, image_format: str) -> Image.Image:

@@ -16,6 +16,7 @@ import json
 import random
 import re
 import sys
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from chromalab.config import Params, SplitParams
 from chromalab.data.formats import SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, open_table
-from chromalab.files import PHOTO_SUFFIXES, staged_dir
+from chromalab.files import PHOTO_SUFFIXES, is_colorize_output, staged_dir
 from chromalab.errors import ChromalabError
 
 # Captions that contradict the keywords or describe a photo that teaches gray.
@@ -42,7 +43,7 @@ def run_split(params: Params, raw_dir: Path = Path("data/raw"), out_dir: Path = 
     """Write train.csv, test.csv, val.csv, reserve.csv and summary.json into out_dir; returns the summary."""
     sp = params.split
     if params.data.source == "folder":
-        candidates, left_out = folder_candidates(params.data.folder), {}
+        candidates, left_out = folder_candidates(params.data.folder)
         what = f"photos in {params.data.folder}"
     else:
         candidates, left_out = people_candidates(Path(raw_dir), sp)
@@ -176,29 +177,55 @@ def read_table(path: Path, columns: tuple[str, ...]) -> Iterator[dict[str, str]]
 # --------------------------------------------------------------------------------------------- folder
 
 
-def folder_candidates(folder: str) -> list[Candidate]:
-    """Every photo under `folder` (recursively, hidden files skipped), with an id stable across machines."""
+def folder_candidates(folder: str) -> tuple[list[Candidate], dict[str, int]]:
+    """Every photo under `folder` (recursively, hidden files skipped), with an id stable across machines, and
+    how many were left out and why: copies of a photo already in (one photo in train and test would score
+    training), colorize's own outputs (they teach its colours back), unreadable files and names not UTF-8."""
     if not folder:
         raise ChromalabError("data.source is 'folder' but data.folder is empty; set data.folder to a folder of photos")
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise ChromalabError(f"data.folder: {root} is not a folder; set data.folder to a folder of photos")
     root = root.resolve()
-    candidates = []
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root)
-        if path.suffix.lower() in PHOTO_SUFFIXES and path.is_file() and not any(
-            part.startswith(".") for part in relative.parts
-        ):
-            candidates.append(Candidate(folder_photo_id(relative), str(path), "folder"))
+    paths = [path for path in sorted(root.rglob("*")) if path.suffix.lower() in PHOTO_SUFFIXES and path.is_file()
+             and not any(part.startswith(".") for part in path.relative_to(root).parts)]
+    candidates, contents, left_out = [], set(), Counter()
+    for path in tqdm(paths, desc="split: reading the folder", unit="photo", disable=len(paths) < 2000):
+        why, content = _left_out_reason(path, contents)
+        if why:
+            left_out[why] += 1
+            continue
+        contents.add(content)
+        candidates.append(Candidate(folder_photo_id(path.relative_to(root)), str(path), "folder"))
     if not candidates:
         raise ChromalabError(
             f"data.folder: no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) under {root}; add some or fix the path"
         )
-    return candidates
+    return candidates, dict(left_out)
+
+
+def _left_out_reason(path: Path, contents: set[bytes]) -> tuple[str | None, bytes]:
+    """(why `path` is left out, or None; the digest of its bytes)."""
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        return "names not UTF-8 (rename them)", b""
+    try:
+        with path.open("rb") as f:
+            content = hashlib.file_digest(f, "sha256").digest()
+    except OSError:
+        return "unreadable files", b""
+    if content in contents:
+        return "copies of a photo already in", content
+    if is_colorize_output(path):
+        return "written by chromalab colorize", content
+    return None, content
 
 
 def folder_photo_id(relative: Path) -> str:
-    """'Trip 2024/IMG_001.JPG' → 'trip-2024-img-001-<8 hex of the path>': readable, unique, a safe file name."""
-    slug = re.sub(r"[^a-z0-9]+", "-", relative.with_suffix("").as_posix().lower()).strip("-")[:48] or "photo"
-    return f"{slug}-{hashlib.sha1(relative.as_posix().encode()).hexdigest()[:8]}"
+    """'Trip 2024/IMG_001.JPG' → 'trip-2024-img-001-<8 hex of the path>': readable, unique, a safe file name.
+    The path is hashed in Unicode's composed form (NFC): macOS stores 'é' decomposed, so a copied folder would
+    otherwise get other ids, and another split."""
+    name = unicodedata.normalize("NFC", relative.as_posix())
+    slug = re.sub(r"[^a-z0-9]+", "-", name[: -len(relative.suffix) or None].lower()).strip("-")[:48] or "photo"
+    return f"{slug}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
