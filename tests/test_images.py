@@ -427,6 +427,22 @@ def test_folder_source_orients_converts_crops_and_checks(tmp_path):
     assert sources["rot"] == path("rot")
 
 
+def test_another_folder_with_the_same_file_names_is_fetched_afresh(tmp_path):
+    """The folder source's ids are relative paths, which another folder (another camera's IMG_0001.jpg)
+    repeats with other photos: its photos must not be taken for the first folder's."""
+    outputs = {}
+    for folder, colour in (("first", (200, 40, 40)), ("second", (40, 40, 200))):
+        for name in ("a.jpg", "b.jpg", "c.jpg"):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            Image.fromarray(np.full((32, 48, 3), colour, np.uint8)).save(tmp_path / folder / name, quality=95)
+        write_split(tmp_path / "split", "", ["a", "b"], ["c"], [], url=lambda pid: str(tmp_path / folder / f"{pid}.jpg"))
+        folder_params = parse_params({**raw_params(), "data": {"source": "folder", "folder": str(tmp_path / folder)}})
+        summary = run_images(folder_params, tmp_path / "split", tmp_path / "images")
+        assert summary["fetched"] == 3 and summary["reused"] == 0
+        outputs[folder] = np.asarray(Image.open(tmp_path / "images" / "train" / "a.jpg")).astype(int)
+    assert outputs["second"][..., 2].mean() > 150 > outputs["second"][..., 0].mean()  # the second folder's blue
+
+
 def test_sized_url_merges_an_existing_query():
     url = sized_url("https://images.unsplash.com/photo-1?ixid=abc&w=1080", 256, 90)
     assert url == "https://images.unsplash.com/photo-1?ixid=abc&w=256&h=256&fit=crop&crop=faces,entropy&fm=jpg&q=90"

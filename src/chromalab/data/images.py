@@ -515,9 +515,12 @@ class RejectionJournal:
 
 
 def fetch_settings(params: Params) -> dict:
+    """What the photos made are made of: a change fetches them all again. The folder source's ids are its
+    relative paths, which another folder repeats (IMG_0001.jpg) with other photos."""
     ip = params.images
+    folder = {"folder": params.data.folder} if params.data.source == "folder" else {}
     return {"source": params.data.source, "image_size": params.base.image_size,
-            "jpeg_quality": ip.jpeg_quality, "min_chroma": ip.min_chroma}
+            "jpeg_quality": ip.jpeg_quality, "min_chroma": ip.min_chroma, **folder}
 
 
 def prepare_out_dir(out_dir: Path, settings: dict) -> None:
