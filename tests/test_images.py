@@ -427,6 +427,32 @@ def test_folder_source_orients_converts_crops_and_checks(tmp_path):
     assert sources["rot"] == path("rot")
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest's capture resets our filter
+def test_a_photo_past_pillows_bomb_limit_is_too_large_not_corrupt_and_one_near_it_is_used_quietly(
+        tmp_path, monkeypatch):
+    """Pillow refuses past twice MAX_IMAGE_PIXELS (179 MP) and warns past it; here the limit is lowered to what a
+    test photo passes, instead of writing a 200-megapixel file."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    rgb = np.zeros((32, 48, 3), np.uint8)
+    rgb[:, :24], rgb[:, 24:] = (220, 30, 30), (30, 30, 220)
+    Image.fromarray(rgb).save(folder / "near.jpg", quality=95)  # 1,536 pixels: warned about, used
+    Image.fromarray(np.tile(rgb, (2, 1, 1))).save(folder / "huge.jpg", quality=95)  # 3,072: refused
+    Image.fromarray(rgb[::-1]).save(folder / "spare.jpg", quality=95)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1200)
+    write_split(tmp_path / "split", "", ["near"], ["huge"], ["spare"], url=lambda pid: str(folder / f"{pid}.jpg"))
+    run_images(parse_params({**raw_params(), "data": {"source": "folder", "folder": str(folder)}}),
+               tmp_path / "split", tmp_path / "images")
+    reasons = {r["photo_id"]: r["reason"] for r in read_csv(tmp_path / "images" / "rejected.csv")}
+    assert list(reasons) == ["huge"] and reasons["huge"].startswith("too large (over ")
+    assert check_output(tmp_path / "images") == {"train": ["near"], "test": ["spare"], "val": []}
+    # Pillow's two-line warning about attacks, for each such photo (pytest's own warning capture would hide it)
+    opened = subprocess.run([sys.executable, "-c", "import sys; import chromalab.data.images; from PIL import Image; "
+                             "Image.MAX_IMAGE_PIXELS = 1200; Image.open(sys.argv[1]).load()", str(folder / "near.jpg")],
+                            capture_output=True, text=True, check=True)
+    assert "DecompressionBombWarning" not in opened.stderr
+
+
 def test_another_folder_with_the_same_file_names_is_fetched_afresh(tmp_path):
     """The folder source's ids are relative paths, which another folder (another camera's IMG_0001.jpg)
     repeats with other photos: its photos must not be taken for the first folder's."""

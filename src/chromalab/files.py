@@ -14,6 +14,7 @@ import secrets
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
@@ -28,6 +29,9 @@ PHOTO_FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WebP": (".webp",)
 PHOTO_SUFFIXES = tuple(suffix for suffixes in PHOTO_FORMATS.values() for suffix in suffixes)
 # What Pillow raises on a file that is not a readable photo (chromalab.colorize says which, in plain words).
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# Pillow warns, in words about attacks, from 89 to 179 megapixels, then refuses (DecompressionBombError, which
+# chromalab reports in its own words). A 100-megapixel camera photo is not an attack: no warning.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # EXIF "Software" of every photo colorize writes, so that a later run walking a folder (colorize's, or the folder
 # data source's) can leave them out wherever they lie and whatever they are named.
 OUTPUT_SOFTWARE = "chromalab colorize"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import io
 import re
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,6 @@ from PIL import ExifTags, Image, ImageOps
 from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.colorize.model import model_input_size
 from chromalab.files import OUTPUT_SOFTWARE, PHOTO_FORMATS, READ_ERRORS, atomic_file, is_colorize_output
-
-# Pillow warns, in words about attacks, from 89 to 179 megapixels, then refuses (DecompressionBombError, which
-# chromalab reports in its own words). A 100-megapixel camera photo is not an attack: no warning.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
 COMPARE_MAX_SIDE = 2048  # each half of the side-by-side sheet: a preview, not a second full-size copy

@@ -385,6 +385,9 @@ class PhotoFetcher:
                 chroma = mean_chroma(np.asarray(rgb))
         except Image.UnidentifiedImageError:
             raise Corrupt("corrupt (not an image file)") from None
+        except Image.DecompressionBombError:  # Pillow refuses to open it: nothing is wrong with the photo
+            raise Rejected(f"too large (over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, Pillow's limit "
+                           "against decompression bombs)") from None
         # Pillow's decoders and EXIF reader raise more than OSError on hostile bytes (struct.error from a
         # mistyped EXIF tag, for one); a bug of ours (or MemoryError) must not become a lasting rejection.
         except DECODE_ERRORS as exc:
