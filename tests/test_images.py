@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -467,6 +468,34 @@ def test_another_folder_with_the_same_file_names_is_fetched_afresh(tmp_path):
         assert summary["fetched"] == 3 and summary["reused"] == 0
         outputs[folder] = np.asarray(Image.open(tmp_path / "images" / "train" / "a.jpg")).astype(int)
     assert outputs["second"][..., 2].mean() > 150 > outputs["second"][..., 0].mean()  # the second folder's blue
+
+
+def test_a_photo_replaced_in_your_folder_is_read_again_and_a_mended_one_taken_back(tmp_path):
+    """The same name, new content: the output made from the old file, or the old file's rejection, must not
+    stand in for it."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+
+    def save(name, colour, mtime_s):
+        Image.fromarray(np.full((32, 48, 3), colour, np.uint8)).save(folder / name, quality=95)
+        os.utime(folder / name, (mtime_s, mtime_s))
+
+    save("a.jpg", (200, 40, 40), 1_000_000)
+    (folder / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 half a photo")
+    save("c.jpg", (40, 200, 40), 1_000_000)
+    save("d.jpg", (40, 40, 200), 1_000_000)
+    write_split(tmp_path / "split", "", ["a", "b"], ["c"], ["d"], url=lambda pid: str(folder / f"{pid}.jpg"))
+    folder_params = parse_params({**raw_params(), "data": {"source": "folder", "folder": str(folder)}})
+    run_images(folder_params, tmp_path / "split", tmp_path / "images")
+    assert check_output(tmp_path / "images")["train"] == ["a", "d"]  # b rejected, d from the reserve
+
+    save("a.jpg", (40, 40, 200), 2_000_000)  # a retaken photo under the same name
+    save("b.jpg", (200, 200, 40), 2_000_000)  # the broken file, mended
+    summary = run_images(folder_params, tmp_path / "split", tmp_path / "images")
+    assert check_output(tmp_path / "images")["train"] == ["a", "b"] and summary["fetched"] == 2
+    a = np.asarray(Image.open(tmp_path / "images" / "train" / "a.jpg")).astype(int)
+    assert a[..., 2].mean() > 150 > a[..., 0].mean()  # the new, blue a
+    assert read_csv(tmp_path / "images" / "rejected.csv") == []
 
 
 def test_sized_url_merges_an_existing_query():

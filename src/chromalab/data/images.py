@@ -248,19 +248,21 @@ class PhotoFetcher:
 
     def obtain(self, photo: Photo, split: str) -> Outcome:
         target = self.out_dir / split / f"{photo.photo_id}.jpg"
-        if target.exists():
+        if self._made_from_this(target, photo):
             return Outcome("ok")
         for other in FETCHED_SPLITS:  # a param change may move a photo to another split (e.g. reserve → val)
             elsewhere = self.out_dir / other / target.name
-            if other != split and elsewhere.exists():
+            if other != split and self._made_from_this(elsewhere, photo):
                 os.replace(elsewhere, target)
                 return Outcome("ok")
-        known = self.journal.reason(photo.photo_id)
+        # A file of your folder may have been replaced since its verdict, and reading it again costs little.
+        known = None if self.from_folder else self.journal.reason(photo.photo_id)
         if known is None and self.failed_runs.given_up(photo.photo_id):
             known = f"unreachable (could not be fetched in {MAX_FAILED_RUNS} runs, each after its retries)"
         if known is not None:
             self.journal.record(photo.photo_id, split, known)  # no-op unless meant for another split now
             return Outcome("rejected", known)
+        source_time = self._source_time(photo)  # before reading: a file replaced meanwhile is read again next run
         try:
             jpeg = self.fetched_jpeg(photo)
         except Rejected as exc:
@@ -272,7 +274,29 @@ class PhotoFetcher:
         except FetchFailed as exc:
             return Outcome("failed", str(exc), fetched=True)
         write_bytes_atomic(target, jpeg)
+        if source_time is not None:  # stamped with its source's time, by which _made_from_this knows the source
+            os.utime(target, ns=(time.time_ns(), source_time))
+            self.journal.forget(photo.photo_id)  # a file rejected before, since replaced
         return Outcome("ok", fetched=True)
+
+    def _made_from_this(self, made: Path, photo: Photo) -> bool:
+        """Whether `made` exists and, for your folder's photos, was made from the file there now (a replaced
+        file has another modification time)."""
+        if not self.from_folder:
+            return made.exists()
+        try:
+            return made.stat().st_mtime_ns == self._source_time(photo)
+        except OSError:
+            return False
+
+    def _source_time(self, photo: Photo) -> int | None:
+        """The modification time (ns) of your folder's file; None for a fetched photo or a file gone."""
+        if not self.from_folder:
+            return None
+        try:
+            return Path(photo.image_url).stat().st_mtime_ns
+        except OSError:
+            return None
 
     def fetched_jpeg(self, photo: Photo) -> bytes:
         """checked_jpeg of the photo's bytes. A fetched photo that does not decode is fetched once more: a body
