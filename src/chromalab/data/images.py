@@ -280,8 +280,9 @@ class PhotoFetcher:
         return Outcome("ok", fetched=True)
 
     def _made_from_this(self, made: Path, photo: Photo) -> bool:
-        """Whether `made` exists and, for your folder's photos, was made from the file there now (a replaced
-        file has another modification time)."""
+        """Whether `made` exists and, for your folder's photos, was made from the file there now: a file
+        replaced under the same name, or another folder repeating the first's names (IMG_0001.jpg), has another
+        modification time."""
         if not self.from_folder:
             return made.exists()
         try:
@@ -542,12 +543,9 @@ class RejectionJournal:
 
 
 def fetch_settings(params: Params) -> dict:
-    """What the photos made are made of: a change fetches them all again. The folder source's ids are its
-    relative paths, which another folder repeats (IMG_0001.jpg) with other photos."""
     ip = params.images
-    folder = {"folder": params.data.folder} if params.data.source == "folder" else {}
     return {"source": params.data.source, "image_size": params.base.image_size,
-            "jpeg_quality": ip.jpeg_quality, "min_chroma": ip.min_chroma, **folder}
+            "jpeg_quality": ip.jpeg_quality, "min_chroma": ip.min_chroma}
 
 
 def prepare_out_dir(out_dir: Path, settings: dict) -> None:
