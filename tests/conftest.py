@@ -1,7 +1,12 @@
 """Test-wide settings: offline, quiet, no telemetry, the TensorFlow backend unless a test says otherwise."""
 
 import os
+import sys
+from pathlib import Path
 
+# The project's own tools (mlflow, dvc, uvicorn) first, as `make test` has them: `mlflow models serve` finds
+# uvicorn by PATH, so `.venv/bin/python -m pytest` without an activated venv failed the serve tests.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DVC_NO_ANALYTICS"] = "1"
@@ -43,9 +48,7 @@ import json  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import requests  # noqa: E402
 
@@ -170,7 +173,10 @@ def mlflow_server_process(mlflow_db_template):
 
 def stop_process_group(proc: subprocess.Popen) -> None:
     """SIGTERM a server started with start_new_session=True and its workers; SIGKILL after 30 s."""
-    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:  # the whole group already exited (a failed start)
+        return
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
