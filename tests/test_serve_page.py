@@ -8,8 +8,13 @@ install them. The page's server runs in a thread of this process, on 127.0.0.1, 
 from __future__ import annotations
 
 import io
+import os
+import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -243,3 +248,51 @@ def test_in_a_browser_photos_are_uploaded_shown_side_by_side_and_download_as_col
     colorize_paths([tmp_path / "family.jpg", tmp_path / "gray scan.png"], out_dir=by_colorize, model=str(model_file))
     for name in expected:
         assert (downloads / name).read_bytes() == (by_colorize / name).read_bytes(), name
+
+
+def test_chromalab_serve_stops_cleanly_and_deletes_what_a_killed_server_left(model_file, tmp_path):
+    """Ctrl-C ends `chromalab serve` with its own line and status 0, its uploads deleted; a folder left by a
+    server killed with -9 (its process gone) is deleted when the next one starts, a running server's is kept."""
+    orphan = tmp_path / f"chromalab-serve-{_gone_pid()}-x1"
+    running = tmp_path / f"chromalab-serve-{os.getpid()}-x2"
+    for folder in (orphan, running):
+        (folder / "a1").mkdir(parents=True)
+        (folder / "a1" / "colour").write_bytes(b"someone's photo")
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from chromalab.cli import run; run()", "serve", "--model", str(model_file),
+         "--port", "0"], env={**os.environ, "TMPDIR": str(tmp_path)}, stderr=subprocess.PIPE, text=True)
+    url = _served_url(server)
+    upload = requests.post(f"{url}/api/colorize", params={"name": "rose.png"}, data=_png_bytes(), timeout=60)
+    assert upload.status_code == 200, upload.text
+    workdirs = list(tmp_path.glob(f"chromalab-serve-{server.pid}-*"))
+    assert len(workdirs) == 1 and any(p.is_file() for p in workdirs[0].rglob("*"))
+    assert not orphan.exists() and running.exists()
+
+    server.send_signal(signal.SIGINT)
+    _, err = server.communicate(timeout=60)
+    assert server.returncode == 0, err
+    assert err.strip().splitlines()[-1] == "chromalab serve: stopped; its uploads and results are deleted"
+    assert not workdirs[0].exists()
+
+
+def _served_url(server: subprocess.Popen) -> str:
+    """The address in the banner `chromalab serve` prints once it listens."""
+    lines = []
+    for line in server.stderr:
+        lines.append(line)
+        if found := re.match(r"chromalab serve: (http://\S+)", line):
+            return found.group(1)
+    pytest.fail(f"no banner from chromalab serve (exit {server.wait()}):\n{''.join(lines)[-3000:]}")
+
+
+def _gone_pid() -> int:
+    """The id of a process that has ended."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(real_crops(1, 48)[0]).save(buffer, "PNG")
+    return buffer.getvalue()

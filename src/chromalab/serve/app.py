@@ -10,13 +10,15 @@ telemetry; Gradio would bring a large second web stack for one page.
 - The photo is coloured exactly as `chromalab colorize` colours it (chromalab.colorize: same model choice,
   same full-resolution output, same file name and format), so the downloaded file is the one `colorize`
   would write. Previews (gray | coloured, at most 2048 px a side) come from colorize's compare sheet.
-- Results live in the temporary folder until the server stops (the oldest are dropped past MAX_RESULTS).
+- Results live in the temporary folder until the server stops (the oldest are dropped past MAX_RESULTS); the
+  folder of a server that was killed (-9) is deleted by the next one to start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import re
 import socket
 import sys
@@ -37,6 +39,7 @@ from chromalab.colorize.photos import describe_unreadable
 from chromalab.errors import ChromalabError, one_line
 
 STATIC = Path(__file__).parent / "static"
+WORKDIR_PREFIX = "chromalab-serve-"  # + the server's process id: what a killed server left is found by it
 UPLOAD_STALL_S = 60.0  # an upload that sends nothing for this long is dropped
 SHUTDOWN_WAIT_S = 10.0  # Ctrl-C or SIGTERM: requests still running get this long, then the server stops
 DEFAULT_MAX_UPLOAD_MB = 50.0
@@ -182,12 +185,36 @@ def run_serve(model: str = "gan", *, host: str = "127.0.0.1", port: int = 8000,
 
     colorizer = colorize.load_colorizer(model, models_root)
     listening = listen_on(host, port)  # before the banner, so that it names the port really listened on
-    with listening, tempfile.TemporaryDirectory(prefix="chromalab-serve-") as workdir:
+    _remove_orphaned_workdirs()
+    with listening, tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-") as workdir:
         app = create_app(colorizer, model_label=model, workdir=Path(workdir), max_upload_mb=max_upload_mb)
         print(f"chromalab serve: http://{host}:{listening.getsockname()[1]}  (model {model}; Ctrl-C stops)",
               file=sys.stderr)
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_WAIT_S)
-        uvicorn.Server(config).run(sockets=[listening])
+        try:
+            uvicorn.Server(config).run(sockets=[listening])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C or SIGTERM it shut down on: a server's normal end
+            pass
+    print("chromalab serve: stopped; its uploads and results are deleted", file=sys.stderr)
+
+
+def _remove_orphaned_workdirs() -> None:
+    """Delete the temporary folders of servers that were killed (-9, a crash): they hold users' photos. Each
+    folder is named after its server's process id; a folder whose process still runs is left alone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*-*"):
+        pid = folder.name.removeprefix(WORKDIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _process_runs(int(pid)):
+            _remove(folder)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def listen_on(host: str, port: int) -> socket.socket:
