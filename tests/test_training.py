@@ -26,6 +26,7 @@ from chromalab.errors import ChromalabError
 from chromalab.train.checkpoint import params_fingerprint, read_history
 from chromalab.train.stage import run_train
 from chromalab.bench.samples import write_images_stage
+from repo import git_ignored
 
 BIN = Path(sys.executable).parent
 TINY = {
@@ -262,6 +263,10 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(request, tmp_path, datase
     state = json.loads((folder / "state.json").read_text())
     assert state["epoch"] == kill_epoch - GAN_RUN["train"]["checkpoint_every"]
     assert (folder / f"epoch-{kill_epoch:05d}.weights.h5").is_file()  # written, but nothing names it
+    # What a kill leaves stays out of a `git add -A` (weights, sample sheets of photos), all but state.json, which
+    # `dvc exp run` commits with each experiment (the folder is an uncached output) so that a clone is up to date.
+    left = sorted(p.name for p in folder.iterdir())
+    assert [name for name in left if not git_ignored(f"models/gan/checkpoint/{name}")] == ["state.json"]
     run_id = state["mlflow_run_id"]
     # Started again here, in this process (sparing a third TensorFlow start-up): all it can resume from is
     # what the killed process left on disk and in its MLflow store.
