@@ -37,6 +37,17 @@ def test_bad_params_stop_every_stage_with_one_line_and_exit_status_1(tmp_path, c
         assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and message in lines[0], captured.err
 
 
+@pytest.mark.parametrize("value", ["on", "off", "auto"])
+def test_switches_take_on_and_off_written_bare_as_dvc_writes_them(tmp_path, value):
+    """`dvc exp run -S train.xla=off` writes `xla: off`, which PyYAML (YAML 1.1) reads as False."""
+    from chromalab.config import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text(f"train:\n  xla: {value}\n  mixed_precision: {value}\n")
+    train = load_params(path).train
+    assert (train.xla, train.mixed_precision) == (value, value)
+
+
 def test_a_command_that_fails_or_is_interrupted_exits_non_zero(monkeypatch, capsys):
     """`chromalab colorize … && next-step` must stop when some photos failed (typer.Exit(1)) or on Ctrl-C."""
     import typer

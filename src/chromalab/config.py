@@ -7,10 +7,10 @@ Every group is strict: an unknown key or a value of the wrong type is an error t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from chromalab.errors import ChromalabError
 
@@ -82,7 +82,12 @@ class TfrecordsParams(_Group):
     contrast_variants: bool = True
 
 
-Switch = Literal["auto", "on", "off"]
+def _switch_from_yaml11(value: object) -> object:
+    """PyYAML reads YAML 1.1, where a bare `on` / `off` is a boolean; DVC's `-S train.xla=off` writes it bare."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch_from_yaml11)]
 
 
 class TrainParams(_Group):
