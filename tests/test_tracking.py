@@ -156,12 +156,16 @@ def test_killed_run_resumes_by_id_and_a_missing_one_starts_afresh(store, repo, c
     client = mlflow.MlflowClient(store)
     assert client.get_run(first.info.run_id).info.status == "KILLED"
 
-    with runs.model_run("baseline", params, dataset_hash="h", stage="train@baseline",
+    # resumed with a param changed that does not change what trains (the checkpoint's fingerprint leaves it out)
+    changed = parse_params({"images": {"concurrency": 4}})
+    with runs.model_run("baseline", changed, dataset_hash="h", stage="train@baseline",
                             run_id=first.info.run_id) as resumed:
         assert client.get_run(resumed.info.run_id).info.status == "RUNNING"
         runs.log_epoch({"loss": 0.7}, 2)
     assert resumed.info.run_id == first.info.run_id
     run = client.get_run(first.info.run_id)
+    assert run.data.params["images.concurrency"] == str(params.images.concurrency)  # MLflow keeps the first
+    assert "keeps its first values of images.concurrency" in capsys.readouterr().err
     assert run.info.status == "FINISHED" and run.info.run_name == "workspace-baseline"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 0.9), (2, 0.7)]
     assert [r.info.run_id for r in client.search_runs([run.info.experiment_id], "tags.model = 'baseline'")] \

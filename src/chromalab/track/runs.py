@@ -280,12 +280,26 @@ def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
         run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{tags[TAG_DVC_EXP_NAME]}-{model_name}")
     with run:
         mlflow.set_tags(tags)
-        mlflow.log_params(run_params(params, model_name))
+        mlflow.log_params(_params_to_log(client, run_id, run_params(params, model_name)))
         try:
             yield run
         except KeyboardInterrupt:  # MLflow would record a stopped run as FAILED
             mlflow.end_run("KILLED")
             raise
+
+
+def _params_to_log(client, run_id: str | None, params: dict[str, object]) -> dict[str, object]:
+    """The params a resumed run does not have yet. MLflow refuses to change a logged value; one that differs
+    is of a group the checkpoint's fingerprint leaves out (e.g. images.concurrency), which does not change
+    what trains, so the run keeps its first value and says so."""
+    if not run_id:
+        return params
+    logged = client.get_run(run_id).data.params
+    changed = sorted(key for key, value in params.items() if key in logged and logged[key] != str(value))
+    if changed:
+        print(f"MLflow run {run_id} keeps its first values of {', '.join(changed)} (they do not change what "
+              "trains)", file=sys.stderr)
+    return {key: value for key, value in params.items() if key not in logged}
 
 
 def logged_model(name: str):
