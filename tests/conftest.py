@@ -147,28 +147,35 @@ class _Started:
 @pytest.fixture(scope="session")
 def mlflow_server_process(mlflow_db_template):
     """A real `mlflow server` on 127.0.0.1 (light settings, security middleware on), one per test run."""
-    import shutil
-
     from filelock import FileLock
 
     folder = Path(os.environ[SHARED_DIR]) / "mlflow-server"
     record = folder.parent / "mlflow-server.json"
     with FileLock(f"{record}.lock"):
         if not record.is_file():
-            folder.mkdir()
-            shutil.copy(mlflow_db_template, folder / "mlflow.db")  # its tables made already
-            port = _free_port()
-            args = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                    "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-                    "--artifacts-destination", str(folder / "artifacts")]
-            with (folder / "server.log").open("wb") as log:
-                proc = subprocess.Popen(args, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-                                        stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)  # its workers share its group
+            url, proc = launch_mlflow_server(folder, mlflow_db_template)
             _STARTED.append(proc)  # kept: the process that made SHARED_DIR stops it, not this Popen's finaliser
-            record.write_text(json.dumps({"url": f"http://127.0.0.1:{port}", "pid": proc.pid, "args": args}))
+            record.write_text(json.dumps({"url": url, "pid": proc.pid, "args": proc.args}))
     started = json.loads(record.read_text())
     return started["url"], _Started(started["pid"], started["args"]), folder / "server.log"
+
+
+def launch_mlflow_server(folder: Path, db_template: Path) -> tuple[str, subprocess.Popen]:
+    """Start `mlflow server` on a free port of 127.0.0.1 over a copy of the template store in `folder` (logging
+    to folder/server.log); its URL and process. Not yet answering: see wait_until_up."""
+    import shutil
+
+    folder.mkdir(parents=True)
+    shutil.copy(db_template, folder / "mlflow.db")  # its tables made already
+    port = _free_port()
+    args = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination", str(folder / "artifacts")]
+    with (folder / "server.log").open("wb") as log:
+        proc = subprocess.Popen(args, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                                stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its workers share its group
+    return f"http://127.0.0.1:{port}", proc
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:

@@ -21,7 +21,7 @@ from PIL import Image
 from chromalab.track import runs
 from chromalab.config import flatten, parse_params
 from chromalab.errors import ChromalabError
-from conftest import _free_port
+from conftest import _free_port, launch_mlflow_server, stop_process_group, wait_until_up
 
 BIN = Path(sys.executable).parent
 # A git identity that doesn't depend on the machine's global config, for git and for `dvc exp run`.
@@ -199,6 +199,28 @@ def test_logging_outside_a_model_run_is_refused(repo):
     with pytest.raises(RuntimeError, match="model_run"):
         runs.log_epoch({"loss": 1.0}, 1)
     assert mlflow.active_run() is None
+
+
+def test_a_server_that_dies_mid_run_ends_the_stage_in_one_line(repo, tmp_path, monkeypatch, mlflow_db_template):
+    """Killed between two epochs' logging: one line saying what to do, soon after MLflow's retries, instead of
+    its chained tracebacks after waiting them out a second time to end the run."""
+    url, server = launch_mlflow_server(tmp_path / "server", mlflow_db_template)
+    try:
+        wait_until_up(f"{url}/health", server, tmp_path / "server" / "server.log")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # the default 7 would take minutes here
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        with pytest.raises(ChromalabError) as err:
+            with runs.model_run("gan", parse_params({}), dataset_hash="h", stage="train@gan"):
+                runs.log_epoch({"g_loss": 1.0}, 1)
+                stop_process_group(server)
+                started = time.monotonic()
+                runs.log_epoch({"g_loss": 0.5}, 2)
+    finally:
+        stop_process_group(server)
+    assert time.monotonic() - started < 60
+    assert f"MLflow tracking server {url} stopped answering" in str(err.value) and "\n" not in str(err.value)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"  # MLflow's own settings as they were
 
 
 def test_deleted_experiment_is_a_one_line_error(repo):

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 EXPERIMENT = "chromalab"
 HEALTH_TIMEOUT_S = 5.0
+MLFLOW_RETRIES_VAR = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 # Params every model's run depends on (the data pipeline and the shared training settings); the run also
 # gets its own model's group. The other model's group and `evaluate` are left out: they don't shape this run.
 SHARED_PARAM_GROUPS = ("base", "data", "split", "images", "tfrecords", "train")
@@ -121,6 +122,15 @@ def _is_local_database(uri: str) -> bool:
     from mlflow.store.db.db_types import DATABASE_ENGINES
 
     return uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_ENGINES
+
+
+def _unreachable(uri: str) -> bool:
+    """Whether `uri` is a tracking server that no longer answers its health check."""
+    try:
+        check_tracking_server(uri)
+    except ChromalabError:
+        return uri.startswith(("http://", "https://"))
+    return False
 
 
 def check_tracking_server(uri: str | None = None) -> None:
@@ -278,7 +288,7 @@ def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
         run = mlflow.start_run(run_id=run_id)
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{tags[TAG_DVC_EXP_NAME]}-{model_name}")
-    with run:
+    with _one_line_if_server_lost(uri) as server_lost, run:
         mlflow.set_tags(tags)
         mlflow.log_params(_params_to_log(client, run_id, run_params(params, model_name)))
         try:
@@ -286,6 +296,38 @@ def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
         except KeyboardInterrupt:  # MLflow would record a stopped run as FAILED
             mlflow.end_run("KILLED")
             raise
+        except Exception:
+            server_lost()
+            raise
+
+
+@contextmanager
+def _one_line_if_server_lost(uri: str) -> Iterator:
+    """A tracking server that stops answering mid-run ends the stage in one line, not MLflow's chained
+    tracebacks. Inside, `server_lost()` says whether it has; if so it also turns MLflow's retries off, so that
+    ending the run does not wait them out (minutes) a second time."""
+    retries, lost = os.environ.get(MLFLOW_RETRIES_VAR), []
+
+    def server_lost() -> bool:
+        if not lost and _unreachable(uri):
+            lost.append(True)
+            os.environ[MLFLOW_RETRIES_VAR] = "0"
+        return bool(lost)
+
+    try:
+        yield server_lost
+    except ChromalabError:
+        raise
+    except Exception as exc:
+        if not server_lost():
+            raise
+        raise ChromalabError(f"MLflow tracking server {uri} stopped answering during the run ({type(exc).__name__});"
+                             " what was checkpointed is kept: start the server again and re-run to resume") from None
+    finally:
+        if retries is None:
+            os.environ.pop(MLFLOW_RETRIES_VAR, None)
+        else:
+            os.environ[MLFLOW_RETRIES_VAR] = retries
 
 
 def _params_to_log(client, run_id: str | None, params: dict[str, object]) -> dict[str, object]:
