@@ -68,8 +68,9 @@ def run_download(params: Params, out_dir: Path = Path("data/raw"), cache_dir: Pa
     """Fill `out_dir` with the tables of the archive at params.data.url (or record a folder source)."""
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
     if params.data.source == "folder":
+        # not data.folder: the stage does not depend on it (dvc.yaml), and nothing reads it from here
         with staged_dir(out_dir) as tmp:
-            _write_json(tmp / "source.json", {"source": "folder", "folder": params.data.folder})
+            _write_json(tmp / "source.json", {"source": "folder"})
         return out_dir
 
     url = params.data.url
@@ -93,9 +94,10 @@ def run_download(params: Params, out_dir: Path = Path("data/raw"), cache_dir: Pa
         if local is None:  # never leave a bad download where the next run would resume it
             raise ChromalabError(f"{exc} ({_set_aside(archive)})") from None
         raise
-    if local is None:  # the tables are the stage's output; 700 MB of zip need not stay
+    if local is None:  # the tables are the stage's output; 700 MB of zip need not stay, nor a rejected one
         archive.unlink()
         _meta_path(archive).unlink(missing_ok=True)
+        _rejected_path(archive).unlink(missing_ok=True)
     tqdm.write(f"download: {', '.join(f'{t} {n:,} rows' for t, n in rows.items())} -> {out_dir}", file=sys.stderr)
     return out_dir
 
@@ -113,10 +115,14 @@ def check_digest(archive: Path, url: str, expected: str) -> tuple[str, int]:
 
 def _set_aside(archive: Path) -> str:
     """Move a download that failed its checks out of the way of the next run's resume; says where."""
-    aside = archive.with_suffix(".rejected")
+    aside = _rejected_path(archive)
     os.replace(archive, aside)
     _meta_path(archive).unlink(missing_ok=True)
     return f"the download is kept aside as {aside}; the next run downloads it afresh"
+
+
+def _rejected_path(archive: Path) -> Path:
+    return archive.with_suffix(".rejected")
 
 
 def local_archive_path(url: str) -> Path | None:
