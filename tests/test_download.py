@@ -387,10 +387,27 @@ def test_a_206_of_a_new_release_is_not_spliced_onto_the_old_one(fake_unsplash, p
     check_tables(out, photos, new)
 
 
-def test_a_page_answering_a_resume_is_not_appended_to_the_archive(fake_unsplash, photos, tmp_path):
-    archive, out = downloaded(fake_unsplash, photos, tmp_path, {"drop-once", "html-206"}, 6)
+def test_a_206_without_a_validator_is_not_spliced_onto_a_part_that_has_one(fake_unsplash, photos, tmp_path):
+    """A server that ignores If-Range and sends no ETag: the 206 may be another release's bytes."""
+    old, new = filled_archive(photos, fake_unsplash.url, 4), filled_archive(photos, fake_unsplash.url, 5, 310_000)
+    left_by_a_killed_run(fake_unsplash, tmp_path, old)
+    fake_unsplash.archive, fake_unsplash.archive_faults = new, {"no-validator", "ignore-if-range"}
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
     assert [bool(r.headers.get("Range")) for r in fake_unsplash.requests_to(fake_unsplash.archive_path)] == \
-        [False, True, False]
+        [True, False]  # spliced on, it made a zip with a bad CRC, and a wasted run
+    check_tables(out, photos, new)
+
+
+def test_a_page_answering_a_resume_is_not_appended_to_the_archive_and_keeps_it(fake_unsplash, photos, tmp_path):
+    archive = filled_archive(photos, fake_unsplash.url, 6)
+    fake_unsplash.archive, fake_unsplash.archive_faults = archive, {"drop-once", "html-206"}
+    with pytest.raises(ChromalabError, match="text/html page instead of the archive's bytes, 6 times"):
+        run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    part = partial_download_path(fake_unsplash.latest_url, tmp_path / "cache" / "downloads")
+    assert part.stat().st_size == len(archive) // 2  # a rate-limit page said nothing about the file
+    fake_unsplash.archive_faults = set()
+    out = run_download(params(url=fake_unsplash.latest_url), tmp_path / "raw", tmp_path / "cache")
+    assert fake_unsplash.requests_to(fake_unsplash.archive_path)[-1].headers["Range"] == f"bytes={len(archive) // 2}-"
     check_tables(out, photos, archive)
 
 

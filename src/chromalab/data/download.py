@@ -216,8 +216,10 @@ def _receive(response: requests.Response, url: str, part: Path, meta_path: Path,
     resumed = response.status_code == 206
     meta = _read_meta(meta_path)
     if resumed and (refused := _not_a_continuation(response, offset, meta.get("validator", ""), meta.get("kind"))):
-        part.unlink(missing_ok=True)  # the next try starts over
-        return refused
+        why, start_over = refused
+        if start_over:  # a page (a rate limit) says nothing about the part: it stays for the next try
+            part.unlink(missing_ok=True)
+        return why
     # the whole file's size: a 206 names it in Content-Range, a 200 in Content-Length
     length = str(_content_range_total(response) if resumed else response.headers.get("Content-Length"))
     expected = int(length) if length.isascii() and length.isdigit() else None
@@ -259,18 +261,20 @@ def _not_the_archive(response: requests.Response, url: str, first: bytes, expect
     return None
 
 
-def _not_a_continuation(response: requests.Response, offset: int, validator: str, kind: str | None) -> str | None:
-    """Why a 206 cannot continue the part: other bytes than asked for, another version of the file (a server
-    that ignores If-Range), or a page; None if it can. `kind`: the validator's header (parts from before it was
-    recorded: a quoted value is an ETag)."""
+def _not_a_continuation(response: requests.Response, offset: int, validator: str,
+                        kind: str | None) -> tuple[str, bool] | None:
+    """(why a 206 cannot continue the part, whether the part must start over), or None if it can: other bytes
+    than asked for, a page (the part is kept), or another version of the file (a server that ignores If-Range),
+    also when the 206 names none. `kind`: the validator's header (parts from before it was recorded: a quoted
+    value is an ETag)."""
     if _content_range_start(response) != offset or _encoded(response):
-        return "the server sent other bytes than asked for"
+        return "the server sent other bytes than asked for", True
+    if content_type(response.headers).startswith(PAGE_TYPES):
+        return f"the server sent a {content_type(response.headers)} page instead of the archive's bytes", False
     kind = kind or ("ETag" if validator.startswith(('"', "W/")) else "Last-Modified")
     now = response.headers.get(kind, "")
-    if validator and now and now != validator:
-        return f"the file changed on the server ({kind} {validator} → {now}); starting over"
-    if content_type(response.headers).startswith(PAGE_TYPES):
-        return f"the server sent a {content_type(response.headers)} page instead of the archive's bytes"
+    if validator and now != validator:  # a 206 without it may be any version: not worth a damaged zip
+        return f"the file changed on the server ({kind} {validator} → {now or 'none'}); starting over", True
     return None
 
 
