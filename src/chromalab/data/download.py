@@ -62,6 +62,10 @@ TABLE_MEMBER = re.compile(r"(?:^|/)(?P<table>photos|keywords|colors)\.(?:tsv|csv
 MAX_MEMBER_BYTES = 4 << 30
 MAX_COMPRESSION_RATIO = 100
 RATIO_CHECK_MIN_BYTES = 1 << 20  # a tiny member may legitimately compress very well
+MAX_MEMBERS = 10_000  # the Lite zip holds a few dozen entries; zipfile keeps every one listed in memory
+MAX_LINE_BYTES = 1 << 20  # a row is a few KB; csv reads each line whole, so a 400 MB one would sit in memory
+# An old Lite release had a keyword with a quoted newline; a quote never closed swallows the rows after it.
+MAX_ROW_LINES = 8
 
 
 def run_download(params: Params, out_dir: Path = Path("data/raw"), cache_dir: Path = Path("data/cache")) -> Path:
@@ -387,6 +391,7 @@ def sha256_file(path: Path) -> str:
 
 def extract_tables(archive: Path, out_dir: Path) -> tuple[dict[str, list[str]], dict[str, int]]:
     """Write out_dir/<table>.tsv for each table the pipeline reads; returns (members used, row counts)."""
+    _check_member_count(archive)
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -400,8 +405,12 @@ def extract_tables(archive: Path, out_dir: Path) -> tuple[dict[str, list[str]], 
             for table, infos in parts.items():
                 dest = out_dir / f"{table}.tsv"
                 try:
-                    _concatenate_parts(zf, infos, dest, table, archive, bar)
+                    starts = _concatenate_parts(zf, infos, dest, table, archive, bar)
                     rows[table] = count_rows(dest)
+                except RowsRunTogether as exc:
+                    raise ChromalabError(
+                        f"{archive}: table '{table}', {_zip_line(starts, exc.line)}: rows run together (a quote "
+                        "never closed); the zip is damaged: download it again, or check data.url") from None
                 # a directory that reads, data that doesn't: damaged, encrypted (RuntimeError), or compressed
                 # in a way zipfile cannot read (NotImplementedError)
                 except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError) as exc:
@@ -458,34 +467,79 @@ def _table_parts(zf: zipfile.ZipFile, archive: Path) -> dict[str, list[zipfile.Z
     return parts
 
 
-def _concatenate_parts(zf, infos, dest: Path, table: str, archive: Path, bar: tqdm) -> None:
-    """Parts may each start with the header row: keep the first part's header once, check the others'."""
+def _check_member_count(archive: Path) -> None:
+    """Refuse a zip listing over MAX_MEMBERS entries before zipfile reads them all (a million took 600 MB)."""
+    end_record = getattr(zipfile, "_EndRecData", None)  # private, but zipfile's own (zip64-aware) reader
+    try:
+        with archive.open("rb") as f:
+            end = end_record(f) if end_record else None
+    except OSError:
+        return  # ZipFile names the problem
+    entries = end[zipfile._ECD_ENTRIES_TOTAL] if end else 0
+    if entries > MAX_MEMBERS:
+        raise ChromalabError(f"{archive}: {entries:,} entries (the Lite zip has a few dozen, limit {MAX_MEMBERS:,}); "
+                             "refusing this archive: check data.url")
+
+
+def _concatenate_parts(zf, infos, dest: Path, table: str, archive: Path, bar: tqdm) -> list[tuple[int, str, int]]:
+    """Parts may each start with the header row: keep the first part's header once, check the others'. Returns
+    where each part begins: (line of `dest`, member, line of the member), to name a line of the zip."""
     header: bytes | None = None
+    starts, line = [], 1
     with dest.open("wb") as out:
         for info in infos:
             with zf.open(info) as member:
-                first = member.readline()
+                first, at = member.readline(MAX_LINE_BYTES + 1), 1  # capped: a header is a few hundred bytes
+                if len(first) > MAX_LINE_BYTES:
+                    raise ChromalabError(_long_line_message(archive, info.filename, 1))
                 if header is None:
                     _check_columns(first, table, info.filename, archive)
                     header = first
-                    out.write(first)
-                elif not _is_header(first):  # a headerless part: its first line is data
-                    out.write(first)
-                elif _bare(first) != _bare(header):
-                    raise ChromalabError(
-                        f"{archive}: {info.filename} has other columns than {infos[0].filename}; repack the archive"
-                    )
-                bar.update(len(first))
-                written, last = len(first), first
-                while chunk := member.read(CHUNK_BYTES):
-                    written += len(chunk)
-                    if written > MAX_MEMBER_BYTES:  # the size in the zip's directory may lie
-                        raise ChromalabError(f"{archive}: entry {info.filename!r} exceeds {MAX_MEMBER_BYTES:,} bytes")
-                    out.write(chunk)
-                    bar.update(len(chunk))
-                    last = chunk
-            if last and not last.endswith(b"\n"):  # the next part must start on a line of its own
-                out.write(b"\n")
+                elif _is_header(first):  # a part's own copy of the header: checked, not copied
+                    if _bare(first) != _bare(header):
+                        raise ChromalabError(
+                            f"{archive}: {info.filename} has other columns than {infos[0].filename}; "
+                            "repack the archive"
+                        )
+                    bar.update(len(first))
+                    first, at = b"", 2
+                starts.append((line, info.filename, at))
+                line += _copy_member(member, out, bar, first, at, info.filename, archive)
+    return starts
+
+
+def _copy_member(member, out, bar: tqdm, first: bytes, at: int, name: str, archive: Path) -> int:
+    """Copy `first`, then the rest of `member` (from its line `at`), to `out`; returns the lines copied (a last
+    line without its newline is ended: the next part must start on a line of its own)."""
+    written, lines, chunk = 0, 0, first or member.read(CHUNK_BYTES)
+    open_bytes = 0  # of the line not yet ended
+    while chunk:
+        written += len(chunk)
+        if written > MAX_MEMBER_BYTES:  # the size in the zip's directory may lie
+            raise ChromalabError(f"{archive}: entry {name!r} exceeds {MAX_MEMBER_BYTES:,} bytes")
+        newline = chunk.find(b"\n")  # lines inside a chunk are shorter than it, and CHUNK_BYTES < MAX_LINE_BYTES
+        if open_bytes + (len(chunk) if newline < 0 else newline) > MAX_LINE_BYTES:
+            raise ChromalabError(_long_line_message(archive, name, at + lines))
+        lines += chunk.count(b"\n")
+        open_bytes = open_bytes + len(chunk) if newline < 0 else len(chunk) - chunk.rindex(b"\n") - 1
+        out.write(chunk)
+        bar.update(len(chunk))
+        chunk = member.read(CHUNK_BYTES)
+    if open_bytes:
+        out.write(b"\n")
+        lines += 1
+    return lines
+
+
+def _long_line_message(archive: Path, name: str, line: int) -> str:
+    return (f"{archive}: {name} line {line} runs past {MAX_LINE_BYTES:,} bytes (a row is a few KB); "
+            "the zip is damaged or no Unsplash Lite zip: check data.url, or download it again")
+
+
+def _zip_line(starts: list[tuple[int, str, int]], line: int) -> str:
+    """Line `line` of a table joined from parts, as the member and line of the zip it came from."""
+    start, name, at = [s for s in starts if s[0] <= line][-1]
+    return f"{name} line {line - start + at}"
 
 
 def _bare(header_line: bytes) -> bytes:
@@ -507,13 +561,28 @@ def _check_columns(header_line: bytes, table: str, member: str, archive: Path) -
         )
 
 
+class RowsRunTogether(Exception):
+    """A row spanning more lines than a real one, or a field holding tabs and line ends: a quote never closed."""
+
+    def __init__(self, line: int):
+        super().__init__(line)
+        self.line = line
+
+
 def count_rows(path: Path) -> int:
+    """The rows of an extracted table; RowsRunTogether at the first row that swallowed the ones after it."""
     f, reader = open_table(path)
     with f:
-        try:
-            return sum(1 for _ in reader)
-        except csv.Error as exc:
-            raise ChromalabError(f"{path}: unreadable TSV at line {reader.line_num} ({exc})") from None
+        if reader.fieldnames is None:  # reads the header (so line_num is where the rows begin); none: no rows
+            return 0
+        rows, end = 0, reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            fields = [v for v in row.values() if isinstance(v, str)]  # extra fields are a list, missing ones None
+            if end - start >= MAX_ROW_LINES or any("\t" in v and "\n" in v for v in fields):
+                raise RowsRunTogether(start)
+            rows += 1
+    return rows
 
 
 def _write_json(path: Path, data: dict) -> None:
