@@ -181,6 +181,39 @@ def test_short_reserve_is_reported_not_fatal(raw_dir, tmp_path):
     assert json.loads((tmp_path / "split" / "summary.json").read_text()) == summary
 
 
+def _raw_tables(raw: Path, urls: dict[str, str]) -> Path:
+    """data/raw with one confidently tagged person per {photo_id: photo_image_url}."""
+    raw.mkdir()
+    (raw / "photos.tsv").write_text("photo_id\tphoto_image_url\n" + "".join(f"{i}\t{u}\n" for i, u in urls.items()))
+    (raw / "keywords.tsv").write_text(
+        "photo_id\tkeyword\tai_service_1_confidence\tai_service_2_confidence\tsuggested_by_user\n"
+        + "".join(f"{i}\tperson\t90.0\t\tf\n" for i in urls)
+    )
+    return raw
+
+
+def test_ids_and_urls_the_images_stage_cannot_use_are_left_out_and_counted(tmp_path):
+    # a 300-character id passed the id check, then its file name was too long for the file system (OSError);
+    # an unclosed IPv6 bracket passed the http:// prefix check, then stopped images with a ValueError
+    good = {f"good{n}": f"{IMAGE_BASE}/photo-good{n}" for n in range(3)}
+    bad = {"x" * 300: f"{IMAGE_BASE}/photo-long", "bracket": "http://[::1/photo-bracket", "nohost": "https:///p",
+           "port": "http://host:port/p", "ftp": "ftp://host/p", "a/b": f"{IMAGE_BASE}/photo-slash"}
+    raw = _raw_tables(tmp_path / "raw", {**good, **bad})
+    summary = run_split(params(n_train=1, n_test=1, n_val=1), raw, tmp_path / "split")
+    assert sorted(ids(r for rows in read_split(tmp_path / "split").values() for r in rows)) == sorted(good)
+    assert summary["left_out"] == {"no usable id or image URL": len(bad)}
+    assert SAFE_PHOTO_ID.match("a" * 64) and not SAFE_PHOTO_ID.match("a" * 65) and not SAFE_PHOTO_ID.match("a\n")
+
+
+def test_one_image_url_under_two_ids_is_kept_once_under_the_first_id(tmp_path):
+    # five such pairs put one photo in both test and val, and another twice in train
+    urls = {f"id{n}": f"{IMAGE_BASE}/photo-{n % 4}" for n in range(10)}
+    summary = run_split(params(n_train=2, n_test=1, n_val=1), _raw_tables(tmp_path / "raw", urls), tmp_path / "split")
+    chosen = [r for rows in read_split(tmp_path / "split").values() for r in rows]
+    assert sorted(ids(chosen)) == ["id0", "id1", "id2", "id3"]
+    assert summary["left_out"] == {"image URL of another photo id": 6}
+
+
 def test_missing_raw_tables(tmp_path):
     with pytest.raises(ChromalabError, match="run the download stage first"):
         run_split(params(n_train=1, n_test=1), tmp_path / "raw", tmp_path / "split")

@@ -62,14 +62,19 @@ TABLE_MEMBER = re.compile(r"(?:^|/)(?P<table>photos|keywords|colors)\.(?:tsv|csv
 MAX_MEMBER_BYTES = 4 << 30
 MAX_COMPRESSION_RATIO = 100
 RATIO_CHECK_MIN_BYTES = 1 << 20  # a tiny member may legitimately compress very well
+MAX_MEMBERS = 10_000  # the Lite zip holds a few dozen entries; zipfile keeps every one listed in memory
+MAX_LINE_BYTES = 1 << 20  # a row is a few KB; csv reads each line whole, so a 400 MB one would sit in memory
+# An old Lite release had a keyword with a quoted newline; a quote never closed swallows the rows after it.
+MAX_ROW_LINES = 8
 
 
 def run_download(params: Params, out_dir: Path = Path("data/raw"), cache_dir: Path = Path("data/cache")) -> Path:
     """Fill `out_dir` with the tables of the archive at params.data.url (or record a folder source)."""
     out_dir, cache_dir = Path(out_dir), Path(cache_dir)
     if params.data.source == "folder":
+        # not data.folder: the stage does not depend on it (dvc.yaml), and nothing reads it from here
         with staged_dir(out_dir) as tmp:
-            _write_json(tmp / "source.json", {"source": "folder", "folder": params.data.folder})
+            _write_json(tmp / "source.json", {"source": "folder"})
         return out_dir
 
     url = params.data.url
@@ -93,9 +98,10 @@ def run_download(params: Params, out_dir: Path = Path("data/raw"), cache_dir: Pa
         if local is None:  # never leave a bad download where the next run would resume it
             raise ChromalabError(f"{exc} ({_set_aside(archive)})") from None
         raise
-    if local is None:  # the tables are the stage's output; 700 MB of zip need not stay
+    if local is None:  # the tables are the stage's output; 700 MB of zip need not stay, nor a rejected one
         archive.unlink()
         _meta_path(archive).unlink(missing_ok=True)
+        _rejected_path(archive).unlink(missing_ok=True)
     tqdm.write(f"download: {', '.join(f'{t} {n:,} rows' for t, n in rows.items())} -> {out_dir}", file=sys.stderr)
     return out_dir
 
@@ -113,10 +119,14 @@ def check_digest(archive: Path, url: str, expected: str) -> tuple[str, int]:
 
 def _set_aside(archive: Path) -> str:
     """Move a download that failed its checks out of the way of the next run's resume; says where."""
-    aside = archive.with_suffix(".rejected")
+    aside = _rejected_path(archive)
     os.replace(archive, aside)
     _meta_path(archive).unlink(missing_ok=True)
     return f"the download is kept aside as {aside}; the next run downloads it afresh"
+
+
+def _rejected_path(archive: Path) -> Path:
+    return archive.with_suffix(".rejected")
 
 
 def local_archive_path(url: str) -> Path | None:
@@ -210,8 +220,10 @@ def _receive(response: requests.Response, url: str, part: Path, meta_path: Path,
     resumed = response.status_code == 206
     meta = _read_meta(meta_path)
     if resumed and (refused := _not_a_continuation(response, offset, meta.get("validator", ""), meta.get("kind"))):
-        part.unlink(missing_ok=True)  # the next try starts over
-        return refused
+        why, start_over = refused
+        if start_over:  # a page (a rate limit) says nothing about the part: it stays for the next try
+            part.unlink(missing_ok=True)
+        return why
     # the whole file's size: a 206 names it in Content-Range, a 200 in Content-Length
     length = str(_content_range_total(response) if resumed else response.headers.get("Content-Length"))
     expected = int(length) if length.isascii() and length.isdigit() else None
@@ -253,18 +265,20 @@ def _not_the_archive(response: requests.Response, url: str, first: bytes, expect
     return None
 
 
-def _not_a_continuation(response: requests.Response, offset: int, validator: str, kind: str | None) -> str | None:
-    """Why a 206 cannot continue the part: other bytes than asked for, another version of the file (a server
-    that ignores If-Range), or a page; None if it can. `kind`: the validator's header (parts from before it was
-    recorded: a quoted value is an ETag)."""
+def _not_a_continuation(response: requests.Response, offset: int, validator: str,
+                        kind: str | None) -> tuple[str, bool] | None:
+    """(why a 206 cannot continue the part, whether the part must start over), or None if it can: other bytes
+    than asked for, a page (the part is kept), or another version of the file (a server that ignores If-Range),
+    also when the 206 names none. `kind`: the validator's header (parts from before it was recorded: a quoted
+    value is an ETag)."""
     if _content_range_start(response) != offset or _encoded(response):
-        return "the server sent other bytes than asked for"
+        return "the server sent other bytes than asked for", True
+    if content_type(response.headers).startswith(PAGE_TYPES):
+        return f"the server sent a {content_type(response.headers)} page instead of the archive's bytes", False
     kind = kind or ("ETag" if validator.startswith(('"', "W/")) else "Last-Modified")
     now = response.headers.get(kind, "")
-    if validator and now and now != validator:
-        return f"the file changed on the server ({kind} {validator} → {now}); starting over"
-    if content_type(response.headers).startswith(PAGE_TYPES):
-        return f"the server sent a {content_type(response.headers)} page instead of the archive's bytes"
+    if validator and now != validator:  # a 206 without it may be any version: not worth a damaged zip
+        return f"the file changed on the server ({kind} {validator} → {now or 'none'}); starting over", True
     return None
 
 
@@ -377,6 +391,7 @@ def sha256_file(path: Path) -> str:
 
 def extract_tables(archive: Path, out_dir: Path) -> tuple[dict[str, list[str]], dict[str, int]]:
     """Write out_dir/<table>.tsv for each table the pipeline reads; returns (members used, row counts)."""
+    _check_member_count(archive)
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -390,8 +405,12 @@ def extract_tables(archive: Path, out_dir: Path) -> tuple[dict[str, list[str]], 
             for table, infos in parts.items():
                 dest = out_dir / f"{table}.tsv"
                 try:
-                    _concatenate_parts(zf, infos, dest, table, archive, bar)
+                    starts = _concatenate_parts(zf, infos, dest, table, archive, bar)
                     rows[table] = count_rows(dest)
+                except RowsRunTogether as exc:
+                    raise ChromalabError(
+                        f"{archive}: table '{table}', {_zip_line(starts, exc.line)}: rows run together (a quote "
+                        "never closed); the zip is damaged: download it again, or check data.url") from None
                 # a directory that reads, data that doesn't: damaged, encrypted (RuntimeError), or compressed
                 # in a way zipfile cannot read (NotImplementedError)
                 except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError) as exc:
@@ -448,34 +467,79 @@ def _table_parts(zf: zipfile.ZipFile, archive: Path) -> dict[str, list[zipfile.Z
     return parts
 
 
-def _concatenate_parts(zf, infos, dest: Path, table: str, archive: Path, bar: tqdm) -> None:
-    """Parts may each start with the header row: keep the first part's header once, check the others'."""
+def _check_member_count(archive: Path) -> None:
+    """Refuse a zip listing over MAX_MEMBERS entries before zipfile reads them all (a million took 600 MB)."""
+    end_record = getattr(zipfile, "_EndRecData", None)  # private, but zipfile's own (zip64-aware) reader
+    try:
+        with archive.open("rb") as f:
+            end = end_record(f) if end_record else None
+    except OSError:
+        return  # ZipFile names the problem
+    entries = end[zipfile._ECD_ENTRIES_TOTAL] if end else 0
+    if entries > MAX_MEMBERS:
+        raise ChromalabError(f"{archive}: {entries:,} entries (the Lite zip has a few dozen, limit {MAX_MEMBERS:,}); "
+                             "refusing this archive: check data.url")
+
+
+def _concatenate_parts(zf, infos, dest: Path, table: str, archive: Path, bar: tqdm) -> list[tuple[int, str, int]]:
+    """Parts may each start with the header row: keep the first part's header once, check the others'. Returns
+    where each part begins: (line of `dest`, member, line of the member), to name a line of the zip."""
     header: bytes | None = None
+    starts, line = [], 1
     with dest.open("wb") as out:
         for info in infos:
             with zf.open(info) as member:
-                first = member.readline()
+                first, at = member.readline(MAX_LINE_BYTES + 1), 1  # capped: a header is a few hundred bytes
+                if len(first) > MAX_LINE_BYTES:
+                    raise ChromalabError(_long_line_message(archive, info.filename, 1))
                 if header is None:
                     _check_columns(first, table, info.filename, archive)
                     header = first
-                    out.write(first)
-                elif not _is_header(first):  # a headerless part: its first line is data
-                    out.write(first)
-                elif _bare(first) != _bare(header):
-                    raise ChromalabError(
-                        f"{archive}: {info.filename} has other columns than {infos[0].filename}; repack the archive"
-                    )
-                bar.update(len(first))
-                written, last = len(first), first
-                while chunk := member.read(CHUNK_BYTES):
-                    written += len(chunk)
-                    if written > MAX_MEMBER_BYTES:  # the size in the zip's directory may lie
-                        raise ChromalabError(f"{archive}: entry {info.filename!r} exceeds {MAX_MEMBER_BYTES:,} bytes")
-                    out.write(chunk)
-                    bar.update(len(chunk))
-                    last = chunk
-            if last and not last.endswith(b"\n"):  # the next part must start on a line of its own
-                out.write(b"\n")
+                elif _is_header(first):  # a part's own copy of the header: checked, not copied
+                    if _bare(first) != _bare(header):
+                        raise ChromalabError(
+                            f"{archive}: {info.filename} has other columns than {infos[0].filename}; "
+                            "repack the archive"
+                        )
+                    bar.update(len(first))
+                    first, at = b"", 2
+                starts.append((line, info.filename, at))
+                line += _copy_member(member, out, bar, first, at, info.filename, archive)
+    return starts
+
+
+def _copy_member(member, out, bar: tqdm, first: bytes, at: int, name: str, archive: Path) -> int:
+    """Copy `first`, then the rest of `member` (from its line `at`), to `out`; returns the lines copied (a last
+    line without its newline is ended: the next part must start on a line of its own)."""
+    written, lines, chunk = 0, 0, first or member.read(CHUNK_BYTES)
+    open_bytes = 0  # of the line not yet ended
+    while chunk:
+        written += len(chunk)
+        if written > MAX_MEMBER_BYTES:  # the size in the zip's directory may lie
+            raise ChromalabError(f"{archive}: entry {name!r} exceeds {MAX_MEMBER_BYTES:,} bytes")
+        newline = chunk.find(b"\n")  # lines inside a chunk are shorter than it, and CHUNK_BYTES < MAX_LINE_BYTES
+        if open_bytes + (len(chunk) if newline < 0 else newline) > MAX_LINE_BYTES:
+            raise ChromalabError(_long_line_message(archive, name, at + lines))
+        lines += chunk.count(b"\n")
+        open_bytes = open_bytes + len(chunk) if newline < 0 else len(chunk) - chunk.rindex(b"\n") - 1
+        out.write(chunk)
+        bar.update(len(chunk))
+        chunk = member.read(CHUNK_BYTES)
+    if open_bytes:
+        out.write(b"\n")
+        lines += 1
+    return lines
+
+
+def _long_line_message(archive: Path, name: str, line: int) -> str:
+    return (f"{archive}: {name} line {line} runs past {MAX_LINE_BYTES:,} bytes (a row is a few KB); "
+            "the zip is damaged or no Unsplash Lite zip: check data.url, or download it again")
+
+
+def _zip_line(starts: list[tuple[int, str, int]], line: int) -> str:
+    """Line `line` of a table joined from parts, as the member and line of the zip it came from."""
+    start, name, at = [s for s in starts if s[0] <= line][-1]
+    return f"{name} line {line - start + at}"
 
 
 def _bare(header_line: bytes) -> bytes:
@@ -497,13 +561,28 @@ def _check_columns(header_line: bytes, table: str, member: str, archive: Path) -
         )
 
 
+class RowsRunTogether(Exception):
+    """A row spanning more lines than a real one, or a field holding tabs and line ends: a quote never closed."""
+
+    def __init__(self, line: int):
+        super().__init__(line)
+        self.line = line
+
+
 def count_rows(path: Path) -> int:
+    """The rows of an extracted table; RowsRunTogether at the first row that swallowed the ones after it."""
     f, reader = open_table(path)
     with f:
-        try:
-            return sum(1 for _ in reader)
-        except csv.Error as exc:
-            raise ChromalabError(f"{path}: unreadable TSV at line {reader.line_num} ({exc})") from None
+        if reader.fieldnames is None:  # reads the header (so line_num is where the rows begin); none: no rows
+            return 0
+        rows, end = 0, reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            fields = [v for v in row.values() if isinstance(v, str)]  # extra fields are a list, missing ones None
+            if end - start >= MAX_ROW_LINES or any("\t" in v and "\n" in v for v in fields):
+                raise RowsRunTogether(start)
+            rows += 1
+    return rows
 
 
 def _write_json(path: Path, data: dict) -> None:

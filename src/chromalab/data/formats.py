@@ -11,7 +11,8 @@ from pathlib import Path
 # The shuffled candidates are cut in this order, so a larger n_val or n_reserve never changes train or test.
 SPLITS = ("train", "test", "val", "reserve")
 SPLIT_FIELDS = ("photo_id", "image_url", "reason")
-SAFE_PHOTO_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+# Unsplash ids are 11 characters; a limit keeps a file name (id + suffix) far below the file system's 255 bytes.
+SAFE_PHOTO_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")  # \Z: "$" would pass a final newline
 # images → tfrecords: the fetched photos and where each came from.
 MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ("photo_id", "split", "file", "sha256", "source")

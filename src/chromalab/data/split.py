@@ -6,6 +6,8 @@ captioned as black-and-white (or "no people") are left out. The candidates, sort
 shuffled with base.seed and cut, in this order, into n_train, n_test, n_val (what training validates
 on and chooses its exported checkpoint by) and n_reserve (stand-ins for photos that turn out gone or gray
 in the images stage). val comes after test, so adding or resizing it never changes train or test.
+Rows the images stage could not use (an id too long or unsafe for a file name, an image URL that is no http(s)
+URL with a host) and further ids of an image URL already in are left out and counted.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
@@ -129,6 +132,7 @@ def people_candidates(raw_dir: Path, sp: SplitParams) -> tuple[list[Candidate], 
     left_out: Counter[str] = Counter()
     candidates: list[Candidate] = []
     seen: set[str] = set()
+    urls: set[str] = set()
     for row in read_table(raw_dir / "photos.tsv", ("photo_id", "photo_image_url")):
         photo_id = row["photo_id"]
         if photo_id not in best or photo_id in seen:
@@ -136,15 +140,29 @@ def people_candidates(raw_dir: Path, sp: SplitParams) -> tuple[list[Candidate], 
         seen.add(photo_id)
         caption = f"{row.get('photo_description') or ''} {row.get('ai_description') or ''}"
         url = (row["photo_image_url"] or "").strip()
+        if not _usable_url(url) or not SAFE_PHOTO_ID.match(photo_id):
+            left_out["no usable id or image URL"] += 1
+            continue
+        if url in urls:  # one photo under two ids could land in train and test: the first id keeps it
+            left_out["image URL of another photo id"] += 1
+            continue
+        urls.add(url)
         if photo_id in black_and_white:
             left_out["black-and-white keyword"] += 1
         elif CAPTION_EXCLUDE.search(caption):
             left_out["caption says no people / black-and-white"] += 1
-        elif not url.startswith(("http://", "https://")) or not SAFE_PHOTO_ID.match(photo_id):
-            left_out["no usable id or image URL"] += 1
         else:
             candidates.append(Candidate(photo_id, url, best[photo_id][1]))
     return candidates, dict(left_out)
+
+
+def _usable_url(url: str) -> bool:
+    """An http(s) URL with a host that the images stage can fetch (a malformed one would stop it there)."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:  # an unclosed '[' of an IPv6 host, a port that is no number
+        return False
 
 
 def normalise_keyword(keyword: str | None) -> str:
