@@ -210,6 +210,16 @@ def test_stages_print_their_own_lines_not_tensorflows_or_mlflows_notices(data_st
     assert re.search(r"train@gan: epoch \d+/\d+, \S+ elapsed, ~\S+ left", full_pipeline)
 
 
+def _drawn_points(chart: dict) -> list[tuple[str, str]]:
+    """(column, epoch) of each value a `dvc plots show` chart draws: several y columns are DVC's "field" rows,
+    one is the chart's y encoding."""
+    rows = chart["data"]["values"]
+    if "field" in rows[0]:
+        return sorted({(row["field"], row["epoch"]) for row in rows if row["dvc_inferred_y_value"] != ""})
+    column = chart["layer"][0]["encoding"]["y"]["field"]
+    return sorted((column, row["epoch"]) for row in rows if row[column] != "")
+
+
 def test_training_and_evaluation_outputs(repo, full_pipeline):
     import keras
     from chromalab.data.dataset import load_split_arrays
@@ -223,6 +233,12 @@ def test_training_and_evaluation_outputs(repo, full_pipeline):
     assert metrics["gray_floor"]["colourfulness"] == 0.0
     shown = json.loads(run(repo, "dvc", "metrics", "show", "--json"))
     assert "reports/evaluate/metrics.json" in json.dumps(shown)
+    # `dvc plots show`: the training losses, each a curve with a value every epoch (a blank would be drawn as 0)
+    plots = json.loads(run(repo, "dvc", "plots", "show", "--json"))["data"]
+    drawn = {name: _drawn_points(plot[0]["content"]) for name, plot in plots.items()}
+    epochs = {model: [str(e) for e in range(1, TINY_PARAMS[model]["epochs"] + 1)] for model in ("baseline", "gan")}
+    assert drawn == {"GAN losses": sorted((f, e) for f in ("g_l1", "g_gan", "d_loss") for e in epochs["gan"]),
+                     "baseline loss (1 - SSIM)": sorted(("loss", e) for e in epochs["baseline"])}
 
     # The pictures show the trained models' colours: every panel is the picture it must be.
     n_sheet = TINY_PARAMS["evaluate"]["n_sheet"]
