@@ -134,7 +134,7 @@ def stages_run(out: str) -> set[str]:
     return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
 
 
-GAN_CHECKPOINT = Path("models/gan/checkpoint")  # dvc.yaml: persist: true
+GAN_CHECKPOINT = Path("models/gan/checkpoint")  # not a DVC output: DVC leaves it in place
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +296,10 @@ def test_exp_run_reruns_only_what_the_param_touches(repo, full_pipeline):
     assert experiment["params"]["params.yaml"]["data"][model][param] == value
     scores = experiment["metrics"]["reports/evaluate/metrics.json"]["data"]
     assert {"gray_floor", "baseline", "gan"} <= set(scores) and "delta_e00" in scores[model]
+
+    # Back at the params of an earlier run, DVC's run cache restores that run's model and scores: nothing trains.
+    out = run(repo, "dvc", "exp", "run", "-S", f"{model}.{param}={TINY_PARAMS[model][param]}", "-n", f"{name}-back")
+    assert stages_run(out) == set() and f"Stage 'train@{model}' is cached" in out, out
 
 
 def _find_experiment(node, name: str) -> dict:

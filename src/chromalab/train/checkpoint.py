@@ -1,6 +1,6 @@
 """A training run's checkpoint: complete or absent, whatever moment a kill picks.
 
-The folder (DVC keeps it in place, `persist: true`) holds each checkpoint's files under its epoch's name,
+The folder (git-ignored, not a DVC output: DVC leaves it in place) holds each checkpoint's files under its epoch's name,
 `epoch-00005.weights.h5` and `epoch-00005.history.csv`, and `state.json`, which names them. state.json is
 replaced last (atomically), and only then are the previous epoch's files removed: a kill at any point leaves
 a state.json that names files which are whole, so the resumed run starts from the last complete checkpoint.
