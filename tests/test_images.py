@@ -182,7 +182,8 @@ def test_a_server_that_fails_every_photo_is_given_up_on_early(fake_unsplash, tmp
     tried = len(fake_unsplash.image_counts())
     assert tried <= 4  # the streak's 3, and at most the one a worker had already begun
     assert str(err.value) == (f"12 of 12 photos could not be fetched (e.g. {train[0]}: HTTP 500 after 1 retries); "
-                              f"{12 - tried} not tried after 3 in a row failed (is the server down?); "
+                              f"{12 - tried} not tried after 3 in a row gave no photo (is the server down? its "
+                              "answers meanwhile, gone or corrupt, are not held against the photos); "
                               "re-run the stage to fetch only what is missing")
 
 
@@ -196,9 +197,32 @@ def test_photos_settled_before_do_not_hide_a_server_that_is_down(fake_unsplash, 
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "rejected.csv").write_text(
         "photo_id,split,reason\n" + "".join(f"{pid},train,gone (HTTP 404)\n" for pid in train[::3]))
-    with pytest.raises(ChromalabError, match="not tried after 3 in a row failed"):
+    with pytest.raises(ChromalabError, match="not tried after 3 in a row gave no photo"):
         run_images(params(concurrency=1, retries=1), tmp_path / "split", tmp_path / "images")
     assert len(fake_unsplash.image_counts()) <= 4  # the streak's 3, and at most the one a worker had begun
+
+
+def test_an_outage_answering_404_to_every_photo_leaves_no_lasting_rejection(tmp_path, fast_backoff, monkeypatch):
+    """404 for every photo is the server's trouble, not every photo gone: the rejections count toward the
+    streak, are dropped when it ends the run, and the re-run comes out as if the outage never was."""
+    train, test, reserve = photo_ids("tr", 4), photo_ids("te", 1), photo_ids("re", 3)
+    monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 3)
+
+    def outputs(name, outage):
+        with FakeUnsplash(image_faults={pid: "404" for pid in train + test + reserve} if outage else {}) as server:
+            write_split(tmp_path / name / "split", server.url, train, test, reserve)
+            if outage:
+                with pytest.raises(ChromalabError, match="in a row gave no photo \\(is the server down?"):
+                    run_images(params(concurrency=1), tmp_path / name / "split", tmp_path / name / "images")
+                assert read_csv(tmp_path / name / "images" / "rejected.csv") == []
+                server.image_faults = {}  # the outage is over
+            run_images(params(concurrency=1), tmp_path / name / "split", tmp_path / name / "images")
+        check_output(tmp_path / name / "images")
+        manifest = [{k: v for k, v in row.items() if k != "source"}  # the source names the server's port
+                    for row in read_csv(tmp_path / name / "images" / "manifest.csv")]
+        return manifest, (tmp_path / name / "images" / "rejected.csv").read_text()
+
+    assert outputs("outage", outage=True) == outputs("healthy", outage=False)
 
 
 def test_a_photo_the_server_never_sends_is_given_up_after_two_runs_instead_of_stopping_every_run(

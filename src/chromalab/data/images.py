@@ -3,11 +3,13 @@
 Unsplash photos are fetched from their dynamic image URL, cropped by the server
 (`fit=crop&crop=faces,entropy`); folder photos are centre-cropped here. Every photo must decode in
 full and have colour (mean chroma >= images.min_chroma); a photo that is gone (404/410/451), corrupt or
-gray is recorded in rejected.csv and its slot goes to the next reserve photo.
+gray is recorded in rejected.csv and its slot goes to the next reserve photo. Such verdicts count toward the
+fail-fast streak like failures (an outage may answer 404 to every photo) and are written only once the server
+shows itself healthy: a photo fetched fine afterwards, or the run's end without the server taken to be down.
 
 out_dir persists across runs (DVC `persist: true`), which makes the stage resumable: each image is
 written atomically, so a file that exists is whole and is not fetched again, and rejections are
-appended as they happen, so a gone photo is not asked for twice. A photo that could not be fetched in
+appended once settled (above), so a gone photo is not asked for twice. A photo that could not be fetched in
 MAX_FAILED_RUNS runs is given up (failed_runs.json counts them).
 """
 
@@ -113,11 +115,11 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
     fetcher = PhotoFetcher(params, out_dir, journal, failed_runs)
 
     slots = [(split, photo) for split in FETCHED_SPLITS for photo in lists[split]]
-    chosen, failed, stats = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency)
-    given_up = failed_runs.count(failed, [photo for photo in chosen if photo is not None])
+    chosen, failed, stats, down = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency)
+    given_up = failed_runs.count([] if down else failed, [photo for photo in chosen if photo is not None])
 
     if failed:
-        raise ChromalabError(_failure_message(failed, len(slots), given_up))
+        raise ChromalabError(_failure_message(failed, len(slots), given_up, down))
     missing = Counter(split for (split, _), photo in zip(slots, chosen) if photo is None)
     if missing:
         totals = Counter(split for split, _ in slots)
@@ -141,15 +143,15 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
     return summary
 
 
-def _failure_message(failed: list[tuple[Photo, str]], n_slots: int, given_up: int = 0) -> str:
+def _failure_message(failed: list[tuple[Photo, str]], n_slots: int, given_up: int = 0, down: bool = False) -> str:
     refused = [(photo, detail) for photo, detail in failed if REFUSED.match(detail)]
     not_tried = sum(detail == NOT_TRIED for _, detail in failed)
     photo, detail = (refused or [f for f in failed if f[1] != NOT_TRIED])[0]
     # a refusal is the server's decision, which a re-run (at once) does not change
     why = (f"{len(refused)} of them refused (HTTP 401/403: the server blocks chromalab, or wants a sign-in; "
            "a re-run fetches them only once it lets chromalab in); " if refused else "")
-    stopped = (f"{not_tried} not tried after {FAIL_FAST_STREAK} in a row failed (is the server down?); "
-               if not_tried else "")
+    stopped = (f"{not_tried} not tried after {FAIL_FAST_STREAK} in a row gave no photo (is the server down? its "
+               "answers meanwhile, gone or corrupt, are not held against the photos); " if down else "")
     unreachable = (f"{given_up} of them have now failed in {MAX_FAILED_RUNS} runs, and the next run replaces them "
                    "from the reserve; " if given_up else "")
     return (f"{len(failed)} of {n_slots} photos could not be fetched (e.g. {photo.photo_id}: {detail}); "
@@ -161,19 +163,21 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
 
     Rounds: fetch all pending photos concurrently, then walk the outcomes *in slot order* and hand
     each rejected slot the next reserve photo. So which reserve photo replaces which depends only on
-    the photos themselves, never on which thread finished first. Once FAIL_FAST_STREAK photos in a row
-    could not be fetched (retries and all), the server is down or refusing: the rest are not tried.
+    the photos themselves, never on which thread finished first. Once FAIL_FAST_STREAK photos in a row gave
+    none (failed or rejected, retries and all), the server is down or refusing: the rest are not tried, and
+    the rejections since its last good photo are dropped. Returns whether it came to that too.
     """
     chosen: list[Photo | None] = [None] * len(slots)
     failed: list[tuple[Photo, str]] = []
     stats: Counter[str] = Counter()
+    streak = Streak(fetcher.journal)
     pending = [(index, photo) for index, (_, photo) in enumerate(slots)]
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="images")
     try:
         with tqdm(total=len(slots), unit="photo", desc="images") as bar:
             while pending:
                 futures = [pool.submit(fetcher.obtain, photo, slots[index][0]) for index, photo in pending]
-                stopped = _await(futures, bar, stats)
+                _await(futures, [photo for _, photo in pending], bar, stats, streak)
                 replacements = []
                 for (index, photo), future in zip(pending, futures):
                     if future.cancelled():
@@ -183,24 +187,25 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
                     stats["fetched" if outcome.fetched else "reused"] += 1
                     if outcome.status == "ok":
                         chosen[index] = photo
-                    elif outcome.status == "failed":
+                    elif outcome.status == "failed" or (streak.down and photo.photo_id in streak.dropped):
                         failed.append((photo, outcome.detail))
                     elif reserve:
                         replacements.append((index, reserve.popleft()))
                         stats["replaced"] += 1
-                if stopped:  # the server is down: its replacements would fail alike
+                if streak.down:  # its replacements would fail alike
                     failed.extend((photo, NOT_TRIED) for _, photo in replacements)
                     replacements = []
                 pending = replacements
+        streak.end()
     finally:  # on Ctrl-C, drop the queued fetches instead of finishing them
         pool.shutdown(wait=True, cancel_futures=True)
-    return chosen, failed, stats
+    return chosen, failed, stats, streak.down
 
 
-def _await(futures, bar: tqdm, stats: Counter) -> bool:
-    """Wait for `futures` as they finish, counting on `bar`; cancel those not started once FAIL_FAST_STREAK
-    in a row have failed, and say so."""
-    streak = 0
+def _await(futures, photos: list[Photo], bar: tqdm, stats: Counter, streak: Streak) -> None:
+    """Wait for `futures` (for `photos`) as they finish, counting on `bar` and in `streak`; once the server is
+    taken to be down, cancel those not started."""
+    ids = {future: photo.photo_id for future, photo in zip(futures, photos)}
     for future in as_completed(futures):
         if future.cancelled():
             continue
@@ -210,12 +215,48 @@ def _await(futures, bar: tqdm, stats: Counter) -> bool:
         elif outcome.status == "rejected":
             stats["rejected"] += 1
             bar.set_postfix(rejected=stats["rejected"])
-        if outcome.fetched:  # what was settled before (on disk, or in the journal) says nothing of the server
-            streak = streak + 1 if outcome.status == "failed" else 0
-        if streak == FAIL_FAST_STREAK:
+        if streak.add(ids[future], outcome):
             for waiting in futures:
                 waiting.cancel()  # only those not yet running: the running ones finish
-    return streak >= FAIL_FAST_STREAK
+
+
+class Streak:
+    """Photos in a row, in the order their answers came, that gave no photo: failed or rejected alike, for a
+    server in trouble may answer 404 (or junk) to every photo. Their rejections stay held in the journal until
+    a photo fetched fine shows the server healthy; once FAIL_FAST_STREAK in a row, it is taken to be down and
+    the rejections since its last good photo are dropped (`dropped`), to be asked again by the next run."""
+
+    def __init__(self, journal: RejectionJournal):
+        self.journal = journal
+        self.length = 0
+        self.since_good: list[str] = []  # photo ids answered since the last photo fetched fine
+        self.down = False
+        self.dropped: set[str] = set()
+
+    def add(self, photo_id: str, outcome: Outcome) -> bool:
+        """Count one outcome; True the moment the server is taken to be down."""
+        if not outcome.fetched:  # settled before (on disk, in the journal): says nothing of the server
+            return False
+        if self.down:  # one that was running when the server was taken to be down
+            self.dropped.update([photo_id] if outcome.status == "rejected" else [])
+            return False
+        if outcome.status == "ok":
+            self.journal.commit(self.since_good)
+            self.length, self.since_good = 0, []
+            return False
+        self.length += 1
+        self.since_good.append(photo_id)
+        if self.length < FAIL_FAST_STREAK:
+            return False
+        self.down, self.dropped = True, set(self.since_good)
+        return True
+
+    def end(self) -> None:
+        """At the run's end: what is still held is written, unless the server was taken to be down."""
+        if self.down:
+            self.journal.drop_held()
+        else:
+            self.journal.commit(None)
 
 
 class PhotoFetcher:
@@ -269,7 +310,7 @@ class PhotoFetcher:
             with self.undecodable_lock:  # atomic with _refuse_shared_junk taking a rejection back
                 if getattr(exc, "digest", None) in self.shared_junk:
                     return Outcome("failed", SHARED_JUNK, fetched=True)
-                self.journal.record(photo.photo_id, split, str(exc))
+                self.journal.hold(photo.photo_id, split, str(exc))  # written once the server shows itself healthy
             return Outcome("rejected", str(exc), fetched=True)
         except FetchFailed as exc:
             return Outcome("failed", str(exc), fetched=True)
@@ -492,12 +533,13 @@ class FailedRuns:
 
 
 class RejectionJournal:
-    """rejected.csv, appended as rejections happen, so a re-run never asks for a gone photo again."""
+    """rejected.csv, appended as rejections are settled, so a re-run never asks for a gone photo again."""
 
     def __init__(self, path: Path):
         self.path = path
         self.lock = threading.RLock()  # `forget` rewrites under it
         self.rows: dict[str, tuple[str, str]] = {}  # photo_id → (split, reason); the last line wins
+        self.held: dict[str, tuple[str, str]] = {}  # rejections not yet settled (see Streak)
         if path.exists():
             with path.open(newline="", encoding="utf-8") as f:
                 for row in csv.reader(f):
@@ -521,9 +563,25 @@ class RejectionJournal:
             with self.path.open("a", encoding="utf-8", newline="") as f:
                 f.write(line.getvalue())  # one small write: a kill leaves the line whole or short
 
+    def hold(self, photo_id: str, split: str, reason: str) -> None:
+        with self.lock:
+            self.held[photo_id] = (split, reason)
+
+    def commit(self, photo_ids: list[str] | None) -> None:
+        """Write the held rejections of `photo_ids` (None: all) that are still held."""
+        with self.lock:
+            for photo_id in list(self.held) if photo_ids is None else photo_ids:
+                if photo_id in self.held:
+                    self.record(photo_id, *self.held.pop(photo_id))
+
+    def drop_held(self) -> None:
+        with self.lock:
+            self.held.clear()
+
     def forget(self, photo_id: str) -> None:
         """Take a rejection back: the photo is asked for again by the next run."""
         with self.lock:
+            self.held.pop(photo_id, None)
             if photo_id in self.rows:
                 self.rewrite_sorted(set(self.rows) - {photo_id})
 
