@@ -53,9 +53,9 @@ ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "truncated-once", "corrupt", "gray",
                 "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
                 "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
-                "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying")
+                "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo")
 # junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg; corrupt-varying: a truncated photo
-# with its Content-Length, cut elsewhere on each request
+# with its Content-Length, cut elsewhere on each request; junk-per-photo: an error body naming the request
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes;
 # drip: 64 bytes every slow_s; cut-unsized-once: the first answer has no Content-Length and ends half-way;
@@ -428,6 +428,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, SIGN_IN_PAGE, "image/jpeg")
         if fault == "junk-as-jpeg":  # an outage's error body, the same for every photo
             return self._send(200, b"\x00Service Unavailable", "image/jpeg")
+        if fault == "junk-per-photo":  # labelled as nothing in particular
+            return self._send(200, b"Service unavailable for " + self.path.encode(), "application/octet-stream")
         if fault == "html-page":
             return self._send(200, SIGN_IN_PAGE, "text/html")
         if (fault == "429-once" and n == 1):

@@ -135,11 +135,12 @@ def test_an_answer_broken_once_is_fetched_again_not_rejected_for_good(fake_unspl
     assert [counts[pid] for pid in train] == [2, 2, 2, 1]
 
 
-@pytest.mark.parametrize("fault", ["junk-as-jpeg", "cut-unsized-always", "corrupt-varying"])
+@pytest.mark.parametrize("fault", ["junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo"])
 def test_undecodable_answers_that_are_not_the_photos_own_are_failures_not_rejections(
         fake_unsplash, tmp_path, fast_backoff, fault):
-    """The same error body for two photos (an outage), bodies cut short with no size, or other broken bytes
-    each time: nothing is rejected for good, so the re-run after the outage gets the photos themselves."""
+    """The same error body for two photos (an outage), bodies cut short with no size, other broken bytes each
+    time, or an error body that is no image at all: nothing is rejected for good, so the re-run after the outage
+    gets the photos themselves."""
     train, test, reserve = photo_ids("tr", 4), photo_ids("te", 1), photo_ids("re", 2)
     fake_unsplash.image_faults = {train[0]: fault, train[2]: fault}
     write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)

@@ -413,6 +413,8 @@ class PhotoFetcher:
             if data.lstrip()[:1] in (b"<", b"{"):  # the same page, labelled as the photo (a captive portal)
                 raise FetchFailed(f"HTTP 200 with a page labelled {page or 'as nothing'} instead of a photo "
                                   "(blocked or rate limited?)")
+            if not has_image_signature(data):  # an error body, which may name the request: not the photo's fault
+                raise _BodyBroken(f"HTTP 200 with no image in it ({data[:24]!r}…)")
             # a body whose end is only the connection's could have been cut short anywhere
             return Answer(data, sized=response.headers.get("Content-Length") is not None or response.chunked)
         finally:  # a connection whose answer was not read to the end cannot serve the next request
@@ -476,6 +478,13 @@ class PhotoFetcher:
             raise Rejected(f"too small ({width}×{height}, under half of {self.size}×{self.size})")
         if image.format != "JPEG" and width * height > Image.MAX_IMAGE_PIXELS:
             raise Rejected(f"too large ({width}×{height} pixels; decoded whole it would take gigabytes)")
+
+
+def has_image_signature(data: bytes) -> bool:
+    """Whether `data` starts as some image format Pillow knows does (those without a signature aside)."""
+    Image.init()
+    prefix = data[:16]  # what Image.open shows each format
+    return any(accept is not None and accept(prefix) for _, accept in Image.OPEN.values())
 
 
 def square_rgb(image: Image.Image, size: int) -> Image.Image:
