@@ -53,9 +53,11 @@ ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "truncated-once", "corrupt", "gray",
                 "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
                 "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
-                "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo")
+                "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo",
+                "placeholder")
 # junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg; corrupt-varying: a truncated photo
-# with its Content-Length, cut elsewhere on each request; junk-per-photo: an error body naming the request
+# with its Content-Length, cut elsewhere on each request; junk-per-photo: an error body naming the request;
+# placeholder: the same colour photo for every photo with it
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes;
 # drip: 64 bytes every slow_s; cut-unsized-once: the first answer has no Content-Length and ends half-way;
@@ -443,7 +445,7 @@ class _Handler(BaseHTTPRequestHandler):
             width, height = 1, 1
         if fault == "wrong-size":
             width, height = width + width // 2, height
-        rgb = render_photo(photo_id, width, height)
+        rgb = render_photo("placeholder" if fault == "placeholder" else photo_id, width, height)
         if fault == "gray":
             rgb = np.repeat(rgb.mean(axis=-1, keepdims=True), 3, axis=-1).astype(np.uint8)
         if fault == "rgba-png":

@@ -57,6 +57,7 @@ PHOTO_DEADLINE_READS = 4
 FAIL_FAST_STREAK = 16
 NOT_TRIED = "not tried: the photos before it could not be fetched either"
 SHARED_JUNK = "undecodable bytes that another photo was sent too: the server's, not the photo's"
+PLACEHOLDER = "the same photo as another photo was sent: the server's placeholder, not the photo"
 MAX_PHOTO_BYTES = 64 << 20  # a fetched photo is image_size² pixels: far beyond this, the server is not sending one
 # What Pillow raises on a photo's hostile or broken bytes.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, KeyError, IndexError, ZeroDivisionError,
@@ -279,6 +280,8 @@ class PhotoFetcher:
         self.undecodable: dict[str, str] = {}  # SHA-256 of undecodable bytes → the first photo they came for
         self.shared_junk: set[str] = set()  # … and those that came for more than one
         self.undecodable_lock = threading.Lock()
+        self.made = self._index_made()  # SHA-256 of a fetched photo's JPEG → its id (see _write_unless_placeholder)
+        self.made_lock = threading.Lock()
         self.http = with_headers_deadline(urllib3.PoolManager(
             maxsize=ip.concurrency, retries=retry, timeout=urllib3.Timeout(connect=ip.timeout_s, read=ip.timeout_s),
             headers={"User-Agent": USER_AGENT},
@@ -314,11 +317,42 @@ class PhotoFetcher:
             return Outcome("rejected", str(exc), fetched=True)
         except FetchFailed as exc:
             return Outcome("failed", str(exc), fetched=True)
-        write_bytes_atomic(target, jpeg)
+        if self.from_folder:  # your own copies of a photo were left out by the split stage
+            write_bytes_atomic(target, jpeg)
+        elif not self._write_unless_placeholder(photo.photo_id, jpeg, target):
+            return Outcome("failed", PLACEHOLDER, fetched=True)
         if source_time is not None:  # stamped with its source's time, by which _made_from_this knows the source
             os.utime(target, ns=(time.time_ns(), source_time))
             self.journal.forget(photo.photo_id)  # a file rejected before, since replaced
         return Outcome("ok", fetched=True)
+
+    def _write_unless_placeholder(self, photo_id: str, jpeg: bytes, target: Path) -> bool:
+        """Write `jpeg`, unless another photo came as the same bytes: two photos are never one, the server sent
+        a placeholder. Then neither is kept (the other's file goes, so the next run asks for it again)."""
+        digest = hashlib.sha256(jpeg).hexdigest()
+        with self.made_lock:  # the check and the write at once: two photos may come as the same bytes together
+            first = self.made.setdefault(digest, photo_id)
+            if first != photo_id:
+                self._unmake(first)
+                return False
+            write_bytes_atomic(target, jpeg)
+            return True
+
+    def _unmake(self, photo_id: str) -> None:
+        for split in FETCHED_SPLITS:
+            (self.out_dir / split / f"{photo_id}.jpg").unlink(missing_ok=True)
+
+    def _index_made(self) -> dict[str, str]:
+        """SHA-256 → photo id of the fetched photos on disk (a killed run's too, so that a placeholder it kept is
+        found all the same); those that are the same bytes as another are a placeholder: removed."""
+        made: dict[str, list[str]] = {}
+        for split in [] if self.from_folder else FETCHED_SPLITS:
+            for path in (self.out_dir / split).glob("*.jpg"):
+                made.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), []).append(path.stem)
+        for photo_ids in made.values():
+            for photo_id in photo_ids if len(photo_ids) > 1 else []:
+                self._unmake(photo_id)
+        return {digest: photo_ids[0] for digest, photo_ids in made.items()}
 
     def _made_from_this(self, made: Path, photo: Photo) -> bool:
         """Whether `made` exists and, for your folder's photos, was made from the file there now: a file
