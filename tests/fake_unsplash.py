@@ -54,10 +54,11 @@ IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "tru
                 "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
                 "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
                 "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo",
-                "placeholder")
+                "placeholder", "png-bomb")
 # junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg; corrupt-varying: a truncated photo
 # with its Content-Length, cut elsewhere on each request; junk-per-photo: an error body naming the request;
-# placeholder: the same colour photo for every photo with it
+# placeholder: the same colour photo for every photo with it; png-bomb: a small palette PNG (transparency and
+# all) ten times the size asked each way
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes;
 # drip: 64 bytes every slow_s; cut-unsized-once: the first answer has no Content-Length and ends half-way;
@@ -434,6 +435,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, b"Service unavailable for " + self.path.encode(), "application/octet-stream")
         if fault == "html-page":
             return self._send(200, SIGN_IN_PAGE, "text/html")
+        if fault == "png-bomb":
+            bomb, buffer = Image.new("P", (10 * int(query["w"]), 10 * int(query["h"]))), io.BytesIO()
+            bomb.putpalette([255, 0, 0, 0, 255, 0])
+            bomb.save(buffer, "PNG", transparency=1)
+            return self._send(200, buffer.getvalue(), "image/png")
         if (fault == "429-once" and n == 1):
             return self._send(429, b"slow down", headers={"Retry-After": "1"})
         if fault == "503-unreadable-retry-after-once" and n == 1:  # RFC 9110 allows only seconds or a date

@@ -186,6 +186,20 @@ def test_a_photo_too_large_to_decode_safely_is_rejected(fake_unsplash, tmp_path,
     assert reasons == {train[0]: "too large (32×32 pixels; decoded whole it would take gigabytes)"}
 
 
+def test_a_photo_of_far_more_pixels_than_asked_is_rejected_before_it_is_decoded(fake_unsplash, tmp_path,
+                                                                                  monkeypatch):
+    """A small PNG of 88 MP took ~9 GB to convert at concurrency 8. Here the 40 MP floor is lowered, so that
+    64 × 32² pixels are the limit, instead of serving such a bomb; a photo half as wide again is still used."""
+    train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "png-bomb", train[1]: "wrong-size"}
+    monkeypatch.setattr("chromalab.data.images.FETCHED_MAX_PIXELS", 0)
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    run_images(params(), tmp_path / "split", tmp_path / "images")
+    reasons = {r["photo_id"]: r["reason"] for r in read_csv(tmp_path / "images" / "rejected.csv")}
+    assert reasons == {train[0]: "too large (320×320 pixels for a 32×32 photo: not the photo asked for)"}
+    assert sorted(check_output(tmp_path / "images")["train"]) == [reserve[0], train[1]]
+
+
 @pytest.mark.timeout(60)
 def test_headers_dripped_for_ever_do_not_hold_a_photo(fake_unsplash, tmp_path, fast_backoff):
     train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)

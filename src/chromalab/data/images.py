@@ -15,6 +15,7 @@ MAX_FAILED_RUNS runs is given up (failed_runs.json counts them).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -58,6 +59,14 @@ FAIL_FAST_STREAK = 16
 NOT_TRIED = "not tried: the photos before it could not be fetched either"
 SHARED_JUNK = "undecodable bytes that another photo was sent too: the server's, not the photo's"
 PLACEHOLDER = "the same photo as another photo was sent: the server's placeholder, not the photo"
+# A fetched photo of more pixels than this many times image_size², and than FETCHED_MAX_PIXELS, is not the photo
+# asked for (an Unsplash original, sent when the size is ignored, is up to ~24 MP): a small PNG can hold 88 MP
+# that decode to gigabytes.
+FETCHED_OVERSIZE = 64
+FETCHED_MAX_PIXELS = 40_000_000
+# Decodes of more pixels than this wait for one another: their memory must not multiply by images.concurrency.
+BIG_DECODE_PIXELS = 4_000_000
+BIG_DECODES = 2
 MAX_PHOTO_BYTES = 64 << 20  # a fetched photo is image_size² pixels: far beyond this, the server is not sending one
 # What Pillow raises on a photo's hostile or broken bytes.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, KeyError, IndexError, ZeroDivisionError,
@@ -280,6 +289,7 @@ class PhotoFetcher:
         self.undecodable: dict[str, str] = {}  # SHA-256 of undecodable bytes → the first photo they came for
         self.shared_junk: set[str] = set()  # … and those that came for more than one
         self.undecodable_lock = threading.Lock()
+        self.big_decodes = threading.BoundedSemaphore(BIG_DECODES)
         self.made = self._index_made()  # SHA-256 of a fetched photo's JPEG → its id (see _write_unless_placeholder)
         self.made_lock = threading.Lock()
         self.http = with_headers_deadline(urllib3.PoolManager(
@@ -482,9 +492,11 @@ class PhotoFetcher:
                 self._check_size(image)
                 if image.format == "JPEG" and min(image.size) > self.size:
                     image.draft("RGB", size)  # decode big JPEGs at a reduced scale (still >= size): much faster
-                image.load()  # full decode: a truncated or corrupt file fails here, not in a later stage
-                rgb = image if as_served else square_rgb(image, self.size)
-                chroma = mean_chroma(np.asarray(rgb))
+                big = image.size[0] * image.size[1] > BIG_DECODE_PIXELS
+                with self.big_decodes if big else contextlib.nullcontext():
+                    image.load()  # full decode: a truncated or corrupt file fails here, not in a later stage
+                    rgb = image if as_served else square_rgb(image, self.size)
+                    chroma = mean_chroma(np.asarray(rgb))
         except Image.UnidentifiedImageError:
             raise Corrupt("corrupt (not an image file)") from None
         except Image.DecompressionBombError:  # Pillow refuses to open it: nothing is wrong with the photo
@@ -512,6 +524,9 @@ class PhotoFetcher:
             raise Rejected(f"too small ({width}×{height}, under half of {self.size}×{self.size})")
         if image.format != "JPEG" and width * height > Image.MAX_IMAGE_PIXELS:
             raise Rejected(f"too large ({width}×{height} pixels; decoded whole it would take gigabytes)")
+        if not self.from_folder and width * height > max(FETCHED_OVERSIZE * self.size ** 2, FETCHED_MAX_PIXELS):
+            raise Rejected(f"too large ({width}×{height} pixels for a {self.size}×{self.size} photo: not the "
+                           "photo asked for)")
 
 
 def has_image_signature(data: bytes) -> bool:
