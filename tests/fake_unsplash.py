@@ -54,11 +54,11 @@ IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "tru
                 "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
                 "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
                 "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo",
-                "placeholder", "png-bomb")
+                "placeholder", "png-bomb", "trailing-junk")
 # junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg; corrupt-varying: a truncated photo
 # with its Content-Length, cut elsewhere on each request; junk-per-photo: an error body naming the request;
 # placeholder: the same colour photo for every photo with it; png-bomb: a small palette PNG (transparency and
-# all) ten times the size asked each way
+# all) ten times the size asked each way; trailing-junk: the photo asked for, then 256 KiB of noise
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes;
 # drip: 64 bytes every slow_s; cut-unsized-once: the first answer has no Content-Length and ends half-way;
@@ -461,6 +461,8 @@ class _Handler(BaseHTTPRequestHandler):
             body, content_type = encode(rgb, query.get("fm", "jpg"), int(query.get("q", 75)))
         if fault == "bad-exif":
             body = exif_that_breaks_pillow(rgb)
+        if fault == "trailing-junk":  # decoders stop at the end-of-image marker
+            body += np.random.default_rng(0).bytes(256 << 10)
         if fault == "corrupt":  # consistent bytes, correctly framed: only a full decode notices
             body = body[: len(body) // 2]
         if fault == "corrupt-varying":

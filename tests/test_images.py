@@ -200,6 +200,17 @@ def test_a_photo_of_far_more_pixels_than_asked_is_rejected_before_it_is_decoded(
     assert sorted(check_output(tmp_path / "images")["train"]) == [reserve[0], train[1]]
 
 
+def test_the_photo_asked_for_is_kept_as_served_only_without_a_load_after_its_end(fake_unsplash, tmp_path):
+    train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "trailing-junk"}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    run_images(params(), tmp_path / "split", tmp_path / "images")
+    check_output(tmp_path / "images")
+    as_served, _ = encode(render_photo(train[1], SIZE, SIZE), "jpg", 90)
+    assert (tmp_path / "images" / "train" / f"{train[1]}.jpg").read_bytes() == as_served
+    assert (tmp_path / "images" / "train" / f"{train[0]}.jpg").stat().st_size < 16 << 10  # re-encoded
+
+
 @pytest.mark.timeout(60)
 def test_headers_dripped_for_ever_do_not_hold_a_photo(fake_unsplash, tmp_path, fast_backoff):
     train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)

@@ -67,6 +67,9 @@ FETCHED_MAX_PIXELS = 40_000_000
 # Decodes of more pixels than this wait for one another: their memory must not multiply by images.concurrency.
 BIG_DECODE_PIXELS = 4_000_000
 BIG_DECODES = 2
+# A size×size JPEG kept as served may have this much beside its pixels' raw bytes (EXIF, a colour profile):
+# past it, it carries something else (60 MB after its end were kept as they came).
+AS_SERVED_SLACK_BYTES = 64 << 10
 MAX_PHOTO_BYTES = 64 << 20  # a fetched photo is image_size² pixels: far beyond this, the server is not sending one
 # What Pillow raises on a photo's hostile or broken bytes.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, KeyError, IndexError, ZeroDivisionError,
@@ -488,6 +491,7 @@ class PhotoFetcher:
                 as_served = (
                     not self.from_folder and image.format == "JPEG" and image.mode == "RGB" and image.size == size
                     and image.getexif().get(ExifTags.Base.Orientation, 1) == 1
+                    and len(data) <= 3 * self.size ** 2 + AS_SERVED_SLACK_BYTES
                 )
                 self._check_size(image)
                 if image.format == "JPEG" and min(image.size) > self.size:
