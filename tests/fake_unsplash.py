@@ -54,11 +54,13 @@ IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "tru
                 "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
                 "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
                 "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo",
-                "placeholder", "png-bomb", "trailing-junk")
+                "placeholder", "png-bomb", "trailing-junk",
+                "slow-head-and-body")
 # junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg; corrupt-varying: a truncated photo
 # with its Content-Length, cut elsewhere on each request; junk-per-photo: an error body naming the request;
 # placeholder: the same colour photo for every photo with it; png-bomb: a small palette PNG (transparency and
-# all) ten times the size asked each way; trailing-junk: the photo asked for, then 256 KiB of noise
+# all) ten times the size asked each way; trailing-junk: the photo asked for, then 256 KiB of noise;
+# slow-head-and-body: 4 header lines, then 4 pieces of the photo, each after slow_s
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes;
 # drip: 64 bytes every slow_s; cut-unsized-once: the first answer has no Content-Length and ends half-way;
@@ -469,8 +471,23 @@ class _Handler(BaseHTTPRequestHandler):
             body = body[: len(body) // (2 + n % 2)]
         cut = fault in ("truncated-once", "cut-unsized-once") and n == 1 or fault == "cut-unsized-always"
         unsized = fault == "cut-unsized-once" and n == 1 or fault == "cut-unsized-always"
+        if fault == "slow-head-and-body":
+            return self._slow_head_and_body(body, content_type)
         self._send(200, body, content_type, send_bytes=len(body) // 3 if cut else None, drip=fault == "drip",
                    sized=not unsized)
+
+    def _slow_head_and_body(self, body, content_type):
+        self.send_response_only(200)
+        self.flush_headers()
+        for i in range(4):
+            time.sleep(self.fake.slow_s)
+            self.wfile.write(b"X-Wait-%d: 1\r\n" % i)
+            self.wfile.flush()
+        self.wfile.write(b"Content-Type: %s\r\nContent-Length: %d\r\n\r\n" % (content_type.encode(), len(body)))
+        for start in range(0, len(body), -(-len(body) // 4)):
+            time.sleep(self.fake.slow_s)
+            self.wfile.write(body[start:start - (-len(body) // 4)])
+            self.wfile.flush()
 
     def _drip_headers(self):
         self.send_response_only(200)

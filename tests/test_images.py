@@ -384,6 +384,16 @@ def test_a_photo_dripped_byte_by_byte_fails_at_its_deadline_instead_of_holding_t
     assert 0 < received < len(photo)
 
 
+def test_a_photo_s_head_and_body_share_one_deadline_per_try(fake_unsplash, tmp_path, fast_backoff):
+    """The head and the body each inside 4 × timeout_s (2 s here), together past it: too slow."""
+    train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "slow-head-and-body"}
+    fake_unsplash.slow_s = 0.35  # ~1.4 s for the head, as much for the body
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError, match=rf"\(e.g. {train[0]}: too slow \([\d,]+ bytes in 2 s\) after 0 retries"):
+        run_images(params(timeout_s=0.5, retries=0), tmp_path / "split", tmp_path / "images")
+
+
 KILL_SCRIPT = """
 import json, sys
 from pathlib import Path

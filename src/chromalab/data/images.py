@@ -295,10 +295,10 @@ class PhotoFetcher:
         self.big_decodes = threading.BoundedSemaphore(BIG_DECODES)
         self.made = self._index_made()  # SHA-256 of a fetched photo's JPEG → its id (see _write_unless_placeholder)
         self.made_lock = threading.Lock()
-        self.http = with_headers_deadline(urllib3.PoolManager(
+        self.http = _stamping_tries(with_headers_deadline(urllib3.PoolManager(
             maxsize=ip.concurrency, retries=retry, timeout=urllib3.Timeout(connect=ip.timeout_s, read=ip.timeout_s),
             headers={"User-Agent": USER_AGENT},
-        ), self.deadline_s)
+        ), self.deadline_s))
 
     def source(self, photo: Photo) -> str:
         return photo.image_url if self.from_folder else sized_url(photo.image_url, self.size, self.quality)
@@ -440,6 +440,7 @@ class PhotoFetcher:
         """One GET (urllib3 retrying what fails before the answer), its body read whole within the deadline."""
         try:
             response = self.http.request("GET", url, preload_content=False)
+            started = _try.started  # of the try that got this answer (urllib3 may have made several)
         except urllib3.exceptions.MaxRetryError as exc:
             raise FetchFailed(f"{type(exc.reason).__name__} after {self.retries} retries") from None
         except urllib3.exceptions.HTTPError as exc:
@@ -454,7 +455,7 @@ class PhotoFetcher:
             page = content_type(response.headers)
             if page.startswith(PAGE_TYPES):  # a sign-in, block or error page says nothing about the photo itself
                 raise FetchFailed(f"HTTP 200 with a {page} page instead of a photo (blocked or rate limited?)")
-            data, whole = self._body(response), True
+            data, whole = self._body(response, started + self.deadline_s), True
             if not data:
                 raise _BodyBroken("an empty answer")
             if data.lstrip()[:1] in (b"<", b"{"):  # the same page, labelled as the photo (a captive portal)
@@ -469,8 +470,8 @@ class PhotoFetcher:
                 response.close()
             response.release_conn()
 
-    def _body(self, response) -> bytes:
-        deadline, chunks, received = time.monotonic() + self.deadline_s, [], 0
+    def _body(self, response, deadline: float) -> bytes:
+        chunks, received = [], 0
         try:
             while chunk := response.read1(1 << 16):  # what has arrived: `stream` would wait for 64 KiB
                 chunks.append(chunk)
@@ -531,6 +532,28 @@ class PhotoFetcher:
         if not self.from_folder and width * height > max(FETCHED_OVERSIZE * self.size ** 2, FETCHED_MAX_PIXELS):
             raise Rejected(f"too large ({width}×{height} pixels for a {self.size}×{self.size} photo: not the "
                            "photo asked for)")
+
+
+_try = threading.local()  # `started`: when this thread's latest request began waiting for its answer
+
+
+class _StampedTry:
+    """A connection noting, per thread, when each try began waiting for its answer: the head's deadline
+    (http._HeadersDeadline) starts then, and the body must arrive within what it left, not a deadline of its own."""
+
+    def getresponse(self, *args, **kwargs):
+        _try.started = time.monotonic()
+        return super().getresponse(*args, **kwargs)
+
+
+def _stamping_tries(pool_manager: urllib3.PoolManager) -> urllib3.PoolManager:
+    """`pool_manager`, its connections a _StampedTry (set before its first request)."""
+    pool_manager.pool_classes_by_scheme = {
+        scheme: type(pool.__name__, (pool,), {"ConnectionCls": type(
+            pool.ConnectionCls.__name__, (_StampedTry, pool.ConnectionCls), {})})
+        for scheme, pool in pool_manager.pool_classes_by_scheme.items()
+    }
+    return pool_manager
 
 
 def has_image_signature(data: bytes) -> bool:
