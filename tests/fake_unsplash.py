@@ -56,7 +56,7 @@ IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "tru
                 "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo",
                 "placeholder", "png-bomb", "trailing-junk",
                 "slow-head-and-body")
-# junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg; corrupt-varying: a truncated photo
+# junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg (starting as one); corrupt-varying: a truncated photo
 # with its Content-Length, cut elsewhere on each request; junk-per-photo: an error body naming the request;
 # placeholder: the same colour photo for every photo with it; png-bomb: a small palette PNG (transparency and
 # all) ten times the size asked each way; trailing-junk: the photo asked for, then 256 KiB of noise;
@@ -431,8 +431,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, b"", "image/jpeg")
         if fault == "html-as-jpeg-once" and n == 1:  # a captive portal's page, labelled as what was asked for
             return self._send(200, SIGN_IN_PAGE, "image/jpeg")
-        if fault == "junk-as-jpeg":  # an outage's error body, the same for every photo
-            return self._send(200, b"\x00Service Unavailable", "image/jpeg")
+        if fault == "junk-as-jpeg":  # an outage's error body, the same for every photo, that starts as a JPEG
+            return self._send(200, b"\xff\xd8\xff\xe0Service Unavailable", "image/jpeg")
         if fault == "junk-per-photo":  # labelled as nothing in particular
             return self._send(200, b"Service unavailable for " + self.path.encode(), "application/octet-stream")
         if fault == "html-page":

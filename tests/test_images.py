@@ -442,6 +442,38 @@ def test_killed_run_resumes_without_fetching_anything_twice(fake_unsplash, tmp_p
     assert sorted(got["test"]) == sorted(test)
 
 
+def test_a_kill_between_two_photos_sent_the_same_junk_does_not_change_the_verdict(fake_unsplash, tmp_path):
+    """Which undecodable bytes came for which photo is known in memory only: a corrupt verdict is written at
+    the run's end, so a run killed between two photos sent the same junk has kept neither verdict."""
+    train, test, reserve = photo_ids("tr", 16), photo_ids("te", 4), photo_ids("re", 3)
+    fake_unsplash.image_faults = {train[0]: "junk-as-jpeg", test[3]: "junk-as-jpeg"}
+    fake_unsplash.delay_s = 0.15  # every image is slow, so the kill lands mid-run
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    out = tmp_path / "images"
+    settings = raw_params(concurrency=2)
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, json.dumps(settings), str(tmp_path / "split"), str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while len(list((out / "train").glob("*.jpg"))) < 5:
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    assert fake_unsplash.image_counts()[train[0]] == 2 and test[3] not in fake_unsplash.image_counts()
+    assert read_csv(out / "rejected.csv") == []
+
+    fake_unsplash.delay_s = 0.0
+    with pytest.raises(ChromalabError, match=rf"^1 of 20 photos could not be fetched \(e.g. {test[3]}: undecodable "):
+        run_images(parse_params(settings), tmp_path / "split", out)  # tr00's slot was refilled before te03 came
+    assert read_csv(out / "rejected.csv") == []
+    fake_unsplash.image_faults = {}
+    run_images(parse_params(settings), tmp_path / "split", out)
+    assert sorted(check_output(out)["train"]) == train
+
+
 def test_param_and_split_changes_reuse_what_still_holds(fake_unsplash, tmp_path):
     train, test, reserve = photo_ids("tr", 6), photo_ids("te", 2), photo_ids("re", 3)
     fake_unsplash.image_faults = {train[0]: "404", train[1]: "gray"}

@@ -326,7 +326,9 @@ class PhotoFetcher:
             with self.undecodable_lock:  # atomic with _refuse_shared_junk taking a rejection back
                 if getattr(exc, "digest", None) in self.shared_junk:
                     return Outcome("failed", SHARED_JUNK, fetched=True)
-                self.journal.hold(photo.photo_id, split, str(exc))  # written once the server shows itself healthy
+                # written once the server shows itself healthy; corrupt at the run's end, when no other photo can
+                # have been sent the same bytes (the digests are in memory: a kill must not split the verdicts)
+                self.journal.hold(photo.photo_id, split, str(exc), until_end=isinstance(exc, Corrupt))
             return Outcome("rejected", str(exc), fetched=True)
         except FetchFailed as exc:
             return Outcome("failed", str(exc), fetched=True)
@@ -624,7 +626,7 @@ class RejectionJournal:
         self.path = path
         self.lock = threading.RLock()  # `forget` rewrites under it
         self.rows: dict[str, tuple[str, str]] = {}  # photo_id → (split, reason); the last line wins
-        self.held: dict[str, tuple[str, str]] = {}  # rejections not yet settled (see Streak)
+        self.held: dict[str, tuple[str, str, bool]] = {}  # rejections not yet settled (see Streak): …, until_end
         if path.exists():
             with path.open(newline="", encoding="utf-8") as f:
                 for row in csv.reader(f):
@@ -648,16 +650,18 @@ class RejectionJournal:
             with self.path.open("a", encoding="utf-8", newline="") as f:
                 f.write(line.getvalue())  # one small write: a kill leaves the line whole or short
 
-    def hold(self, photo_id: str, split: str, reason: str) -> None:
+    def hold(self, photo_id: str, split: str, reason: str, until_end: bool = False) -> None:
         with self.lock:
-            self.held[photo_id] = (split, reason)
+            self.held[photo_id] = (split, reason, until_end)
 
     def commit(self, photo_ids: list[str] | None) -> None:
-        """Write the held rejections of `photo_ids` (None: all) that are still held."""
+        """Write the held rejections of `photo_ids` that are still held, but those held until the run's end;
+        None: all (at the run's end)."""
         with self.lock:
             for photo_id in list(self.held) if photo_ids is None else photo_ids:
-                if photo_id in self.held:
-                    self.record(photo_id, *self.held.pop(photo_id))
+                if photo_id in self.held and (photo_ids is None or not self.held[photo_id][2]):
+                    split, reason, _ = self.held.pop(photo_id)
+                    self.record(photo_id, split, reason)
 
     def drop_held(self) -> None:
         with self.lock:
