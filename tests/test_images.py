@@ -231,8 +231,8 @@ def test_a_server_that_fails_every_photo_is_given_up_on_early(fake_unsplash, tmp
     tried = len(fake_unsplash.image_counts())
     assert tried <= 4  # the streak's 3, and at most the one a worker had already begun
     assert str(err.value) == (f"12 of 12 photos could not be fetched (e.g. {train[0]}: HTTP 500 after 1 retries); "
-                              f"{12 - tried} not tried after 3 in a row gave no photo (is the server down? its "
-                              "answers meanwhile, gone or corrupt, are not held against the photos); "
+                              "3 in a row gave no photo, so the server is taken to be down (its gone or corrupt "
+                              f"answers meanwhile are not held against the photos) and {12 - tried} were not tried; "
                               "re-run the stage to fetch only what is missing")
 
 
@@ -246,7 +246,7 @@ def test_photos_settled_before_do_not_hide_a_server_that_is_down(fake_unsplash, 
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "rejected.csv").write_text(
         "photo_id,split,reason\n" + "".join(f"{pid},train,gone (HTTP 404)\n" for pid in train[::3]))
-    with pytest.raises(ChromalabError, match="not tried after 3 in a row gave no photo"):
+    with pytest.raises(ChromalabError, match="3 in a row gave no photo, so the server is taken to be down"):
         run_images(params(concurrency=1, retries=1), tmp_path / "split", tmp_path / "images")
     assert len(fake_unsplash.image_counts()) <= 4  # the streak's 3, and at most the one a worker had begun
 
@@ -254,14 +254,14 @@ def test_photos_settled_before_do_not_hide_a_server_that_is_down(fake_unsplash, 
 def test_an_outage_answering_404_to_every_photo_leaves_no_lasting_rejection(tmp_path, fast_backoff, monkeypatch):
     """404 for every photo is the server's trouble, not every photo gone: the rejections count toward the
     streak, are dropped when it ends the run, and the re-run comes out as if the outage never was."""
-    train, test, reserve = photo_ids("tr", 4), photo_ids("te", 1), photo_ids("re", 3)
-    monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 3)
+    train, test, reserve = photo_ids("tr", 4), photo_ids("te", 1), photo_ids("re", 2)
+    monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 6)  # reached by the reserve's round
 
     def outputs(name, outage):
         with FakeUnsplash(image_faults={pid: "404" for pid in train + test + reserve} if outage else {}) as server:
             write_split(tmp_path / name / "split", server.url, train, test, reserve)
             if outage:
-                with pytest.raises(ChromalabError, match="in a row gave no photo \\(is the server down?"):
+                with pytest.raises(ChromalabError, match="^5 of 5 photos .* in a row gave no photo, so the server is "):
                     run_images(params(concurrency=1), tmp_path / name / "split", tmp_path / name / "images")
                 assert read_csv(tmp_path / name / "images" / "rejected.csv") == []
                 server.image_faults = {}  # the outage is over

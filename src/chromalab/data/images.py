@@ -5,7 +5,9 @@ Unsplash photos are fetched from their dynamic image URL, cropped by the server
 full and have colour (mean chroma >= images.min_chroma); a photo that is gone (404/410/451), corrupt or
 gray is recorded in rejected.csv and its slot goes to the next reserve photo. Such verdicts count toward the
 fail-fast streak like failures (an outage may answer 404 to every photo) and are written only once the server
-shows itself healthy: a photo fetched fine afterwards, or the run's end without the server taken to be down.
+shows itself healthy: a photo fetched fine afterwards, or the run's end without the server taken to be down
+(corrupt ones wait for the run's end in any case). Bytes that are no image at all, or one photo sent for two
+ids (a placeholder), are the server's: failures, not rejections.
 
 out_dir persists across runs (DVC `persist: true`), which makes the stage resumable: each image is
 written atomically, so a file that exists is whole and is not fetched again, and rejections are
@@ -163,8 +165,8 @@ def _failure_message(failed: list[tuple[Photo, str]], n_slots: int, given_up: in
     # a refusal is the server's decision, which a re-run (at once) does not change
     why = (f"{len(refused)} of them refused (HTTP 401/403: the server blocks chromalab, or wants a sign-in; "
            "a re-run fetches them only once it lets chromalab in); " if refused else "")
-    stopped = (f"{not_tried} not tried after {FAIL_FAST_STREAK} in a row gave no photo (is the server down? its "
-               "answers meanwhile, gone or corrupt, are not held against the photos); " if down else "")
+    stopped = (f"{FAIL_FAST_STREAK} in a row gave no photo, so the server is taken to be down (its gone or corrupt "
+               f"answers meanwhile are not held against the photos) and {not_tried} were not tried; " if down else "")
     unreachable = (f"{given_up} of them have now failed in {MAX_FAILED_RUNS} runs, and the next run replaces them "
                    "from the reserve; " if given_up else "")
     return (f"{len(failed)} of {n_slots} photos could not be fetched (e.g. {photo.photo_id}: {detail}); "
@@ -184,6 +186,7 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
     failed: list[tuple[Photo, str]] = []
     stats: Counter[str] = Counter()
     streak = Streak(fetcher.journal)
+    unreplaced: list[tuple[Photo, str]] = []  # rejected once the reserve ran out
     pending = [(index, photo) for index, (_, photo) in enumerate(slots)]
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="images")
     try:
@@ -205,11 +208,14 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
                     elif reserve:
                         replacements.append((index, reserve.popleft()))
                         stats["replaced"] += 1
+                    else:
+                        unreplaced.append((photo, outcome.detail))
                 if streak.down:  # its replacements would fail alike
                     failed.extend((photo, NOT_TRIED) for _, photo in replacements)
                     replacements = []
                 pending = replacements
         streak.end()
+        failed.extend((photo, why) for photo, why in unreplaced if streak.down and photo.photo_id in streak.dropped)
     finally:  # on Ctrl-C, drop the queued fetches instead of finishing them
         pool.shutdown(wait=True, cancel_futures=True)
     return chosen, failed, stats, streak.down
