@@ -231,8 +231,8 @@ def test_a_server_that_fails_every_photo_is_given_up_on_early(fake_unsplash, tmp
     tried = len(fake_unsplash.image_counts())
     assert tried <= 4  # the streak's 3, and at most the one a worker had already begun
     assert str(err.value) == (f"12 of 12 photos could not be fetched (e.g. {train[0]}: HTTP 500 after 1 retries); "
-                              "3 in a row gave no photo, so the server is taken to be down (its gone or corrupt "
-                              f"answers meanwhile are not held against the photos) and {12 - tried} were not tried; "
+                              "3 in a row gave no photo, so the server is taken to be down (what it answered "
+                              f"meanwhile is not held against the photos) and {12 - tried} were not tried; "
                               "re-run the stage to fetch only what is missing")
 
 

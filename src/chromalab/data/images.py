@@ -165,8 +165,9 @@ def _failure_message(failed: list[tuple[Photo, str]], n_slots: int, given_up: in
     # a refusal is the server's decision, which a re-run (at once) does not change
     why = (f"{len(refused)} of them refused (HTTP 401/403: the server blocks chromalab, or wants a sign-in; "
            "a re-run fetches them only once it lets chromalab in); " if refused else "")
-    stopped = (f"{FAIL_FAST_STREAK} in a row gave no photo, so the server is taken to be down (its gone or corrupt "
-               f"answers meanwhile are not held against the photos) and {not_tried} were not tried; " if down else "")
+    stopped = (f"{FAIL_FAST_STREAK} in a row gave no photo, so the server is taken to be down (what it answered "
+               "meanwhile is not held against the photos)" + (f" and {not_tried} were not tried" if not_tried else "")
+               + "; " if down else "")
     unreachable = (f"{given_up} of them have now failed in {MAX_FAILED_RUNS} runs, and the next run replaces them "
                    "from the reserve; " if given_up else "")
     return (f"{len(failed)} of {n_slots} photos could not be fetched (e.g. {photo.photo_id}: {detail}); "
