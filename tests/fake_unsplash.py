@@ -53,9 +53,14 @@ ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "truncated-once", "corrupt", "gray",
                 "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
                 "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
-                "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying")
-# junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg; corrupt-varying: a truncated photo
-# with its Content-Length, cut elsewhere on each request
+                "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo",
+                "placeholder", "png-bomb", "trailing-junk",
+                "slow-head-and-body")
+# junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg (starting as one); corrupt-varying: a truncated photo
+# with its Content-Length, cut elsewhere on each request; junk-per-photo: an error body naming the request;
+# placeholder: the same colour photo for every photo with it; png-bomb: a small palette PNG (transparency and
+# all) ten times the size asked each way; trailing-junk: the photo asked for, then 256 KiB of noise;
+# slow-head-and-body: 4 header lines, then 4 pieces of the photo, each after slow_s
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes;
 # drip: 64 bytes every slow_s; cut-unsized-once: the first answer has no Content-Length and ends half-way;
@@ -426,10 +431,17 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, b"", "image/jpeg")
         if fault == "html-as-jpeg-once" and n == 1:  # a captive portal's page, labelled as what was asked for
             return self._send(200, SIGN_IN_PAGE, "image/jpeg")
-        if fault == "junk-as-jpeg":  # an outage's error body, the same for every photo
-            return self._send(200, b"\x00Service Unavailable", "image/jpeg")
+        if fault == "junk-as-jpeg":  # an outage's error body, the same for every photo, that starts as a JPEG
+            return self._send(200, b"\xff\xd8\xff\xe0Service Unavailable", "image/jpeg")
+        if fault == "junk-per-photo":  # labelled as nothing in particular
+            return self._send(200, b"Service unavailable for " + self.path.encode(), "application/octet-stream")
         if fault == "html-page":
             return self._send(200, SIGN_IN_PAGE, "text/html")
+        if fault == "png-bomb":
+            bomb, buffer = Image.new("P", (10 * int(query["w"]), 10 * int(query["h"]))), io.BytesIO()
+            bomb.putpalette([255, 0, 0, 0, 255, 0])
+            bomb.save(buffer, "PNG", transparency=1)
+            return self._send(200, buffer.getvalue(), "image/png")
         if (fault == "429-once" and n == 1):
             return self._send(429, b"slow down", headers={"Retry-After": "1"})
         if fault == "503-unreadable-retry-after-once" and n == 1:  # RFC 9110 allows only seconds or a date
@@ -441,7 +453,7 @@ class _Handler(BaseHTTPRequestHandler):
             width, height = 1, 1
         if fault == "wrong-size":
             width, height = width + width // 2, height
-        rgb = render_photo(photo_id, width, height)
+        rgb = render_photo("placeholder" if fault == "placeholder" else photo_id, width, height)
         if fault == "gray":
             rgb = np.repeat(rgb.mean(axis=-1, keepdims=True), 3, axis=-1).astype(np.uint8)
         if fault == "rgba-png":
@@ -451,14 +463,31 @@ class _Handler(BaseHTTPRequestHandler):
             body, content_type = encode(rgb, query.get("fm", "jpg"), int(query.get("q", 75)))
         if fault == "bad-exif":
             body = exif_that_breaks_pillow(rgb)
+        if fault == "trailing-junk":  # decoders stop at the end-of-image marker
+            body += np.random.default_rng(0).bytes(256 << 10)
         if fault == "corrupt":  # consistent bytes, correctly framed: only a full decode notices
             body = body[: len(body) // 2]
         if fault == "corrupt-varying":
             body = body[: len(body) // (2 + n % 2)]
         cut = fault in ("truncated-once", "cut-unsized-once") and n == 1 or fault == "cut-unsized-always"
         unsized = fault == "cut-unsized-once" and n == 1 or fault == "cut-unsized-always"
+        if fault == "slow-head-and-body":
+            return self._slow_head_and_body(body, content_type)
         self._send(200, body, content_type, send_bytes=len(body) // 3 if cut else None, drip=fault == "drip",
                    sized=not unsized)
+
+    def _slow_head_and_body(self, body, content_type):
+        self.send_response_only(200)
+        self.flush_headers()
+        for i in range(4):
+            time.sleep(self.fake.slow_s)
+            self.wfile.write(b"X-Wait-%d: 1\r\n" % i)
+            self.wfile.flush()
+        self.wfile.write(b"Content-Type: %s\r\nContent-Length: %d\r\n\r\n" % (content_type.encode(), len(body)))
+        for start in range(0, len(body), -(-len(body) // 4)):
+            time.sleep(self.fake.slow_s)
+            self.wfile.write(body[start:start - (-len(body) // 4)])
+            self.wfile.flush()
 
     def _drip_headers(self):
         self.send_response_only(200)

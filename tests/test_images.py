@@ -135,11 +135,12 @@ def test_an_answer_broken_once_is_fetched_again_not_rejected_for_good(fake_unspl
     assert [counts[pid] for pid in train] == [2, 2, 2, 1]
 
 
-@pytest.mark.parametrize("fault", ["junk-as-jpeg", "cut-unsized-always", "corrupt-varying"])
+@pytest.mark.parametrize("fault", ["junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo"])
 def test_undecodable_answers_that_are_not_the_photos_own_are_failures_not_rejections(
         fake_unsplash, tmp_path, fast_backoff, fault):
-    """The same error body for two photos (an outage), bodies cut short with no size, or other broken bytes
-    each time: nothing is rejected for good, so the re-run after the outage gets the photos themselves."""
+    """The same error body for two photos (an outage), bodies cut short with no size, other broken bytes each
+    time, or an error body that is no image at all: nothing is rejected for good, so the re-run after the outage
+    gets the photos themselves."""
     train, test, reserve = photo_ids("tr", 4), photo_ids("te", 1), photo_ids("re", 2)
     fake_unsplash.image_faults = {train[0]: fault, train[2]: fault}
     write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
@@ -151,6 +152,29 @@ def test_undecodable_answers_that_are_not_the_photos_own_are_failures_not_reject
     assert sorted(check_output(tmp_path / "images")["train"]) == train
 
 
+def test_one_photo_sent_for_several_is_a_placeholder_and_kept_for_none(fake_unsplash, tmp_path, fast_backoff):
+    """The same decodable bytes for two photos: the server's placeholder. Neither is kept, the one kept by an
+    earlier (failed or killed) run included, and the re-run gets the photos themselves."""
+    train, test, reserve = photo_ids("tr", 4), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "placeholder"}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    out = tmp_path / "images"
+    run_images(params(), tmp_path / "split", out)  # one photo alone: nothing to tell
+    for file in ("train/tr01.jpg", "test/te00.jpg", "manifest.csv"):  # as a run killed before they were written
+        (out / file).unlink()
+
+    fake_unsplash.image_faults = {train[1]: "placeholder", test[0]: "placeholder"}
+    with pytest.raises(ChromalabError, match="^2 of 5 photos could not be fetched .*: the same photo as another "):
+        run_images(params(), tmp_path / "split", out)
+    assert sorted(p.stem for p in (out / "train").iterdir()) == train[2:]  # tr00 too
+    assert read_csv(out / "rejected.csv") == []
+
+    fake_unsplash.image_faults = {}
+    run_images(params(), tmp_path / "split", out)
+    assert sorted(check_output(out)["train"]) == train
+    assert len({row["sha256"] for row in read_csv(out / "manifest.csv")}) == 5
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, at open, over the limit
 def test_a_photo_too_large_to_decode_safely_is_rejected(fake_unsplash, tmp_path, monkeypatch):
     train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
@@ -160,6 +184,31 @@ def test_a_photo_too_large_to_decode_safely_is_rejected(fake_unsplash, tmp_path,
     run_images(params(), tmp_path / "split", tmp_path / "images")
     reasons = {r["photo_id"]: r["reason"] for r in read_csv(tmp_path / "images" / "rejected.csv")}
     assert reasons == {train[0]: "too large (32×32 pixels; decoded whole it would take gigabytes)"}
+
+
+def test_a_photo_of_far_more_pixels_than_asked_is_rejected_before_it_is_decoded(fake_unsplash, tmp_path,
+                                                                                  monkeypatch):
+    """A small PNG of 88 MP took ~9 GB to convert at concurrency 8. Here the 40 MP floor is lowered, so that
+    64 × 32² pixels are the limit, instead of serving such a bomb; a photo half as wide again is still used."""
+    train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "png-bomb", train[1]: "wrong-size"}
+    monkeypatch.setattr("chromalab.data.images.FETCHED_MAX_PIXELS", 0)
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    run_images(params(), tmp_path / "split", tmp_path / "images")
+    reasons = {r["photo_id"]: r["reason"] for r in read_csv(tmp_path / "images" / "rejected.csv")}
+    assert reasons == {train[0]: "too large (320×320 pixels for a 32×32 photo: not the photo asked for)"}
+    assert sorted(check_output(tmp_path / "images")["train"]) == [reserve[0], train[1]]
+
+
+def test_the_photo_asked_for_is_kept_as_served_only_without_a_load_after_its_end(fake_unsplash, tmp_path):
+    train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "trailing-junk"}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    run_images(params(), tmp_path / "split", tmp_path / "images")
+    check_output(tmp_path / "images")
+    as_served, _ = encode(render_photo(train[1], SIZE, SIZE), "jpg", 90)
+    assert (tmp_path / "images" / "train" / f"{train[1]}.jpg").read_bytes() == as_served
+    assert (tmp_path / "images" / "train" / f"{train[0]}.jpg").stat().st_size < 16 << 10  # re-encoded
 
 
 @pytest.mark.timeout(60)
@@ -182,7 +231,8 @@ def test_a_server_that_fails_every_photo_is_given_up_on_early(fake_unsplash, tmp
     tried = len(fake_unsplash.image_counts())
     assert tried <= 4  # the streak's 3, and at most the one a worker had already begun
     assert str(err.value) == (f"12 of 12 photos could not be fetched (e.g. {train[0]}: HTTP 500 after 1 retries); "
-                              f"{12 - tried} not tried after 3 in a row failed (is the server down?); "
+                              "3 in a row gave no photo, so the server is taken to be down (what it answered "
+                              f"meanwhile is not held against the photos) and {12 - tried} were not tried; "
                               "re-run the stage to fetch only what is missing")
 
 
@@ -196,9 +246,32 @@ def test_photos_settled_before_do_not_hide_a_server_that_is_down(fake_unsplash, 
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "rejected.csv").write_text(
         "photo_id,split,reason\n" + "".join(f"{pid},train,gone (HTTP 404)\n" for pid in train[::3]))
-    with pytest.raises(ChromalabError, match="not tried after 3 in a row failed"):
+    with pytest.raises(ChromalabError, match="3 in a row gave no photo, so the server is taken to be down"):
         run_images(params(concurrency=1, retries=1), tmp_path / "split", tmp_path / "images")
     assert len(fake_unsplash.image_counts()) <= 4  # the streak's 3, and at most the one a worker had begun
+
+
+def test_an_outage_answering_404_to_every_photo_leaves_no_lasting_rejection(tmp_path, fast_backoff, monkeypatch):
+    """404 for every photo is the server's trouble, not every photo gone: the rejections count toward the
+    streak, are dropped when it ends the run, and the re-run comes out as if the outage never was."""
+    train, test, reserve = photo_ids("tr", 4), photo_ids("te", 1), photo_ids("re", 2)
+    monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 6)  # reached by the reserve's round
+
+    def outputs(name, outage):
+        with FakeUnsplash(image_faults={pid: "404" for pid in train + test + reserve} if outage else {}) as server:
+            write_split(tmp_path / name / "split", server.url, train, test, reserve)
+            if outage:
+                with pytest.raises(ChromalabError, match="^5 of 5 photos .* in a row gave no photo, so the server is "):
+                    run_images(params(concurrency=1), tmp_path / name / "split", tmp_path / name / "images")
+                assert read_csv(tmp_path / name / "images" / "rejected.csv") == []
+                server.image_faults = {}  # the outage is over
+            run_images(params(concurrency=1), tmp_path / name / "split", tmp_path / name / "images")
+        check_output(tmp_path / name / "images")
+        manifest = [{k: v for k, v in row.items() if k != "source"}  # the source names the server's port
+                    for row in read_csv(tmp_path / name / "images" / "manifest.csv")]
+        return manifest, (tmp_path / name / "images" / "rejected.csv").read_text()
+
+    assert outputs("outage", outage=True) == outputs("healthy", outage=False)
 
 
 def test_a_photo_the_server_never_sends_is_given_up_after_two_runs_instead_of_stopping_every_run(
@@ -311,6 +384,16 @@ def test_a_photo_dripped_byte_by_byte_fails_at_its_deadline_instead_of_holding_t
     assert 0 < received < len(photo)
 
 
+def test_a_photo_s_head_and_body_share_one_deadline_per_try(fake_unsplash, tmp_path, fast_backoff):
+    """The head and the body each inside 4 × timeout_s (2 s here), together past it: too slow."""
+    train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "slow-head-and-body"}
+    fake_unsplash.slow_s = 0.35  # ~1.4 s for the head, as much for the body
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError, match=rf"\(e.g. {train[0]}: too slow \([\d,]+ bytes in 2 s\) after 0 retries"):
+        run_images(params(timeout_s=0.5, retries=0), tmp_path / "split", tmp_path / "images")
+
+
 KILL_SCRIPT = """
 import json, sys
 from pathlib import Path
@@ -357,6 +440,38 @@ def test_killed_run_resumes_without_fetching_anything_twice(fake_unsplash, tmp_p
     got = check_output(out)
     assert sorted(got["train"]) == sorted(train[1:] + [reserve[0]])
     assert sorted(got["test"]) == sorted(test)
+
+
+def test_a_kill_between_two_photos_sent_the_same_junk_does_not_change_the_verdict(fake_unsplash, tmp_path):
+    """Which undecodable bytes came for which photo is known in memory only: a corrupt verdict is written at
+    the run's end, so a run killed between two photos sent the same junk has kept neither verdict."""
+    train, test, reserve = photo_ids("tr", 16), photo_ids("te", 4), photo_ids("re", 3)
+    fake_unsplash.image_faults = {train[0]: "junk-as-jpeg", test[3]: "junk-as-jpeg"}
+    fake_unsplash.delay_s = 0.15  # every image is slow, so the kill lands mid-run
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    out = tmp_path / "images"
+    settings = raw_params(concurrency=2)
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, json.dumps(settings), str(tmp_path / "split"), str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while len(list((out / "train").glob("*.jpg"))) < 5:
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    assert fake_unsplash.image_counts()[train[0]] == 2 and test[3] not in fake_unsplash.image_counts()
+    assert read_csv(out / "rejected.csv") == []
+
+    fake_unsplash.delay_s = 0.0
+    with pytest.raises(ChromalabError, match=rf"^1 of 20 photos could not be fetched \(e.g. {test[3]}: undecodable "):
+        run_images(parse_params(settings), tmp_path / "split", out)  # tr00's slot was refilled before te03 came
+    assert read_csv(out / "rejected.csv") == []
+    fake_unsplash.image_faults = {}
+    run_images(parse_params(settings), tmp_path / "split", out)
+    assert sorted(check_output(out)["train"]) == train
 
 
 def test_param_and_split_changes_reuse_what_still_holds(fake_unsplash, tmp_path):

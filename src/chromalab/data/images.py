@@ -3,16 +3,21 @@
 Unsplash photos are fetched from their dynamic image URL, cropped by the server
 (`fit=crop&crop=faces,entropy`); folder photos are centre-cropped here. Every photo must decode in
 full and have colour (mean chroma >= images.min_chroma); a photo that is gone (404/410/451), corrupt or
-gray is recorded in rejected.csv and its slot goes to the next reserve photo.
+gray is recorded in rejected.csv and its slot goes to the next reserve photo. Such verdicts count toward the
+fail-fast streak like failures (an outage may answer 404 to every photo) and are written only once the server
+shows itself healthy: a photo fetched fine afterwards, or the run's end without the server taken to be down
+(corrupt ones wait for the run's end in any case). Bytes that are no image at all, or one photo sent for two
+ids (a placeholder), are the server's: failures, not rejections.
 
 out_dir persists across runs (DVC `persist: true`), which makes the stage resumable: each image is
 written atomically, so a file that exists is whole and is not fetched again, and rejections are
-appended as they happen, so a gone photo is not asked for twice. A photo that could not be fetched in
+appended once settled (above), so a gone photo is not asked for twice. A photo that could not be fetched in
 MAX_FAILED_RUNS runs is given up (failed_runs.json counts them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -55,6 +60,18 @@ PHOTO_DEADLINE_READS = 4
 FAIL_FAST_STREAK = 16
 NOT_TRIED = "not tried: the photos before it could not be fetched either"
 SHARED_JUNK = "undecodable bytes that another photo was sent too: the server's, not the photo's"
+PLACEHOLDER = "the same photo as another photo was sent: the server's placeholder, not the photo"
+# A fetched photo of more pixels than this many times image_size², and than FETCHED_MAX_PIXELS, is not the photo
+# asked for (an Unsplash original, sent when the size is ignored, is up to ~24 MP): a small PNG can hold 88 MP
+# that decode to gigabytes.
+FETCHED_OVERSIZE = 64
+FETCHED_MAX_PIXELS = 40_000_000
+# Decodes of more pixels than this wait for one another: their memory must not multiply by images.concurrency.
+BIG_DECODE_PIXELS = 4_000_000
+BIG_DECODES = 2
+# A size×size JPEG kept as served may have this much beside its pixels' raw bytes (EXIF, a colour profile):
+# past it, it carries something else (60 MB after its end were kept as they came).
+AS_SERVED_SLACK_BYTES = 64 << 10
 MAX_PHOTO_BYTES = 64 << 20  # a fetched photo is image_size² pixels: far beyond this, the server is not sending one
 # What Pillow raises on a photo's hostile or broken bytes.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, KeyError, IndexError, ZeroDivisionError,
@@ -113,11 +130,11 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
     fetcher = PhotoFetcher(params, out_dir, journal, failed_runs)
 
     slots = [(split, photo) for split in FETCHED_SPLITS for photo in lists[split]]
-    chosen, failed, stats = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency)
-    given_up = failed_runs.count(failed, [photo for photo in chosen if photo is not None])
+    chosen, failed, stats, down = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency)
+    given_up = failed_runs.count([] if down else failed, [photo for photo in chosen if photo is not None])
 
     if failed:
-        raise ChromalabError(_failure_message(failed, len(slots), given_up))
+        raise ChromalabError(_failure_message(failed, len(slots), given_up, down))
     missing = Counter(split for (split, _), photo in zip(slots, chosen) if photo is None)
     if missing:
         totals = Counter(split for split, _ in slots)
@@ -141,15 +158,16 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
     return summary
 
 
-def _failure_message(failed: list[tuple[Photo, str]], n_slots: int, given_up: int = 0) -> str:
+def _failure_message(failed: list[tuple[Photo, str]], n_slots: int, given_up: int = 0, down: bool = False) -> str:
     refused = [(photo, detail) for photo, detail in failed if REFUSED.match(detail)]
     not_tried = sum(detail == NOT_TRIED for _, detail in failed)
     photo, detail = (refused or [f for f in failed if f[1] != NOT_TRIED])[0]
     # a refusal is the server's decision, which a re-run (at once) does not change
     why = (f"{len(refused)} of them refused (HTTP 401/403: the server blocks chromalab, or wants a sign-in; "
            "a re-run fetches them only once it lets chromalab in); " if refused else "")
-    stopped = (f"{not_tried} not tried after {FAIL_FAST_STREAK} in a row failed (is the server down?); "
-               if not_tried else "")
+    stopped = (f"{FAIL_FAST_STREAK} in a row gave no photo, so the server is taken to be down (what it answered "
+               "meanwhile is not held against the photos)" + (f" and {not_tried} were not tried" if not_tried else "")
+               + "; " if down else "")
     unreachable = (f"{given_up} of them have now failed in {MAX_FAILED_RUNS} runs, and the next run replaces them "
                    "from the reserve; " if given_up else "")
     return (f"{len(failed)} of {n_slots} photos could not be fetched (e.g. {photo.photo_id}: {detail}); "
@@ -161,19 +179,22 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
 
     Rounds: fetch all pending photos concurrently, then walk the outcomes *in slot order* and hand
     each rejected slot the next reserve photo. So which reserve photo replaces which depends only on
-    the photos themselves, never on which thread finished first. Once FAIL_FAST_STREAK photos in a row
-    could not be fetched (retries and all), the server is down or refusing: the rest are not tried.
+    the photos themselves, never on which thread finished first. Once FAIL_FAST_STREAK photos in a row gave
+    none (failed or rejected, retries and all), the server is down or refusing: the rest are not tried, and
+    the rejections since its last good photo are dropped. Returns whether it came to that too.
     """
     chosen: list[Photo | None] = [None] * len(slots)
     failed: list[tuple[Photo, str]] = []
     stats: Counter[str] = Counter()
+    streak = Streak(fetcher.journal)
+    unreplaced: list[tuple[Photo, str]] = []  # rejected once the reserve ran out
     pending = [(index, photo) for index, (_, photo) in enumerate(slots)]
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="images")
     try:
         with tqdm(total=len(slots), unit="photo", desc="images") as bar:
             while pending:
                 futures = [pool.submit(fetcher.obtain, photo, slots[index][0]) for index, photo in pending]
-                stopped = _await(futures, bar, stats)
+                _await(futures, [photo for _, photo in pending], bar, stats, streak)
                 replacements = []
                 for (index, photo), future in zip(pending, futures):
                     if future.cancelled():
@@ -183,24 +204,28 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
                     stats["fetched" if outcome.fetched else "reused"] += 1
                     if outcome.status == "ok":
                         chosen[index] = photo
-                    elif outcome.status == "failed":
+                    elif outcome.status == "failed" or (streak.down and photo.photo_id in streak.dropped):
                         failed.append((photo, outcome.detail))
                     elif reserve:
                         replacements.append((index, reserve.popleft()))
                         stats["replaced"] += 1
-                if stopped:  # the server is down: its replacements would fail alike
+                    else:
+                        unreplaced.append((photo, outcome.detail))
+                if streak.down:  # its replacements would fail alike
                     failed.extend((photo, NOT_TRIED) for _, photo in replacements)
                     replacements = []
                 pending = replacements
+        streak.end()
+        failed.extend((photo, why) for photo, why in unreplaced if streak.down and photo.photo_id in streak.dropped)
     finally:  # on Ctrl-C, drop the queued fetches instead of finishing them
         pool.shutdown(wait=True, cancel_futures=True)
-    return chosen, failed, stats
+    return chosen, failed, stats, streak.down
 
 
-def _await(futures, bar: tqdm, stats: Counter) -> bool:
-    """Wait for `futures` as they finish, counting on `bar`; cancel those not started once FAIL_FAST_STREAK
-    in a row have failed, and say so."""
-    streak = 0
+def _await(futures, photos: list[Photo], bar: tqdm, stats: Counter, streak: Streak) -> None:
+    """Wait for `futures` (for `photos`) as they finish, counting on `bar` and in `streak`; once the server is
+    taken to be down, cancel those not started."""
+    ids = {future: photo.photo_id for future, photo in zip(futures, photos)}
     for future in as_completed(futures):
         if future.cancelled():
             continue
@@ -210,12 +235,48 @@ def _await(futures, bar: tqdm, stats: Counter) -> bool:
         elif outcome.status == "rejected":
             stats["rejected"] += 1
             bar.set_postfix(rejected=stats["rejected"])
-        if outcome.fetched:  # what was settled before (on disk, or in the journal) says nothing of the server
-            streak = streak + 1 if outcome.status == "failed" else 0
-        if streak == FAIL_FAST_STREAK:
+        if streak.add(ids[future], outcome):
             for waiting in futures:
                 waiting.cancel()  # only those not yet running: the running ones finish
-    return streak >= FAIL_FAST_STREAK
+
+
+class Streak:
+    """Photos in a row, in the order their answers came, that gave no photo: failed or rejected alike, for a
+    server in trouble may answer 404 (or junk) to every photo. Their rejections stay held in the journal until
+    a photo fetched fine shows the server healthy; once FAIL_FAST_STREAK in a row, it is taken to be down and
+    the rejections since its last good photo are dropped (`dropped`), to be asked again by the next run."""
+
+    def __init__(self, journal: RejectionJournal):
+        self.journal = journal
+        self.length = 0
+        self.since_good: list[str] = []  # photo ids answered since the last photo fetched fine
+        self.down = False
+        self.dropped: set[str] = set()
+
+    def add(self, photo_id: str, outcome: Outcome) -> bool:
+        """Count one outcome; True the moment the server is taken to be down."""
+        if not outcome.fetched:  # settled before (on disk, in the journal): says nothing of the server
+            return False
+        if self.down:  # one that was running when the server was taken to be down
+            self.dropped.update([photo_id] if outcome.status == "rejected" else [])
+            return False
+        if outcome.status == "ok":
+            self.journal.commit(self.since_good)
+            self.length, self.since_good = 0, []
+            return False
+        self.length += 1
+        self.since_good.append(photo_id)
+        if self.length < FAIL_FAST_STREAK:
+            return False
+        self.down, self.dropped = True, set(self.since_good)
+        return True
+
+    def end(self) -> None:
+        """At the run's end: what is still held is written, unless the server was taken to be down."""
+        if self.down:
+            self.journal.drop_held()
+        else:
+            self.journal.commit(None)
 
 
 class PhotoFetcher:
@@ -238,10 +299,13 @@ class PhotoFetcher:
         self.undecodable: dict[str, str] = {}  # SHA-256 of undecodable bytes → the first photo they came for
         self.shared_junk: set[str] = set()  # … and those that came for more than one
         self.undecodable_lock = threading.Lock()
-        self.http = with_headers_deadline(urllib3.PoolManager(
+        self.big_decodes = threading.BoundedSemaphore(BIG_DECODES)
+        self.made = self._index_made()  # SHA-256 of a fetched photo's JPEG → its id (see _write_unless_placeholder)
+        self.made_lock = threading.Lock()
+        self.http = _stamping_tries(with_headers_deadline(urllib3.PoolManager(
             maxsize=ip.concurrency, retries=retry, timeout=urllib3.Timeout(connect=ip.timeout_s, read=ip.timeout_s),
             headers={"User-Agent": USER_AGENT},
-        ), self.deadline_s)
+        ), self.deadline_s))
 
     def source(self, photo: Photo) -> str:
         return photo.image_url if self.from_folder else sized_url(photo.image_url, self.size, self.quality)
@@ -269,15 +333,48 @@ class PhotoFetcher:
             with self.undecodable_lock:  # atomic with _refuse_shared_junk taking a rejection back
                 if getattr(exc, "digest", None) in self.shared_junk:
                     return Outcome("failed", SHARED_JUNK, fetched=True)
-                self.journal.record(photo.photo_id, split, str(exc))
+                # written once the server shows itself healthy; corrupt at the run's end, when no other photo can
+                # have been sent the same bytes (the digests are in memory: a kill must not split the verdicts)
+                self.journal.hold(photo.photo_id, split, str(exc), until_end=isinstance(exc, Corrupt))
             return Outcome("rejected", str(exc), fetched=True)
         except FetchFailed as exc:
             return Outcome("failed", str(exc), fetched=True)
-        write_bytes_atomic(target, jpeg)
+        if self.from_folder:  # your own copies of a photo were left out by the split stage
+            write_bytes_atomic(target, jpeg)
+        elif not self._write_unless_placeholder(photo.photo_id, jpeg, target):
+            return Outcome("failed", PLACEHOLDER, fetched=True)
         if source_time is not None:  # stamped with its source's time, by which _made_from_this knows the source
             os.utime(target, ns=(time.time_ns(), source_time))
             self.journal.forget(photo.photo_id)  # a file rejected before, since replaced
         return Outcome("ok", fetched=True)
+
+    def _write_unless_placeholder(self, photo_id: str, jpeg: bytes, target: Path) -> bool:
+        """Write `jpeg`, unless another photo came as the same bytes: two photos are never one, the server sent
+        a placeholder. Then neither is kept (the other's file goes, so the next run asks for it again)."""
+        digest = hashlib.sha256(jpeg).hexdigest()
+        with self.made_lock:  # the check and the write at once: two photos may come as the same bytes together
+            first = self.made.setdefault(digest, photo_id)
+            if first != photo_id:
+                self._unmake(first)
+                return False
+            write_bytes_atomic(target, jpeg)
+            return True
+
+    def _unmake(self, photo_id: str) -> None:
+        for split in FETCHED_SPLITS:
+            (self.out_dir / split / f"{photo_id}.jpg").unlink(missing_ok=True)
+
+    def _index_made(self) -> dict[str, str]:
+        """SHA-256 → photo id of the fetched photos on disk (a killed run's too, so that a placeholder it kept is
+        found all the same); those that are the same bytes as another are a placeholder: removed."""
+        made: dict[str, list[str]] = {}
+        for split in [] if self.from_folder else FETCHED_SPLITS:
+            for path in (self.out_dir / split).glob("*.jpg"):
+                made.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), []).append(path.stem)
+        for photo_ids in made.values():
+            for photo_id in photo_ids if len(photo_ids) > 1 else []:
+                self._unmake(photo_id)
+        return {digest: photo_ids[0] for digest, photo_ids in made.items()}
 
     def _made_from_this(self, made: Path, photo: Photo) -> bool:
         """Whether `made` exists and, for your folder's photos, was made from the file there now: a file
@@ -352,6 +449,7 @@ class PhotoFetcher:
         """One GET (urllib3 retrying what fails before the answer), its body read whole within the deadline."""
         try:
             response = self.http.request("GET", url, preload_content=False)
+            started = _try.started  # of the try that got this answer (urllib3 may have made several)
         except urllib3.exceptions.MaxRetryError as exc:
             raise FetchFailed(f"{type(exc.reason).__name__} after {self.retries} retries") from None
         except urllib3.exceptions.HTTPError as exc:
@@ -366,12 +464,14 @@ class PhotoFetcher:
             page = content_type(response.headers)
             if page.startswith(PAGE_TYPES):  # a sign-in, block or error page says nothing about the photo itself
                 raise FetchFailed(f"HTTP 200 with a {page} page instead of a photo (blocked or rate limited?)")
-            data, whole = self._body(response), True
+            data, whole = self._body(response, started + self.deadline_s), True
             if not data:
                 raise _BodyBroken("an empty answer")
             if data.lstrip()[:1] in (b"<", b"{"):  # the same page, labelled as the photo (a captive portal)
                 raise FetchFailed(f"HTTP 200 with a page labelled {page or 'as nothing'} instead of a photo "
                                   "(blocked or rate limited?)")
+            if not has_image_signature(data):  # an error body, which may name the request: not the photo's fault
+                raise _BodyBroken(f"HTTP 200 with no image in it ({data[:24]!r}…)")
             # a body whose end is only the connection's could have been cut short anywhere
             return Answer(data, sized=response.headers.get("Content-Length") is not None or response.chunked)
         finally:  # a connection whose answer was not read to the end cannot serve the next request
@@ -379,8 +479,8 @@ class PhotoFetcher:
                 response.close()
             response.release_conn()
 
-    def _body(self, response) -> bytes:
-        deadline, chunks, received = time.monotonic() + self.deadline_s, [], 0
+    def _body(self, response, deadline: float) -> bytes:
+        chunks, received = [], 0
         try:
             while chunk := response.read1(1 << 16):  # what has arrived: `stream` would wait for 64 KiB
                 chunks.append(chunk)
@@ -401,13 +501,16 @@ class PhotoFetcher:
                 as_served = (
                     not self.from_folder and image.format == "JPEG" and image.mode == "RGB" and image.size == size
                     and image.getexif().get(ExifTags.Base.Orientation, 1) == 1
+                    and len(data) <= 3 * self.size ** 2 + AS_SERVED_SLACK_BYTES
                 )
                 self._check_size(image)
                 if image.format == "JPEG" and min(image.size) > self.size:
                     image.draft("RGB", size)  # decode big JPEGs at a reduced scale (still >= size): much faster
-                image.load()  # full decode: a truncated or corrupt file fails here, not in a later stage
-                rgb = image if as_served else square_rgb(image, self.size)
-                chroma = mean_chroma(np.asarray(rgb))
+                big = image.size[0] * image.size[1] > BIG_DECODE_PIXELS
+                with self.big_decodes if big else contextlib.nullcontext():
+                    image.load()  # full decode: a truncated or corrupt file fails here, not in a later stage
+                    rgb = image if as_served else square_rgb(image, self.size)
+                    chroma = mean_chroma(np.asarray(rgb))
         except Image.UnidentifiedImageError:
             raise Corrupt("corrupt (not an image file)") from None
         except Image.DecompressionBombError:  # Pillow refuses to open it: nothing is wrong with the photo
@@ -435,6 +538,38 @@ class PhotoFetcher:
             raise Rejected(f"too small ({width}×{height}, under half of {self.size}×{self.size})")
         if image.format != "JPEG" and width * height > Image.MAX_IMAGE_PIXELS:
             raise Rejected(f"too large ({width}×{height} pixels; decoded whole it would take gigabytes)")
+        if not self.from_folder and width * height > max(FETCHED_OVERSIZE * self.size ** 2, FETCHED_MAX_PIXELS):
+            raise Rejected(f"too large ({width}×{height} pixels for a {self.size}×{self.size} photo: not the "
+                           "photo asked for)")
+
+
+_try = threading.local()  # `started`: when this thread's latest request began waiting for its answer
+
+
+class _StampedTry:
+    """A connection noting, per thread, when each try began waiting for its answer: the head's deadline
+    (http._HeadersDeadline) starts then, and the body must arrive within what it left, not a deadline of its own."""
+
+    def getresponse(self, *args, **kwargs):
+        _try.started = time.monotonic()
+        return super().getresponse(*args, **kwargs)
+
+
+def _stamping_tries(pool_manager: urllib3.PoolManager) -> urllib3.PoolManager:
+    """`pool_manager`, its connections a _StampedTry (set before its first request)."""
+    pool_manager.pool_classes_by_scheme = {
+        scheme: type(pool.__name__, (pool,), {"ConnectionCls": type(
+            pool.ConnectionCls.__name__, (_StampedTry, pool.ConnectionCls), {})})
+        for scheme, pool in pool_manager.pool_classes_by_scheme.items()
+    }
+    return pool_manager
+
+
+def has_image_signature(data: bytes) -> bool:
+    """Whether `data` starts as some image format Pillow knows does (those without a signature aside)."""
+    Image.init()
+    prefix = data[:16]  # what Image.open shows each format
+    return any(accept is not None and accept(prefix) for _, accept in Image.OPEN.values())
 
 
 def square_rgb(image: Image.Image, size: int) -> Image.Image:
@@ -492,12 +627,13 @@ class FailedRuns:
 
 
 class RejectionJournal:
-    """rejected.csv, appended as rejections happen, so a re-run never asks for a gone photo again."""
+    """rejected.csv, appended as rejections are settled, so a re-run never asks for a gone photo again."""
 
     def __init__(self, path: Path):
         self.path = path
         self.lock = threading.RLock()  # `forget` rewrites under it
         self.rows: dict[str, tuple[str, str]] = {}  # photo_id → (split, reason); the last line wins
+        self.held: dict[str, tuple[str, str, bool]] = {}  # rejections not yet settled (see Streak): …, until_end
         if path.exists():
             with path.open(newline="", encoding="utf-8") as f:
                 for row in csv.reader(f):
@@ -521,9 +657,27 @@ class RejectionJournal:
             with self.path.open("a", encoding="utf-8", newline="") as f:
                 f.write(line.getvalue())  # one small write: a kill leaves the line whole or short
 
+    def hold(self, photo_id: str, split: str, reason: str, until_end: bool = False) -> None:
+        with self.lock:
+            self.held[photo_id] = (split, reason, until_end)
+
+    def commit(self, photo_ids: list[str] | None) -> None:
+        """Write the held rejections of `photo_ids` that are still held, but those held until the run's end;
+        None: all (at the run's end)."""
+        with self.lock:
+            for photo_id in list(self.held) if photo_ids is None else photo_ids:
+                if photo_id in self.held and (photo_ids is None or not self.held[photo_id][2]):
+                    split, reason, _ = self.held.pop(photo_id)
+                    self.record(photo_id, split, reason)
+
+    def drop_held(self) -> None:
+        with self.lock:
+            self.held.clear()
+
     def forget(self, photo_id: str) -> None:
         """Take a rejection back: the photo is asked for again by the next run."""
         with self.lock:
+            self.held.pop(photo_id, None)
             if photo_id in self.rows:
                 self.rewrite_sorted(set(self.rows) - {photo_id})
 
