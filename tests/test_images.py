@@ -403,6 +403,19 @@ run_images(parse_params(json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.ar
 """
 
 
+def _kill_once_five_are_made(settings: dict, split_dir: Path, out: Path) -> None:
+    """Run the stage in a process of its own and kill it (-9) once five train photos are written."""
+    process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, json.dumps(settings), str(split_dir), str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(list((out / "train").glob("*.jpg"))) < 5:
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+
+
 def test_killed_run_resumes_without_fetching_anything_twice(fake_unsplash, tmp_path):
     train, test, reserve = photo_ids("tr", 16), photo_ids("te", 4), photo_ids("re", 3)
     fake_unsplash.image_faults = {train[0]: "404"}
@@ -411,17 +424,7 @@ def test_killed_run_resumes_without_fetching_anything_twice(fake_unsplash, tmp_p
     out = tmp_path / "images"
     settings = raw_params(concurrency=2)
 
-    process = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, json.dumps(settings), str(tmp_path / "split"), str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while len(list((out / "train").glob("*.jpg"))) < 5:
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    process.kill()
-    process.wait()
+    _kill_once_five_are_made(settings, tmp_path / "split", out)
     time.sleep(0.3)  # let in-flight requests reach the server's log
     done_at_kill = {p.stem for split in ("train", "test") for p in (out / split).glob("*.jpg")}
     counts_at_kill = fake_unsplash.image_counts()
@@ -451,17 +454,7 @@ def test_a_kill_between_two_photos_sent_the_same_junk_does_not_change_the_verdic
     write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
     out = tmp_path / "images"
     settings = raw_params(concurrency=2)
-    process = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, json.dumps(settings), str(tmp_path / "split"), str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while len(list((out / "train").glob("*.jpg"))) < 5:
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    process.kill()
-    process.wait()
+    _kill_once_five_are_made(settings, tmp_path / "split", out)
     assert fake_unsplash.image_counts()[train[0]] == 2 and test[3] not in fake_unsplash.image_counts()
     assert read_csv(out / "rejected.csv") == []
 
