@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fake_unsplash import archive_etag, lite_photos, make_lite_archive
+from fake_unsplash import PHOTO_COLUMNS, archive_etag, lite_photos, make_lite_archive
 
 from chromalab.data import download
 from chromalab.config import parse_params
@@ -490,6 +490,22 @@ def test_an_unclosed_quote_that_runs_rows_together_is_named_not_counted(photos, 
                                              r"the zip is damaged") as err:
         run_download(params(url=str(tmp_path / "a.zip")), tmp_path / "raw")
     assert "\n" not in str(err.value)
+
+
+def test_a_description_of_many_quoted_lines_is_one_field_of_one_row(photos, tmp_path):
+    """A user's description may hold line breaks; quoted, they are the field's own, however many."""
+    poem = "\n".join(f"line {i}" for i in range(12))
+
+    def described(lines):
+        fields = lines[3].split(b"\t")
+        fields[PHOTO_COLUMNS.index("photo_description")] = b'"' + poem.encode() + b'"'
+        return [*lines[:3], b"\t".join(fields), *lines[4:]]
+
+    (tmp_path / "a.zip").write_bytes(_zip(_parts_with(photos, "photos.tsv001", described)))
+    out = run_download(params(url=str(tmp_path / "a.zip")), tmp_path / "raw")
+    rows = read_rows(out / "photos.tsv")
+    assert [r["photo_id"] for r in rows] == [p.photo_id for p in photos]
+    assert poem in [r["photo_description"] for r in rows]
 
 
 @pytest.mark.parametrize("line", [0, 5], ids=["header", "row"])

@@ -64,8 +64,6 @@ MAX_COMPRESSION_RATIO = 100
 RATIO_CHECK_MIN_BYTES = 1 << 20  # a tiny member may legitimately compress very well
 MAX_MEMBERS = 10_000  # the Lite zip holds a few dozen entries; zipfile keeps every one listed in memory
 MAX_LINE_BYTES = 1 << 20  # a row is a few KB; csv reads each line whole, so a 400 MB one would sit in memory
-# An old Lite release had a keyword with a quoted newline; a quote never closed swallows the rows after it.
-MAX_ROW_LINES = 8
 
 
 def run_download(params: Params, out_dir: Path = Path("data/raw"), cache_dir: Path = Path("data/cache")) -> Path:
@@ -562,7 +560,7 @@ def _check_columns(header_line: bytes, table: str, member: str, archive: Path) -
 
 
 class RowsRunTogether(Exception):
-    """A row spanning more lines than a real one, or a field holding tabs and line ends: a quote never closed."""
+    """A field holding tabs and line ends: the rows after a quote never closed, run into it."""
 
     def __init__(self, line: int):
         super().__init__(line)
@@ -579,7 +577,9 @@ def count_rows(path: Path) -> int:
         for row in reader:
             start, end = end + 1, reader.line_num
             fields = [v for v in row.values() if isinstance(v, str)]  # extra fields are a list, missing ones None
-            if end - start >= MAX_ROW_LINES or any("\t" in v and "\n" in v for v in fields):
+            # A quoted newline is a field's own (an old release had one in a keyword; descriptions may have
+            # several), but a tab beside it is the next row's columns, swallowed by a quote never closed.
+            if any("\t" in v and "\n" in v for v in fields):
                 raise RowsRunTogether(start)
             rows += 1
     return rows
