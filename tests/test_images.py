@@ -20,7 +20,7 @@ from PIL import Image
 from chromalab.color import mean_chroma
 from chromalab.config import parse_params
 from chromalab.errors import ChromalabError
-from chromalab.data.images import run_images, sized_url
+from chromalab.data.images import FAIL_FAST_STREAK, run_images, sized_url
 
 SIZE = 32
 
@@ -560,6 +560,22 @@ def test_a_photo_past_pillows_bomb_limit_is_too_large_not_corrupt_and_one_near_i
                              "Image.MAX_IMAGE_PIXELS = 1200; Image.open(sys.argv[1]).load()", str(folder / "near.jpg")],
                             capture_output=True, text=True, check=True)
     assert "DecompressionBombWarning" not in opened.stderr
+
+
+def test_a_folder_of_many_gray_photos_in_a_row_is_not_taken_for_a_server_that_is_down(tmp_path):
+    """The fail-fast streak is a server's: your own folder's 16 gray photos in a row are rejected each, and
+    their slots go to the reserve."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    gray, colour = photo_ids("gr", FAIL_FAST_STREAK + 1), photo_ids("co", FAIL_FAST_STREAK + 3)
+    for pid in gray + colour:
+        value = (90, 90, 90) if pid in gray else (200, 40 + colour.index(pid), 40)
+        Image.fromarray(np.full((32, 48, 3), value, np.uint8)).save(folder / f"{pid}.jpg", quality=95)
+    write_split(tmp_path / "split", "", gray, colour[:2], colour[2:], url=lambda pid: str(folder / f"{pid}.jpg"))
+    folder_params = parse_params({**raw_params(concurrency=1), "data": {"source": "folder", "folder": str(folder)}})
+    run_images(folder_params, tmp_path / "split", tmp_path / "images")
+    assert sorted(r["photo_id"] for r in read_csv(tmp_path / "images" / "rejected.csv")) == gray
+    assert sorted(check_output(tmp_path / "images")["train"]) == colour[2:]
 
 
 def test_another_folder_with_the_same_file_names_is_fetched_afresh(tmp_path):

@@ -186,7 +186,7 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
     chosen: list[Photo | None] = [None] * len(slots)
     failed: list[tuple[Photo, str]] = []
     stats: Counter[str] = Counter()
-    streak = Streak(fetcher.journal)
+    streak = Streak(fetcher.journal, server=not fetcher.from_folder)
     unreplaced: list[tuple[Photo, str]] = []  # rejected once the reserve ran out
     pending = [(index, photo) for index, (_, photo) in enumerate(slots)]
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="images")
@@ -246,8 +246,9 @@ class Streak:
     a photo fetched fine shows the server healthy; once FAIL_FAST_STREAK in a row, it is taken to be down and
     the rejections since its last good photo are dropped (`dropped`), to be asked again by the next run."""
 
-    def __init__(self, journal: RejectionJournal):
+    def __init__(self, journal: RejectionJournal, server: bool = True):
         self.journal = journal
+        self.server = server  # a folder has none to be down: 16 gray photos in a row are 16 gray photos
         self.length = 0
         self.since_good: list[str] = []  # photo ids answered since the last photo fetched fine
         self.down = False
@@ -266,7 +267,7 @@ class Streak:
             return False
         self.length += 1
         self.since_good.append(photo_id)
-        if self.length < FAIL_FAST_STREAK:
+        if self.length < FAIL_FAST_STREAK or not self.server:
             return False
         self.down, self.dropped = True, set(self.since_good)
         return True
