@@ -164,9 +164,11 @@ def test_one_photo_sent_for_several_is_a_placeholder_and_kept_for_none(fake_unsp
         (out / file).unlink()
 
     fake_unsplash.image_faults = {train[1]: "placeholder", test[0]: "placeholder"}
-    with pytest.raises(ChromalabError, match="^2 of 5 photos could not be fetched .*: the same photo as another "):
+    with pytest.raises(ChromalabError, match="^3 of 5 photos could not be fetched .*: the same photo as another "):
         run_images(params(), tmp_path / "split", out)
     assert sorted(p.stem for p in (out / "train").iterdir()) == train[2:]  # tr00 too
+    # all three failed this run, whichever came first: given up alike after MAX_FAILED_RUNS, not by timing
+    assert json.loads((out / "failed_runs.json").read_text()) == {train[0]: 1, train[1]: 1, test[0]: 1}
     assert read_csv(out / "rejected.csv") == []
 
     fake_unsplash.image_faults = {}

@@ -216,6 +216,10 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
                     replacements = []
                 pending = replacements
         streak.end()
+        for index, photo in enumerate(chosen):  # written before its twin came: failed alike, whichever came first
+            if photo is not None and photo.photo_id in fetcher.unmade:
+                chosen[index] = None
+                failed.append((photo, PLACEHOLDER))
         failed.extend((photo, why) for photo, why in unreplaced if streak.down and photo.photo_id in streak.dropped)
     finally:  # on Ctrl-C, drop the queued fetches instead of finishing them
         pool.shutdown(wait=True, cancel_futures=True)
@@ -303,6 +307,7 @@ class PhotoFetcher:
         self.big_decodes = threading.BoundedSemaphore(BIG_DECODES)
         self.made = self._index_made()  # SHA-256 of a fetched photo's JPEG → its id (see _write_unless_placeholder)
         self.made_lock = threading.Lock()
+        self.unmade: set[str] = set()  # photos this run took for a placeholder after they were written
         self.http = _stamping_tries(with_headers_deadline(urllib3.PoolManager(
             maxsize=ip.concurrency, retries=retry, timeout=urllib3.Timeout(connect=ip.timeout_s, read=ip.timeout_s),
             headers={"User-Agent": USER_AGENT},
@@ -357,6 +362,7 @@ class PhotoFetcher:
             first = self.made.setdefault(digest, photo_id)
             if first != photo_id:
                 self._unmake(first)
+                self.unmade.add(first)
                 return False
             write_bytes_atomic(target, jpeg)
             return True
