@@ -276,6 +276,23 @@ def test_an_outage_answering_404_to_every_photo_leaves_no_lasting_rejection(tmp_
     assert outputs("outage", outage=True) == outputs("healthy", outage=False)
 
 
+def test_a_photo_asked_for_before_an_outage_does_not_make_its_404s_lasting(fake_unsplash, tmp_path, fast_backoff,
+                                                                          monkeypatch):
+    """A slow photo asked for just before an outage lands after some of the outage's 404s: it shows the server
+    healthy only before it was asked for, so those 404s stay held, count on, and are dropped with the rest."""
+    good, outage = photo_ids("ok", 1), photo_ids("tr", 10)
+    test, reserve = photo_ids("te", 1), photo_ids("re", 4)
+    fake_unsplash.delay_s, fake_unsplash.slow_s = 0.1, 0.25  # 2 to 4 404s come while the slow photo is on its way
+    fake_unsplash.image_faults = {good[0]: "slow", **{pid: "404" for pid in outage + test + reserve}}
+    monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 6)
+    write_split(tmp_path / "split", fake_unsplash.url, good + outage, test, reserve)
+    with pytest.raises(ChromalabError, match="6 in a row gave no photo, so the server is taken to be down"):
+        run_images(params(concurrency=2), tmp_path / "split", tmp_path / "images")
+    assert (tmp_path / "images" / "train" / f"{good[0]}.jpg").exists()
+    assert fake_unsplash.image_counts()[outage[0]] == 1  # answered while the good photo was on its way
+    assert read_csv(tmp_path / "images" / "rejected.csv") == []
+
+
 def test_a_photo_the_server_never_sends_is_given_up_after_two_runs_instead_of_stopping_every_run(
         fake_unsplash, tmp_path, fast_backoff):
     train, test, reserve = photo_ids("tr", 3), photo_ids("te", 1), photo_ids("re", 2)

@@ -5,7 +5,7 @@ Unsplash photos are fetched from their dynamic image URL, cropped by the server
 full and have colour (mean chroma >= images.min_chroma); a photo that is gone (404/410/451), corrupt or
 gray is recorded in rejected.csv and its slot goes to the next reserve photo. Such verdicts count toward the
 fail-fast streak like failures (an outage may answer 404 to every photo) and are written only once the server
-shows itself healthy: a photo fetched fine afterwards, or the run's end without the server taken to be down
+shows itself healthy: a photo asked for afterwards and fetched fine, or the run's end without the server taken to be down
 (corrupt ones wait for the run's end in any case). Bytes that are no image at all, or one photo sent for two
 ids (a placeholder), are the server's: failures, not rejections.
 
@@ -94,6 +94,7 @@ class Outcome:
     status: Literal["ok", "rejected", "failed"]  # failed = not known yet (network trouble): re-run
     detail: str = ""
     fetched: bool = False  # False: the file or the rejection was already on disk
+    asked_at: float = 0.0  # a fetched photo: when the try that got it began waiting (time.monotonic)
 
 
 class Rejected(Exception):
@@ -247,14 +248,13 @@ def _await(futures, photos: list[Photo], bar: tqdm, stats: Counter, streak: Stre
 class Streak:
     """Photos in a row, in the order their answers came, that gave no photo: failed or rejected alike, for a
     server in trouble may answer 404 (or junk) to every photo. Their rejections stay held in the journal until
-    a photo fetched fine shows the server healthy; once FAIL_FAST_STREAK in a row, it is taken to be down and
+    a photo asked for after them and fetched fine shows the server healthy; once FAIL_FAST_STREAK in a row, it is taken to be down and
     the rejections since its last good photo are dropped (`dropped`), to be asked again by the next run."""
 
     def __init__(self, journal: RejectionJournal, server: bool = True):
         self.journal = journal
         self.server = server  # a folder has none to be down: 16 gray photos in a row are 16 gray photos
-        self.length = 0
-        self.since_good: list[str] = []  # photo ids answered since the last photo fetched fine
+        self.since_good: list[tuple[str, float]] = []  # (photo id, when counted) since the last photo fetched fine
         self.down = False
         self.dropped: set[str] = set()
 
@@ -266,14 +266,17 @@ class Streak:
             self.dropped.update([photo_id] if outcome.status == "rejected" else [])
             return False
         if outcome.status == "ok":
-            self.journal.commit(self.since_good)
-            self.length, self.since_good = 0, []
+            # only what was answered before this photo was asked for: a photo asked for before an outage began
+            # may land after some of its 404s, which it shows nothing about
+            before = [photo_id for photo_id, counted in self.since_good if counted < outcome.asked_at]
+            self.journal.commit(before)
+            self.since_good = [(photo_id, counted) for photo_id, counted in self.since_good
+                               if counted >= outcome.asked_at]
             return False
-        self.length += 1
-        self.since_good.append(photo_id)
-        if self.length < FAIL_FAST_STREAK or not self.server:
+        self.since_good.append((photo_id, time.monotonic()))
+        if len(self.since_good) < FAIL_FAST_STREAK or not self.server:
             return False
-        self.down, self.dropped = True, set(self.since_good)
+        self.down, self.dropped = True, {photo_id for photo_id, _ in self.since_good}
         return True
 
     def end(self) -> None:
@@ -333,8 +336,10 @@ class PhotoFetcher:
             self.journal.record(photo.photo_id, split, known)  # no-op unless meant for another split now
             return Outcome("rejected", known)
         source_time = self._source_time(photo)  # before reading: a file replaced meanwhile is read again next run
+        asked_at = time.monotonic()
         try:
             jpeg = self.fetched_jpeg(photo)
+            asked_at = asked_at if self.from_folder else _try.started  # the try that got it
         except Rejected as exc:
             with self.undecodable_lock:  # atomic with _refuse_shared_junk taking a rejection back
                 if getattr(exc, "digest", None) in self.shared_junk:
@@ -352,7 +357,7 @@ class PhotoFetcher:
         if source_time is not None:  # stamped with its source's time, by which _made_from_this knows the source
             os.utime(target, ns=(time.time_ns(), source_time))
             self.journal.forget(photo.photo_id)  # a file rejected before, since replaced
-        return Outcome("ok", fetched=True)
+        return Outcome("ok", fetched=True, asked_at=asked_at)
 
     def _write_unless_placeholder(self, photo_id: str, jpeg: bytes, target: Path) -> bool:
         """Write `jpeg`, unless another photo came as the same bytes: two photos are never one, the server sent
