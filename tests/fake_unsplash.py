@@ -55,14 +55,13 @@ IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "tru
                 "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
                 "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo",
                 "placeholder", "png-bomb", "trailing-junk",
-                "slow-head-and-body", "404-once", "slow-then-404")
+                "slow-head-and-body", "404-once")
 # junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg (starting as one); corrupt-varying: a truncated photo
 # with its Content-Length, cut elsewhere on each request; junk-per-photo: an error body naming the request;
 # placeholder: the same colour photo for every photo with it; png-bomb: a small palette PNG (transparency and
 # all) ten times the size asked each way; trailing-junk: the photo asked for, then 256 KiB of noise;
 # slow-head-and-body: 4 header lines, then 4 pieces of the photo, each after slow_s
 # 404-once: a blip: 404 to the first request, the photo from then on
-# slow-then-404: "slow" for the first request, 404 from then on (an outage that began meanwhile)
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes;
 # drip: 64 bytes every slow_s; cut-unsized-once: the first answer has no Content-Length and ends half-way;
@@ -421,8 +420,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _image(self, photo_id, query, n):
         fault = self.fake.image_faults.get(photo_id, "")
-        if fault == "slow-then-404":
-            fault = "slow" if n == 1 else "404"
         delay = self.fake.delay_s + (self.fake.slow_s if fault == "slow" else 0.0)
         if fault == "stall-once" and n == 1:
             delay += self.fake.stall_s

@@ -5,9 +5,9 @@ Unsplash photos are fetched from their dynamic image URL, cropped by the server
 full and have colour (mean chroma >= images.min_chroma); a photo that is gone (404/410/451; asked twice, a
 round apart, since a blip of 404s passes), corrupt or gray is recorded in rejected.csv and its slot goes to the
 next reserve photo. Such verdicts count toward the fail-fast streak like failures (an outage may answer 404 to
-every photo) and are written only once the server shows itself healthy: a photo asked for afterwards and fetched
-fine, a photo made before sent again as then (the streak's probe), or the run's end without the server taken to be
-down (corrupt ones wait for the run's end in any case). Bytes that are no image at all, or one photo sent for two
+every photo; not a gone photo's second answer) and are written only once the server shows itself healthy: a
+photo asked for afterwards and fetched fine, or the run's end without the server taken to be down (corrupt and
+gone ones wait for the run's end in any case). Bytes that are no image at all, or one photo sent for two
 ids (a placeholder), are the server's: failures, not rejections.
 
 out_dir persists across runs (DVC `persist: true`), which makes the stage resumable: each image is
@@ -34,7 +34,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, NamedTuple
+from typing import Literal, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -62,8 +62,6 @@ FAIL_FAST_STREAK = 16
 # A photo answered as gone is asked once more, a round later and at least this long after, before its slot goes to
 # the reserve: a few 404s in a blip must not give photos away for good.
 RECHECK_WAIT_S = 2.0
-SAME_PICTURE_LEVELS = 4.0  # mean absolute difference (0-255) within which two encodings show the same picture
-RECHECK_PENDING = "answered gone once, to be asked again (the server was then taken to be down)"
 NOT_TRIED = "not tried: the photos before it could not be fetched either"
 SHARED_JUNK = "undecodable bytes that another photo was sent too: the server's, not the photo's"
 PLACEHOLDER = "the same photo as another photo was sent: the server's placeholder, not the photo"
@@ -102,6 +100,9 @@ class Outcome:
     detail: str = ""
     fetched: bool = False  # False: the file or the rejection was already on disk
     asked_at: float = 0.0  # a fetched photo: when the try that got it began waiting (time.monotonic)
+    # False: an answer expected of the photo whatever the server's health (a gone photo gone again, a round later):
+    # it counts toward no fail-fast streak, else a run with 16 gone photos would stop in their recheck round
+    streak: bool = True
 
 
 class Rejected(Exception):
@@ -195,8 +196,7 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
     chosen: list[Photo | None] = [None] * len(slots)
     failed: list[tuple[Photo, str]] = []
     stats: Counter[str] = Counter()
-    # a folder has no server to be down: 16 gray photos in a row are 16 gray photos
-    streak = Streak(fetcher.journal, probe=None if fetcher.from_folder else fetcher.sends_as_before)
+    streak = Streak(fetcher.journal, server=not fetcher.from_folder)
     unreplaced: list[tuple[Photo, str]] = []  # rejected once the reserve ran out
     pending = [(index, photo) for index, (_, photo) in enumerate(slots)]
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="images")
@@ -234,7 +234,7 @@ class Round:
 
     def walk(self, pending: list[tuple[int, Photo]], futures) -> list[tuple[int, Photo]]:
         """Settle each slot of the round; returns the next round's (slot, photo): replacements and rechecks."""
-        upcoming, rechecked = [], set()
+        upcoming = []
         for (index, photo), future in zip(pending, futures):
             if future.cancelled():
                 self.failed.append((photo, NOT_TRIED))
@@ -245,10 +245,9 @@ class Round:
             if outcome.status == "ok":
                 self.chosen[index] = photo
             elif outcome.status == "failed" or (self.streak.down and photo.photo_id in self.streak.dropped):
-                self.failed.append((photo, RECHECK_PENDING if outcome.status == "recheck" else outcome.detail))
+                self.failed.append((photo, outcome.detail))
             elif outcome.status == "recheck":
                 upcoming.append((index, photo))
-                rechecked.add(photo)
                 self.rechecks += 1
             elif self.reserve:
                 upcoming.append((index, self.reserve.popleft()))
@@ -256,7 +255,7 @@ class Round:
             else:
                 self.unreplaced.append((photo, outcome.detail))
         if self.streak.down:  # its replacements would fail alike, and its rechecks prove nothing
-            self.failed.extend((photo, RECHECK_PENDING if photo in rechecked else NOT_TRIED) for _, photo in upcoming)
+            self.failed.extend((photo, NOT_TRIED) for _, photo in upcoming)
             return []
         return upcoming
 
@@ -264,7 +263,7 @@ class Round:
 def _await(futures, photos: list[Photo], bar: tqdm, stats: Counter, streak: Streak) -> None:
     """Wait for `futures` (for `photos`) as they finish, counting on `bar` and in `streak`; once the server is
     taken to be down, cancel those not started."""
-    asked = dict(zip(futures, photos))
+    ids = {future: photo.photo_id for future, photo in zip(futures, photos)}
     for future in as_completed(futures):
         if future.cancelled():
             continue
@@ -274,55 +273,46 @@ def _await(futures, photos: list[Photo], bar: tqdm, stats: Counter, streak: Stre
         elif outcome.status == "rejected":
             stats["rejected"] += 1
             bar.set_postfix(rejected=stats["rejected"])
-        if streak.add(asked[future], outcome):
+        if streak.add(ids[future], outcome):
             for waiting in futures:
                 waiting.cancel()  # only those not yet running: the running ones finish
 
 
 class Streak:
-    """Photos that gave no photo since the server last showed itself healthy: failed or rejected alike, for a
-    server in trouble may answer 404 (or junk) to every photo. A photo fetched fine vouches for those answered
-    before it was asked for, whose rejections the journal held until then. Once FAIL_FAST_STREAK are not vouched
-    for, a photo made before is asked for again (`probe`): sent as it was then, the server is healthy and vouches
-    for them (gone photos may come one after another: a re-run asks only for what it lacks, a recheck round for
-    gone photos only); else it is taken to be down, and their rejections are dropped (`dropped`), to be asked
-    again by the next run."""
+    """Photos in a row, in the order their answers came, that gave no photo: failed or rejected alike, for a
+    server in trouble may answer 404 (or junk) to every photo. Their rejections stay held in the journal until
+    a photo asked for after them and fetched fine shows the server healthy; once FAIL_FAST_STREAK in a row, it is taken to be down and
+    the rejections since its last good photo are dropped (`dropped`), to be asked again by the next run."""
 
-    def __init__(self, journal: RejectionJournal, probe: Callable[[Photo], bool] | None = None):
+    def __init__(self, journal: RejectionJournal, server: bool = True):
         self.journal = journal
-        self.probe = probe  # None: no server to be down
-        self.since_good: list[tuple[str, float]] = []  # (photo id, when counted) not vouched for yet
-        self.known_good: Photo | None = None  # the latest photo made, in this run or before: what `probe` asks for
+        self.server = server  # a folder has none to be down: 16 gray photos in a row are 16 gray photos
+        self.since_good: list[tuple[str, float]] = []  # (photo id, when counted) since the last photo fetched fine
         self.down = False
         self.dropped: set[str] = set()
 
-    def add(self, photo: Photo, outcome: Outcome) -> bool:
+    def add(self, photo_id: str, outcome: Outcome) -> bool:
         """Count one outcome; True the moment the server is taken to be down."""
-        if outcome.status == "ok":
-            self.known_good = photo
         if not outcome.fetched:  # settled before (on disk, in the journal): says nothing of the server
             return False
         if self.down:  # one that was running when the server was taken to be down
-            self.dropped.update([photo.photo_id] if outcome.status == "rejected" else [])
+            self.dropped.update([photo_id] if outcome.status == "rejected" else [])
+            return False
+        if not outcome.streak:
             return False
         if outcome.status == "ok":
-            self._vouch(outcome.asked_at)
+            # only what was answered before this photo was asked for: a photo asked for before an outage began
+            # may land after some of its 404s, which it shows nothing about
+            before = [photo_id for photo_id, counted in self.since_good if counted < outcome.asked_at]
+            self.journal.commit(before)
+            self.since_good = [(photo_id, counted) for photo_id, counted in self.since_good
+                               if counted >= outcome.asked_at]
             return False
-        self.since_good.append((photo.photo_id, time.monotonic()))
-        if len(self.since_good) < FAIL_FAST_STREAK or self.probe is None:
-            return False
-        probed_at = time.monotonic()
-        if self.known_good is not None and self.probe(self.known_good):
-            self._vouch(probed_at)
+        self.since_good.append((photo_id, time.monotonic()))
+        if len(self.since_good) < FAIL_FAST_STREAK or not self.server:
             return False
         self.down, self.dropped = True, {photo_id for photo_id, _ in self.since_good}
         return True
-
-    def _vouch(self, asked_at: float) -> None:
-        """The server was healthy at `asked_at`: what was answered before then is what it meant. A photo asked for
-        before an outage began may land after some of its 404s, which it shows nothing about."""
-        self.journal.commit([photo_id for photo_id, counted in self.since_good if counted < asked_at])
-        self.since_good = [(photo_id, counted) for photo_id, counted in self.since_good if counted >= asked_at]
 
     def end(self) -> None:
         """At the run's end: what is still held is written, unless the server was taken to be down."""
@@ -399,16 +389,6 @@ class PhotoFetcher:
             self.journal.forget(photo.photo_id)  # a file rejected before, since replaced
         return Outcome("ok", fetched=True, asked_at=asked_at)
 
-    def sends_as_before(self, photo: Photo) -> bool:
-        """Whether the server sends `photo`, made before, as the same picture as then (whatever its encoding):
-        Streak's probe of the server's health. A placeholder or an error page for every photo is not."""
-        made = [path for split in FETCHED_SPLITS if (path := self.out_dir / split / f"{photo.photo_id}.jpg").exists()]
-        try:
-            jpeg = self.checked_jpeg(self.read(photo).data)
-            return bool(made) and _same_picture(jpeg, made[0].read_bytes())
-        except (Rejected, FetchFailed, OSError):
-            return False
-
     def _rejected(self, photo_id: str, split: str, exc: Rejected) -> Outcome:
         """The outcome of a rejection just answered. A photo's first "gone" in this run is to be asked again (a
         slot has one photo in flight at a time, so no lock); a file missing from your folder is gone at once."""
@@ -420,9 +400,10 @@ class PhotoFetcher:
             if getattr(exc, "digest", None) in self.shared_junk:
                 return Outcome("failed", SHARED_JUNK, fetched=True)
             # written once the server shows itself healthy; corrupt at the run's end, when no other photo can
-            # have been sent the same bytes (the digests are in memory: a kill must not split the verdicts)
-            self.journal.hold(photo_id, split, str(exc), until_end=isinstance(exc, Corrupt))
-        return Outcome("rejected", str(exc), fetched=True)
+            # have been sent the same bytes (the digests are in memory: a kill must not split the verdicts); gone,
+            # asked twice, at the run's end too, since the second answer does not count toward the streak
+            self.journal.hold(photo_id, split, str(exc), until_end=gone or isinstance(exc, Corrupt))
+        return Outcome("rejected", str(exc), fetched=True, streak=not gone)
 
     def _write_unless_placeholder(self, photo_id: str, jpeg: bytes, target: Path) -> bool:
         """Write `jpeg`, unless another photo came as the same bytes: two photos are never one, the server sent
@@ -630,13 +611,6 @@ class _StampedTry:
     def getresponse(self, *args, **kwargs):
         _try.started = time.monotonic()
         return super().getresponse(*args, **kwargs)
-
-
-def _same_picture(jpeg: bytes, other: bytes) -> bool:
-    """Whether two JPEGs of image_size² show the same picture: a re-encode moves pixels by a few levels at most."""
-    with Image.open(io.BytesIO(jpeg)) as a, Image.open(io.BytesIO(other)) as b:
-        pixels_a, pixels_b = np.asarray(a.convert("RGB"), np.int16), np.asarray(b.convert("RGB"), np.int16)
-    return pixels_a.shape == pixels_b.shape and float(np.abs(pixels_a - pixels_b).mean()) <= SAME_PICTURE_LEVELS
 
 
 def _stamping_tries(pool_manager: urllib3.PoolManager) -> urllib3.PoolManager:
