@@ -37,11 +37,9 @@ def fake_unsplash():
 
 @pytest.fixture
 def fast_backoff(monkeypatch):
-    """Millisecond backoff between retries (urllib3 Retry) and before a gone photo is asked again, so retry tests
-    do not sleep for seconds."""
+    """Millisecond backoff between retries (urllib3 Retry), so retry tests do not sleep for seconds."""
     monkeypatch.setattr("chromalab.data.download.DOWNLOAD_BACKOFF_S", 0.01)
     monkeypatch.setattr("chromalab.data.images.BACKOFF_FACTOR_S", 0.01)
-    monkeypatch.setattr("chromalab.data.images.RECHECK_WAIT_S", 0.01)
 
 
 # --- a real MLflow tracking server, shared by the tracking and training tests ---

@@ -89,13 +89,12 @@ def test_every_fault_is_handled_and_reserves_replace_in_order(fake_unsplash, tmp
 
     summary = run_images(params(), tmp_path / "split", tmp_path / "images")
 
-    # Round 1's rejected slots, in slot order (train5, train6, val0), take reserve 0-2; the gone ones (train0,
-    # train1, test1) are asked again in round 2 and then, in slot order with reserve 0's slot (gray itself), take
-    # reserve 3-6.
+    # Rejected slots, in slot order (train0, train1, train5, train6, test1, val0), take reserve 0-5; reserve 0
+    # is gray itself, so its slot (train0) takes reserve 6.
     got = check_output(tmp_path / "images")
-    assert sorted(got["train"]) == sorted(train[2:5] + train[7:] + [reserve[3], reserve[4], reserve[5], reserve[1]])
-    assert sorted(got["test"]) == sorted([test[0], *test[2:], reserve[6]])
-    assert sorted(got["val"]) == sorted([val[1], reserve[2]])
+    assert sorted(got["train"]) == sorted(train[2:5] + train[7:] + [reserve[6], reserve[1], reserve[2], reserve[3]])
+    assert sorted(got["test"]) == sorted([test[0], *test[2:], reserve[4]])
+    assert sorted(got["val"]) == sorted([val[1], reserve[5]])
     rejected_rows = read_csv(tmp_path / "images" / "rejected.csv")
     rejected = {r["photo_id"]: (r["split"], r["reason"].split(" ")[0]) for r in rejected_rows}
     assert rejected == {
@@ -104,9 +103,8 @@ def test_every_fault_is_handled_and_reserves_replace_in_order(fake_unsplash, tmp
     }
     counts = fake_unsplash.image_counts()
     # 429, two 500s, truncated body, corrupt (asked twice: the same bytes again), a 503 whose Retry-After is
-    # unreadable (the usual backoff), read timeout; gone photos are asked twice before they are believed
-    retried = {train[0]: 2, train[1]: 2, train[2]: 2, train[3]: 3, train[4]: 2, train[5]: 2, train[11]: 2,
-               test[0]: 2, test[1]: 2}
+    # unreadable (the usual backoff), read timeout
+    retried = {train[2]: 2, train[3]: 3, train[4]: 2, train[5]: 2, train[11]: 2, test[0]: 2}
     assert counts == {pid: retried.get(pid, 1) for pid in train + test + val + reserve}
     assert summary == {"train": 16, "test": 4, "val": 2, "fetched": 29, "reused": 0, "rejected": 7,
                        "replaced_from_reserve": 7}
@@ -295,39 +293,6 @@ def test_a_photo_asked_for_before_an_outage_does_not_make_its_404s_lasting(fake_
     assert read_csv(tmp_path / "images" / "rejected.csv") == []
 
 
-def test_a_blip_of_404s_gives_no_photo_away(tmp_path, fast_backoff):
-    """A 404 is believed only when the photo is asked again a round later: photos the server answered 404 once
-    each (fewer than the fail-fast streak) are kept, and the run comes out as a healthy server's."""
-    train, test, reserve = photo_ids("tr", 8), photo_ids("te", 2), photo_ids("re", 4)
-
-    def outputs(name, faults):
-        with FakeUnsplash(image_faults=faults) as server:
-            write_split(tmp_path / name / "split", server.url, train, test, reserve)
-            summary = run_images(params(concurrency=2), tmp_path / name / "split", tmp_path / name / "images")
-        manifest = [{k: v for k, v in row.items() if k != "source"}
-                    for row in read_csv(tmp_path / name / "images" / "manifest.csv")]
-        return summary, manifest, read_csv(tmp_path / name / "images" / "rejected.csv")
-
-    gone = {train[5]: "404", reserve[0]: "410"}
-    blip = {pid: "404-once" for pid in train[:4] + test[:1]}
-    assert outputs("blip", {**blip, **gone}) == outputs("healthy", gone)
-
-
-def test_more_gone_photos_than_the_streak_do_not_stop_the_run_when_asked_again(fake_unsplash, tmp_path,
-                                                                              fast_backoff, monkeypatch):
-    """Every gone photo of a round is asked again in the next, one after another: their second 404s are what a
-    gone photo answers, not a server down, so they count toward no streak."""
-    train, test, reserve = photo_ids("tr", 12), photo_ids("te", 1), photo_ids("re", 8)
-    monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 3)
-    fake_unsplash.image_faults = {pid: "404" for pid in train[::2]}  # never three in a row in the first round
-    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
-    run_images(params(concurrency=1), tmp_path / "split", tmp_path / "images")
-    assert sorted(check_output(tmp_path / "images")["train"]) == sorted(train[1::2] + reserve[:6])
-    assert {r["photo_id"]: r["reason"] for r in read_csv(tmp_path / "images" / "rejected.csv")} == {
-        pid: "gone (HTTP 404)" for pid in train[::2]}
-    assert {pid: n for pid, n in fake_unsplash.image_counts().items() if n != 1} == {pid: 2 for pid in train[::2]}
-
-
 def test_a_photo_the_server_never_sends_is_given_up_after_two_runs_instead_of_stopping_every_run(
         fake_unsplash, tmp_path, fast_backoff):
     train, test, reserve = photo_ids("tr", 3), photo_ids("te", 1), photo_ids("re", 2)
@@ -472,7 +437,7 @@ def _kill_once_five_are_made(settings: dict, split_dir: Path, out: Path) -> None
 
 def test_killed_run_resumes_without_fetching_anything_twice(fake_unsplash, tmp_path):
     train, test, reserve = photo_ids("tr", 16), photo_ids("te", 4), photo_ids("re", 3)
-    fake_unsplash.image_faults = {train[0]: "gray"}  # settled at once (a gone photo is asked again a round later)
+    fake_unsplash.image_faults = {train[0]: "404"}
     fake_unsplash.delay_s = 0.15  # every image is slow, so the kill lands mid-run
     write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
     out = tmp_path / "images"
@@ -535,7 +500,7 @@ def test_param_and_split_changes_reuse_what_still_holds(fake_unsplash, tmp_path)
     before = fake_unsplash.image_counts()
     changed = run_images(params(jpeg_quality=80), split_dir, out)
     after = fake_unsplash.image_counts()
-    assert after[train[0]] == before[train[0]] == 2  # asked twice in the first run, then believed
+    assert after[train[0]] == before[train[0]] == 1
     assert changed["fetched"] == 9
     assert {r["source"].rsplit("q=", 1)[1] for r in read_csv(out / "manifest.csv")} == {"80"}
 

@@ -2,17 +2,16 @@
 
 Unsplash photos are fetched from their dynamic image URL, cropped by the server
 (`fit=crop&crop=faces,entropy`); folder photos are centre-cropped here. Every photo must decode in
-full and have colour (mean chroma >= images.min_chroma); a photo that is gone (404/410/451; asked twice, a
-round apart, since a blip of 404s passes), corrupt or gray is recorded in rejected.csv and its slot goes to the
-next reserve photo. Such verdicts count toward the fail-fast streak like failures (an outage may answer 404 to
-every photo; not a gone photo's second answer) and are written only once the server shows itself healthy: a
-photo asked for afterwards and fetched fine, or the run's end without the server taken to be down (corrupt and
-gone ones wait for the run's end in any case). Bytes that are no image at all, or one photo sent for two
+full and have colour (mean chroma >= images.min_chroma); a photo that is gone (404/410/451), corrupt or
+gray is recorded in rejected.csv and its slot goes to the next reserve photo. Such verdicts count toward the
+fail-fast streak like failures (an outage may answer 404 to every photo) and are written only once the server
+shows itself healthy: a photo asked for afterwards and fetched fine, or the run's end without the server taken to be down
+(corrupt ones wait for the run's end in any case). Bytes that are no image at all, or one photo sent for two
 ids (a placeholder), are the server's: failures, not rejections.
 
 out_dir persists across runs (DVC `persist: true`), which makes the stage resumable: each image is
 written atomically, so a file that exists is whole and is not fetched again, and rejections are
-appended once settled (above), so a gone photo is not asked for again. A photo that could not be fetched in
+appended once settled (above), so a gone photo is not asked for twice. A photo that could not be fetched in
 MAX_FAILED_RUNS runs is given up (failed_runs.json counts them).
 """
 
@@ -59,9 +58,6 @@ PHOTO_DEADLINE_READS = 4
 # Photos in a row that could not be fetched, each after its retries, before the rest are not even tried: the
 # server is down or refusing, and 2,000 more photos would take hours to fail the same way.
 FAIL_FAST_STREAK = 16
-# A photo answered as gone is asked once more, a round later and at least this long after, before its slot goes to
-# the reserve: a few 404s in a blip must not give photos away for good.
-RECHECK_WAIT_S = 2.0
 NOT_TRIED = "not tried: the photos before it could not be fetched either"
 SHARED_JUNK = "undecodable bytes that another photo was sent too: the server's, not the photo's"
 PLACEHOLDER = "the same photo as another photo was sent: the server's placeholder, not the photo"
@@ -95,14 +91,10 @@ class Photo(NamedTuple):
 
 @dataclass(frozen=True)
 class Outcome:
-    # failed = not known yet (network trouble): re-run; recheck = answered as gone once: ask again before believing it
-    status: Literal["ok", "rejected", "failed", "recheck"]
+    status: Literal["ok", "rejected", "failed"]  # failed = not known yet (network trouble): re-run
     detail: str = ""
     fetched: bool = False  # False: the file or the rejection was already on disk
     asked_at: float = 0.0  # a fetched photo: when the try that got it began waiting (time.monotonic)
-    # False: an answer expected of the photo whatever the server's health (a gone photo gone again, a round later):
-    # it counts toward no fail-fast streak, else a run with 16 gone photos would stop in their recheck round
-    streak: bool = True
 
 
 class Rejected(Exception):
@@ -188,10 +180,9 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
 
     Rounds: fetch all pending photos concurrently, then walk the outcomes *in slot order* and hand
     each rejected slot the next reserve photo. So which reserve photo replaces which depends only on
-    the photos themselves, never on which thread finished first. A photo first answered as gone is asked
-    again in the next round, RECHECK_WAIT_S or more later, before its slot is given away. Once FAIL_FAST_STREAK
-    photos in a row gave none (failed or rejected, retries and all), the server is down or refusing: the rest are
-    not tried, and the rejections since its last good photo are dropped. Returns whether it came to that too.
+    the photos themselves, never on which thread finished first. Once FAIL_FAST_STREAK photos in a row gave
+    none (failed or rejected, retries and all), the server is down or refusing: the rest are not tried, and
+    the rejections since its last good photo are dropped. Returns whether it came to that too.
     """
     chosen: list[Photo | None] = [None] * len(slots)
     failed: list[tuple[Photo, str]] = []
@@ -205,10 +196,26 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
             while pending:
                 futures = [pool.submit(fetcher.obtain, photo, slots[index][0]) for index, photo in pending]
                 _await(futures, [photo for _, photo in pending], bar, stats, streak)
-                round_ = Round(chosen, failed, unreplaced, stats, reserve, streak)
-                pending = round_.walk(pending, futures)
-                if round_.rechecks and not streak.down:
-                    time.sleep(RECHECK_WAIT_S)  # a blip of 404s is over by then
+                replacements = []
+                for (index, photo), future in zip(pending, futures):
+                    if future.cancelled():
+                        failed.append((photo, NOT_TRIED))
+                        continue
+                    outcome = future.result()
+                    stats["fetched" if outcome.fetched else "reused"] += 1
+                    if outcome.status == "ok":
+                        chosen[index] = photo
+                    elif outcome.status == "failed" or (streak.down and photo.photo_id in streak.dropped):
+                        failed.append((photo, outcome.detail))
+                    elif reserve:
+                        replacements.append((index, reserve.popleft()))
+                        stats["replaced"] += 1
+                    else:
+                        unreplaced.append((photo, outcome.detail))
+                if streak.down:  # its replacements would fail alike
+                    failed.extend((photo, NOT_TRIED) for _, photo in replacements)
+                    replacements = []
+                pending = replacements
         streak.end()
         for index, photo in enumerate(chosen):  # written before its twin came: failed alike, whichever came first
             if photo is not None and photo.photo_id in fetcher.unmade:
@@ -218,46 +225,6 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
     finally:  # on Ctrl-C, drop the queued fetches instead of finishing them
         pool.shutdown(wait=True, cancel_futures=True)
     return chosen, failed, stats, streak.down
-
-
-@dataclass
-class Round:
-    """One round's outcomes, walked in slot order into fill_slots' tallies."""
-
-    chosen: list[Photo | None]
-    failed: list[tuple[Photo, str]]
-    unreplaced: list[tuple[Photo, str]]
-    stats: Counter
-    reserve: deque[Photo]
-    streak: Streak
-    rechecks: int = 0
-
-    def walk(self, pending: list[tuple[int, Photo]], futures) -> list[tuple[int, Photo]]:
-        """Settle each slot of the round; returns the next round's (slot, photo): replacements and rechecks."""
-        upcoming = []
-        for (index, photo), future in zip(pending, futures):
-            if future.cancelled():
-                self.failed.append((photo, NOT_TRIED))
-                continue
-            outcome = future.result()
-            if outcome.status != "recheck":  # counted once, when its answer is believed
-                self.stats["fetched" if outcome.fetched else "reused"] += 1
-            if outcome.status == "ok":
-                self.chosen[index] = photo
-            elif outcome.status == "failed" or (self.streak.down and photo.photo_id in self.streak.dropped):
-                self.failed.append((photo, outcome.detail))
-            elif outcome.status == "recheck":
-                upcoming.append((index, photo))
-                self.rechecks += 1
-            elif self.reserve:
-                upcoming.append((index, self.reserve.popleft()))
-                self.stats["replaced"] += 1
-            else:
-                self.unreplaced.append((photo, outcome.detail))
-        if self.streak.down:  # its replacements would fail alike, and its rechecks prove nothing
-            self.failed.extend((photo, NOT_TRIED) for _, photo in upcoming)
-            return []
-        return upcoming
 
 
 def _await(futures, photos: list[Photo], bar: tqdm, stats: Counter, streak: Streak) -> None:
@@ -297,8 +264,6 @@ class Streak:
             return False
         if self.down:  # one that was running when the server was taken to be down
             self.dropped.update([photo_id] if outcome.status == "rejected" else [])
-            return False
-        if not outcome.streak:
             return False
         if outcome.status == "ok":
             # only what was answered before this photo was asked for: a photo asked for before an outage began
@@ -346,7 +311,6 @@ class PhotoFetcher:
         self.made = self._index_made()  # SHA-256 of a fetched photo's JPEG → its id (see _write_unless_placeholder)
         self.made_lock = threading.Lock()
         self.unmade: set[str] = set()  # photos this run took for a placeholder after they were written
-        self.gone_once: set[str] = set()  # photos answered as gone once in this run: the next answer is believed
         self.http = _stamping_tries(with_headers_deadline(urllib3.PoolManager(
             maxsize=ip.concurrency, retries=retry, timeout=urllib3.Timeout(connect=ip.timeout_s, read=ip.timeout_s),
             headers={"User-Agent": USER_AGENT},
@@ -377,7 +341,13 @@ class PhotoFetcher:
             jpeg = self.fetched_jpeg(photo)
             asked_at = asked_at if self.from_folder else _try.started  # the try that got it
         except Rejected as exc:
-            return self._rejected(photo.photo_id, split, exc)
+            with self.undecodable_lock:  # atomic with _refuse_shared_junk taking a rejection back
+                if getattr(exc, "digest", None) in self.shared_junk:
+                    return Outcome("failed", SHARED_JUNK, fetched=True)
+                # written once the server shows itself healthy; corrupt at the run's end, when no other photo can
+                # have been sent the same bytes (the digests are in memory: a kill must not split the verdicts)
+                self.journal.hold(photo.photo_id, split, str(exc), until_end=isinstance(exc, Corrupt))
+            return Outcome("rejected", str(exc), fetched=True)
         except FetchFailed as exc:
             return Outcome("failed", str(exc), fetched=True)
         if self.from_folder:  # your own copies of a photo were left out by the split stage
@@ -388,22 +358,6 @@ class PhotoFetcher:
             os.utime(target, ns=(time.time_ns(), source_time))
             self.journal.forget(photo.photo_id)  # a file rejected before, since replaced
         return Outcome("ok", fetched=True, asked_at=asked_at)
-
-    def _rejected(self, photo_id: str, split: str, exc: Rejected) -> Outcome:
-        """The outcome of a rejection just answered. A photo's first "gone" in this run is to be asked again (a
-        slot has one photo in flight at a time, so no lock); a file missing from your folder is gone at once."""
-        gone = not self.from_folder and str(exc).startswith(GONE)
-        if gone and photo_id not in self.gone_once:
-            self.gone_once.add(photo_id)
-            return Outcome("recheck", str(exc), fetched=True)
-        with self.undecodable_lock:  # atomic with _refuse_shared_junk taking a rejection back
-            if getattr(exc, "digest", None) in self.shared_junk:
-                return Outcome("failed", SHARED_JUNK, fetched=True)
-            # written once the server shows itself healthy; corrupt at the run's end, when no other photo can
-            # have been sent the same bytes (the digests are in memory: a kill must not split the verdicts); gone,
-            # asked twice, at the run's end too, since the second answer does not count toward the streak
-            self.journal.hold(photo_id, split, str(exc), until_end=gone or isinstance(exc, Corrupt))
-        return Outcome("rejected", str(exc), fetched=True, streak=not gone)
 
     def _write_unless_placeholder(self, photo_id: str, jpeg: bytes, target: Path) -> bool:
         """Write `jpeg`, unless another photo came as the same bytes: two photos are never one, the server sent
