@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 import urllib3
 from urllib3.exceptions import InvalidHeader
@@ -42,14 +43,25 @@ def retry_policy(retries: int, backoff_s: float, **options) -> Retry:
                  retry_after_max=RETRY_AFTER_MAX_S, raise_on_status=False, **options)
 
 
+_try = threading.local()  # `started`: when this thread's latest request began waiting for its answer
+
+
+def try_started() -> float:
+    """When this thread's latest try (urllib3 may make several per request) began waiting for its answer
+    (time.monotonic): where its head's deadline started, and what the body's deadline is counted from."""
+    return _try.started
+
+
 class _HeadersDeadline:
     """A connection that gives up on an answer whose status line and headers take over `headers_deadline_s`
     in all: the read timeout holds for each read only, so a server sending a header line now and then would
-    hold it for ever. Raised as a timeout, which urllib3 retries as a read timeout."""
+    hold it for ever. Raised as a timeout, which urllib3 retries as a read timeout. Each try is stamped
+    (`try_started`)."""
 
     headers_deadline_s: float
 
     def getresponse(self, *args, **kwargs):
+        _try.started = time.monotonic()
         lock, state = threading.Lock(), {"done": False, "cut": False}
 
         def cut_off():

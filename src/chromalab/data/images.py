@@ -47,7 +47,7 @@ from chromalab.files import write_bytes_atomic, write_text_atomic
 from chromalab.errors import ChromalabError
 from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, FETCHED_SPLITS
 from chromalab.data.http import (PAGE_TYPES, RETRY_STATUSES, USER_AGENT, content_type, retry_policy,
-                                 with_headers_deadline)
+                                 try_started, with_headers_deadline)
 
 GONE_STATUSES = (404, 410, 451)  # 451: withheld for legal reasons, as final as gone
 BACKOFF_FACTOR_S = 0.5  # urllib3: no wait before the 1st retry, then 1 s, 2 s, 4 s, … (capped below)
@@ -263,7 +263,8 @@ class Streak:
         if not outcome.fetched:  # settled before (on disk, in the journal): says nothing of the server
             return False
         if self.down:  # one that was running when the server was taken to be down
-            self.dropped.update([photo_id] if outcome.status == "rejected" else [])
+            if outcome.status == "rejected":
+                self.dropped.add(photo_id)
             return False
         if outcome.status == "ok":
             # only what was answered before this photo was asked for: a photo asked for before an outage began
@@ -311,10 +312,10 @@ class PhotoFetcher:
         self.made = self._index_made()  # SHA-256 of a fetched photo's JPEG → its id (see _write_unless_placeholder)
         self.made_lock = threading.Lock()
         self.unmade: set[str] = set()  # photos this run took for a placeholder after they were written
-        self.http = _stamping_tries(with_headers_deadline(urllib3.PoolManager(
+        self.http = with_headers_deadline(urllib3.PoolManager(
             maxsize=ip.concurrency, retries=retry, timeout=urllib3.Timeout(connect=ip.timeout_s, read=ip.timeout_s),
             headers={"User-Agent": USER_AGENT},
-        ), self.deadline_s))
+        ), self.deadline_s)
 
     def source(self, photo: Photo) -> str:
         return photo.image_url if self.from_folder else sized_url(photo.image_url, self.size, self.quality)
@@ -339,7 +340,7 @@ class PhotoFetcher:
         asked_at = time.monotonic()
         try:
             jpeg = self.fetched_jpeg(photo)
-            asked_at = asked_at if self.from_folder else _try.started  # the try that got it
+            asked_at = asked_at if self.from_folder else try_started()  # the try that got it
         except Rejected as exc:
             with self.undecodable_lock:  # atomic with _refuse_shared_junk taking a rejection back
                 if getattr(exc, "digest", None) in self.shared_junk:
@@ -461,7 +462,7 @@ class PhotoFetcher:
         """One GET (urllib3 retrying what fails before the answer), its body read whole within the deadline."""
         try:
             response = self.http.request("GET", url, preload_content=False)
-            started = _try.started  # of the try that got this answer (urllib3 may have made several)
+            started = try_started()  # of the try that got this answer (urllib3 may have made several)
         except urllib3.exceptions.MaxRetryError as exc:
             raise FetchFailed(f"{type(exc.reason).__name__} after {self.retries} retries") from None
         except urllib3.exceptions.HTTPError as exc:
@@ -553,28 +554,6 @@ class PhotoFetcher:
         if not self.from_folder and width * height > max(FETCHED_OVERSIZE * self.size ** 2, FETCHED_MAX_PIXELS):
             raise Rejected(f"too large ({width}×{height} pixels for a {self.size}×{self.size} photo: not the "
                            "photo asked for)")
-
-
-_try = threading.local()  # `started`: when this thread's latest request began waiting for its answer
-
-
-class _StampedTry:
-    """A connection noting, per thread, when each try began waiting for its answer: the head's deadline
-    (http._HeadersDeadline) starts then, and the body must arrive within what it left, not a deadline of its own."""
-
-    def getresponse(self, *args, **kwargs):
-        _try.started = time.monotonic()
-        return super().getresponse(*args, **kwargs)
-
-
-def _stamping_tries(pool_manager: urllib3.PoolManager) -> urllib3.PoolManager:
-    """`pool_manager`, its connections a _StampedTry (set before its first request)."""
-    pool_manager.pool_classes_by_scheme = {
-        scheme: type(pool.__name__, (pool,), {"ConnectionCls": type(
-            pool.ConnectionCls.__name__, (_StampedTry, pool.ConnectionCls), {})})
-        for scheme, pool in pool_manager.pool_classes_by_scheme.items()
-    }
-    return pool_manager
 
 
 def has_image_signature(data: bytes) -> bool:
