@@ -11,7 +11,7 @@ ids (a placeholder), are the server's: failures, not rejections.
 
 out_dir persists across runs (DVC `persist: true`), which makes the stage resumable: each image is
 written atomically, so a file that exists is whole and is not fetched again, and rejections are
-appended once settled (above), so a later run does not ask for a gone photo again. A photo that could not be fetched in
+appended once settled (above), so a gone photo is not asked for twice. A photo that could not be fetched in
 MAX_FAILED_RUNS runs is given up (failed_runs.json counts them).
 """
 
@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import queue
 import re
 import shutil
 import struct
@@ -195,7 +194,7 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
     chosen: list[Photo | None] = [None] * len(slots)
     failed: list[tuple[Photo, str]] = []
     stats: Counter[str] = Counter()
-    streak = Streak(fetcher.journal, fetcher.first_404s, server=not fetcher.from_folder)
+    streak = Streak(fetcher.journal, server=not fetcher.from_folder)
     unreplaced: list[tuple[Photo, str]] = []  # rejected once the reserve ran out
     pending = [(index, photo) for index, (_, photo) in enumerate(slots)]
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="images")
@@ -257,13 +256,10 @@ class Streak:
     """Photos in a row, in the order their answers came, that gave no photo: failed or rejected alike, for a
     server in trouble may answer 404 (or junk) to every photo. Their rejections stay held in the journal until
     a photo asked for after them and fetched fine shows the server healthy; once FAIL_FAST_STREAK in a row, it is taken to be down and
-    the rejections since its last good photo are dropped (`dropped`), to be asked again by the next run.
-    A photo's first 404 counts when it comes (`first_404s`, from the workers), not when the ask that confirms it
-    does: an outage shorter than that wait would otherwise get its 404s believed, once a photo came after it."""
+    the rejections since its last good photo are dropped (`dropped`), to be asked again by the next run."""
 
-    def __init__(self, journal: RejectionJournal, first_404s: queue.SimpleQueue, server: bool = True):
+    def __init__(self, journal: RejectionJournal, server: bool = True):
         self.journal = journal
-        self.first_404s = first_404s  # (photo id, when answered)
         self.server = server  # a folder has none to be down: 16 gray photos in a row are 16 gray photos
         self.since_good: list[tuple[str, float]] = []  # (photo id, when counted) since the last photo fetched fine
         self.down = False
@@ -277,28 +273,19 @@ class Streak:
             if outcome.status == "rejected":
                 self.dropped.add(photo_id)
             return False
-        self._count_first_404s()  # answered before this outcome came: a streak they complete came first
-        if outcome.status == "ok" and not self._reached():
+        if outcome.status == "ok":
             # only what was answered before this photo was asked for: a photo asked for before an outage began
             # may land after some of its 404s, which it shows nothing about
             before = [photo_id for photo_id, counted in self.since_good if counted < outcome.asked_at]
             self.journal.commit(before)
             self.since_good = [(photo_id, counted) for photo_id, counted in self.since_good
                                if counted >= outcome.asked_at]
-        elif outcome.status != "ok" and photo_id not in {counted for counted, _ in self.since_good}:
-            self.since_good.append((photo_id, time.monotonic()))  # unless counted already, by its first 404
-        if not self._reached():
+            return False
+        self.since_good.append((photo_id, time.monotonic()))
+        if len(self.since_good) < FAIL_FAST_STREAK or not self.server:
             return False
         self.down, self.dropped = True, {photo_id for photo_id, _ in self.since_good}
         return True
-
-    def _reached(self) -> bool:
-        return len(self.since_good) >= FAIL_FAST_STREAK and self.server
-
-    def _count_first_404s(self) -> None:
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self.since_good.append(self.first_404s.get_nowait())
 
     def end(self) -> None:
         """At the run's end: what is still held is written, unless the server was taken to be down."""
@@ -331,7 +318,6 @@ class PhotoFetcher:
         self.big_decodes = threading.BoundedSemaphore(BIG_DECODES)
         self.made = self._index_made()  # SHA-256 of a fetched photo's JPEG → its id (see _write_unless_placeholder)
         self.made_lock = threading.Lock()
-        self.first_404s: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()  # for the Streak, as they come
         self.unmade: set[str] = set()  # photos this run took for a placeholder after they were written
         self.http = with_headers_deadline(urllib3.PoolManager(
             maxsize=ip.concurrency, retries=retry, timeout=urllib3.Timeout(connect=ip.timeout_s, read=ip.timeout_s),
@@ -470,21 +456,21 @@ class PhotoFetcher:
                 raise Rejected(f"{GONE} (file no longer exists)") from None
             except OSError as exc:
                 raise FetchFailed(f"cannot read {photo.image_url}: {exc.strerror}") from None
-        retried, asked_again = 0, False
-        while True:
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(BACKOFF_MAX_S, BACKOFF_FACTOR_S * 2 ** attempt))
             try:
-                return self._fetch(self.source(photo))
-            except _NotFound:
-                if asked_again:  # once per read, whatever else was retried meanwhile
-                    raise
-                asked_again = True
-                self.first_404s.put((photo.photo_id, time.monotonic()))
-                time.sleep(NOT_FOUND_RECHECK_S)
+                return self._fetch_asking_again_if_not_found(self.source(photo))
             except _BodyBroken as exc:
-                if retried == self.retries:
-                    raise FetchFailed(f"{exc} after {self.retries} retries") from None
-                retried += 1
-                time.sleep(min(BACKOFF_MAX_S, BACKOFF_FACTOR_S * 2 ** retried))
+                broken = exc
+        raise FetchFailed(f"{broken} after {self.retries} retries")
+
+    def _fetch_asking_again_if_not_found(self, url: str) -> Answer:
+        try:
+            return self._fetch(url)
+        except _NotFound:
+            time.sleep(NOT_FOUND_RECHECK_S)
+            return self._fetch(url)  # a second 404 is believed
 
     def _fetch(self, url: str) -> Answer:
         """One GET (urllib3 retrying what fails before the answer), its body read whole within the deadline."""
