@@ -40,7 +40,6 @@ def fast_backoff(monkeypatch):
     """Millisecond backoff between retries (urllib3 Retry), so retry tests do not sleep for seconds."""
     monkeypatch.setattr("chromalab.data.download.DOWNLOAD_BACKOFF_S", 0.01)
     monkeypatch.setattr("chromalab.data.images.BACKOFF_FACTOR_S", 0.01)
-    monkeypatch.setattr("chromalab.data.images.NOT_FOUND_RECHECK_S", 0.01)
 
 
 # --- a real MLflow tracking server, shared by the tracking and training tests ---

@@ -50,7 +50,7 @@ SELECTED_KINDS = frozenset({"person", "person_user"})
 DEFAULT_KINDS = {"person": 30, "person_user": 6, "low_confidence": 5, "bw_keyword": 5, "caption": 4, "other": 20}
 ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 
-IMAGE_FAULTS = ("403", "404", "404-once", "410", "429-once", "500-twice", "500-always", "truncated-once", "corrupt", "gray",
+IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "truncated-once", "corrupt", "gray",
                 "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
                 "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
                 "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo",
@@ -423,8 +423,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "stall-once" and n == 1:
             delay += self.fake.stall_s
         time.sleep(delay)
-        if fault in ("403", "404", "410") or (fault == "404-once" and n == 1):
-            return self._send(int(fault[:3]), b"gone")
+        if fault in ("403", "404", "410"):
+            return self._send(int(fault), b"gone")
         if fault == "drip-headers":
             return self._drip_headers()
         if fault == "empty-once" and n == 1:

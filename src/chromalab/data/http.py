@@ -12,8 +12,7 @@ from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
 USER_AGENT = "chromalab (+Unsplash Lite research download)"
-# Worth another try: rate limiting and the server's own failures. 404/410/451 say the photo is gone (images
-# asks a 404 once more, a moment later, before believing it).
+# Worth another try: rate limiting and the server's own failures. 404/410/451 are final (the photo is gone).
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 # Answers that are a page about the request (sign-in, error, rate limit), not the file asked for.
 PAGE_TYPES = ("text/", "application/json", "application/xml", "application/xhtml+xml")

@@ -2,7 +2,7 @@
 
 Unsplash photos are fetched from their dynamic image URL, cropped by the server
 (`fit=crop&crop=faces,entropy`); folder photos are centre-cropped here. Every photo must decode in
-full and have colour (mean chroma >= images.min_chroma); a photo that is gone (410/451, or 404 twice), corrupt or
+full and have colour (mean chroma >= images.min_chroma); a photo that is gone (404/410/451), corrupt or
 gray is recorded in rejected.csv and its slot goes to the next reserve photo. Such verdicts count toward the
 fail-fast streak like failures (an outage may answer 404 to every photo) and are written only once the server
 shows itself healthy: a photo asked for afterwards and fetched fine, or the run's end without the server taken to be down
@@ -50,9 +50,6 @@ from chromalab.data.http import (PAGE_TYPES, RETRY_STATUSES, USER_AGENT, content
                                  try_started, with_headers_deadline)
 
 GONE_STATUSES = (404, 410, 451)  # 451: withheld for legal reasons, as final as gone
-# A 404, unlike a 410, may not last (RFC 9110 §15.5.5): a CDN edge or an origin under load answers it for a
-# moment. It is asked once more, this much later, before the photo is believed gone and given away for good.
-NOT_FOUND_RECHECK_S = 2.0
 BACKOFF_FACTOR_S = 0.5  # urllib3: no wait before the 1st retry, then 1 s, 2 s, 4 s, … (capped below)
 BACKOFF_MAX_S = 60.0
 # A photo's whole transfer may take this many images.timeout_s (each read's limit): a server that drips its
@@ -114,10 +111,6 @@ REFUSED = re.compile(r"HTTP 40[13]\b")  # a FetchFailed detail: the server said 
 class Answer(NamedTuple):
     data: bytes
     sized: bool  # its length was known (Content-Length, chunked, a file): a short body shows as broken
-
-
-class _NotFound(Rejected):
-    """A 404: gone, once a second ask says so too (NOT_FOUND_RECHECK_S)."""
 
 
 class FetchFailed(Exception):
@@ -460,17 +453,10 @@ class PhotoFetcher:
             if attempt:
                 time.sleep(min(BACKOFF_MAX_S, BACKOFF_FACTOR_S * 2 ** attempt))
             try:
-                return self._fetch_asking_again_if_not_found(self.source(photo))
+                return self._fetch(self.source(photo))
             except _BodyBroken as exc:
                 broken = exc
         raise FetchFailed(f"{broken} after {self.retries} retries")
-
-    def _fetch_asking_again_if_not_found(self, url: str) -> Answer:
-        try:
-            return self._fetch(url)
-        except _NotFound:
-            time.sleep(NOT_FOUND_RECHECK_S)
-            return self._fetch(url)  # a second 404 is believed
 
     def _fetch(self, url: str) -> Answer:
         """One GET (urllib3 retrying what fails before the answer), its body read whole within the deadline."""
@@ -484,7 +470,7 @@ class PhotoFetcher:
         whole = False
         try:
             if response.status in GONE_STATUSES:
-                raise (_NotFound if response.status == 404 else Rejected)(f"{GONE} (HTTP {response.status})")
+                raise Rejected(f"{GONE} (HTTP {response.status})")
             if response.status != 200:
                 retried = f" after {self.retries} retries" if response.status in RETRY_STATUSES else ""
                 raise FetchFailed(f"HTTP {response.status}{retried}")
