@@ -276,60 +276,6 @@ def test_an_outage_answering_404_to_every_photo_leaves_no_lasting_rejection(tmp_
     assert outputs("outage", outage=True) == outputs("healthy", outage=False)
 
 
-def test_a_block_of_gone_photos_stops_one_run_not_every_run(fake_unsplash, tmp_path, fast_backoff, monkeypatch):
-    """More gone photos in a row than the streak look like a server down; the next run judges each of them on
-    its own, so the stage finishes instead of stopping at them for ever."""
-    train, test, reserve = photo_ids("tr", 10), photo_ids("te", 1), photo_ids("re", 8)
-    monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 4)
-    fake_unsplash.image_faults = {pid: "404" for pid in train[:6]}
-    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
-    out = tmp_path / "images"
-    with pytest.raises(ChromalabError, match="4 in a row gave no photo, so the server is taken to be down"):
-        run_images(params(concurrency=1), tmp_path / "split", out)
-    assert read_csv(out / "rejected.csv") == []
-
-    run_images(params(concurrency=1), tmp_path / "split", out)
-    assert sorted(check_output(out)["train"]) == sorted(train[6:] + reserve[:6])
-    assert {r["photo_id"] for r in read_csv(out / "rejected.csv")} == set(train[:6])
-    assert not (out / "down_streak.json").exists()
-    assert all(fake_unsplash.image_counts()[pid] == 2 for pid in train[:4])  # once in each run
-
-
-def test_an_outage_lasting_two_runs_leaves_no_lasting_rejection(fake_unsplash, tmp_path, fast_backoff, monkeypatch):
-    """The photos of the streak that stopped the last run are judged alone in the next: while the server still
-    answers 404 to everything, no photo comes fine after them, so their 404s are not believed either."""
-    train, test, reserve = photo_ids("tr", 4), photo_ids("te", 2), photo_ids("re", 12)
-    monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 4)
-    fake_unsplash.image_faults = {pid: "404" for pid in train + test + reserve}
-    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
-    out = tmp_path / "images"
-    for _ in range(2):  # the second run stops at the reserve photos standing in for the first run's streak
-        with pytest.raises(ChromalabError, match="4 in a row gave no photo, so the server is taken to be down"):
-            run_images(params(concurrency=1), tmp_path / "split", out)
-        assert read_csv(out / "rejected.csv") == []
-    fake_unsplash.image_faults = {}  # the outage is over
-    run_images(params(concurrency=1), tmp_path / "split", out)
-    assert sorted(check_output(out)["train"]) == sorted(train)
-    assert read_csv(out / "rejected.csv") == []
-
-
-def test_photos_judged_alone_are_not_believed_gone_unless_a_photo_comes_fine_after_them(
-        fake_unsplash, tmp_path, fast_backoff, monkeypatch):
-    """A second run still in the outage, too short of photos to make a streak of its own: the first run's streak
-    is not written as gone at its end, as the others' rejections are."""
-    train, test, reserve = photo_ids("tr", 4), photo_ids("te", 1), photo_ids("re", 2)
-    monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 4)
-    fake_unsplash.image_faults = {pid: "404" for pid in train + test + reserve}
-    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
-    out = tmp_path / "images"
-    with pytest.raises(ChromalabError, match="4 in a row gave no photo, so the server is taken to be down"):
-        run_images(params(concurrency=1), tmp_path / "split", out)
-    with pytest.raises(ChromalabError, match="reserve exhausted"):  # too few photos left to make a streak
-        run_images(params(concurrency=1), tmp_path / "split", out)
-    assert not set(train) & {r["photo_id"] for r in read_csv(out / "rejected.csv")}
-    assert set(train) <= set(json.loads((out / "down_streak.json").read_text()))  # judged alone again next run
-
-
 def test_a_photo_asked_for_before_an_outage_does_not_make_its_404s_lasting(fake_unsplash, tmp_path, fast_backoff,
                                                                           monkeypatch):
     """A slow photo asked for just before an outage lands after some of the outage's 404s: it shows the server

@@ -12,8 +12,7 @@ ids (a placeholder), are the server's: failures, not rejections.
 out_dir persists across runs (DVC `persist: true`), which makes the stage resumable: each image is
 written atomically, so a file that exists is whole and is not fetched again, and rejections are
 appended once settled (above), so a gone photo is not asked for twice. A photo that could not be fetched in
-MAX_FAILED_RUNS runs is given up (failed_runs.json counts them). The photos of a streak that stopped a run are
-judged alone by the next (down_streak.json): a block of gone photos must not stop every run.
+MAX_FAILED_RUNS runs is given up (failed_runs.json counts them).
 """
 
 from __future__ import annotations
@@ -81,7 +80,6 @@ REJECTED_FIELDS = ("photo_id", "split", "reason")
 # What the files on disk were made with: another value invalidates them (only "gone" rejections survive).
 SETTINGS_FILE = "fetch_settings.json"
 FAILED_RUNS_FILE = "failed_runs.json"
-DOWN_STREAK_FILE = "down_streak.json"
 MAX_FAILED_RUNS = 2  # runs in which a photo could not be fetched before it is given up (replaced)
 GONE = "gone"
 
@@ -130,15 +128,10 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
     prepare_out_dir(out_dir, fetch_settings(params))
     journal = RejectionJournal(out_dir / "rejected.csv")
     failed_runs = FailedRuns(out_dir / FAILED_RUNS_FILE)
-    down_streak = DownStreak(out_dir / DOWN_STREAK_FILE)
     fetcher = PhotoFetcher(params, out_dir, journal, failed_runs)
 
     slots = [(split, photo) for split in FETCHED_SPLITS for photo in lists[split]]
-    chosen, failed, stats, streak = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency,
-                                               judged_alone=down_streak.photos)
-    down = streak.down
-    # still unsettled: the streak that stopped this run, or those judged alone that no good photo came after
-    down_streak.save(down_streak.photos | streak.dropped if down else {photo_id for photo_id, _ in streak.aside})
+    chosen, failed, stats, down = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency)
     given_up = failed_runs.count([] if down else failed, [photo for photo in chosen if photo is not None])
 
     if failed:
@@ -182,21 +175,19 @@ def _failure_message(failed: list[tuple[Photo, str]], n_slots: int, given_up: in
             f"{why}{stopped}{unreachable}re-run the stage to fetch only what is missing")
 
 
-def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency: int,
-               judged_alone: frozenset[str] = frozenset()):
-    """Obtain a photo for every (split, photo) slot; returns (photo per slot or None, failures, counts, Streak).
+def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency: int):
+    """Obtain a photo for every (split, photo) slot; returns (photo per slot or None, failures, counts).
 
     Rounds: fetch all pending photos concurrently, then walk the outcomes *in slot order* and hand
     each rejected slot the next reserve photo. So which reserve photo replaces which depends only on
     the photos themselves, never on which thread finished first. Once FAIL_FAST_STREAK photos in a row gave
     none (failed or rejected, retries and all), the server is down or refusing: the rest are not tried, and
-    the rejections since its last good photo are dropped (the Streak says whether it came to that). Photos
-    `judged_alone` count toward no streak (see Streak).
+    the rejections since its last good photo are dropped. Returns whether it came to that too.
     """
     chosen: list[Photo | None] = [None] * len(slots)
     failed: list[tuple[Photo, str]] = []
     stats: Counter[str] = Counter()
-    streak = Streak(fetcher.journal, server=not fetcher.from_folder, judged_alone=judged_alone)
+    streak = Streak(fetcher.journal, server=not fetcher.from_folder)
     unreplaced: list[tuple[Photo, str]] = []  # rejected once the reserve ran out
     pending = [(index, photo) for index, (_, photo) in enumerate(slots)]
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="images")
@@ -233,7 +224,7 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
         failed.extend((photo, why) for photo, why in unreplaced if streak.down and photo.photo_id in streak.dropped)
     finally:  # on Ctrl-C, drop the queued fetches instead of finishing them
         pool.shutdown(wait=True, cancel_futures=True)
-    return chosen, failed, stats, streak
+    return chosen, failed, stats, streak.down
 
 
 def _await(futures, photos: list[Photo], bar: tqdm, stats: Counter, streak: Streak) -> None:
@@ -258,16 +249,12 @@ class Streak:
     """Photos in a row, in the order their answers came, that gave no photo: failed or rejected alike, for a
     server in trouble may answer 404 (or junk) to every photo. Their rejections stay held in the journal until
     a photo asked for after them and fetched fine shows the server healthy; once FAIL_FAST_STREAK in a row, it is taken to be down and
-    the rejections since its last good photo are dropped (`dropped`), to be asked again by the next run.
-    Photos `judged_alone` (those of the streak that stopped the last run: DownStreak) count toward none: their
-    rejections are held all the same, but a block of photos that are all gone cannot stop every run."""
+    the rejections since its last good photo are dropped (`dropped`), to be asked again by the next run."""
 
-    def __init__(self, journal: RejectionJournal, server: bool = True, judged_alone: frozenset[str] = frozenset()):
+    def __init__(self, journal: RejectionJournal, server: bool = True):
         self.journal = journal
         self.server = server  # a folder has none to be down: 16 gray photos in a row are 16 gray photos
-        self.judged_alone = judged_alone
         self.since_good: list[tuple[str, float]] = []  # (photo id, when counted) since the last photo fetched fine
-        self.aside: list[tuple[str, float]] = []  # the same for photos judged alone, counting toward no streak
         self.down = False
         self.dropped: set[str] = set()
 
@@ -282,24 +269,22 @@ class Streak:
         if outcome.status == "ok":
             # only what was answered before this photo was asked for: a photo asked for before an outage began
             # may land after some of its 404s, which it shows nothing about
-            self.journal.commit([photo_id for photo_id, counted in self.since_good + self.aside
-                                 if counted < outcome.asked_at])
-            self.since_good, self.aside = ([(photo_id, counted) for photo_id, counted in held
-                                            if counted >= outcome.asked_at] for held in (self.since_good, self.aside))
+            before = [photo_id for photo_id, counted in self.since_good if counted < outcome.asked_at]
+            self.journal.commit(before)
+            self.since_good = [(photo_id, counted) for photo_id, counted in self.since_good
+                               if counted >= outcome.asked_at]
             return False
-        (self.aside if photo_id in self.judged_alone else self.since_good).append((photo_id, time.monotonic()))
+        self.since_good.append((photo_id, time.monotonic()))
         if len(self.since_good) < FAIL_FAST_STREAK or not self.server:
             return False
-        self.down, self.dropped = True, {photo_id for photo_id, _ in self.since_good + self.aside}
+        self.down, self.dropped = True, {photo_id for photo_id, _ in self.since_good}
         return True
 
     def end(self) -> None:
-        """At the run's end: what is still held is written, unless the server was taken to be down; a photo judged
-        alone only once a photo asked for after it came fine (a server still down would have let none come)."""
+        """At the run's end: what is still held is written, unless the server was taken to be down."""
         if self.down:
             self.journal.drop_held()
         else:
-            self.journal.drop_held([photo_id for photo_id, _ in self.aside])
             self.journal.commit(None)
 
 
@@ -632,27 +617,6 @@ class FailedRuns:
         return sum(self.given_up(photo.photo_id) for photo, _ in failed)
 
 
-class DownStreak:
-    """down_streak.json: the photos of the streak that made the last run take the server to be down. Sixteen
-    photos in a row may all be gone (or never sent) on a server that is up; had they counted again, every run
-    would stop at them. The next run judges each on its own (Streak.judged_alone), and keeps those it could not
-    settle; the file goes once none are left."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            self.photos = frozenset(str(photo_id) for photo_id in json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):  # none (the last run was not stopped), or cut short by a kill
-            self.photos = frozenset()
-
-    def save(self, photos: set[str]) -> None:
-        """After a run: the photos the next run is to judge alone."""
-        if photos:
-            write_text_atomic(self.path, json.dumps(sorted(photos)) + "\n")
-        else:
-            self.path.unlink(missing_ok=True)
-
-
 class RejectionJournal:
     """rejected.csv, appended as rejections are settled, so a re-run never asks for a gone photo again."""
 
@@ -697,11 +661,9 @@ class RejectionJournal:
                     split, reason, _ = self.held.pop(photo_id)
                     self.record(photo_id, split, reason)
 
-    def drop_held(self, photo_ids: list[str] | None = None) -> None:
-        """Let the held rejections of `photo_ids` (None: all) go unwritten: the next run asks for them again."""
+    def drop_held(self) -> None:
         with self.lock:
-            for photo_id in list(self.held) if photo_ids is None else photo_ids:
-                self.held.pop(photo_id, None)
+            self.held.clear()
 
     def forget(self, photo_id: str) -> None:
         """Take a rejection back: the photo is asked for again by the next run."""
