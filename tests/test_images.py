@@ -276,6 +276,48 @@ def test_an_outage_answering_404_to_every_photo_leaves_no_lasting_rejection(tmp_
     assert outputs("outage", outage=True) == outputs("healthy", outage=False)
 
 
+def test_a_block_of_gone_photos_stops_one_run_not_every_run(fake_unsplash, tmp_path, fast_backoff, monkeypatch):
+    """More gone photos in a row than the streak look like a server down. The next run, once a photo came fine,
+    judges each of them on its own, so the stage finishes instead of stopping at them for ever; a block at the
+    end of the list, with nothing else left to fetch, is judged once a reserve photo came fine."""
+    monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 4)
+    for name, (train, test) in {"middle": (photo_ids("tr", 10), photo_ids("te", 1)),
+                                "end": (photo_ids("tr", 3), photo_ids("te", 6))}.items():
+        reserve = photo_ids(f"re{name}", 8)
+        gone = train[:6] if name == "middle" else test
+        fake_unsplash.image_faults = {pid: "404" for pid in gone}
+        split, out = tmp_path / name / "split", tmp_path / name / "images"
+        write_split(split, fake_unsplash.url, train, test, reserve)
+        with pytest.raises(ChromalabError, match="4 in a row gave no photo, so the server is taken to be down"):
+            run_images(params(concurrency=1), split, out)
+        assert read_csv(out / "rejected.csv") == []
+
+        run_images(params(concurrency=1), split, out)
+        got = check_output(out)  # down_streak.json is gone too
+        assert sorted(got["train"] + got["test"]) == sorted(set(train + test) - set(gone) | set(reserve[:6]))
+        assert {r["photo_id"] for r in read_csv(out / "rejected.csv")} == set(gone)
+
+
+@pytest.mark.parametrize("n_reserve", [12, 1])  # 1: the reserve runs out before a streak of reserve photos
+def test_an_outage_lasting_two_runs_leaves_no_lasting_rejection(fake_unsplash, tmp_path, fast_backoff, monkeypatch,
+                                                                n_reserve):
+    """The photos of the streak that stopped the last run count again while no photo has come fine: a server
+    still down stops the next run too, and nothing it answered is believed."""
+    train, test, reserve = photo_ids("tr", 4), photo_ids("te", 2), photo_ids("re", n_reserve)
+    monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 4)
+    fake_unsplash.image_faults = {pid: "404" for pid in train + test + reserve}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    out = tmp_path / "images"
+    for _ in range(2):
+        with pytest.raises(ChromalabError, match="4 in a row gave no photo, so the server is taken to be down"):
+            run_images(params(concurrency=1), tmp_path / "split", out)
+        assert read_csv(out / "rejected.csv") == []
+    fake_unsplash.image_faults = {}  # the outage is over
+    run_images(params(concurrency=1), tmp_path / "split", out)
+    assert sorted(check_output(out)["train"]) == sorted(train)
+    assert read_csv(out / "rejected.csv") == []
+
+
 def test_a_photo_asked_for_before_an_outage_does_not_make_its_404s_lasting(fake_unsplash, tmp_path, fast_backoff,
                                                                           monkeypatch):
     """A slow photo asked for just before an outage lands after some of the outage's 404s: it shows the server

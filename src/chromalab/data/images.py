@@ -12,7 +12,9 @@ ids (a placeholder), are the server's: failures, not rejections.
 out_dir persists across runs (DVC `persist: true`), which makes the stage resumable: each image is
 written atomically, so a file that exists is whole and is not fetched again, and rejections are
 appended once settled (above), so a gone photo is not asked for twice. A photo that could not be fetched in
-MAX_FAILED_RUNS runs is given up (failed_runs.json counts them).
+MAX_FAILED_RUNS runs is given up (failed_runs.json counts them). The photos of a streak that stopped a run
+(down_streak.json) are judged alone by the next, once a photo came fine: a block of gone photos must not stop
+every run.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ REJECTED_FIELDS = ("photo_id", "split", "reason")
 # What the files on disk were made with: another value invalidates them (only "gone" rejections survive).
 SETTINGS_FILE = "fetch_settings.json"
 FAILED_RUNS_FILE = "failed_runs.json"
+DOWN_STREAK_FILE = "down_streak.json"
 MAX_FAILED_RUNS = 2  # runs in which a photo could not be fetched before it is given up (replaced)
 GONE = "gone"
 
@@ -128,10 +131,16 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
     prepare_out_dir(out_dir, fetch_settings(params))
     journal = RejectionJournal(out_dir / "rejected.csv")
     failed_runs = FailedRuns(out_dir / FAILED_RUNS_FILE)
+    down_streak = DownStreak(out_dir / DOWN_STREAK_FILE)
     fetcher = PhotoFetcher(params, out_dir, journal, failed_runs)
 
     slots = [(split, photo) for split in FETCHED_SPLITS for photo in lists[split]]
-    chosen, failed, stats, down = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency)
+    chosen, failed, stats, streak = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency,
+                                               down_streak.photos)
+    down = streak.down
+    made = {photo.photo_id for photo in chosen if photo is not None}
+    down_streak.save({photo_id for photo_id in down_streak.photos | (streak.dropped if down else set())
+                      if photo_id not in made and journal.reason(photo_id) is None})  # those still unsettled
     given_up = failed_runs.count([] if down else failed, [photo for photo in chosen if photo is not None])
 
     if failed:
@@ -145,6 +154,7 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
             + "; raise split.n_reserve"
         )
 
+    down_streak.save(set())  # every slot is filled: a suspect not asked for now is none of this output's business
     selected = [(split, photo) for (split, _), photo in zip(slots, chosen)]
     remove_unselected(out_dir, {(split, photo.photo_id) for split, photo in selected})
     write_manifest(out_dir, selected, fetcher)
@@ -175,26 +185,29 @@ def _failure_message(failed: list[tuple[Photo, str]], n_slots: int, given_up: in
             f"{why}{stopped}{unreachable}re-run the stage to fetch only what is missing")
 
 
-def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency: int):
-    """Obtain a photo for every (split, photo) slot; returns (photo per slot or None, failures, counts).
+def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency: int,
+               suspects: frozenset[str] = frozenset()):
+    """Obtain a photo for every (split, photo) slot; returns (photo per slot or None, failures, counts, Streak).
 
     Rounds: fetch all pending photos concurrently, then walk the outcomes *in slot order* and hand
     each rejected slot the next reserve photo. So which reserve photo replaces which depends only on
     the photos themselves, never on which thread finished first. Once FAIL_FAST_STREAK photos in a row gave
     none (failed or rejected, retries and all), the server is down or refusing: the rest are not tried, and
-    the rejections since its last good photo are dropped. Returns whether it came to that too.
+    the rejections since its last good photo are dropped (the Streak says whether it came to that). On
+    `suspects` see Streak.
     """
     chosen: list[Photo | None] = [None] * len(slots)
     failed: list[tuple[Photo, str]] = []
     stats: Counter[str] = Counter()
-    streak = Streak(fetcher.journal, server=not fetcher.from_folder)
+    streak = Streak(fetcher.journal, server=not fetcher.from_folder, suspects=suspects)
     unreplaced: list[tuple[Photo, str]] = []  # rejected once the reserve ran out
     pending = [(index, photo) for index, (_, photo) in enumerate(slots)]
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="images")
     try:
         with tqdm(total=len(slots), unit="photo", desc="images") as bar:
             while pending:
-                futures = [pool.submit(fetcher.obtain, photo, slots[index][0]) for index, photo in pending]
+                futures = _submit_round(pool, fetcher, [(slots[index][0], photo) for index, photo in pending],
+                                        reserve, streak)
                 _await(futures, [photo for _, photo in pending], bar, stats, streak)
                 replacements = []
                 for (index, photo), future in zip(pending, futures):
@@ -224,7 +237,22 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
         failed.extend((photo, why) for photo, why in unreplaced if streak.down and photo.photo_id in streak.dropped)
     finally:  # on Ctrl-C, drop the queued fetches instead of finishing them
         pool.shutdown(wait=True, cancel_futures=True)
-    return chosen, failed, stats, streak.down
+    return chosen, failed, stats, streak
+
+
+def _submit_round(pool, fetcher: PhotoFetcher, pending: list[tuple[str, Photo]], reserve: deque[Photo],
+                  streak: Streak) -> list:
+    """The futures of one round's (split, photo) fetches. A round with suspects, before any photo was fetched
+    fine, first fetches reserve photos until one comes (a photo never asked for, so no cache can fake it; the
+    first stand-in anyway, if one is needed) or the server is taken to be down: the other photos may all be on
+    disk, and then the suspects would count and stop the run again."""
+    if streak.server and not streak.shown_healthy and any(photo.photo_id in streak.suspects for _, photo in pending):
+        for probe in list(reserve):
+            outcome = fetcher.obtain(probe, pending[0][0])
+            streak.add(probe.photo_id, outcome)
+            if streak.down or streak.shown_healthy:
+                break
+    return [pool.submit(fetcher.obtain, photo, split) for split, photo in pending]
 
 
 def _await(futures, photos: list[Photo], bar: tqdm, stats: Counter, streak: Streak) -> None:
@@ -249,12 +277,20 @@ class Streak:
     """Photos in a row, in the order their answers came, that gave no photo: failed or rejected alike, for a
     server in trouble may answer 404 (or junk) to every photo. Their rejections stay held in the journal until
     a photo asked for after them and fetched fine shows the server healthy; once FAIL_FAST_STREAK in a row, it is taken to be down and
-    the rejections since its last good photo are dropped (`dropped`), to be asked again by the next run."""
+    the rejections since its last good photo are dropped (`dropped`), to be asked again by the next run.
 
-    def __init__(self, journal: RejectionJournal, server: bool = True):
+    `suspects` are the photos of the streak that stopped the last run (DownStreak): 16 gone photos in a row look
+    like a server down, and would stop every run. Once this run has had a photo fetched fine (_submit_round
+    fetches a reserve photo first), a suspect's answer counts toward no streak (it is set `aside`, its rejection
+    held as any other's); before, it counts, so a server still down stops the run again."""
+
+    def __init__(self, journal: RejectionJournal, server: bool = True, suspects: frozenset[str] = frozenset()):
         self.journal = journal
         self.server = server  # a folder has none to be down: 16 gray photos in a row are 16 gray photos
+        self.suspects = suspects
+        self.shown_healthy = False  # a photo was fetched fine in this run
         self.since_good: list[tuple[str, float]] = []  # (photo id, when counted) since the last photo fetched fine
+        self.aside: list[tuple[str, float]] = []  # the same for suspects judged alone, counting toward no streak
         self.down = False
         self.dropped: set[str] = set()
 
@@ -267,17 +303,19 @@ class Streak:
                 self.dropped.add(photo_id)
             return False
         if outcome.status == "ok":
+            self.shown_healthy = True
             # only what was answered before this photo was asked for: a photo asked for before an outage began
             # may land after some of its 404s, which it shows nothing about
-            before = [photo_id for photo_id, counted in self.since_good if counted < outcome.asked_at]
-            self.journal.commit(before)
-            self.since_good = [(photo_id, counted) for photo_id, counted in self.since_good
-                               if counted >= outcome.asked_at]
+            self.journal.commit([photo_id for photo_id, counted in self.since_good + self.aside
+                                 if counted < outcome.asked_at])
+            self.since_good, self.aside = ([(photo_id, counted) for photo_id, counted in held
+                                            if counted >= outcome.asked_at] for held in (self.since_good, self.aside))
             return False
-        self.since_good.append((photo_id, time.monotonic()))
+        alone = photo_id in self.suspects and self.shown_healthy
+        (self.aside if alone else self.since_good).append((photo_id, time.monotonic()))
         if len(self.since_good) < FAIL_FAST_STREAK or not self.server:
             return False
-        self.down, self.dropped = True, {photo_id for photo_id, _ in self.since_good}
+        self.down, self.dropped = True, {photo_id for photo_id, _ in self.since_good + self.aside}
         return True
 
     def end(self) -> None:
@@ -615,6 +653,24 @@ class FailedRuns:
         else:  # a stage that completes leaves nothing to count
             self.path.unlink(missing_ok=True)
         return sum(self.given_up(photo.photo_id) for photo, _ in failed)
+
+
+class DownStreak:
+    """down_streak.json: the photos of the streak that made a run take the server to be down, until each is
+    fetched or its rejection written: the next run's suspects (Streak)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.photos = frozenset(str(photo_id) for photo_id in json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):  # none (no run was stopped), or cut short by a kill
+            self.photos = frozenset()
+
+    def save(self, photos: set[str]) -> None:
+        if photos:
+            write_text_atomic(self.path, json.dumps(sorted(photos)) + "\n")
+        else:
+            self.path.unlink(missing_ok=True)
 
 
 class RejectionJournal:
