@@ -298,6 +298,23 @@ def test_a_block_of_gone_photos_stops_one_run_not_every_run(fake_unsplash, tmp_p
         assert {r["photo_id"] for r in read_csv(out / "rejected.csv")} == set(gone)
 
 
+def test_a_block_of_gone_photos_at_the_front_of_the_reserve_ends_too(fake_unsplash, tmp_path, fast_backoff,
+                                                                     monkeypatch):
+    """The reserve photos fetched to see whether the server came back may be a gone block themselves: they stop
+    that run, and the next fetches past them."""
+    train, test, reserve = photo_ids("tr", 3), photo_ids("te", 6), photo_ids("re", 12)
+    monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 4)
+    fake_unsplash.image_faults = {pid: "404" for pid in test + reserve[:4]}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    out = tmp_path / "images"
+    for _ in range(2):  # stopped by test's photos, then by the reserve's first 4 (fetched first, as a check)
+        with pytest.raises(ChromalabError, match="4 in a row gave no photo, so the server is taken to be down"):
+            run_images(params(concurrency=1), tmp_path / "split", out)
+    run_images(params(concurrency=1), tmp_path / "split", out)
+    assert sorted(check_output(out)["test"]) == sorted(reserve[4:10])
+    assert {r["photo_id"] for r in read_csv(out / "rejected.csv")} == set(test + reserve[:4])
+
+
 @pytest.mark.parametrize("n_reserve", [12, 1])  # 1: the reserve runs out before a streak of reserve photos
 def test_an_outage_lasting_two_runs_leaves_no_lasting_rejection(fake_unsplash, tmp_path, fast_backoff, monkeypatch,
                                                                 n_reserve):
@@ -309,9 +326,11 @@ def test_an_outage_lasting_two_runs_leaves_no_lasting_rejection(fake_unsplash, t
     write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
     out = tmp_path / "images"
     for _ in range(2):
+        asked_before = sum(fake_unsplash.image_counts().values())
         with pytest.raises(ChromalabError, match="4 in a row gave no photo, so the server is taken to be down"):
             run_images(params(concurrency=1), tmp_path / "split", out)
         assert read_csv(out / "rejected.csv") == []
+    assert sum(fake_unsplash.image_counts().values()) - asked_before <= 5  # its streak, and one already on its way
     fake_unsplash.image_faults = {}  # the outage is over
     run_images(params(concurrency=1), tmp_path / "split", out)
     assert sorted(check_output(out)["train"]) == sorted(train)

@@ -172,7 +172,7 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
 def _failure_message(failed: list[tuple[Photo, str]], n_slots: int, given_up: int = 0, down: bool = False) -> str:
     refused = [(photo, detail) for photo, detail in failed if REFUSED.match(detail)]
     not_tried = sum(detail == NOT_TRIED for _, detail in failed)
-    photo, detail = (refused or [f for f in failed if f[1] != NOT_TRIED])[0]
+    photo, detail = (refused or [f for f in failed if f[1] != NOT_TRIED] or failed)[0]  # all not tried: probes
     # a refusal is the server's decision, which a re-run (at once) does not change
     why = (f"{len(refused)} of them refused (HTTP 401/403: the server blocks chromalab, or wants a sign-in; "
            "a re-run fetches them only once it lets chromalab in); " if refused else "")
@@ -208,6 +208,9 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
             while pending:
                 futures = _submit_round(pool, fetcher, [(slots[index][0], photo) for index, photo in pending],
                                         reserve, streak)
+                if futures is None:  # the server was taken to be down before the round began
+                    failed.extend((photo, NOT_TRIED) for _, photo in pending)
+                    break
                 _await(futures, [photo for _, photo in pending], bar, stats, streak)
                 replacements = []
                 for (index, photo), future in zip(pending, futures):
@@ -241,16 +244,19 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
 
 
 def _submit_round(pool, fetcher: PhotoFetcher, pending: list[tuple[str, Photo]], reserve: deque[Photo],
-                  streak: Streak) -> list:
-    """The futures of one round's (split, photo) fetches. A round with suspects, before any photo was fetched
-    fine, first fetches reserve photos until one comes (a photo never asked for, so no cache can fake it; the
-    first stand-in anyway, if one is needed) or the server is taken to be down: the other photos may all be on
-    disk, and then the suspects would count and stop the run again."""
+                  streak: Streak) -> list | None:
+    """The futures of one round's (split, photo) fetches; None if the server is taken to be down first. A round
+    with suspects, before any photo was fetched fine, first fetches reserve photos (no suspect, none twice) until
+    one comes (a photo never asked for, so no cache can fake it; the first stand-in anyway, if one is needed) or
+    the server is taken to be down: the other photos may all be on disk, and then the suspects would count and
+    stop the run again."""
     if streak.server and not streak.shown_healthy and any(photo.photo_id in streak.suspects for _, photo in pending):
-        for probe in list(reserve):
-            outcome = fetcher.obtain(probe, pending[0][0])
-            streak.add(probe.photo_id, outcome)
-            if streak.down or streak.shown_healthy:
+        for probe in [photo for photo in reserve if photo.photo_id not in streak.suspects | streak.probed]:
+            streak.probed.add(probe.photo_id)
+            streak.add(probe.photo_id, fetcher.obtain(probe, pending[0][0]))
+            if streak.down:
+                return None
+            if streak.shown_healthy:
                 break
     return [pool.submit(fetcher.obtain, photo, split) for split, photo in pending]
 
@@ -289,6 +295,7 @@ class Streak:
         self.server = server  # a folder has none to be down: 16 gray photos in a row are 16 gray photos
         self.suspects = suspects
         self.shown_healthy = False  # a photo was fetched fine in this run
+        self.probed: set[str] = set()  # reserve photos fetched to see whether it was (fill_slots)
         self.since_good: list[tuple[str, float]] = []  # (photo id, when counted) since the last photo fetched fine
         self.aside: list[tuple[str, float]] = []  # the same for suspects judged alone, counting toward no streak
         self.down = False
