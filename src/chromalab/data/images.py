@@ -60,7 +60,7 @@ PHOTO_DEADLINE_READS = 4
 # Photos in a row that could not be fetched, each after its retries, before the rest are not even tried: the
 # server is down or refusing, and 2,000 more photos would take hours to fail the same way.
 FAIL_FAST_STREAK = 16
-NOT_TRIED = "not tried: the photos before it could not be fetched either"
+NOT_TRIED = "not tried: the photos asked for before it could not be fetched either"
 SHARED_JUNK = "undecodable bytes that another photo was sent too: the server's, not the photo's"
 PLACEHOLDER = "the same photo as another photo was sent: the server's placeholder, not the photo"
 # A fetched photo of more pixels than this many times image_size², and than FETCHED_MAX_PIXELS, is not the photo
@@ -172,7 +172,7 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
 def _failure_message(failed: list[tuple[Photo, str]], n_slots: int, given_up: int = 0, down: bool = False) -> str:
     refused = [(photo, detail) for photo, detail in failed if REFUSED.match(detail)]
     not_tried = sum(detail == NOT_TRIED for _, detail in failed)
-    photo, detail = (refused or [f for f in failed if f[1] != NOT_TRIED] or failed)[0]  # all not tried: probes
+    photo, detail = (refused or [f for f in failed if f[1] != NOT_TRIED] or failed)[0]  # all: reserve checks failed
     # a refusal is the server's decision, which a re-run (at once) does not change
     why = (f"{len(refused)} of them refused (HTTP 401/403: the server blocks chromalab, or wants a sign-in; "
            "a re-run fetches them only once it lets chromalab in); " if refused else "")
@@ -206,8 +206,8 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
     try:
         with tqdm(total=len(slots), unit="photo", desc="images") as bar:
             while pending:
-                futures = _submit_round(pool, fetcher, [(slots[index][0], photo) for index, photo in pending],
-                                        reserve, streak)
+                futures = _submit_round(pool, concurrency, fetcher,
+                                        [(slots[index][0], photo) for index, photo in pending], reserve, streak)
                 if futures is None:  # the server was taken to be down before the round began
                     failed.extend((photo, NOT_TRIED) for _, photo in pending)
                     break
@@ -243,17 +243,21 @@ def fill_slots(slots, reserve: deque[Photo], fetcher: PhotoFetcher, concurrency:
     return chosen, failed, stats, streak
 
 
-def _submit_round(pool, fetcher: PhotoFetcher, pending: list[tuple[str, Photo]], reserve: deque[Photo],
-                  streak: Streak) -> list | None:
+def _submit_round(pool, concurrency: int, fetcher: PhotoFetcher, pending: list[tuple[str, Photo]],
+                  reserve: deque[Photo], streak: Streak) -> list | None:
     """The futures of one round's (split, photo) fetches; None if the server is taken to be down first. A round
-    with suspects, before any photo was fetched fine, first fetches reserve photos (no suspect, none twice) until
-    one comes (a photo never asked for, so no cache can fake it; the first stand-in anyway, if one is needed) or
-    the server is taken to be down: the other photos may all be on disk, and then the suspects would count and
-    stop the run again."""
+    with suspects, before any photo was fetched fine, first fetches reserve photos (no suspect, none twice;
+    `concurrency` at a time) until one comes (a photo never asked for, so no cache can fake it, and likely a
+    stand-in later) or the server is taken to be down: the other photos may all be on disk, and then the
+    suspects would count and stop the run again."""
     if streak.server and not streak.shown_healthy and any(photo.photo_id in streak.suspects for _, photo in pending):
-        for probe in [photo for photo in reserve if photo.photo_id not in streak.suspects | streak.probed]:
-            streak.probed.add(probe.photo_id)
-            streak.add(probe.photo_id, fetcher.obtain(probe, pending[0][0]))
+        checks = [photo for photo in reserve if photo.photo_id not in streak.suspects | streak.probed]
+        for start in range(0, len(checks), concurrency):
+            batch = {pool.submit(fetcher.obtain, photo, pending[0][0]): photo
+                     for photo in checks[start:start + concurrency]}
+            streak.probed.update(photo.photo_id for photo in batch.values())
+            for future in as_completed(batch):
+                streak.add(batch[future].photo_id, future.result())
             if streak.down:
                 return None
             if streak.shown_healthy:
