@@ -251,7 +251,8 @@ def _submit_round(pool, concurrency: int, fetcher: PhotoFetcher, pending: list[t
     stand-in later) or the server is taken to be down: the other photos may all be on disk, and then the
     suspects would count and stop the run again."""
     if streak.server and not streak.shown_healthy and any(photo.photo_id in streak.suspects for _, photo in pending):
-        checks = [photo for photo in reserve if photo.photo_id not in streak.suspects | streak.probed]
+        skip = streak.suspects | streak.probed
+        checks = [photo for photo in reserve if photo.photo_id not in skip]
         for start in range(0, len(checks), concurrency):
             batch = {pool.submit(fetcher.obtain, photo, pending[0][0]): photo
                      for photo in checks[start:start + concurrency]}
@@ -291,7 +292,7 @@ class Streak:
 
     `suspects` are the photos of the streak that stopped the last run (DownStreak): 16 gone photos in a row look
     like a server down, and would stop every run. Once this run has had a photo fetched fine (_submit_round
-    fetches a reserve photo first), a suspect's answer counts toward no streak (it is set `aside`, its rejection
+    fetches reserve photos first), a suspect's answer counts toward no streak (it is set `aside`, its rejection
     held as any other's); before, it counts, so a server still down stops the run again."""
 
     def __init__(self, journal: RejectionJournal, server: bool = True, suspects: frozenset[str] = frozenset()):
@@ -299,7 +300,7 @@ class Streak:
         self.server = server  # a folder has none to be down: 16 gray photos in a row are 16 gray photos
         self.suspects = suspects
         self.shown_healthy = False  # a photo was fetched fine in this run
-        self.probed: set[str] = set()  # reserve photos fetched to see whether it was (fill_slots)
+        self.probed: set[str] = set()  # reserve photos fetched to check the server is up (_submit_round)
         self.since_good: list[tuple[str, float]] = []  # (photo id, when counted) since the last photo fetched fine
         self.aside: list[tuple[str, float]] = []  # the same for suspects judged alone, counting toward no streak
         self.down = False
