@@ -137,11 +137,11 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
     slots = [(split, photo) for split in FETCHED_SPLITS for photo in lists[split]]
     chosen, failed, stats, streak = fill_slots(slots, deque(lists["reserve"]), fetcher, params.images.concurrency,
                                                down_streak.photos)
-    down = streak.down
-    made = {photo.photo_id for photo in chosen if photo is not None}
+    down, made = streak.down, [photo for photo in chosen if photo is not None]
+    made_ids = {photo.photo_id for photo in made}
     down_streak.save({photo_id for photo_id in down_streak.photos | (streak.dropped if down else set())
-                      if photo_id not in made and journal.reason(photo_id) is None})  # those still unsettled
-    given_up = failed_runs.count([] if down else failed, [photo for photo in chosen if photo is not None])
+                      if photo_id not in made_ids and journal.reason(photo_id) is None})  # those still unsettled
+    given_up = failed_runs.count([] if down else failed, made)
 
     if failed:
         raise ChromalabError(_failure_message(failed, len(slots), given_up, down))
@@ -660,10 +660,7 @@ class FailedRuns:
                      if photo_id not in fetched_ids and (photo_id in now or not self.given_up(photo_id))}
         for photo_id in now:
             self.runs[photo_id] = self.runs.get(photo_id, 0) + 1
-        if self.runs:
-            write_text_atomic(self.path, json.dumps(self.runs, sort_keys=True) + "\n")
-        else:  # a stage that completes leaves nothing to count
-            self.path.unlink(missing_ok=True)
+        _save_json(self.path, self.runs)
         return sum(self.given_up(photo.photo_id) for photo, _ in failed)
 
 
@@ -679,10 +676,16 @@ class DownStreak:
             self.photos = frozenset()
 
     def save(self, photos: set[str]) -> None:
-        if photos:
-            write_text_atomic(self.path, json.dumps(sorted(photos)) + "\n")
-        else:
-            self.path.unlink(missing_ok=True)
+        _save_json(self.path, sorted(photos))
+
+
+def _save_json(path: Path, data: dict | list) -> None:
+    """`data` as JSON at `path`, written atomically; none removes the file (a stage that completes leaves nothing
+    to count or suspect in its output)."""
+    if data:
+        write_text_atomic(path, json.dumps(data, sort_keys=True) + "\n")
+    else:
+        path.unlink(missing_ok=True)
 
 
 class RejectionJournal:
