@@ -50,7 +50,7 @@ def without_curve(model):
     gain = model.get_layer("chroma_gain").get_config()
     strength = 1.0 - float(gain["offset"])
     pivot = strength * AB_SCALE / float(gain["scale"])
-    return keras.Model(model.inputs, model.get_layer("chroma_hue").input), strength, pivot
+    return keras.Model(model.input, model.get_layer("chroma_hue").input), strength, pivot
 
 
 def frontier(raw, L: np.ndarray, true_ab: np.ndarray, pivot: float, strengths=STRENGTHS) -> list[dict]:

@@ -5,6 +5,7 @@ generator's chroma curve."""
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import keras
@@ -114,6 +115,20 @@ def test_the_chroma_curve_moves_chroma_away_from_its_pivot_and_keeps_hue(tmp_pat
     curved.save(tmp_path / "curved.keras")
     loaded = keras.saving.load_model(tmp_path / "curved.keras")
     np.testing.assert_allclose(np.asarray(loaded(ab)), np.asarray(curved(ab)), atol=1e-7)
+
+
+@pytest.mark.parametrize("expand", [0.0, 0.75])
+def test_the_exported_colorizer_takes_a_plain_batch_of_L_without_warnings(expand):
+    """Validation, evaluate and colorize call the exported net on an [N,S,S,1] array; a net built on the trained
+    model's input list instead of its one input made Keras warn "the structure of `inputs` doesn't match" at
+    every validation, in every user's training log."""
+    from chromalab.train.validation import colorizer
+
+    net = with_chroma_curve(colorizer(build_generator(32, width=0.125, norm="group")), 17.0, expand)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ab = net(np.zeros((2, 32, 32, 1), "float32"), training=False)
+    assert tuple(ab.shape) == (2, 32, 32, 2)
 
 
 @pytest.mark.parametrize("pretrain, warmup, epochs, start, plan", [

@@ -255,7 +255,7 @@ def with_chroma_curve(colorizer: keras.Model, pivot: float, expand: float) -> ke
     gain = layers.Rescaling(scale=expand * AB_SCALE / pivot, offset=1.0 - expand, dtype="float32",
                             name="chroma_gain")(chroma)
     curved = layers.Multiply(dtype="float32", name="chroma_curve")([ab, gain])
-    return keras.Model(colorizer.inputs, curved, name=colorizer.name)
+    return keras.Model(colorizer.input, curved, name=colorizer.name)
 
 
 # --- FLOPs -------------------------------------------------------------------------------------------

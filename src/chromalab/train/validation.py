@@ -22,7 +22,7 @@ def colorizer(model: keras.Model) -> keras.Model:
     its layers: what is exported, and what the best checkpoint's weights are saved from and loaded into
     (without the optimizer's state, which only the resumable checkpoint needs)."""
     trained = getattr(model, "colorizing_generator", model)
-    return keras.Model(trained.inputs, trained.outputs, name=trained.name)
+    return keras.Model(trained.input, trained.output, name=trained.name)
 
 
 def predict_ab(net: keras.Model, L: np.ndarray, batch_size: int) -> np.ndarray:
