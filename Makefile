@@ -1,17 +1,25 @@
 # Two entry points for a fresh clone (only python3 and make needed): `make repro`, `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= cpu,jax,test
+DEFAULT_EXTRAS := cpu,jax,test
+# The last setup's extras stay the default, so a plain `make test` after `make setup EXTRAS=gpu,jax,test`
+# keeps the GPU install instead of swapping it back.
+EXTRAS ?= $(or $(shell cat $(VENV)/.extras 2>/dev/null),$(DEFAULT_EXTRAS))
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: setup repro test bench clean-venv gpu-wheels gpu-check
 
-setup: $(VENV)/.installed
+setup: $(STAMP)
 
-# Exact versions from requirements.lock, so a run next year installs the same stack.
-$(VENV)/.installed: pyproject.toml requirements.lock
+# Exact versions from requirements.lock, so a run next year installs the same stack. Other extras than the
+# venv's start it afresh: tensorflow-cpu and tensorflow (gpu) are one package under two names.
+$(STAMP): pyproject.toml requirements.lock
+	if [ "$$(cat $(VENV)/.extras 2>/dev/null)" != "$(EXTRAS)" ]; then rm -rf $(VENV); fi
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c requirements.lock -e ".[$(EXTRAS)]"
+	echo "$(EXTRAS)" > $(VENV)/.extras
 	touch $@
 
 repro: setup
