@@ -26,6 +26,8 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from tqdm import tqdm
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 from chromalab.config import Params, SplitParams
 from chromalab.data.formats import SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, open_table
@@ -160,8 +162,12 @@ def _usable_url(url: str) -> bool:
     """An http(s) URL with a host that the images stage can fetch (a malformed one would stop it there)."""
     try:
         parts = urlsplit(url)
-        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
-    except ValueError:  # an unclosed '[' of an IPv6 host, a port that is no number
+        if not (parts.scheme in ("http", "https") and parts.hostname and (parts.port or 0) >= 0):
+            return False
+        # as urllib3 reads the host when it connects: no spaces, each label 1 to 63 characters
+        parse_url(url).host.encode("idna")
+        return True
+    except (ValueError, LocationParseError):  # an unclosed '[' of an IPv6 host, a port that is no number, …
         return False
 
 
