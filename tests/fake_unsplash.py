@@ -54,12 +54,12 @@ IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "tru
                 "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
                 "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
                 "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo",
-                "placeholder", "png-bomb", "trailing-junk",
+                "placeholder", "gray-placeholder", "png-bomb", "trailing-junk",
                 "slow-head-and-body")
 # junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg (starting as one); corrupt-varying: a truncated photo
 # with its Content-Length, cut elsewhere on each request; junk-per-photo: an error body naming the request;
-# placeholder: the same colour photo for every photo with it; png-bomb: a small palette PNG (transparency and
-# all) ten times the size asked each way; trailing-junk: the photo asked for, then 256 KiB of noise;
+# placeholder: the same colour photo for every photo with it (gray-placeholder: the same gray one);
+# png-bomb: a small palette PNG (transparency and all) ten times the size asked each way; trailing-junk: the photo asked for, then 256 KiB of noise;
 # slow-head-and-body: 4 header lines, then 4 pieces of the photo, each after slow_s
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes;
@@ -453,8 +453,8 @@ class _Handler(BaseHTTPRequestHandler):
             width, height = 1, 1
         if fault == "wrong-size":
             width, height = width + width // 2, height
-        rgb = render_photo("placeholder" if fault == "placeholder" else photo_id, width, height)
-        if fault == "gray":
+        rgb = render_photo("placeholder" if fault in ("placeholder", "gray-placeholder") else photo_id, width, height)
+        if fault in ("gray", "gray-placeholder"):
             rgb = np.repeat(rgb.mean(axis=-1, keepdims=True), 3, axis=-1).astype(np.uint8)
         if fault == "rgba-png":
             alpha = np.linspace(0, 255, width, dtype=np.uint8)[None, :].repeat(height, axis=0)

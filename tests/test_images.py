@@ -177,6 +177,21 @@ def test_one_photo_sent_for_several_is_a_placeholder_and_kept_for_none(fake_unsp
     assert len({row["sha256"] for row in read_csv(out / "manifest.csv")}) == 5
 
 
+def test_one_gray_picture_sent_for_several_photos_rejects_none_of_them(fake_unsplash, tmp_path, fast_backoff):
+    """A "not available" picture is gray (or a pixel): the same bytes for two photos are the server's, so neither
+    photo is written off as gray for good, and the re-run gets the photos themselves."""
+    train, test, reserve = photo_ids("tr", 4), photo_ids("te", 1), photo_ids("re", 2)
+    fake_unsplash.image_faults = {train[0]: "gray-placeholder", train[2]: "gray-placeholder"}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    out = tmp_path / "images"
+    with pytest.raises(ChromalabError, match="^1 of 5 photos could not be fetched .*: unusable bytes "):
+        run_images(params(), tmp_path / "split", out)
+    assert read_csv(out / "rejected.csv") == []
+    fake_unsplash.image_faults = {}
+    run_images(params(), tmp_path / "split", out)
+    assert sorted(check_output(out)["train"]) == train
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, at open, over the limit
 def test_a_photo_too_large_to_decode_safely_is_rejected(fake_unsplash, tmp_path, monkeypatch):
     train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
@@ -539,7 +554,7 @@ def test_a_kill_between_two_photos_sent_the_same_junk_does_not_change_the_verdic
     assert read_csv(out / "rejected.csv") == []
 
     fake_unsplash.delay_s = 0.0
-    with pytest.raises(ChromalabError, match=rf"^1 of 20 photos could not be fetched \(e.g. {test[3]}: undecodable "):
+    with pytest.raises(ChromalabError, match=rf"^1 of 20 photos could not be fetched \(e.g. {test[3]}: unusable bytes "):
         run_images(parse_params(settings), tmp_path / "split", out)  # tr00's slot was refilled before te03 came
     assert read_csv(out / "rejected.csv") == []
     fake_unsplash.image_faults = {}

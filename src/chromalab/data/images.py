@@ -61,7 +61,8 @@ PHOTO_DEADLINE_READS = 4
 # server is down or refusing, and 2,000 more photos would take hours to fail the same way.
 FAIL_FAST_STREAK = 16
 NOT_TRIED = "not tried: the photos asked for before it could not be fetched either"
-SHARED_JUNK = "undecodable bytes that another photo was sent too: the server's, not the photo's"
+SHARED_JUNK = ("unusable bytes (undecodable, gray, too small) that another photo was sent too: the server's, "
+               "not the photo's")
 PLACEHOLDER = "the same photo as another photo was sent: the server's placeholder, not the photo"
 # A fetched photo of more pixels than this many times image_size², and than FETCHED_MAX_PIXELS, is not the photo
 # asked for (an Unsplash original, sent when the size is ignored, is up to ~24 MP): a small PNG can hold 88 MP
@@ -355,9 +356,9 @@ class PhotoFetcher:
         # dripping past the deadline is retried in `read`, as many times.
         retry = retry_policy(ip.retries, BACKOFF_FACTOR_S, backoff_max=BACKOFF_MAX_S)
         self.deadline_s = PHOTO_DEADLINE_READS * ip.timeout_s
-        self.undecodable: dict[str, str] = {}  # SHA-256 of undecodable bytes → the first photo they came for
+        self.unusable: dict[str, str] = {}  # SHA-256 of bytes no photo (undecodable, gray) → first to get them
         self.shared_junk: set[str] = set()  # … and those that came for more than one
-        self.undecodable_lock = threading.Lock()
+        self.unusable_lock = threading.Lock()
         self.big_decodes = threading.BoundedSemaphore(BIG_DECODES)
         self.made = self._index_made()  # SHA-256 of a fetched photo's JPEG → its id (see _write_unless_placeholder)
         self.made_lock = threading.Lock()
@@ -392,12 +393,13 @@ class PhotoFetcher:
             jpeg = self.fetched_jpeg(photo)
             asked_at = asked_at if self.from_folder else try_started()  # the try that got it
         except Rejected as exc:
-            with self.undecodable_lock:  # atomic with _refuse_shared_junk taking a rejection back
+            with self.unusable_lock:  # atomic with _refuse_shared_junk taking a rejection back
                 if getattr(exc, "digest", None) in self.shared_junk:
                     return Outcome("failed", SHARED_JUNK, fetched=True)
-                # written once the server shows itself healthy; corrupt at the run's end, when no other photo can
-                # have been sent the same bytes (the digests are in memory: a kill must not split the verdicts)
-                self.journal.hold(photo.photo_id, split, str(exc), until_end=isinstance(exc, Corrupt))
+                # a verdict on the bytes is written at the run's end, when no other photo can have been sent the
+                # same ones (the digests are in memory: a kill must not split the verdicts); others once the server
+                # shows itself healthy
+                self.journal.hold(photo.photo_id, split, str(exc), until_end=hasattr(exc, "digest"))
             return Outcome("rejected", str(exc), fetched=True)
         except FetchFailed as exc:
             return Outcome("failed", str(exc), fetched=True)
@@ -469,6 +471,10 @@ class PhotoFetcher:
         except Corrupt:
             if self.from_folder:
                 raise
+        except Rejected as exc:  # gray, too small or too large: the server's placeholder if another photo got it too
+            if not self.from_folder:
+                exc.digest = self._refuse_shared_junk(photo.photo_id, answer.data)
+            raise
         again = self.read(photo)
         try:
             return self.checked_jpeg(again.data)
@@ -479,12 +485,13 @@ class PhotoFetcher:
             raise
 
     def _refuse_shared_junk(self, photo_id: str, data: bytes) -> str:
-        """The digest of `data`, undecodable: unless another photo was sent the same bytes, which are then the
-        server's (an outage's error body labelled as a JPEG), not either photo's: the other photo's rejection
-        is taken back, and this one is a failure to retry."""
+        """The digest of `data`, which is no photo to keep (undecodable, gray, too small): unless another photo
+        was sent the same bytes, which are then the server's (an outage's error body labelled as a JPEG, a gray
+        "not available" picture), not either photo's: the other photo's rejection is taken back, and this one is
+        a failure to retry."""
         digest = hashlib.sha256(data).hexdigest()
-        with self.undecodable_lock:
-            first = self.undecodable.setdefault(digest, photo_id)
+        with self.unusable_lock:
+            first = self.unusable.setdefault(digest, photo_id)
             if first == photo_id:
                 return digest
             self.shared_junk.add(digest)
