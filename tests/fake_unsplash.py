@@ -55,12 +55,13 @@ IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "tru
                 "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
                 "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo",
                 "placeholder", "gray-placeholder", "png-bomb", "trailing-junk",
-                "slow-head-and-body")
+                "slow-head-and-body", "redirect", "redirect-loop")
 # junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg (starting as one); corrupt-varying: a truncated photo
 # with its Content-Length, cut elsewhere on each request; junk-per-photo: an error body naming the request;
 # placeholder: the same colour photo for every photo with it (gray-placeholder: the same gray one);
 # png-bomb: a small palette PNG (transparency and all) ten times the size asked each way; trailing-junk: the photo asked for, then 256 KiB of noise;
-# slow-head-and-body: 4 header lines, then 4 pieces of the photo, each after slow_s
+# slow-head-and-body: 4 header lines, then 4 pieces of the photo, each after slow_s; redirect: a 302 to the
+# same photo elsewhere (a CDN); redirect-loop: a 302 to itself
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes;
 # drip: 64 bytes every slow_s; cut-unsized-once: the first answer has no Content-Length and ends half-way;
@@ -425,6 +426,8 @@ class _Handler(BaseHTTPRequestHandler):
         time.sleep(delay)
         if fault in ("403", "404", "410"):
             return self._send(int(fault), b"gone")
+        if fault == "redirect-loop" or (fault == "redirect" and "hop" not in query):
+            return self._send(302, b"", headers={"Location": self.path + ("&hop=1" if fault == "redirect" else "")})
         if fault == "drip-headers":
             return self._drip_headers()
         if fault == "empty-once" and n == 1:

@@ -177,6 +177,18 @@ def test_one_photo_sent_for_several_is_a_placeholder_and_kept_for_none(fake_unsp
     assert len({row["sha256"] for row in read_csv(out / "manifest.csv")}) == 5
 
 
+def test_redirects_have_their_own_limit_and_a_loop_is_named(fake_unsplash, tmp_path):
+    """A photo behind a redirect (a CDN) is fetched with images.retries 0, which counted the hop as a retry;
+    a redirect loop says so instead of urllib3's "ResponseError"."""
+    train, test, reserve = photo_ids("tr", 3), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "redirect", train[1]: "redirect-loop"}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError, match=rf"^1 of 4 photos could not be fetched \(e.g. {train[1]}: too many "
+                                              r"redirects \(a redirect loop\?\)"):
+        run_images(params(retries=0), tmp_path / "split", tmp_path / "images")
+    assert sorted(p.stem for p in (tmp_path / "images" / "train").iterdir()) == [train[0], train[2]]
+
+
 def test_one_gray_picture_sent_for_several_photos_rejects_none_of_them(fake_unsplash, tmp_path, fast_backoff):
     """A "not available" picture is gray (or a pixel): the same bytes for two photos are the server's, so neither
     photo is written off as gray for good, and the re-run gets the photos themselves."""

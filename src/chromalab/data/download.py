@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from chromalab.config import Params
 from chromalab.data.formats import open_table
-from chromalab.data.http import (PAGE_TYPES, RETRY_STATUSES, USER_AGENT, content_type, retry_policy,
-                                 with_headers_deadline)
+from chromalab.data.http import (PAGE_TYPES, RETRY_STATUSES, TOO_MANY_REDIRECTS, USER_AGENT, content_type,
+                                 retry_policy, with_headers_deadline)
 from chromalab.errors import ChromalabError
 from chromalab.files import staged_dir, write_text_atomic
 
@@ -324,7 +324,7 @@ def _failure_reason(exc: Exception, broken: str = "connection failed") -> str:
     """What went wrong, in words: requests reports an exhausted read timeout as a ConnectionError whose
     MaxRetryError names the real cause."""
     if isinstance(exc, requests.TooManyRedirects):
-        return "too many redirects (a redirect loop?)"
+        return TOO_MANY_REDIRECTS
     cause = exc.args[0] if exc.args else None
     cause = getattr(cause, "reason", cause)
     if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)) or \

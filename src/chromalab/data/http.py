@@ -17,6 +17,8 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 # Answers that are a page about the request (sign-in, error, rate limit), not the file asked for.
 PAGE_TYPES = ("text/", "application/json", "application/xml", "application/xhtml+xml")
 RETRY_AFTER_MAX_S = 300  # a 429's Retry-After beyond this is cut to it rather than stalling for hours
+MAX_REDIRECTS = 10  # hops to follow (a CDN's); they do not use up the retries
+TOO_MANY_REDIRECTS = "too many redirects (a redirect loop?)"
 
 
 class _Retry(Retry):
@@ -37,8 +39,10 @@ def content_type(headers) -> str:
 
 def retry_policy(retries: int, backoff_s: float, **options) -> Retry:
     """urllib3's retries of connection errors, reads and RETRY_STATUSES, honouring Retry-After, with
-    exponential backoff; the last answer is returned rather than raised, so its status makes the message."""
-    return _Retry(total=retries, connect=retries, read=retries, status=retries, backoff_factor=backoff_s,
+    exponential backoff; the last answer is returned rather than raised, so its status makes the message.
+    Redirects are counted apart (a total would count each hop as a retry), as requests counts them."""
+    return _Retry(total=None, connect=retries, read=retries, status=retries, other=retries,
+                 redirect=MAX_REDIRECTS, backoff_factor=backoff_s,
                  status_forcelist=RETRY_STATUSES, allowed_methods={"GET"}, respect_retry_after_header=True,
                  retry_after_max=RETRY_AFTER_MAX_S, raise_on_status=False, **options)
 

@@ -48,8 +48,8 @@ from chromalab.config import Params
 from chromalab.files import write_bytes_atomic, write_text_atomic
 from chromalab.errors import ChromalabError
 from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, FETCHED_SPLITS
-from chromalab.data.http import (PAGE_TYPES, RETRY_STATUSES, USER_AGENT, content_type, retry_policy,
-                                 try_started, with_headers_deadline)
+from chromalab.data.http import (PAGE_TYPES, RETRY_STATUSES, TOO_MANY_REDIRECTS, USER_AGENT, content_type,
+                                 retry_policy, try_started, with_headers_deadline)
 
 GONE_STATUSES = (404, 410, 451)  # 451: withheld for legal reasons, as final as gone
 BACKOFF_FACTOR_S = 0.5  # urllib3: no wait before the 1st retry, then 1 s, 2 s, 4 s, … (capped below)
@@ -521,6 +521,8 @@ class PhotoFetcher:
             response = self.http.request("GET", url, preload_content=False)
             started = try_started()  # of the try that got this answer (urllib3 may have made several)
         except urllib3.exceptions.MaxRetryError as exc:
+            if isinstance(exc.reason, urllib3.exceptions.ResponseError) and "redirect" in str(exc.reason):
+                raise FetchFailed(TOO_MANY_REDIRECTS) from None
             raise FetchFailed(f"{type(exc.reason).__name__} after {self.retries} retries") from None
         except urllib3.exceptions.HTTPError as exc:
             raise FetchFailed(type(exc).__name__) from None
