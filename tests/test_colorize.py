@@ -415,6 +415,23 @@ def test_named_models_load_from_models_root(tmp_path, models, rgb_photos):
     assert report.done == [tmp_path / "p_color.png"]
 
 
+def test_named_models_are_found_from_your_photos_folder(tmp_path, models, rgb_photos, monkeypatch):
+    """`chromalab colorize gan` run outside the repository uses the trained models of the checkout chromalab is
+    installed from; it looked for ./models and told the user to train again."""
+    checkout, photos = tmp_path / "repo", tmp_path / "photos"
+    (checkout / "models" / "gan").mkdir(parents=True)
+    (checkout / "dvc.yaml").write_text("stages: {}\n")
+    (checkout / "models" / "gan" / "model.keras").write_bytes(models["tint"].read_bytes())
+    photos.mkdir()
+    Image.fromarray(rgb_photos[0]).save(photos / "p.png")
+    monkeypatch.setattr("chromalab.colorize.model.CHECKOUT", checkout)
+    monkeypatch.chdir(photos)
+    assert colorize_paths([Path("p.png")], model="gan").done == [Path("p_color.png")]
+    with pytest.raises(ChromalabError, match=r"^no trained baseline model in .*photos: run chromalab from the "
+                                             r"repository root, or pass --model path/to/baseline/model.keras$"):
+        colorize_paths([Path("p.png")], model="baseline", overwrite=True)
+
+
 def test_mlflow_model_uri(tmp_path, models, rgb_photos, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

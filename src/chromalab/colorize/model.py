@@ -16,6 +16,7 @@ from chromalab.errors import ChromalabError, one_line
 DEFAULT_IMAGE_SIZE = 256  # for models without a fixed input size, when image_size is not given
 URI_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # runs:/…, models:/…, s3://…; not C:/…
 ZEROS_INITIALIZER = {"module": "keras.initializers", "class_name": "Zeros", "config": {}, "registered_name": None}
+CHECKOUT = Path(__file__).resolve().parents[3]  # the repository of an editable install (src/chromalab/colorize/…)
 
 
 def model_file(model: str, models_root: Path = Path("models")) -> Path | None:
@@ -24,7 +25,7 @@ def model_file(model: str, models_root: Path = Path("models")) -> Path | None:
     if URI_PATTERN.match(model) and model not in MODEL_NAMES:
         return None
     if model in MODEL_NAMES:
-        return trained_model_path(model, models_root)
+        return trained_model_path(model, _models_root(models_root, model))
     path = Path(model)
     if path.suffix != ".keras":
         raise ChromalabError(f"--model {model!r}: expected {', '.join(MODEL_NAMES)}, a .keras file, "
@@ -32,6 +33,17 @@ def model_file(model: str, models_root: Path = Path("models")) -> Path | None:
     if not path.is_file():
         raise ChromalabError(f"model file {path} does not exist: check the path")
     return path
+
+
+def _models_root(models_root: Path, model: str) -> Path:
+    """`models_root`, or outside the repository (`chromalab colorize` run from your photos' folder) that of the
+    checkout chromalab is installed from; with neither, a one-line error that says where to run."""
+    if Path(models_root, model).is_dir() or Path(models_root).is_absolute() or Path("dvc.yaml").is_file():
+        return models_root  # where it is, or where `train` puts it
+    if (CHECKOUT / "dvc.yaml").is_file() and (CHECKOUT / models_root / model).is_dir():
+        return CHECKOUT / models_root
+    raise ChromalabError(f"no trained {model} model in {Path.cwd()}: run chromalab from the repository root, "
+                         f"or pass --model path/to/{model}/model.keras")
 
 
 def load_colorizer(model: str, models_root: Path = Path("models")):
