@@ -21,7 +21,7 @@ from conftest import TENSORFLOW_NOISE
     ("gan:\n  epochs: 2.5\n", "gan.epochs"),
     ("base:\n  image_size: 100\n", "base.image_size: Value error, must be a power of two"),
     ("colour:\n  on: yes\n", "colour: unknown key"),
-    (None, "not found"),
+    (None, "not found; check the path"),  # given with --params: not "run from the repository root"
 ])
 def test_bad_params_stop_every_stage_with_one_line_and_exit_status_1(tmp_path, capsys, content, message):
     path = tmp_path / "params.yaml"

@@ -168,7 +168,8 @@ def test_n_val_must_be_at_least_one():
 
 def test_too_few_candidates_says_how_many(raw_dir, tmp_path):
     found = DEFAULT_KINDS["person"] + DEFAULT_KINDS["person_user"]
-    with pytest.raises(ChromalabError, match=f"only {found} candidate photos found, 52 needed") as err:
+    with pytest.raises(ChromalabError, match=f"only {found} candidate photos found, 52 needed .*widen "
+                                             "split.include_keywords / lower split.min_confidence$") as err:
         run_split(params(n_train=40, n_test=10, n_val=2), raw_dir, tmp_path / "split")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "split").exists()
@@ -311,5 +312,6 @@ def test_folder_source_errors(tmp_path):
         run_split(folder_params(tmp_path / "empty"), tmp_path / "raw", tmp_path / "split")
     _photo(tmp_path / "two" / "a.jpg", 0)
     _photo(tmp_path / "two" / "b.jpg", 1)
-    with pytest.raises(ChromalabError, match="only 2 candidate photos found, 5 needed"):
+    with pytest.raises(ChromalabError, match=r"only 2 candidate photos found, 5 needed .*; lower them, or add "
+                                             r"photos to .*two$"):  # not the keyword filters, which folders skip
         run_split(folder_params(tmp_path / "two"), tmp_path / "raw", tmp_path / "split")

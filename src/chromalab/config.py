@@ -226,7 +226,8 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
-        raise ParamsError(f"{path}: not found; run from the repository root (where dvc.yaml is)")
+        where = "run from the repository root (where dvc.yaml is)" if path == Path("params.yaml") else "check the path"
+        raise ParamsError(f"{path}: not found; {where}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

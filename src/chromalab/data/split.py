@@ -49,17 +49,17 @@ def run_split(params: Params, raw_dir: Path = Path("data/raw"), out_dir: Path = 
     sp = params.split
     if params.data.source == "folder":
         candidates, left_out = folder_candidates(params.data.folder)
-        what = f"photos in {params.data.folder}"
+        what, more = f"photos in {params.data.folder}", f"add photos to {params.data.folder}"
     else:
         candidates, left_out = people_candidates(Path(raw_dir), sp)
-        what = "candidate photos of people"
+        what, more = "candidate photos of people", "widen split.include_keywords / lower split.min_confidence"
     tqdm.write(
         f"split: {len(candidates):,} {what}"
         + (f" (left out: {', '.join(f'{n:,} {why}' for why, n in left_out.items())})" if left_out else ""),
         file=sys.stderr,
     )
 
-    splits = split_candidates(candidates, params.base.seed, sp)
+    splits = split_candidates(candidates, params.base.seed, sp, more)
     summary = {
         "source": params.data.source,
         "candidates": len(candidates),
@@ -84,15 +84,16 @@ def run_split(params: Params, raw_dir: Path = Path("data/raw"), out_dir: Path = 
     return summary
 
 
-def split_candidates(candidates: list[Candidate], seed: int, sp: SplitParams) -> dict[str, list[Candidate]]:
+def split_candidates(candidates: list[Candidate], seed: int, sp: SplitParams,
+                     more: str = "find more candidates") -> dict[str, list[Candidate]]:
     """Seeded shuffle of the id-sorted candidates, cut in SPLITS order: a bigger n_val or n_reserve never
-    changes train or test (val is carved from what would have been the reserve)."""
+    changes train or test (val is carved from what would have been the reserve). Too few: a one-line error
+    whose fix ends with `more` (the source's own way to find more)."""
     needed = sp.n_train + sp.n_test + sp.n_val
     if len(candidates) < needed:
         raise ChromalabError(
             f"only {len(candidates)} candidate photos found, {needed} needed "
-            f"(split.n_train {sp.n_train} + split.n_test {sp.n_test} + split.n_val {sp.n_val}); lower them, or "
-            "widen split.include_keywords / lower split.min_confidence (or add photos to data.folder)"
+            f"(split.n_train {sp.n_train} + split.n_test {sp.n_test} + split.n_val {sp.n_val}); lower them, or {more}"
         )
     ordered = sorted(candidates)
     random.Random(seed).shuffle(ordered)
