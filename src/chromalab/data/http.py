@@ -31,6 +31,14 @@ class _Retry(Retry):
         except InvalidHeader:
             return None
 
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        """A redirect is no retry: it uses up `redirect` only, not the total that bounds a photo's tries
+        (requests counts its hops apart too)."""
+        retry = self
+        if error is None and response is not None and response.get_redirect_location() and self.total is not None:
+            retry = self.new(total=self.total + 1)
+        return super(_Retry, retry).increment(method, url, response, error, _pool, _stacktrace)
+
 
 def content_type(headers) -> str:
     """An answer's media type, lower case, without parameters ("" when it names none)."""
@@ -40,9 +48,9 @@ def content_type(headers) -> str:
 def retry_policy(retries: int, backoff_s: float, **options) -> Retry:
     """urllib3's retries of connection errors, reads and RETRY_STATUSES, honouring Retry-After, with
     exponential backoff; the last answer is returned rather than raised, so its status makes the message.
-    Redirects are counted apart (a total would count each hop as a retry), as requests counts them."""
-    return _Retry(total=None, connect=retries, read=retries, status=retries, other=retries,
-                 redirect=MAX_REDIRECTS, backoff_factor=backoff_s,
+    Up to MAX_REDIRECTS hops besides."""
+    return _Retry(total=retries, connect=retries, read=retries, status=retries, redirect=MAX_REDIRECTS,
+                 backoff_factor=backoff_s,
                  status_forcelist=RETRY_STATUSES, allowed_methods={"GET"}, respect_retry_after_header=True,
                  retry_after_max=RETRY_AFTER_MAX_S, raise_on_status=False, **options)
 
