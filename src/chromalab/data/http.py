@@ -22,8 +22,9 @@ TOO_MANY_REDIRECTS = "too many redirects (a redirect loop?)"
 
 
 class _Retry(Retry):
-    """urllib3's Retry, except that a Retry-After it cannot read ("soon") means the usual backoff: urllib3
-    raises InvalidHeader there, ending a transfer the server asked to be retried."""
+    """urllib3's Retry, except that a Retry-After it cannot read ("soon") means the usual backoff (urllib3
+    raises InvalidHeader there, ending a transfer the server asked to be retried), and that a redirect is no
+    retry."""
 
     def get_retry_after(self, response) -> float | None:
         try:
