@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from chromalab.config import Params
 from chromalab.data.formats import open_table
-from chromalab.data.http import (PAGE_TYPES, RETRY_STATUSES, TOO_MANY_REDIRECTS, USER_AGENT, content_type,
-                                 retry_policy, with_headers_deadline)
+from chromalab.data.http import (MAX_REDIRECTS, PAGE_TYPES, RETRY_STATUSES, TOO_MANY_REDIRECTS, USER_AGENT,
+                                 content_type, retry_policy, with_headers_deadline)
 from chromalab.errors import ChromalabError
 from chromalab.files import staged_dir, write_text_atomic
 
@@ -146,6 +146,7 @@ def retrying_session(retries: int, backoff_s: float) -> requests.Session:
     """A requests Session whose adapter retries connection errors, 429 and 5xx with urllib3's backoff."""
     session = requests.Session()
     session.headers["User-Agent"] = USER_AGENT
+    session.max_redirects = MAX_REDIRECTS  # requests follows them itself (urllib3's count is for photos)
     adapter = HTTPAdapter(max_retries=retry_policy(retries, backoff_s))
     with_headers_deadline(adapter.poolmanager, HEADERS_DEADLINE_S)
     session.mount("http://", adapter)
