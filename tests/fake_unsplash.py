@@ -54,11 +54,12 @@ IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "tru
                 "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
                 "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
                 "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo",
-                "placeholder", "gray-placeholder", "png-bomb", "trailing-junk",
+                "placeholder", "gray-placeholder", "placeholder-tagged", "png-bomb", "trailing-junk",
                 "slow-head-and-body", "redirect", "redirect-loop")
 # junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg (starting as one); corrupt-varying: a truncated photo
 # with its Content-Length, cut elsewhere on each request; junk-per-photo: an error body naming the request;
-# placeholder: the same colour photo for every photo with it (gray-placeholder: the same gray one);
+# placeholder: the same colour photo for every photo with it (gray-placeholder: the same gray one;
+# placeholder-tagged: the same, its JPEG carrying a comment that names the photo asked for);
 # png-bomb: a small palette PNG (transparency and all) ten times the size asked each way; trailing-junk: the photo asked for, then 256 KiB of noise;
 # slow-head-and-body: 4 header lines, then 4 pieces of the photo, each after slow_s; redirect: a 302 to the
 # same photo elsewhere (a CDN); redirect-loop: a 302 to itself
@@ -456,7 +457,8 @@ class _Handler(BaseHTTPRequestHandler):
             width, height = 1, 1
         if fault == "wrong-size":
             width, height = width + width // 2, height
-        rgb = render_photo("placeholder" if fault in ("placeholder", "gray-placeholder") else photo_id, width, height)
+        placeholder = fault in ("placeholder", "gray-placeholder", "placeholder-tagged")
+        rgb = render_photo("placeholder" if placeholder else photo_id, width, height)
         if fault in ("gray", "gray-placeholder"):
             rgb = np.repeat(rgb.mean(axis=-1, keepdims=True), 3, axis=-1).astype(np.uint8)
         if fault == "rgba-png":
@@ -466,6 +468,9 @@ class _Handler(BaseHTTPRequestHandler):
             body, content_type = encode(rgb, query.get("fm", "jpg"), int(query.get("q", 75)))
         if fault == "bad-exif":
             body = exif_that_breaks_pillow(rgb)
+        if fault == "placeholder-tagged":  # a COM segment after SOI: other bytes, the same pixels
+            comment = photo_id.encode()
+            body = body[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + body[2:]
         if fault == "trailing-junk":  # decoders stop at the end-of-image marker
             body += np.random.default_rng(0).bytes(256 << 10)
         if fault == "corrupt":  # consistent bytes, correctly framed: only a full decode notices

@@ -153,8 +153,8 @@ def test_undecodable_answers_that_are_not_the_photos_own_are_failures_not_reject
 
 
 def test_one_photo_sent_for_several_is_a_placeholder_and_kept_for_none(fake_unsplash, tmp_path, fast_backoff):
-    """The same decodable bytes for two photos: the server's placeholder. Neither is kept, the one kept by an
-    earlier (failed or killed) run included, and the re-run gets the photos themselves."""
+    """The same picture for two photos: the server's placeholder. Neither is kept, the one kept by an earlier
+    (failed or killed) run included, and the re-run gets the photos themselves."""
     train, test, reserve = photo_ids("tr", 4), photo_ids("te", 1), photo_ids("re", 1)
     fake_unsplash.image_faults = {train[0]: "placeholder"}
     write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
@@ -163,7 +163,8 @@ def test_one_photo_sent_for_several_is_a_placeholder_and_kept_for_none(fake_unsp
     for file in ("train/tr01.jpg", "test/te00.jpg", "manifest.csv"):  # as a run killed before they were written
         (out / file).unlink()
 
-    fake_unsplash.image_faults = {train[1]: "placeholder", test[0]: "placeholder"}
+    # te00's JPEG names it in a comment: other bytes, the same picture
+    fake_unsplash.image_faults = {train[1]: "placeholder", test[0]: "placeholder-tagged"}
     with pytest.raises(ChromalabError, match="^3 of 5 photos could not be fetched .*: the same photo as another "):
         run_images(params(), tmp_path / "split", out)
     assert sorted(p.stem for p in (out / "train").iterdir()) == train[2:]  # tr00 too

@@ -413,9 +413,9 @@ class PhotoFetcher:
         return Outcome("ok", fetched=True, asked_at=asked_at)
 
     def _write_unless_placeholder(self, photo_id: str, jpeg: bytes, target: Path) -> bool:
-        """Write `jpeg`, unless another photo came as the same bytes: two photos are never one, the server sent
+        """Write `jpeg`, unless another photo came as the same picture: two photos are never one, the server sent
         a placeholder. Then neither is kept (the other's file goes, so the next run asks for it again)."""
-        digest = hashlib.sha256(jpeg).hexdigest()
+        digest = pixels_digest(jpeg)
         with self.made_lock:  # the check and the write at once: two photos may come as the same bytes together
             first = self.made.setdefault(digest, photo_id)
             if first != photo_id:
@@ -430,12 +430,12 @@ class PhotoFetcher:
             (self.out_dir / split / f"{photo_id}.jpg").unlink(missing_ok=True)
 
     def _index_made(self) -> dict[str, str]:
-        """SHA-256 → photo id of the fetched photos on disk (a killed run's too, so that a placeholder it kept is
-        found all the same); those that are the same bytes as another are a placeholder: removed."""
+        """pixels_digest → photo id of the fetched photos on disk (a killed run's too, so that a placeholder it
+        kept is found all the same); those that are the same picture as another are a placeholder: removed."""
         made: dict[str, list[str]] = {}
         for split in [] if self.from_folder else FETCHED_SPLITS:
             for path in (self.out_dir / split).glob("*.jpg"):
-                made.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), []).append(path.stem)
+                made.setdefault(pixels_digest(path.read_bytes()), []).append(path.stem)
         for photo_ids in made.values():
             for photo_id in photo_ids if len(photo_ids) > 1 else []:
                 self._unmake(photo_id)
@@ -613,6 +613,16 @@ class PhotoFetcher:
         if not self.from_folder and width * height > max(FETCHED_OVERSIZE * self.size ** 2, FETCHED_MAX_PIXELS):
             raise Rejected(f"too large ({width}×{height} pixels for a {self.size}×{self.size} photo: not the "
                            "photo asked for)")
+
+
+def pixels_digest(jpeg: bytes) -> str:
+    """SHA-256 of the picture a JPEG decodes to: a JPEG kept as served carries the server's metadata (a comment,
+    EXIF naming the photo id), which must not make one placeholder look like many photos."""
+    try:
+        with Image.open(io.BytesIO(jpeg)) as image:
+            return hashlib.sha256(repr(image.size).encode() + image.convert("RGB").tobytes()).hexdigest()
+    except DECODE_ERRORS:  # a file on disk changed under us: its bytes are all there is to compare
+        return hashlib.sha256(jpeg).hexdigest()
 
 
 def has_image_signature(data: bytes) -> bool:
