@@ -360,7 +360,7 @@ class PhotoFetcher:
         self.shared_junk: set[str] = set()  # … and those that came for more than one
         self.unusable_lock = threading.Lock()
         self.big_decodes = threading.BoundedSemaphore(BIG_DECODES)
-        self.made = self._index_made()  # SHA-256 of a fetched photo's JPEG → its id (see _write_unless_placeholder)
+        self.made = self._index_made()  # pixels_digest of a fetched photo → its id (see _write_unless_placeholder)
         self.made_lock = threading.Lock()
         self.unmade: set[str] = set()  # photos this run took for a placeholder after they were written
         self.http = with_headers_deadline(urllib3.PoolManager(
@@ -416,7 +416,7 @@ class PhotoFetcher:
         """Write `jpeg`, unless another photo came as the same picture: two photos are never one, the server sent
         a placeholder. Then neither is kept (the other's file goes, so the next run asks for it again)."""
         digest = pixels_digest(jpeg)
-        with self.made_lock:  # the check and the write at once: two photos may come as the same bytes together
+        with self.made_lock:  # the check and the write at once: two photos may come as the same picture together
             first = self.made.setdefault(digest, photo_id)
             if first != photo_id:
                 self._unmake(first)
