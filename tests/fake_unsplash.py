@@ -271,13 +271,13 @@ class LoggedRequest:
 class FakeUnsplash:
     """`with FakeUnsplash() as server:` a threaded HTTP server on 127.0.0.1:<free port>.
 
-    Set `archive` (bytes) to serve at `latest_url`; `image_faults[photo_id] = "404"` etc. (IMAGE_FAULTS);
-    `archive_faults = {"drop-once"}` (ARCHIVE_FAULTS). `counts[path]` counts requests as they arrive.
+    Set `archive` (bytes) to serve at `latest_url`; `image_faults[photo_id] = "404"` etc. (IMAGE_FAULTS), or
+    a list of them, one per request; `archive_faults = {"drop-once"}` (ARCHIVE_FAULTS). `counts[path]` counts requests as they arrive.
     """
 
     archive: bytes = b""
     second_archive: bytes = b""  # a new release, served from the second archive request on (if set)
-    image_faults: dict[str, str] = field(default_factory=dict)
+    image_faults: dict[str, str | list[str]] = field(default_factory=dict)
     archive_faults: set[str] = field(default_factory=set)
     slow_s: float = 0.3  # the "slow" fault, and `delay_s` for every image
     stall_s: float = 3.0  # the "stall-once" fault: longer than the client's timeout
@@ -421,6 +421,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _image(self, photo_id, query, n):
         fault = self.fake.image_faults.get(photo_id, "")
+        if isinstance(fault, list):  # one fault per request, the last one for every request after
+            fault = fault[min(n, len(fault)) - 1]
         delay = self.fake.delay_s + (self.fake.slow_s if fault == "slow" else 0.0)
         if fault == "stall-once" and n == 1:
             delay += self.fake.stall_s

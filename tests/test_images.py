@@ -194,7 +194,8 @@ def test_one_gray_picture_sent_for_several_photos_rejects_none_of_them(fake_unsp
     """A "not available" picture is gray (or a pixel): the same bytes for two photos are the server's, so neither
     photo is written off as gray for good, and the re-run gets the photos themselves."""
     train, test, reserve = photo_ids("tr", 4), photo_ids("te", 1), photo_ids("re", 2)
-    fake_unsplash.image_faults = {train[0]: "gray-placeholder", train[2]: "gray-placeholder"}
+    # tr00's first answer does not decode, so the gray one comes on its second ask
+    fake_unsplash.image_faults = {train[0]: ["junk-as-jpeg", "gray-placeholder"], train[2]: "gray-placeholder"}
     write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
     out = tmp_path / "images"
     with pytest.raises(ChromalabError, match="^1 of 5 photos could not be fetched .*: unusable bytes "):

@@ -467,21 +467,29 @@ class PhotoFetcher:
         lasting rejection. Only the same sized bytes twice, which no other photo was sent, are the photo's."""
         answer = self.read(photo)
         try:
-            return self.checked_jpeg(answer.data)
+            return self._checked_fetch(photo, answer.data)
         except Corrupt:
             if self.from_folder:
                 raise
-        except Rejected as exc:  # gray, too small or too large: the server's placeholder if another photo got it too
-            if not self.from_folder:
-                exc.digest = self._refuse_shared_junk(photo.photo_id, answer.data)
-            raise
         again = self.read(photo)
         try:
-            return self.checked_jpeg(again.data)
+            return self._checked_fetch(photo, again.data)
         except Corrupt as exc:
             if not (answer.sized and again.sized) or again.data != answer.data:
                 raise FetchFailed(f"{exc}, in two different or unsized answers: cut short?") from None
             exc.digest = self._refuse_shared_junk(photo.photo_id, again.data)
+            raise
+
+    def _checked_fetch(self, photo: Photo, data: bytes) -> bytes:
+        """checked_jpeg, whose verdict on a fetched picture (gray, too small, too large) carries its digest: the
+        server's placeholder if another photo was sent the same bytes."""
+        try:
+            return self.checked_jpeg(data)
+        except Corrupt:
+            raise
+        except Rejected as exc:
+            if not self.from_folder:
+                exc.digest = self._refuse_shared_junk(photo.photo_id, data)
             raise
 
     def _refuse_shared_junk(self, photo_id: str, data: bytes) -> str:
