@@ -6,20 +6,23 @@ DEFAULT_EXTRAS := cpu,jax,test
 # keeps the GPU install instead of swapping it back.
 EXTRAS ?= $(or $(shell cat $(VENV)/.extras 2>/dev/null),$(DEFAULT_EXTRAS))
 comma := ,
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+space := $(subst ,, )
+EXTRAS_LIST := $(subst $(space),,$(strip $(EXTRAS)))
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS_LIST))
 
 .PHONY: setup repro test bench clean-venv gpu-wheels gpu-check
 
 setup: $(STAMP)
 
-# Exact versions from requirements.lock, so a run next year installs the same stack. Other extras than the
-# venv's start it afresh: tensorflow-cpu and tensorflow (gpu) are one package under two names.
+# Exact versions from requirements.lock, so a run next year installs the same stack. Extras other than those
+# the venv was made with start it afresh (tensorflow-cpu and tensorflow are one package under two names); a
+# venv made otherwise (before .extras, or your own VENV=) is installed into, as it is.
 $(STAMP): pyproject.toml requirements.lock
-	if [ "$$(cat $(VENV)/.extras 2>/dev/null)" != "$(EXTRAS)" ]; then rm -rf $(VENV); fi
+	if [ -f $(VENV)/.extras ] && [ "$$(cat $(VENV)/.extras)" != "$(EXTRAS_LIST)" ]; then rm -rf $(VENV); fi
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c requirements.lock -e ".[$(EXTRAS)]"
-	echo "$(EXTRAS)" > $(VENV)/.extras
+	$(PY) -m pip install --quiet -c requirements.lock -e ".[$(EXTRAS_LIST)]"
+	echo "$(EXTRAS_LIST)" > $(VENV)/.extras
 	touch $@
 
 repro: setup
