@@ -493,6 +493,21 @@ def test_a_photo_dripped_byte_by_byte_fails_at_its_deadline_instead_of_holding_t
     assert 0 < received < len(photo)
 
 
+def test_slow_heads_and_slow_bodies_together_do_not_hold_a_photo_past_its_tries_deadlines(fake_unsplash, tmp_path,
+                                                                                          fast_backoff):
+    """A head dripped past its deadline is retried inside one fetch, a body dripped past it by another fetch:
+    alternating, a photo took (retries + 1)² deadlines (at the defaults, 36 × 120 s). It stops once (retries + 1)
+    deadlines (4 s here) have passed."""
+    train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: ["drip-headers", "drip"] * 2}
+    fake_unsplash.slow_s = 0.2  # a header line or a 64-byte piece inside every 0.5 s read timeout
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError, match=rf"\(e.g. {train[0]}: too slow \([\d,]+ bytes in 2 s\), and no whole "
+                                             r"photo in 4 s over 1 tries\)"):
+        run_images(params(timeout_s=0.5, retries=1), tmp_path / "split", tmp_path / "images")
+    assert fake_unsplash.image_counts()[train[0]] == 2  # not 4
+
+
 def test_a_photo_s_head_and_body_share_one_deadline_per_try(fake_unsplash, tmp_path, fast_backoff):
     """The head and the body each inside 4 × timeout_s (2 s here), together past it: too slow."""
     train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)

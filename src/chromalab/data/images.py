@@ -514,8 +514,14 @@ class PhotoFetcher:
                 raise Rejected(f"{GONE} (file no longer exists)") from None
             except OSError as exc:
                 raise FetchFailed(f"cannot read {photo.image_url}: {exc.strerror}") from None
+        # Each fetch may itself have been retried by urllib3 (a head dripped past its deadline): without a bound
+        # on the whole, a server mixing slow heads and slow bodies holds a photo for (retries + 1)² deadlines.
+        budget_s = (self.retries + 1) * self.deadline_s
+        give_up_at = time.monotonic() + budget_s
         for attempt in range(self.retries + 1):
             if attempt:
+                if time.monotonic() >= give_up_at:
+                    raise FetchFailed(f"{broken}, and no whole photo in {budget_s:g} s over {attempt} tries")
                 time.sleep(min(BACKOFF_MAX_S, BACKOFF_FACTOR_S * 2 ** attempt))
             try:
                 return self._fetch(self.source(photo))
