@@ -150,7 +150,7 @@ def test_an_output_folder_that_is_a_file_is_one_line_and_one_that_holds_the_phot
         assert "\n" not in str(err.value)
     # a folder that takes no files (even root cannot write under /proc) is found out before any colouring
     with pytest.raises(ChromalabError, match=r"^--out /proc/1/chromalab: cannot write there \(.+\); name another"):
-        colorize_paths([photos], out_dir=Path("/proc/1/chromalab"), model="no such model")
+        run([photos], models, out_dir=Path("/proc/1/chromalab"))
     # -o the folder itself, or the one above it: the photos are still found (outputs mirror under -o)
     assert run([photos], models, out_dir=photos).done == [photos / "photos" / "a_color.png"]
     assert run([photos], models, out_dir=photos).skipped == [photos / "a.png"]  # its outputs are not new photos
@@ -396,7 +396,8 @@ def test_nothing_to_colour_and_bad_models_are_one_line_errors(tmp_path, models, 
         run([tmp_path], models)
     Image.fromarray(rgb_photos[0]).save(tmp_path / "p.png")
     with pytest.raises(ChromalabError, match=r"dvc repro train@gan.*chromalab train gan"):
-        colorize_paths([tmp_path], model="gan", models_root=tmp_path / "models")
+        colorize_paths([tmp_path], tmp_path / "out", model="gan", models_root=tmp_path / "models")
+    assert not (tmp_path / "out").exists()  # a failed run leaves no empty --out folder behind
     with pytest.raises(ChromalabError, match="a .keras file"):
         load_colorizer("resnet")
     with pytest.raises(ChromalabError, match="does not exist"):

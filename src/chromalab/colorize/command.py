@@ -163,6 +163,7 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     """
     if batch_size < 1:
         raise ChromalabError(f"batch size {batch_size}: must be at least 1")
+    model_file(model, models_root)  # a wrong model fails here, before --out is made or any photo decoded
     if out_dir is not None:
         _check_out_dir(Path(out_dir))
     report = ColorizeReport()
@@ -184,7 +185,6 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     # through the model (4 per worker measured slower: more threads contending for the cores). Their
     # full-resolution lightness is what fills the memory.
     held = max(batch_size, 2 * workers)
-    model_file(model, models_root)  # a wrong model name fails here, before any progress bar or decoding
     limit_model_threads(available_cores())
     with tqdm(total=len(jobs), desc="colorize", unit="photo") as bar, ThreadPoolExecutor(workers) as pool:
         flow = _Pipeline(pool, iter(jobs), held, report, bar, verbose)
