@@ -255,6 +255,7 @@ def test_headers_dripped_for_ever_do_not_hold_a_photo(fake_unsplash, tmp_path, f
 def test_a_server_that_fails_every_photo_is_given_up_on_early(fake_unsplash, tmp_path, fast_backoff, monkeypatch):
     train, test, reserve = photo_ids("tr", 10), photo_ids("te", 2), photo_ids("re", 2)
     fake_unsplash.image_faults = {pid: "500-always" for pid in train + test}
+    fake_unsplash.delay_s = 0.1  # a photo takes longer than this thread's turn to count it, even on a loaded CPU
     monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 3)
     write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
     with pytest.raises(ChromalabError) as err:
@@ -272,6 +273,7 @@ def test_photos_settled_before_do_not_hide_a_server_that_is_down(fake_unsplash, 
     reserve photo is tried for the slots they free."""
     train, test, reserve = photo_ids("tr", 12), photo_ids("te", 1), photo_ids("re", 6)
     fake_unsplash.image_faults = {pid: "500-always" for pid in train + test + reserve}
+    fake_unsplash.delay_s = 0.1  # a photo takes longer than this thread's turn to count it, even on a loaded CPU
     monkeypatch.setattr("chromalab.data.images.FAIL_FAST_STREAK", 3)
     write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
     (tmp_path / "images").mkdir()
