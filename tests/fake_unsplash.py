@@ -272,7 +272,8 @@ class FakeUnsplash:
     """`with FakeUnsplash() as server:` a threaded HTTP server on 127.0.0.1:<free port>.
 
     Set `archive` (bytes) to serve at `latest_url`; `image_faults[photo_id] = "404"` etc. (IMAGE_FAULTS), or
-    a list of them, one per request; `archive_faults = {"drop-once"}` (ARCHIVE_FAULTS). `counts[path]` counts requests as they arrive.
+    a list of them, one per request; `archive_faults = {"drop-once"}` (ARCHIVE_FAULTS). `counts[path]` counts
+    requests as they arrive.
     """
 
     archive: bytes = b""

@@ -85,7 +85,7 @@ def run_split(params: Params, raw_dir: Path = Path("data/raw"), out_dir: Path = 
 
 
 def split_candidates(candidates: list[Candidate], seed: int, sp: SplitParams,
-                     more: str = "find more candidates") -> dict[str, list[Candidate]]:
+                     more: str) -> dict[str, list[Candidate]]:
     """Seeded shuffle of the id-sorted candidates, cut in SPLITS order: a bigger n_val or n_reserve never
     changes train or test (val is carved from what would have been the reserve). Too few: a one-line error
     whose fix ends with `more` (the source's own way to find more)."""
