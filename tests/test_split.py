@@ -193,6 +193,20 @@ def _raw_tables(raw: Path, urls: dict[str, str]) -> Path:
     return raw
 
 
+def test_a_confidence_that_is_no_finite_number_is_none_in_either_column_order(tmp_path):
+    # NaN compared false with everything: "NaN, 95" dropped a photo that "95, NaN" kept; "inf" counted as sure
+    raw = _raw_tables(tmp_path / "raw", {i: f"{IMAGE_BASE}/photo-{i}" for i in ("a", "b", "c", "d", "e")})
+    (raw / "keywords.tsv").write_text(
+        "photo_id\tkeyword\tai_service_1_confidence\tai_service_2_confidence\tsuggested_by_user\n"
+        "a\tperson\tNaN\t95\tf\nb\tperson\t95\tnan\tf\nc\tperson\tinf\t\tf\nd\tperson\t-inf\tNaN\tt\n"
+        "e\tperson\t90\t\tf\n")
+    summary = run_split(params(n_train=1, n_test=1, n_val=1, n_reserve=10), raw, tmp_path / "split")
+    chosen = {r["photo_id"]: r["reason"] for rows in read_split(tmp_path / "split").values() for r in rows}
+    assert chosen == {"a": "keyword=person conf=95.0", "b": "keyword=person conf=95.0", "d": "keyword=person user",
+                      "e": "keyword=person conf=90.0"}
+    assert summary["candidates"] == 4
+
+
 def test_ids_and_urls_the_images_stage_cannot_use_are_left_out_and_counted(tmp_path):
     # a 300-character id passed the id check, then its file name was too long for the file system (OSError);
     # an unclosed IPv6 bracket passed the http:// prefix check, then stopped images with a ValueError

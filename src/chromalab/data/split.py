@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import random
 import re
 import sys
@@ -178,10 +179,13 @@ def normalise_keyword(keyword: str | None) -> str:
 
 
 def _confidence(text: str | None) -> float | None:
+    """A tagger's confidence, or None where it names none: blank, no number, or not finite (NaN would compare
+    false with every other confidence, and "inf" is no confidence a tagger gives)."""
     try:
-        return float(text) if text and text.strip() else None
+        value = float(text) if text and text.strip() else None
     except ValueError:
         return None
+    return value if value is not None and math.isfinite(value) else None
 
 
 def read_table(path: Path, columns: tuple[str, ...]) -> Iterator[dict[str, str]]:
