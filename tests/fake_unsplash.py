@@ -478,6 +478,9 @@ class _Handler(BaseHTTPRequestHandler):
             body += np.random.default_rng(0).bytes(256 << 10)
         if fault == "corrupt":  # consistent bytes, correctly framed: only a full decode notices
             body = body[: len(body) // 2]
+        if fault == "cut-ending-eoi":  # cut short, then ended as a whole JPEG ends: Pillow decodes it without error
+            scan = body.index(b"\xff\xda")  # start of scan: the coded pixels follow
+            body = body[: scan + (len(body) - scan) * 2 // 5] + b"\xff\xd9"
         if fault == "corrupt-varying":
             body = body[: len(body) // (2 + n % 2)]
         cut = fault in ("truncated-once", "cut-unsized-once") and n == 1 or fault == "cut-unsized-always"

@@ -190,6 +190,18 @@ def test_redirects_have_their_own_limit_and_a_loop_is_named(fake_unsplash, tmp_p
     assert sorted(p.stem for p in (tmp_path / "images" / "train").iterdir()) == [train[0], train[2]]
 
 
+def test_a_jpeg_cut_short_but_ended_as_a_whole_one_is_corrupt_not_kept_half_gray(fake_unsplash, tmp_path,
+                                                                                  fast_backoff):
+    """libjpeg decodes it without an error, the blocks it never got mid-gray."""
+    train, test, reserve = photo_ids("tr", 3), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[1]: "cut-ending-eoi"}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    run_images(params(), tmp_path / "split", tmp_path / "images")
+    assert sorted(check_output(tmp_path / "images")["train"]) == sorted([train[0], train[2], reserve[0]])
+    reasons = {r["photo_id"]: r["reason"] for r in read_csv(tmp_path / "images" / "rejected.csv")}
+    assert reasons == {train[1]: "corrupt (the JPEG ends early: its last blocks are blank)"}
+
+
 def test_one_gray_picture_sent_for_several_photos_rejects_none_of_them(fake_unsplash, tmp_path, fast_backoff):
     """A "not available" picture is gray (or a pixel): the same bytes for two photos are the server's, so neither
     photo is written off as gray for good, and the re-run gets the photos themselves."""

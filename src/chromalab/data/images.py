@@ -595,6 +595,8 @@ class PhotoFetcher:
                 big = image.size[0] * image.size[1] > BIG_DECODE_PIXELS
                 with self.big_decodes if big else contextlib.nullcontext():
                     image.load()  # full decode: a truncated or corrupt file fails here, not in a later stage
+                    if ends_blank(image):
+                        raise Corrupt("corrupt (the JPEG ends early: its last blocks are blank)")
                     rgb = image if as_served else square_rgb(image, self.size)
                     chroma = mean_chroma(np.asarray(rgb))
         except Image.UnidentifiedImageError:
@@ -637,6 +639,16 @@ def pixels_digest(jpeg: bytes) -> str:
             return hashlib.sha256(repr(image.size).encode() + image.convert("RGB").tobytes()).hexdigest()
     except DECODE_ERRORS:  # a file on disk changed under us: its bytes are all there is to compare
         return hashlib.sha256(jpeg).hexdigest()
+
+
+def ends_blank(image: Image.Image) -> bool:
+    """Whether a decoded JPEG was cut short: libjpeg decodes the blocks a file ended (by an end-of-image marker)
+    before sending as blank, exactly mid-gray, and warns only; they run to the last, bottom-right, block. A
+    photo's last block is never one exact value."""
+    if image.format != "JPEG" or image.mode not in ("L", "RGB"):
+        return False
+    width, height = image.size
+    return bool((np.asarray(image.crop((max(width - 8, 0), max(height - 8, 0), width, height))) == 128).all())
 
 
 def has_image_signature(data: bytes) -> bool:
