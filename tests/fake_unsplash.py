@@ -388,12 +388,18 @@ class _Handler(BaseHTTPRequestHandler):
         etag = archive_etag(data).strip('"') if "unquoted-etag" in faults else archive_etag(data)
         if "500-once" in self.fake.archive_faults and n == 1:
             return self._send(500, b"internal error")
+        if "terminal-escapes" in faults:  # a reason phrase that would erase the line and print its own
+            self.send_response(403, "\x1b[2K\rdownload: OK\x07")
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
         if "html-page" in faults:
             return self._send(200, SIGN_IN_PAGE, "text/html")
         if "drip-headers" in faults:
             return self._drip_headers()
         if "204" in faults:
             return self._send(204, b"")
+        if "control-etag" in faults:  # one requests refuses to send back in If-Range
+            etag = "\x1c" + etag
         headers = {"Accept-Ranges": "bytes"} | ({} if "no-validator" in faults else {"ETag": etag})
         if "unquoted-etag" in faults:  # beside a date, which must not be taken for the validator
             headers["Last-Modified"] = "Wed, 02 Dec 2026 10:00:00 GMT"
@@ -430,6 +436,10 @@ class _Handler(BaseHTTPRequestHandler):
         time.sleep(delay)
         if fault in ("403", "404", "410"):
             return self._send(int(fault), b"gone")
+        if fault == "redirect-ftp":  # a redirect urllib3 cannot follow
+            return self._send(302, b"", headers={"Location": "ftp://127.0.0.1/photo.jpg"})
+        if fault == "huge-header":  # past http.client's 64 KiB a line
+            return self._send(200, b"", "image/jpeg", headers={"X-Padding": "x" * (100 << 10)})
         if fault == "redirect-loop" or (fault == "redirect" and "hop" not in query):
             return self._send(302, b"", headers={"Location": self.path + ("&hop=1" if fault == "redirect" else "")})
         if fault == "drip-headers":

@@ -190,6 +190,17 @@ def test_redirects_have_their_own_limit_and_a_loop_is_named(fake_unsplash, tmp_p
     assert sorted(p.stem for p in (tmp_path / "images" / "train").iterdir()) == [train[0], train[2]]
 
 
+@pytest.mark.parametrize(("fault", "words"), [
+    ("redirect-ftp", r"sent to a URL that is not http\(s\) with a host \(URLSchemeUnknown\)"),
+    ("huge-header", r"ProtocolError \(got more than 65536 bytes when reading header line\)")])
+def test_a_redirect_off_http_and_a_head_too_long_to_read_are_named(fake_unsplash, tmp_path, fault, words):
+    train, test, reserve = photo_ids("tr", 3), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[1]: fault}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError, match=rf"^1 of 4 photos could not be fetched \(e.g. {train[1]}: {words}"):
+        run_images(params(retries=0), tmp_path / "split", tmp_path / "images")
+
+
 def test_a_jpeg_cut_short_but_ended_as_a_whole_one_is_corrupt_not_kept_half_gray(fake_unsplash, tmp_path,
                                                                                   fast_backoff):
     """libjpeg decodes it without an error, the blocks it never got mid-gray."""

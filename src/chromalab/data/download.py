@@ -27,10 +27,10 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
 from chromalab.config import Params
-from chromalab.data.formats import open_table
+from chromalab.data.formats import MAX_LINE_BYTES, open_table
 from chromalab.data.http import (MAX_REDIRECTS, PAGE_TYPES, RETRY_STATUSES, TOO_MANY_REDIRECTS, USER_AGENT,
-                                 content_type, retry_policy, with_headers_deadline)
-from chromalab.errors import ChromalabError
+                                 content_type, retry_policy, transport_failure, with_headers_deadline)
+from chromalab.errors import ChromalabError, printable
 from chromalab.files import staged_dir, write_text_atomic
 
 # Retries per request (connection errors, 429, 5xx; urllib3 backs off and honours Retry-After), and
@@ -58,12 +58,12 @@ OPTIONAL_COLUMNS = {"colors": ("photo_id",)}
 TABLES = {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}
 # `photos.tsv`, `photos.tsv000`, and 1.3.0's tab-separated `photos.csv000`, in any folder of the zip.
 TABLE_MEMBER = re.compile(r"(?:^|/)(?P<table>photos|keywords|colors)\.(?:tsv|csv)(?P<part>\d*)$", re.IGNORECASE)
-# The real tables are ~1 GB in all and compress ~5-10x; anything far beyond is a broken or hostile zip.
-MAX_MEMBER_BYTES = 4 << 30
+# The whole zip unpacks to ~1 GB and compresses ~5-10x; tables far beyond are a broken or hostile zip (and
+# DVC would cache them a second time).
+MAX_TABLES_BYTES = 4 << 30
 MAX_COMPRESSION_RATIO = 100
 RATIO_CHECK_MIN_BYTES = 1 << 20  # a tiny member may legitimately compress very well
 MAX_MEMBERS = 10_000  # the Lite zip holds a few dozen entries; zipfile keeps every one listed in memory
-MAX_LINE_BYTES = 1 << 20  # a row is a few KB; csv reads each line whole, so a 400 MB one would sit in memory
 
 
 def run_download(params: Params, out_dir: Path = Path("data/raw"), cache_dir: Path = Path("data/cache")) -> Path:
@@ -196,7 +196,7 @@ def _resumable_size(part: Path, meta_path: Path) -> int:
     """The bytes of `part` a Range request may continue from: none without a validator for If-Range, since
     then nothing tells a changed file (a new release, an error page) from the one the part began."""
     size = part.stat().st_size if part.exists() else 0
-    if size and not _read_meta(meta_path).get("validator"):
+    if size and not _sendable(_read_meta(meta_path).get("validator", "")):
         part.unlink()
         return 0
     return size
@@ -213,7 +213,7 @@ def _receive(response: requests.Response, url: str, part: Path, meta_path: Path,
     if response.status_code not in (200, 206):  # an error, or an answer with no file (204, 304, a bare 302)
         retried = f" after {DOWNLOAD_RETRIES} retries" if response.status_code in RETRY_STATUSES else ""
         raise ChromalabError(
-            f"{url}: HTTP {response.status_code} {response.reason}{retried} instead of the zip; "
+            f"{url}: HTTP {response.status_code} {printable(response.reason or '')}{retried} instead of the zip; "
             "check data.url, or download the zip elsewhere and set data.url to its local path"
         )
     resumed = response.status_code == 206
@@ -277,7 +277,8 @@ def _not_a_continuation(response: requests.Response, offset: int, validator: str
     kind = kind or ("ETag" if validator.startswith(('"', "W/")) else "Last-Modified")
     now = response.headers.get(kind, "")
     if validator and now != validator:  # a 206 without it may be any version: not worth a damaged zip
-        return f"the file changed on the server ({kind} {validator} → {now or 'none'}); starting over", True
+        return f"the file changed on the server ({kind} {printable(validator)} → {printable(now) or 'none'}); " \
+            "starting over", True
     return None
 
 
@@ -326,16 +327,18 @@ def _failure_reason(exc: Exception, broken: str = "connection failed") -> str:
     MaxRetryError names the real cause."""
     if isinstance(exc, requests.TooManyRedirects):
         return TOO_MANY_REDIRECTS
+    if isinstance(exc, (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL)):  # a redirect's
+        return f"sent to a URL that is not http(s) with a host ({printable(str(exc), 100)})"
     cause = exc.args[0] if exc.args else None
     cause = getattr(cause, "reason", cause)
     if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)) or \
             isinstance(cause, urllib3.exceptions.TimeoutError):
         return "timed out"
-    return f"{broken} ({type(cause if isinstance(cause, Exception) else exc).__name__})"
+    return f"{broken} ({transport_failure(cause if isinstance(cause, Exception) else exc)})"
 
 
 def _not_a_zip_message(url: str, response: requests.Response, head: bytes) -> str:
-    kind = response.headers.get("Content-Type", "").split(";")[0].strip() or "no Content-Type"
+    kind = content_type(response.headers) or "no Content-Type"
     return (f"{url}: the server sent something that is not a zip archive ({kind}, starting {head[:16]!r}); "
             "check data.url (a sign-in or error page?), or download the zip elsewhere and set data.url to its path")
 
@@ -344,12 +347,18 @@ def _validator_of(response: requests.Response) -> dict:
     """What If-Range may carry, and which header it came from: a strong ETag, else Last-Modified (RFC 9110
     §13.1.5); none for an encoded body (a server that gzips despite Accept-Encoding: identity): the part holds
     it decoded, and a Range would count encoded bytes, so such a download starts over instead of resuming."""
-    etag = response.headers.get("ETag", "")
+    etag, modified = response.headers.get("ETag", ""), response.headers.get("Last-Modified", "")
     if _encoded(response):
         return {"validator": "", "kind": None}
-    if etag and not etag.startswith("W/"):
+    if _sendable(etag) and not etag.startswith("W/"):
         return {"validator": etag, "kind": "ETag"}
-    return {"validator": response.headers.get("Last-Modified", ""), "kind": "Last-Modified"}
+    return {"validator": modified if _sendable(modified) else "", "kind": "Last-Modified"}
+
+
+def _sendable(validator: str) -> bool:
+    """Whether a validator can go back in If-Range: requests refuses a header with control characters or
+    leading white space before sending it, which would fail every resume of the part for good."""
+    return re.fullmatch(r"[\x21-\x7e][\x20-\x7e]*", validator) is not None
 
 
 def _encoded(response: requests.Response) -> bool:
@@ -433,11 +442,6 @@ def _table_parts(zf: zipfile.ZipFile, archive: Path) -> dict[str, list[zipfile.Z
         match = TABLE_MEMBER.search(path.as_posix())
         if info.is_dir() or not match:
             continue
-        if info.file_size > MAX_MEMBER_BYTES:
-            raise ChromalabError(
-                f"{archive}: entry {name!r} unpacks to {info.file_size:,} bytes (limit {MAX_MEMBER_BYTES:,}); "
-                "refusing this archive"
-            )
         ratio = info.file_size / max(info.compress_size, 1)
         if info.file_size > RATIO_CHECK_MIN_BYTES and ratio > MAX_COMPRESSION_RATIO:
             raise ChromalabError(
@@ -447,6 +451,11 @@ def _table_parts(zf: zipfile.ZipFile, archive: Path) -> dict[str, list[zipfile.Z
         part = int(match["part"]) if match["part"] else -1
         found.setdefault(match["table"].lower(), []).append((part, info))
 
+    # zipfile never reads a member past the size the zip lists for it, so the listed sizes bound the disk used
+    listed = sum(info.file_size for numbered in found.values() for _, info in numbered)
+    if listed > MAX_TABLES_BYTES:
+        raise ChromalabError(f"{archive}: its tables unpack to {listed:,} bytes (the whole Lite zip unpacks to "
+                             f"about 1 GB, limit {MAX_TABLES_BYTES:,}); refusing this archive: check data.url")
     for table in REQUIRED_COLUMNS:
         if table not in found:
             raise ChromalabError(
@@ -510,12 +519,9 @@ def _concatenate_parts(zf, infos, dest: Path, table: str, archive: Path, bar: tq
 def _copy_member(member, out, bar: tqdm, first: bytes, at: int, name: str, archive: Path) -> int:
     """Copy `first`, then the rest of `member` (from its line `at`), to `out`; returns the lines copied (a last
     line without its newline is ended: the next part must start on a line of its own)."""
-    written, lines, chunk = 0, 0, first or member.read(CHUNK_BYTES)
+    lines, chunk = 0, first or member.read(CHUNK_BYTES)
     open_bytes = 0  # of the line not yet ended
     while chunk:
-        written += len(chunk)
-        if written > MAX_MEMBER_BYTES:  # the size in the zip's directory may lie
-            raise ChromalabError(f"{archive}: entry {name!r} exceeds {MAX_MEMBER_BYTES:,} bytes")
         newline = chunk.find(b"\n")  # lines inside a chunk are shorter than it, and CHUNK_BYTES < MAX_LINE_BYTES
         if open_bytes + (len(chunk) if newline < 0 else newline) > MAX_LINE_BYTES:
             raise ChromalabError(_long_line_message(archive, name, at + lines))

@@ -19,9 +19,13 @@ MANIFEST_FIELDS = ("photo_id", "split", "file", "sha256", "source")
 # The splits the images stage fetches and the records hold: train fits, val chooses (curves, the kept
 # checkpoint), test is only for the evaluate stage.
 FETCHED_SPLITS = ("train", "test", "val")
+# A row is a few KB; csv holds each line (and field) whole, so a 400 MB one would sit in memory. A description
+# of 200 KB is still a row: csv's own field limit (128 KiB) is raised to this.
+MAX_LINE_BYTES = 1 << 20
 
 
 def open_table(path: Path):
     """A csv reader for one of the Lite tables (tab-separated, QUOTE_MINIMAL: keywords may hold quoted newlines)."""
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))
     f = path.open(newline="", encoding="utf-8-sig")
     return f, csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL)

@@ -11,6 +11,8 @@ import urllib3
 from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
+from chromalab.errors import printable
+
 USER_AGENT = "chromalab (+Unsplash Lite research download)"
 # Worth another try: rate limiting and the server's own failures. 404/410/451 are final (the photo is gone).
 RETRY_STATUSES = (429, 500, 502, 503, 504)
@@ -42,8 +44,8 @@ class _Retry(Retry):
 
 
 def content_type(headers) -> str:
-    """An answer's media type, lower case, without parameters ("" when it names none)."""
-    return headers.get("Content-Type", "").split(";")[0].strip().lower()
+    """An answer's media type, lower case, without parameters ("" when it names none), fit for a message."""
+    return printable(headers.get("Content-Type", "").split(";")[0].strip().lower())
 
 
 def retry_policy(retries: int, backoff_s: float, **options) -> Retry:
@@ -54,6 +56,17 @@ def retry_policy(retries: int, backoff_s: float, **options) -> Retry:
                  backoff_factor=backoff_s,
                  status_forcelist=RETRY_STATUSES, allowed_methods={"GET"}, respect_retry_after_header=True,
                  retry_after_max=RETRY_AFTER_MAX_S, raise_on_status=False, **options)
+
+
+def transport_failure(exc: BaseException) -> str:
+    """A failure before or during an answer, in words: its kind, and what broke (an answer head too long, a
+    redirect to no http(s) URL), the server's text escaped."""
+    if isinstance(exc, (urllib3.exceptions.LocationValueError, urllib3.exceptions.URLSchemeUnknown)):
+        return f"sent to a URL that is not http(s) with a host ({type(exc).__name__})"
+    inner = exc.args[-1] if isinstance(exc, urllib3.exceptions.ProtocolError) and exc.args else None
+    if isinstance(inner, Exception) and str(inner):  # http.client's reason the answer could not be read
+        return f"{type(exc).__name__} ({printable(str(inner), 80)})"
+    return type(exc).__name__
 
 
 _try = threading.local()  # `started`: when this thread's latest request began waiting for its answer

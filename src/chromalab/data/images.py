@@ -49,7 +49,7 @@ from chromalab.files import write_bytes_atomic, write_text_atomic
 from chromalab.errors import ChromalabError
 from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, FETCHED_SPLITS
 from chromalab.data.http import (PAGE_TYPES, RETRY_STATUSES, TOO_MANY_REDIRECTS, USER_AGENT, content_type,
-                                 retry_policy, try_started, with_headers_deadline)
+                                 retry_policy, transport_failure, try_started, with_headers_deadline)
 
 GONE_STATUSES = (404, 410, 451)  # 451: withheld for legal reasons, as final as gone
 BACKOFF_FACTOR_S = 0.5  # urllib3: no wait before the 1st retry, then 1 s, 2 s, 4 s, … (capped below)
@@ -537,9 +537,9 @@ class PhotoFetcher:
         except urllib3.exceptions.MaxRetryError as exc:
             if isinstance(exc.reason, urllib3.exceptions.ResponseError) and "redirect" in str(exc.reason):
                 raise FetchFailed(TOO_MANY_REDIRECTS) from None
-            raise FetchFailed(f"{type(exc.reason).__name__} after {self.retries} retries") from None
+            raise FetchFailed(f"{transport_failure(exc.reason)} after {self.retries} retries") from None
         except urllib3.exceptions.HTTPError as exc:
-            raise FetchFailed(type(exc).__name__) from None
+            raise FetchFailed(transport_failure(exc)) from None
         whole = False
         try:
             if response.status in GONE_STATUSES:
