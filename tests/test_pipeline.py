@@ -191,9 +191,14 @@ def test_an_interrupted_repro_resumes_train_at_gan_from_its_persisted_checkpoint
     gan_runs = client.search_runs([client.get_experiment_by_name("chromalab").experiment_id], "tags.model = 'gan'")
     assert [r.info.run_id for r in gan_runs] == [run_id]
     assert [m.step for m in client.get_metric_history(run_id, "g_loss")] == list(range(1, epochs + 1))
-    # Complete: the model, and a checkpoint folder that says so (the next forced run starts afresh).
+    # Complete: the model, and a checkpoint folder that says so, with the MD5s of its outputs as dvc.lock records
+    # them: so the next forced run starts afresh, and one after a kill before dvc.lock puts them back.
     assert (repo / "models/gan/model.keras").is_file()
-    assert json.loads((repo / GAN_CHECKPOINT / "state.json").read_text())["status"] == "complete"
+    state = json.loads((repo / GAN_CHECKPOINT / "state.json").read_text())
+    assert state["status"] == "complete"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    recorded = {out["path"]: out["md5"] for out in lock["stages"]["train@gan"]["outs"]}
+    assert state["delivered"] == recorded and len(recorded) == 3
 
 
 # What MLflow printed in every training stage: its pickled-model warning, its bar over a local file copy.

@@ -4,6 +4,7 @@ falling losses, what MLflow holds, a killed run that resumes, validation on val 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -454,6 +455,34 @@ def test_a_sample_sheet_cut_off_by_a_kill_reaches_mlflow_when_the_run_resumes(wo
     client = _client(workdir)
     paths = [a.path for a in client.list_artifacts(metrics["mlflow_run_id"], "images") if a.path.endswith(".png")]
     assert sorted(int(path.split("+step+")[1].split("+")[0]) for path in paths) == [2, 4], paths
+
+
+def test_a_finished_run_dvc_never_recorded_is_put_back_and_one_it_recorded_is_trained_anew(workdir, capsys):
+    """A kill after training, before DVC wrote dvc.lock: DVC deletes the outputs and runs the stage again, which
+    must not cost the training. Once dvc.lock records the run, DVC runs the stage again only when forced."""
+    params = tiny_params(baseline={"epochs": 2})
+    first = run_train(params, "baseline")
+    outputs = [Path("models/baseline/model.keras"), Path("reports/baseline/history.csv"),
+               Path("reports/baseline/train_metrics.json")]
+    written = {path: path.read_bytes() for path in outputs}
+    for path in outputs:  # as DVC does before it runs a stage
+        path.unlink()
+
+    assert run_train(params, "baseline") == first
+    assert {path: path.read_bytes() for path in outputs} == written
+    assert "DVC never recorded it" in capsys.readouterr().err
+    experiment = _client(workdir).get_experiment_by_name("chromalab").experiment_id
+    assert len(_client(workdir).search_runs([experiment])) == 1
+
+    lock = {"schema": "2.0", "stages": {"train@baseline": {"cmd": "python stages/train.py baseline", "outs": [
+        {"path": path.as_posix(), "hash": "md5", "md5": hashlib.md5(data).hexdigest(), "size": len(data)}
+        for path, data in written.items()]}}}
+    Path("dvc.lock").write_text(yaml.safe_dump(lock))
+    for path in outputs:
+        path.unlink()
+    forced = run_train(params, "baseline")
+    assert forced["mlflow_run_id"] != first["mlflow_run_id"]
+    assert len(_client(workdir).search_runs([experiment])) == 2
 
 
 def test_changed_params_start_afresh_instead_of_resuming(gan_run_on_server):

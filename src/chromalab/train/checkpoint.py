@@ -23,14 +23,16 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import yaml
 
 import chromalab
 
 from chromalab.config import Params, flatten
 from chromalab.errors import ChromalabError
-from chromalab.files import atomic_file, atomic_path, write_text_atomic
+from chromalab.files import atomic_file, atomic_path, staged_dir, write_text_atomic
 
 STATE_FILE = "state.json"
+DELIVERED = "delivered"  # a finished run's outputs, kept until the next run (`Checkpoint.deliver_again`)
 
 
 def params_fingerprint(params: Params, model_name: str, dataset_hash: str) -> str:
@@ -89,7 +91,7 @@ class Checkpoint:
         keep = {state["weights"], state["history"], STATE_FILE, state.get("best_weights"), *state.get("sheets", [])}
         for stale in self.folder.iterdir():  # the previous checkpoint's files, and any a kill left half-written
             if stale.name not in keep:
-                stale.unlink()
+                _remove(stale)
 
     def write_state(self, state: dict) -> None:
         """state.json as `state` says, with no new weights: a start naming its MLflow run (a run killed before
@@ -160,11 +162,64 @@ class Checkpoint:
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
 
-    def mark_complete(self, fingerprint: str, run_id: str) -> None:
-        """Training is over: the next `dvc repro -f` starts afresh, in a new MLflow run."""
-        self.reset()
-        write_text_atomic(self.state_file, json.dumps({"status": "complete", "fingerprint": fingerprint,
-                                                       "mlflow_run_id": run_id}, indent=2))
+    def mark_complete(self, fingerprint: str, run_id: str, outputs: list[Path]) -> None:
+        """Training is over and its `outputs` are written: copies of them stay here, with their MD5s, and the
+        checkpoint's files go. DVC deletes a stage's outputs before it runs the stage again, so a kill after this
+        and before DVC records them in dvc.lock would otherwise cost the whole training (`deliver_again`)."""
+        with staged_dir(self.folder / DELIVERED) as kept:
+            for path in outputs:
+                shutil.copy2(path, kept / path.name)
+        write_text_atomic(self.state_file, json.dumps({
+            "status": "complete", "fingerprint": fingerprint, "mlflow_run_id": run_id,
+            "delivered": {path.as_posix(): _md5(path) for path in outputs}}, indent=2))
+        for item in self.folder.iterdir():
+            if item.name not in (STATE_FILE, DELIVERED):
+                _remove(item)
+
+    def deliver_again(self, fingerprint: str, outputs: list[Path]) -> bool:
+        """Put back the `outputs` of the finished run of `fingerprint` if dvc.lock does not record them (killed
+        before DVC wrote it); False, and nothing done, if there is no such run or DVC recorded it: a stage DVC
+        runs again after it recorded the run was forced (`dvc repro -f`), and trains afresh."""
+        state = self.load_state() or {}
+        delivered = state.get("delivered") or {}
+        if not (state.get("status") == "complete" and state.get("fingerprint") == fingerprint
+                and set(delivered) == {path.as_posix() for path in outputs}
+                and all(_md5(self.folder / DELIVERED / path.name) == delivered[path.as_posix()] for path in outputs)):
+            return False
+        if _recorded_by_dvc(delivered):
+            return False
+        for path in outputs:
+            with atomic_path(path) as tmp:
+                shutil.copy2(self.folder / DELIVERED / path.name, tmp)
+        return True
+
+
+def _recorded_by_dvc(md5s: dict[str, str], lock_file: Path = Path("dvc.lock")) -> bool:
+    """Whether dvc.lock (the stage runs at the repository's root) records each of these outputs with this MD5."""
+    try:
+        lock = yaml.safe_load(lock_file.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    stages = lock.get("stages") if isinstance(lock, dict) else None
+    recorded = {out.get("path"): out.get("md5") for stage in (stages or {}).values() if isinstance(stage, dict)
+                for out in stage.get("outs") or [] if isinstance(out, dict)}
+    return all(recorded.get(path) == md5 for path, md5 in md5s.items())
+
+
+def _md5(path: Path) -> str | None:
+    """The MD5 DVC records for a file (3.x: of its bytes), or None where there is no such file."""
+    try:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "md5").hexdigest()
+    except OSError:
+        return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def write_history(path: Path, rows: list[dict]) -> None:

@@ -86,6 +86,13 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     info = _dataset_info(data_dir, params)
     for folder in (models_root / model_name, reports_root / model_name):
         clear_stale_temps(folder)  # what a killed run's writes left (the checkpoint folder clears its own)
+    outputs = [models_root / model_name / "model.keras", *(reports_root / model_name / name for name in REPORTS)]
+    fingerprint = params_fingerprint(params, model_name, str(info.get("content_hash", "")))
+    if Checkpoint(models_root / model_name / "checkpoint").deliver_again(fingerprint, outputs):
+        print(f"{model_name}: the last run of these params, data and code finished, but DVC never recorded it "
+              f"(killed before dvc.lock was written): its outputs are put back instead of training again (to train "
+              f"anew, delete {models_root / model_name / 'checkpoint'})", file=sys.stderr)
+        return json.loads(outputs[-1].read_text())
     jit_compile, has_gpu = _set_up_device(params, strategy)
     resume = _resume_point(params, model_name, models_root / model_name / "checkpoint", info)
     epochs, global_batch = params.model(model_name).epochs, params.model(model_name).batch_size * replica_count(strategy)
@@ -122,7 +129,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
                  dataset_hash)
 
     _write_reports(reports_root / model_name, resume.history, metrics)
-    resume.checkpoint.mark_complete(resume.fingerprint, run.info.run_id)
+    resume.checkpoint.mark_complete(resume.fingerprint, run.info.run_id, outputs)
     return metrics
 
 
@@ -291,7 +298,10 @@ def _export(deliverable: keras.Model, model_file: Path, strategy) -> None:
         deliverable.save(tmp)
 
 
+REPORTS = ("history.csv", "train_metrics.json")  # in reports/<model>/, with models/<model>/model.keras: dvc.yaml's outs
+
+
 def _write_reports(reports_dir: Path, history: list[dict], metrics: dict) -> None:
     reports_dir.mkdir(parents=True, exist_ok=True)
-    write_history(reports_dir / "history.csv", history)
-    write_text_atomic(reports_dir / "train_metrics.json", json.dumps(metrics, indent=2))
+    write_history(reports_dir / REPORTS[0], history)
+    write_text_atomic(reports_dir / REPORTS[1], json.dumps(metrics, indent=2))
