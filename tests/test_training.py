@@ -485,6 +485,38 @@ def test_a_finished_run_dvc_never_recorded_is_put_back_and_one_it_recorded_is_tr
     assert len(_client(workdir).search_runs([experiment])) == 2
 
 
+def test_an_experiment_killed_in_a_dvc_temporary_copy_resumes_in_the_next_copy(tmp_path, monkeypatch, dataset,
+                                                                               mlflow_db_template, capsys):
+    """`dvc exp run --temp` and `--queue` train in a copy under .dvc/tmp/exps that a re-run never sees again: the
+    checkpoint lives in the real repository, one per experiment, and goes once the experiment is trained."""
+    from chromalab.track import runs
+
+    root = _git_repo(tmp_path / "repo", dataset, mlflow_db_template)
+    copies = [root / ".dvc/tmp/exps/standalone" / name for name in ("tmp1", "tmp2")]
+    for copy in [root, *copies]:
+        (copy / ".dvc").mkdir(parents=True, exist_ok=True)
+    for copy in copies:
+        (copy / "data").mkdir()
+        (copy / "data/tfrecords").symlink_to(dataset)
+    params = tiny_params(train={"val_every": 2, "checkpoint_every": 2, "sample_every": 2}, baseline={"epochs": 4})
+    monkeypatch.chdir(copies[0])
+    with monkeypatch.context() as patch:
+        patch.setattr(runs, "log_sample_sheet", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):  # after the epoch-2 checkpoint
+            run_train(params, "baseline")
+    (kept,) = (root / "models/baseline").glob("checkpoint-*")
+    assert json.loads((kept / "state.json").read_text())["epoch"] == 2
+
+    monkeypatch.chdir(copies[1])
+    metrics = run_train(params, "baseline")
+    assert "resuming baseline from its checkpoint at epoch 2/4" in capsys.readouterr().err
+    client = _client(root)
+    (run,) = client.search_runs([client.get_experiment_by_name("chromalab").experiment_id])
+    assert (run.info.run_id, run.info.status) == (metrics["mlflow_run_id"], "FINISHED")
+    assert (copies[1] / "models/baseline/model.keras").is_file()
+    assert sorted(p.name for p in (root / "models/baseline").iterdir()) == []
+
+
 def test_changed_params_start_afresh_instead_of_resuming(gan_run_on_server):
     repo, metrics, stderr = gan_run_on_server
     assert "starting afresh" in stderr

@@ -158,9 +158,10 @@ class Checkpoint:
                     and all((self.folder / name).is_file() for name in state.get("sheets", [])))
 
     def reset(self) -> None:
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True)
+        """Empty the folder, keeping the folder itself: a lock on it (a shared one's) must stay the same."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for item in self.folder.iterdir():
+            _remove(item)
 
     def mark_complete(self, fingerprint: str, run_id: str, outputs: list[Path]) -> None:
         """Training is over and its `outputs` are written: copies of them stay here, with their MD5s, and the

@@ -17,6 +17,7 @@ followed by its chroma curve (`gan.chroma_expand`); train_metrics.json and the M
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -79,22 +80,50 @@ class Resume:
 
 def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, reports_root: Path,
            strategy) -> dict:
-    from chromalab.data.dataset import load_split_arrays
-    from chromalab.track import datasets, runs
-    from chromalab.train.input import VALIDATION_SPLIT, training_input
-
     info = _dataset_info(data_dir, params)
     for folder in (models_root / model_name, reports_root / model_name):
         clear_stale_temps(folder)  # what a killed run's writes left (the checkpoint folder clears its own)
     outputs = [models_root / model_name / "model.keras", *(reports_root / model_name / name for name in REPORTS)]
     fingerprint = params_fingerprint(params, model_name, str(info.get("content_hash", "")))
-    if Checkpoint(models_root / model_name / "checkpoint").deliver_again(fingerprint, outputs):
-        print(f"{model_name}: the last run of these params, data and code finished, but DVC never recorded it "
-              f"(killed before dvc.lock was written): its outputs are put back instead of training again (to train "
-              f"anew, delete {models_root / model_name / 'checkpoint'})", file=sys.stderr)
-        return json.loads(outputs[-1].read_text())
+    folder, shared = _checkpoint_folder(models_root, model_name, fingerprint)
+    lock = held_exclusively(folder, TRAINING_LOCK_WAIT_S) if shared and is_chief(strategy) else nullcontext(True)
+    with lock as held:
+        if not held:
+            raise ChromalabError(f"{folder} is in use by another run of this experiment; wait for it to end, or "
+                                 "stop it, then run this again")
+        if Checkpoint(folder).deliver_again(fingerprint, outputs):
+            print(f"{model_name}: the last run of these params, data and code finished, but DVC never recorded it "
+                  f"(killed before dvc.lock was written): its outputs are put back instead of training again (to "
+                  f"train anew, delete {folder})", file=sys.stderr)
+            return json.loads(outputs[-1].read_text())
+        metrics = _fit_and_deliver(params, model_name, data_dir, info, folder, outputs, strategy)
+        if shared:  # DVC keeps the experiment's outputs; nothing else would ever remove this folder
+            shutil.rmtree(folder)
+        return metrics
+
+
+def _checkpoint_folder(models_root: Path, model_name: str, fingerprint: str) -> tuple[Path, bool]:
+    """Where this training's checkpoint lives, and whether DVC's temporary copies share it: models/<m>/checkpoint,
+    except in a temporary copy (`dvc exp run --temp`, `--queue`), which the next run of the experiment never sees:
+    there, the real repository's models/<m>/checkpoint-<fingerprint>, one per experiment, so that a killed
+    experiment resumes when it is run again."""
+    from chromalab.track.runs import repo_root
+
+    root = repo_root()
+    if root == Path.cwd().resolve():
+        return models_root / model_name / "checkpoint", False
+    return root / models_root / model_name / f"checkpoint-{fingerprint}", True
+
+
+def _fit_and_deliver(params: Params, model_name: str, data_dir: Path, info: dict, folder: Path, outputs: list[Path],
+                     strategy) -> dict:
+    """Train from the checkpoint in `folder` (or afresh), then write `outputs`: the model and the reports."""
+    from chromalab.data.dataset import load_split_arrays
+    from chromalab.track import datasets, runs
+    from chromalab.train.input import VALIDATION_SPLIT, training_input
+
     jit_compile, has_gpu = _set_up_device(params, strategy)
-    resume = _resume_point(params, model_name, models_root / model_name / "checkpoint", info)
+    resume = _resume_point(params, model_name, folder, info)
     epochs, global_batch = params.model(model_name).epochs, params.model(model_name).batch_size * replica_count(strategy)
 
     def epochs_input(start: int, stop: int):
@@ -125,10 +154,9 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         metrics = _final_metrics(model, exported, data.validation, validation, resume, epochs,
                                  time.perf_counter() - started)
         metrics["mlflow_run_id"] = run.info.run_id  # evaluate logs into this run; `dvc exp show` links to it
-        _deliver(exported, metrics, resume, models_root / model_name / "model.keras", strategy, val_L[:1],
-                 dataset_hash)
+        _deliver(exported, metrics, resume, outputs[0], strategy, val_L[:1], dataset_hash)
 
-    _write_reports(reports_root / model_name, resume.history, metrics)
+    _write_reports(outputs[1].parent, resume.history, metrics)
     resume.checkpoint.mark_complete(resume.fingerprint, run.info.run_id, outputs)
     return metrics
 
