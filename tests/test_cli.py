@@ -19,7 +19,8 @@ from conftest import TENSORFLOW_NOISE
     ("base:\n  sed: 3\n", "base.sed: unknown key"),
     ("base:\n  seed: three\n", "base.seed: Input should be a valid integer"),
     ("gan:\n  epochs: 2.5\n", "gan.epochs"),
-    ("base:\n  image_size: 100\n", "base.image_size: Value error, must be a power of two"),
+    ("base:\n  image_size: 100\n", "base.image_size: must be a power of two"),
+    ("base:\n  seed: 1\ngan:\n  epochs: [3\n", "not valid YAML at line 5, column 1"),
     ("colour:\n  on: yes\n", "colour: unknown key"),
     (None, "not found; check the path"),  # given with --params: not "run from the repository root"
 ])
@@ -46,6 +47,16 @@ def test_switches_take_on_and_off_written_bare_as_dvc_writes_them(tmp_path, valu
     path.write_text(f"train:\n  xla: {value}\n  mixed_precision: {value}\n")
     train = load_params(path).train
     assert (train.xla, train.mixed_precision) == (value, value)
+
+
+@pytest.mark.parametrize(("written", "rate"), [("1e-05", 1e-05), ("2.0e-4", 2e-4), ("1E-3", 1e-3), ("0.0002", 2e-4)])
+def test_a_rate_in_e_notation_without_a_dot_is_a_number_as_dvc_writes_it(tmp_path, written, rate):
+    """`dvc exp run -S gan.learning_rate=0.00001` writes `1e-05`, which YAML 1.1 (PyYAML) reads as a string."""
+    from chromalab.config import load_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text(f"gan:\n  learning_rate: {written}\n")
+    assert load_params(path).gan.learning_rate == rate
 
 
 def test_a_command_that_fails_or_is_interrupted_exits_non_zero(monkeypatch, capsys):

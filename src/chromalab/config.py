@@ -6,6 +6,7 @@ Every group is strict: an unknown key or a value of the wrong type is an error t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -219,6 +220,8 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
             msg = "unknown key (check the spelling against params.yaml's documented keys)"
         elif err["type"] != "value_error":  # our own validators already quote the value
             msg = f"{msg}, got {err.get('input')!r}"
+        else:  # pydantic's wording for a ValueError our validator raised, not the user's concern
+            msg = msg.removeprefix("Value error, ")
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise ParamsError(f"{source}: {key}: {msg}{more}") from None
 
@@ -229,10 +232,25 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         where = "run from the repository root (where dvc.yaml is)" if path == Path("params.yaml") else "check the path"
         raise ParamsError(f"{path}: not found; {where}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_ParamsLoader)
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamsError(f"{path}: not valid YAML{where} ({problem})") from None
     return parse_params(raw, str(path))
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-05` as the float it is (YAML 1.2, and how DVC writes `-S lr=0.00001`):
+    YAML 1.1 wants a dot in the mantissa, so PyYAML made it a string and a small learning rate was refused."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
 
 def flatten(params: BaseModel, prefix: str = "") -> dict[str, object]:
