@@ -448,6 +448,20 @@ def test_mlflow_model_uri(tmp_path, models, rgb_photos, monkeypatch):
         load_colorizer("runs:/0123456789abcdef/model")
 
 
+def test_an_mlflow_model_on_a_server_that_is_down_fails_in_seconds_not_minutes(monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.monotonic()
+    with pytest.raises(ChromalabError, match=f"MLflow tracking server {uri} is unreachable"):
+        load_colorizer("models:/chromalab-gan@champion")
+    assert time.monotonic() - started < 15  # MLflow's own retries took 250 s
+
+
 def test_read_photo_gives_full_resolution_lightness(tmp_path, rgb_photos):
     Image.fromarray(rgb_photos[0]).save(tmp_path / "p.png")
     photo = read_photo(tmp_path / "p.png")

@@ -244,6 +244,14 @@ def test_unreachable_server_is_reported_at_once(monkeypatch):
     assert uri in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("uri", ["foo://bar", "/nonexistent/dir", "file:///tmp/mlruns"])
+def test_a_tracking_uri_that_is_no_server_or_database_is_one_line(uri):
+    # MLflow raised a 76-line traceback for a scheme it has no store for, after 7 s
+    with pytest.raises(ChromalabError, match=f"MLFLOW_TRACKING_URI {uri}: not a tracking store") as err:
+        runs.check_tracking_server(uri)
+    assert "\n" not in str(err.value)
+
+
 def test_sqlite_store_in_a_missing_folder_is_reported(tmp_path):
     uri = f"sqlite:///{tmp_path / 'no-such-folder' / 'mlflow.db'}"
     with pytest.raises(ChromalabError, match="does not exist"):

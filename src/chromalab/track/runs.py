@@ -138,6 +138,10 @@ def check_tracking_server(uri: str | None = None) -> None:
     import requests
 
     uri = uri or tracking_uri()
+    if not (uri.startswith(("http://", "https://", "databricks")) or _is_local_database(uri)):
+        raise ChromalabError(f"MLFLOW_TRACKING_URI {uri}: not a tracking store chromalab can use (a server, "
+                             "http(s)://host:port, or a database, sqlite:///path/to/mlflow.db); fix it, or unset it "
+                             "to log to the local mlflow.db")
     if uri.startswith(("http://", "https://")):
         health = f"{uri.rstrip('/')}/health"
         try:
