@@ -186,6 +186,14 @@ run(sys.argv[2:])
 """
 
 
+def test_no_arguments_show_the_help_and_no_empty_error_line(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    captured = capsys.readouterr()
+    assert exited.value.code == 2 and "Usage: chromalab" in captured.out + captured.err
+    assert "error:" not in captured.err
+
+
 @pytest.mark.parametrize(("args", "status", "stderr_says"), [
     (["--help"], 0, ""),
     (["no-such-command"], 2, "error: No such command 'no-such-command' (see `chromalab --help`)\n"),

@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     except typer.TyperException as exc:  # usage errors (unknown command/option, bad value), Typer's own click
         context = getattr(exc, "ctx", None)
         command = context.command_path if context is not None else "chromalab"
-        typer.echo(f"error: {exc.format_message().rstrip('.')} (see `{command} --help`)", err=True)
+        if message := exc.format_message().rstrip("."):  # none: the help was shown instead (no arguments given)
+            typer.echo(f"error: {message} (see `{command} --help`)", err=True)
         sys.exit(exc.exit_code)
     if code == 130:  # Typer's own Ctrl-C
         code = report_stop()
