@@ -433,6 +433,19 @@ def test_named_models_are_found_from_your_photos_folder(tmp_path, models, rgb_ph
         colorize_paths([Path("p.png")], model="baseline", overwrite=True)
 
 
+def test_a_missing_model_that_dvc_lock_records_is_brought_back_by_dvc_checkout_not_retrained(tmp_path):
+    """A failed `dvc exp run -S gan.epochs=abc` has DVC delete the model before the stage fails: checkout, not
+    hours of training, brings it back."""
+    from chromalab.config import trained_model_path
+
+    with pytest.raises(ChromalabError, match="train the gan model first"):
+        trained_model_path("gan", tmp_path / "models")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train@gan:\n    outs:\n"
+                                       "    - path: models/gan/model.keras\n      md5: 0123\n")
+    with pytest.raises(ChromalabError, match=r"model.keras does not exist, but dvc.lock records it: `dvc checkout "):
+        trained_model_path("gan", tmp_path / "models")
+
+
 def test_mlflow_model_uri(tmp_path, models, rgb_photos, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

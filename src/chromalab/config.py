@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from chromalab.errors import ChromalabError
+from chromalab.files import dvc_recorded_outputs
 
 
 class ParamsError(ChromalabError):
@@ -199,6 +200,10 @@ def trained_model_path(model_name: str, models_root: Path = Path("models")) -> P
     """models/<model>/model.keras, which `train@<model>` writes; a one-line error while it does not exist."""
     path = Path(models_root) / model_name / "model.keras"
     if not path.is_file():
+        root = Path(models_root).parent
+        if path.relative_to(root).as_posix() in dvc_recorded_outputs(root / "dvc.lock"):  # DVC removed it: a failed run
+            raise ChromalabError(f"{path} does not exist, but dvc.lock records it: `dvc checkout {path}` brings it "
+                                 "back from DVC's cache")
         raise ChromalabError(f"{path} does not exist: train the {model_name} model first "
                              f"(`dvc repro train@{model_name}` or `chromalab train {model_name}`)")
     return path

@@ -209,3 +209,17 @@ def is_colorize_output(path: Path) -> bool:
             return exif.get(ExifTags.Base.Software) == OUTPUT_SOFTWARE
     except READ_ERRORS:  # unreadable: whoever reads it says why
         return False
+
+
+def dvc_recorded_outputs(lock_file: Path = Path("dvc.lock")) -> dict[str, str | None]:
+    """The outputs dvc.lock records (paths relative to the repository root, where stages run) with their MD5s;
+    none where there is no readable dvc.lock."""
+    import yaml
+
+    try:
+        lock = yaml.safe_load(Path(lock_file).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    stages = lock.get("stages") if isinstance(lock, dict) else None
+    return {out.get("path"): out.get("md5") for stage in (stages or {}).values() if isinstance(stage, dict)
+            for out in stage.get("outs") or [] if isinstance(out, dict)}

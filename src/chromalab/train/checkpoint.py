@@ -23,13 +23,12 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import yaml
 
 import chromalab
 
 from chromalab.config import Params, flatten
 from chromalab.errors import ChromalabError
-from chromalab.files import atomic_file, atomic_path, staged_dir, write_text_atomic
+from chromalab.files import atomic_file, atomic_path, dvc_recorded_outputs, staged_dir, write_text_atomic
 
 STATE_FILE = "state.json"
 DELIVERED = "delivered"  # a finished run's outputs, kept until the next run (`Checkpoint.deliver_again`)
@@ -195,15 +194,9 @@ class Checkpoint:
         return True
 
 
-def _recorded_by_dvc(md5s: dict[str, str], lock_file: Path = Path("dvc.lock")) -> bool:
-    """Whether dvc.lock (the stage runs at the repository's root) records each of these outputs with this MD5."""
-    try:
-        lock = yaml.safe_load(lock_file.read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    stages = lock.get("stages") if isinstance(lock, dict) else None
-    recorded = {out.get("path"): out.get("md5") for stage in (stages or {}).values() if isinstance(stage, dict)
-                for out in stage.get("outs") or [] if isinstance(out, dict)}
+def _recorded_by_dvc(md5s: dict[str, str]) -> bool:
+    """Whether dvc.lock records each of these outputs with this MD5."""
+    recorded = dvc_recorded_outputs()
     return all(recorded.get(path) == md5 for path, md5 in md5s.items())
 
 
