@@ -259,6 +259,28 @@ def test_exif_rotation_is_applied(tmp_path, models, rgb_photos):
         assert np.abs(lightness(out) - lightness(upright)).mean() < 1.5
 
 
+@pytest.mark.parametrize("name", ["phone.jpg", "scan.png", "scan.tiff"])
+def test_the_photos_exif_is_kept_but_its_orientation_which_is_applied(tmp_path, models, rgb_photos, name):
+    """A family photo's date, camera and copyright survive colouring (they were all dropped)."""
+    from PIL import ExifTags
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    exif[ExifTags.Base.Copyright], exif[ExifTags.Base.Artist] = "(c) Grandma", "Grandpa"
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal] = "1962:07:14 10:30:00"
+    Image.fromarray(rgb_photos[0][:, :40]).save(tmp_path / name, exif=exif)
+    (output,) = run([tmp_path / name], models).done
+    with Image.open(output) as out:
+        kept = out.getexif()
+        assert out.size == (64, 40)  # upright
+    assert ExifTags.Base.Orientation not in kept  # applied: a viewer must not turn it again
+    assert (kept[ExifTags.Base.Copyright], kept[ExifTags.Base.Artist]) == ("(c) Grandma", "Grandpa")
+    if not name.endswith(".tiff"):  # Pillow's TIFF writer leaves the Exif sub-IFD out of the input
+        assert kept.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.DateTimeOriginal] == "1962:07:14 10:30:00"
+    assert kept[ExifTags.Base.Software] == "chromalab colorize"
+    assert ExifTags.Base.StripOffsets not in kept and ExifTags.Base.ImageWidth not in kept  # a TIFF's own layout
+
+
 def test_formats_are_kept_or_become_png(tmp_path, models, rgb_photos):
     image = Image.fromarray(rgb_photos[1])
     for name in ("a.JPG", "b.webp", "c.bmp", "d.tiff"):

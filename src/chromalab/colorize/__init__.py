@@ -10,7 +10,8 @@ distorted photo, but colour varies slowly, and the detail, which comes from L, i
 
 Any colour already in an input is discarded (only its lightness is used); alpha is kept. Output formats:
 JPEG (quality 95), PNG and WebP stay what they were; every other format (BMP, TIFF, 16-bit…) becomes
-8-bit PNG. EXIF orientation is applied to the pixels; other metadata is not copied.
+8-bit PNG. EXIF orientation is applied to the pixels; the rest of the photo's EXIF (date, camera, copyright)
+is kept, with chromalab's own Software tag; its colour profile is not (the colours are computed as sRGB).
 """
 
 from chromalab.colorize.command import (

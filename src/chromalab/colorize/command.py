@@ -283,7 +283,7 @@ def _write(job: Job, photo: Photo, ab_small: np.ndarray) -> OSError | None:
     try:  # the sheet first: a photo whose colour output exists is whole
         if job.compare is not None:
             save_atomic(compare_sheet(photo, coloured), job.compare, "JPEG")
-        save_atomic(coloured, job.output, job.output_format)
+        save_atomic(coloured, job.output, job.output_format, photo.exif)
     except OSError as exc:
         return exc
     return None

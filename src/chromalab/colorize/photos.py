@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import io
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,15 @@ from chromalab.colorize.model import model_input_size
 from chromalab.files import OUTPUT_SOFTWARE, PHOTO_FORMATS, READ_ERRORS, atomic_file, is_colorize_output
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
+# EXIF fits one JPEG APP1 segment (64 KiB, less its header); what Pillow raises on EXIF it cannot read or write.
+MAX_EXIF_BYTES = 65_000
+EXIF_ERRORS = (*READ_ERRORS, KeyError, TypeError, struct.error)
+NOT_KEPT_EXIF = tuple(getattr(ExifTags.Base, name) for name in (
+    "Orientation", "InterColorProfile", "ImageWidth", "ImageLength", "BitsPerSample", "Compression",
+    "PhotometricInterpretation", "FillOrder", "StripOffsets", "SamplesPerPixel", "RowsPerStrip", "StripByteCounts",
+    "PlanarConfiguration", "Predictor", "ColorMap", "TileWidth", "TileLength", "TileOffsets", "TileByteCounts",
+    "ExtraSamples", "SampleFormat", "JpegIFOffset", "JpegIFByteCount", "YCbCrSubSampling", "YCbCrPositioning",
+    "ReferenceBlackWhite"))
 COMPARE_MAX_SIDE = 2048  # each half of the side-by-side sheet: a preview, not a second full-size copy
 # The lightness of an RGB photo is computed in stripes of a quarter megapixel, so that its temporaries stay
 # small whatever the photo's size.
@@ -37,6 +47,7 @@ class Photo:
     lightness: np.ndarray
     alpha: Image.Image | None
     small: np.ndarray | None = None
+    exif: Image.Exif | None = None  # the file's own (date, camera, copyright), but its orientation: it is applied
 
 
 def _stripes(height: int, width: int) -> Iterator[slice]:
@@ -109,9 +120,24 @@ def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = Non
     with `model_size` = (height, width), its lightness at that size for the model."""
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)
+        exif = _kept_exif(opened)
     lightness, alpha = _lightness_and_alpha(image)
     small = None if model_size is None else small_lightness(path, lightness, model_size)
-    return Photo(lightness, alpha, small)
+    return Photo(lightness, alpha, small, exif)
+
+
+def _kept_exif(opened: Image.Image) -> Image.Exif | None:
+    """The EXIF an output keeps: the photo's, but its orientation (the pixels are turned upright) and what
+    describes the file's own layout (a TIFF's strips, bit depth, colour profile); None if it has none, or none
+    Pillow can write again."""
+    try:
+        exif = opened.getexif()
+        for tag in NOT_KEPT_EXIF:
+            exif.pop(tag, None)
+        exif.tobytes()  # what saving does: a tag Pillow reads but cannot write fails here, not in the output
+    except EXIF_ERRORS:
+        return None
+    return exif if len(exif) else None
 
 
 def _resize(channel: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
@@ -191,18 +217,23 @@ def colour_bytes(colorizer, data: bytes, image_size: int | None = None) -> tuple
     return photo, colour_photo(photo, ab_small)
 
 
-def save_atomic(image: Image.Image, path: Path, image_format: str) -> None:
+def save_atomic(image: Image.Image, path: Path, image_format: str, exif: Image.Exif | None = None) -> None:
     """Write to a temporary file beside `path`, then rename: an interrupted write leaves no half photo."""
     with atomic_file(path) as f:
-        write_photo(image, f, image_format)
+        write_photo(image, f, image_format, exif)
 
 
-def write_photo(image: Image.Image, f, image_format: str) -> None:
-    """Encode `image` into the open file `f` as colorize writes every photo: its format's options, and the
-    EXIF mark that says colorize wrote it."""
-    exif = Image.Exif()
+def write_photo(image: Image.Image, f, image_format: str, exif: Image.Exif | None = None) -> None:
+    """Encode `image` into the open file `f` as colorize writes every photo: its format's options, the source's
+    `exif` if given (Photo.exif), and the EXIF mark that says colorize wrote it. Not the source's colour profile:
+    the colours are computed, and written, as sRGB."""
+    exif = exif if exif is not None else Image.Exif()
     exif[ExifTags.Base.Software] = OUTPUT_SOFTWARE
-    encodable(image, image_format).save(f, format=image_format, exif=exif, **SAVE_OPTIONS.get(image_format, {}))
+    options = SAVE_OPTIONS.get(image_format, {})
+    if len(exif.tobytes()) > MAX_EXIF_BYTES:  # a JPEG segment's limit: keep the mark, not the camera's notes
+        exif = Image.Exif()
+        exif[ExifTags.Base.Software] = OUTPUT_SOFTWARE
+    encodable(image, image_format).save(f, format=image_format, exif=exif, **options)
 
 
 def encodable(image: Image.Image, image_format: str) -> Image.Image:

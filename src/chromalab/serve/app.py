@@ -162,7 +162,7 @@ def _colour_file(colorizer, model_lock: threading.Lock, folder: Path, name: str,
         sheet = colorize.compare_sheet(photo, coloured)  # gray | coloured, each ≤ COMPARE_MAX_SIDE
         half = sheet.width // 2
         try:  # an OSError here is the server's (its disk), not the photo's: not one of READ_ERRORS' reasons
-            colorize.save_atomic(coloured, folder / "colour", image_format)
+            colorize.save_atomic(coloured, folder / "colour", image_format, photo.exif)
             colorize.save_atomic(sheet.crop((0, 0, half, sheet.height)), folder / "gray", "JPEG")
             colorize.save_atomic(sheet.crop((half, 0, sheet.width, sheet.height)), folder / "preview", "JPEG")
         except OSError as exc:
