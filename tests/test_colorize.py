@@ -388,6 +388,18 @@ def test_outputs_written_into_an_input_folder_are_not_taken_for_photos(tmp_path,
     assert sorted(again.skipped) == [tmp_path / "a/a1.png", tmp_path / "b/b1.png"] and not again.done
 
 
+def test_a_folder_of_colorize_outputs_alone_says_so_not_that_it_holds_no_photos(tmp_path, models, rgb_photos,
+                                                                                capsys):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rgb_photos[0]).save(tmp_path / "in" / "p.png")
+    run([tmp_path / "in"], models, out_dir=tmp_path / "out")
+    with pytest.raises(ChromalabError, match=rf"^{tmp_path / 'out'}: only colorize's own outputs here \(1\); name "):
+        run([tmp_path / "out"], models)
+    Image.fromarray(rgb_photos[1]).save(tmp_path / "new.png")  # beside a folder with nothing to colour: said once
+    assert run([tmp_path / "out", tmp_path / "new.png"], models).done == [tmp_path / "new_color.png"]
+    assert capsys.readouterr().err.count("only colorize's own outputs here") == 1
+
+
 def test_batching_does_not_mix_photos_up(tmp_path, models, rgb_photos):
     for i, rgb in enumerate(rgb_photos[:3]):
         (tmp_path / "in").mkdir(exist_ok=True)
@@ -413,9 +425,10 @@ def test_interrupted_write_leaves_no_partial_output(tmp_path, models, rgb_photos
     assert sorted(p.name for p in tmp_path.iterdir()) == ["z.png"]
 
 
-def test_nothing_to_colour_and_bad_models_are_one_line_errors(tmp_path, models, rgb_photos):
-    with pytest.raises(ChromalabError, match="no photos found"):
+def test_nothing_to_colour_and_bad_models_are_one_line_errors(tmp_path, models, rgb_photos, capsys):
+    with pytest.raises(ChromalabError, match=rf"^{tmp_path}: no photos here \(looked for .jpg, .jpeg, "):
         run([tmp_path], models)
+    assert "no photos here" not in capsys.readouterr().err  # said once, in the error
     Image.fromarray(rgb_photos[0]).save(tmp_path / "p.png")
     with pytest.raises(ChromalabError, match=r"dvc repro train@gan.*chromalab train gan"):
         colorize_paths([tmp_path], tmp_path / "out", model="gan", models_root=tmp_path / "models")

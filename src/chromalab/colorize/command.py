@@ -33,6 +33,7 @@ class ColorizeReport:
     done: list[Path] = field(default_factory=list)  # outputs written
     failed: list[tuple[Path, str]] = field(default_factory=list)  # (input, one-line reason)
     skipped: list[Path] = field(default_factory=list)  # inputs whose output already existed
+    empty: list[str] = field(default_factory=list)  # folders with nothing to colour, each with why
 
     @property
     def total(self) -> int:
@@ -62,16 +63,17 @@ def output_name(source: Path) -> tuple[str, str]:
     return f"{source.stem}{OUTPUT_TAG}.png", "PNG"
 
 
-def _folder_photos(folder: Path, output_roots: list[Path]) -> list[Path]:
-    """The photos in `folder`, without what this command's outputs (`output_roots`) or earlier ones are."""
+def _folder_photos(folder: Path, output_roots: list[Path]) -> tuple[list[Path], int]:
+    """The photos in `folder`, without what this command's outputs (`output_roots`) or earlier ones are, and how
+    many such outputs were left out."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
     inside = folder.resolve()
     # An output root that lies inside the folder holds outputs, not photos; one that is the folder itself, or
     # above it (`-o` the folder or its parent), does not hide the photos.
     outputs = [root for root in output_roots if root != inside and root.is_relative_to(inside)]
-    files = [p for p in files if not any(p.resolve().is_relative_to(o) for o in outputs)]
     # an earlier run's outputs carry colorize's EXIF mark, whatever their name: your own `rose_color.jpg` is a photo
-    return [p for p in files if not is_colorize_output(p)]
+    photos = [p for p in files if not any(p.resolve().is_relative_to(o) for o in outputs) and not is_colorize_output(p)]
+    return photos, len(files) - len(photos)
 
 
 def _not_a_photo_path(given: Path) -> str:
@@ -108,10 +110,13 @@ def plan_jobs(paths: Sequence[Path], out_dir: Path | None, compare: bool, report
         if given.is_dir():
             # Under out_dir a folder keeps its own name, as `cp -r` does: `colorize a/ b/ -o out` gives
             # out/a/… and out/b/…, so same-named photos in different folders don't collide.
-            found = [(p, given.resolve().name / p.relative_to(given).parent)
-                     for p in _folder_photos(given, output_roots)]
-            if not found:
-                _say(f"{given}: no photos here ({', '.join(PHOTO_SUFFIXES)})")
+            photos, outputs = _folder_photos(given, output_roots)
+            found = [(p, given.resolve().name / p.relative_to(given).parent) for p in photos]
+            if outputs and not found:
+                report.empty.append(f"{given}: only colorize's own outputs here ({outputs}); name one on the "
+                                    "command line to colour it again")
+            elif not found:
+                report.empty.append(f"{given}: no photos here (looked for {', '.join(PHOTO_SUFFIXES)})")
         elif given.is_file():
             found = [(given, None)]
         else:
@@ -171,8 +176,9 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     _clear_stale_temps(planned)
     jobs = _pending(planned, overwrite, report)
     if report.total == 0 and not jobs:
-        raise ChromalabError(f"no photos found in {', '.join(map(str, paths))}: "
-                             f"looked for {', '.join(PHOTO_SUFFIXES)}")
+        raise ChromalabError("; ".join(report.empty) or "no photos given")
+    for note in report.empty:
+        _say(note)
     if not jobs:
         return report
 
