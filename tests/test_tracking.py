@@ -244,12 +244,17 @@ def test_unreachable_server_is_reported_at_once(monkeypatch):
     assert uri in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("uri", ["foo://bar", "/nonexistent/dir", "file:///tmp/mlruns"])
-def test_a_tracking_uri_that_is_no_server_or_database_is_one_line(uri):
-    # MLflow raised a 76-line traceback for a scheme it has no store for, after 7 s
-    with pytest.raises(ChromalabError, match=f"MLFLOW_TRACKING_URI {uri}: not a tracking store") as err:
+@pytest.mark.parametrize(("uri", "message"), [
+    ("foo://bar", "MLFLOW_TRACKING_URI foo://bar: not a tracking store"),
+    ("/nonexistent/dir", "folder /nonexistent does not exist"),
+    ("file:///nonexistent/mlruns", "folder /nonexistent does not exist")])
+def test_a_tracking_uri_that_is_no_store_or_in_no_folder_is_one_line(uri, message, tmp_path):
+    # MLflow raised a 76-line traceback for a scheme it has no store for, after 7 s, and another for the folder
+    with pytest.raises(ChromalabError, match=message) as err:
         runs.check_tracking_server(uri)
     assert "\n" not in str(err.value)
+    runs.check_tracking_server((tmp_path / "mlruns").as_uri())  # a file store (the GPU check's) is one
+    runs.check_tracking_server(str(tmp_path / "mlruns"))
 
 
 def test_sqlite_store_in_a_missing_folder_is_reported(tmp_path):

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from chromalab.config import Params, flatten
 from chromalab.errors import ChromalabError
@@ -117,6 +120,14 @@ def store_override(uri: str | None = None) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+def _file_store(uri: str) -> Path | None:
+    """The folder of an MLflow file store (a file: URI or a plain path; the GPU check's, where MLflow has no
+    database), or None for any other store."""
+    if uri.startswith("file:"):
+        return Path(url2pathname(urlsplit(uri).path))
+    return None if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", uri) else Path(uri)
+
+
 def _is_local_database(uri: str) -> bool:
     # MLflow's database stores (sqlite, postgresql, mysql, mssql) put artifacts on a local path by default.
     from mlflow.store.db.db_types import DATABASE_ENGINES
@@ -138,10 +149,14 @@ def check_tracking_server(uri: str | None = None) -> None:
     import requests
 
     uri = uri or tracking_uri()
-    if not (uri.startswith(("http://", "https://", "databricks")) or _is_local_database(uri)):
+    folder = _file_store(uri)
+    if folder is None and not (uri.startswith(("http://", "https://", "databricks")) or _is_local_database(uri)):
         raise ChromalabError(f"MLFLOW_TRACKING_URI {uri}: not a tracking store chromalab can use (a server, "
                              "http(s)://host:port, or a database, sqlite:///path/to/mlflow.db); fix it, or unset it "
                              "to log to the local mlflow.db")
+    if folder is not None and not folder.parent.is_dir():
+        raise ChromalabError(f"MLflow store {uri}: folder {folder.parent} does not exist; create it or fix "
+                             "MLFLOW_TRACKING_URI")
     if uri.startswith(("http://", "https://")):
         health = f"{uri.rstrip('/')}/health"
         try:
