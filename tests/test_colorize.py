@@ -281,6 +281,30 @@ def test_the_photos_exif_is_kept_but_its_orientation_which_is_applied(tmp_path, 
     assert ExifTags.Base.StripOffsets not in kept and ExifTags.Base.ImageWidth not in kept  # a TIFF's own layout
 
 
+def test_exif_text_keeps_its_bytes_and_bulky_or_damaged_exif_never_stops_the_photo(tmp_path, models, rgb_photos):
+    """UTF-8 text (phones write it) came back as '?'; a 70 KB maker note took the rest with it; a tag whose type
+    was damaged made Pillow's writer raise, stopping the whole run."""
+    from PIL import ExifTags
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Artist] = "Grand-mère Noël".encode()
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.MakerNote] = b"\x01" * 70_000
+    Image.fromarray(rgb_photos[0]).save(tmp_path / "phone.png", exif=exif)
+    damaged = Image.Exif()
+    damaged[ExifTags.Base.XResolution] = 72.0
+    tiff = bytearray(damaged.tobytes())
+    at = tiff.index(b"\x01\x1a\x00\x05") + 2  # big-endian XResolution, type RATIONAL...
+    tiff[at:at + 2] = b"\x00\x02"  # ...now ASCII
+    Image.fromarray(rgb_photos[1]).save(tmp_path / "damaged.jpg", exif=bytes(tiff))
+
+    report = run([tmp_path / "phone.png", tmp_path / "damaged.jpg"], models)
+    assert sorted(report.done) == [tmp_path / "damaged_color.jpg", tmp_path / "phone_color.png"], report.failed
+    with Image.open(tmp_path / "phone_color.png") as out:
+        kept = out.getexif()
+    assert kept[ExifTags.Base.Artist].encode("latin-1").decode() == "Grand-mère Noël"
+    assert ExifTags.Base.MakerNote not in kept.get_ifd(ExifTags.IFD.Exif)
+
+
 def test_formats_are_kept_or_become_png(tmp_path, models, rgb_photos):
     image = Image.fromarray(rgb_photos[1])
     for name in ("a.JPG", "b.webp", "c.bmp", "d.tiff"):

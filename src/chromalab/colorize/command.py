@@ -161,11 +161,10 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
 
     Outputs are `<stem>_color<ext>` beside each input, or under `out_dir` (a folder input `photos/` is
     mirrored as `out_dir/photos/…`); with `compare`, also `<stem>_compare.jpg` beside the output. Existing
-    files (inputs included) are never replaced unless `overwrite`. Unreadable photos are reported and
-    skipped, saying what was wrong with each in the user's words (and, if `verbose`, the technical detail
-    too); the rest are done. Photos go through the model as soon as they are decoded, at most
-    `batch_size` at a time, and at most max(`batch_size`, 2 per core) of them are held decoded at once.
-    """
+    files (inputs included) are never replaced unless `overwrite`. Unreadable photos are reported and skipped,
+    saying what was wrong with each in the user's words (`verbose`: with the technical detail); the rest are
+    done. Photos go through the model as soon as decoded, at most `batch_size` at a time, with at most
+    max(`batch_size`, 2 per core) of them held decoded at once."""
     if batch_size < 1:
         raise ChromalabError(f"batch size {batch_size}: must be at least 1")
     model_file(model, models_root)  # a wrong model fails here, before --out is made or any photo decoded

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import io
 import re
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +19,18 @@ from chromalab.colorize.model import model_input_size
 from chromalab.files import OUTPUT_SOFTWARE, PHOTO_FORMATS, READ_ERRORS, atomic_file, is_colorize_output
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
-# EXIF fits one JPEG APP1 segment (64 KiB, less its header); what Pillow raises on EXIF it cannot read or write.
+# EXIF fits one JPEG APP1 segment (64 KiB, less its header).
 MAX_EXIF_BYTES = 65_000
-EXIF_ERRORS = (*READ_ERRORS, KeyError, TypeError, struct.error)
+# What an output does not keep of a photo's EXIF: its orientation (the pixels are turned upright), what describes
+# the file's own layout (a TIFF's strips, bit depth, colour profile), and the bulky blocks (XMP, which repeats
+# the orientation, IPTC, Photoshop's, the camera maker's notes) that a JPEG's 64 KiB could not hold beside it.
 NOT_KEPT_EXIF = tuple(getattr(ExifTags.Base, name) for name in (
     "Orientation", "InterColorProfile", "ImageWidth", "ImageLength", "BitsPerSample", "Compression",
     "PhotometricInterpretation", "FillOrder", "StripOffsets", "SamplesPerPixel", "RowsPerStrip", "StripByteCounts",
     "PlanarConfiguration", "Predictor", "ColorMap", "TileWidth", "TileLength", "TileOffsets", "TileByteCounts",
     "ExtraSamples", "SampleFormat", "JpegIFOffset", "JpegIFByteCount", "YCbCrSubSampling", "YCbCrPositioning",
-    "ReferenceBlackWhite"))
+    "ReferenceBlackWhite", "JPEGTables", "XMLPacket", "IPTCNAA", "ImageResources", "MakerNote")) + (
+    37724,)  # ImageSourceData (Photoshop's layers), which Pillow has no name for
 COMPARE_MAX_SIDE = 2048  # each half of the side-by-side sheet: a preview, not a second full-size copy
 # The lightness of an RGB photo is computed in stripes of a quarter megapixel, so that its temporaries stay
 # small whatever the photo's size.
@@ -127,15 +129,18 @@ def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = Non
 
 
 def _kept_exif(opened: Image.Image) -> Image.Exif | None:
-    """The EXIF an output keeps: the photo's, but its orientation (the pixels are turned upright) and what
-    describes the file's own layout (a TIFF's strips, bit depth, colour profile); None if it has none, or none
-    Pillow can write again."""
+    """The EXIF an output keeps (all but NOT_KEPT_EXIF), its text as it was written; None if the photo has none,
+    or none Pillow can write again."""
     try:
         exif = opened.getexif()
-        for tag in NOT_KEPT_EXIF:
-            exif.pop(tag, None)
+        for ifd in (exif, exif.get_ifd(ExifTags.IFD.Exif), exif.get_ifd(ExifTags.IFD.GPSInfo)):
+            for tag in NOT_KEPT_EXIF:
+                ifd.pop(tag, None)
+            for tag, value in ifd.items():  # Pillow reads text bytes as Latin-1 and writes str as ASCII ("?")
+                if isinstance(value, str) and not value.isascii() and max(value) <= "\xff":
+                    ifd[tag] = value.encode("latin-1")
         exif.tobytes()  # what saving does: a tag Pillow reads but cannot write fails here, not in the output
-    except EXIF_ERRORS:
+    except Exception:  # noqa: BLE001 — Pillow's EXIF reader and writer raise many kinds on damaged tags
         return None
     return exif if len(exif) else None
 
@@ -230,7 +235,7 @@ def write_photo(image: Image.Image, f, image_format: str, exif: Image.Exif | Non
     exif = exif if exif is not None else Image.Exif()
     exif[ExifTags.Base.Software] = OUTPUT_SOFTWARE
     options = SAVE_OPTIONS.get(image_format, {})
-    if len(exif.tobytes()) > MAX_EXIF_BYTES:  # a JPEG segment's limit: keep the mark, not the camera's notes
+    if image_format == "JPEG" and len(exif.tobytes()) > MAX_EXIF_BYTES:  # past its segment: keep the mark
         exif = Image.Exif()
         exif[ExifTags.Base.Software] = OUTPUT_SOFTWARE
     encodable(image, image_format).save(f, format=image_format, exif=exif, **options)

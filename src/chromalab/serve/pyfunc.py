@@ -95,11 +95,11 @@ class Colorizer(mlflow.pyfunc.PythonModel):
         for row, value in enumerate(model_input[COLUMN]):
             data = _file_bytes(value, row)
             try:
-                _, coloured = colour_bytes(self.colorizer, data)
+                photo, coloured = colour_bytes(self.colorizer, data)
             except READ_ERRORS as exc:
                 raise _bad_input(f"row {row}: {describe_unreadable(exc, data)}") from None
             buffer = io.BytesIO()
-            write_photo(coloured, buffer, "JPEG")  # the bytes `chromalab colorize` writes
+            write_photo(coloured, buffer, "JPEG", photo.exif)  # the bytes `chromalab colorize` writes
             images.append(buffer.getvalue())
             widths.append(coloured.width)
             heights.append(coloured.height)
