@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -129,3 +131,42 @@ def test_a_stop_while_a_staged_folder_replaces_the_old_one_leaves_one_of_them(tm
         signal.signal(signal.SIGTERM, previous)
         done.set()
     assert (out_dir / "dataset.json").read_text() == "new"
+
+
+def test_a_lock_whose_folder_its_holder_removed_is_taken_again_on_the_folder_now_there(tmp_path):
+    """A waits, B holds and removes the folder (a trained experiment's checkpoint): A must not hold a lock on the
+    removed folder while C locks the new one, or both would write one checkpoint."""
+    from chromalab.files import held_exclusively
+
+    folder, events, results = tmp_path / "checkpoint", [], {}
+    holding, release = threading.Event(), threading.Event()
+
+    def first():
+        with held_exclusively(folder, 5) as held:
+            results["first"] = held
+            holding.set()
+            release.wait(5)
+            shutil.rmtree(folder)
+
+    def waiter():
+        with held_exclusively(folder, 5) as held:
+            results["waiter"] = held
+            events.append("waiter holds")
+            release.wait(5)
+            time.sleep(0.5)  # long enough for a third to try
+            events.append("waiter ends")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=waiter)]
+    threads[0].start()
+    holding.wait(5)
+    threads[1].start()
+    time.sleep(0.3)
+    release.set()
+    while "waiter holds" not in events:
+        time.sleep(0.01)
+    with held_exclusively(folder, 0) as third:
+        assert not third  # the waiter holds the folder that is there now
+    for thread in threads:
+        thread.join()
+    assert results == {"first": True, "waiter": True} and folder.is_dir()
+

@@ -457,10 +457,12 @@ def test_a_sample_sheet_cut_off_by_a_kill_reaches_mlflow_when_the_run_resumes(wo
     assert sorted(int(path.split("+step+")[1].split("+")[0]) for path in paths) == [2, 4], paths
 
 
-def test_a_finished_run_dvc_never_recorded_is_put_back_and_one_it_recorded_is_trained_anew(workdir, capsys):
+def test_a_finished_run_dvc_never_recorded_is_put_back_and_one_it_recorded_is_trained_anew(workdir, capsys,
+                                                                                             monkeypatch):
     """A kill after training, before DVC wrote dvc.lock: DVC deletes the outputs and runs the stage again, which
     must not cost the training. Once dvc.lock records the run, DVC runs the stage again only when forced."""
     params = tiny_params(baseline={"epochs": 2})
+    monkeypatch.setenv("DVC_ROOT", str(workdir))  # as DVC runs a stage
     first = run_train(params, "baseline")
     outputs = [Path("models/baseline/model.keras"), Path("reports/baseline/history.csv"),
                Path("reports/baseline/train_metrics.json")]
@@ -483,6 +485,11 @@ def test_a_finished_run_dvc_never_recorded_is_put_back_and_one_it_recorded_is_tr
     forced = run_train(params, "baseline")
     assert forced["mlflow_run_id"] != first["mlflow_run_id"]
     assert len(_client(workdir).search_runs([experiment])) == 2
+
+    # run by hand, not by DVC, the same training again means training again
+    Path("dvc.lock").unlink()
+    monkeypatch.delenv("DVC_ROOT")
+    assert run_train(params, "baseline")["mlflow_run_id"] not in (first["mlflow_run_id"], forced["mlflow_run_id"])
 
 
 def test_an_experiment_killed_in_a_dvc_temporary_copy_resumes_in_the_next_copy(tmp_path, monkeypatch, dataset,

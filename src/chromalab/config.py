@@ -203,7 +203,7 @@ def trained_model_path(model_name: str, models_root: Path = Path("models")) -> P
         root = Path(models_root).parent
         if path.relative_to(root).as_posix() in dvc_recorded_outputs(root / "dvc.lock"):  # DVC removed it: a failed run
             raise ChromalabError(f"{path} does not exist, but dvc.lock records it: `dvc checkout {path}` brings it "
-                                 "back from DVC's cache")
+                                 "back from DVC's cache (`dvc pull` it where the cache lacks it)")
         raise ChromalabError(f"{path} does not exist: train the {model_name} model first "
                              f"(`dvc repro train@{model_name}` or `chromalab train {model_name}`)")
     return path

@@ -179,18 +179,24 @@ def held_exclusively(folder: Path, wait_s: float) -> Iterator[bool]:
         return
     import fcntl
 
-    descriptor = os.open(folder, os.O_RDONLY)
+    deadline = time.monotonic() + wait_s
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            if time.monotonic() >= deadline:
+                yield False
+                return
+            time.sleep(0.2)
+            continue
+        # the holder before us may have removed the folder: a lock on a folder no longer at its path guards nothing
+        if folder.is_dir() and os.path.samestat(os.fstat(descriptor), os.stat(folder)):
+            break
+        os.close(descriptor)
     try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(0.2)
         yield True
     finally:
         os.close(descriptor)

@@ -595,7 +595,7 @@ class PhotoFetcher:
                 big = image.size[0] * image.size[1] > BIG_DECODE_PIXELS
                 with self.big_decodes if big else contextlib.nullcontext():
                     image.load()  # full decode: a truncated or corrupt file fails here, not in a later stage
-                    if ends_blank(image):
+                    if not self.from_folder and ends_blank(image):  # a server's answer, not your own photo
                         raise Corrupt("corrupt (the JPEG ends early: its last blocks are blank)")
                     rgb = image if as_served else square_rgb(image, self.size)
                     chroma = mean_chroma(np.asarray(rgb))

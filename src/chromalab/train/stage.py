@@ -17,6 +17,7 @@ followed by its chroma curve (`gan.chroma_expand`); train_metrics.json and the M
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -91,12 +92,14 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         if not held:
             raise ChromalabError(f"{folder} is in use by another run of this experiment; wait for it to end, or "
                                  "stop it, then run this again")
-        if Checkpoint(folder).deliver_again(fingerprint, outputs):
+        # only where DVC runs the stage (it sets DVC_ROOT): `chromalab train` run by hand again means train again
+        if os.environ.get("DVC_ROOT") and Checkpoint(folder).deliver_again(fingerprint, outputs):
             print(f"{model_name}: the last run of these params, data and code finished, but DVC never recorded it "
                   f"(killed before dvc.lock was written): its outputs are put back instead of training again (to "
                   f"train anew, delete {folder})", file=sys.stderr)
-            return json.loads(outputs[-1].read_text())
-        metrics = _fit_and_deliver(params, model_name, data_dir, info, folder, outputs, strategy)
+            metrics = json.loads(outputs[-1].read_text())
+        else:
+            metrics = _fit_and_deliver(params, model_name, data_dir, info, folder, outputs, strategy)
         if shared:  # DVC keeps the experiment's outputs; nothing else would ever remove this folder
             shutil.rmtree(folder)
         return metrics
