@@ -297,12 +297,18 @@ def test_exif_text_keeps_its_bytes_and_bulky_or_damaged_exif_never_stops_the_pho
     tiff[at:at + 2] = b"\x00\x02"  # ...now ASCII
     Image.fromarray(rgb_photos[1]).save(tmp_path / "damaged.jpg", exif=bytes(tiff))
 
-    report = run([tmp_path / "phone.png", tmp_path / "damaged.jpg"], models)
-    assert sorted(report.done) == [tmp_path / "damaged_color.jpg", tmp_path / "phone_color.png"], report.failed
+    artist = Image.Exif()
+    artist[ExifTags.Base.Artist] = "me"
+    Image.fromarray(rgb_photos[2]).save(tmp_path / "plain.jpg", exif=artist)
+
+    report = run([tmp_path / "phone.png", tmp_path / "damaged.jpg", tmp_path / "plain.jpg"], models)
+    assert sorted(p.name for p in report.done) == ["damaged_color.jpg", "phone_color.png", "plain_color.jpg"]
     with Image.open(tmp_path / "phone_color.png") as out:
         kept = out.getexif()
     assert kept[ExifTags.Base.Artist].encode("latin-1").decode() == "Grand-mère Noël"
     assert ExifTags.Base.MakerNote not in kept.get_ifd(ExifTags.IFD.Exif)
+    with Image.open(tmp_path / "plain_color.jpg") as out:  # no empty Exif or GPS block made up beside it
+        assert sorted(out.getexif()) == [ExifTags.Base.Software, ExifTags.Base.Artist]
 
 
 def test_formats_are_kept_or_become_png(tmp_path, models, rgb_photos):

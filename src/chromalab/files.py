@@ -182,19 +182,23 @@ def held_exclusively(folder: Path, wait_s: float) -> Iterator[bool]:
     deadline = time.monotonic() + wait_s
     while True:
         folder.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            descriptor = os.open(folder, os.O_RDONLY)
+        except FileNotFoundError:  # the holder removed it just now
+            continue
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # the holder before us may have removed the folder: a lock on one no longer at its path guards nothing
+            if os.path.samestat(os.fstat(descriptor), os.stat(folder)):
+                break
         except BlockingIOError:
-            os.close(descriptor)
             if time.monotonic() >= deadline:
+                os.close(descriptor)
                 yield False
                 return
             time.sleep(0.2)
-            continue
-        # the holder before us may have removed the folder: a lock on a folder no longer at its path guards nothing
-        if folder.is_dir() and os.path.samestat(os.fstat(descriptor), os.stat(folder)):
-            break
+        except FileNotFoundError:
+            pass
         os.close(descriptor)
     try:
         yield True

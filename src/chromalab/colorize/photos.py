@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, TiffTags
 
 from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.colorize.model import model_input_size
@@ -133,12 +133,14 @@ def _kept_exif(opened: Image.Image) -> Image.Exif | None:
     or none Pillow can write again."""
     try:
         exif = opened.getexif()
-        for ifd in (exif, exif.get_ifd(ExifTags.IFD.Exif), exif.get_ifd(ExifTags.IFD.GPSInfo)):
+        # only the sub-blocks there: asking for one that is not caches an empty one, which saving then writes
+        for ifd in (exif, *(exif.get_ifd(tag) for tag in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo) if tag in exif)):
             for tag in NOT_KEPT_EXIF:
                 ifd.pop(tag, None)
-            for tag, value in ifd.items():  # Pillow reads text bytes as Latin-1 and writes str as ASCII ("?")
-                if isinstance(value, str) and not value.isascii() and max(value) <= "\xff":
-                    ifd[tag] = value.encode("latin-1")
+        for tag, value in exif.items():  # Pillow reads text bytes as Latin-1 and writes str as ASCII ("?")...
+            known = TiffTags.TAGS_V2.get(tag)  # ...and bytes as ASCII only where it knows the tag's type is
+            if isinstance(value, str) and not value.isascii() and known and known.type == TiffTags.ASCII:
+                exif[tag] = value.encode("latin-1", errors="replace")
         exif.tobytes()  # what saving does: a tag Pillow reads but cannot write fails here, not in the output
     except Exception:  # noqa: BLE001 — Pillow's EXIF reader and writer raise many kinds on damaged tags
         return None
