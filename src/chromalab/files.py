@@ -1,8 +1,12 @@
-"""Atomic output, one way for the whole project: write beside the target, then `os.replace` onto it.
+"""Files, one way for the whole project: atomic output, locks, the photo files chromalab reads, and what DVC records.
 
-A file or folder that exists is whole. An interrupted run leaves the previous one untouched, plus at most
-a hidden `.<name>.<random>.tmp` beside it that the next run clears (`staged_dir` by itself, files through
-`clear_stale_temps`).
+- Atomic output: write beside the target, then `os.replace` onto it. A file or folder that exists is whole. An
+  interrupted run leaves the previous one untouched, plus at most a hidden `.<name>.<random>.tmp` beside it that
+  the next run clears (`staged_dir` by itself, files through `clear_stale_temps`).
+- `held_exclusively`: one process at a time in a folder (a training's checkpoint).
+- The photo formats a folder is searched for, what Pillow raises on a file that is no photo (importing this
+  module also silences Pillow's decompression-bomb warning), and the EXIF mark of colorize's own outputs.
+- `dvc_recorded_outputs`: the outputs dvc.lock records, with their MD5s.
 """
 
 from __future__ import annotations

@@ -63,7 +63,6 @@ __all__ = ["PARTS", "PEAK_TFLOPS", "PRECISIONS", "Device", "GpuPeak", "Measureme
            "run_bench", "spec_peak", "utilisation"]
 
 PARTS = ("gan", "baseline", "loop", "input", "tfrecords", "colorize")
-NEEDS_TENSORFLOW = ("input",)  # tf.data; the rest is pure Keras and chromalab.data.records
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 REPORT_FORMAT = 1
 TABLE_MIN_WIDTH = 150  # rich assumes 80 columns when not on a terminal: too narrow for the table

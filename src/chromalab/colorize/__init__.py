@@ -23,11 +23,10 @@ from chromalab.colorize.command import (
     output_name,
     plan_jobs,
 )
-from chromalab.files import PHOTO_SUFFIXES
+from chromalab.files import PHOTO_SUFFIXES, READ_ERRORS
 from chromalab.colorize.model import limit_model_threads, load_colorizer, model_file, model_input_size
 from chromalab.colorize.photos import (
     COMPARE_MAX_SIDE,
-    READ_ERRORS,
     Photo,
     ab_rows,
     colour_bytes,

@@ -17,11 +17,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from chromalab.colorize.model import limit_model_threads, load_colorizer, model_file, model_input_size
-from chromalab.colorize.photos import (READ_ERRORS, Photo, colour_photo, compare_sheet, describe_unreadable,
-                                       is_colorize_output, read_photo, save_atomic, small_lightness)
+from chromalab.colorize.photos import (Photo, colour_photo, compare_sheet, describe_unreadable, read_photo,
+                                       save_atomic, small_lightness)
 from chromalab.devices import available_cores
 from chromalab.errors import ChromalabError, one_line
-from chromalab.files import PHOTO_SUFFIXES, clear_stale_temps
+from chromalab.files import PHOTO_SUFFIXES, READ_ERRORS, clear_stale_temps, is_colorize_output
 
 KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}  # anything else is written as PNG
 OUTPUT_TAG = "_color"

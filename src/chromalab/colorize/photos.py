@@ -16,7 +16,7 @@ from PIL import ExifTags, Image, ImageOps, TiffTags
 
 from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.colorize.model import model_input_size
-from chromalab.files import OUTPUT_SOFTWARE, PHOTO_FORMATS, READ_ERRORS, atomic_file, is_colorize_output
+from chromalab.files import OUTPUT_SOFTWARE, PHOTO_FORMATS, atomic_file
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
 # EXIF fits one JPEG APP1 segment (64 KiB, less its header).
@@ -129,8 +129,9 @@ def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = Non
 
 
 def _kept_exif(opened: Image.Image) -> Image.Exif | None:
-    """The EXIF an output keeps (all but NOT_KEPT_EXIF), its text as it was written; None if the photo has none,
-    or none Pillow can write again."""
+    """The EXIF an output keeps (all but NOT_KEPT_EXIF); None if the photo has none, or none Pillow can write
+    again. Non-ASCII text keeps its bytes in the main block (artist, copyright, description); in the Exif and GPS
+    blocks Pillow knows no text types, so it writes such text with "?" for each byte past ASCII."""
     try:
         exif = opened.getexif()
         # only the sub-blocks there: asking for one that is not caches an empty one, which saving then writes

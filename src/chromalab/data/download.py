@@ -27,8 +27,8 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
 from chromalab.config import Params
-from chromalab.data.formats import MAX_LINE_BYTES, open_table
-from chromalab.data.http import (MAX_REDIRECTS, PAGE_TYPES, RETRY_STATUSES, TOO_MANY_REDIRECTS, USER_AGENT,
+from chromalab.data.formats import MAX_LINE_BYTES, REQUIRED_COLUMNS, open_table
+from chromalab.data.http import (MAX_REDIRECTS, NOT_HTTP, PAGE_TYPES, RETRY_STATUSES, TOO_MANY_REDIRECTS, USER_AGENT,
                                  content_type, retry_policy, transport_failure, with_headers_deadline)
 from chromalab.errors import ChromalabError, printable
 from chromalab.files import staged_dir, write_text_atomic
@@ -49,11 +49,8 @@ CHUNK_BYTES = 1 << 16
 ZIP_START = b"PK"  # every zip (a local file header, or the end record of an empty one)
 MAX_ARCHIVE_BYTES = 4 << 30  # the Lite zip is ~700 MB: far beyond, the server is filling the disk, not sending it
 
-# Only what the later stages read: everything else in the zip is never decompressed.
-REQUIRED_COLUMNS = {
-    "photos": ("photo_id", "photo_image_url"),
-    "keywords": ("photo_id", "keyword", "ai_service_1_confidence", "ai_service_2_confidence", "suggested_by_user"),
-}
+# Beside the tables split reads (formats.REQUIRED_COLUMNS), colors (Unsplash's dominant colours per photo), which
+# nothing here reads yet; everything else in the zip is never decompressed.
 OPTIONAL_COLUMNS = {"colors": ("photo_id",)}
 TABLES = {**REQUIRED_COLUMNS, **OPTIONAL_COLUMNS}
 # `photos.tsv`, `photos.tsv000`, and 1.3.0's tab-separated `photos.csv000`, in any folder of the zip.
@@ -328,7 +325,7 @@ def _failure_reason(exc: Exception, broken: str = "connection failed") -> str:
     if isinstance(exc, requests.TooManyRedirects):
         return TOO_MANY_REDIRECTS
     if isinstance(exc, (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL)):  # a redirect's
-        return f"sent to a URL that is not http(s) with a host ({printable(str(exc), 100)})"
+        return f"{NOT_HTTP} ({printable(str(exc), 100)})"
     cause = exc.args[0] if exc.args else None
     cause = getattr(cause, "reason", cause)
     if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)) or \

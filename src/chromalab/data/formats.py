@@ -6,7 +6,11 @@ import csv
 import re
 from pathlib import Path
 
-# download → split: Unsplash Lite's tables, tab-separated.
+# download → split: Unsplash Lite's tables, tab-separated, and the columns split reads from each.
+REQUIRED_COLUMNS = {
+    "photos": ("photo_id", "photo_image_url"),
+    "keywords": ("photo_id", "keyword", "ai_service_1_confidence", "ai_service_2_confidence", "suggested_by_user"),
+}
 # split → images: one list per split, these columns; photo ids become file names in the images stage.
 # The shuffled candidates are cut in this order, so a larger n_val or n_reserve never changes train or test.
 SPLITS = ("train", "test", "val", "reserve")

@@ -21,6 +21,7 @@ PAGE_TYPES = ("text/", "application/json", "application/xml", "application/xhtml
 RETRY_AFTER_MAX_S = 300  # a 429's Retry-After beyond this is cut to it rather than stalling for hours
 MAX_REDIRECTS = 10  # hops to follow (a CDN's); they do not use up the retries
 TOO_MANY_REDIRECTS = "too many redirects (a redirect loop?)"
+NOT_HTTP = "sent to a URL that is not http(s) with a host"  # a redirect to ftp:// or file://
 
 
 class _Retry(Retry):
@@ -62,7 +63,7 @@ def transport_failure(exc: BaseException) -> str:
     """A failure before or during an answer, in words: its kind, and what broke (an answer head too long, a
     redirect to no http(s) URL), the server's text escaped."""
     if isinstance(exc, (urllib3.exceptions.LocationValueError, urllib3.exceptions.URLSchemeUnknown)):
-        return f"sent to a URL that is not http(s) with a host ({type(exc).__name__})"
+        return f"{NOT_HTTP} ({type(exc).__name__})"
     inner = exc.args[-1] if isinstance(exc, urllib3.exceptions.ProtocolError) and exc.args else None
     if isinstance(inner, Exception) and str(inner):  # http.client's reason the answer could not be read
         return f"{type(exc).__name__} ({printable(str(inner), 80)})"

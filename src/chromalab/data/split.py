@@ -31,7 +31,7 @@ from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
 from chromalab.config import Params, SplitParams
-from chromalab.data.formats import SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, open_table
+from chromalab.data.formats import REQUIRED_COLUMNS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, open_table
 from chromalab.files import PHOTO_SUFFIXES, is_colorize_output, staged_dir
 from chromalab.errors import ChromalabError
 
@@ -114,8 +114,7 @@ def people_candidates(raw_dir: Path, sp: SplitParams) -> tuple[list[Candidate], 
 
     best: dict[str, tuple[float, str]] = {}  # photo_id → (score, reason); a person's suggestion scores -1
     black_and_white: set[str] = set()
-    for row in read_table(raw_dir / "keywords.tsv", ("photo_id", "keyword", "ai_service_1_confidence",
-                                                     "ai_service_2_confidence", "suggested_by_user")):
+    for row in read_table(raw_dir / "keywords.tsv", REQUIRED_COLUMNS["keywords"]):
         photo_id, keyword = row["photo_id"], normalise_keyword(row["keyword"])
         if keyword in exclude:
             black_and_white.add(photo_id)
@@ -137,7 +136,7 @@ def people_candidates(raw_dir: Path, sp: SplitParams) -> tuple[list[Candidate], 
     candidates: list[Candidate] = []
     seen: set[str] = set()
     urls: set[str] = set()
-    for row in read_table(raw_dir / "photos.tsv", ("photo_id", "photo_image_url")):
+    for row in read_table(raw_dir / "photos.tsv", REQUIRED_COLUMNS["photos"]):
         photo_id = row["photo_id"]
         if photo_id not in best or photo_id in seen:
             continue

@@ -44,7 +44,6 @@ UPLOAD_STALL_S = 60.0  # an upload that sends nothing for this long is dropped
 SHUTDOWN_WAIT_S = 10.0  # Ctrl-C or SIGTERM: requests still running get this long, then the server stops
 DEFAULT_MAX_UPLOAD_MB = 50.0
 MAX_RESULTS = 200
-CHUNK = 1 << 20
 SAFE_NAME = re.compile(r"[^\w.\- ]+")
 
 

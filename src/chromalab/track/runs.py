@@ -120,9 +120,11 @@ def store_override(uri: str | None = None) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = before
 
 
-def _file_store(uri: str) -> Path | None:
-    """The folder of an MLflow file store (a file: URI or a plain path; the GPU check's, where MLflow has no
-    database), or None for any other store."""
+def _local_store(uri: str) -> Path | None:
+    """Where a store on this machine lives: a SQLite database's file, or an MLflow file store's folder (a file:
+    URI or a plain path: the GPU check's, where MLflow has no database); None for any other store."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
     if uri.startswith("file:"):
         return Path(url2pathname(urlsplit(uri).path))
     return None if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", uri) else Path(uri)
@@ -149,8 +151,9 @@ def check_tracking_server(uri: str | None = None) -> None:
     import requests
 
     uri = uri or tracking_uri()
-    folder = _file_store(uri)
-    if folder is None and not (uri.startswith(("http://", "https://", "databricks")) or _is_local_database(uri)):
+    served = uri.startswith(("http://", "https://", "databricks"))
+    folder = None if served else _local_store(uri)
+    if folder is None and not (served or _is_local_database(uri)):
         raise ChromalabError(f"MLFLOW_TRACKING_URI {uri}: not a tracking store chromalab can use (a server, "
                              "http(s)://host:port, or a database, sqlite:///path/to/mlflow.db); fix it, or unset it "
                              "to log to the local mlflow.db")
@@ -170,12 +173,6 @@ def check_tracking_server(uri: str | None = None) -> None:
             raise ChromalabError(
                 f"MLflow tracking server {uri} answered HTTP {answer.status_code} on {health}: "
                 "check the URI in MLFLOW_TRACKING_URI and that the server is running"
-            )
-    elif uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///"))
-        if not database.parent.is_dir():
-            raise ChromalabError(
-                f"MLflow store {uri}: folder {database.parent} does not exist; create it or fix MLFLOW_TRACKING_URI"
             )
 
 

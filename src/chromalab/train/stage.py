@@ -27,7 +27,7 @@ from pathlib import Path
 
 import keras
 
-from chromalab.config import MODEL_NAMES, Params
+from chromalab.config import Params
 from chromalab.devices import gpu_names, hide_gpus_from_tensorflow, precision_policy, xla_choice
 from chromalab.entry import stops_deferred
 from chromalab.errors import ChromalabError
@@ -48,8 +48,7 @@ def run_train(params: Params, model_name: str, *, data_dir: Path = Path("data/tf
     """Train `model_name` ("baseline" | "gan"); writes models/<m>/model.keras and reports/<m>/*."""
     from chromalab.track import runs
 
-    if model_name not in MODEL_NAMES:
-        raise ChromalabError(f"unknown model {model_name!r}: choose one of {', '.join(MODEL_NAMES)}")
+    params.model(model_name)  # an unknown model name fails here, in one line
     runs.check_tracking_server()  # before any training time is spent
     # Before the backend does any work: JAX's processes must connect first.
     strategy = strategy or make_strategy()
@@ -99,7 +98,8 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
                   f"train anew, delete {folder})", file=sys.stderr)
             metrics = json.loads(outputs[-1].read_text())
         else:
-            metrics = _fit_and_deliver(params, model_name, data_dir, info, folder, outputs, strategy)
+            metrics = _fit_and_deliver(params, model_name, data_dir, info, Checkpoint(folder), fingerprint, outputs,
+                                   strategy)
         if shared:  # DVC keeps the experiment's outputs; nothing else would ever remove this folder
             shutil.rmtree(folder)
         return metrics
@@ -118,15 +118,15 @@ def _checkpoint_folder(models_root: Path, model_name: str, fingerprint: str) -> 
     return root / models_root / model_name / f"checkpoint-{fingerprint}", True
 
 
-def _fit_and_deliver(params: Params, model_name: str, data_dir: Path, info: dict, folder: Path, outputs: list[Path],
-                     strategy) -> dict:
-    """Train from the checkpoint in `folder` (or afresh), then write `outputs`: the model and the reports."""
+def _fit_and_deliver(params: Params, model_name: str, data_dir: Path, info: dict, checkpoint: Checkpoint,
+                     fingerprint: str, outputs: list[Path], strategy) -> dict:
+    """Train from `checkpoint` (or afresh), then write `outputs`: the model and the reports."""
     from chromalab.data.dataset import load_split_arrays
     from chromalab.track import datasets, runs
     from chromalab.train.input import VALIDATION_SPLIT, training_input
 
     jit_compile, has_gpu = _set_up_device(params, strategy)
-    resume = _resume_point(params, model_name, folder, info)
+    resume = _resume_point(params, model_name, checkpoint, fingerprint)
     epochs, global_batch = params.model(model_name).epochs, params.model(model_name).batch_size * replica_count(strategy)
 
     def epochs_input(start: int, stop: int):
@@ -261,9 +261,7 @@ def _set_up_device(params: Params, strategy) -> tuple[bool, bool]:
     return xla_choice(params.train.xla, keras.backend.backend(), gpus, replica_count(strategy)), bool(gpus)
 
 
-def _resume_point(params: Params, model_name: str, folder: Path, info: dict) -> Resume:
-    checkpoint = Checkpoint(folder)
-    fingerprint = params_fingerprint(params, model_name, str(info.get("content_hash", "")))
+def _resume_point(params: Params, model_name: str, checkpoint: Checkpoint, fingerprint: str) -> Resume:
     state = checkpoint.load_state()
     if checkpoint.resumable(state, fingerprint):
         epoch = int(state["epoch"])
