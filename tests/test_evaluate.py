@@ -248,8 +248,11 @@ def test_each_models_run_gets_its_test_metrics_the_gray_floors_and_the_pictures(
         for key in (*METRIC_KEYS, *FAILURE_KEYS):
             assert logged[f"test_{key}"] == pytest.approx(summary[name][key])
             assert logged[f"test_gray_floor_{key}"] == pytest.approx(summary[GRAY_FLOOR][key])
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
-        assert artifacts == {f"evaluate/{picture}" for picture in
+        (other,) = set(MODEL_NAMES) - {name}  # the pictures show it too: they live beside its run's id
+        folder = f"evaluate/beside-{other}-{train_run_id(other)[:8]}"
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "evaluate")] == [folder]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, folder)}
+        assert artifacts == {f"{folder}/{picture}" for picture in
                              ("comparison.png", "metrics_chart.png", "delta_e00_hist.png", "worst.png")}
     # Evaluating must not turn its choice of store into an override for everything after it.
     assert "MLFLOW_TRACKING_URI" not in os.environ

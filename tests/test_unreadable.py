@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from bad_files import assert_in_user_words
-from chromalab.colorize.photos import READ_ERRORS, describe_unreadable
+from chromalab.colorize.photos import describe_unreadable
+from chromalab.files import READ_ERRORS
 
 
 def _encoded(image_format: str) -> bytes:

@@ -29,8 +29,8 @@ def log_to_model_runs(reports_root: Path, summary: dict, pictures: list[Path]) -
 
     client = mlflow.MlflowClient(runs.use_store())
     logged = []
-    for name in MODEL_NAMES:
-        run_id = runs.training_run_id(reports_root, name)
+    run_ids = {name: runs.training_run_id(reports_root, name) for name in MODEL_NAMES}
+    for name, run_id in run_ids.items():
         if not run_id:
             continue
         if not runs.run_in_store(client, run_id):  # another MLFLOW_TRACKING_URI, or removed by `mlflow gc`
@@ -42,9 +42,17 @@ def log_to_model_runs(reports_root: Path, summary: dict, pictures: list[Path]) -
             # a re-run (after a kill, or with other evaluate params) must not add a second point
             runs.log_new_metrics({f"{prefix}{k}": v for k, v in scores.items() if k != "count"}, run_id=run_id)
         for picture in pictures:
-            client.log_artifact(run_id, str(picture), artifact_path="evaluate")
+            client.log_artifact(run_id, str(picture), artifact_path=pictures_folder(name, run_ids))
         logged.append(run_id)
     return logged
+
+
+def pictures_folder(name: str, run_ids: dict[str, str | None]) -> str:
+    """Where model `name`'s run keeps this evaluation's pictures: evaluate/beside-<other model>-<its run>, since
+    they show the other model too. An experiment that reuses this run (DVC's run cache) beside another model adds
+    its own folder instead of replacing the pictures of the evaluations before it."""
+    beside = [f"{other}-{run_id[:8]}" for other, run_id in run_ids.items() if other != name and run_id]
+    return f"evaluate/beside-{'-'.join(beside)}" if beside else "evaluate"
 
 
 def run_evaluate(params: Params, *, data_dir: Path = Path("data/tfrecords"), models_root: Path = Path("models"),
