@@ -21,6 +21,7 @@ from conftest import TENSORFLOW_NOISE
     ("gan:\n  epochs: 2.5\n", "gan.epochs"),
     ("base:\n  image_size: 100\n", "base.image_size: must be a power of two"),
     ("base:\n  seed: 1\ngan:\n  epochs: [3\n", "not valid YAML at line 5, column 1"),
+    ("gan:\n  learning_rate: 9e999\n", "gan.learning_rate: Input should be a finite number"),
     ("colour:\n  on: yes\n", "colour: unknown key"),
     (None, "not found; check the path"),  # given with --params: not "run from the repository root"
 ])

@@ -23,7 +23,7 @@ class ParamsError(ChromalabError):
 
 class _Group(BaseModel):
     # strict: YAML `epochs: "10"` is a mistake, not a number; ints are still accepted for floats.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)  # no param means ∞
 
 
 # The PatchGAN's two 4×4 valid convolutions need ≥ 3×3 px after three halvings.
