@@ -235,13 +235,10 @@ def write_photo(image: Image.Image, f, image_format: str, exif: Image.Exif | Non
     """Encode `image` into the open file `f` as colorize writes every photo: its format's options, the source's
     `exif` if given (Photo.exif), and the EXIF mark that says colorize wrote it. Not the source's colour profile:
     the colours are computed, and written, as sRGB."""
-    exif = exif if exif is not None else Image.Exif()
-    exif[ExifTags.Base.Software] = OUTPUT_SOFTWARE
-    options = SAVE_OPTIONS.get(image_format, {})
-    if image_format == "JPEG" and len(exif.tobytes()) > MAX_EXIF_BYTES:  # past its segment: keep the mark
+    if exif is None or (image_format == "JPEG" and len(exif.tobytes()) > MAX_EXIF_BYTES):  # past its segment
         exif = Image.Exif()
-        exif[ExifTags.Base.Software] = OUTPUT_SOFTWARE
-    encodable(image, image_format).save(f, format=image_format, exif=exif, **options)
+    exif[ExifTags.Base.Software] = OUTPUT_SOFTWARE
+    encodable(image, image_format).save(f, format=image_format, exif=exif, **SAVE_OPTIONS.get(image_format, {}))
 
 
 def encodable(image: Image.Image, image_format: str) -> Image.Image:
