@@ -320,6 +320,18 @@ def test_formats_are_kept_or_become_png(tmp_path, models, rgb_photos):
     assert [Image.open(p).format for p in sorted(report.done)] == ["JPEG", "WEBP", "PNG", "PNG"]
 
 
+def test_an_animation_has_its_first_frame_coloured_and_says_so(tmp_path, models, rgb_photos, capsys):
+    first, second = (Image.fromarray(photo) for photo in rgb_photos[:2])
+    first.save(tmp_path / "moving.png", save_all=True, append_images=[second])  # an animated PNG
+    first.save(tmp_path / "still.png")
+    report = run([tmp_path / "moving.png", tmp_path / "still.png"], models)
+    assert sorted(p.name for p in report.done) == ["moving_color.png", "still_color.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "moving_color.png")),
+                                  np.asarray(Image.open(tmp_path / "still_color.png")))
+    said = capsys.readouterr().err
+    assert f"{tmp_path / 'moving.png'}: 2 frames" in said and "still.png" not in said
+
+
 def test_folder_with_a_corrupt_photo_does_the_rest_and_the_cli_fails(tmp_path, models, rgb_photos):
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)

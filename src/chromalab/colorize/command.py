@@ -320,6 +320,8 @@ class _Pipeline:
         photos = []
         for job, photo, exc in batch:
             if exc is None:
+                if photo.frames > 1:  # the output is one still photo: say so rather than drop the rest unsaid
+                    _say(f"{job.source}: {photo.frames} frames (an animation or several pages); the first is coloured")
                 photos.append((job, photo))
                 continue
             reason = describe_unreadable(exc, job.source)

@@ -50,6 +50,7 @@ class Photo:
     alpha: Image.Image | None
     small: np.ndarray | None = None
     exif: Image.Exif | None = None  # the file's own (date, camera, copyright), but its orientation: it is applied
+    frames: int = 1  # an animation or a multi-page file has several; only the first is coloured
 
 
 def _stripes(height: int, width: int) -> Iterator[slice]:
@@ -123,9 +124,10 @@ def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = Non
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)
         exif = _kept_exif(opened)
+        frames = getattr(opened, "n_frames", 1)
     lightness, alpha = _lightness_and_alpha(image)
     small = None if model_size is None else small_lightness(path, lightness, model_size)
-    return Photo(lightness, alpha, small, exif)
+    return Photo(lightness, alpha, small, exif, frames)
 
 
 def _kept_exif(opened: Image.Image) -> Image.Exif | None:
