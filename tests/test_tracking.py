@@ -178,6 +178,27 @@ def test_killed_run_resumes_by_id_and_a_missing_one_starts_afresh(store, repo, c
     assert f"MLflow run {gone}" in capsys.readouterr().err
 
 
+def test_a_stop_while_another_process_holds_the_store_locked_is_one_line_and_still_stops(repo, capsys):
+    import sqlite3
+
+    import mlflow
+
+    params = parse_params({})
+    with pytest.raises(KeyboardInterrupt):
+        with runs.model_run("baseline", params, dataset_hash="h", stage="train@baseline") as stopped:
+            locker = sqlite3.connect(repo / "mlflow.db", isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")  # e.g. `mlflow ui` writing, or another stage logging
+            raise KeyboardInterrupt
+    said = capsys.readouterr().err
+    assert "could not record the stopped run as KILLED" in said and "Traceback" not in said
+    assert len([line for line in said.splitlines() if "KILLED" in line]) == 1
+    locker.execute("ROLLBACK")
+    locker.close()
+    assert mlflow.active_run() is None  # the next run of this process starts clean
+    status = mlflow.MlflowClient(runs.tracking_uri()).get_run(stopped.info.run_id).info.status
+    assert status == "RUNNING"  # as the message says: the re-run resumes it
+
+
 def test_a_stage_in_a_dvc_temp_copy_logs_to_the_real_root(repo, monkeypatch):
     import mlflow
 

@@ -16,6 +16,7 @@ short timeout, and leaves those settings to the user for the run itself.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -28,7 +29,7 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from chromalab.config import Params, flatten
-from chromalab.errors import ChromalabError
+from chromalab.errors import ChromalabError, one_line
 
 if TYPE_CHECKING:
     import keras
@@ -310,11 +311,28 @@ def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
         try:
             yield run
         except KeyboardInterrupt:  # MLflow would record a stopped run as FAILED
-            mlflow.end_run("KILLED")
+            _end_stopped_run()
             raise
         except Exception:
             server_lost()
             raise
+
+
+def _end_stopped_run() -> None:
+    """End the active run KILLED; where the store cannot take it (another process holds mlflow.db locked), one
+    line instead of MLflow's traceback: the stop goes on, and a re-run resumes the run."""
+    import mlflow
+
+    store_log = logging.getLogger("mlflow.store.db.utils")  # logs each database error with its traceback
+    level = store_log.level
+    store_log.setLevel(logging.CRITICAL)
+    try:
+        mlflow.end_run("KILLED")
+    except Exception as exc:  # noqa: BLE001 — any store error: the user stopped the work, which must stop
+        print(f"MLflow could not record the stopped run as KILLED ({one_line(exc)[:160]}); it shows RUNNING until "
+              "this stage is re-run, which resumes it", file=sys.stderr)
+    finally:
+        store_log.setLevel(level)
 
 
 @contextmanager
