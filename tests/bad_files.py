@@ -13,6 +13,10 @@ ACCEPTED = "chromalab reads JPEG, PNG, WebP, BMP and TIFF photos"
 # The start of an iPhone photo: its ftyp box (brand heic). Pillow has no HEIF reader, so what follows is moot.
 HEIC_START = struct.pack(">I", 24) + b"ftypheic" + bytes(4) + b"mif1heic" + struct.pack(">I", 16) + b"mdat" + bytes(8)
 
+# A DirectDraw texture (DDS) whose pixel format Pillow does not implement: its reader raises NotImplementedError.
+DDS_UNKNOWN_PIXELS = (b"DDS " + struct.pack("<7I", 124, 0x1007, 8, 8, 0, 0, 0) + bytes(44)
+                      + struct.pack("<2I", 32, 0x4) + b"XXXX" + bytes(20 + 20 + 64))
+
 
 def _half_a_jpeg() -> bytes:
     buffer = io.BytesIO()
@@ -27,6 +31,7 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "empty.png": (b"", "the file is empty"),
         "holiday.jpg": (_half_a_jpeg(), "the JPEG photo is cut short (truncated"),
         "IMG_0001.HEIC": (HEIC_START, "the file is in HEIC/HEIF format"),
+        "texture.jpg": (DDS_UNKNOWN_PIXELS, "the file is in DDS format"),
     }
 
 

@@ -296,13 +296,22 @@ def test_exif_text_keeps_its_bytes_and_bulky_or_damaged_exif_never_stops_the_pho
     at = tiff.index(b"\x01\x1a\x00\x05") + 2  # big-endian XResolution, type RATIONAL...
     tiff[at:at + 2] = b"\x00\x02"  # ...now ASCII
     Image.fromarray(rgb_photos[1]).save(tmp_path / "damaged.jpg", exif=bytes(tiff))
+    damaged[ExifTags.Base.Orientation] = 6  # beside the damaged tag: Pillow's exif_transpose raised struct.error
+    tiff = bytearray(damaged.tobytes())
+    at = tiff.index(b"\x01\x1a\x00\x05") + 2
+    tiff[at:at + 2] = b"\x00\x02"
+    Image.fromarray(rgb_photos[3][:, :40]).save(tmp_path / "turned.jpg", exif=bytes(tiff))
 
     artist = Image.Exif()
     artist[ExifTags.Base.Artist] = "me"
     Image.fromarray(rgb_photos[2]).save(tmp_path / "plain.jpg", exif=artist)
 
-    report = run([tmp_path / "phone.png", tmp_path / "damaged.jpg", tmp_path / "plain.jpg"], models)
-    assert sorted(p.name for p in report.done) == ["damaged_color.jpg", "phone_color.png", "plain_color.jpg"]
+    report = run([tmp_path / "phone.png", tmp_path / "damaged.jpg", tmp_path / "plain.jpg", tmp_path / "turned.jpg"],
+                 models)
+    assert sorted(p.name for p in report.done) == ["damaged_color.jpg", "phone_color.png", "plain_color.jpg",
+                                                   "turned_color.jpg"]
+    with Image.open(tmp_path / "turned_color.jpg") as out:
+        assert out.size == (64, 40)  # turned upright all the same
     with Image.open(tmp_path / "phone_color.png") as out:
         kept = out.getexif()
     assert kept[ExifTags.Base.Artist].encode("latin-1").decode() == "Grand-mère Noël"
@@ -615,7 +624,7 @@ def test_bad_files_are_named_in_the_users_words_and_verbose_adds_the_detail(tmp_
 
     command = ["colorize", *(str(tmp_path / name) for name in files), "--model", str(models["tint"])]
     quiet = CliRunner().invoke(app, command)
-    assert quiet.exit_code == 1 and "4 of 4 photo(s) failed" in quiet.output
+    assert quiet.exit_code == 1 and f"{len(files)} of {len(files)} photo(s) failed" in quiet.output
     for name, (_, problem) in files.items():
         (line,) = [line for line in quiet.output.splitlines() if line.startswith(str(tmp_path / name))]
         assert_in_user_words(line, problem)

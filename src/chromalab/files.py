@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import struct
 import sys
 import time
 import warnings
@@ -31,14 +32,40 @@ from PIL import ExifTags, Image
 PHOTO_FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WebP": (".webp",), "BMP": (".bmp",),
                  "TIFF": (".tif", ".tiff")}
 PHOTO_SUFFIXES = tuple(suffix for suffixes in PHOTO_FORMATS.values() for suffix in suffixes)
-# What Pillow raises on a file that is not a readable photo (chromalab.colorize says which, in plain words).
-READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# What Pillow raises on a file that is not a readable photo, or on hostile or broken bytes: beside OSError, its
+# decoders and EXIF reader raise struct.error, IndexError, … on a mistyped tag or a damaged header (chromalab says
+# which, in plain words).
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, KeyError, IndexError, ZeroDivisionError,
+               NotImplementedError, struct.error, Image.DecompressionBombError)
+# EXIF orientation → the turn that puts the pixels upright.
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 # Pillow warns, in words about attacks, from 89 to 179 megapixels, then refuses (DecompressionBombError, which
 # chromalab reports in its own words). A 100-megapixel camera photo is not an attack: no warning.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # EXIF "Software" of every photo colorize writes, so that a later run walking a folder (colorize's, or the folder
 # data source's) can leave them out wherever they lie and whatever they are named.
 OUTPUT_SOFTWARE = "chromalab colorize"
+
+
+def signature_format(head: bytes) -> str | None:
+    """The image format a file's first bytes say it is, by Pillow's own checks (some formats have none)."""
+    Image.init()
+    prefix = head[:16]  # what Image.open shows each format's check
+    return next((name for name, (_, accept) in Image.OPEN.items() if accept is not None and accept(prefix)), None)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The photo turned upright by its EXIF orientation, as stored where that cannot be read. Not Pillow's
+    exif_transpose: it also writes the EXIF back, which fails on a damaged tag beside a readable orientation."""
+    image.load()  # a TIFF's orientation is among its tags, read with its pixels
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except READ_ERRORS:
+        orientation = 1
+    turn = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return image.copy() if turn is None else image.transpose(turn)
 
 
 MAX_NAME_BYTES = 255  # a file name's limit on Linux, macOS and Windows file systems

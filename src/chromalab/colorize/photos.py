@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, TiffTags
+from PIL import ExifTags, Image, TiffTags
 
 from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.colorize.model import model_input_size
-from chromalab.files import OUTPUT_SOFTWARE, PHOTO_FORMATS, atomic_file
+from chromalab.files import OUTPUT_SOFTWARE, PHOTO_FORMATS, atomic_file, signature_format, upright
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
 # EXIF fits one JPEG APP1 segment (64 KiB, less its header).
@@ -113,7 +113,7 @@ def small_lightness(path: Path | io.BytesIO, lightness: np.ndarray, size: tuple[
     with Image.open(path) as opened:
         if opened.format == "JPEG" and opened.mode in ("L", "RGB"):
             opened.draft(opened.mode, (max(size), max(size)))
-            small, _ = _lightness_and_alpha(ImageOps.exif_transpose(opened))
+            small, _ = _lightness_and_alpha(upright(opened))
             return _resize(small, size, DOWNSAMPLE)
     return _resize(lightness, size, DOWNSAMPLE)
 
@@ -122,7 +122,7 @@ def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = Non
     """Decode a photo upright (EXIF orientation applied) into its full-resolution lightness and alpha, and,
     with `model_size` = (height, width), its lightness at that size for the model."""
     with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
+        image = upright(opened)
         exif = _kept_exif(opened)
         frames = getattr(opened, "n_frames", 1)
     lightness, alpha = _lightness_and_alpha(image)
@@ -265,13 +265,9 @@ FOREIGN_KINDS = (
     (re.compile(rb"\s*(<\?xml[^>]*>\s*)?(<!--.*?-->\s*)*(<!DOCTYPE svg[^>]*>\s*)?<svg", re.S | re.I),
      "SVG format (a drawing)"),
 )
-# The photo kinds chromalab reads, by their first bytes: when Pillow gives up on one, the file is damaged.
-PHOTO_SIGNATURES = ((re.compile(rb"\xff\xd8\xff"), "JPEG"), (re.compile(rb"\x89PNG\r\n\x1a\n"), "PNG"),
-                    (re.compile(rb"RIFF.{4}WEBP", re.S), "WebP"), (re.compile(rb"BM.{4}\x00{4}", re.S), "BMP"),
-                    (re.compile(rb"II\*\x00|MM\x00\*"), "TIFF"), (re.compile(rb"GIF8[79]a"), "GIF"))
 PILLOW_NAMES = {"WEBP": "WebP", "MPO": "JPEG"}  # Pillow's format names that are not what users call them
 # Pillow's words for a kind it knows but cannot decode here (EPS without Ghostscript, a codec left out)
-NO_READER = re.compile(r"ghostscript|not available|not supported|unsupported|cannot find loader", re.I)
+NO_READER = re.compile(r"ghostscript|not available|not supported|unsupported|unimplemented|cannot find loader", re.I)
 CUT_SHORT = re.compile(r"truncat|premature end|end of file", re.I)
 
 
@@ -294,8 +290,8 @@ def describe_unreadable(exc: BaseException | None, source: Path | bytes) -> str:
         return f"the file is empty (0 bytes). {ACCEPTED}."
     foreign = next((kind for pattern, kind in FOREIGN_KINDS if pattern.match(head)), None)
     pillow_format = _pillow_format(source)
-    kind = PILLOW_NAMES.get(pillow_format, pillow_format) or next(
-        (kind for pattern, kind in PHOTO_SIGNATURES if pattern.match(head)), None)
+    known = pillow_format or signature_format(head)  # by its first bytes alone: Pillow gave up on the rest
+    kind = PILLOW_NAMES.get(known, known)
     if foreign is None and kind is not None and NO_READER.search(message):
         foreign = f"{kind} format"
     if foreign is not None:

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import sys
 import threading
 import time
@@ -45,7 +44,7 @@ from tqdm import tqdm
 
 from chromalab.color import mean_chroma
 from chromalab.config import Params
-from chromalab.files import write_bytes_atomic, write_text_atomic
+from chromalab.files import READ_ERRORS, signature_format, upright, write_bytes_atomic, write_text_atomic
 from chromalab.errors import ChromalabError
 from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, FETCHED_SPLITS
 from chromalab.data.http import (PAGE_TYPES, RETRY_STATUSES, TOO_MANY_REDIRECTS, USER_AGENT, content_type,
@@ -76,9 +75,6 @@ BIG_DECODES = 2
 # past it, it carries something else (60 MB after its end were kept as they came).
 AS_SERVED_SLACK_BYTES = 64 << 10
 MAX_PHOTO_BYTES = 64 << 20  # a fetched photo is image_size² pixels: far beyond this, the server is not sending one
-# What Pillow raises on a photo's hostile or broken bytes.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, KeyError, IndexError, ZeroDivisionError,
-                 struct.error, Image.DecompressionBombError)
 REJECTED_FIELDS = ("photo_id", "split", "reason")
 # What the files on disk were made with: another value invalidates them (only "gone" rejections survive).
 SETTINGS_FILE = "fetch_settings.json"
@@ -556,7 +552,7 @@ class PhotoFetcher:
             if data.lstrip()[:1] in (b"<", b"{"):  # the same page, labelled as the photo (a captive portal)
                 raise FetchFailed(f"HTTP 200 with a page labelled {page or 'as nothing'} instead of a photo "
                                   "(blocked or rate limited?)")
-            if not has_image_signature(data):  # an error body, which may name the request: not the photo's fault
+            if signature_format(data) is None:  # an error body, which may name the request: not the photo's fault
                 raise _BodyBroken(f"HTTP 200 with no image in it ({data[:24]!r}…)")
             # a body whose end is only the connection's could have been cut short anywhere
             return Answer(data, sized=response.headers.get("Content-Length") is not None or response.chunked)
@@ -606,7 +602,7 @@ class PhotoFetcher:
                            "against decompression bombs)") from None
         # Pillow's decoders and EXIF reader raise more than OSError on hostile bytes (struct.error from a
         # mistyped EXIF tag, for one); a bug of ours (or MemoryError) must not become a lasting rejection.
-        except DECODE_ERRORS as exc:
+        except READ_ERRORS as exc:
             raise Corrupt(f"corrupt ({(str(exc).splitlines() or [''])[0][:80] or type(exc).__name__})") from None
         if chroma < self.min_chroma:
             raise Rejected(f"gray (mean chroma {chroma:.2f} < images.min_chroma {self.min_chroma:g})")
@@ -637,7 +633,7 @@ def pixels_digest(jpeg: bytes) -> str:
     try:
         with Image.open(io.BytesIO(jpeg)) as image:
             return hashlib.sha256(repr(image.size).encode() + image.convert("RGB").tobytes()).hexdigest()
-    except DECODE_ERRORS:  # a file on disk changed under us: its bytes are all there is to compare
+    except READ_ERRORS:  # a file on disk changed under us: its bytes are all there is to compare
         return hashlib.sha256(jpeg).hexdigest()
 
 
@@ -651,16 +647,9 @@ def ends_blank(image: Image.Image) -> bool:
     return bool((np.asarray(image.crop((max(width - 8, 0), max(height - 8, 0), width, height))) == 128).all())
 
 
-def has_image_signature(data: bytes) -> bool:
-    """Whether `data` starts as some image format Pillow knows does (those without a signature aside)."""
-    Image.init()
-    prefix = data[:16]  # what Image.open shows each format
-    return any(accept is not None and accept(prefix) for _, accept in Image.OPEN.values())
-
-
 def square_rgb(image: Image.Image, size: int) -> Image.Image:
     """Upright (EXIF), RGB (transparency over white, as a browser shows it), centre-cropped to size×size."""
-    image = ImageOps.exif_transpose(image)
+    image = upright(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")

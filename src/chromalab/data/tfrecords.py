@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from skimage import exposure
 from tqdm import tqdm
 
@@ -43,7 +43,7 @@ from chromalab.data.records import RecordWriter, encode_example
 from chromalab.devices import available_cores
 from chromalab.entry import end_with_parent
 from chromalab.errors import ChromalabError
-from chromalab.files import staged_dir
+from chromalab.files import READ_ERRORS, staged_dir
 
 MANIFEST_COLUMNS = MANIFEST_FIELDS[:4]  # what this stage reads of the manifest (not `source`)
 # The seed's three augmentations, in the order of the `l_variants` channels.
@@ -94,7 +94,7 @@ def encode_photo(path: str, sha256: str, with_variants: bool) -> tuple[int, byte
     try:
         with Image.open(io.BytesIO(raw)) as img:
             rgb = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
+    except READ_ERRORS as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ChromalabError(f"{path}: not a readable image ({reason}): delete it and re-run the images stage") from None
     height, width = rgb.shape[:2]
