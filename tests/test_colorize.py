@@ -341,6 +341,18 @@ def test_an_animation_has_its_first_frame_coloured_and_says_so(tmp_path, models,
     assert f"{tmp_path / 'moving.png'}: 2 frames" in said and "still.png" not in said
 
 
+def test_hidden_files_and_folders_are_not_the_users_photos(tmp_path, models, rgb_photos):
+    """A viewer's `.thumbnails/` and macOS's `._` twins (AppleDouble: not a photo at all) were coloured or failed
+    the run, where the folder data source has always skipped them."""
+    photos = tmp_path / "photos"
+    (photos / ".thumbnails").mkdir(parents=True)
+    Image.fromarray(rgb_photos[0]).save(photos / "a.jpg")
+    Image.fromarray(rgb_photos[0][:16, :16]).save(photos / ".thumbnails" / "a.jpg")
+    (photos / "._a.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    report = run([photos], models, out_dir=tmp_path / "out")
+    assert report.done == [tmp_path / "out" / "photos" / "a_color.jpg"] and report.failed == []
+
+
 def test_folder_with_a_corrupt_photo_does_the_rest_and_the_cli_fails(tmp_path, models, rgb_photos):
     folder = tmp_path / "in"
     (folder / "sub").mkdir(parents=True)

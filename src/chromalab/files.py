@@ -49,6 +49,13 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 OUTPUT_SOFTWARE = "chromalab colorize"
 
 
+def folder_photos(folder: Path) -> list[Path]:
+    """The photo files under `folder`, searched recursively, in order; hidden files and folders (a viewer's
+    `.thumbnails/`, macOS's `._` twins) are not the user's photos."""
+    return sorted(path for path in folder.rglob("*") if path.suffix.lower() in PHOTO_SUFFIXES and path.is_file()
+                  and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+
+
 def signature_format(head: bytes) -> str | None:
     """The image format a file's first bytes say it is, by Pillow's own checks (some formats have none)."""
     Image.init()

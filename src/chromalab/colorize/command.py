@@ -21,7 +21,7 @@ from chromalab.colorize.photos import (Photo, colour_photo, compare_sheet, descr
                                        save_atomic, small_lightness)
 from chromalab.devices import available_cores
 from chromalab.errors import ChromalabError, one_line
-from chromalab.files import PHOTO_SUFFIXES, READ_ERRORS, clear_stale_temps, is_colorize_output
+from chromalab.files import PHOTO_SUFFIXES, READ_ERRORS, clear_stale_temps, folder_photos, is_colorize_output
 
 KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}  # anything else is written as PNG
 OUTPUT_TAG = "_color"
@@ -66,7 +66,7 @@ def output_name(source: Path) -> tuple[str, str]:
 def _folder_photos(folder: Path, output_roots: list[Path]) -> tuple[list[Path], int]:
     """The photos in `folder`, without what this command's outputs (`output_roots`) or earlier ones are, and how
     many such outputs were left out."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
+    files = folder_photos(folder)
     inside = folder.resolve()
     # An output root that lies inside the folder holds outputs, not photos; one that is the folder itself, or
     # above it (`-o` the folder or its parent), does not hide the photos.

@@ -32,7 +32,7 @@ from urllib3.util import parse_url
 
 from chromalab.config import Params, SplitParams
 from chromalab.data.formats import REQUIRED_COLUMNS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, open_table
-from chromalab.files import PHOTO_SUFFIXES, is_colorize_output, staged_dir
+from chromalab.files import PHOTO_SUFFIXES, folder_photos, is_colorize_output, staged_dir
 from chromalab.errors import ChromalabError
 
 # Captions that contradict the keywords or describe a photo that teaches gray.
@@ -215,8 +215,7 @@ def folder_candidates(folder: str) -> tuple[list[Candidate], dict[str, int]]:
     if not root.is_dir():
         raise ChromalabError(f"data.folder: {root} is not a folder; set data.folder to a folder of photos")
     root = root.resolve()
-    paths = [path for path in sorted(root.rglob("*")) if path.suffix.lower() in PHOTO_SUFFIXES and path.is_file()
-             and not any(part.startswith(".") for part in path.relative_to(root).parts)]
+    paths = folder_photos(root)
     candidates, contents, left_out = [], set(), Counter()
     for path in tqdm(paths, desc="split: reading the folder", unit="photo", disable=len(paths) < 2000):
         why, content = _left_out_reason(path, contents)
