@@ -23,6 +23,7 @@ from conftest import TENSORFLOW_NOISE
     ("base:\n  seed: 1\ngan:\n  epochs: [3\n", "not valid YAML at line 5, column 1"),
     ("gan:\n  learning_rate: 9e999\n", "gan.learning_rate: Input should be a finite number"),
     ("colour:\n  on: yes\n", "colour: unknown key"),
+    ("data:\n  sha256: abc\n", "data.sha256: 'abc' is not a SHA-256 (64 hex digits)"),
     (None, "not found; check the path"),  # given with --params: not "run from the repository root"
 ])
 def test_bad_params_stop_every_stage_with_one_line_and_exit_status_1(tmp_path, capsys, content, message):

@@ -328,6 +328,8 @@ def _failure_reason(exc: Exception, broken: str = "connection failed") -> str:
         return f"{NOT_HTTP} ({printable(str(exc), 100)})"
     cause = exc.args[0] if exc.args else None
     cause = getattr(cause, "reason", cause)
+    if isinstance(cause, urllib3.exceptions.NewConnectionError):  # a ConnectTimeoutError too, in urllib3 2
+        return transport_failure(cause)
     if isinstance(exc, (requests.Timeout, urllib3.exceptions.TimeoutError)) or \
             isinstance(cause, urllib3.exceptions.TimeoutError):
         return "timed out"

@@ -64,6 +64,11 @@ def transport_failure(exc: BaseException) -> str:
     redirect to no http(s) URL), the server's text escaped."""
     if isinstance(exc, (urllib3.exceptions.LocationValueError, urllib3.exceptions.URLSchemeUnknown)):
         return f"{NOT_HTTP} ({type(exc).__name__})"
+    if isinstance(exc, urllib3.exceptions.NameResolutionError):
+        return "host not found (check the URL's host name and the network)"
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):  # refused, no route, …: the OS says which
+        reason = getattr(exc.__cause__ or exc.__context__, "strerror", None)
+        return f"no connection ({reason.lower()})" if reason else "no connection"
     inner = exc.args[-1] if isinstance(exc, urllib3.exceptions.ProtocolError) and exc.args else None
     if isinstance(inner, Exception) and str(inner):  # http.client's reason the answer could not be read
         return f"{type(exc).__name__} ({printable(str(inner), 80)})"
