@@ -557,6 +557,14 @@ def test_mlflow_model_uri(tmp_path, models, rgb_photos, monkeypatch):
     assert report.done == [tmp_path / "p_color.png"]
     with pytest.raises(ChromalabError, match="cannot load MLflow model"):
         load_colorizer("runs:/0123456789abcdef/model")
+    # outside the repository that trained it, with no MLFLOW_TRACKING_URI: said so, and no empty mlflow.db made
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(ChromalabError, match=rf"^no MLflow store at {elsewhere / 'mlflow.db'}: run this in the "):
+        load_colorizer("models:/chromalab-gan@champion")
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_an_mlflow_model_on_a_server_that_is_down_fails_in_seconds_not_minutes(monkeypatch):

@@ -90,7 +90,7 @@ def _load_mlflow(uri: str):
     from chromalab.track import runs
 
     runs.use_store()
-    runs.check_tracking_server()  # in seconds: MLflow's own retries wait minutes for a server that is down
+    runs.check_tracking_server(reading=True)  # in seconds: MLflow's retries wait minutes for a server that is down
     try:
         if "keras" in mlflow.models.get_model_info(uri).flavors:
             loaded = mlflow.keras.load_model(uri, load_model_kwargs={"compile": False})

@@ -147,8 +147,9 @@ def _unreachable(uri: str) -> bool:
     return False
 
 
-def check_tracking_server(uri: str | None = None) -> None:
-    """Fail fast, in one line, when the tracking store can't be used: before any training time is spent."""
+def check_tracking_server(uri: str | None = None, *, reading: bool = False) -> None:
+    """Fail fast, in one line, when the tracking store can't be used: before any training time is spent.
+    `reading` (a model to load from it): a local store must exist, as opening one makes it."""
     import requests
 
     uri = uri or tracking_uri()
@@ -161,6 +162,9 @@ def check_tracking_server(uri: str | None = None) -> None:
     if folder is not None and not folder.parent.is_dir():
         raise ChromalabError(f"MLflow store {uri}: folder {folder.parent} does not exist; create it or fix "
                              "MLFLOW_TRACKING_URI")
+    if reading and folder is not None and not folder.exists():
+        raise ChromalabError(f"no MLflow store at {folder}: run this in the repository whose training logged the "
+                             "model (its mlflow.db), or set MLFLOW_TRACKING_URI to where it was logged")
     if uri.startswith(("http://", "https://")):
         health = f"{uri.rstrip('/')}/health"
         try:
