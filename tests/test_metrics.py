@@ -176,3 +176,16 @@ def test_face_cool_cast_counts_green_or_blue_paint_on_warm_centre_pixels_only():
     true_ab[20:28, 20:28] = (0, -10 / 128)
     assert metrics.face_cool_cast(true_ab, pred_ab) == pytest.approx(32 / 1024)
     assert metrics.face_cool_cast(np.zeros_like(true_ab), np.full_like(true_ab, -4 / 128)) == 0.0
+
+
+def test_edge_chroma_gap_is_the_right_edges_chroma_less_the_left_edges():
+    size = 64  # EDGE_FRACTION of 64 columns: 10 on each side
+    ab = np.zeros((size, size, 2))
+    ab[:, -10:] = (30 / 128, 40 / 128)  # a saturated strip down the right edge: chroma 50
+    ab[:, 10:-10] = (60 / 128, 0)  # the middle is not an edge, however colourful
+    assert metrics.edge_chroma_gap(ab) == pytest.approx(50.0)
+    assert metrics.edge_chroma_gap(ab[:, ::-1]) == pytest.approx(-50.0)  # the strip on the left
+    scored = metrics.photo_metrics(np.full((size, size), 0.5), np.zeros_like(ab), ab)  # the prediction's gap
+    assert (scored["edge_chroma_gap"], scored["edge_chroma_gap_true"]) == (pytest.approx(50.0), 0.0)
+    ab[:, :10] = (0, -50 / 128)  # as colourful on both edges: no gap
+    assert metrics.edge_chroma_gap(ab) == pytest.approx(0.0)

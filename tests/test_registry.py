@@ -156,6 +156,8 @@ def test_champion_is_the_lowest_delta_e00_on_the_same_test_set_and_challenger_th
     # ...and it does not dethrone `better` for comparisons on the original test set:
     _, aliases = new_version(best + 2.0, digest)
     assert aliases["champion"] == better
+    tied, aliases = new_version(best - 1.0, digest)  # as good as the champion, not better: the elder stays
+    assert aliases == {"champion": better, "challenger": tied}
     client.set_registered_model_alias("chromalab-gan", "champion", first.version)  # leave the module's state
 
 
