@@ -170,3 +170,19 @@ def test_a_lock_whose_folder_its_holder_removed_is_taken_again_on_the_folder_now
         thread.join()
     assert results == {"first": True, "waiter": True} and folder.is_dir()
 
+
+
+def test_a_staged_folder_a_kill_left_is_removed_by_the_next_staging_and_others_are_kept(tmp_path):
+    """A kill -9 inside `staged_dir` leaves its half-made folder beside `out_dir`: the next run removes it (a
+    tfrecords stage's would otherwise keep gigabytes), but not a sibling's."""
+    from chromalab.files import staged_dir
+
+    out_dir = tmp_path / "tfrecords"
+    killed = tmp_path / ".tfrecords.0123abcd.tmp"
+    (killed / "train").mkdir(parents=True)
+    (killed / "train" / "shard-0.tfrecord").write_bytes(b"half a shard")
+    sibling = tmp_path / ".split.89abcdef.tmp"
+    sibling.mkdir()
+    with staged_dir(out_dir) as new:
+        (new / "dataset.json").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".split.89abcdef.tmp", "tfrecords"]

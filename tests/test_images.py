@@ -583,8 +583,12 @@ def test_killed_run_resumes_without_fetching_anything_twice(fake_unsplash, tmp_p
     assert not (out / "manifest.csv").exists()
     assert len(counts_at_kill) < len(train + test)  # killed part-way
     assert counts_at_kill[train[0]] == 1 and train[0] in (out / "rejected.csv").read_text()
+    half_written = [out / "train" / f".{train[9]}.jpg.0123abcd.tmp", out / ".rejected.csv.89abcdef.tmp"]
+    for temp in half_written:  # as a kill mid-write leaves them, whatever this kill hit
+        temp.write_bytes(b"half a file")
 
     run_images(parse_params(settings), tmp_path / "split", out)
+    assert not any(temp.exists() for temp in half_written)
 
     counts = fake_unsplash.image_counts()
     in_flight = set(counts_at_kill) - done_at_kill - {train[0]}  # requested, but killed before the file was whole

@@ -44,7 +44,8 @@ from tqdm import tqdm
 
 from chromalab.color import mean_chroma
 from chromalab.config import Params
-from chromalab.files import READ_ERRORS, signature_format, upright, write_bytes_atomic, write_text_atomic
+from chromalab.files import (READ_ERRORS, clear_stale_temps, signature_format, upright, write_bytes_atomic,
+                             write_text_atomic)
 from chromalab.errors import ChromalabError
 from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, FETCHED_SPLITS
 from chromalab.data.http import (PAGE_TYPES, RETRY_STATUSES, TOO_MANY_REDIRECTS, USER_AGENT, content_type,
@@ -810,8 +811,8 @@ def prepare_out_dir(out_dir: Path, settings: dict) -> None:
         journal.rewrite_sorted({pid for pid, (_, why) in journal.rows.items() if why.startswith(GONE)})
     for split in FETCHED_SPLITS:
         (out_dir / split).mkdir(parents=True, exist_ok=True)
-    for temp in [*out_dir.glob(".*.tmp"), *out_dir.glob("*/.*.tmp")]:  # left by a killed run
-        temp.unlink()
+    for folder in (out_dir, *(out_dir / split for split in FETCHED_SPLITS)):  # a killed run's half-written files
+        clear_stale_temps(folder)
     # Until this run completes, out_dir must not look complete to the next stage.
     (out_dir / MANIFEST).unlink(missing_ok=True)
     write_text_atomic(settings_path, json.dumps(settings, sort_keys=True) + "\n")
