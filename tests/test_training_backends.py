@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from chromalab.devices import xla_choice
+from chromalab.devices import Gpu, precision_policy, xla_choice
 from chromalab.train.checkpoint import read_history
 from chromalab.train.stage import run_train
 from conftest import jax_env
@@ -107,3 +107,21 @@ def test_float16_with_loss_scaling_and_xla_train_through_run_train(workdir, monk
 ])
 def test_xla_choice(switch, backend, gpus, replicas, compiled):
     assert xla_choice(switch, backend, gpus, replicas) is compiled
+
+
+H100, A10G, T4, UNSAID = Gpu("NVIDIA H100", (9, 0)), Gpu("NVIDIA A10G", (8, 6)), Gpu("Tesla T4", (7, 5)), Gpu("GPU", None)
+
+
+@pytest.mark.parametrize(("switch", "gpus", "policy"), [
+    ("auto", [], "float32"),
+    ("auto", [H100], "mixed_bfloat16"),
+    ("auto", [A10G], "mixed_bfloat16"),
+    ("auto", [Gpu("NVIDIA GeForce RTX 2080 Ti", (7, 5))], "mixed_float16"),  # Turing: no bfloat16 tensor cores
+    ("auto", [T4], "mixed_float16"),
+    ("auto", [H100, T4], "mixed_float16"),  # one old GPU decides for all
+    ("auto", [UNSAID], "mixed_float16"),  # float16 runs on every GPU with tensor cores
+    ("on", [], "mixed_bfloat16"),  # a CPU: oneDNN computes bfloat16
+    ("off", [H100], "float32"),
+])
+def test_precision_policy_follows_the_gpus_compute_capability(switch, gpus, policy):
+    assert precision_policy(switch, gpus) == policy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 
 from chromalab.errors import ChromalabError
 
@@ -13,26 +14,48 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def gpu_names() -> list[str]:
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    capability: tuple[int, int] | None  # CUDA compute capability; None where the backend does not say
+
+
+def gpus() -> list[Gpu]:
     """The GPUs the current Keras backend sees (empty on a CPU-only machine)."""
     import keras  # here, not above: available_cores is for processes that may never start Keras
 
     if keras.backend.backend() == "jax":
         import jax
 
-        return [d.device_kind for d in jax.devices() if d.platform == "gpu"]
+        return [Gpu(d.device_kind, _capability(getattr(d, "compute_capability", None)))
+                for d in jax.devices() if d.platform == "gpu"]
     import tensorflow as tf
 
-    return [tf.config.experimental.get_device_details(d).get("device_name", d.name)
-            for d in tf.config.list_physical_devices("GPU")]
+    details = [tf.config.experimental.get_device_details(d) for d in tf.config.list_physical_devices("GPU")]
+    return [Gpu(detail.get("device_name", "GPU"), _capability(detail.get("compute_capability"))) for detail in details]
 
 
-def precision_policy(switch: str, gpus: list[str]) -> str:
-    """'auto' = mixed precision only on a GPU: bf16 where it's native (Ampere+), float16 otherwise."""
+def _capability(value) -> tuple[int, int] | None:
+    """(major, minor) from TensorFlow's tuple or JAX's "8.6"."""
+    try:
+        major, minor = (str(value).split(".") if isinstance(value, str) else value)
+        return int(major), int(minor)
+    except (TypeError, ValueError):
+        return None
+
+
+def gpu_names() -> list[str]:
+    return [gpu.name for gpu in gpus()]
+
+
+def precision_policy(switch: str, gpus: list[Gpu]) -> str:
+    """'auto' = mixed precision only on a GPU: bfloat16 where every GPU computes it natively (compute capability
+    8.0 and up: Ampere, Ada, Hopper, …), float16 with loss scaling on older ones or where unknown. 'on' on a
+    CPU: bfloat16, which oneDNN computes."""
     if switch == "off" or (switch == "auto" and not gpus):
         return "float32"
-    old_gpu = any(tag in name for name in gpus for tag in ("V100", "T4", "P100", "K80"))
-    return "mixed_float16" if old_gpu else "mixed_bfloat16"
+    older = any(gpu.capability is None or gpu.capability < (8, 0) for gpu in gpus)  # none on a CPU (`on`)
+    return "mixed_float16" if older else "mixed_bfloat16"
 
 
 def xla_choice(switch: str, backend: str, gpus: list[str], replicas: int) -> bool:

@@ -28,7 +28,7 @@ from pathlib import Path
 import keras
 
 from chromalab.config import Params
-from chromalab.devices import gpu_names, hide_gpus_from_tensorflow, precision_policy, xla_choice
+from chromalab.devices import gpus as visible_gpus, hide_gpus_from_tensorflow, precision_policy, xla_choice
 from chromalab.entry import stops_deferred
 from chromalab.errors import ChromalabError
 from chromalab.files import atomic_path, clear_stale_temps, held_exclusively, write_text_atomic
@@ -255,10 +255,11 @@ def _set_up_device(params: Params, strategy) -> tuple[bool, bool]:
     """Precision policy and seeds for this run; returns whether the train step is compiled with XLA, and
     whether a GPU trains."""
     hide_gpus_from_tensorflow()
-    gpus = gpu_names()
+    gpus = visible_gpus()
     keras.mixed_precision.set_global_policy(precision_policy(params.train.mixed_precision, gpus))
     keras.utils.set_random_seed(params.base.seed)
-    return xla_choice(params.train.xla, keras.backend.backend(), gpus, replica_count(strategy)), bool(gpus)
+    names = [gpu.name for gpu in gpus]
+    return xla_choice(params.train.xla, keras.backend.backend(), names, replica_count(strategy)), bool(gpus)
 
 
 def _resume_point(params: Params, model_name: str, checkpoint: Checkpoint, fingerprint: str) -> Resume:
