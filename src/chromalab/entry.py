@@ -20,7 +20,7 @@ from chromalab.quiet import quiet_tensorflow
 
 # Keras and TensorFlow import scikit-learn, JAX and matplotlib's pyplot whenever they are installed, for
 # integrations chromalab never uses (Keras's scikit-learn wrappers, image gallery and Orbax checkpoints, TF
-# Lite's JAX converter): seconds of every TensorFlow command's start on 2 cores (README, "Tests").
+# Lite's JAX converter): seconds of every TensorFlow command's start on 2 cores (docs/speed.md, "Quiet by default").
 # Each of those imports is optional (guarded by `except ImportError`), so those integrations are simply off.
 # Only these importers are refused: JAX as Keras's backend, MLflow, and chromalab's own plots import them.
 UNUSED_EXTRAS = {  # module: the importers refused it

@@ -59,8 +59,8 @@ def load_colorizer(model: str, models_root: Path = Path("models")):
 
 def _load_keras_file(path: Path):
     """`keras.saving.load_model(path, compile=False)` without first filling every weight with random numbers
-    that the file's weights then replace: its initialisers become Zeros (for the 54 M-parameter U-Net that
-    skips a second of CPU, on the way to the first photo). Weights the file lacks fail as in load_model."""
+    that the file's weights then replace: its initialisers become Zeros (a second of CPU before the first
+    photo, README "Measured figures behind the code"). Weights the file lacks fail as in load_model."""
     import keras
 
     with zipfile.ZipFile(path) as archive, tempfile.TemporaryDirectory() as folder:
@@ -68,7 +68,7 @@ def _load_keras_file(path: Path):
         config["compile_config"] = None
         model = keras.saving.deserialize_keras_object(_zero_initializers(config))
         # from a file of its own: h5py reading inside the zip seeks back and forth, which zipfile pays for
-        # by reading from the member's start again (seconds for 200 MB)
+        # by reading from the member's start again
         model.load_weights(archive.extract("model.weights.h5", folder))
     return model
 

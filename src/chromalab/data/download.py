@@ -475,7 +475,8 @@ def _table_parts(zf: zipfile.ZipFile, archive: Path) -> dict[str, list[zipfile.Z
 
 
 def _check_member_count(archive: Path) -> None:
-    """Refuse a zip listing over MAX_MEMBERS entries before zipfile reads them all (a million took 600 MB)."""
+    """Refuse a zip listing over MAX_MEMBERS entries before zipfile reads them all: it holds each entry's record
+    in memory (README, "Measured figures behind the code")."""
     end_record = getattr(zipfile, "_EndRecData", None)  # private, but zipfile's own (zip64-aware) reader
     try:
         with archive.open("rb") as f:

@@ -154,7 +154,8 @@ class _StoreFailed(Exception):
 def _colour_file(colorizer, model_lock: threading.Lock, folder: Path, name: str, image_size: int | None) -> dict:
     """Colour `folder`/upload as `colorize` would, into `folder`/colour, gray and preview."""
     started = time.perf_counter()
-    # one photo at a time from decoding to the saved results: four 170-megapixel uploads at once took 8 GB
+    # one photo at a time from decoding to the saved results: a few huge uploads at once would each hold their
+    # full-resolution planes (README, "Measured figures behind the code")
     with model_lock:
         photo, coloured = colorize.colour_bytes(colorizer, (folder / "upload").read_bytes(), image_size)
         download_name, image_format = colorize.output_name(Path(name))
