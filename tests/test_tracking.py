@@ -214,6 +214,26 @@ def test_a_stage_in_a_dvc_temp_copy_logs_to_the_real_root(repo, monkeypatch):
     assert list((repo / "mlruns").rglob("samples+step+1+*.png")) and not (copy / "mlruns").exists()
 
 
+def test_the_data_source_names_the_experiment_and_dvc_locks_hash_of_the_records(repo, monkeypatch):
+    """`dvc get <repo> data/tfrecords --rev <rev>` fetches a `dvc exp run`'s data by the experiment's name (its
+    dvc.lock is committed under it); the HEAD commit has no such lock. Paths are the stage copy's own."""
+    from chromalab.track.datasets import dataset_inputs
+
+    copy = repo / ".dvc" / "tmp" / "exps" / "standalone" / "tmpq8v1"  # where a queued experiment runs
+    (copy / ".dvc").mkdir(parents=True)
+    (copy / "dvc.lock").write_text("schema: '2.0'\nstages:\n  tfrecords:\n    cmd: python stages/tfrecords.py\n"
+                                  "    outs:\n    - path: data/tfrecords\n      md5: 0123abcd.dir\n")
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-lynx")
+    info = {"image_size": 8, "counts": {"train": 2, "val": 1, "test": 1}, "shards": {"train": [], "val": [], "test": []},
+            "content_hash": "c" * 64}
+    source = dataset_inputs(info, Path("data/tfrecords"))["training"].source
+    assert source.to_dict() == {"path": "data/tfrecords", "rev": "brisk-lynx", "md5": "0123abcd.dir"}
+    monkeypatch.delenv("DVC_EXP_NAME")  # `dvc repro`: the commit it ran on
+    source = dataset_inputs(info, Path("data/tfrecords"))["testing"].source
+    assert source.rev == _git(repo, "rev-parse", "HEAD").strip()
+
+
 def test_logging_outside_a_model_run_is_refused(repo):
     import mlflow
 

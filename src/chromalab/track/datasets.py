@@ -6,7 +6,9 @@ The train, val and test splits of `data/tfrecords` become three MLflow datasets,
 exported epoch) and "testing" (what the evaluate stage scores, in the same run):
 - digest: the records' content hash from dataset.json (its first 16 characters: MLflow keeps 36), so runs
   on the same data group together and a changed dataset shows at a glance;
-- source: type "dvc", the data's path in the repository and the git revision whose dvc.lock pins it;
+- source: type "dvc", the data's path in the repository, the revision to fetch it at (`dvc get <repo> <path>
+  --rev <rev>`: the experiment's name under `dvc exp run`, which commits its dvc.lock under that name; else the
+  git commit it ran on, whose dvc.lock holds this data once you commit it) and its DVC hash from dvc.lock;
 - profile: photo count, image size, shards, the full content hash, normalisation and contrast variants;
 - schema: the records' tensors (photo id, Lab float16, the L variants).
 """
@@ -14,6 +16,7 @@ exported epoch) and "testing" (what the evaluate stage scores, in the same run):
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +25,18 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.types import Schema, TensorSpec
 
+from chromalab.files import dvc_recorded_outputs
+
 SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
 DIGEST_CHARS = 16
 
 
 class DVCDatasetSource(DatasetSource):
-    """Data versioned by DVC: a path in the repository at a git revision (`dvc get <repo> <path> --rev <rev>`)."""
+    """Data versioned by DVC: a path in the repository at a git revision (`dvc get <repo> <path> --rev <rev>`),
+    and its hash as dvc.lock records it (`md5`, "" where none does), to check what was fetched."""
 
-    def __init__(self, path: str, rev: str):
-        self.path, self.rev = path, rev
+    def __init__(self, path: str, rev: str, md5: str = ""):
+        self.path, self.rev, self.md5 = path, rev, md5
 
     @staticmethod
     def _get_source_type() -> str:
@@ -48,11 +54,11 @@ class DVCDatasetSource(DatasetSource):
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, str]:
-        return {"path": self.path, "rev": self.rev}
+        return {"path": self.path, "rev": self.rev, "md5": self.md5}
 
     @classmethod
     def from_dict(cls, source_dict: dict[str, str]) -> DVCDatasetSource:
-        return cls(source_dict.get("path", ""), source_dict.get("rev", ""))
+        return cls(source_dict.get("path", ""), source_dict.get("rev", ""), source_dict.get("md5", ""))
 
 
 class RecordsDataset(MetaDataset):
@@ -74,10 +80,11 @@ def dataset_inputs(info: dict, data_dir: Path) -> dict[str, RecordsDataset]:
     """dataset.json's splits as MLflow datasets, by context ("training", "validation", "testing")."""
     from chromalab.track import runs
 
-    root = runs.repo_root()
-    path = Path(data_dir).resolve()
-    source = DVCDatasetSource(path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path),
-                              runs._git_state(root).get(runs.TAG_GIT_COMMIT, ""))
+    # Stages run where dvc.yaml is (a DVC temp copy's, for a queued experiment): paths are relative to it.
+    here, path = Path.cwd().resolve(), Path(data_dir).resolve()
+    relative = path.relative_to(here).as_posix() if path.is_relative_to(here) else str(path)
+    rev = os.environ.get("DVC_EXP_NAME") or runs._git_state(runs.repo_root()).get(runs.TAG_GIT_COMMIT, "")
+    source = DVCDatasetSource(relative, rev, dvc_recorded_outputs().get(relative) or "")
     size = int(info["image_size"])
     variants = len(info.get("variants", []))
     specs = [TensorSpec(np.dtype(np.str_), (-1,), "photo_id"),
