@@ -271,6 +271,10 @@ def test_mlflow_holds_one_run_per_model_in_the_repo_store(repo, full_pipeline):
     assert gan.data.params["gan.epochs"] == str(TINY_PARAMS["gan"]["epochs"])
     assert gan.data.params["base.image_size"] == "32"
     assert "test_delta_e00" in gan.data.metrics  # evaluate logged into the model's own run
+    # the data it trained on, as DVC pinned it: the records' hash in dvc.lock, written before training started
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["tfrecords"]["outs"]
+    (source,) = {dataset_input.dataset.source for dataset_input in gan.inputs.dataset_inputs}
+    assert json.loads(source)["md5"] == next(out["md5"] for out in lock if out["path"] == "data/tfrecords")
 
 
 @pytest.mark.parametrize(("model", "param", "value"), [("gan", "epochs", 3), ("baseline", "learning_rate", 0.002)])
