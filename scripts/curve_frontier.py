@@ -29,8 +29,9 @@ from chromalab.color import AB_SCALE
 from chromalab.config import MODEL_NAMES, load_params
 from chromalab.data.dataset import load_split_arrays
 from chromalab.evaluate.metrics import photo_metrics, summarise
-from chromalab.evaluate.scoring import load_trained, predict_ab
+from chromalab.evaluate.scoring import load_trained
 from chromalab.train.models import with_chroma_curve
+from chromalab.train.validation import predict_ab
 
 STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0, 1.2)
 COLOUR_TARGET_PCT = 15.0  # issue 24: colourfulness within 15 % of the truth's

@@ -125,7 +125,7 @@ class _BodyBroken(Exception):
 def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Path = Path("data/images")) -> dict:
     """Fill out_dir/train, out_dir/test and out_dir/val with exactly the listed number of checked photos; write manifest.csv."""
     split_dir, out_dir = Path(split_dir), Path(out_dir)
-    lists = {name: read_split(split_dir / f"{name}.csv") for name in SPLITS}
+    lists = {name: read_split_list(split_dir / f"{name}.csv") for name in SPLITS}
     prepare_out_dir(out_dir, fetch_settings(params))
     journal = RejectionJournal(out_dir / "rejected.csv")
     failed_runs = FailedRuns(out_dir / FAILED_RUNS_FILE)
@@ -818,7 +818,7 @@ def prepare_out_dir(out_dir: Path, settings: dict) -> None:
     write_text_atomic(settings_path, json.dumps(settings, sort_keys=True) + "\n")
 
 
-def read_split(path: Path) -> list[Photo]:
+def read_split_list(path: Path) -> list[Photo]:
     if not path.is_file():
         raise ChromalabError(f"{path} not found; run the split stage first (`dvc repro split`)")
     with path.open(newline="", encoding="utf-8") as f:

@@ -13,10 +13,6 @@ from chromalab.evaluate.metrics import gray_floor, photo_metrics, summarise
 GRAY_FLOOR = "gray_floor"
 
 
-def predict_ab(model, L: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.asarray(model.predict(L, batch_size=batch_size, verbose=0), dtype=np.float32)
-
-
 def load_trained(models_root: Path, name: str):
     import keras
 
@@ -37,7 +33,8 @@ def score(L: np.ndarray, true_ab: np.ndarray, ids: list[str], models_root: Path,
     """(predictions, per-photo rows, summary, per-photo ΔE00) for the gray floor and every trained model."""
     predictions = {GRAY_FLOOR: gray_floor(true_ab)}
     for name in MODEL_NAMES:
-        predictions[name] = predict_ab(load_trained(models_root, name), L, batch_size)
+        predicted = load_trained(models_root, name).predict(L, batch_size=batch_size, verbose=0)
+        predictions[name] = np.asarray(predicted, dtype=np.float32)
     rows = []
     for i in tqdm(range(len(ids)), desc="evaluate", unit="photo"):
         for name, pred in predictions.items():
