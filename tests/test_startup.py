@@ -122,6 +122,26 @@ def test_a_stopped_stage_says_so_in_one_line_and_exits_with_the_signals_status(s
     assert err.strip() == f"stopped ({signal.Signals(signum).name}); re-run to resume where it stopped"
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_a_workspace_experiment_killed_says_how_to_leave_the_detached_head_dvc_leaves(tmp_path, signum):
+    """Killed otherwise than by Ctrl-C, `dvc exp run` leaves git on the detached HEAD it ran on, and its re-run
+    keeps it there. A queued run's copy (DVC_ROOT is the repository, not its folder) detaches nothing."""
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "run1"
+    copy.mkdir(parents=True)
+    said = {}
+    for where in (tmp_path, copy):
+        env = {**os.environ, "DVC_EXP_NAME": "brisk-lynx", "DVC_ROOT": str(tmp_path)}
+        stage = subprocess.Popen([sys.executable, "-c", STAGE], cwd=where, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        assert stage.stdout.readline() == "working\n"
+        stage.send_signal(signum)
+        said[where] = stage.communicate(timeout=30)[1].strip()
+    stopped = f"stopped ({signal.Signals(signum).name}); re-run to resume where it stopped"
+    assert said[copy] == stopped
+    assert said[tmp_path] == (stopped if signum == signal.SIGINT else stopped + " (if `dvc exp run` itself was "
+                              "killed, git is left on a detached HEAD: `git checkout <branch>` first)")
+
+
 def test_a_stage_ends_with_the_process_that_started_it_even_one_killed_with_9():
     """DVC killed with -9 passes nothing on: its stage went on training, an orphan beside the re-run's."""
     parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, "

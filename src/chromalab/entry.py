@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from importlib.abc import MetaPathFinder
 
 from chromalab.errors import ChromalabError
@@ -123,8 +124,17 @@ def raise_if_stopped() -> None:
 def report_stop() -> int:
     """One line for a stopped process; its exit status, 128 + the signal's number, as a shell gives."""
     signum = _stops[-1] if _stops else signal.SIGINT
-    print(f"stopped ({signal.Signals(signum).name}); re-run to resume where it stopped", file=sys.stderr)
+    detached = ""
+    if signum != signal.SIGINT and _in_workspace_experiment():  # DVC puts git's HEAD back on Ctrl-C only
+        detached = " (if `dvc exp run` itself was killed, git is left on a detached HEAD: `git checkout <branch>` first)"
+    print(f"stopped ({signal.Signals(signum).name}); re-run to resume where it stopped{detached}", file=sys.stderr)
     return 128 + signum
+
+
+def _in_workspace_experiment() -> bool:
+    """Under `dvc exp run` in the workspace (DVC sets DVC_ROOT to the repository, not to a queued run's copy)."""
+    root = os.environ.get("DVC_ROOT")
+    return bool(os.environ.get("DVC_EXP_NAME")) and root is not None and Path(root).resolve() == Path.cwd().resolve()
 
 
 def end_with_parent(parent: int) -> None:
