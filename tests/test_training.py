@@ -423,6 +423,18 @@ def test_a_kill_just_after_an_mlflow_call_returns_logs_nothing_twice(workdir, mo
     _assert_finished_once(_client(workdir), metrics["mlflow_run_id"])
 
 
+def test_a_kill_just_after_the_mlflow_run_is_made_leaves_no_orphan_run(workdir, monkeypatch):
+    """Killed after MLflow made the run, before its tags and params (and before state.json named it, as it
+    did then): the re-run made a second run, and the first stayed RUNNING or FAILED, empty, for good."""
+    import mlflow
+
+    params = tiny_params(baseline={"epochs": 1})
+    metrics = _killed_at_then_rerun(monkeypatch, mlflow, "set_tags", params)
+    client = _client(workdir)
+    (run,) = client.search_runs([client.get_experiment_by_name("chromalab").experiment_id])
+    assert run.info.run_id == metrics["mlflow_run_id"] and run.info.status == "FINISHED"
+
+
 def _assert_finished_once(client, run_id: str) -> None:
     """The 2-epoch run's final and exported-checkpoint metrics, one point each, and each model logged once."""
     assert [m.step for m in client.get_metric_history(run_id, "final_loss")] == [2]

@@ -21,7 +21,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -288,11 +288,12 @@ def run_in_store(client: mlflow.MlflowClient, run_id: str) -> bool:
 
 
 @contextmanager
-def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
-              run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str, run_id: str | None = None,
+              on_new_run: Callable[[str], None] | None = None) -> Iterator[mlflow.ActiveRun]:
     """Open the model's MLflow run, resuming `run_id` when the store still has it.
 
-    A new run is named `<DVC_EXP_NAME or "workspace">-<model>`; params and identity tags are (re)logged
+    A new run is named `<DVC_EXP_NAME or "workspace">-<model>`, and `on_new_run` gets its id before anything
+    is logged (where a kill would leave it for the re-run to resume); params and identity tags are (re)logged
     either way. Leaving the block ends the run: FINISHED, FAILED on an error, KILLED on Ctrl-C.
     """
     import mlflow
@@ -310,9 +311,11 @@ def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{tags[TAG_DVC_EXP_NAME]}-{model_name}")
     with _one_line_if_server_lost(uri) as server_lost, run:
-        mlflow.set_tags(tags)
-        mlflow.log_params(_params_to_log(client, run_id, run_params(params, model_name)))
         try:
+            if not run_id and on_new_run is not None:
+                on_new_run(run.info.run_id)
+            mlflow.set_tags(tags)
+            mlflow.log_params(_params_to_log(client, run_id, run_params(params, model_name)))
             yield run
         except KeyboardInterrupt:  # MLflow would record a stopped run as FAILED
             _end_stopped_run()

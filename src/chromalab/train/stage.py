@@ -144,12 +144,13 @@ def _fit_and_deliver(params: Params, model_name: str, data_dir: Path, info: dict
     if resume.epoch:
         resume.checkpoint.restore(model, resume.state)
 
+    def record_run(run_id: str) -> None:  # in state.json at once: a re-run killed from here on resumes this run
+        resume.state["mlflow_run_id"] = run_id
+        resume.checkpoint.write_state(resume.state)
+
     dataset_hash = str(info.get("content_hash", ""))
     with runs.model_run(model_name, params, dataset_hash=dataset_hash, stage=f"train@{model_name}",
-                        run_id=resume.state.get("mlflow_run_id")) as run:
-        resume.state["mlflow_run_id"] = run.info.run_id
-        if not resume.epoch:
-            resume.checkpoint.write_state(resume.state)
+                        run_id=resume.state.get("mlflow_run_id"), on_new_run=record_run) as run:
         datasets.log_dataset_inputs(info, data_dir)
         started = time.perf_counter()
         _fit(model, data, epochs_input, resume, params, model_name, steps, validation, n_train, has_gpu)
