@@ -18,6 +18,12 @@ DDS_UNKNOWN_PIXELS = (b"DDS " + struct.pack("<7I", 124, 0x1007, 8, 8, 0, 0, 0) +
                       + struct.pack("<2I", 32, 0x4) + b"XXXX" + bytes(20 + 20 + 64))
 
 
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 90, 60)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def _half_a_jpeg() -> bytes:
     buffer = io.BytesIO()
     Image.effect_mandelbrot((96, 64), (-2.0, -1.2, 1.0, 1.2), 60).convert("RGB").save(buffer, "JPEG", quality=90)
@@ -32,6 +38,8 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "holiday.jpg": (_half_a_jpeg(), "the JPEG photo is cut short (truncated"),
         "IMG_0001.HEIC": (HEIC_START, "the file is in HEIC/HEIF format"),
         "texture.jpg": (DDS_UNKNOWN_PIXELS, "the file is in DDS format"),
+        # a 330 KB PNG of 1×170,000,000 pixels took 8 GB to resize: a strip is refused before it is decoded
+        "strip.png": (_png(2, 130), "the photo is 2×130 pixels, a strip rather than a photo"),
     }
 
 

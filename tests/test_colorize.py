@@ -341,6 +341,15 @@ def test_an_animation_has_its_first_frame_coloured_and_says_so(tmp_path, models,
     assert f"{tmp_path / 'moving.png'}: 2 frames" in said and "still.png" not in said
 
 
+def test_a_panorama_is_coloured_and_only_a_strip_thinner_than_64_to_1_is_refused(tmp_path, models):
+    Image.new("RGB", (2, 128), (120, 90, 60)).save(tmp_path / "tall.png")  # 64:1, the most there is
+    Image.new("RGB", (129, 2), (120, 90, 60)).save(tmp_path / "wide.png")
+    report = run([tmp_path / "tall.png", tmp_path / "wide.png"], models)
+    assert report.done == [tmp_path / "tall_color.png"]
+    assert [(path.name, reason.split(":")[0]) for path, reason in report.failed] == [
+        ("wide.png", "the photo is 129×2 pixels, a strip rather than a photo")]
+
+
 def test_hidden_files_and_folders_are_not_the_users_photos(tmp_path, models, rgb_photos):
     """A viewer's `.thumbnails/` and macOS's `._` twins (AppleDouble: not a photo at all) were coloured or failed
     the run, where the folder data source has always skipped them."""

@@ -31,6 +31,8 @@ NOT_KEPT_EXIF = tuple(getattr(ExifTags.Base, name) for name in (
     "ExtraSamples", "SampleFormat", "JpegIFOffset", "JpegIFByteCount", "YCbCrSubSampling", "YCbCrPositioning",
     "ReferenceBlackWhite", "JPEGTables", "XMLPacket", "IPTCNAA", "ImageResources", "MakerNote")) + (
     37724,)  # ImageSourceData (Photoshop's layers), which Pillow has no name for
+# A panorama is a few to one; a photo thinner than this is a strip, and resizing one costs gigabytes.
+MAX_ASPECT = 64
 COMPARE_MAX_SIDE = 2048  # each half of the side-by-side sheet: a preview, not a second full-size copy
 # The lightness of an RGB photo is computed in stripes of a quarter megapixel, so that its temporaries stay
 # small whatever the photo's size.
@@ -39,6 +41,10 @@ DOWNSAMPLE = Image.Resampling.LANCZOS
 REDUCING_GAP = 3.0  # Pillow first box-reduces by whole factors down to 3x the target, then filters: much faster
 # Pillow's 16-bit grayscale modes ("I" is how some readers deliver 16-bit PNG/TIFF; its values are 0-65535).
 GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+class TooThin(ValueError):
+    """A photo Pillow reads but colorize does not colour: its sides are too unequal."""
 
 
 @dataclass
@@ -122,12 +128,19 @@ def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = Non
     """Decode a photo upright (EXIF orientation applied) into its full-resolution lightness and alpha, and,
     with `model_size` = (height, width), its lightness at that size for the model."""
     with Image.open(path) as opened:
+        _check_shape(*opened.size)
         image = upright(opened)
         exif = _kept_exif(opened)
         frames = getattr(opened, "n_frames", 1)
     lightness, alpha = _lightness_and_alpha(image)
     small = None if model_size is None else small_lightness(path, lightness, model_size)
     return Photo(lightness, alpha, small, exif, frames)
+
+
+def _check_shape(width: int, height: int) -> None:
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise TooThin(f"the photo is {width}×{height} pixels, a strip rather than a photo: chromalab colours "
+                      f"photos whose long side is at most {MAX_ASPECT} times the short one")
 
 
 def _kept_exif(opened: Image.Image) -> Image.Exif | None:
@@ -213,7 +226,7 @@ def compare_sheet(photo: Photo, coloured: Image.Image) -> Image.Image:
     gray = lab_image(lightness, np.zeros((1, 1, 2), dtype=np.float32))
     sheet = Image.new("RGB", (2 * size[1], size[0]))
     sheet.paste(gray, (0, 0))
-    sheet.paste(coloured.convert("RGB").resize(size[::-1], DOWNSAMPLE), (size[1], 0))
+    sheet.paste(coloured.convert("RGB").resize(size[::-1], DOWNSAMPLE, reducing_gap=REDUCING_GAP), (size[1], 0))
     return sheet
 
 
@@ -278,6 +291,8 @@ def describe_unreadable(exc: BaseException | None, source: Path | bytes) -> str:
     message = "" if exc is None else str(exc)
     if isinstance(exc, OSError) and exc.errno is not None:  # from the file system, not from decoding
         return f"cannot open the file: {(exc.strerror or message).lower()}"
+    if isinstance(exc, TooThin):
+        return f"{exc}. {ACCEPTED}."
     if isinstance(exc, Image.DecompressionBombError):
         pixels = [int(n) / 1e6 for n in re.findall(r"(\d+) pixels", message)] or [0.0, Image.MAX_IMAGE_PIXELS * 2e-6]
         return (f"the photo is too large: {pixels[0]:.0f} megapixels, where chromalab reads photos of up to "
