@@ -350,6 +350,17 @@ def test_a_panorama_is_coloured_and_only_a_strip_thinner_than_64_to_1_is_refused
         ("wide.png", "the photo is 129×2 pixels, a strip rather than a photo")]
 
 
+def test_a_photo_longer_than_its_output_format_holds_is_refused_in_words_and_the_rest_are_done(tmp_path, models):
+    """A PNG named .webp, 16,400 pixels wide: WebP's encoder raised ValueError, which stopped the whole run."""
+    Image.new("RGB", (16_400, 300), (120, 90, 60)).save(tmp_path / "pano.webp", "PNG")
+    Image.new("RGB", (64, 48), (120, 90, 60)).save(tmp_path / "small.webp", "WEBP")
+    report = run([tmp_path / "pano.webp", tmp_path / "small.webp"], models)
+    assert report.done == [tmp_path / "small_color.webp"]
+    assert report.failed == [(tmp_path / "pano.webp", "the photo is 16400×300 pixels, and its coloured copy, written "
+                              "as WebP, can be at most 16,383 a side: convert it to PNG or TIFF first. "
+                              "chromalab reads JPEG, PNG, WebP, BMP and TIFF photos.")]
+
+
 def test_hidden_files_and_folders_are_not_the_users_photos(tmp_path, models, rgb_photos):
     """A viewer's `.thumbnails/` and macOS's `._` twins (AppleDouble: not a photo at all) were coloured or failed
     the run, where the folder data source has always skipped them."""

@@ -134,6 +134,42 @@ def test_the_api_refuses_a_form_upload_survives_a_cut_off_one_and_colours_a_tran
     assert answer.status_code == 200 and answer.json()["download_name"] == "photo_color.jpg"
 
 
+def test_the_api_keeps_names_refuses_other_sites_says_a_result_was_dropped_and_survives_its_own_failure(
+        page, photos, monkeypatch):
+    from chromalab.serve import app as serve_app
+
+    url, workdir = page
+    jpeg = photos["jpeg"].read_bytes()
+    names = {"photo (1).jpg": "photo (1)_color.jpg", "Tom & Jerry+1, 2024.jpg": "Tom & Jerry+1, 2024_color.jpg",
+             "नमस्ते.jpg": "नमस्ते_color.jpg", "Cafe\u0301.jpg": "Caf\u00e9_color.jpg",
+             "a\x00b\r\n.jpg": "ab_color.jpg"}
+    for sent, download in names.items():  # they were mangled: "photo _1__color.jpg", "नमस_त_"
+        answer = requests.post(f"{url}/api/colorize", params={"name": sent}, data=jpeg, timeout=60)
+        assert answer.json()["download_name"] == download, sent
+    fetched = requests.get(f"{url}{answer.json()['result']}", timeout=30)
+    assert "ab_color.jpg" in fetched.headers["content-disposition"]
+
+    other_site = requests.post(f"{url}/api/colorize", data=jpeg, headers={"Origin": "http://127.0.0.2:8080"},
+                               timeout=30)
+    assert other_site.status_code == 403 and "uploads from http://127.0.0.2:8080 are refused" in other_site.text
+    same_site = requests.post(f"{url}/api/colorize", data=jpeg, headers={"Origin": url}, timeout=60)
+    assert same_site.status_code == 200
+
+    monkeypatch.setattr(serve_app, "MAX_RESULTS", 1)  # the next result drops every older one
+    first = same_site.json()["result"]
+    requests.post(f"{url}/api/colorize", data=jpeg, timeout=60)
+    gone = requests.get(f"{url}{first}", timeout=30)
+    assert gone.status_code == 410 and "keeps its last 1" in gone.json()["detail"]
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+    monkeypatch.setattr(serve_app.colorize, "colour_bytes", out_of_memory)
+    failed = requests.post(f"{url}/api/colorize", params={"name": "big.jpg"}, data=jpeg, timeout=60)
+    assert failed.status_code == 500
+    assert failed.json()["detail"] == "big.jpg: the server failed colouring it (MemoryError)"
+    assert not list(workdir.rglob("upload"))  # its upload is not kept
+
+
 def test_the_api_says_so_when_the_server_cannot_store_an_upload_and_recovers(page, photos):
     url, workdir = page
     aside = workdir.with_name(workdir.name + "-aside")

@@ -266,7 +266,7 @@ Read = tuple[Job, Photo | None, BaseException | None]  # a job, its decoded phot
 
 def _read(job: Job, size: tuple[int, int] | None) -> Read:
     try:
-        return job, read_photo(job.source, size), None
+        return job, read_photo(job.source, size, job.output_format), None
     except READ_ERRORS as exc:
         return job, None, exc
 

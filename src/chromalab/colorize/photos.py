@@ -33,6 +33,8 @@ NOT_KEPT_EXIF = tuple(getattr(ExifTags.Base, name) for name in (
     37724,)  # ImageSourceData (Photoshop's layers), which Pillow has no name for
 # A panorama is a few to one; a photo thinner than this is a strip, and resizing one costs gigabytes.
 MAX_ASPECT = 64
+# The longest side an output format holds (JPEG's header, WebP's frame); PNG's is 2^31 - 1.
+MAX_SIDE = {"JPEG": 65_535, "WEBP": 16_383}
 COMPARE_MAX_SIDE = 2048  # each half of the side-by-side sheet: a preview, not a second full-size copy
 # The lightness of an RGB photo is computed in stripes of a quarter megapixel, so that its temporaries stay
 # small whatever the photo's size.
@@ -43,8 +45,9 @@ REDUCING_GAP = 3.0  # Pillow first box-reduces by whole factors down to 3x the t
 GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-class TooThin(ValueError):
-    """A photo Pillow reads but colorize does not colour: its sides are too unequal."""
+class UnusableSize(ValueError):
+    """A photo Pillow reads but colorize does not colour: its sides are too unequal, or too long for the
+    format its coloured copy is written in."""
 
 
 @dataclass
@@ -124,11 +127,13 @@ def small_lightness(path: Path | io.BytesIO, lightness: np.ndarray, size: tuple[
     return _resize(lightness, size, DOWNSAMPLE)
 
 
-def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = None) -> Photo:
+def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = None,
+               output_format: str | None = None) -> Photo:
     """Decode a photo upright (EXIF orientation applied) into its full-resolution lightness and alpha, and,
-    with `model_size` = (height, width), its lightness at that size for the model."""
+    with `model_size` = (height, width), its lightness at that size for the model; refused before decoding
+    where its size is no photo's, or more than `output_format` holds."""
     with Image.open(path) as opened:
-        _check_shape(*opened.size)
+        _check_size(*opened.size, output_format)
         image = upright(opened)
         exif = _kept_exif(opened)
         frames = getattr(opened, "n_frames", 1)
@@ -137,10 +142,15 @@ def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = Non
     return Photo(lightness, alpha, small, exif, frames)
 
 
-def _check_shape(width: int, height: int) -> None:
+def _check_size(width: int, height: int, output_format: str | None) -> None:
     if max(width, height) > MAX_ASPECT * min(width, height):
-        raise TooThin(f"the photo is {width}×{height} pixels, a strip rather than a photo: chromalab colours "
-                      f"photos whose long side is at most {MAX_ASPECT} times the short one")
+        raise UnusableSize(f"the photo is {width}×{height} pixels, a strip rather than a photo: chromalab colours "
+                           f"photos whose long side is at most {MAX_ASPECT} times the short one")
+    limit = MAX_SIDE.get(output_format or "")
+    if limit and max(width, height) > limit:
+        raise UnusableSize(f"the photo is {width}×{height} pixels, and its coloured copy, written as "
+                           f"{PILLOW_NAMES.get(output_format, output_format)}, can be at most {limit:,} a side: "
+                           "convert it to PNG or TIFF first")
 
 
 def _kept_exif(opened: Image.Image) -> Image.Exif | None:
@@ -230,12 +240,14 @@ def compare_sheet(photo: Photo, coloured: Image.Image) -> Image.Image:
     return sheet
 
 
-def colour_bytes(colorizer, data: bytes, image_size: int | None = None) -> tuple[Photo, Image.Image]:
-    """One photo file's contents → (the decoded photo, coloured at its full size), as `colorize` colours it.
+def colour_bytes(colorizer, data: bytes, image_size: int | None = None,
+                 output_format: str | None = None) -> tuple[Photo, Image.Image]:
+    """One photo file's contents → (the decoded photo, coloured at its full size), as `colorize` colours it
+    (to be written as `output_format`).
 
     The entry point of the served model and of `chromalab serve`; raises one of READ_ERRORS on a bad file.
     """
-    photo = read_photo(io.BytesIO(data), model_input_size(colorizer, image_size))
+    photo = read_photo(io.BytesIO(data), model_input_size(colorizer, image_size), output_format)
     ab_small = np.asarray(colorizer.predict_on_batch(photo.small[None, ..., None]), dtype=np.float32)[0]
     return photo, colour_photo(photo, ab_small)
 
@@ -291,7 +303,7 @@ def describe_unreadable(exc: BaseException | None, source: Path | bytes) -> str:
     message = "" if exc is None else str(exc)
     if isinstance(exc, OSError) and exc.errno is not None:  # from the file system, not from decoding
         return f"cannot open the file: {(exc.strerror or message).lower()}"
-    if isinstance(exc, TooThin):
+    if isinstance(exc, UnusableSize):
         return f"{exc}. {ACCEPTED}."
     if isinstance(exc, Image.DecompressionBombError):
         pixels = [int(n) / 1e6 for n in re.findall(r"(\d+) pixels", message)] or [0.0, Image.MAX_IMAGE_PIXELS * 2e-6]

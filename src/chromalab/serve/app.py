@@ -19,15 +19,16 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import re
 import socket
 import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import uuid
 from collections import OrderedDict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse
@@ -36,7 +37,7 @@ from starlette.requests import ClientDisconnect
 
 from chromalab import colorize
 from chromalab.colorize.photos import describe_unreadable
-from chromalab.errors import ChromalabError, one_line
+from chromalab.errors import ChromalabError, one_line, printable
 
 STATIC = Path(__file__).parent / "static"
 WORKDIR_PREFIX = "chromalab-serve-"  # + the server's process id: what a killed server left is found by it
@@ -44,12 +45,13 @@ UPLOAD_STALL_S = 60.0  # an upload that sends nothing for this long is dropped
 SHUTDOWN_WAIT_S = 10.0  # Ctrl-C or SIGTERM: requests still running get this long, then the server stops
 DEFAULT_MAX_UPLOAD_MB = 50.0
 MAX_RESULTS = 200
-SAFE_NAME = re.compile(r"[^\w.\- ]+")
 
 
 def _safe_name(name: str) -> str:
-    """The upload's base name with path parts and odd characters removed: only ever a download name."""
-    cleaned = SAFE_NAME.sub("_", Path(name.replace("\\", "/")).name).strip(" .")
+    """The upload's base name, as the user knows it, less its path and any control or format character: only
+    ever a download name (the response header encodes the rest)."""
+    base = Path(unicodedata.normalize("NFC", name).replace("\\", "/")).name
+    cleaned = "".join(c for c in base if not unicodedata.category(c).startswith("C")).strip(" .")
     return cleaned or "photo.jpg"
 
 
@@ -57,9 +59,8 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
                image_size: int | None = None) -> FastAPI:
     """The page and its API around a loaded colorizer (colorize.load_colorizer); files go under `workdir`."""
     app = FastAPI(title="chromalab", docs_url=None, redoc_url=None, openapi_url=None)
-    limit = int(max_upload_mb * 1e6)
-    results: OrderedDict[str, dict] = OrderedDict()
-    model_lock = threading.Lock()  # one photo coloured at a time: memory stays one photo's worth
+    results = _Results(workdir)
+    model_lock = app.state.model_lock = threading.Lock()  # one photo coloured at a time: one photo's memory
 
     @app.get("/api/info")
     def info() -> dict:
@@ -68,12 +69,7 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
     @app.post("/api/colorize")
     async def colorize_upload(request: Request, name: str = "photo.jpg") -> dict:
         name = _safe_name(name)
-        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            raise HTTPException(415, f"{name}: send the photo itself as the request body (curl --data-binary "
-                                     "@photo.jpg …), not as a form upload")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise HTTPException(413, f"{name} is {int(declared) / 1e6:.1f} MB; the limit is {max_upload_mb:g} MB")
+        _check_headers(request, name, max_upload_mb)
         job_id = uuid.uuid4().hex
         folder = workdir / job_id
         await _receive(request, folder, name, max_upload_mb)
@@ -88,9 +84,10 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
             reason = describe_unreadable(exc, folder / "upload")
             _remove(folder)
             raise HTTPException(422, f"{name}: {reason}") from None
-        results[job_id] = entry
-        while len(results) > MAX_RESULTS:
-            _remove(workdir / results.popitem(last=False)[0])
+        except Exception as exc:  # MemoryError, a bug: the server carries on, and keeps no upload it will not use
+            _remove(folder)
+            raise HTTPException(500, f"{name}: the server failed colouring it ({one_line(exc)})") from None
+        results.add(job_id, entry)
         return {"id": job_id, "name": name, "download_name": entry["download_name"],
                 "width": entry["width"], "height": entry["height"], "seconds": entry["seconds"],
                 "result": f"/api/results/{job_id}/colour", "gray_preview": f"/api/results/{job_id}/gray",
@@ -113,6 +110,41 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
 
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="page")
     return app
+
+
+def _check_headers(request: Request, name: str, max_upload_mb: float) -> None:
+    """Refuse, before reading it, an upload from another site's page (a browser sends its Origin: any page may
+    post to a server on this machine), a form upload, or one that says it is over the limit."""
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        raise HTTPException(403, f"{name}: uploads from {printable(origin)} are refused; use the page this server "
+                                 "serves")
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise HTTPException(415, f"{name}: send the photo itself as the request body (curl --data-binary "
+                                 "@photo.jpg …), not as a form upload")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_upload_mb * 1e6:
+        raise HTTPException(413, f"{name} is {int(declared) / 1e6:.1f} MB; the limit is {max_upload_mb:g} MB")
+
+
+class _Results:
+    """The coloured photos kept, by id: the last MAX_RESULTS; asking for an older one says it was dropped."""
+
+    def __init__(self, workdir: Path):
+        self.workdir, self.kept, self.dropped = workdir, OrderedDict(), set()
+
+    def add(self, job_id: str, entry: dict) -> None:
+        self.kept[job_id] = entry
+        while len(self.kept) > MAX_RESULTS:
+            oldest = self.kept.popitem(last=False)[0]
+            self.dropped.add(oldest)
+            _remove(self.workdir / oldest)
+
+    def get(self, job_id: str) -> dict | None:
+        if job_id in self.dropped:
+            raise HTTPException(410, f"this result was dropped: the server keeps its last {MAX_RESULTS}; colour "
+                                     "the photo again")
+        return self.kept.get(job_id)
 
 
 async def _receive(request: Request, folder: Path, name: str, max_upload_mb: float) -> None:
@@ -156,11 +188,13 @@ def _colour_file(colorizer, model_lock: threading.Lock, folder: Path, name: str,
     started = time.perf_counter()
     # one photo at a time from decoding to the saved results: a few huge uploads at once would each hold their
     # full-resolution planes (README, "Measured figures behind the code")
+    download_name, image_format = colorize.output_name(Path(name))
     with model_lock:
-        photo, coloured = colorize.colour_bytes(colorizer, (folder / "upload").read_bytes(), image_size)
-        download_name, image_format = colorize.output_name(Path(name))
+        photo, coloured = colorize.colour_bytes(colorizer, (folder / "upload").read_bytes(), image_size, image_format)
         sheet = colorize.compare_sheet(photo, coloured)  # gray | coloured, each ≤ COMPARE_MAX_SIDE
         half = sheet.width // 2
+        if not folder.is_dir():  # the server stopped meanwhile and deleted it: write nothing back
+            raise _StoreFailed("the server is stopping")
         try:  # an OSError here is the server's (its disk), not the photo's: not one of READ_ERRORS' reasons
             colorize.save_atomic(coloured, folder / "colour", image_format, photo.exif)
             colorize.save_atomic(sheet.crop((0, 0, half, sheet.height)), folder / "gray", "JPEG")
@@ -194,6 +228,8 @@ def run_serve(model: str = "gan", *, host: str = "127.0.0.1", port: int = 8000,
         try:
             uvicorn.Server(config).run(sockets=[listening])
         except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C or SIGTERM it shut down on: a server's normal end
+            pass
+        with app.state.model_lock:  # a photo still being coloured (its request cut off) is written, then deleted
             pass
     print("chromalab serve: stopped; its uploads and results are deleted", file=sys.stderr)
 

@@ -95,7 +95,7 @@ class Colorizer(mlflow.pyfunc.PythonModel):
         for row, value in enumerate(model_input[COLUMN]):
             data = _file_bytes(value, row)
             try:
-                photo, coloured = colour_bytes(self.colorizer, data)
+                photo, coloured = colour_bytes(self.colorizer, data, output_format="JPEG")
             except READ_ERRORS as exc:
                 raise _bad_input(f"row {row}: {describe_unreadable(exc, data)}") from None
             buffer = io.BytesIO()
