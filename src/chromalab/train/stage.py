@@ -94,7 +94,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         # only where DVC runs the stage (it sets DVC_ROOT): `chromalab train` run by hand again means train again
         if os.environ.get("DVC_ROOT") and Checkpoint(folder).deliver_again(fingerprint, outputs):
             print(f"{model_name}: the last run of these params, data and code finished, but DVC never recorded it "
-                  f"(killed before dvc.lock was written): its outputs are put back instead of training again (to "
+                  f"(run by hand, or killed before dvc.lock was written): its outputs are put back instead of training again (to "
                   f"train anew, delete {folder})", file=sys.stderr)
             metrics = json.loads(outputs[-1].read_text())
         else:
