@@ -126,7 +126,8 @@ def report_stop() -> int:
     signum = _stops[-1] if _stops else signal.SIGINT
     detached = ""
     if signum != signal.SIGINT and _in_workspace_experiment():  # DVC puts git's HEAD back on Ctrl-C only
-        detached = " (if `dvc exp run` itself was killed, git is left on a detached HEAD: `git checkout <branch>` first)"
+        detached = (" (if `dvc exp run` itself was killed, git is left on a detached HEAD: `git checkout <branch>` "
+                    "first)")
     print(f"stopped ({signal.Signals(signum).name}); re-run to resume where it stopped{detached}", file=sys.stderr)
     return 128 + signum
 

@@ -94,8 +94,8 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         # only where DVC runs the stage (it sets DVC_ROOT): `chromalab train` run by hand again means train again
         if os.environ.get("DVC_ROOT") and Checkpoint(folder).deliver_again(fingerprint, outputs):
             print(f"{model_name}: the last run of these params, data and code finished, but DVC never recorded it "
-                  f"(run by hand, or killed before dvc.lock was written): its outputs are put back instead of training again (to "
-                  f"train anew, delete {folder})", file=sys.stderr)
+                  "(run by hand, or killed before dvc.lock was written): its outputs are put back instead of "
+                  f"training again (to train anew, delete {folder})", file=sys.stderr)
             metrics = json.loads(outputs[-1].read_text())
         else:
             metrics = _fit_and_deliver(params, model_name, data_dir, info, Checkpoint(folder), fingerprint, outputs,
