@@ -271,6 +271,38 @@ def test_a_stop_while_logging_to_mlflow_leaves_the_finished_training_runs_finish
     assert [client.get_run(train_run_id(name)).info.status for name in MODEL_NAMES] == ["FINISHED"] * 2
 
 
+def test_a_stop_signal_while_a_model_predicts_stops_between_batches_not_inside_tensorflow(tmp_path, monkeypatch):
+    """Raised inside TensorFlow's loading or tracing, a Ctrl-C printed an ignored exception's traceback after the
+    stop's one line: it now waits for the batches in hand, then stops."""
+    import signal
+
+    from chromalab import entry
+    from chromalab.evaluate import scoring
+
+    (tmp_path / "gan").mkdir()
+    build_model("gan", 32, width=0.125).save(tmp_path / "gan" / "model.keras")
+    L = np.random.default_rng(0).random((12, 32, 32, 1), dtype=np.float32)
+    real_predict, calls = keras.Model.predict, []
+
+    def predict_then_signal(model, batch, **kwargs):
+        calls.append(len(batch))
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while TensorFlow predicts
+        return real_predict(model, batch, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "predict", predict_then_signal)
+    monkeypatch.setattr(entry, "_stops", [])
+    previous = {signum: signal.getsignal(signum) for signum in entry.STOP_SIGNALS}
+    entry.handle_stop_signals()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            scoring.predicted_ab(tmp_path, "gan", L, batch_size=2)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert calls == [2 * scoring.BATCHES_PER_CHECK]  # the first batches predicted in full, then the stop
+    assert not entry._deferring[0]
+
+
 def test_a_missing_model_is_one_line_naming_the_stage_that_makes_it(evaluated, tmp_path):
     models = tmp_path / "models"
     shutil.copytree("models/baseline", models / "baseline")

@@ -8,9 +8,25 @@ import numpy as np
 from tqdm import tqdm
 
 from chromalab.config import MODEL_NAMES, trained_model_path
+from chromalab.entry import raise_if_stopped, stops_deferred
 from chromalab.evaluate.metrics import gray_floor, photo_metrics, summarise
 
 GRAY_FLOOR = "gray_floor"
+BATCHES_PER_CHECK = 4  # a Ctrl-C waits at most this many batches
+
+
+def predicted_ab(models_root: Path, name: str, L: np.ndarray, batch_size: int) -> np.ndarray:
+    """The trained model's ab for L. A Ctrl-C or SIGTERM stops between a few batches: raised inside
+    TensorFlow's loading or tracing, it printed an ignored exception's traceback after the stop's line."""
+    parts = []
+    with stops_deferred():
+        model = load_trained(models_root, name)
+        raise_if_stopped()
+        for start in range(0, len(L), batch_size * BATCHES_PER_CHECK):
+            part = L[start:start + batch_size * BATCHES_PER_CHECK]
+            parts.append(np.asarray(model.predict(part, batch_size=batch_size, verbose=0), dtype=np.float32))
+            raise_if_stopped()
+    return np.concatenate(parts)
 
 
 def load_trained(models_root: Path, name: str):
@@ -33,8 +49,7 @@ def score(L: np.ndarray, true_ab: np.ndarray, ids: list[str], models_root: Path,
     """(predictions, per-photo rows, summary, per-photo ΔE00) for the gray floor and every trained model."""
     predictions = {GRAY_FLOOR: gray_floor(true_ab)}
     for name in MODEL_NAMES:
-        predicted = load_trained(models_root, name).predict(L, batch_size=batch_size, verbose=0)
-        predictions[name] = np.asarray(predicted, dtype=np.float32)
+        predictions[name] = predicted_ab(models_root, name, L, batch_size)
     rows = []
     for i in tqdm(range(len(ids)), desc="evaluate", unit="photo"):
         for name, pred in predictions.items():
