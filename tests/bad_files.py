@@ -38,7 +38,7 @@ def bad_files() -> dict[str, tuple[bytes, str]]:
         "holiday.jpg": (_half_a_jpeg(), "the JPEG photo is cut short (truncated"),
         "IMG_0001.HEIC": (HEIC_START, "the file is in HEIC/HEIF format"),
         "texture.jpg": (DDS_UNKNOWN_PIXELS, "the file is in DDS format"),
-        # a 330 KB PNG of 1×170,000,000 pixels took 8 GB to resize: a strip is refused before it is decoded
+        # a strip (a tiny PNG of 1 × 170 million pixels) is refused before it is decoded: resizing one took gigabytes
         "strip.png": (_png(2, 130), "the photo is 2×130 pixels, a strip rather than a photo"),
     }
 

@@ -350,6 +350,16 @@ def test_a_panorama_is_coloured_and_only_a_strip_thinner_than_64_to_1_is_refused
         ("wide.png", "the photo is 129×2 pixels, a strip rather than a photo")]
 
 
+def test_a_jpeg_copy_holds_65535_pixels_a_side_and_a_webp_one_16383():
+    from chromalab.colorize.photos import UnusableSize, _check_size
+
+    for output_format, limit in (("JPEG", 65_535), ("WEBP", 16_383)):
+        _check_size(limit, limit // 64 + 1, output_format)
+        with pytest.raises(UnusableSize, match=rf"written as \w+, can be at most {limit:,} a side"):
+            _check_size(limit + 1, limit // 64 + 1, output_format)
+    _check_size(65_536, 1_024, "PNG")
+
+
 def test_a_photo_longer_than_its_output_format_holds_is_refused_in_words_and_the_rest_are_done(tmp_path, models):
     """A PNG named .webp, 16,400 pixels wide: WebP's encoder raised ValueError, which stopped the whole run."""
     Image.new("RGB", (16_400, 300), (120, 90, 60)).save(tmp_path / "pano.webp", "PNG")
@@ -357,7 +367,7 @@ def test_a_photo_longer_than_its_output_format_holds_is_refused_in_words_and_the
     report = run([tmp_path / "pano.webp", tmp_path / "small.webp"], models)
     assert report.done == [tmp_path / "small_color.webp"]
     assert report.failed == [(tmp_path / "pano.webp", "the photo is 16400×300 pixels, and its coloured copy, written "
-                              "as WebP, can be at most 16,383 a side: convert it to PNG or TIFF first. "
+                              "as WebP, can be at most 16,383 a side: resize it, or convert it to PNG or TIFF (whose copies are PNG) first. "
                               "chromalab reads JPEG, PNG, WebP, BMP and TIFF photos.")]
 
 

@@ -168,6 +168,13 @@ def test_the_api_keeps_names_refuses_other_sites_says_a_result_was_dropped_and_s
     assert failed.status_code == 500
     assert failed.json()["detail"] == "big.jpg: the server failed colouring it (MemoryError)"
     assert not list(workdir.rglob("upload"))  # its upload is not kept
+    monkeypatch.undo()
+
+    def a_bug(*args, **kwargs):  # our own code's error after the photo was read: never blamed on the photo
+        raise IndexError("list index out of range")
+    monkeypatch.setattr(serve_app.colorize, "compare_sheet", a_bug)
+    failed = requests.post(f"{url}/api/colorize", params={"name": "fine.jpg"}, data=jpeg, timeout=60)
+    assert failed.status_code == 500 and "IndexError" in failed.json()["detail"]
 
 
 def test_the_api_says_so_when_the_server_cannot_store_an_upload_and_recovers(page, photos):

@@ -215,8 +215,8 @@ def test_a_stage_in_a_dvc_temp_copy_logs_to_the_real_root(repo, monkeypatch):
 
 
 def test_the_data_source_names_the_experiment_and_dvc_locks_hash_of_the_records(repo, monkeypatch):
-    """`dvc get <repo> data/tfrecords --rev <rev>` fetches a `dvc exp run`'s data by the experiment's name (its
-    dvc.lock is committed under it); the HEAD commit has no such lock. Paths are the stage copy's own."""
+    """`dvc get <repo> data/tfrecords --rev <rev>` fetches a `dvc exp run`'s data by the experiment's ref (its
+    dvc.lock is committed there; its name alone may be reused); HEAD has no such lock. Paths are the copy's own."""
     from chromalab.track.datasets import dataset_inputs
 
     copy = repo / ".dvc" / "tmp" / "exps" / "standalone" / "tmpq8v1"  # where a queued experiment runs
@@ -225,10 +225,12 @@ def test_the_data_source_names_the_experiment_and_dvc_locks_hash_of_the_records(
                                   "    outs:\n    - path: data/tfrecords\n      md5: 0123abcd.dir\n")
     monkeypatch.chdir(copy)
     monkeypatch.setenv("DVC_EXP_NAME", "brisk-lynx")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a1b2c3" + "0" * 34)
     info = {"image_size": 8, "counts": {"train": 2, "val": 1, "test": 1}, "shards": {"train": [], "val": [], "test": []},
             "content_hash": "c" * 64}
     source = dataset_inputs(info, Path("data/tfrecords"))["training"].source
-    assert source.to_dict() == {"path": "data/tfrecords", "rev": "brisk-lynx", "md5": "0123abcd.dir"}
+    assert source.to_dict() == {"path": "data/tfrecords", "rev": f"refs/exps/a1/b2c3{'0' * 34}/brisk-lynx",
+                                "md5": "0123abcd.dir"}
     monkeypatch.delenv("DVC_EXP_NAME")  # `dvc repro`: the commit it ran on
     source = dataset_inputs(info, Path("data/tfrecords"))["testing"].source
     assert source.rev == _git(repo, "rev-parse", "HEAD").strip()

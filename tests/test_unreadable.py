@@ -36,6 +36,11 @@ def _reason(data: bytes) -> str:
     (b"PK\x03\x04\x14\x00\x00\x00\x08\x00" + bytes(range(256)), "not a photo, or of a kind chromalab does not know"),
     (_encoded("WEBP")[:300], "the WebP photo is damaged or cut short"),
     (_encoded("PNG")[:60] + bytes(40) + _encoded("PNG")[100:], "the PNG photo is damaged: part of it cannot be"),
+    # text whose first bytes one of Pillow's format checks accepts (PPM's "P" and a digit or letter, XBM's
+    # "#define", FITS' "SIMPLE") is text, not a damaged photo of that kind
+    (b"Python notes: buy milk\n", "not a photo: the file holds text"),
+    (b"#define WIDTH 8\n", "not a photo: the file holds text"),
+    (b"SIMPLE list of things\n", "not a photo: the file holds text"),
 ])
 def test_each_kind_of_bad_file_is_named_in_the_users_words(data, problem):
     assert_in_user_words(_reason(data), problem)

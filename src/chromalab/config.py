@@ -60,7 +60,7 @@ class DataParams(_Group):
     @field_validator("sha256")
     @classmethod
     def _hex_digest(cls, v: str) -> str:
-        # caught here, not after a whole archive (700 MB) is downloaded to be refused, run after run
+        # caught here, not after the whole archive is downloaded to be refused, run after run
         if v.strip() and not re.fullmatch(r"[0-9a-fA-F]{64}", v.strip()):
             raise ValueError(f"{v!r} is not a SHA-256 (64 hex digits); leave it empty not to check the zip")
         return v

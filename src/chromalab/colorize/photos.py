@@ -16,7 +16,7 @@ from PIL import ExifTags, Image, TiffTags
 
 from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.colorize.model import model_input_size
-from chromalab.files import OUTPUT_SOFTWARE, PHOTO_FORMATS, atomic_file, signature_format, upright
+from chromalab.files import OUTPUT_SOFTWARE, PHOTO_FORMATS, READ_ERRORS, atomic_file, signature_format, upright
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
 # EXIF fits one JPEG APP1 segment (64 KiB, less its header).
@@ -43,6 +43,11 @@ DOWNSAMPLE = Image.Resampling.LANCZOS
 REDUCING_GAP = 3.0  # Pillow first box-reduces by whole factors down to 3x the target, then filters: much faster
 # Pillow's 16-bit grayscale modes ("I" is how some readers deliver 16-bit PNG/TIFF; its values are 0-65535).
 GRAY16_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+class UnreadablePhoto(Exception):
+    """colour_bytes' photo could not be read; the message says why in the user's words. Only the reading:
+    a failure after it (the model, our own code) is not the photo's."""
 
 
 class UnusableSize(ValueError):
@@ -136,7 +141,7 @@ def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = Non
         _check_size(*opened.size, output_format)
         image = upright(opened)
         exif = _kept_exif(opened)
-        frames = getattr(opened, "n_frames", 1)
+        frames = 1 if opened.format == "MPO" else getattr(opened, "n_frames", 1)  # MPO: a camera's previews
     lightness, alpha = _lightness_and_alpha(image)
     small = None if model_size is None else small_lightness(path, lightness, model_size)
     return Photo(lightness, alpha, small, exif, frames)
@@ -150,7 +155,7 @@ def _check_size(width: int, height: int, output_format: str | None) -> None:
     if limit and max(width, height) > limit:
         raise UnusableSize(f"the photo is {width}×{height} pixels, and its coloured copy, written as "
                            f"{PILLOW_NAMES.get(output_format, output_format)}, can be at most {limit:,} a side: "
-                           "convert it to PNG or TIFF first")
+                           "resize it, or convert it to PNG or TIFF (whose copies are PNG) first")
 
 
 def _kept_exif(opened: Image.Image) -> Image.Exif | None:
@@ -245,9 +250,12 @@ def colour_bytes(colorizer, data: bytes, image_size: int | None = None,
     """One photo file's contents → (the decoded photo, coloured at its full size), as `colorize` colours it
     (to be written as `output_format`).
 
-    The entry point of the served model and of `chromalab serve`; raises one of READ_ERRORS on a bad file.
+    The entry point of the served model and of `chromalab serve`; raises UnreadablePhoto on a bad file.
     """
-    photo = read_photo(io.BytesIO(data), model_input_size(colorizer, image_size), output_format)
+    try:
+        photo = read_photo(io.BytesIO(data), model_input_size(colorizer, image_size), output_format)
+    except READ_ERRORS as exc:
+        raise UnreadablePhoto(describe_unreadable(exc, data)) from exc
     ab_small = np.asarray(colorizer.predict_on_batch(photo.small[None, ..., None]), dtype=np.float32)[0]
     return photo, colour_photo(photo, ab_small)
 
@@ -317,7 +325,10 @@ def describe_unreadable(exc: BaseException | None, source: Path | bytes) -> str:
         return f"the file is empty (0 bytes). {ACCEPTED}."
     foreign = next((kind for pattern, kind in FOREIGN_KINDS if pattern.match(head)), None)
     pillow_format = _pillow_format(source)
-    known = pillow_format or signature_format(head)  # by its first bytes alone: Pillow gave up on the rest
+    # by its first bytes alone where Pillow gave up on the rest; text is no photo whatever letter it starts with
+    # (PPM's check takes "P" and a digit), but GIF's six-letter magic is text and an image's
+    signature = signature_format(head)
+    known = pillow_format or (signature if signature == "GIF" or not _is_text(head) else None)
     kind = PILLOW_NAMES.get(known, known)
     if foreign is None and kind is not None and NO_READER.search(message):
         foreign = f"{kind} format"

@@ -45,6 +45,7 @@ UPLOAD_STALL_S = 60.0  # an upload that sends nothing for this long is dropped
 SHUTDOWN_WAIT_S = 10.0  # Ctrl-C or SIGTERM: requests still running get this long, then the server stops
 DEFAULT_MAX_UPLOAD_MB = 50.0
 MAX_RESULTS = 200
+MAX_DROPPED = 100 * MAX_RESULTS  # ids remembered as dropped (then "no such result"), so memory stays bounded
 
 
 def _safe_name(name: str) -> str:
@@ -80,10 +81,9 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
         except _StoreFailed as exc:
             _remove(folder)
             raise HTTPException(507, f"{name}: coloured, but the result could not be written ({exc})") from None
-        except colorize.READ_ERRORS as exc:
-            reason = describe_unreadable(exc, folder / "upload")
+        except colorize.UnreadablePhoto as exc:
             _remove(folder)
-            raise HTTPException(422, f"{name}: {reason}") from None
+            raise HTTPException(422, f"{name}: {exc}") from None
         except Exception as exc:  # MemoryError, a bug: the server carries on, and keeps no upload it will not use
             _remove(folder)
             raise HTTPException(500, f"{name}: the server failed colouring it ({one_line(exc)})") from None
@@ -102,7 +102,7 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
     def result(job_id: str, kind: str) -> FileResponse:
         entry = results.get(job_id)
         if entry is None or kind not in ("colour", "gray", "preview"):
-            raise HTTPException(404, "no such result (results last until the server stops)")
+            raise HTTPException(404, "no such result (results are deleted when the server stops)")
         if kind == "colour":
             media = f"image/{entry['format'].lower()}"
             return FileResponse(workdir / job_id / kind, media_type=media, filename=entry["download_name"])
@@ -131,14 +131,16 @@ class _Results:
     """The coloured photos kept, by id: the last MAX_RESULTS; asking for an older one says it was dropped."""
 
     def __init__(self, workdir: Path):
-        self.workdir, self.kept, self.dropped = workdir, OrderedDict(), set()
+        self.workdir, self.kept, self.dropped = workdir, OrderedDict(), OrderedDict()
 
     def add(self, job_id: str, entry: dict) -> None:
         self.kept[job_id] = entry
         while len(self.kept) > MAX_RESULTS:
             oldest = self.kept.popitem(last=False)[0]
-            self.dropped.add(oldest)
+            self.dropped[oldest] = None
             _remove(self.workdir / oldest)
+        while len(self.dropped) > MAX_DROPPED:
+            self.dropped.popitem(last=False)
 
     def get(self, job_id: str) -> dict | None:
         if job_id in self.dropped:
@@ -195,7 +197,7 @@ def _colour_file(colorizer, model_lock: threading.Lock, folder: Path, name: str,
         half = sheet.width // 2
         if not folder.is_dir():  # the server stopped meanwhile and deleted it: write nothing back
             raise _StoreFailed("the server is stopping")
-        try:  # an OSError here is the server's (its disk), not the photo's: not one of READ_ERRORS' reasons
+        try:  # an OSError here is the server's (its disk), not the photo's
             colorize.save_atomic(coloured, folder / "colour", image_format, photo.exif)
             colorize.save_atomic(sheet.crop((0, 0, half, sheet.height)), folder / "gray", "JPEG")
             colorize.save_atomic(sheet.crop((half, 0, sheet.width, sheet.height)), folder / "preview", "JPEG")

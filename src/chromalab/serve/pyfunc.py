@@ -86,8 +86,8 @@ class Colorizer(mlflow.pyfunc.PythonModel):
         self.colorizer = load_colorizer(context.artifacts[KERAS_ARTIFACT])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from chromalab.colorize import READ_ERRORS, colour_bytes
-        from chromalab.colorize.photos import describe_unreadable, write_photo
+        from chromalab.colorize import UnreadablePhoto, colour_bytes
+        from chromalab.colorize.photos import write_photo
 
         if not isinstance(model_input, pd.DataFrame) or COLUMN not in model_input:
             raise _bad_input(f"expected a DataFrame with a column {COLUMN!r} of photo files (bytes or base64)")
@@ -96,8 +96,8 @@ class Colorizer(mlflow.pyfunc.PythonModel):
             data = _file_bytes(value, row)
             try:
                 photo, coloured = colour_bytes(self.colorizer, data, output_format="JPEG")
-            except READ_ERRORS as exc:
-                raise _bad_input(f"row {row}: {describe_unreadable(exc, data)}") from None
+            except UnreadablePhoto as exc:
+                raise _bad_input(f"row {row}: {exc}") from None
             buffer = io.BytesIO()
             write_photo(coloured, buffer, "JPEG", photo.exif)  # the bytes `chromalab colorize` writes
             images.append(buffer.getvalue())

@@ -7,7 +7,7 @@ exported epoch) and "testing" (what the evaluate stage scores, in the same run):
 - digest: the records' content hash from dataset.json (its first 16 characters: MLflow keeps 36), so runs
   on the same data group together and a changed dataset shows at a glance;
 - source: type "dvc", the data's path in the repository, the revision to fetch it at (`dvc get <repo> <path>
-  --rev <rev>`: the experiment's name under `dvc exp run`, which commits its dvc.lock under that name; else the
+  --rev <rev>`: the experiment's git ref under `dvc exp run`, which commits its dvc.lock there; else the
   git commit it ran on, whose dvc.lock holds this data once you commit it) and its DVC hash from dvc.lock;
 - profile: photo count, image size, shards, the full content hash, normalisation and contrast variants;
 - schema: the records' tensors (photo id, Lab float16, the L variants).
@@ -83,7 +83,10 @@ def dataset_inputs(info: dict, data_dir: Path) -> dict[str, RecordsDataset]:
     # Stages run where dvc.yaml is (a DVC temp copy's, for a queued experiment): paths are relative to it.
     here, path = Path.cwd().resolve(), Path(data_dir).resolve()
     relative = path.relative_to(here).as_posix() if path.is_relative_to(here) else str(path)
-    rev = os.environ.get("DVC_EXP_NAME") or runs._git_state(runs.repo_root()).get(runs.TAG_GIT_COMMIT, "")
+    name, baseline = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_EXP_BASELINE_REV")
+    # the experiment's own ref: its name alone may be reused on another baseline
+    rev = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}" if name and baseline else \
+        runs._git_state(runs.repo_root()).get(runs.TAG_GIT_COMMIT, "")
     source = DVCDatasetSource(relative, rev, dvc_recorded_outputs().get(relative) or "")
     size = int(info["image_size"])
     variants = len(info.get("variants", []))
