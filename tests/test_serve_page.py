@@ -49,7 +49,7 @@ def page(model_file, tmp_path_factory):
     import uvicorn
 
     workdir = tmp_path_factory.mktemp("serve-work")
-    app = create_app(load_colorizer(str(model_file)), model_label=model_file.name, workdir=workdir,
+    app = create_app(load_colorizer(str(model_file)), model_label=model_file.name, workdir=workdir, host="127.0.0.1",
                      max_upload_mb=MAX_UPLOAD_MB)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -123,7 +123,7 @@ def test_the_api_refuses_a_form_upload_survives_a_cut_off_one_and_colours_a_tran
 
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as cut_off:  # says 100 kB, sends 1 kB, leaves
-        cut_off.sendall(b"POST /api/colorize?name=cut.jpg HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+        cut_off.sendall(b"POST /api/colorize?name=cut.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
                         + photos["jpeg"].read_bytes()[:1000])
         assert _within(10, lambda: any(workdir.rglob("upload")))  # the server is receiving it
     assert _within(10, lambda: not any(workdir.rglob("upload")))  # and once the client is gone, so is the upload
@@ -154,6 +154,11 @@ def test_the_api_keeps_names_refuses_other_sites_says_a_result_was_dropped_and_s
     assert other_site.status_code == 403 and "uploads from http://127.0.0.2:8080 are refused" in other_site.text
     same_site = requests.post(f"{url}/api/colorize", data=jpeg, headers={"Origin": url}, timeout=60)
     assert same_site.status_code == 200
+    port = url.rsplit(":", 1)[1]
+    rebound = requests.post(f"{url}/api/colorize", data=jpeg, timeout=30,  # evil.example made to point here
+                            headers={"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"})
+    assert rebound.status_code == 403 and "addressed to 127.0.0.1, ::1, localhost only" in rebound.text
+    assert requests.post(f"http://localhost:{port}/api/colorize", data=jpeg, timeout=60).status_code == 200
 
     monkeypatch.setattr(serve_app, "MAX_RESULTS", 1)  # the next result drops every older one
     first = same_site.json()["result"]
@@ -225,7 +230,7 @@ def test_an_upload_that_stalls_is_dropped_with_408_not_held_for_ever(page, monke
     url, _ = page
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=20) as client:
-        client.sendall(b"POST /api/colorize?name=slow.jpg HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+        client.sendall(b"POST /api/colorize?name=slow.jpg HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
                        + b"\xff\xd8" * 500)  # 1 kB of the 100 kB announced, then nothing
         answer = b""
         while b"the upload stalled" not in answer and (chunk := client.recv(4096)):  # head and body may part

@@ -45,6 +45,7 @@ UPLOAD_STALL_S = 60.0  # an upload that sends nothing for this long is dropped
 SHUTDOWN_WAIT_S = 10.0  # Ctrl-C or SIGTERM: requests still running get this long, then the server stops
 DEFAULT_MAX_UPLOAD_MB = 50.0
 MAX_RESULTS = 200
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
 MAX_DROPPED = 100 * MAX_RESULTS  # ids remembered as dropped (then "no such result"), so memory stays bounded
 
 
@@ -57,10 +58,12 @@ def _safe_name(name: str) -> str:
 
 
 def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-               image_size: int | None = None) -> FastAPI:
-    """The page and its API around a loaded colorizer (colorize.load_colorizer); files go under `workdir`."""
+               image_size: int | None = None, host: str | None = None) -> FastAPI:
+    """The page and its API around a loaded colorizer (colorize.load_colorizer); files go under `workdir`.
+    Listening on this machine only (`host` a loopback address), it takes uploads addressed to it as such."""
     app = FastAPI(title="chromalab", docs_url=None, redoc_url=None, openapi_url=None)
     results = _Results(workdir)
+    own_names = LOOPBACK_NAMES | {host} if host in LOOPBACK_NAMES else None
     model_lock = app.state.model_lock = threading.Lock()  # one photo coloured at a time: one photo's memory
 
     @app.get("/api/info")
@@ -70,7 +73,7 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
     @app.post("/api/colorize")
     async def colorize_upload(request: Request, name: str = "photo.jpg") -> dict:
         name = _safe_name(name)
-        _check_headers(request, name, max_upload_mb)
+        _check_headers(request, name, max_upload_mb, own_names)
         job_id = uuid.uuid4().hex
         folder = workdir / job_id
         await _receive(request, folder, name, max_upload_mb)
@@ -112,9 +115,14 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
     return app
 
 
-def _check_headers(request: Request, name: str, max_upload_mb: float) -> None:
+def _check_headers(request: Request, name: str, max_upload_mb: float, own_names: set[str] | None) -> None:
     """Refuse, before reading it, an upload from another site's page (a browser sends its Origin: any page may
-    post to a server on this machine), a form upload, or one that says it is over the limit."""
+    post to a server on this machine), one addressed to another name (`own_names`: a page whose own name was
+    made to point here, DNS rebinding), a form upload, or one that says it is over the limit."""
+    addressed = urlsplit(f"//{request.headers.get('host', '')}").hostname
+    if own_names is not None and addressed not in own_names:
+        raise HTTPException(403, f"{name}: this server takes uploads addressed to {', '.join(sorted(own_names))} "
+                                 f"only, not {printable(str(addressed))}")
     origin = request.headers.get("origin")
     if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
         raise HTTPException(403, f"{name}: uploads from {printable(origin)} are refused; use the page this server "
@@ -223,7 +231,7 @@ def run_serve(model: str = "gan", *, host: str = "127.0.0.1", port: int = 8000,
     listening = listen_on(host, port)  # before the banner, so that it names the port really listened on
     _remove_orphaned_workdirs()
     with listening, tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-") as workdir:
-        app = create_app(colorizer, model_label=model, workdir=Path(workdir), max_upload_mb=max_upload_mb)
+        app = create_app(colorizer, model_label=model, workdir=Path(workdir), max_upload_mb=max_upload_mb, host=host)
         print(f"chromalab serve: http://{host}:{listening.getsockname()[1]}  (model {model}; Ctrl-C stops)",
               file=sys.stderr)
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_WAIT_S)
