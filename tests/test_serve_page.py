@@ -182,6 +182,32 @@ def test_the_api_keeps_names_refuses_other_sites_says_a_result_was_dropped_and_s
     assert failed.status_code == 500 and "IndexError" in failed.json()["detail"]
 
 
+def test_uploads_waiting_their_turn_do_not_hold_up_the_page_or_downloads(page, photos, monkeypatch):
+    """Each waiting upload held one of the server's 40 worker threads: 60 queued uploads made /api/info and
+    downloads wait 24 s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from chromalab.serve import app as serve_app
+
+    url, _ = page
+    real = serve_app.colorize.colour_bytes
+
+    def slow(*args, **kwargs):
+        time.sleep(0.15)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve_app.colorize, "colour_bytes", slow)
+    jpeg = photos["jpeg"].read_bytes()
+    with ThreadPoolExecutor(90) as pool:  # more than the server's 40 worker threads
+        uploads = [pool.submit(requests.post, f"{url}/api/colorize", data=jpeg, timeout=120) for _ in range(90)]
+        time.sleep(1.5)  # all of them sent, most waiting their turn
+        started = time.monotonic()
+        assert requests.get(f"{url}/api/info", timeout=60).status_code == 200
+        waited = time.monotonic() - started
+        assert all(upload.result().status_code == 200 for upload in uploads)
+    assert waited < 3.0, f"/api/info waited {waited:.1f} s behind the queued uploads"
+
+
 def test_the_api_says_so_when_the_server_cannot_store_an_upload_and_recovers(page, photos):
     url, workdir = page
     aside = workdir.with_name(workdir.name + "-aside")

@@ -65,6 +65,9 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
     results = _Results(workdir)
     own_names = LOOPBACK_NAMES | {host} if host in LOOPBACK_NAMES else None
     model_lock = app.state.model_lock = threading.Lock()  # one photo coloured at a time: one photo's memory
+    # Uploads wait their turn here, holding no worker thread: waiting in one, 40 of them held them all, and
+    # the page, its downloads and /api/info waited behind them.
+    turn = asyncio.Lock()
 
     @app.get("/api/info")
     def info() -> dict:
@@ -80,7 +83,8 @@ def create_app(colorizer, *, model_label: str, workdir: Path, max_upload_mb: flo
         from starlette.concurrency import run_in_threadpool
 
         try:
-            entry = await run_in_threadpool(_colour_file, colorizer, model_lock, folder, name, image_size)
+            async with turn:
+                entry = await run_in_threadpool(_colour_file, colorizer, model_lock, folder, name, image_size)
         except _StoreFailed as exc:
             _remove(folder)
             raise HTTPException(507, f"{name}: coloured, but the result could not be written ({exc})") from None
