@@ -31,8 +31,11 @@ def gpus() -> list[Gpu]:
                 for d in jax.devices() if d.platform == "gpu"]
     import tensorflow as tf
 
-    details = [tf.config.experimental.get_device_details(d) for d in tf.config.list_physical_devices("GPU")]
-    return [Gpu(detail.get("device_name", "GPU"), _capability(detail.get("compute_capability"))) for detail in details]
+    found = []
+    for device in tf.config.list_physical_devices("GPU"):
+        detail = tf.config.experimental.get_device_details(device)
+        found.append(Gpu(detail.get("device_name", device.name), _capability(detail.get("compute_capability"))))
+    return found
 
 
 def _capability(value) -> tuple[int, int] | None:
@@ -58,7 +61,7 @@ def precision_policy(switch: str, gpus: list[Gpu]) -> str:
     return "mixed_float16" if older else "mixed_bfloat16"
 
 
-def xla_choice(switch: str, backend: str, gpus: list[str], replicas: int) -> bool:
+def xla_choice(switch: str, backend: str, gpus: list, replicas: int) -> bool:
     """Whether the train step is compiled with XLA. 'auto': under JAX always (uncompiled JAX runs op by op, far
     slower), under TensorFlow on GPUs, but not for a MirroredStrategy over several devices, which Keras 3
     compiles as one function that XLA cannot run (it reads each replica's variables from another device)."""

@@ -39,6 +39,7 @@ from chromalab.colorize.photos import (
 )
 
 __all__ = ["COMPARE_MAX_SIDE", "COMPARE_TAG", "OUTPUT_TAG", "PHOTO_SUFFIXES", "READ_ERRORS", "ColorizeReport", "Job",
-           "Photo", "UnreadablePhoto", "ab_rows", "colorize_paths", "colour_bytes", "colour_photo", "compare_sheet", "lab_image",
+           "Photo", "UnreadablePhoto", "ab_rows", "colorize_paths", "colour_bytes", "colour_photo", "compare_sheet",
+           "lab_image",
            "limit_model_threads", "load_colorizer", "model_file", "model_input_size", "output_name", "plan_jobs",
            "read_photo", "save_atomic"]

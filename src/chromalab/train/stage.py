@@ -259,8 +259,7 @@ def _set_up_device(params: Params, strategy) -> tuple[bool, bool]:
     gpus = visible_gpus()
     keras.mixed_precision.set_global_policy(precision_policy(params.train.mixed_precision, gpus))
     keras.utils.set_random_seed(params.base.seed)
-    names = [gpu.name for gpu in gpus]
-    return xla_choice(params.train.xla, keras.backend.backend(), names, replica_count(strategy)), bool(gpus)
+    return xla_choice(params.train.xla, keras.backend.backend(), gpus, replica_count(strategy)), bool(gpus)
 
 
 def _resume_point(params: Params, model_name: str, checkpoint: Checkpoint, fingerprint: str) -> Resume:
