@@ -11,57 +11,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+from chromalab.code import import_closure, imported_modules, module_file, source_root
 from repo import ROOT
 
 SRC = ROOT / "src"
 PACKAGE = SRC / "chromalab"
 MAX_FUNCTION_LINES = 60
 DATA_STAGES = ("download", "split", "images", "tfrecords")
-
-
-def module_file(name: str) -> Path | None:
-    """The file of chromalab module `name` (a package's __init__.py), or None if it is no module of ours."""
-    base = SRC.joinpath(*name.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
+assert source_root() == SRC, f"these tests read {SRC}, but import chromalab from {source_root()}"
 
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(SRC).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Every chromalab module `path` imports, at its top or inside a function, with the packages above each
-    (Python runs a package's __init__ before any module in it)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from chromalab.train import losses` imports the module chromalab.train.losses
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        for name in names:
-            if name.split(".")[0] != "chromalab":
-                continue
-            parts = name.split(".")
-            found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if module_file(".".join(parts[:i])))
-    return found
-
-
-def import_closure(path: Path) -> set[str]:
-    seen: set[str] = set()
-    todo = list(imported_modules(path))
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo.extend(imported_modules(module_file(name)) - seen)
-    return seen
 
 
 def dvc_stages() -> dict[str, dict]:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
+from chromalab.code import code_hash
 from chromalab.config import parse_params
 from chromalab.data.dataset import read_dataset_info
 from chromalab.data.tfrecords import run_tfrecords
@@ -227,8 +228,8 @@ def gan_run_on_server(tmp_path_factory, dataset, mlflow_server) -> tuple[Path, d
     dataset_hash = str(read_dataset_info(dataset).get("content_hash", ""))
     params = parse_params(GAN_RUN)
     other = params_fingerprint(parse_params({**GAN_RUN, "gan": {**GAN_RUN["gan"], "l1_lambda": 50.0}}), "gan",
-                               dataset_hash)
-    assert other != params_fingerprint(params, "gan", dataset_hash)
+                               dataset_hash, training_code())
+    assert other != params_fingerprint(params, "gan", dataset_hash, training_code())
     checkpoint = repo / "models/gan/checkpoint"
     checkpoint.mkdir(parents=True)
     (checkpoint / "epoch-00001.weights.h5").write_bytes(b"not weights from these params")
@@ -372,7 +373,7 @@ def _a_start_killed_before_its_first_checkpoint(repo: Path, params, dataset: Pat
     with runs.model_run("baseline", params, dataset_hash=dataset_hash, stage="train@baseline") as run:
         pass
     Checkpoint(repo / "models/baseline/checkpoint").write_state(
-        {"fingerprint": params_fingerprint(params, "baseline", dataset_hash), "status": "running", "epoch": 0,
+        {"fingerprint": params_fingerprint(params, "baseline", dataset_hash, training_code()), "status": "running", "epoch": 0,
          "mlflow_run_id": run.info.run_id})
     return run.info.run_id
 
@@ -668,27 +669,37 @@ def test_the_checkpoint_keeps_the_best_weights_it_names(tmp_path):
 
 
 
-def test_a_code_change_is_a_new_fingerprint_so_no_run_resumes_across_it(tmp_path, monkeypatch):
-    """A run killed, then resumed after an edit to chromalab would be half old code's, recorded by DVC as
-    today's: the checkpoint's fingerprint holds the code."""
-    import chromalab
-    from chromalab.train import checkpoint
+def training_code() -> str:
+    """The code hash run_train fingerprints its checkpoints with."""
+    return code_hash("chromalab.train.stage")
 
-    package = tmp_path / "chromalab"
+
+def test_a_change_to_the_training_code_is_a_new_fingerprint_and_no_other_change_is(tmp_path, monkeypatch):
+    """A run killed, then resumed after an edit to the code it runs would be half old code's, recorded by DVC as
+    today's: the checkpoint's fingerprint holds that code. An edit to code training never runs (serve's page,
+    evaluate's sheets, the download) leaves DVC's deps alone, so it leaves the checkpoint resumable too."""
+    import chromalab
+    from chromalab import code
+
+    package = tmp_path / "src" / "chromalab"
     shutil.copytree(Path(chromalab.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(chromalab, "__file__", str(package / "__init__.py"))
     params = parse_params(GAN_RUN)
 
     def fingerprint() -> str:
-        checkpoint.code_hash.cache_clear()
-        return params_fingerprint(params, "gan", "data")
+        code.code_hash.cache_clear()
+        return params_fingerprint(params, "gan", "data", training_code())
 
     before = fingerprint()
+    assert fingerprint() == before
+    for untouched_by_training in ("serve/app.py", "evaluate/figures.py", "data/download.py"):
+        edited = package / untouched_by_training
+        edited.write_text(edited.read_text() + "\n# an edit\n")
     assert fingerprint() == before
     losses = package / "train" / "losses.py"
     losses.write_text(losses.read_text().replace("SSIM_FILTER_SIZE = 11", "SSIM_FILTER_SIZE = 7"))
     assert fingerprint() != before
-    checkpoint.code_hash.cache_clear()
+    code.code_hash.cache_clear()
 
 
 def test_a_stop_signal_during_training_stops_at_the_next_batch_and_the_run_ends_killed(workdir, monkeypatch):

@@ -14,7 +14,6 @@ there: an older best file goes only when a checkpoint that names a newer one is 
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import json
 import shutil
@@ -24,8 +23,6 @@ from pathlib import Path
 import keras
 import numpy as np
 
-import chromalab
-
 from chromalab.config import Params, flatten
 from chromalab.errors import ChromalabError
 from chromalab.files import atomic_file, atomic_path, dvc_recorded_outputs, staged_dir, write_text_atomic
@@ -34,22 +31,13 @@ STATE_FILE = "state.json"
 DELIVERED = "delivered"  # a finished run's outputs, kept until the next run (`Checkpoint.deliver_again`)
 
 
-def params_fingerprint(params: Params, model_name: str, dataset_hash: str) -> str:
-    """What a checkpoint must match to be resumed: this model's params, the dataset and chromalab's code (a
-    run resumed across a code change would be half old code's, yet DVC would record it as today's)."""
+def params_fingerprint(params: Params, model_name: str, dataset_hash: str, code: str) -> str:
+    """What a checkpoint must match to be resumed: this model's params, the dataset and the code training runs
+    (`chromalab.code.code_hash`; a run resumed across a change to it would be half old code's, yet DVC would
+    record it as today's)."""
     own = {k: v for k, v in flatten(params).items() if k.split(".")[0] in ("base", "train", model_name)}
-    blob = json.dumps({"params": own, "dataset": dataset_hash, "code": code_hash()}, sort_keys=True, default=str)
+    blob = json.dumps({"params": own, "dataset": dataset_hash, "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=1)
-def code_hash() -> str:
-    """SHA-256 of chromalab's Python sources (each file's path and bytes), as this process imported them."""
-    package = Path(chromalab.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 def _rng_states(model: keras.Model) -> list:

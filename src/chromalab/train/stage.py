@@ -27,6 +27,7 @@ from pathlib import Path
 
 import keras
 
+from chromalab.code import code_hash
 from chromalab.config import Params
 from chromalab.devices import gpus as visible_gpus, hide_gpus_from_tensorflow, precision_policy, xla_choice
 from chromalab.entry import stops_deferred
@@ -84,7 +85,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     for folder in (models_root / model_name, reports_root / model_name):
         clear_stale_temps(folder)  # what a killed run's writes left (the checkpoint folder clears its own)
     outputs = [models_root / model_name / "model.keras", *(reports_root / model_name / name for name in REPORTS)]
-    fingerprint = params_fingerprint(params, model_name, str(info.get("content_hash", "")))
+    fingerprint = params_fingerprint(params, model_name, str(info.get("content_hash", "")), code_hash(__name__))
     folder, shared = _checkpoint_folder(models_root, model_name, fingerprint)
     lock = held_exclusively(folder, TRAINING_LOCK_WAIT_S) if shared and is_chief(strategy) else nullcontext(True)
     with lock as held:
