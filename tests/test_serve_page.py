@@ -291,13 +291,17 @@ def test_in_a_browser_photos_are_uploaded_shown_side_by_side_and_download_as_col
         wait = WebDriverWait(browser, WAIT_S)
         wait.until(ready.text_to_be_present_in_element((By.ID, "info"), "Model: model.keras"))
         chooser = browser.find_element(By.ID, "files")
-        chooser.send_keys("\n".join(str(photos[k]) for k in ("jpeg", "bad", "huge", "png")))
-        wait.until(ready.text_to_be_present_in_element((By.ID, "overall-text"), "4 of 4 photo(s) done"))
+        gone = tmp_path / "gone.jpg"  # chosen, then deleted while the photos before it upload
+        shutil.copy(photos["jpeg"], gone)
+        chooser.send_keys("\n".join([*(str(photos[k]) for k in ("jpeg", "bad", "huge", "png")), str(gone)]))
+        gone.unlink()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "overall-text"), "5 of 5 photo(s) done"))
 
         items = {item.find_element(By.TAG_NAME, "strong").text: item
                  for item in browser.find_elements(By.CLASS_NAME, "item")}
         assert "the JPEG photo is cut short" in items["broken.jpg"].find_element(By.CLASS_NAME, "error").text
         assert "the limit is 0.5 MB" in items["huge.png"].find_element(By.CLASS_NAME, "error").text
+        assert "could not read gone.jpg on this computer" in items["gone.jpg"].find_element(By.CLASS_NAME, "error").text
         done = items["family.jpg"]
         assert "120×80" in done.find_element(By.CLASS_NAME, "status").text
         for image in done.find_elements(By.CSS_SELECTOR, ".compare img"):  # gray | coloured, both loaded
