@@ -162,9 +162,15 @@ def test_the_api_keeps_names_refuses_other_sites_says_a_result_was_dropped_and_s
 
     monkeypatch.setattr(serve_app, "MAX_RESULTS", 1)  # the next result drops every older one
     first = same_site.json()["result"]
-    requests.post(f"{url}/api/colorize", data=jpeg, timeout=60)
+    kept = requests.post(f"{url}/api/colorize", data=jpeg, timeout=60).json()["result"]
     gone = requests.get(f"{url}{first}", timeout=30)
-    assert gone.status_code == 410 and "keeps its last 1" in gone.json()["detail"]
+    assert gone.status_code == 410 and "keeps its last 1, 2 GB at most" in gone.json()["detail"]
+    monkeypatch.setattr(serve_app, "MAX_RESULTS", 200)
+    monkeypatch.setattr(serve_app, "MAX_RESULTS_GB", 1e-9)  # less than one result: only the newest is kept
+    newest = requests.post(f"{url}/api/colorize", data=jpeg, timeout=60).json()["result"]
+    assert requests.get(f"{url}{kept}", timeout=30).status_code == 410
+    assert requests.get(f"{url}{newest}", timeout=30).status_code == 200
+    assert len([p for p in workdir.iterdir() if p.is_dir()]) == 1
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError

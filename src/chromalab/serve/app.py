@@ -10,8 +10,8 @@ telemetry; Gradio would bring a large second web stack for one page.
 - The photo is coloured exactly as `chromalab colorize` colours it (chromalab.colorize: same model choice,
   same full-resolution output, same file name and format), so the downloaded file is the one `colorize`
   would write. Previews (gray | coloured, at most 2048 px a side) come from colorize's compare sheet.
-- Results live in the temporary folder until the server stops (the oldest are dropped past MAX_RESULTS); the
-  folder of a server that was killed (-9) is deleted by the next one to start.
+- Results live in the temporary folder until the server stops (the oldest are dropped past MAX_RESULTS or
+  MAX_RESULTS_GB); the folder of a server that was killed (-9) is deleted by the next one to start.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ UPLOAD_STALL_S = 60.0  # an upload that sends nothing for this long is dropped
 SHUTDOWN_WAIT_S = 10.0  # Ctrl-C or SIGTERM: requests still running get this long, then the server stops
 DEFAULT_MAX_UPLOAD_MB = 50.0
 MAX_RESULTS = 200
+MAX_RESULTS_GB = 2.0  # and this much of the temporary folder: a large photo's result is tens of MB
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
 MAX_DROPPED = 100 * MAX_RESULTS  # ids remembered as dropped (then "no such result"), so memory stays bounded
 
@@ -140,15 +141,20 @@ def _check_headers(request: Request, name: str, max_upload_mb: float, own_names:
 
 
 class _Results:
-    """The coloured photos kept, by id: the last MAX_RESULTS; asking for an older one says it was dropped."""
+    """The coloured photos kept, by id: the last MAX_RESULTS, within MAX_RESULTS_GB (the newest always); asking
+    for an older one says it was dropped."""
 
     def __init__(self, workdir: Path):
         self.workdir, self.kept, self.dropped = workdir, OrderedDict(), OrderedDict()
+        self.sizes: dict[str, int] = {}
 
     def add(self, job_id: str, entry: dict) -> None:
         self.kept[job_id] = entry
-        while len(self.kept) > MAX_RESULTS:
+        self.sizes[job_id] = sum(f.stat().st_size for f in (self.workdir / job_id).iterdir() if f.is_file())
+        while len(self.kept) > MAX_RESULTS or (
+                len(self.kept) > 1 and sum(self.sizes.values()) > MAX_RESULTS_GB * 1e9):
             oldest = self.kept.popitem(last=False)[0]
+            del self.sizes[oldest]
             self.dropped[oldest] = None
             _remove(self.workdir / oldest)
         while len(self.dropped) > MAX_DROPPED:
@@ -156,8 +162,8 @@ class _Results:
 
     def get(self, job_id: str) -> dict | None:
         if job_id in self.dropped:
-            raise HTTPException(410, f"this result was dropped: the server keeps its last {MAX_RESULTS}; colour "
-                                     "the photo again")
+            raise HTTPException(410, f"this result was dropped: the server keeps its last {MAX_RESULTS}, "
+                                     f"{MAX_RESULTS_GB:g} GB at most; colour the photo again")
         return self.kept.get(job_id)
 
 
