@@ -67,8 +67,11 @@ def assert_shows(panel: np.ndarray, picture: np.ndarray, what: str) -> None:
 
 
 def gray_picture(L: np.ndarray) -> np.ndarray:
-    """The gray input as evaluate draws it: L/100 on all three channels, as 8-bit RGB."""
-    return to_uint8(np.repeat(np.clip(L, 0, 1), 3, axis=-1))
+    """The gray input as it looks: Lab (100 L, 0, 0) in 8-bit sRGB (scikit-image's conversion, not ours)."""
+    from skimage.color import lab2rgb
+
+    lab = np.concatenate([100.0 * np.asarray(L, dtype=np.float64), np.zeros((*np.shape(L)[:-1], 2))], axis=-1)
+    return to_uint8(lab2rgb(lab))
 
 
 def colour_picture(L: np.ndarray, ab: np.ndarray) -> np.ndarray:

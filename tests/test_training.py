@@ -746,3 +746,16 @@ def test_a_second_training_of_the_same_model_waits_then_says_so_instead_of_shari
         with pytest.raises(ChromalabError, match=r"models/baseline is being trained by another process; wait"):
             run_train(tiny_params(baseline={"epochs": 1}), "baseline")
     assert run_train(tiny_params(baseline={"epochs": 1}), "baseline")["epochs"] == 1  # once it has ended
+
+
+def test_the_sample_sheets_gray_panel_is_the_gray_the_photo_is_shown_as():
+    """MLflow's sample sheets draw the gray input as evaluate's sheets do: Lab (L, 0, 0), not L/100 as sRGB."""
+    from chromalab.train.callbacks import sample_sheet
+    from sheets import gray_picture
+
+    L = np.linspace(0.0, 1.0, 2 * 8 * 8, dtype=np.float32).reshape(2, 8, 8, 1)
+    ab = np.random.default_rng(0).uniform(-0.3, 0.3, (2, 8, 8, 2)).astype(np.float32)
+    sheet = sample_sheet(L, ab, ab)
+    for row in range(2):
+        gray_panel = sheet[8 * row:8 * (row + 1), :8].astype(int)
+        assert np.abs(gray_panel - gray_picture(L[row])).max() <= 1

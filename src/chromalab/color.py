@@ -315,6 +315,14 @@ def lab_norm_to_rgb(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
     return _converted(l_norm, ab_norm, _srgb_encode, np.float32)
 
 
+def gray_rgb(l_norm: np.ndarray) -> np.ndarray:
+    """The gray a photo of normalised lightness L [..., H, W, 1] is shown as (a = b = 0), RGB float32 in
+    [0, 1]: the sheets' gray panel, the colours the gray floor is scored on. Not L itself taken as sRGB,
+    which is lighter in the mid-tones."""
+    l_norm = np.asarray(l_norm, dtype=np.float32)
+    return lab_norm_to_rgb(l_norm, np.zeros((*l_norm.shape[:-1], 2), dtype=np.float32))
+
+
 def lab_norm_to_rgb8(l_norm: np.ndarray, ab_norm: np.ndarray) -> np.ndarray:
     """As `lab_norm_to_rgb`, straight to uint8 through a table (for full-size photos): the same codes as
     rounding `lab_norm_to_rgb(...) * 255`, except at most one step off on rare exact rounding boundaries."""

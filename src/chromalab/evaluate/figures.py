@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chromalab.color import lab_norm_to_rgb
+from chromalab.color import gray_rgb, lab_norm_to_rgb
 from chromalab.evaluate.scoring import GRAY_FLOOR
 from chromalab.files import atomic_file
 
@@ -69,7 +69,7 @@ def worst_sheet(path: Path, ids: list[str], L: np.ndarray, predictions: dict[str
     for block, name in enumerate(models):
         worst = np.argsort(-delta_e[name], kind="stable")[:n_rows]
         for row, i in enumerate(worst):
-            panels = [(np.repeat(np.clip(L[i], 0, 1), 3, axis=-1), f"gray: ΔE {delta_e[GRAY_FLOOR][i]:.1f}"),
+            panels = [(gray_rgb(L[i]), f"gray: ΔE {delta_e[GRAY_FLOOR][i]:.1f}"),
                       (lab_norm_to_rgb(L[i], predictions[name][i]), f"{name}: ΔE {delta_e[name][i]:.1f}"),
                       (lab_norm_to_rgb(L[i], true_ab[i]), "truth")]
             for col, (img, title) in enumerate(panels):
@@ -92,7 +92,7 @@ def comparison_sheet(path: Path, ids: list[str], L: np.ndarray, predictions: dic
     fig, axes = plt.subplots(len(ids), len(columns), figsize=(2.2 * len(columns), 2.2 * len(ids)),
                              squeeze=False)
     for row, photo_id in enumerate(ids):
-        images = [np.repeat(np.clip(L[row], 0, 1), 3, axis=-1)]
+        images = [gray_rgb(L[row])]
         images += [lab_norm_to_rgb(L[row], predictions[n][row]) for n in columns[1:-1]]
         images.append(lab_norm_to_rgb(L[row], true_ab[row]))
         for col, img in enumerate(images):

@@ -10,7 +10,7 @@ import time
 import keras
 import numpy as np
 
-from chromalab.color import lab_norm_to_rgb
+from chromalab.color import gray_rgb, lab_norm_to_rgb
 from chromalab.entry import raise_if_stopped
 from chromalab.train.checkpoint import Checkpoint
 from chromalab.train.validation import VAL_DELTA_E00, colorizer, predict_ab, val_delta_e00
@@ -20,8 +20,8 @@ def sample_sheet(L: np.ndarray, pred_ab: np.ndarray, true_ab: np.ndarray) -> np.
     """One row per photo: gray input | prediction | truth, as uint8 RGB."""
     rows = []
     for l_img, p_ab, t_ab in zip(L, pred_ab, true_ab):
-        gray = np.repeat(np.clip(l_img, 0, 1), 3, axis=-1)
-        rows.append(np.concatenate([gray, lab_norm_to_rgb(l_img, p_ab), lab_norm_to_rgb(l_img, t_ab)], axis=1))
+        panels = (gray_rgb(l_img), lab_norm_to_rgb(l_img, p_ab), lab_norm_to_rgb(l_img, t_ab))
+        rows.append(np.concatenate(panels, axis=1))
     return (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
 
 
