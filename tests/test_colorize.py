@@ -138,6 +138,30 @@ def test_a_png_colour_key_stays_transparent_and_a_transparent_photo_named_jpg_is
         assert (out.format, out.mode, out.size) == ("JPEG", "RGB", (64, 64))  # JPEG holds no alpha
 
 
+def test_transparent_parts_are_white_to_the_model_and_in_outputs_without_alpha(tmp_path, models, rgb_photos):
+    """As the images stage trains on it (and a browser shows it): a cut-out's transparent band, whose hidden
+    pixels editors save black, is white to the model, in a JPEG output and on the compare sheet."""
+    cutout = np.dstack([rgb_photos[2], np.full((64, 64), 255, np.uint8)])
+    cutout[:, :16] = 0  # transparent, and black underneath
+    on_white = cutout[..., :3].copy()
+    on_white[:, :16] = 255
+    Image.fromarray(cutout).save(tmp_path / "cutout.png")
+    Image.fromarray(cutout).save(tmp_path / "renamed.jpg", format="PNG")  # coloured into a JPEG
+    Image.fromarray(on_white).save(tmp_path / "on_white.png")
+    seen = read_photo(tmp_path / "cutout.png", (MODEL_SIZE, MODEL_SIZE)).small
+    np.testing.assert_allclose(seen, read_photo(tmp_path / "on_white.png", (MODEL_SIZE, MODEL_SIZE)).small, atol=1e-3)
+
+    report = run([tmp_path / "cutout.png", tmp_path / "renamed.jpg"], models, compare=True)
+    assert len(report.done) == 2, report.failed
+    with Image.open(tmp_path / "cutout_color.png") as kept:  # alpha kept: the band stays transparent
+        assert kept.mode == "RGBA" and np.asarray(kept.getchannel("A"))[:, :16].max() == 0
+    with Image.open(tmp_path / "renamed_color.jpg") as jpeg:
+        assert lightness(jpeg)[:, :14].min() > 97
+    with Image.open(tmp_path / "cutout_compare.jpg") as sheet:
+        band = lightness(sheet)
+        assert band[:, :14].min() > 97 and band[:, 64:78].min() > 97  # gray half, coloured half
+
+
 def test_an_output_folder_that_is_a_file_is_one_line_and_one_that_holds_the_photos_works(tmp_path, models,
                                                                                         rgb_photos):
     photos = tmp_path / "photos"

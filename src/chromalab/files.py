@@ -75,6 +75,15 @@ def upright(image: Image.Image) -> Image.Image:
     return image.copy() if turn is None else image.transpose(turn)
 
 
+def over_white(image: Image.Image) -> Image.Image:
+    """A photo with transparency as a browser shows it on a white page, in RGB; any other photo as it is. What
+    the model is trained on (images stage) and fed (colorize), and what an output without alpha shows."""
+    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
+        return image
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
 MAX_NAME_BYTES = 255  # a file name's limit on Linux, macOS and Windows file systems
 _TEMP_EXTRA_BYTES = len(".12345678.tmp.")
 

@@ -16,7 +16,8 @@ from PIL import ExifTags, Image, TiffTags
 
 from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.colorize.model import model_input_size
-from chromalab.files import OUTPUT_SOFTWARE, PHOTO_FORMATS, READ_ERRORS, atomic_file, signature_format, upright
+from chromalab.files import (OUTPUT_SOFTWARE, PHOTO_FORMATS, READ_ERRORS, atomic_file, over_white, signature_format,
+                             upright)
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
 # EXIF fits one JPEG APP1 segment (64 KiB, less its header).
@@ -143,7 +144,10 @@ def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = Non
         exif = _kept_exif(opened)
         frames = 1 if opened.format == "MPO" else getattr(opened, "n_frames", 1)  # MPO: a camera's previews
     lightness, alpha = _lightness_and_alpha(image)
-    small = None if model_size is None else small_lightness(path, lightness, model_size)
+    small = None
+    if model_size is not None:  # the model sees transparency as it was trained to: white (chromalab.files)
+        seen = lightness if alpha is None else _lightness_and_alpha(over_white(image))[0]
+        small = small_lightness(path, seen, model_size)
     return Photo(lightness, alpha, small, exif, frames)
 
 
@@ -239,9 +243,11 @@ def compare_sheet(photo: Photo, coloured: Image.Image) -> Image.Image:
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     lightness = _resize(photo.lightness, size, DOWNSAMPLE)
     gray = lab_image(lightness, np.zeros((1, 1, 2), dtype=np.float32))
+    if photo.alpha is not None:
+        gray.putalpha(photo.alpha.resize(size[::-1], DOWNSAMPLE, reducing_gap=REDUCING_GAP))
     sheet = Image.new("RGB", (2 * size[1], size[0]))
-    sheet.paste(gray, (0, 0))
-    sheet.paste(coloured.convert("RGB").resize(size[::-1], DOWNSAMPLE, reducing_gap=REDUCING_GAP), (size[1], 0))
+    sheet.paste(over_white(gray), (0, 0))
+    sheet.paste(over_white(coloured.resize(size[::-1], DOWNSAMPLE, reducing_gap=REDUCING_GAP)), (size[1], 0))
     return sheet
 
 
@@ -277,9 +283,10 @@ def write_photo(image: Image.Image, f, image_format: str, exif: Image.Exif | Non
 
 
 def encodable(image: Image.Image, image_format: str) -> Image.Image:
-    """`image` as `image_format` can hold it: JPEG has no alpha (a transparent photo named .jpg loses it)."""
+    """`image` as `image_format` can hold it: JPEG has no alpha, so a transparent photo named .jpg is shown on
+    white, as a browser shows it (not the colours its transparent parts hid)."""
     if image_format == "JPEG" and image.mode not in ("RGB", "L"):
-        return image.convert("RGB")
+        return over_white(image).convert("RGB")
     return image
 
 

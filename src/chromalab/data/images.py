@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 from chromalab.color import mean_chroma
 from chromalab.config import Params
-from chromalab.files import (READ_ERRORS, clear_stale_temps, signature_format, upright, write_bytes_atomic,
-                             write_text_atomic)
+from chromalab.files import (READ_ERRORS, clear_stale_temps, over_white, signature_format, upright,
+                             write_bytes_atomic, write_text_atomic)
 from chromalab.errors import ChromalabError
 from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, FETCHED_SPLITS
 from chromalab.data.http import (PAGE_TYPES, RETRY_STATUSES, TOO_MANY_REDIRECTS, USER_AGENT, content_type,
@@ -650,11 +650,8 @@ def ends_blank(image: Image.Image) -> bool:
 
 def square_rgb(image: Image.Image, size: int) -> Image.Image:
     """Upright (EXIF), RGB (transparency over white, as a browser shows it), centre-cropped to size×size."""
-    image = upright(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    elif image.mode != "RGB":
+    image = over_white(upright(image))
+    if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != (size, size):
         image = ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
