@@ -162,6 +162,27 @@ def test_transparent_parts_are_white_to_the_model_and_in_outputs_without_alpha(t
         assert band[:, :14].min() > 97 and band[:, 64:78].min() > 97  # gray half, coloured half
 
 
+def test_a_photo_in_another_colour_space_is_read_as_it_looks_and_one_with_a_broken_profile_as_stored(tmp_path):
+    """A camera's Adobe RGB photo or a scan in gray gamma 2.2: the lightness colorize keeps, and the model sees,
+    is the one the photo's profile gives, not its numbers taken as sRGB."""
+    from icc import ADOBE_RGB_GAMMA, adobe_rgb, gray_gamma, neutral_lightness
+
+    levels = np.arange(256)
+    ramp = np.tile(levels.astype(np.uint8), (8, 1))
+    Image.fromarray(np.dstack([ramp] * 3)).save(tmp_path / "adobe.png", icc_profile=adobe_rgb())
+    Image.fromarray(ramp).save(tmp_path / "gray22.png", icc_profile=gray_gamma(2.2))
+    Image.fromarray(np.dstack([ramp] * 3)).save(tmp_path / "broken.png", icc_profile=b"no profile at all")
+    Image.fromarray(np.dstack([ramp] * 3)).save(tmp_path / "plain.png")
+    for name, gamma in (("adobe.png", ADOBE_RGB_GAMMA), ("gray22.png", 2.2)):
+        lightness = read_photo(tmp_path / name).lightness[0] * 100
+        np.testing.assert_allclose(lightness, neutral_lightness(levels, gamma), atol=1.0, err_msg=name)
+    np.testing.assert_array_equal(read_photo(tmp_path / "broken.png").lightness,
+                                  read_photo(tmp_path / "plain.png").lightness)
+    Image.new("RGB", (64, 64), (30, 30, 30)).save(tmp_path / "dark.jpg", quality=100, icc_profile=adobe_rgb())
+    seen = read_photo(tmp_path / "dark.jpg", (MODEL_SIZE, MODEL_SIZE)).small * 100  # JPEG: a draft decode
+    np.testing.assert_allclose(seen, neutral_lightness(30, ADOBE_RGB_GAMMA), atol=0.6)
+
+
 def test_an_output_folder_that_is_a_file_is_one_line_and_one_that_holds_the_photos_works(tmp_path, models,
                                                                                         rgb_photos):
     photos = tmp_path / "photos"

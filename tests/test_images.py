@@ -692,6 +692,23 @@ def test_folder_source_orients_converts_crops_and_checks(tmp_path):
     assert sources["rot"] == path("rot")
 
 
+def test_a_photo_is_stored_as_it_looks_in_srgb_and_on_white(tmp_path):
+    """What the model learns from is the photo as shown: an Adobe RGB photo's lightness through its profile (as
+    colorize reads one), a transparent part white (as colorize feeds one to the model)."""
+    from icc import ADOBE_RGB_GAMMA, adobe_rgb, neutral_lightness
+
+    from chromalab.color import rgb_to_lab_norm
+    from chromalab.data.images import square_rgb
+
+    Image.new("RGB", (40, 40), (30, 30, 30)).save(tmp_path / "adobe.png", icc_profile=adobe_rgb())
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    with Image.open(tmp_path / "adobe.png") as adobe, Image.open(tmp_path / "clear.png") as clear:
+        stored, blank = square_rgb(adobe, 32), square_rgb(clear, 32)
+    lightness = rgb_to_lab_norm(np.asarray(stored))[..., 0] * 100
+    np.testing.assert_allclose(lightness, neutral_lightness(30, ADOBE_RGB_GAMMA), atol=0.6)
+    assert blank.mode == "RGB" and np.asarray(blank).min() == 255
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest's capture resets our filter
 def test_a_photo_past_pillows_bomb_limit_is_too_large_not_corrupt_and_one_near_it_is_used_quietly(
         tmp_path, monkeypatch):

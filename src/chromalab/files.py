@@ -6,12 +6,15 @@
 - `held_exclusively`: one process at a time in a folder (a training's checkpoint).
 - The photo formats a folder is searched for, what Pillow raises on a file that is no photo (importing this
   module also silences Pillow's decompression-bomb warning), and the EXIF mark of colorize's own outputs.
+- A photo's pixels as they are shown (`upright`, `in_srgb`, `over_white`): what the model is trained on and fed.
 - `dvc_recorded_outputs`: the outputs dvc.lock records, with their MD5s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import os
 import re
 import secrets
@@ -24,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, ImageCms
 
 
 # The photos a folder is searched for, by kind (the folder data source, `chromalab colorize`). A file named on
@@ -73,6 +76,34 @@ def upright(image: Image.Image) -> Image.Image:
         orientation = 1
     turn = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
     return image.copy() if turn is None else image.transpose(turn)
+
+
+# Modes a colour profile converts from (into RGB, RGBA where there is alpha); others are taken as sRGB.
+_PROFILED_MODES = ("RGB", "RGBA", "CMYK", "L")
+
+
+@functools.cache
+def _srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def in_srgb(image: Image.Image) -> Image.Image:
+    """The photo's colours in sRGB, which chromalab's Lab assumes: converted from its embedded colour profile (a
+    camera's Adobe RGB, a phone's Display P3, a gray gamma), where it has one that is not sRGB's; as stored where
+    that profile cannot be read (README, "Measured figures": what skipping it would cost)."""
+    icc = image.info.get("icc_profile")
+    if not icc or image.mode not in _PROFILED_MODES:
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in ImageCms.getProfileDescription(source).lower():
+            return image
+        converted = ImageCms.profileToProfile(image, source, _srgb_profile(),
+                                              outputMode="RGBA" if image.mode == "RGBA" else "RGB")
+    except (ImageCms.PyCMSError, *READ_ERRORS):
+        return image
+    converted.info = {key: value for key, value in image.info.items() if key != "icc_profile"}
+    return converted
 
 
 def over_white(image: Image.Image) -> Image.Image:

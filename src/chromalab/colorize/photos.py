@@ -16,8 +16,8 @@ from PIL import ExifTags, Image, TiffTags
 
 from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.colorize.model import model_input_size
-from chromalab.files import (OUTPUT_SOFTWARE, PHOTO_FORMATS, READ_ERRORS, atomic_file, over_white, signature_format,
-                             upright)
+from chromalab.files import (OUTPUT_SOFTWARE, PHOTO_FORMATS, READ_ERRORS, atomic_file, in_srgb, over_white,
+                             signature_format, upright)
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
 # EXIF fits one JPEG APP1 segment (64 KiB, less its header).
@@ -128,19 +128,19 @@ def small_lightness(path: Path | io.BytesIO, lightness: np.ndarray, size: tuple[
     with Image.open(path) as opened:
         if opened.format == "JPEG" and opened.mode in ("L", "RGB"):
             opened.draft(opened.mode, (max(size), max(size)))
-            small, _ = _lightness_and_alpha(upright(opened))
+            small, _ = _lightness_and_alpha(in_srgb(upright(opened)))
             return _resize(small, size, DOWNSAMPLE)
     return _resize(lightness, size, DOWNSAMPLE)
 
 
 def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = None,
                output_format: str | None = None) -> Photo:
-    """Decode a photo upright (EXIF orientation applied) into its full-resolution lightness and alpha, and,
-    with `model_size` = (height, width), its lightness at that size for the model; refused before decoding
-    where its size is no photo's, or more than `output_format` holds."""
+    """Decode a photo upright (EXIF orientation applied), in sRGB (files.in_srgb), into its full-resolution
+    lightness and alpha, and, with `model_size` = (height, width), its lightness at that size for the model;
+    refused before decoding where its size is no photo's, or more than `output_format` holds."""
     with Image.open(path) as opened:
         _check_size(*opened.size, output_format)
-        image = upright(opened)
+        image = in_srgb(upright(opened))
         exif = _kept_exif(opened)
         frames = 1 if opened.format == "MPO" else getattr(opened, "n_frames", 1)  # MPO: a camera's previews
     lightness, alpha = _lightness_and_alpha(image)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from chromalab.color import mean_chroma
 from chromalab.config import Params
-from chromalab.files import (READ_ERRORS, clear_stale_temps, over_white, signature_format, upright,
+from chromalab.files import (READ_ERRORS, clear_stale_temps, in_srgb, over_white, signature_format, upright,
                              write_bytes_atomic, write_text_atomic)
 from chromalab.errors import ChromalabError
 from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, FETCHED_SPLITS
@@ -649,8 +649,9 @@ def ends_blank(image: Image.Image) -> bool:
 
 
 def square_rgb(image: Image.Image, size: int) -> Image.Image:
-    """Upright (EXIF), RGB (transparency over white, as a browser shows it), centre-cropped to size×size."""
-    image = over_white(upright(image))
+    """Upright (EXIF), sRGB (from its colour profile), RGB (transparency over white, as a browser shows it),
+    centre-cropped to size×size."""
+    image = over_white(in_srgb(upright(image)))
     if image.mode != "RGB":
         image = image.convert("RGB")
     if image.size != (size, size):
