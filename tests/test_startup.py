@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,19 +126,23 @@ def test_a_stopped_stage_says_so_in_one_line_and_exits_with_the_signals_status(s
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
 def test_a_workspace_experiment_killed_says_how_to_leave_the_detached_head_dvc_leaves(tmp_path, signum):
     """Killed otherwise than by Ctrl-C, `dvc exp run` leaves git on the detached HEAD it ran on, and its re-run
-    keeps it there. A queued run's copy (DVC_ROOT is the repository, not its folder) detaches nothing."""
-    copy = tmp_path / ".dvc" / "tmp" / "exps" / "run1"
+    keeps it there. A queued run's copy (DVC_ROOT is the repository, not its folder) detaches nothing, nor does
+    one that the queue deleted under the stage as it killed it."""
+    copy, deleted = (tmp_path / ".dvc" / "tmp" / "exps" / name for name in ("run1", "run2"))
     copy.mkdir(parents=True)
+    deleted.mkdir(parents=True)
     said = {}
-    for where in (tmp_path, copy):
+    for where in (tmp_path, copy, deleted):
         env = {**os.environ, "DVC_EXP_NAME": "brisk-lynx", "DVC_ROOT": str(tmp_path)}
         stage = subprocess.Popen([sys.executable, "-c", STAGE], cwd=where, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
         assert stage.stdout.readline() == "working\n"
+        if where == deleted:
+            shutil.rmtree(deleted)
         stage.send_signal(signum)
         said[where] = stage.communicate(timeout=30)[1].strip()
     stopped = f"stopped ({signal.Signals(signum).name}); re-run to resume where it stopped"
-    assert said[copy] == stopped
+    assert said[copy] == said[deleted] == stopped
     assert said[tmp_path] == (stopped if signum == signal.SIGINT else stopped + " (if `dvc exp run` itself was "
                               "killed, git is left on a detached HEAD: `git checkout <branch>` first)")
 

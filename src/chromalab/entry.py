@@ -133,9 +133,15 @@ def report_stop() -> int:
 
 
 def _in_workspace_experiment() -> bool:
-    """Under `dvc exp run` in the workspace (DVC sets DVC_ROOT to the repository, not to a queued run's copy)."""
+    """Under `dvc exp run` in the workspace (DVC sets DVC_ROOT to the repository, not to a queued run's copy,
+    which the queue may delete under the stage as it kills it)."""
     root = os.environ.get("DVC_ROOT")
-    return bool(os.environ.get("DVC_EXP_NAME")) and root is not None and Path(root).resolve() == Path.cwd().resolve()
+    if not os.environ.get("DVC_EXP_NAME") or root is None:
+        return False
+    try:
+        return Path(root).resolve() == Path.cwd().resolve()
+    except OSError:  # the current folder is gone: a queued run's copy
+        return False
 
 
 def end_with_parent(parent: int) -> None:
