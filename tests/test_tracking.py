@@ -133,6 +133,7 @@ def test_model_run_logs_params_metrics_images_model_and_tags(store, repo, monkey
     assert tags["mlflow.source.git.dirty"] == "true"
     assert tags["dvc.exp_name"] == "brisk-lynx"
     assert tags["dvc.baseline_rev"] == commit
+    assert tags["dvc.rev"] == f"refs/exps/{commit[:2]}/{commit[2:]}/brisk-lynx"  # where its dvc.lock is committed
     assert tags["stage"] == "train@gan" and tags["model"] == "gan" and tags["dataset_hash"] == "sha256:abc"
     assert (tags["device"] == "CPU") == (not tf.config.list_physical_devices("GPU"))
     assert tags["keras.version"] == keras.__version__ and tags["keras.backend"] == keras.backend.backend()
@@ -214,26 +215,40 @@ def test_a_stage_in_a_dvc_temp_copy_logs_to_the_real_root(repo, monkeypatch):
     assert list((repo / "mlruns").rglob("samples+step+1+*.png")) and not (copy / "mlruns").exists()
 
 
-def test_the_data_source_names_the_experiment_and_dvc_locks_hash_of_the_records(repo, monkeypatch):
-    """`dvc get <repo> data/tfrecords --rev <rev>` fetches a `dvc exp run`'s data by the experiment's ref (its
-    dvc.lock is committed there; its name alone may be reused); HEAD has no such lock. Paths are the copy's own."""
-    from chromalab.track.datasets import dataset_inputs
+def test_each_run_names_the_git_revision_of_its_own_data_and_the_shared_source_its_dvc_hash(store, repo,
+                                                                                              monkeypatch):
+    """`dvc get <repo> data/tfrecords --rev <dvc.rev>` fetches a run's data: a `dvc exp run`'s own ref (its
+    dvc.lock is committed there; its name alone may be reused), else the commit it ran on. MLflow keeps one
+    dataset per name and digest, so the rev is each run's tag, not the source every run on that data shares,
+    which holds the path (the copy's own, for a queued run) and dvc.lock's hash."""
+    import mlflow
 
+    from chromalab.track.datasets import log_dataset_inputs
+
+    runs.check_tracking_server()
+    commit = _git(repo, "rev-parse", "HEAD").strip()
     copy = repo / ".dvc" / "tmp" / "exps" / "standalone" / "tmpq8v1"  # where a queued experiment runs
     (copy / ".dvc").mkdir(parents=True)
     (copy / "dvc.lock").write_text("schema: '2.0'\nstages:\n  tfrecords:\n    cmd: python stages/tfrecords.py\n"
                                   "    outs:\n    - path: data/tfrecords\n      md5: 0123abcd.dir\n")
     monkeypatch.chdir(copy)
-    monkeypatch.setenv("DVC_EXP_NAME", "brisk-lynx")
-    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a1b2c3" + "0" * 34)
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", commit)
     info = {"image_size": 8, "counts": {"train": 2, "val": 1, "test": 1}, "shards": {"train": [], "val": [], "test": []},
             "content_hash": "c" * 64}
-    source = dataset_inputs(info, Path("data/tfrecords"))["training"].source
-    assert source.to_dict() == {"path": "data/tfrecords", "rev": f"refs/exps/a1/b2c3{'0' * 34}/brisk-lynx",
-                                "md5": "0123abcd.dir"}
-    monkeypatch.delenv("DVC_EXP_NAME")  # `dvc repro`: the commit it ran on
-    source = dataset_inputs(info, Path("data/tfrecords"))["testing"].source
-    assert source.rev == _git(repo, "rev-parse", "HEAD").strip()
+    params = parse_params({})
+    logged = {}
+    for name in ("brisk-lynx", "calm-heron", None):  # two experiments on the same data, then `dvc repro`
+        if name:
+            monkeypatch.setenv("DVC_EXP_NAME", name)
+        else:
+            monkeypatch.delenv("DVC_EXP_NAME")
+        with runs.model_run("gan", params, dataset_hash="sha256:c", stage="train@gan") as run:
+            log_dataset_inputs(info, Path("data/tfrecords"))
+        logged[name] = mlflow.MlflowClient(store).get_run(run.info.run_id)
+    for name, run in logged.items():
+        assert run.data.tags["dvc.rev"] == (f"refs/exps/{commit[:2]}/{commit[2:]}/{name}" if name else commit)
+        sources = {json.dumps(json.loads(i.dataset.source), sort_keys=True) for i in run.inputs.dataset_inputs}
+        assert sources == {json.dumps({"md5": "0123abcd.dir", "path": "data/tfrecords"})}
 
 
 def test_logging_outside_a_model_run_is_refused(repo):

@@ -6,9 +6,10 @@ The train, val and test splits of `data/tfrecords` become three MLflow datasets,
 exported epoch) and "testing" (what the evaluate stage scores, in the same run):
 - digest: the records' content hash from dataset.json (its first 16 characters: MLflow keeps 36), so runs
   on the same data group together and a changed dataset shows at a glance;
-- source: type "dvc", the data's path in the repository, the revision to fetch it at (`dvc get <repo> <path>
-  --rev <rev>`: the experiment's git ref under `dvc exp run`, which commits its dvc.lock there; else the
-  git commit it ran on, whose dvc.lock holds this data once you commit it) and its DVC hash from dvc.lock;
+- source: type "dvc", the data's path in the repository and its DVC hash from dvc.lock. Not the git revision
+  to fetch it at: MLflow keeps one dataset per name and digest, so every run on the same data would show the
+  first one's. Each run's own is its tag `dvc.rev` (chromalab.track.runs.run_identity):
+  `dvc get <repo> <path> --rev <dvc.rev>`;
 - profile: photo count, image size, shards, the full content hash, normalisation and contrast variants;
 - schema: the records' tensors (photo id, Lab float16, the L variants).
 """
@@ -16,7 +17,6 @@ exported epoch) and "testing" (what the evaluate stage scores, in the same run):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +32,18 @@ DIGEST_CHARS = 16
 
 
 class DVCDatasetSource(DatasetSource):
-    """Data versioned by DVC: a path in the repository at a git revision (`dvc get <repo> <path> --rev <rev>`),
+    """Data versioned by DVC: a path in the repository (`dvc get <repo> <path> --rev <a run's dvc.rev tag>`),
     and its hash as dvc.lock records it (`md5`, "" where none does), to check what was fetched."""
 
-    def __init__(self, path: str, rev: str, md5: str = ""):
-        self.path, self.rev, self.md5 = path, rev, md5
+    def __init__(self, path: str, md5: str = ""):
+        self.path, self.md5 = path, md5
 
     @staticmethod
     def _get_source_type() -> str:
         return "dvc"
 
     def load(self, **kwargs):
-        raise NotImplementedError(f"fetch it with `dvc get <repo> {self.path} --rev {self.rev}`")
+        raise NotImplementedError(f"fetch it with `dvc get <repo> {self.path} --rev <the run's dvc.rev tag>`")
 
     @staticmethod
     def _can_resolve(raw_source: Any) -> bool:
@@ -54,11 +54,11 @@ class DVCDatasetSource(DatasetSource):
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, str]:
-        return {"path": self.path, "rev": self.rev, "md5": self.md5}
+        return {"path": self.path, "md5": self.md5}
 
     @classmethod
     def from_dict(cls, source_dict: dict[str, str]) -> DVCDatasetSource:
-        return cls(source_dict.get("path", ""), source_dict.get("rev", ""), source_dict.get("md5", ""))
+        return cls(source_dict.get("path", ""), source_dict.get("md5", ""))
 
 
 class RecordsDataset(MetaDataset):
@@ -78,16 +78,10 @@ class RecordsDataset(MetaDataset):
 
 def dataset_inputs(info: dict, data_dir: Path) -> dict[str, RecordsDataset]:
     """dataset.json's splits as MLflow datasets, by context ("training", "validation", "testing")."""
-    from chromalab.track import runs
-
     # Stages run where dvc.yaml is (a DVC temp copy's, for a queued experiment): paths are relative to it.
     here, path = Path.cwd().resolve(), Path(data_dir).resolve()
     relative = path.relative_to(here).as_posix() if path.is_relative_to(here) else str(path)
-    name, baseline = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_EXP_BASELINE_REV")
-    # the experiment's own ref: its name alone may be reused on another baseline
-    rev = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}" if name and baseline else \
-        runs._git_state(runs.repo_root()).get(runs.TAG_GIT_COMMIT, "")
-    source = DVCDatasetSource(relative, rev, dvc_recorded_outputs().get(relative) or "")
+    source = DVCDatasetSource(relative, dvc_recorded_outputs().get(relative) or "")
     size = int(info["image_size"])
     variants = len(info.get("variants", []))
     specs = [TensorSpec(np.dtype(np.str_), (-1,), "photo_id"),

@@ -51,6 +51,7 @@ TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_GIT_DIRTY = "mlflow.source.git.dirty"
 TAG_DVC_EXP_NAME = "dvc.exp_name"
 TAG_DVC_BASELINE_REV = "dvc.baseline_rev"
+TAG_DVC_REV = "dvc.rev"  # where `dvc get <repo> data/tfrecords --rev <it>` fetches this run's data (README)
 # MLflow 3 records an experiment's kind in this tag (its UI sets it too); ours holds model training runs.
 # MLflow 3.17's UI opens experiments by its own GenAI | Model training switch instead (see README).
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -219,13 +220,19 @@ def _framework_versions() -> dict[str, str]:
 def run_identity() -> dict[str, str]:
     """Tags that say what produced a run: git commit and dirty flag, DVC experiment, device, versions.
 
-    Outside `dvc exp run` the experiment name is "workspace" and its baseline is the git commit.
+    Outside `dvc exp run` the experiment name is "workspace" and its baseline is the git commit. `dvc.rev` is
+    the experiment's own git ref, where `dvc exp run` commits its dvc.lock (its name alone may be reused on
+    another baseline); outside it, the commit the run started from.
     """
     identity = _git_state(Path.cwd())
-    identity[TAG_DVC_EXP_NAME] = os.environ.get("DVC_EXP_NAME") or "workspace"
-    baseline = os.environ.get("DVC_EXP_BASELINE_REV") or identity.get(TAG_GIT_COMMIT)
+    name, baseline = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_EXP_BASELINE_REV")
+    identity[TAG_DVC_EXP_NAME] = name or "workspace"
+    if name and baseline:
+        identity[TAG_DVC_REV] = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
+    baseline = baseline or identity.get(TAG_GIT_COMMIT)
     if baseline:
         identity[TAG_DVC_BASELINE_REV] = baseline
+        identity.setdefault(TAG_DVC_REV, baseline)
     identity["device"] = _device_name()
     identity.update(_framework_versions())
     return identity
