@@ -90,6 +90,57 @@ def test_a_command_that_fails_or_is_interrupted_exits_non_zero(monkeypatch, caps
     cli.main(["done"])  # success returns: no SystemExit
 
 
+def test_a_command_the_machine_stops_says_what_to_free_in_one_line(monkeypatch, capsys, tmp_path):
+    """Out of memory, a full disk, an MLflow store SQLite cannot write (as MLflow wraps it): one line each, what to
+    do, exit status 1; any other failure is a bug, with its traceback."""
+    import sqlite3
+
+    import typer
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError
+
+    from chromalab import cli
+
+    store = tmp_path / "mlflow.db"
+    sqlite3.connect(store).execute("CREATE TABLE runs (id)").connection.commit()
+    commands = typer.Typer()
+
+    @commands.command()
+    def memory():
+        raise MemoryError
+
+    @commands.command()
+    def disk():
+        with open("/dev/full", "w") as f:  # every write fails with ENOSPC, as a full disk's
+            f.write("a photo")
+
+    @commands.command()
+    def store_readonly():
+        try:
+            sqlite3.connect(f"file:{store}?mode=ro", uri=True).execute("INSERT INTO runs VALUES (1)")
+        except sqlite3.Error as exc:
+            refused = exc
+        # SQLAlchemy's error holds the driver's as `orig`; MLflow's says it in words
+        raise MlflowException(f"(sqlite3.OperationalError) {refused}") from OperationalError("INSERT", (1,), refused)
+
+    @commands.command()
+    def bug():
+        raise KeyError("a bug of ours")
+
+    monkeypatch.setattr(cli, "app", commands)
+    expected = {"memory": "out of memory: close other programs, or lower a batch size or images.concurrency",
+                "disk": "the disk is full: free space there",
+                "store-readonly": "the MLflow store cannot be written (OperationalError: attempt to write a readonly "
+                                  "database): free space or fix its permissions"}
+    for command, start in expected.items():
+        with pytest.raises(SystemExit) as exited:
+            cli.main([command])
+        assert exited.value.code == 1
+        assert capsys.readouterr().err == f"error: {start}, then re-run: finished work is kept\n"
+    with pytest.raises(KeyError):
+        cli.main(["bug"])
+
+
 def _colorize(folder: Path, *options: str) -> subprocess.Popen:
     """`chromalab colorize` up to its model load, started: Keras, and with it TensorFlow, is imported, then
     the model file that is not a model stops the command with its own one-line error. The cheapest real

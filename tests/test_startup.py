@@ -123,6 +123,27 @@ def test_a_stopped_stage_says_so_in_one_line_and_exits_with_the_signals_status(s
     assert err.strip() == f"stopped ({signal.Signals(signum).name}); re-run to resume where it stopped"
 
 
+FAILING_STAGE = """
+import sys
+from chromalab.entry import run_stage
+def stage():
+    if sys.argv[1] == "disk-full":  # /dev/full: every write fails with ENOSPC, as a full disk's
+        with open("/dev/full", "w") as f:
+            f.write("a checkpoint")
+    raise ValueError("a bug of ours")
+run_stage(stage)
+"""
+
+
+def test_a_stage_stopped_by_a_full_disk_says_so_in_one_line_and_a_bug_keeps_its_traceback():
+    said = {}
+    for case in ("disk-full", "bug"):
+        stage = subprocess.run([sys.executable, "-c", FAILING_STAGE, case], capture_output=True, text=True, timeout=60)
+        said[case] = (stage.returncode, stage.stderr.strip())
+    assert said["disk-full"] == (1, "error: the disk is full: free space there, then re-run: finished work is kept")
+    assert said["bug"][0] == 1 and said["bug"][1].startswith("Traceback") and "ValueError: a bug of ours" in said["bug"][1]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
 def test_a_workspace_experiment_killed_says_how_to_leave_the_detached_head_dvc_leaves(tmp_path, signum):
     """Killed otherwise than by Ctrl-C, `dvc exp run` leaves git on the detached HEAD it ran on, and its re-run

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from chromalab.entry import exit_code, exit_without_teardown, handle_stop_signals, report_stop, skip_unused_extras
-from chromalab.errors import ChromalabError
+from chromalab.errors import ChromalabError, machine_failure
 from chromalab.quiet import quiet_tensorflow
 
 app = typer.Typer(
@@ -171,6 +171,11 @@ def main(argv: list[str] | None = None) -> None:
         if message := exc.format_message().rstrip("."):  # none: the help was shown instead (no arguments given)
             typer.echo(f"error: {message} (see `{command} --help`)", err=True)
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        if (message := machine_failure(exc)) is None:
+            raise  # a bug: its traceback
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(1)
     if code == 130:  # Typer's own Ctrl-C
         code = report_stop()
     if isinstance(code, int) and code:

@@ -1,5 +1,11 @@
 """User-facing errors: one line that says what was wrong and what to do."""
 
+from __future__ import annotations
+
+import errno
+import sqlite3
+from collections.abc import Iterator
+
 
 class ChromalabError(Exception):
     """An error the CLI prints as one line (no traceback) and exits with status 1."""
@@ -16,3 +22,45 @@ def printable(text: str, limit: int = 120) -> str:
     escaped, so that it cannot move the cursor, retitle the terminal or fake a line of its own; cut to `limit`."""
     shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return shown if len(shown) <= limit else shown[:limit] + "…"
+
+
+# The machine failing under a run, not the run failing: the disk full or read-only, a file it may not write.
+_DISK_ERRNOS = {errno.ENOSPC: ("the disk is full", "free space there"),
+                errno.EDQUOT: ("the disk quota is used up", "free space there"),
+                errno.EROFS: ("the file system is read-only", "make it writable"),
+                errno.EACCES: ("permission denied", "make it writable"),
+                errno.EPERM: ("operation not permitted", "make it writable")}
+# What SQLite says when the MLflow store's disk or file fails it (sqlite3.OperationalError's messages).
+_STORE_FAILURES = ("readonly database", "disk is full", "unable to open database file", "disk i/o error")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the exceptions behind it (raised from, or while handling), and a database driver's own (orig)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        behind = (current.__cause__, current.__context__, getattr(current, "orig", None))
+        todo += [cause for cause in behind if isinstance(cause, BaseException)]
+
+
+def machine_failure(exc: BaseException) -> str | None:
+    """One line for a run stopped by the machine (out of memory, a full or read-only disk, a store it cannot
+    write), saying what to do; None for any other failure. Stages and colorize keep what they finished, so the
+    re-run resumes."""
+    for cause in _chain(exc):
+        if isinstance(cause, MemoryError):
+            return ("out of memory: close other programs, or lower a batch size or images.concurrency, then re-run: "
+                    "finished work is kept")
+        if isinstance(cause, sqlite3.OperationalError) and any(m in str(cause).lower() for m in _STORE_FAILURES):
+            return (f"the MLflow store cannot be written ({one_line(cause)}): free space or fix its permissions, then "
+                    "re-run: finished work is kept")
+        if isinstance(cause, OSError) and cause.errno in _DISK_ERRNOS:
+            reason, action = _DISK_ERRNOS[cause.errno]
+            where = f" ({cause.filename})" if cause.filename else ""
+            return f"{reason}{where}: {action}, then re-run: finished work is kept"
+    return None
