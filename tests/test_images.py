@@ -692,6 +692,34 @@ def test_folder_source_orients_converts_crops_and_checks(tmp_path):
     assert sources["rot"] == path("rot")
 
 
+def test_a_webp_that_memory_could_not_decode_is_tried_again_not_rejected_as_corrupt(tmp_path, monkeypatch):
+    """Short of memory, Pillow's WebP decoder says "could not create decoder object", as it does for a file cut
+    short: a whole file is the machine's fault, so the run fails (re-run), and the photo is not replaced for good."""
+    from PIL import WebPImagePlugin
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i, pid in enumerate(("a", "b", "c")):
+        Image.fromarray(np.full((32, 32, 3), (200, 60 + 40 * i, 40), np.uint8)).save(folder / f"{pid}.webp")
+    whole = (folder / "a.webp").read_bytes()
+    (folder / "cut.webp").write_bytes(whole[:len(whole) // 2])
+    path = {pid: str(folder / f"{pid}.webp") for pid in ("a", "b", "c", "cut")}
+    write_split(tmp_path / "split", "", ["a", "cut"], ["b"], ["c"], url=path.__getitem__)
+    params = parse_params({**raw_params(), "data": {"source": "folder", "folder": str(folder)}})
+
+    def starved(*args, **kwargs):
+        raise OSError("could not create decoder object")
+    with monkeypatch.context() as patch:
+        patch.setattr(WebPImagePlugin._webp, "WebPAnimDecoder", starved)
+        with pytest.raises(ChromalabError, match=r"a: not enough memory to decode it: lower images.concurrency"):
+            run_images(params, tmp_path / "split", tmp_path / "images")
+    run_images(params, tmp_path / "split", tmp_path / "images")
+    got = check_output(tmp_path / "images")
+    assert got["train"] == ["a", "c"] and got["test"] == ["b"]  # a kept; the cut-short file replaced by c
+    reasons = {r["photo_id"]: r["reason"] for r in read_csv(tmp_path / "images" / "rejected.csv")}
+    assert set(reasons) == {"cut"} and reasons["cut"].startswith("corrupt")
+
+
 def test_a_photo_is_stored_as_it_looks_in_srgb_and_on_white(tmp_path):
     """What the model learns from is the photo as shown: an Adobe RGB photo's lightness through its profile (as
     colorize reads one), a transparent part white (as colorize feeds one to the model)."""

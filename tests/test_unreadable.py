@@ -50,3 +50,16 @@ def test_each_kind_of_bad_file_is_named_in_the_users_words(data, problem):
 def test_a_kind_pillow_knows_but_cannot_read_here_is_named_by_its_format():
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n%%EOF\n"
     assert_in_user_words(_reason(eps), "the file is in EPS format, which chromalab cannot read")
+
+
+def test_a_whole_webp_that_memory_could_not_decode_is_not_called_damaged(monkeypatch):
+    """Pillow's WebP decoder says "could not create decoder object" when it cannot allocate, as for a file cut
+    short (above): a whole file is the machine's fault, and the user is told so."""
+    from PIL import WebPImagePlugin
+
+    def starved(*args, **kwargs):
+        raise OSError("could not create decoder object")
+    monkeypatch.setattr(WebPImagePlugin._webp, "WebPAnimDecoder", starved)
+    assert _reason(_encoded("WEBP")) == ("not enough memory to decode this WebP photo: close other programs, or "
+                                         "colour it alone")  # nothing wrong with its kind: no list of kinds
+    assert_in_user_words(_reason(_encoded("WEBP")[:300]), "the WebP photo is damaged or cut short")

@@ -40,6 +40,8 @@ PHOTO_SUFFIXES = tuple(suffix for suffixes in PHOTO_FORMATS.values() for suffix 
 # which, in plain words).
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, KeyError, IndexError, ZeroDivisionError,
                NotImplementedError, struct.error, Image.DecompressionBombError)
+# What Pillow's WebP decoder raises when it cannot allocate its decoder, and also for a file cut short.
+_DECODER_NOT_MADE = "could not create decoder object"
 # EXIF orientation → the turn that puts the pixels upright.
 _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -64,6 +66,14 @@ def signature_format(head: bytes) -> str | None:
     Image.init()
     prefix = head[:16]  # what Image.open shows each format's check
     return next((name for name, (_, accept) in Image.OPEN.items() if accept is not None and accept(prefix)), None)
+
+
+def decoder_starved(exc: BaseException, head: bytes, size: int) -> bool:
+    """Whether a photo file of `size` bytes starting with `head` failed to decode for want of memory, not for
+    its bytes: Pillow's WebP decoder says the same for both, but a file cut short is shorter than its RIFF
+    header says (WebP is RIFF: "RIFF", then the length of what follows)."""
+    return (_DECODER_NOT_MADE in str(exc) and head[:4] == b"RIFF" and len(head) >= 8
+            and int.from_bytes(head[4:8], "little") + 8 <= size)
 
 
 def upright(image: Image.Image) -> Image.Image:

@@ -16,8 +16,8 @@ from PIL import ExifTags, Image, TiffTags
 
 from chromalab.color import AbSource, lab_rows_to_rgb8, rgb8_lightness_norm, rgb_to_lab_norm
 from chromalab.colorize.model import model_input_size
-from chromalab.files import (OUTPUT_SOFTWARE, PHOTO_FORMATS, READ_ERRORS, atomic_file, in_srgb, over_white,
-                             signature_format, upright)
+from chromalab.files import (OUTPUT_SOFTWARE, PHOTO_FORMATS, READ_ERRORS, atomic_file, decoder_starved, in_srgb,
+                             over_white, signature_format, upright)
 
 SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}, "PNG": {}}
 # EXIF fits one JPEG APP1 segment (64 KiB, less its header).
@@ -342,6 +342,8 @@ def describe_unreadable(exc: BaseException | None, source: Path | bytes) -> str:
     if foreign is not None:
         return f"the file is in {foreign}, which chromalab cannot read: convert it to JPEG or PNG first. {ACCEPTED}."
     if kind is not None:
+        if exc is not None and decoder_starved(exc, head, _size(source)):
+            return f"not enough memory to decode this {kind} photo: close other programs, or colour it alone"
         if isinstance(exc, EOFError) or CUT_SHORT.search(message):
             return f"the {kind} photo is cut short (truncated: an interrupted download or copy?). {ACCEPTED}."
         problem = "damaged or cut short" if pillow_format is None else "damaged: part of it cannot be decoded"
@@ -358,6 +360,15 @@ def _head(source: Path | bytes) -> bytes:
         return bytes(source[:HEAD_BYTES])
     with open(source, "rb") as f:
         return f.read(HEAD_BYTES)
+
+
+def _size(source: Path | bytes) -> int:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return len(source)
+    try:
+        return Path(source).stat().st_size
+    except OSError:
+        return 0
 
 
 def _pillow_format(source: Path | bytes) -> str | None:

@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 from chromalab.color import mean_chroma
 from chromalab.config import Params
-from chromalab.files import (READ_ERRORS, clear_stale_temps, in_srgb, over_white, signature_format, upright,
-                             write_bytes_atomic, write_text_atomic)
+from chromalab.files import (READ_ERRORS, clear_stale_temps, decoder_starved, in_srgb, over_white, signature_format,
+                             upright, write_bytes_atomic, write_text_atomic)
 from chromalab.errors import ChromalabError
 from chromalab.data.formats import MANIFEST, MANIFEST_FIELDS, SAFE_PHOTO_ID, SPLIT_FIELDS, SPLITS, FETCHED_SPLITS
 from chromalab.data.http import (PAGE_TYPES, RETRY_STATUSES, TOO_MANY_REDIRECTS, USER_AGENT, content_type,
@@ -604,6 +604,8 @@ class PhotoFetcher:
         # Pillow's decoders and EXIF reader raise more than OSError on hostile bytes (struct.error from a
         # mistyped EXIF tag, for one); a bug of ours (or MemoryError) must not become a lasting rejection.
         except READ_ERRORS as exc:
+            if decoder_starved(exc, data[:8], len(data)):
+                raise FetchFailed("not enough memory to decode it: lower images.concurrency, or free memory") from None
             raise Corrupt(f"corrupt ({(str(exc).splitlines() or [''])[0][:80] or type(exc).__name__})") from None
         if chroma < self.min_chroma:
             raise Rejected(f"gray (mean chroma {chroma:.2f} < images.min_chroma {self.min_chroma:g})")
