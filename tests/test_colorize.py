@@ -580,6 +580,21 @@ def test_nothing_to_colour_and_bad_models_are_one_line_errors(tmp_path, models, 
         load_colorizer(str(tmp_path / "bad.keras"))
 
 
+def test_a_full_temporary_folder_is_named_when_a_model_cannot_be_unpacked(tmp_path, models, monkeypatch):
+    """Keras unpacks a .keras file's weights into the temporary folder: when that disk is full, the user is sent
+    there (and to TMPDIR), not to the model's own disk, which has room."""
+    import tempfile
+
+    from chromalab.colorize import model as model_module
+
+    def unpack(path):
+        raise OSError(28, "No space left on device", str(Path(tempfile.gettempdir()) / "tmpk3ras" / "model.weights.h5"))
+    monkeypatch.setattr(model_module, "_load_keras_file", unpack)
+    with pytest.raises(ChromalabError, match=rf"Keras unpacks it into the temporary folder {tempfile.gettempdir()}: "
+                                             r"no space left on device; free space there, or set TMPDIR"):
+        load_colorizer(str(models["tint"]))
+
+
 def test_named_models_load_from_models_root(tmp_path, models, rgb_photos):
     root = tmp_path / "models"
     (root / "baseline").mkdir(parents=True)

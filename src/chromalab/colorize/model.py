@@ -4,6 +4,7 @@ threads TensorFlow gives it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import tempfile
@@ -54,6 +55,12 @@ def load_colorizer(model: str, models_root: Path = Path("models")):
     try:
         return _checked(_load_keras_file(path), str(path))
     except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
+        temp = tempfile.gettempdir()
+        if isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                                         or str(exc.filename or "").startswith(temp)):
+            raise ChromalabError(f"cannot load model {path}: Keras unpacks it into the temporary folder {temp}: "
+                                 f"{(exc.strerror or str(exc)).lower()}; free space there, or set TMPDIR to a folder "
+                                 "with room") from None
         raise ChromalabError(f"cannot load model {path}: {one_line(exc)}") from None
 
 
