@@ -580,6 +580,55 @@ def test_nothing_to_colour_and_bad_models_are_one_line_errors(tmp_path, models, 
         load_colorizer(str(tmp_path / "bad.keras"))
 
 
+def test_a_full_disk_stops_the_run_at_the_first_photo_it_refuses_and_the_re_run_does_the_rest(tmp_path, models,
+                                                                                                rgb_photos, monkeypatch):
+    """Every photo after the first refused would be decoded, coloured and refused alike (hours for a big folder,
+    a line each): the run stops there, and the same command, once there is room, colours only the rest."""
+    from chromalab.colorize import command
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(8):
+        Image.fromarray(rgb_photos[i % 4]).save(photos / f"p{i}.png")
+    written = []
+    real_save = command.save_atomic
+
+    def disk_fills(image, path, *args, **kwargs):
+        if len(written) >= 2:
+            raise OSError(28, "No space left on device", str(path))
+        real_save(image, path, *args, **kwargs)
+        written.append(path)
+    with monkeypatch.context() as patch:
+        patch.setattr(command, "save_atomic", disk_fills)
+        with pytest.raises(ChromalabError, match=r"cannot write .*_color\.png: the disk is full \(.*\): free space "
+                                                 r"there, then re-run: finished work is kept$"):
+            run([photos], models, out_dir=tmp_path / "out")
+    assert len(list((tmp_path / "out").rglob("*_color.png"))) == 2
+    report = run([photos], models, out_dir=tmp_path / "out")
+    assert len(report.done) == 6 and len(report.skipped) == 2 and not report.failed
+
+
+def test_a_folder_of_photos_that_takes_no_outputs_is_found_out_before_any_colouring(tmp_path, models, rgb_photos,
+                                                                                    monkeypatch):
+    import tempfile
+
+    locked = tmp_path / "card"  # a read-only folder (root writes anywhere, so its refusal is made up here)
+    locked.mkdir()
+    Image.fromarray(rgb_photos[0]).save(locked / "p.png")
+    real = tempfile.TemporaryFile
+
+    def refusing(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == locked:
+            raise OSError(30, "Read-only file system", str(dir))
+        return real(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(tempfile, "TemporaryFile", refusing)
+    with pytest.raises(ChromalabError, match=rf"^cannot write beside the photos in {locked} \(Read-only file "
+                                             r"system\): pass --out <a folder> for the outputs$"):
+        run([locked], models)
+    assert list(locked.iterdir()) == [locked / "p.png"]
+    assert run([locked], models, out_dir=tmp_path / "out").done
+
+
 def test_a_full_temporary_folder_is_named_when_a_model_cannot_be_unpacked(tmp_path, models, monkeypatch):
     """Keras unpacks a .keras file's weights into the temporary folder: when that disk is full, the user is sent
     there (and to TMPDIR), not to the model's own disk, which has room."""

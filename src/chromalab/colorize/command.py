@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sys
 import tempfile
@@ -20,12 +21,13 @@ from chromalab.colorize.model import limit_model_threads, load_colorizer, model_
 from chromalab.colorize.photos import (Photo, colour_photo, compare_sheet, describe_unreadable, read_photo,
                                        save_atomic, small_lightness)
 from chromalab.devices import available_cores
-from chromalab.errors import ChromalabError, one_line
+from chromalab.errors import ChromalabError, machine_failure, one_line
 from chromalab.files import PHOTO_SUFFIXES, READ_ERRORS, clear_stale_temps, folder_photos, is_colorize_output
 
 KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}  # anything else is written as PNG
 OUTPUT_TAG = "_color"
 COMPARE_TAG = "_compare"
+FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a write failing so stops the run, not one photo
 
 
 @dataclass
@@ -174,6 +176,8 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     planned = plan_jobs(paths, out_dir, compare, report)
     _clear_stale_temps(planned)
     jobs = _pending(planned, overwrite, report)
+    if out_dir is None:
+        _check_beside_photos(jobs)
     if report.total == 0 and not jobs:
         raise ChromalabError("; ".join(report.empty) or "no photos given")
     for note in report.empty:
@@ -230,6 +234,17 @@ def _check_out_dir(out_dir: Path) -> None:
     except OSError as exc:
         raise ChromalabError(f"--out {out_dir}: cannot write there ({exc.strerror or exc}); name another folder "
                              "for the outputs") from None
+
+
+def _check_beside_photos(jobs: list[Job]) -> None:
+    """Without --out, each folder of photos must take their outputs: found out before any photo is coloured
+    (a read-only folder, a camera card locked, failed each photo in turn, after the work)."""
+    for folder in sorted({job.output.parent for job in jobs}):
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as exc:
+            raise ChromalabError(f"cannot write beside the photos in {folder} ({exc.strerror or exc}): pass "
+                                 "--out <a folder> for the outputs") from None
 
 
 def _clear_stale_temps(jobs: list[Job]) -> None:
@@ -341,6 +356,10 @@ class _Pipeline:
         while self.writes and (wait or self.writes[0][1].done()):
             job, written = self.writes.popleft()
             exc = written.result()
+            if exc is not None and exc.errno in FULL_OR_READ_ONLY:  # every photo after it would fail alike
+                for pending in (*self.reads, *(later for _, later in self.writes)):
+                    pending.cancel()
+                raise ChromalabError(f"cannot write {job.output}: {machine_failure(exc)}")
             if exc is not None:
                 _say(f"{job.source}: cannot write {job.output} ({one_line(exc)})")
                 self.report.failed.append((job.source, one_line(exc)))
