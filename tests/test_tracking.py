@@ -251,6 +251,31 @@ def test_each_run_names_the_git_revision_of_its_own_data_and_the_shared_source_i
         assert sources == {json.dumps({"md5": "0123abcd.dir", "path": "data/tfrecords"})}
 
 
+def test_a_model_whose_upload_failed_leaves_no_files_behind_once_logged_again(repo, monkeypatch):
+    """A disk that filled while MLflow copied the model in: the re-run's model replaces the FAILED one, and the
+    part that was written goes too (MLflow deletes the record only), or the disk stays full of it."""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    runs.check_tracking_server()
+    model, x = _tiny_model(), np.zeros((1, 8, 8, 1), np.float32)
+    copy = LocalArtifactRepository.log_artifacts
+
+    def disk_fills(self, local_dir, artifact_path=None):
+        copy(self, local_dir, artifact_path)
+        raise OSError(28, "No space left on device")
+    with runs.model_run("gan", parse_params({}), dataset_hash="sha256:abc", stage="train@gan") as run:
+        with monkeypatch.context() as patch, pytest.raises(OSError):
+            patch.setattr(LocalArtifactRepository, "log_artifacts", disk_fills)
+            runs.log_keras_model(model, x)
+        runs.log_keras_model(model, x)
+    client = mlflow.MlflowClient(runs.tracking_uri())
+    logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [m.status for m in logged] == [LoggedModelStatus.READY]
+    assert {path.parent.parent.name for path in (repo / "mlruns").rglob("MLmodel")} == {logged[0].model_id}
+
+
 def test_logging_outside_a_model_run_is_refused(repo):
     import mlflow
 

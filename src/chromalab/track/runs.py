@@ -410,6 +410,19 @@ def discard_unfinished_models(name: str) -> None:
     for model in _run_models(name):
         if model.status != LoggedModelStatus.READY:
             mlflow.MlflowClient().delete_logged_model(model.model_id)
+            _remove_local_artifacts(model.artifact_location)
+
+
+def _remove_local_artifacts(location: str) -> None:
+    """A deleted model's files, where they are on this machine: MLflow leaves them (a full disk that stopped
+    the upload stays full of the part it wrote). Elsewhere (a tracking server's store), `mlflow gc` removes them."""
+    import shutil
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    parsed = urlparse(location)
+    if parsed.scheme in ("", "file"):
+        shutil.rmtree(url2pathname(parsed.path) if parsed.scheme else location, ignore_errors=True)
 
 
 def _run_models(name: str) -> list:
