@@ -7,6 +7,7 @@ resize every photo to the model's size and bring the colour back to the photo's 
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import keras
@@ -590,14 +591,16 @@ def test_a_full_disk_stops_the_run_at_the_first_photo_it_refuses_and_the_re_run_
     photos.mkdir()
     for i in range(8):
         Image.fromarray(rgb_photos[i % 4]).save(photos / f"p{i}.png")
-    written = []
+    saves, lock = [], threading.Lock()  # the workers write at once: the disk takes the first two, whichever
     real_save = command.save_atomic
 
     def disk_fills(image, path, *args, **kwargs):
-        if len(written) >= 2:
+        with lock:
+            saves.append(path)
+            full = len(saves) > 2
+        if full:
             raise OSError(28, "No space left on device", str(path))
         real_save(image, path, *args, **kwargs)
-        written.append(path)
     with monkeypatch.context() as patch:
         patch.setattr(command, "save_atomic", disk_fills)
         with pytest.raises(ChromalabError, match=r"cannot write .*_color\.png: the disk is full \(.*\): free space "
