@@ -45,10 +45,10 @@ def _profile(space: bytes, name: str, tags: dict[bytes, bytes]) -> bytes:
     return header + body
 
 
-def adobe_rgb() -> bytes:
-    tags = {name: _xyz(*xyz) for name, xyz in zip((b"rXYZ", b"gXYZ", b"bXYZ"), ADOBE_RGB_PRIMARIES)}
-    tags.update({name: _gamma(ADOBE_RGB_GAMMA) for name in (b"rTRC", b"gTRC", b"bTRC")})
-    return _profile(b"RGB ", "Adobe RGB (1998), as a test builds it", tags)
+def adobe_rgb(gamma: float = ADOBE_RGB_GAMMA, name: str = "Adobe RGB (1998), as a test builds it") -> bytes:
+    tags = {tag: _xyz(*xyz) for tag, xyz in zip((b"rXYZ", b"gXYZ", b"bXYZ"), ADOBE_RGB_PRIMARIES)}
+    tags.update({tag: _gamma(gamma) for tag in (b"rTRC", b"gTRC", b"bTRC")})
+    return _profile(b"RGB ", name, tags)
 
 
 def gray_gamma(gamma: float) -> bytes:

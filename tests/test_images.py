@@ -699,8 +699,8 @@ def test_a_webp_that_memory_could_not_decode_is_tried_again_not_rejected_as_corr
 
     folder = tmp_path / "mine"
     folder.mkdir()
-    for i, pid in enumerate(("a", "b", "c")):
-        Image.fromarray(np.full((32, 32, 3), (200, 60 + 40 * i, 40), np.uint8)).save(folder / f"{pid}.webp")
+    for i, pid in enumerate(("a", "b", "c")):  # large enough to starve a decoder (files.STARVING_PIXELS)
+        Image.new("RGB", (2100, 2000), (200, 60 + 40 * i, 40)).save(folder / f"{pid}.webp")
     whole = (folder / "a.webp").read_bytes()
     (folder / "cut.webp").write_bytes(whole[:len(whole) // 2])
     path = {pid: str(folder / f"{pid}.webp") for pid in ("a", "b", "c", "cut")}

@@ -54,12 +54,15 @@ def test_a_kind_pillow_knows_but_cannot_read_here_is_named_by_its_format():
 
 def test_a_whole_webp_that_memory_could_not_decode_is_not_called_damaged(monkeypatch):
     """Pillow's WebP decoder says "could not create decoder object" when it cannot allocate, as for a file cut
-    short (above): a whole file is the machine's fault, and the user is told so."""
+    short or damaged (above): a whole file of a large picture is the machine's fault, and the user is told so."""
     from PIL import WebPImagePlugin
 
     def starved(*args, **kwargs):
         raise OSError("could not create decoder object")
     monkeypatch.setattr(WebPImagePlugin._webp, "WebPAnimDecoder", starved)
-    assert _reason(_encoded("WEBP")) == ("not enough memory to decode this WebP photo: close other programs, or "
+    large = io.BytesIO()
+    Image.new("RGB", (2100, 2000), (200, 90, 40)).save(large, "WEBP")  # decoding it takes 17 MB
+    assert _reason(large.getvalue()) == ("not enough memory to decode this WebP photo: close other programs, or "
                                          "colour it alone")  # nothing wrong with its kind: no list of kinds
-    assert_in_user_words(_reason(_encoded("WEBP")[:300]), "the WebP photo is damaged or cut short")
+    assert_in_user_words(_reason(large.getvalue()[:300]), "the WebP photo is damaged or cut short")
+    assert_in_user_words(_reason(_encoded("WEBP")), "the WebP photo is damaged or cut short")  # too small to starve

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 from PIL import ExifTags, Image, ImageCms
 
 
@@ -40,8 +41,9 @@ PHOTO_SUFFIXES = tuple(suffix for suffixes in PHOTO_FORMATS.values() for suffix 
 # which, in plain words).
 READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, KeyError, IndexError, ZeroDivisionError,
                NotImplementedError, struct.error, Image.DecompressionBombError)
-# What Pillow's WebP decoder raises when it cannot allocate its decoder, and also for a file cut short.
+# What Pillow's WebP decoder raises when it cannot allocate its decoder, and also for a file cut short or damaged.
 _DECODER_NOT_MADE = "could not create decoder object"
+STARVING_PIXELS = 4_000_000  # a picture whose decode takes tens of MB; a smaller one failing is damaged
 # EXIF orientation → the turn that puts the pixels upright.
 _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -69,11 +71,24 @@ def signature_format(head: bytes) -> str | None:
 
 
 def decoder_starved(exc: BaseException, head: bytes, size: int) -> bool:
-    """Whether a photo file of `size` bytes starting with `head` failed to decode for want of memory, not for
-    its bytes: Pillow's WebP decoder says the same for both, but a file cut short is shorter than its RIFF
-    header says (WebP is RIFF: "RIFF", then the length of what follows)."""
-    return (_DECODER_NOT_MADE in str(exc) and head[:4] == b"RIFF" and len(head) >= 8
-            and int.from_bytes(head[4:8], "little") + 8 <= size)
+    """Whether a photo file of `size` bytes starting with `head` (32 bytes at least) failed to decode for want of
+    memory, not for its bytes: Pillow's WebP decoder says the same for both. Only a whole file (as long as its
+    RIFF header says) whose header is readable and declares a large picture can have starved it."""
+    return (_DECODER_NOT_MADE in str(exc) and head[:4] == b"RIFF" and len(head) >= 32
+            and int.from_bytes(head[4:8], "little") + 8 <= size and _webp_pixels(head) >= STARVING_PIXELS)
+
+
+def _webp_pixels(head: bytes) -> int:
+    """Width × height that a WebP file's first chunk declares (extended, lossy or lossless), 0 if unreadable."""
+    chunk = head[12:16]
+    if chunk == b"VP8X":  # canvas size minus one, 24 bits each
+        return (1 + int.from_bytes(head[24:27], "little")) * (1 + int.from_bytes(head[27:30], "little"))
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":  # a key frame's start code, then 14-bit sizes
+        return (int.from_bytes(head[26:28], "little") & 0x3FFF) * (int.from_bytes(head[28:30], "little") & 0x3FFF)
+    if chunk == b"VP8L" and head[20] == 0x2F:  # the lossless signature, then 14-bit sizes minus one
+        bits = int.from_bytes(head[21:25], "little")
+        return ((bits & 0x3FFF) + 1) * (((bits >> 14) & 0x3FFF) + 1)
+    return 0
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -88,8 +103,9 @@ def upright(image: Image.Image) -> Image.Image:
     return image.copy() if turn is None else image.transpose(turn)
 
 
-# Modes a colour profile converts from (into RGB, RGBA where there is alpha); others are taken as sRGB.
-_PROFILED_MODES = ("RGB", "RGBA", "CMYK", "L")
+# Modes whose colour profile is applied (into RGB, and RGBA where there is transparency); others are taken as sRGB.
+_GRAY_MODES = ("1", "L", "LA", "La")
+_PROFILED_MODES = (*_GRAY_MODES, "P", "PA", "RGB", "RGBA", "RGBa", "CMYK")
 
 
 @functools.cache
@@ -97,22 +113,45 @@ def _srgb_profile() -> ImageCms.ImageCmsProfile:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
+@functools.lru_cache(maxsize=16)
+def _profile_if_not_srgb(icc: bytes, gray: bool) -> ImageCms.ImageCmsProfile | None:
+    """The profile in `icc`, or None where it maps colours as sRGB does (most cameras' and phones' JPEGs carry
+    sRGB's profile: converting them would cost time for nothing), judged by what it does to a set of colours, not
+    by its name ("Linear sRGB" is not sRGB)."""
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    levels = np.linspace(0, 255, 16, dtype=np.uint8)
+    if gray:
+        probe = Image.fromarray(np.tile(levels, (16, 1)))
+        expected = np.repeat(np.asarray(probe)[..., None], 3, axis=-1)
+    else:
+        probe = Image.fromarray(np.stack(np.meshgrid(levels, levels, levels), axis=-1).reshape(64, 64, 3))
+        expected = np.asarray(probe)
+    seen = np.asarray(ImageCms.profileToProfile(probe, profile, _srgb_profile(), outputMode="RGB"))
+    return None if np.abs(seen.astype(int) - expected).max() <= 1 else profile
+
+
 def in_srgb(image: Image.Image) -> Image.Image:
     """The photo's colours in sRGB, which chromalab's Lab assumes: converted from its embedded colour profile (a
-    camera's Adobe RGB, a phone's Display P3, a gray gamma), where it has one that is not sRGB's; as stored where
-    that profile cannot be read (README, "Measured figures": what skipping it would cost)."""
+    camera's Adobe RGB, a phone's Display P3, a gray gamma), its transparency kept (an alpha channel, RGBA); as
+    stored where it has no profile, sRGB's, or one that cannot be read or applied (README, "Measured figures":
+    what skipping it would cost)."""
     icc = image.info.get("icc_profile")
     if not icc or image.mode not in _PROFILED_MODES:
         return image
+    gray = image.mode in _GRAY_MODES
+    transparent = image.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in image.info
     try:
-        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        if "srgb" in ImageCms.getProfileDescription(source).lower():
+        source = _profile_if_not_srgb(icc, gray)
+        if source is None:
             return image
-        converted = ImageCms.profileToProfile(image, source, _srgb_profile(),
-                                              outputMode="RGBA" if image.mode == "RGBA" else "RGB")
+        alpha = image.convert("LA" if gray else "RGBA").getchannel("A") if transparent else None
+        colours = image if image.mode in ("L", "RGB", "CMYK") else image.convert("L" if gray else "RGB")
+        converted = ImageCms.profileToProfile(colours, source, _srgb_profile(), outputMode="RGB")
     except (ImageCms.PyCMSError, *READ_ERRORS):
         return image
-    converted.info = {key: value for key, value in image.info.items() if key != "icc_profile"}
+    if alpha is not None:
+        converted.putalpha(alpha)
+    converted.info = {key: value for key, value in image.info.items() if key not in ("icc_profile", "transparency")}
     return converted
 
 

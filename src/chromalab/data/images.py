@@ -604,7 +604,7 @@ class PhotoFetcher:
         # Pillow's decoders and EXIF reader raise more than OSError on hostile bytes (struct.error from a
         # mistyped EXIF tag, for one); a bug of ours (or MemoryError) must not become a lasting rejection.
         except READ_ERRORS as exc:
-            if decoder_starved(exc, data[:8], len(data)):
+            if decoder_starved(exc, data[:32], len(data)):
                 raise FetchFailed("not enough memory to decode it: lower images.concurrency, or free memory") from None
             raise Corrupt(f"corrupt ({(str(exc).splitlines() or [''])[0][:80] or type(exc).__name__})") from None
         if chroma < self.min_chroma:
