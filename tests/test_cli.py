@@ -124,11 +124,18 @@ def test_a_command_the_machine_stops_says_what_to_free_in_one_line(monkeypatch, 
         raise MlflowException(f"(sqlite3.OperationalError) {refused}") from OperationalError("INSERT", (1,), refused)
 
     @commands.command()
+    def tensor_memory():
+        import tensorflow as tf
+
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape [16,512,32,32]")
+
+    @commands.command()
     def bug():
         raise KeyError("a bug of ours")
 
     monkeypatch.setattr(cli, "app", commands)
-    expected = {"memory": "out of memory: close other programs, or lower a batch size or images.concurrency",
+    memory = "out of memory: close other programs, or lower a batch size or images.concurrency"
+    expected = {"memory": memory, "tensor-memory": memory,
                 "disk": "the disk is full: free space there",
                 "store-readonly": "the MLflow store cannot be written (OperationalError: attempt to write a readonly "
                                   "database): free space or fix its permissions"}

@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 from typer.testing import CliRunner
 
 from chromalab.cli import app
@@ -182,6 +182,34 @@ def test_a_photo_in_another_colour_space_is_read_as_it_looks_and_one_with_a_brok
     Image.new("RGB", (64, 64), (30, 30, 30)).save(tmp_path / "dark.jpg", quality=100, icc_profile=adobe_rgb())
     seen = read_photo(tmp_path / "dark.jpg", (MODEL_SIZE, MODEL_SIZE)).small * 100  # JPEG: a draft decode
     np.testing.assert_allclose(seen, neutral_lightness(30, ADOBE_RGB_GAMMA), atol=0.6)
+
+
+def test_a_profile_is_applied_whatever_the_photos_mode_keeps_its_transparency_and_is_judged_by_what_it_does(
+        tmp_path):
+    """A palette photo reads as the same photo in RGB; a colour key (tRNS) stays transparent through the
+    profile; sRGB's own profile leaves the numbers alone, and a linear profile named "sRGB" does not."""
+    from icc import ADOBE_RGB_GAMMA, adobe_rgb, neutral_lightness
+
+    from chromalab.files import in_srgb
+
+    ramp = np.tile(np.arange(0, 256, 15, dtype=np.uint8), (4, 1))
+    rgb = Image.fromarray(np.dstack([ramp] * 3))
+    rgb.save(tmp_path / "rgb.png", icc_profile=adobe_rgb())
+    rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "palette.png", icc_profile=adobe_rgb())
+    rgb.save(tmp_path / "keyed.png", icc_profile=adobe_rgb(), transparency=(30, 30, 30))
+    rgb.save(tmp_path / "srgb.png", icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    rgb.save(tmp_path / "linear.png", icc_profile=adobe_rgb(gamma=1.0, name="Linear sRGB"))
+    rgb.save(tmp_path / "plain.png")
+    expected = neutral_lightness(ramp[0], ADOBE_RGB_GAMMA)
+    for name in ("rgb.png", "palette.png", "keyed.png"):
+        np.testing.assert_allclose(read_photo(tmp_path / name).lightness[0] * 100, expected, atol=1.0, err_msg=name)
+    keyed = read_photo(tmp_path / "keyed.png").alpha
+    np.testing.assert_array_equal(np.asarray(keyed)[0] == 0, ramp[0] == 30)
+    with Image.open(tmp_path / "srgb.png") as tagged, Image.open(tmp_path / "plain.png") as plain:
+        assert in_srgb(tagged) is tagged  # nothing to convert: the photo as read
+        np.testing.assert_array_equal(np.asarray(tagged), np.asarray(plain))
+    np.testing.assert_allclose(read_photo(tmp_path / "linear.png").lightness[0] * 100, neutral_lightness(ramp[0], 1.0),
+                               atol=1.0)
 
 
 def test_an_output_folder_that_is_a_file_is_one_line_and_one_that_holds_the_photos_works(tmp_path, models,
@@ -581,8 +609,8 @@ def test_nothing_to_colour_and_bad_models_are_one_line_errors(tmp_path, models, 
         load_colorizer(str(tmp_path / "bad.keras"))
 
 
-def test_a_full_disk_stops_the_run_at_the_first_photo_it_refuses_and_the_re_run_does_the_rest(tmp_path, models,
-                                                                                                rgb_photos, monkeypatch):
+def test_a_full_disk_stops_the_run_at_the_first_photo_it_refuses_and_the_re_run_does_the_rest(
+        tmp_path, models, rgb_photos, monkeypatch):
     """Every photo after the first refused would be decoded, coloured and refused alike (hours for a big folder,
     a line each): the run stops there, and the same command, once there is room, colours only the rest."""
     from chromalab.colorize import command
@@ -644,6 +672,12 @@ def test_a_full_temporary_folder_is_named_when_a_model_cannot_be_unpacked(tmp_pa
     monkeypatch.setattr(model_module, "_load_keras_file", unpack)
     with pytest.raises(ChromalabError, match=rf"Keras unpacks it into the temporary folder {tempfile.gettempdir()}: "
                                              r"no space left on device; free space there, or set TMPDIR"):
+        load_colorizer(str(models["tint"]))
+
+    def unreadable(path):  # the model file itself, kept in the temporary folder: its own fault, not the folder's
+        raise OSError(5, "Input/output error", str(path))
+    monkeypatch.setattr(model_module, "_load_keras_file", unreadable)
+    with pytest.raises(ChromalabError, match=r"^cannot load model .*tint\.keras: OSError: \[Errno 5\] Input/output"):
         load_colorizer(str(models["tint"]))
 
 

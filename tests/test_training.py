@@ -373,8 +373,8 @@ def _a_start_killed_before_its_first_checkpoint(repo: Path, params, dataset: Pat
     with runs.model_run("baseline", params, dataset_hash=dataset_hash, stage="train@baseline") as run:
         pass
     Checkpoint(repo / "models/baseline/checkpoint").write_state(
-        {"fingerprint": params_fingerprint(params, "baseline", dataset_hash, training_code()), "status": "running", "epoch": 0,
-         "mlflow_run_id": run.info.run_id})
+        {"fingerprint": params_fingerprint(params, "baseline", dataset_hash, training_code()), "status": "running",
+         "epoch": 0, "mlflow_run_id": run.info.run_id})
     return run.info.run_id
 
 

@@ -25,17 +25,22 @@ def printable(text: str, limit: int = 120) -> str:
 
 
 # The machine failing under a run, not the run failing: the disk full or read-only, a file it may not write.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+NO_WRITES_ERRNOS = DISK_FULL_ERRNOS | {errno.EROFS}  # no file can be written there: a run writing stops
 _DISK_ERRNOS = {errno.ENOSPC: ("the disk is full", "free space there"),
                 errno.EDQUOT: ("the disk quota is used up", "free space there"),
                 errno.EROFS: ("the file system is read-only", "make it writable"),
                 errno.EACCES: ("permission denied", "make it writable"),
                 errno.EPERM: ("operation not permitted", "make it writable")}
+# TensorFlow's out of memory (its class, not imported here: errors.py is imported before Keras chooses a backend)
+_OUT_OF_MEMORY_NAMES = {"MemoryError", "ResourceExhaustedError"}
 # What SQLite says when the MLflow store's disk or file fails it (sqlite3.OperationalError's messages).
 _STORE_FAILURES = ("readonly database", "disk is full", "unable to open database file", "disk i/o error")
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """`exc` and the exceptions behind it (raised from, or while handling), and a database driver's own (orig)."""
+    """`exc` and the exceptions it was raised from, and a database driver's own (SQLAlchemy's `orig`). Not those
+    it was raised while handling: a bug in an `except OSError:` block is a bug, not the machine's failure."""
     seen: set[int] = set()
     todo = [exc]
     while todo:
@@ -44,7 +49,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(current))
         yield current
-        behind = (current.__cause__, current.__context__, getattr(current, "orig", None))
+        behind = (current.__cause__, getattr(current, "orig", None))
         todo += [cause for cause in behind if isinstance(cause, BaseException)]
 
 
@@ -53,7 +58,7 @@ def machine_failure(exc: BaseException) -> str | None:
     write), saying what to do; None for any other failure. Stages and colorize keep what they finished, so the
     re-run resumes."""
     for cause in _chain(exc):
-        if isinstance(cause, MemoryError):
+        if type(cause).__name__ in _OUT_OF_MEMORY_NAMES:
             return ("out of memory: close other programs, or lower a batch size or images.concurrency, then re-run: "
                     "finished work is kept")
         if isinstance(cause, sqlite3.OperationalError) and any(m in str(cause).lower() for m in _STORE_FAILURES):

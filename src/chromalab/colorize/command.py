@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import sys
 import tempfile
@@ -21,13 +20,12 @@ from chromalab.colorize.model import limit_model_threads, load_colorizer, model_
 from chromalab.colorize.photos import (Photo, colour_photo, compare_sheet, describe_unreadable, read_photo,
                                        save_atomic, small_lightness)
 from chromalab.devices import available_cores
-from chromalab.errors import ChromalabError, machine_failure, one_line
+from chromalab.errors import NO_WRITES_ERRNOS, ChromalabError, machine_failure, one_line
 from chromalab.files import PHOTO_SUFFIXES, READ_ERRORS, clear_stale_temps, folder_photos, is_colorize_output
 
 KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}  # anything else is written as PNG
 OUTPUT_TAG = "_color"
 COMPARE_TAG = "_compare"
-FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # a write failing so stops the run, not one photo
 
 
 @dataclass
@@ -173,11 +171,7 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
     if out_dir is not None:
         _check_out_dir(Path(out_dir))
     report = ColorizeReport()
-    planned = plan_jobs(paths, out_dir, compare, report)
-    _clear_stale_temps(planned)
-    jobs = _pending(planned, overwrite, report)
-    if out_dir is None:
-        _check_beside_photos(jobs)
+    jobs = _jobs_to_do(paths, out_dir, compare, overwrite, report)
     if report.total == 0 and not jobs:
         raise ChromalabError("; ".join(report.empty) or "no photos given")
     for note in report.empty:
@@ -218,6 +212,18 @@ def colorize_paths(paths: Sequence[Path], out_dir: Path | None = None, model: st
                 flow.read_ahead(size)
         flow.finish_writes(wait=True)
     return report
+
+
+def _jobs_to_do(paths: Sequence[Path], out_dir: Path | None, compare: bool, overwrite: bool,
+                report: ColorizeReport) -> list[Job]:
+    """The photos' jobs, less those done (`_pending`), with what a killed run's writes left cleared, and their
+    folders checked for writing when the outputs go beside the photos."""
+    planned = plan_jobs(paths, out_dir, compare, report)
+    _clear_stale_temps(planned)
+    jobs = _pending(planned, overwrite, report)
+    if out_dir is None:
+        _check_beside_photos(jobs)
+    return jobs
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -356,7 +362,7 @@ class _Pipeline:
         while self.writes and (wait or self.writes[0][1].done()):
             job, written = self.writes.popleft()
             exc = written.result()
-            if exc is not None and exc.errno in FULL_OR_READ_ONLY:  # every photo after it would fail alike
+            if exc is not None and exc.errno in NO_WRITES_ERRNOS:  # every photo after it would fail alike
                 for pending in (*self.reads, *(later for _, later in self.writes)):
                     pending.cancel()
                 raise ChromalabError(f"cannot write {job.output}: {machine_failure(exc)}")

@@ -4,7 +4,6 @@ threads TensorFlow gives it."""
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 import tempfile
@@ -12,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 from chromalab.config import MODEL_NAMES, trained_model_path
-from chromalab.errors import ChromalabError, one_line
+from chromalab.errors import DISK_FULL_ERRNOS, ChromalabError, one_line
 
 DEFAULT_IMAGE_SIZE = 256  # for models without a fixed input size, when image_size is not given
 URI_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # runs:/…, models:/…, s3://…; not C:/…
@@ -47,6 +46,12 @@ def _models_root(models_root: Path, model: str) -> Path:
                          f"or pass --model path/to/{model}/model.keras")
 
 
+def _unpacked_file(filename, model_path: Path, temp: Path) -> bool:
+    """Whether a file an error names is one Keras unpacked the model into (in the temporary folder), not the
+    model file itself (which may lie there too)."""
+    return isinstance(filename, str) and Path(filename) != model_path and Path(filename).is_relative_to(temp)
+
+
 def load_colorizer(model: str, models_root: Path = Path("models")):
     """A Keras model L [B, S, S, 1] → ab [B, S, S, 2], from a model name, a .keras file or an MLflow URI."""
     path = model_file(model, models_root)
@@ -55,9 +60,8 @@ def load_colorizer(model: str, models_root: Path = Path("models")):
     try:
         return _checked(_load_keras_file(path), str(path))
     except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as exc:
-        temp = tempfile.gettempdir()
-        if isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT)
-                                         or str(exc.filename or "").startswith(temp)):
+        temp = Path(tempfile.gettempdir())
+        if isinstance(exc, OSError) and (exc.errno in DISK_FULL_ERRNOS or _unpacked_file(exc.filename, path, temp)):
             raise ChromalabError(f"cannot load model {path}: Keras unpacks it into the temporary folder {temp}: "
                                  f"{(exc.strerror or str(exc)).lower()}; free space there, or set TMPDIR to a folder "
                                  "with room") from None
