@@ -145,9 +145,11 @@ def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = Non
         frames = 1 if opened.format == "MPO" else getattr(opened, "n_frames", 1)  # MPO: a camera's previews
     lightness, alpha = _lightness_and_alpha(image)
     small = None
-    if model_size is not None:  # the model sees transparency as it was trained to: white (chromalab.files)
-        seen = lightness if alpha is None else _lightness_and_alpha(over_white(image))[0]
-        small = small_lightness(path, seen, model_size)
+    if model_size is not None and alpha is None:
+        small = small_lightness(path, lightness, model_size)
+    elif model_size is not None:  # as the images stage makes a training photo: resized, on white (chromalab.files)
+        rgba = image.convert("RGBA").resize(model_size[::-1], DOWNSAMPLE, reducing_gap=REDUCING_GAP)
+        small = _lightness_and_alpha(over_white(rgba))[0]
     return Photo(lightness, alpha, small, exif, frames)
 
 
