@@ -30,7 +30,7 @@ def _description(text: str) -> bytes:
     return b"desc" + bytes(4) + struct.pack(">I", len(ascii_)) + ascii_ + bytes(8) + bytes(3) + bytes(67)
 
 
-def _profile(space: bytes, name: str, tags: dict[bytes, bytes]) -> bytes:
+def _profile(space: bytes, name: str, tags: dict[bytes, bytes], device: bytes = b"mntr", pcs: bytes = b"XYZ ") -> bytes:
     tags = {b"desc": _description(name), b"cprt": b"text" + bytes(4) + b"none\0", b"wtpt": _xyz(*D50), **tags}
     table, data = b"", b""
     start = 128 + 4 + 12 * len(tags)
@@ -40,7 +40,7 @@ def _profile(space: bytes, name: str, tags: dict[bytes, bytes]) -> bytes:
         data += body
     data += bytes(-len(data) % 4)
     body = struct.pack(">I", len(tags)) + table + data
-    header = (struct.pack(">I4sI4s4s4s", 128 + len(body), b"lcms", 0x02100000, b"mntr", space, b"XYZ ") + bytes(12)
+    header = (struct.pack(">I4sI4s4s4s", 128 + len(body), b"lcms", 0x02100000, device, space, pcs) + bytes(12)
               + b"acsp" + bytes(28) + _s15(D50[0]) + _s15(D50[1]) + _s15(D50[2]) + bytes(48))
     return header + body
 
@@ -49,6 +49,18 @@ def adobe_rgb(gamma: float = ADOBE_RGB_GAMMA, name: str = "Adobe RGB (1998), as 
     tags = {tag: _xyz(*xyz) for tag, xyz in zip((b"rXYZ", b"gXYZ", b"bXYZ"), ADOBE_RGB_PRIMARIES)}
     tags.update({tag: _gamma(gamma) for tag in (b"rTRC", b"gTRC", b"bTRC")})
     return _profile(b"RGB ", name, tags)
+
+
+def cmyk_gray_ink() -> bytes:
+    """A printer's CMYK profile in which every ink only darkens (L = 100 (1 - c)(1 - m)(1 - y)(1 - k), a = b = 0):
+    pure cyan prints black, where Pillow's own CMYK → RGB, which ignores profiles, makes it cyan. A lut8 table
+    from CMYK to Lab on a grid of 2 points per ink."""
+    grid = b"".join(bytes((255 if (c, m, y, k) == (0, 0, 0, 0) else 0, 128, 128))
+                    for c in (0, 1) for m in (0, 1) for y in (0, 1) for k in (0, 1))
+    identity = bytes(range(256))
+    matrix = b"".join(_s15(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    lut = b"mft1" + bytes(4) + bytes((4, 3, 2, 0)) + matrix + identity * 4 + grid + identity * 3
+    return _profile(b"CMYK", "CMYK, every ink gray", {b"A2B0": lut}, device=b"prtr", pcs=b"Lab ")
 
 
 def gray_gamma(gamma: float) -> bytes:

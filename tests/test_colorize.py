@@ -20,6 +20,7 @@ from chromalab.cli import app
 from chromalab.color import rgb_to_lab_norm
 from chromalab.colorize import ColorizeReport, colorize_paths, load_colorizer, read_photo
 from chromalab.errors import ChromalabError
+from chromalab.files import over_white
 from chromalab.bench.samples import real_crops
 
 MODEL_SIZE = 16
@@ -148,10 +149,12 @@ def test_transparent_parts_are_white_to_the_model_and_in_outputs_without_alpha(t
     on_white[:, :16] = 255
     Image.fromarray(cutout).save(tmp_path / "cutout.png")
     Image.fromarray(cutout).save(tmp_path / "renamed.jpg", format="PNG")  # coloured into a JPEG
-    Image.fromarray(on_white).save(tmp_path / "on_white.png")
-    seen = read_photo(tmp_path / "cutout.png", (MODEL_SIZE, MODEL_SIZE)).small
-    # resized as RGB, as the images stage does (an opaque photo's L is resized as L): a few L units apart at most
-    np.testing.assert_allclose(seen, read_photo(tmp_path / "on_white.png", (MODEL_SIZE, MODEL_SIZE)).small, atol=0.05)
+    large = Image.fromarray(cutout).resize((240, 240), Image.Resampling.NEAREST)  # box-reduced first when read
+    large.save(tmp_path / "large.png")
+    for name, photo in (("cutout.png", Image.fromarray(on_white)), ("large.png", over_white(large))):
+        seen = read_photo(tmp_path / name, (MODEL_SIZE, MODEL_SIZE)).small[..., None]
+        trained_on = photo.resize((MODEL_SIZE, MODEL_SIZE), Image.Resampling.LANCZOS)  # as the images stage makes it
+        np.testing.assert_allclose(seen, rgb_to_lab_norm(np.asarray(trained_on))[..., :1], atol=0.01, err_msg=name)
 
     report = run([tmp_path / "cutout.png", tmp_path / "renamed.jpg"], models, compare=True)
     assert len(report.done) == 2, report.failed
@@ -211,6 +214,31 @@ def test_a_profile_is_applied_whatever_the_photos_mode_keeps_its_transparency_an
         np.testing.assert_array_equal(np.asarray(tagged), np.asarray(plain))
     np.testing.assert_allclose(read_photo(tmp_path / "linear.png").lightness[0] * 100, neutral_lightness(ramp[0], 1.0),
                                atol=1.0)
+
+
+def test_a_cmyk_photo_is_read_through_its_printers_profile_and_a_tiffs_premultiplied_gray_alpha_is_read(tmp_path):
+    from icc import cmyk_gray_ink
+
+    # pure cyan ink, under a profile in which every ink only darkens: black (Pillow alone makes it cyan, L 91)
+    Image.new("CMYK", (8, 8), (255, 0, 0, 0)).save(tmp_path / "print.tif", icc_profile=cmyk_gray_ink())
+    assert read_photo(tmp_path / "print.tif").lightness.max() * 100 < 1.0
+    # gray with associated (premultiplied) alpha, which Pillow opens as "La" and converts to nothing else
+    Image.new("LA", (8, 8), (100, 128)).save(tmp_path / "la.tif")
+    tiff = bytearray((tmp_path / "la.tif").read_bytes())
+    extra_samples = tiff.find((338).to_bytes(2, "little"))  # its tag entry: 2 unassociated → 1 associated
+    tiff[extra_samples + 8] = 1
+    (tmp_path / "la.tif").write_bytes(bytes(tiff))
+    with Image.open(tmp_path / "la.tif") as opened:
+        assert opened.mode == "La"
+    photo = read_photo(tmp_path / "la.tif", (MODEL_SIZE, MODEL_SIZE))
+    assert np.asarray(photo.alpha).max() == 128 and photo.small.shape == (MODEL_SIZE, MODEL_SIZE)
+    gray = Image.new("L", (8, 8), round(100 * 255 / 128))  # its gray unpremultiplied: 199
+    np.testing.assert_allclose(photo.lightness, read_photo_of(gray, tmp_path).lightness, atol=0.01)
+
+
+def read_photo_of(image: Image.Image, folder: Path):
+    image.save(folder / "reference.png")
+    return read_photo(folder / "reference.png")
 
 
 def test_an_output_folder_that_is_a_file_is_one_line_and_one_that_holds_the_photos_works(tmp_path, models,

@@ -93,14 +93,16 @@ def _webp_pixels(head: bytes) -> int:
 
 def upright(image: Image.Image) -> Image.Image:
     """The photo turned upright by its EXIF orientation, as stored where that cannot be read. Not Pillow's
-    exif_transpose: it also writes the EXIF back, which fails on a damaged tag beside a readable orientation."""
+    exif_transpose: it also writes the EXIF back, which fails on a damaged tag beside a readable orientation.
+    A TIFF's gray with premultiplied alpha (La), which Pillow converts to nothing else, comes as LA."""
     image.load()  # a TIFF's orientation is among its tags, read with its pixels
     try:
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     except READ_ERRORS:
         orientation = 1
     turn = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
-    return image.copy() if turn is None else image.transpose(turn)
+    turned = image.copy() if turn is None else image.transpose(turn)
+    return turned.convert("LA") if turned.mode == "La" else turned
 
 
 # Modes whose colour profile is applied (into RGB, and RGBA where there is transparency); others are taken as sRGB.
@@ -119,6 +121,8 @@ def _profile_if_not_srgb(icc: bytes, gray: bool) -> ImageCms.ImageCmsProfile | N
     sRGB's profile: converting them would cost time for nothing), judged by what it does to a set of colours, not
     by its name ("Linear sRGB" is not sRGB)."""
     profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    if profile.profile.xcolor_space.strip() == "CMYK":  # no CMYK profile is sRGB's (nor takes an RGB probe)
+        return profile
     levels = np.linspace(0, 255, 16, dtype=np.uint8)
     if gray:
         probe = Image.fromarray(np.tile(levels, (16, 1)))

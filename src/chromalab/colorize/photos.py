@@ -147,10 +147,20 @@ def read_photo(path: Path | io.BytesIO, model_size: tuple[int, int] | None = Non
     small = None
     if model_size is not None and alpha is None:
         small = small_lightness(path, lightness, model_size)
-    elif model_size is not None:  # as the images stage makes a training photo: resized, on white (chromalab.files)
-        rgba = image.convert("RGBA").resize(model_size[::-1], DOWNSAMPLE, reducing_gap=REDUCING_GAP)
-        small = _lightness_and_alpha(over_white(rgba))[0]
+    elif model_size is not None:
+        small = _lightness_and_alpha(_on_white_at(image, model_size))[0]
     return Photo(lightness, alpha, small, exif, frames)
+
+
+def _on_white_at(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """A transparent photo as the images stage makes a training photo of it: on white (chromalab.files), then
+    resized as RGB. Box-reduced first by whole factors, which Pillow averages with the alpha weighing each
+    pixel, as on white: the same picture, without compositing the photo at full size."""
+    rgba = image.convert("RGBA")
+    factors = tuple(max(1, int(side / target / REDUCING_GAP)) for side, target in zip(rgba.size, size[::-1]))
+    if max(factors) > 1:
+        rgba = rgba.reduce(factors)
+    return over_white(rgba).resize(size[::-1], DOWNSAMPLE, reducing_gap=REDUCING_GAP)
 
 
 def _check_size(width: int, height: int, output_format: str | None) -> None:
