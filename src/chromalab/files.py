@@ -143,7 +143,7 @@ def in_srgb(image: Image.Image) -> Image.Image:
     if not icc or image.mode not in _PROFILED_MODES:
         return image
     gray = image.mode in _GRAY_MODES
-    transparent = image.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in image.info
+    transparent = has_transparency(image)
     try:
         source = _profile_if_not_srgb(icc, gray)
         if source is None:
@@ -159,10 +159,15 @@ def in_srgb(image: Image.Image) -> Image.Image:
     return converted
 
 
+def has_transparency(image: Image.Image) -> bool:
+    """An alpha channel, or a transparent colour (a palette entry, a PNG's colour key)."""
+    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
+
+
 def over_white(image: Image.Image) -> Image.Image:
     """A photo with transparency as a browser shows it on a white page, in RGB; any other photo as it is. What
     the model is trained on (images stage) and fed (colorize), and what an output without alpha shows."""
-    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
+    if not has_transparency(image):
         return image
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")

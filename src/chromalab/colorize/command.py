@@ -236,21 +236,31 @@ def _check_out_dir(out_dir: Path) -> None:
             break
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
+        refused = _refuses_files(out_dir)
     except OSError as exc:
-        raise ChromalabError(f"--out {out_dir}: cannot write there ({exc.strerror or exc}); name another folder "
-                             "for the outputs") from None
+        refused = exc
+    if refused is not None:
+        raise ChromalabError(f"--out {out_dir}: cannot write there ({refused.strerror or refused}); name another "
+                             "folder for the outputs")
 
 
 def _check_beside_photos(jobs: list[Job]) -> None:
     """Without --out, each folder of photos must take their outputs: found out before any photo is coloured
     (a read-only folder, a camera card locked, failed each photo in turn, after the work)."""
     for folder in sorted({job.output.parent for job in jobs}):
-        try:
-            tempfile.TemporaryFile(dir=folder).close()
-        except OSError as exc:
-            raise ChromalabError(f"cannot write beside the photos in {folder} ({exc.strerror or exc}): pass "
-                                 "--out <a folder> for the outputs") from None
+        if (refused := _refuses_files(folder)) is not None:
+            raise ChromalabError(f"cannot write beside the photos in {folder} ({refused.strerror or refused}): "
+                                 "pass --out <a folder> for the outputs")
+
+
+def _refuses_files(folder: Path) -> OSError | None:
+    """Why a file cannot be written in `folder`, by writing one (what permissions say is not the whole story:
+    a read-only mount, a full disk), or None."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        return exc
+    return None
 
 
 def _clear_stale_temps(jobs: list[Job]) -> None:
