@@ -359,6 +359,64 @@ def test_silent_server_times_out(monkeypatch):
     assert uri in str(err.value)
 
 
+@pytest.fixture
+def guarded_server():
+    """A stand-in tracking server behind a login, as a proxy in front of `mlflow server` puts it: every path,
+    /health too, wants user alice's password; `answers[path]` (a status) overrides the API's answer."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    login = "Basic " + base64.b64encode(b"alice:secret").decode()
+    answers: dict[str, int] = {}
+
+    class Guarded(BaseHTTPRequestHandler):
+        def do_GET(self):
+            path = self.path.split("?")[0]
+            status = 401 if self.headers.get("Authorization") != login else answers.get(path, 200)
+            body = b"OK" if path == "/health" else b'{"experiments": []}'
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Guarded)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", answers
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_server_behind_a_login_is_checked_with_mlflows_credentials(guarded_server, monkeypatch):
+    # The check asked /health without the credentials MLflow sends: a server MLflow could use was refused.
+    uri, _ = guarded_server
+    with pytest.raises(ChromalabError, match="HTTP 401 on /health: it wants credentials: set "
+                                             "MLFLOW_TRACKING_USERNAME") as err:
+        runs.check_tracking_server(uri)
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+    runs.check_tracking_server(uri)
+
+
+@pytest.mark.parametrize(("status", "advice"), [
+    (403, r"the account in MLFLOW_TRACKING_USERNAME \(or MLFLOW_TRACKING_TOKEN\) may not do this"),
+    (500, "the server failed: see its log")])
+def test_a_server_that_refuses_its_api_is_one_line_at_once(guarded_server, monkeypatch, status, advice):
+    # Healthy, but refusing what logging needs: MLflow retried a 500 for 4 minutes, then a traceback.
+    uri, answers = guarded_server
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+    answers["/api/2.0/mlflow/experiments/search"] = status
+    started = time.monotonic()
+    with pytest.raises(ChromalabError, match=f"HTTP {status} on /api/2.0/mlflow/experiments/search: {advice}"):
+        runs.check_tracking_server(uri)
+    assert time.monotonic() - started < 10
+
+
 def test_repo_root_leaves_dvc_temp_copies(tmp_path, monkeypatch):
     for name in DVC_ENV_VARS:
         monkeypatch.delenv(name, raising=False)

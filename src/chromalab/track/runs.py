@@ -151,8 +151,6 @@ def _unreachable(uri: str) -> bool:
 def check_tracking_server(uri: str | None = None, *, reading: bool = False) -> None:
     """Fail fast, in one line, when the tracking store can't be used: before any training time is spent.
     `reading` (a model to load from it): a local store must exist, as opening one makes it."""
-    import requests
-
     uri = uri or tracking_uri()
     served = uri.startswith(("http://", "https://", "databricks"))
     folder = None if served else _local_store(uri)
@@ -167,19 +165,49 @@ def check_tracking_server(uri: str | None = None, *, reading: bool = False) -> N
         raise ChromalabError(f"no MLflow store at {folder}: run this in the repository whose training logged the "
                              "model (its mlflow.db), or set MLFLOW_TRACKING_URI to where it was logged")
     if uri.startswith(("http://", "https://")):
-        health = f"{uri.rstrip('/')}/health"
+        _check_server(uri)
+
+
+# What the server asks of the user, by the HTTP status it refused a request with (others: see server_advice).
+_REFUSAL_ADVICE = {
+    401: "it wants credentials: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)",
+    403: "the account in MLFLOW_TRACKING_USERNAME (or MLFLOW_TRACKING_TOKEN) may not do this: ask the server's admin "
+         "for access, or use another account",
+}
+# Asked after /health: an API call needs what logging will need (credentials), which /health often does not.
+_API_PROBE = ("/api/2.0/mlflow/experiments/search", {"max_results": 1})
+
+
+def server_advice(status: int) -> str:
+    """What to do about a tracking server answering HTTP `status`."""
+    if status in _REFUSAL_ADVICE:
+        return _REFUSAL_ADVICE[status]
+    if status >= 500:
+        return "the server failed: see its log, and re-run once it answers"
+    return "check the URI in MLFLOW_TRACKING_URI and that the server is running"
+
+
+def _check_server(uri: str) -> None:
+    """The server answers its health check and an API call, each once, within HEALTH_TIMEOUT_S, asked as MLflow
+    asks it (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, MLFLOW_TRACKING_INSECURE_TLS, …_SERVER_CERT_PATH): a
+    plain request would be refused by a server that MLflow itself can use."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    for endpoint, query in (("/health", None), _API_PROBE):
         try:
-            answer = requests.get(health, timeout=HEALTH_TIMEOUT_S)
-        except requests.RequestException as exc:
-            raise ChromalabError(
-                f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}): start it "
-                "(`mlflow server`) or unset MLFLOW_TRACKING_URI to log to the local mlflow.db"
-            ) from None
+            answer = http_request(get_default_host_creds(uri), endpoint, "GET", max_retries=0,
+                                  timeout=HEALTH_TIMEOUT_S, raise_on_status=False, params=query)
+        except MlflowException as exc:  # raised from (or while handling) requests' own error: name that one
+            cause = type(exc.__cause__ or exc.__context__ or exc).__name__
+            action = ("set MLFLOW_TRACKING_SERVER_CERT_PATH to the CA bundle that signed its certificate (or "
+                      "MLFLOW_TRACKING_INSECURE_TLS=true)") if cause == "SSLError" else "start it (`mlflow server`)"
+            raise ChromalabError(f"MLflow tracking server {uri} is unreachable ({cause}): {action} or unset "
+                                 "MLFLOW_TRACKING_URI to log to the local mlflow.db") from None
         if answer.status_code != 200:
-            raise ChromalabError(
-                f"MLflow tracking server {uri} answered HTTP {answer.status_code} on {health}: "
-                "check the URI in MLFLOW_TRACKING_URI and that the server is running"
-            )
+            raise ChromalabError(f"MLflow tracking server {uri} answered HTTP {answer.status_code} on {endpoint}: "
+                                 f"{server_advice(answer.status_code)}")
 
 
 def _git_state(path: Path) -> dict[str, str]:
