@@ -183,7 +183,7 @@ def server_advice(status: int) -> str:
     if status in _REFUSAL_ADVICE:
         return _REFUSAL_ADVICE[status]
     if status >= 500:
-        return "the server failed: see its log, and re-run once it answers"
+        return "the server failed: see its log"
     return "check the URI in MLFLOW_TRACKING_URI and that the server is running"
 
 
@@ -334,30 +334,31 @@ def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
     import mlflow
 
     uri = use_store()
-    client = mlflow.MlflowClient(uri)
-    experiment_id = _experiment_id(client, uri)
-    if run_id and not run_in_store(client, run_id):
-        print(f"MLflow run {run_id} (from the checkpoint) is not in {uri} or was deleted; starting a new run",
-              file=sys.stderr)
-        run_id = None
-    tags = {**run_identity(), "model": model_name, "stage": stage, "dataset_hash": dataset_hash}
-    if run_id:
-        run = mlflow.start_run(run_id=run_id)
-    else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{tags[TAG_DVC_EXP_NAME]}-{model_name}")
-    with _one_line_if_server_lost(uri) as server_lost, run:
-        try:
-            if not run_id and on_new_run is not None:
-                on_new_run(run.info.run_id)
-            mlflow.set_tags(tags)
-            mlflow.log_params(_params_to_log(client, run_id, run_params(params, model_name)))
-            yield run
-        except KeyboardInterrupt:  # MLflow would record a stopped run as FAILED
-            _end_stopped_run()
-            raise
-        except Exception:
-            server_lost()
-            raise
+    with _one_line_if_server_fails(uri) as server_failed:  # from the first request: a 403 may refuse any
+        client = mlflow.MlflowClient(uri)
+        experiment_id = _experiment_id(client, uri)
+        if run_id and not run_in_store(client, run_id):
+            print(f"MLflow run {run_id} (from the checkpoint) is not in {uri} or was deleted; starting a new run",
+                  file=sys.stderr)
+            run_id = None
+        tags = {**run_identity(), "model": model_name, "stage": stage, "dataset_hash": dataset_hash}
+        if run_id:
+            run = mlflow.start_run(run_id=run_id)
+        else:
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{tags[TAG_DVC_EXP_NAME]}-{model_name}")
+        with run:
+            try:
+                if not run_id and on_new_run is not None:
+                    on_new_run(run.info.run_id)
+                mlflow.set_tags(tags)
+                mlflow.log_params(_params_to_log(client, run_id, run_params(params, model_name)))
+                yield run
+            except KeyboardInterrupt:  # MLflow would record a stopped run as FAILED
+                _end_stopped_run()
+                raise
+            except Exception as exc:
+                server_failed(exc)  # before the run is ended: that must not wait out MLflow's retries again
+                raise
 
 
 def _end_stopped_run() -> None:
@@ -378,32 +379,59 @@ def _end_stopped_run() -> None:
 
 
 @contextmanager
-def _one_line_if_server_lost(uri: str) -> Iterator:
-    """A tracking server that stops answering mid-run ends the stage in one line, not MLflow's chained
-    tracebacks. Inside, `server_lost()` says whether it has; if so it also turns MLflow's retries off, so that
-    ending the run does not wait them out (minutes) a second time."""
-    retries, lost = os.environ.get(MLFLOW_RETRIES_VAR), []
+def _one_line_if_server_fails(uri: str) -> Iterator:
+    """A tracking server that stops answering mid-run, or refuses a request (HTTP 401, 403, or a 5xx once MLflow's
+    retries ran out), ends the stage in one line, not MLflow's chained tracebacks. Inside, `server_failed(exc)`
+    says whether it has; if so it also turns MLflow's retries off, so that ending the run does not wait them out
+    (minutes) a second time."""
+    retries, failure = os.environ.get(MLFLOW_RETRIES_VAR), []
 
-    def server_lost() -> bool:
-        if not lost and _unreachable(uri):
-            lost.append(True)
-            os.environ[MLFLOW_RETRIES_VAR] = "0"
-        return bool(lost)
+    def server_failed(exc: BaseException) -> bool:
+        if not failure and uri.startswith(("http://", "https://")):
+            status = _refused_status(exc)
+            if status is not None:
+                failure.append((f"answered HTTP {status} during the run", server_advice(status)))
+            elif _unreachable(uri):
+                failure.append((f"stopped answering during the run ({type(exc).__name__})", "start the server again"))
+            if failure:
+                os.environ[MLFLOW_RETRIES_VAR] = "0"
+        return bool(failure)
 
     try:
-        yield server_lost
+        yield server_failed
     except ChromalabError:
         raise
     except Exception as exc:
-        if not server_lost():
+        if not server_failed(exc):
             raise
-        raise ChromalabError(f"MLflow tracking server {uri} stopped answering during the run ({type(exc).__name__});"
-                             " what was checkpointed is kept: start the server again and re-run to resume") from None
+        what, action = failure[0]
+        raise ChromalabError(f"MLflow tracking server {uri} {what}; what was checkpointed is kept: {action}, then "
+                             "re-run to resume") from None
     finally:
         if retries is None:
             os.environ.pop(MLFLOW_RETRIES_VAR, None)
         else:
             os.environ[MLFLOW_RETRIES_VAR] = retries
+
+
+def _refused_status(exc: BaseException) -> int | None:
+    """The HTTP status a tracking server refused a request with, as MLflow raised it: 401 or 403 (MLflow's error
+    code for it), or a 429 or 5xx once its retries ran out (urllib3: "too many 500 error responses", in an
+    exception MLflow raised while handling it); None for any other failure."""
+    from mlflow.exceptions import MlflowException
+
+    seen, todo = set(), [exc]
+    while todo:
+        cause = todo.pop()
+        if cause is None or id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, MlflowException) and cause.get_http_status_code() in _REFUSAL_ADVICE:
+            return cause.get_http_status_code()
+        if found := re.search(r"too many (\d{3}) error responses", str(cause)):
+            return int(found.group(1))
+        todo += [cause.__cause__, cause.__context__]
+    return None
 
 
 def _params_to_log(client, run_id: str | None, params: dict[str, object]) -> dict[str, object]:
