@@ -331,13 +331,31 @@ def test_unreachable_server_is_reported_at_once(monkeypatch):
     ("foo://bar", "MLFLOW_TRACKING_URI foo://bar: not a tracking store"),
     ("/nonexistent/dir", "folder /nonexistent does not exist"),
     ("file:///nonexistent/mlruns", "folder /nonexistent does not exist")])
-def test_a_tracking_uri_that_is_no_store_or_in_no_folder_is_one_line(uri, message, tmp_path):
+def test_a_tracking_uri_that_is_no_store_or_in_no_folder_is_one_line(uri, message, tmp_path, monkeypatch):
     # MLflow raised a 76-line traceback for a scheme it has no store for, after 7 s, and another for the folder
     with pytest.raises(ChromalabError, match=message) as err:
         runs.check_tracking_server(uri)
     assert "\n" not in str(err.value)
-    runs.check_tracking_server((tmp_path / "mlruns").as_uri())  # a file store (the GPU check's) is one
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    runs.check_tracking_server((tmp_path / "mlruns").as_uri())  # a file store (the GPU check's, allowed) is one
     runs.check_tracking_server(str(tmp_path / "mlruns"))
+
+
+@pytest.mark.parametrize(("store", "reason"), [
+    ("sqlite://mlflow.db", "Invalid SQLite URL"),  # two slashes: no path, a host
+    ("sqlite:///{tmp}/text.db", "file is not a database"),
+    ("postgresql://user@127.0.0.1:1/db", "No module named"),  # its driver is not installed
+    ("{tmp}/mlruns", "The filesystem tracking backend (e.g., './mlruns') is in maintenance mode and will not "
+                     "receive further updates): fix")])
+def test_a_store_mlflow_cannot_open_is_one_line_before_training(store, reason, tmp_path, monkeypatch):
+    # MLflow's traceback once the run was opened, after the data was loaded and the model built
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    (tmp_path / "text.db").write_text("no database\n" * 100)
+    uri = store.format(tmp=tmp_path)
+    with pytest.raises(ChromalabError) as err:
+        runs.check_tracking_server(uri)
+    assert str(err.value).startswith(f"MLflow cannot open the store {uri} (")
+    assert reason in str(err.value) and "\n" not in str(err.value)
 
 
 def test_sqlite_store_in_a_missing_folder_is_reported(tmp_path):

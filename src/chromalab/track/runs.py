@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from chromalab.config import Params, flatten
-from chromalab.errors import ChromalabError, one_line
+from chromalab.errors import ChromalabError, machine_failure, one_line
 
 if TYPE_CHECKING:
     import keras
@@ -166,6 +166,24 @@ def check_tracking_server(uri: str | None = None, *, reading: bool = False) -> N
                              "model (its mlflow.db), or set MLFLOW_TRACKING_URI to where it was logged")
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
+    elif not served:
+        _open_store(uri)
+
+
+def _open_store(uri: str) -> None:
+    """Open the store on this machine as logging will (MLflow keeps it open for the process): one MLflow cannot
+    open (a malformed sqlite URI, a database driver not installed, a file store, which MLflow 3 refuses unless
+    MLFLOW_ALLOW_FILE_STORE=true) is one line now, not a traceback once training has started."""
+    import mlflow
+
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 — whatever the store's library raises, it can't be used as it is
+        if machine_failure(exc) is not None:  # a full disk, a store it may not write: the entry point's line
+            raise
+        reason = one_line(exc).split(". ")[0]  # MLflow's refusal of a file store runs to a paragraph
+        raise ChromalabError(f"MLflow cannot open the store {uri} ({reason}): fix MLFLOW_TRACKING_URI (a database: "
+                             "sqlite:///path/to/mlflow.db), or unset it to log to the local mlflow.db") from None
 
 
 # What the server asks of the user, by the HTTP status it refused a request with (others: see server_advice).
