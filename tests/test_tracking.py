@@ -215,6 +215,27 @@ def test_a_stage_in_a_dvc_temp_copy_logs_to_the_real_root(repo, monkeypatch):
     assert list((repo / "mlruns").rglob("samples+step+1+*.png")) and not (copy / "mlruns").exists()
 
 
+@pytest.mark.parametrize("relative", ["sqlite:///mlflow.db", "sqlite:///stores/mlflow.db"])
+def test_a_relative_store_in_a_dvc_temp_copy_is_the_real_roots(repo, monkeypatch, relative):
+    # as `mlflow ui --backend-store-uri sqlite:///mlflow.db` is given it: MLflow made the database in the copy,
+    # which `dvc exp run --temp` / `--queue` delete, and the runs were lost (their artifacts orphaned at the root)
+    import mlflow
+
+    copy = repo / ".dvc" / "tmp" / "exps" / "standalone" / "tmpq8v1"
+    (copy / ".dvc").mkdir(parents=True)
+    (repo / "stores").mkdir()
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", relative)
+    real = f"sqlite:///{(repo.resolve() / relative.removeprefix('sqlite:///')).as_posix()}"
+    assert runs.tracking_uri() == real
+    with runs.model_run("gan", parse_params({}), dataset_hash="h", stage="train@gan") as run:
+        pass
+    assert mlflow.MlflowClient(real).get_run(run.info.run_id).info.status == "FINISHED"
+    assert not list(copy.rglob("*.db"))
+    monkeypatch.chdir(repo)  # outside a copy, MLflow's own reading: relative to the current folder
+    assert runs.tracking_uri() == relative
+
+
 def test_each_run_names_the_git_revision_of_its_own_data_and_the_shared_source_its_dvc_hash(store, repo,
                                                                                               monkeypatch):
     """`dvc get <repo> data/tfrecords --rev <dvc.rev>` fetches a run's data: a `dvc exp run`'s own ref (its

@@ -89,8 +89,23 @@ def _dvc_root(begin: Path) -> Path | None:
 
 
 def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` when set, else an absolute SQLite store at the real repo root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(repo_root() / 'mlflow.db').as_posix()}"
+    """`MLFLOW_TRACKING_URI` when set (a relative store: see _out_of_temp_copy), else an absolute SQLite store at
+    the real repo root."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return _out_of_temp_copy(uri) if uri else f"sqlite:///{(repo_root() / 'mlflow.db').as_posix()}"
+
+
+def _out_of_temp_copy(uri: str) -> str:
+    """`uri`, but a relative store on this machine (`sqlite:///mlflow.db`, as `mlflow ui` is given it) inside a
+    DVC temporary copy made absolute in the same folder of the real repository: MLflow takes it relative to the
+    current folder, and the copy's database would vanish with it, leaving the runs' artifacts orphaned."""
+    store = _local_store(uri)
+    here = Path.cwd().resolve()
+    copy = None if store is None or store.is_absolute() else _dvc_root(here)
+    if copy is None or copy == repo_root(here):
+        return uri
+    path = (repo_root(here) / here.relative_to(copy) / store).as_posix()
+    return f"sqlite:///{path}" if uri.startswith("sqlite:") else path
 
 
 def use_store() -> str:
