@@ -160,6 +160,47 @@ def mlflow_server_process(mlflow_db_template):
     return started["url"], _Started(started["pid"], started["args"]), folder / "server.log"
 
 
+@pytest.fixture
+def faulty_proxy(mlflow_server):
+    """The shared server behind a proxy that answers `faults[path]` (an HTTP status, with a text body as MLflow's
+    auth app sends) instead of passing the request on."""
+    import threading
+    import urllib.error
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    faults: dict[str, int] = {}
+
+    class Proxy(BaseHTTPRequestHandler):
+        def _answer(self):
+            sent = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+            if (status := faults.get(self.path.split("?")[0])) is not None:
+                body = b"Permission denied" if status == 403 else b"failed"
+            else:
+                ask = urllib.request.Request(mlflow_server + self.path, data=sent, method=self.command,
+                                             headers={"Content-Type": self.headers.get("Content-Type", "")})
+                try:
+                    with urllib.request.urlopen(ask, timeout=60) as answer:
+                        status, body = answer.status, answer.read()
+                except urllib.error.HTTPError as exc:
+                    status, body = exc.code, exc.read()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", faults
+    server.shutdown()
+    server.server_close()
+
+
 def launch_mlflow_server(folder: Path, db_template: Path) -> tuple[str, subprocess.Popen]:
     """Start `mlflow server` on a free port of 127.0.0.1 over a copy of the template store in `folder` (logging
     to folder/server.log); its URL and process. Not yet answering: see wait_until_up."""

@@ -271,6 +271,18 @@ def test_a_stop_while_logging_to_mlflow_leaves_the_finished_training_runs_finish
     assert [client.get_run(train_run_id(name)).info.status for name in MODEL_NAMES] == ["FINISHED"] * 2
 
 
+def test_a_tracking_server_failing_while_evaluate_logs_is_one_line(evaluated, faulty_proxy, monkeypatch):
+    # MLflow's traceback once its retries ran out; the reports were written already
+    uri, faults = faulty_proxy
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    faults["/api/2.0/mlflow/model-versions/search"] = 500
+    with pytest.raises(ChromalabError) as err:
+        run_evaluate(evaluated.params)
+    assert str(err.value) == (f"MLflow tracking server {uri} answered HTTP 500 mid-stage; {REPORTS} is written: the "
+                              "server failed: see its log, then re-run to log its scores")
+
+
 def test_a_stop_signal_while_a_model_predicts_stops_between_batches_not_inside_tensorflow(tmp_path, monkeypatch):
     """Raised inside TensorFlow's loading or tracing, a Ctrl-C printed an ignored exception's traceback after the
     stop's one line: it now waits for the batches in hand, then stops."""

@@ -456,54 +456,13 @@ def test_a_server_that_refuses_its_api_is_one_line_at_once(guarded_server, monke
     assert time.monotonic() - started < 10
 
 
-@pytest.fixture
-def faulty_proxy(mlflow_server):
-    """The shared server behind a proxy that answers `faults[path]` (an HTTP status, with a text body as MLflow's
-    auth app sends) instead of passing the request on."""
-    import threading
-    import urllib.error
-    import urllib.request
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    faults: dict[str, int] = {}
-
-    class Proxy(BaseHTTPRequestHandler):
-        def _answer(self):
-            sent = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
-            if (status := faults.get(self.path.split("?")[0])) is not None:
-                body = b"Permission denied" if status == 403 else b"failed"
-            else:
-                ask = urllib.request.Request(mlflow_server + self.path, data=sent, method=self.command,
-                                             headers={"Content-Type": self.headers.get("Content-Type", "")})
-                try:
-                    with urllib.request.urlopen(ask, timeout=60) as answer:
-                        status, body = answer.status, answer.read()
-                except urllib.error.HTTPError as exc:
-                    status, body = exc.code, exc.read()
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = _answer
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", faults
-    server.shutdown()
-    server.server_close()
-
-
 def test_a_server_refusing_to_start_the_run_is_one_line(repo, faulty_proxy, monkeypatch):
     # An account that may read but not write runs: MLflow's traceback, outside the one-line guard.
     uri, faults = faulty_proxy
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     faults["/api/2.0/mlflow/runs/create"] = 403
     runs.check_tracking_server()  # it may read
-    with pytest.raises(ChromalabError, match=f"MLflow tracking server {uri} answered HTTP 403 during the run; .*"
+    with pytest.raises(ChromalabError, match=f"MLflow tracking server {uri} answered HTTP 403 mid-stage; .*"
                                              "may not do this") as err:
         with runs.model_run("gan", parse_params({}), dataset_hash="h", stage="train@gan"):
             pass
@@ -522,7 +481,7 @@ def test_a_server_failing_mid_run_is_one_line_without_retrying_again(repo, fault
             runs.log_epoch({"g_loss": 1.0}, 1)
             faults["/api/2.0/mlflow/runs/log-batch"] = faults["/api/2.0/mlflow/runs/update"] = 500
             runs.log_epoch({"g_loss": 0.5}, 2)
-    assert str(err.value).startswith(f"MLflow tracking server {uri} answered HTTP 500 during the run; what was "
+    assert str(err.value).startswith(f"MLflow tracking server {uri} answered HTTP 500 mid-stage; what was "
                                      "checkpointed is kept: the server failed: see its log, then re-run to resume")
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"  # MLflow's own settings as they were
 

@@ -79,6 +79,8 @@ def run_evaluate(params: Params, *, data_dir: Path = Path("data/tfrecords"), mod
     worst_sheet(out_dir / "worst.png", ids, L, predictions, true_ab, delta_e, params.evaluate.n_worst)
     write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2))
     if log_mlflow:
-        log_to_model_runs(reports_root, summary, [out_dir / name for name in PICTURES])
-        registry.record_evaluation(reports_root, summary, registry.test_set_digest(ids, L, true_ab))
+        with runs.server_failures_in_one_line(runs.tracking_uri(), kept=f"{out_dir} is written",
+                                              rerun="re-run to log its scores"):
+            log_to_model_runs(reports_root, summary, [out_dir / name for name in PICTURES])
+            registry.record_evaluation(reports_root, summary, registry.test_set_digest(ids, L, true_ab))
     return summary

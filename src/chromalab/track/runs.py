@@ -367,7 +367,7 @@ def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
     import mlflow
 
     uri = use_store()
-    with _one_line_if_server_fails(uri) as server_failed:  # from the first request: a 403 may refuse any
+    with server_failures_in_one_line(uri) as server_failed:  # from the first request: a 403 may refuse any
         client = mlflow.MlflowClient(uri)
         experiment_id = _experiment_id(client, uri)
         if run_id and not run_in_store(client, run_id):
@@ -412,20 +412,21 @@ def _end_stopped_run() -> None:
 
 
 @contextmanager
-def _one_line_if_server_fails(uri: str) -> Iterator:
-    """A tracking server that stops answering mid-run, or refuses a request (HTTP 401, 403, or a 5xx once MLflow's
-    retries ran out), ends the stage in one line, not MLflow's chained tracebacks. Inside, `server_failed(exc)`
-    says whether it has; if so it also turns MLflow's retries off, so that ending the run does not wait them out
-    (minutes) a second time."""
+def server_failures_in_one_line(uri: str, kept: str = "what was checkpointed is kept",
+                                rerun: str = "re-run to resume") -> Iterator:
+    """A tracking server that stops answering mid-stage, or refuses a request (HTTP 401, 403, or a 5xx once
+    MLflow's retries ran out), ends the stage in one line, not MLflow's chained tracebacks: what failed, what is
+    `kept`, what to do, then `rerun`. Inside, `server_failed(exc)` says whether it has; if so it also turns
+    MLflow's retries off, so that ending a run does not wait them out (minutes) a second time."""
     retries, failure = os.environ.get(MLFLOW_RETRIES_VAR), []
 
     def server_failed(exc: BaseException) -> bool:
         if not failure and uri.startswith(("http://", "https://")):
             status = _refused_status(exc)
             if status is not None:
-                failure.append((f"answered HTTP {status} during the run", server_advice(status)))
+                failure.append((f"answered HTTP {status} mid-stage", server_advice(status)))
             elif _unreachable(uri):
-                failure.append((f"stopped answering during the run ({type(exc).__name__})", "start the server again"))
+                failure.append((f"stopped answering mid-stage ({type(exc).__name__})", "start the server again"))
             if failure:
                 os.environ[MLFLOW_RETRIES_VAR] = "0"
         return bool(failure)
@@ -438,8 +439,7 @@ def _one_line_if_server_fails(uri: str) -> Iterator:
         if not server_failed(exc):
             raise
         what, action = failure[0]
-        raise ChromalabError(f"MLflow tracking server {uri} {what}; what was checkpointed is kept: {action}, then "
-                             "re-run to resume") from None
+        raise ChromalabError(f"MLflow tracking server {uri} {what}; {kept}: {action}, then {rerun}") from None
     finally:
         if retries is None:
             os.environ.pop(MLFLOW_RETRIES_VAR, None)
