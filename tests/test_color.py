@@ -172,3 +172,33 @@ def test_black_and_white_with_chroma_become_black_and_white_and_leave_the_rest_a
     np.testing.assert_array_equal(mapped[:-4], color.gamut_mapped_ab(l_norm, ab_norm))
     rgb = color.lab_norm_to_rgb8(extremes, chroma)
     np.testing.assert_array_equal(rgb, [[0, 0, 0], [0, 0, 0], [255, 255, 255], [255, 255, 255]])
+
+
+@pytest.mark.parametrize("lab", [[(30, 0, -90), (50, -80, 0)],  # beyond sRGB only below 0 (negative channels)
+                                 [(95, -40, 60), (95, -40, 60)]],  # only above 1 (too bright a green-yellow)
+                         ids=["below-only", "above-only"])
+def test_a_photo_out_of_gamut_on_one_side_only_is_gamut_mapped_too(lab):
+    """A photo (a chunk) whose out-of-gamut colours all leave sRGB on the same side is mapped as any other:
+    L and hue kept, only chroma lost; never clipped channel by channel, which shifts these hues."""
+    lab = np.asarray(lab, dtype=np.float64)
+    linear = linear_rgb_unclipped(lab)
+    assert (linear < 0).any() != (linear > 1).any()  # each photo leaves sRGB on one side only
+    shown = skcolor.rgb2lab(color.lab_norm_to_rgb(*norm(lab)).astype(np.float64))
+    np.testing.assert_allclose(shown[:, 0], lab[:, 0], atol=0.05)
+    hue_shift = np.angle(np.exp(1j * (np.arctan2(shown[:, 2], shown[:, 1]) - np.arctan2(lab[:, 2], lab[:, 1]))),
+                         deg=True)
+    assert np.abs(hue_shift).max() < 0.5
+    assert (np.hypot(shown[:, 1], shown[:, 2]) < np.hypot(lab[:, 1], lab[:, 2])).all()
+
+
+def test_mean_chroma_is_the_mean_of_sqrt_a2_b2_over_the_pixels():
+    """The images stage drops photos below images.min_chroma as gray: a blue or yellow photo (mostly b*)
+    must count as colourful. Published CIE Lab (D65) of sRGB's blue: (32.30, 79.19, -107.86), chroma 133.81;
+    of its yellow: (97.14, -21.55, 94.48), chroma 96.91."""
+    photo = np.full((4, 6, 3), 128, dtype=np.uint8)
+    assert color.mean_chroma(photo) == pytest.approx(0, abs=0.01)  # skimage's gray: within 0.004
+    photo[:, :3] = (0, 0, 255)
+    assert color.mean_chroma(photo) == pytest.approx(133.81 / 2, abs=0.05)
+    photo[:, 3:] = (255, 255, 0)
+    assert color.mean_chroma(photo) == pytest.approx((133.81 + 96.91) / 2, abs=0.05)
+    assert color.mean_chroma(np.dstack([photo, np.full((4, 6), 7, np.uint8)])) == color.mean_chroma(photo)  # alpha
