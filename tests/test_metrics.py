@@ -189,3 +189,33 @@ def test_edge_chroma_gap_is_the_right_edges_chroma_less_the_left_edges():
     assert (scored["edge_chroma_gap"], scored["edge_chroma_gap_true"]) == (pytest.approx(50.0), 0.0)
     ab[:, :10] = (0, -50 / 128)  # as colourful on both edges: no gap
     assert metrics.edge_chroma_gap(ab) == pytest.approx(0.0)
+
+
+def test_rgb_metrics_are_scikit_images_on_the_decoded_photos(photos):
+    """rgb_* compare the two photos as shown (skimage's Lab → sRGB of the shared L with each ab), on [0, 1]."""
+    l_norm, true_ab = _split(photos[0])
+    pred_ab = true_ab * 0.6  # a duller prediction, in gamut as the truth is
+    lab = np.concatenate([l_norm * 100, true_ab * 128], -1).astype(np.float64)
+    true_rgb = skcolor.lab2rgb(lab)
+    pred_rgb = skcolor.lab2rgb(np.concatenate([lab[..., :1], pred_ab * 128], -1))
+    row = metrics.photo_metrics(l_norm, true_ab, pred_ab)
+    assert row["rgb_mse"] == pytest.approx(np.mean((true_rgb - pred_rgb) ** 2), rel=1e-2)
+    assert row["rgb_mae"] == pytest.approx(np.mean(np.abs(true_rgb - pred_rgb)), rel=1e-2)
+    assert row["rgb_psnr"] == pytest.approx(peak_signal_noise_ratio(true_rgb, pred_rgb, data_range=1.0), abs=0.05)
+    expected_ssim = structural_similarity(true_rgb, pred_rgb, data_range=1.0, channel_axis=-1,
+                                          gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    assert row["rgb_ssim"] == pytest.approx(expected_ssim, abs=1e-3)
+
+
+def test_out_of_gamut_is_the_share_of_the_predictions_pixels_outside_srgb():
+    size = 24
+    l_norm, gray = np.full((size, size), 0.5), np.zeros((size, size, 2))
+    wild = gray.copy()
+    wild[:6, :8] = (0.9, -0.9)  # Lab (50, 115, -115): far outside sRGB; 48 of 576 pixels
+    assert metrics.photo_metrics(l_norm, gray, wild)["out_of_gamut"] == pytest.approx(48 / 576)
+    assert metrics.photo_metrics(l_norm, wild, gray)["out_of_gamut"] == 0.0  # the truth's gamut is not scored
+
+
+def test_psnr_is_capped_for_differences_below_8_bit_quantisation():
+    assert metrics.psnr_from_mse(1e-9) == metrics.PSNR_CAP_DB  # 90 dB uncapped
+    assert metrics.psnr_from_mse(10 ** -5.8) == pytest.approx(58.0)  # just under the cap: uncapped
