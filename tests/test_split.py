@@ -329,3 +329,34 @@ def test_folder_source_errors(tmp_path):
     with pytest.raises(ChromalabError, match=r"only 2 candidate photos found, 5 needed .*; lower them, or add "
                                              r"photos to .*two$"):  # not the keyword filters, which folders skip
         run_split(folder_params(tmp_path / "two"), tmp_path / "raw", tmp_path / "split")
+
+
+def test_the_split_does_not_depend_on_the_order_of_the_rows(tmp_path):
+    """Candidates are sorted by id before the seeded shuffle: a table with its rows in another order (another
+    download's parts, an edited export) gives the same photos the same splits."""
+    urls = {f"p{n:02d}": f"{IMAGE_BASE}/photo-{n}" for n in range(24)}
+    forward = _raw_tables(tmp_path / "forward", urls)
+    backward = _raw_tables(tmp_path / "backward", dict(reversed(urls.items())))
+    for raw in (forward, backward):
+        run_split(params(n_train=10, n_test=4, n_val=3, n_reserve=7), raw, tmp_path / f"split-{raw.name}")
+    assert read_split(tmp_path / "split-forward") == read_split(tmp_path / "split-backward")
+
+
+def test_each_photo_is_chosen_for_its_most_confident_person_keyword_and_once(tmp_path):
+    # either tagger's confidence counts, the threshold itself included (split.min_confidence 60);
+    # a repeated photos.tsv row (another URL for the same id) must not put one photo in two splits
+    raw = _raw_tables(tmp_path / "raw", {i: f"{IMAGE_BASE}/photo-{i}" for i in "abcd"})
+    with (raw / "photos.tsv").open("a") as f:
+        f.write(f"a\t{IMAGE_BASE}/photo-a-again\n")
+    (raw / "keywords.tsv").write_text(
+        "photo_id\tkeyword\tai_service_1_confidence\tai_service_2_confidence\tsuggested_by_user\n"
+        "a\tman\t90\t50\tf\na\tperson\t80\t80\tf\n"  # man's best tagger (90) beats person's (80)
+        "b\tperson\t\t\tt\nb\twoman\t70\t\tf\n"  # a tagger's 70 beats a person's suggestion
+        "c\tman\t61\t\tf\nc\tperson\t\t75\tf\n"  # the second tagger's 75
+        "d\tchild\t60\t\tf\n")
+    summary = run_split(params(n_train=1, n_test=1, n_val=1, n_reserve=10), raw, tmp_path / "split")
+    rows = [r for rows in read_split(tmp_path / "split").values() for r in rows]
+    assert sorted((r["photo_id"], r["reason"]) for r in rows) == [
+        ("a", "keyword=man conf=90.0"), ("b", "keyword=woman conf=70.0"), ("c", "keyword=person conf=75.0"),
+        ("d", "keyword=child conf=60.0")]
+    assert summary["candidates"] == 4
