@@ -84,12 +84,28 @@ def test_a_flipped_bit_names_the_file_and_record(tmp_path, where, what):
     assert "\n" not in message and str(path) in message and "record 3 " in message and what in message
 
 
-@pytest.mark.parametrize("keep", [5, 40])  # inside the 2nd record's header, then inside its data
+@pytest.mark.parametrize("keep", [5, 40, -2])  # inside the 2nd record's header, its data, its data's checksum
 def test_a_truncated_file_names_the_file_and_record(tmp_path, keep):
     path = tmp_path / "cut.tfrecord"
     raw = _three_records(path)
-    path.write_bytes(raw[: len(raw) // 3 + keep])
+    record = len(raw) // 3
+    path.write_bytes(raw[: record + keep % record])
     with pytest.raises(ChromalabError, match=r"cut\.tfrecord: record 2 is truncated"):
         list(read_records(path))
     with pytest.raises(ChromalabError, match=r"record 2 is truncated"):
         RecordIndex([path])
+
+
+def test_an_index_over_several_files_reads_each_files_own_records(tmp_path):
+    """The shards of a split hold records of one size at the same offsets: each must be read from its own file."""
+    paths = [tmp_path / f"shard-{k}.tfrecord" for k in range(3)]
+    for k, path in enumerate(paths):
+        with RecordWriter(path) as writer:
+            for i in range(2):
+                writer.write(encode_example({"n": [10 * k + i], "lab": PAYLOAD}))
+    index = RecordIndex(paths)
+    try:
+        assert [int(decode_example(index.read(i))["n"][0]) for i in (5, 0, 3, 2, 1, 4)] == [21, 0, 11, 10, 1, 20]
+        assert index.location(3) == (paths[1], 2)
+    finally:
+        index.close()
