@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -420,3 +421,41 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_split_with_fewer_or_more_records_than_counted_is_refused(built, tmp_path):
+    """A shard short of photos would leave rows of the arrays uninitialised (np.empty): never silently."""
+    shard = built["info"]["shards"]["test"][0]
+    whole = (built["out"] / shard).read_bytes()
+    record = len(whole) // N_TEST  # one photo size: every record has one length
+    for name, data in (("fewer", whole[:-record]), ("more", whole + whole[:record])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "dataset.json").write_text((built["out"] / "dataset.json").read_text())
+        (tmp_path / name / shard).write_bytes(data)
+    with pytest.raises(ChromalabError, match=f"2 test records but dataset.json counts {N_TEST}: re-run"):
+        load_split_arrays(tmp_path / "fewer", "test")
+    with pytest.raises(ChromalabError, match=f"more records than the {N_TEST} test photos dataset.json counts"):
+        load_split_arrays(tmp_path / "more", "test")
+
+
+def test_the_content_hash_follows_each_photos_bytes(built, tmp_path):
+    """Same ids, one photo re-made (another JPEG of it): another dataset for training's fingerprint."""
+    edited = tmp_path / "images"
+    shutil.copytree(built["images"], edited)
+    rows = list(csv.DictReader((edited / "manifest.csv").open()))
+    photo = edited / rows[0]["file"]
+    Image.open(photo).save(photo, quality=70)
+    rows[0]["sha256"] = hashlib.sha256(photo.read_bytes()).hexdigest()
+    with (edited / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    remade = run_tfrecords(params(), edited, tmp_path / "remade", workers=1)
+    assert remade["counts"] == built["info"]["counts"] and remade["content_hash"] != built["info"]["content_hash"]
+
+
+def test_a_split_filling_its_shards_exactly_gets_no_empty_shard():
+    from chromalab.data.tfrecords import shard_names
+
+    assert shard_names("train", 8, 4) == ["train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
+    assert shard_names("val", 1, 4) == ["val-00000-of-00001.tfrecord"]
