@@ -186,3 +186,87 @@ def test_a_staged_folder_a_kill_left_is_removed_by_the_next_staging_and_others_a
     with staged_dir(out_dir) as new:
         (new / "dataset.json").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".split.89abcdef.tmp", "tfrecords"]
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_whole_and_nothing_beside_it(tmp_path):
+    """An error inside the block (a full disk, a bug, Ctrl-C) must not put half a file in the old one's place."""
+    from chromalab.files import atomic_path
+
+    target, model = tmp_path / "metrics.json", tmp_path / "model.keras"
+    target.write_text("the previous, whole metrics")
+    model.write_bytes(b"the previous model")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_file(target, text=True) as f:
+            f.write("half")
+            raise OSError("disk full")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(model) as tmp:
+            tmp.write_bytes(b"half a model")
+            raise KeyboardInterrupt
+    assert target.read_text() == "the previous, whole metrics" and model.read_bytes() == b"the previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "model.keras"]
+
+
+def test_a_written_file_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """After a power cut the rename may be on disk and the data not: synced first, the name never shows an empty
+    file. (A crash of the machine cannot be made in a test; the order of the calls can be watched.)"""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with atomic_file(tmp_path / "per_photo.csv", text=True) as f:
+        f.write("photo_id,model\n")
+    assert [kind for kind, _ in events] == ["fsync", "replace"] and events[0][1] == events[1][1]
+    assert (tmp_path / "per_photo.csv").read_text() == "photo_id,model\n"
+
+
+def test_a_staged_folder_replaces_the_old_one_whole_or_not_at_all(tmp_path):
+    from chromalab.files import staged_dir
+
+    out_dir = tmp_path / "tfrecords"
+    out_dir.mkdir()
+    (out_dir / "dataset.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_dir(out_dir) as new:
+            (new / "train-00000.tfrecord").write_bytes(b"half a shard")
+            raise RuntimeError("a photo is unreadable")
+    assert [p.name for p in tmp_path.iterdir()] == ["tfrecords"] and [p.name for p in out_dir.iterdir()] == [
+        "dataset.json"]
+    with staged_dir(out_dir) as new:
+        (new / "dataset.json").write_text("new")
+    # the old folder is gone, not left hidden beside the new one (the tfrecords stage's are gigabytes)
+    assert [p.name for p in tmp_path.iterdir()] == ["tfrecords"] and (out_dir / "dataset.json").read_text() == "new"
+
+
+def test_a_lock_taken_on_a_folder_removed_meanwhile_is_taken_again_on_the_one_now_there(tmp_path, monkeypatch):
+    """The holder before us removes the folder between our open and our flock: deterministic, unlike the threads
+    above. A lock on the removed folder guards nothing; the one held must be on the folder at the path."""
+    import fcntl
+
+    from chromalab.files import held_exclusively
+
+    folder, real_flock, calls = tmp_path / "checkpoint", fcntl.flock, []
+
+    def flock_after_removal(descriptor, operation):
+        calls.append(operation)
+        if len(calls) == 1:
+            shutil.rmtree(folder)
+        return real_flock(descriptor, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_removal)
+    with held_exclusively(folder, 1) as held:
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        assert held and folder.is_dir() and len(calls) == 2  # the first lock, on the removed folder, let go
+        with held_exclusively(folder, 0) as other:
+            assert not other  # another writer of this folder must wait
