@@ -1,0 +1,77 @@
+"""Which epoch training keeps (chromalab.train.callbacks.EpochRecorder): the lowest val ΔE00, validated every
+train.val_every epochs and at the last, never a GAN pretraining epoch, ties keeping the earlier, and a resumed
+run measured against the best its checkpoint had seen. Scripted scores and a tiny net: no training."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import keras
+import numpy as np
+import pytest
+
+from chromalab.train import callbacks
+from chromalab.train.checkpoint import Checkpoint
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """`scores` {epoch: val ΔE00} that the recorder's validation of epoch `epoch` gets; MLflow and sheets off."""
+    script = SimpleNamespace(scores={}, epoch=0)
+    monkeypatch.setattr(callbacks, "val_delta_e00", lambda net, L, true_ab, batch: script.scores[script.epoch])
+    monkeypatch.setattr(callbacks, "sample_sheet", lambda *args: np.zeros((2, 2, 3), np.uint8))
+    monkeypatch.setattr(callbacks, "predict_ab", lambda net, L, batch: np.zeros((*L.shape[:-1], 2), np.float32))
+    monkeypatch.setattr("chromalab.track.runs.log_epoch", lambda metrics, step: None)
+    monkeypatch.setattr("chromalab.track.runs.log_sample_sheet", lambda sheet, step: None)
+    return script
+
+
+def recorder(folder, state, *, total_epochs, val_every=1, keep_after=0, history=None):
+    inputs = keras.Input((4,))
+    net = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    train = SimpleNamespace(val_every=val_every, sample_every=1000, checkpoint_every=1000)
+    zeros = np.zeros((1, 4, 4, 1), np.float32)
+    made = callbacks.EpochRecorder(checkpoint=Checkpoint(folder), state=state, history=history or [],
+                                   train_params=train, total_epochs=total_epochs, samples=(zeros, zeros),
+                                   images_per_epoch=1, validation=(zeros, zeros), batch_size=1, keep_after=keep_after)
+    made.set_model(net)
+    return made
+
+
+def run_epochs(made, scripted, epochs):
+    for epoch in epochs:
+        scripted.epoch = epoch + 1
+        made.on_epoch_begin(epoch)
+        made.on_epoch_end(epoch, {"loss": 1.0})
+
+
+def test_the_lowest_val_delta_e00_after_pretraining_is_kept_ties_keeping_the_earlier(tmp_path, scripted):
+    # epochs 1-2 are the GAN's pretraining: validated, lower than any later, never kept
+    scripted.scores.update({1: 1.0, 2: 0.5, 3: 6.0, 4: 5.0, 5: 5.0, 6: 7.0})
+    state = {"fingerprint": "f", "status": "running", "epoch": 0}
+    made = recorder(tmp_path, state, total_epochs=6, keep_after=2)
+    run_epochs(made, scripted, range(6))
+    assert (state["best_epoch"], state["best_val_delta_e00"]) == (4, 5.0)
+    assert [row["val_delta_e00"] for row in made.history_rows] == [1.0, 0.5, 6.0, 5.0, 5.0, 7.0]
+    assert (tmp_path / "best-epoch-00004.weights.h5").is_file()
+
+
+def test_a_resumed_run_compares_against_the_best_its_checkpoint_had_seen(tmp_path, scripted):
+    scripted.scores.update({5: 4.5, 6: 3.9})
+    state = {"fingerprint": "f", "status": "running", "epoch": 4, "best_epoch": 2, "best_val_delta_e00": 4.0,
+             "best_weights": "best-epoch-00002.weights.h5"}
+    made = recorder(tmp_path, state, total_epochs=6)
+    run_epochs(made, scripted, [4])
+    assert (state["best_epoch"], state["best_val_delta_e00"]) == (2, 4.0)  # 4.5 is worse than before the kill
+    run_epochs(made, scripted, [5])
+    assert (state["best_epoch"], state["best_val_delta_e00"]) == (6, 3.9)
+
+
+def test_validation_runs_every_val_every_epochs_and_at_the_last(tmp_path, scripted):
+    """7 epochs validated every 3: epochs 3, 6 and 7, the last of which may be the best and exported."""
+    scripted.scores.update({3: 5.0, 6: 4.0, 7: 3.0})
+    state = {"fingerprint": "f", "status": "running", "epoch": 0}
+    made = recorder(tmp_path, state, total_epochs=7, val_every=3)
+    run_epochs(made, scripted, range(7))
+    assert [row["epoch"] for row in made.history_rows if "val_delta_e00" in row] == [3, 6, 7]
+    assert state["best_epoch"] == 7 and state["epoch"] == 7  # the last epoch is checkpointed too
