@@ -1,0 +1,99 @@
+"""chromalab.train.checkpoint without training: what a checkpoint must match to be resumed, what it restores,
+and that a save failing midway leaves the previous checkpoint whole. (test_training resumes real runs.)"""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from chromalab.config import parse_params
+from chromalab.train.checkpoint import Checkpoint, params_fingerprint
+
+RUN = {"gan": {"epochs": 10}, "baseline": {"epochs": 10}}
+
+
+def fingerprint(changes: dict | None = None, model: str = "gan", dataset: str = "data", code: str = "code") -> str:
+    raw = {group: dict(values) for group, values in RUN.items()}
+    for group, values in (changes or {}).items():
+        raw.setdefault(group, {}).update(values)
+    return params_fingerprint(parse_params(raw), model, dataset, code)
+
+
+def test_the_fingerprint_holds_what_the_model_trains_on_and_nothing_else():
+    before = fingerprint()
+    changed = [fingerprint({"gan": {"epochs": 11}}), fingerprint({"train": {"flip_ud": True}}),
+               fingerprint({"base": {"seed": 1}}), fingerprint(dataset="other data"), fingerprint(code="edited")]
+    assert before not in changed and len(set(changed)) == len(changed)
+    # the other model's params and the stages after training leave a GAN checkpoint resumable
+    assert fingerprint({"baseline": {"epochs": 11}, "evaluate": {"n_worst": 2}}) == before
+    assert fingerprint(model="baseline") != before
+
+
+def net_with_dropout() -> keras.Model:
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Dropout(0.5, seed=3)(inputs)))
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.ones((4, 8)), np.zeros((4, 2)), epochs=1, verbose=0)
+    return model
+
+
+def checkpointed(folder, model, epoch=4) -> tuple[Checkpoint, dict]:
+    checkpoint = Checkpoint(folder)
+    state = {"fingerprint": "f", "status": "running", "epoch": epoch}
+    checkpoint.save(model, state, [{"epoch": epoch, "loss": 0.5}])
+    return checkpoint, json.loads(checkpoint.state_file.read_text())
+
+
+def test_only_a_running_checkpoint_of_the_same_fingerprint_with_all_its_files_is_resumable(tmp_path):
+    checkpoint, state = checkpointed(tmp_path, net_with_dropout())
+    assert checkpoint.resumable(state, "f")
+    assert not checkpoint.resumable(state, "other params")
+    assert not checkpoint.resumable({**state, "status": "complete"}, "f")
+    assert not checkpoint.resumable({**state, "sheets": ["sheet-00004.npy"]}, "f")  # MLflow lacks that sheet
+    (tmp_path / state["history"]).unlink()
+    assert not checkpoint.resumable(state, "f")
+    assert not checkpoint.resumable(None, "f")
+
+
+def test_a_start_killed_before_its_first_checkpoint_reuses_its_run_only_for_the_same_fingerprint():
+    started = {"fingerprint": "f", "status": "running", "epoch": 0, "mlflow_run_id": "run-1"}
+    assert Checkpoint.started_run(started, "f") == "run-1"
+    assert Checkpoint.started_run(started, "other params") is None
+    assert Checkpoint.started_run({**started, "weights": "epoch-00005.weights.h5"}, "f") is None  # a checkpoint
+
+
+def test_restore_brings_back_weights_optimizer_step_and_the_dropout_seed_state(tmp_path):
+    model = net_with_dropout()
+    checkpoint, state = checkpointed(tmp_path, model)
+    expected = [np.array(v) for v in model.variables]
+    model.fit(np.ones((4, 8)), np.zeros((4, 2)), epochs=2, verbose=0)  # weights, step and seed move on
+    assert any(not np.array_equal(a, np.array(v)) for a, v in zip(expected, model.variables))
+    checkpoint.restore(model, state)
+    for want, variable in zip(expected, model.variables, strict=True):
+        np.testing.assert_array_equal(np.array(variable), want, err_msg=variable.path)
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_resumable(tmp_path, monkeypatch):
+    model = net_with_dropout()
+    checkpoint, previous = checkpointed(tmp_path, model)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save_weights", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(model, {"fingerprint": "f", "status": "running", "epoch": 8}, [{"epoch": 8}])
+    assert json.loads(checkpoint.state_file.read_text()) == previous and checkpoint.resumable(previous, "f")
+
+
+def test_a_checkpoint_keeps_the_sample_sheets_mlflow_has_yet_to_get(tmp_path):
+    checkpoint, state = Checkpoint(tmp_path), {"fingerprint": "f", "status": "running", "epoch": 5}
+    sheets = [(np.full((2, 3, 3), 10, np.uint8), 3), (np.full((2, 3, 3), 20, np.uint8), 5)]
+    checkpoint.keep_sheets(sheets, state)
+    checkpoint.save(net_with_dropout(), state, [{"epoch": 5}])
+    kept = checkpoint.sheets(json.loads(checkpoint.state_file.read_text()))
+    assert [(image.tolist(), epoch) for image, epoch in kept] == [(image.tolist(), epoch) for image, epoch in sheets]
+    assert checkpoint.resumable(state, "f")
