@@ -75,3 +75,26 @@ def test_validation_runs_every_val_every_epochs_and_at_the_last(tmp_path, script
     run_epochs(made, scripted, range(7))
     assert [row["epoch"] for row in made.history_rows if "val_delta_e00" in row] == [3, 6, 7]
     assert state["best_epoch"] == 7 and state["epoch"] == 7  # the last epoch is checkpointed too
+
+
+def test_val_delta_e00_is_the_mean_over_val_photos_of_each_photos_ciede2000_as_evaluate_scores_test():
+    """The rule that picks the exported epoch is the one the evaluate stage reports: every val photo counted
+    (in batches that do not divide the split), dropout off, ΔE00 on real Lab units."""
+    from skimage import color as skcolor
+
+    from chromalab.evaluate.metrics import photo_metrics
+    from chromalab.train.validation import val_delta_e00
+
+    rng = np.random.default_rng(5)
+    L = rng.uniform(0.2, 0.9, (5, 16, 16, 1)).astype(np.float32)
+    true_ab = rng.uniform(-0.3, 0.3, (5, 16, 16, 2)).astype(np.float32)
+    inputs = keras.Input((16, 16, 1))
+    dropped = keras.layers.Dropout(0.5)(keras.layers.Conv2D(4, 3, padding="same")(inputs))
+    net = keras.Model(inputs, keras.layers.Conv2D(2, 1, activation="tanh")(dropped))
+    pred = np.asarray(net(L, training=False))
+    by_hand = [skcolor.deltaE_ciede2000(np.concatenate([L[i] * 100, true_ab[i] * 128], -1),
+                                        np.concatenate([L[i] * 100, pred[i] * 128], -1)).mean() for i in range(5)]
+    assert by_hand[4] != pytest.approx(by_hand[0])  # the last photo, alone in its batch, weighs in the mean
+    assert val_delta_e00(net, L, true_ab, batch_size=2) == pytest.approx(np.mean(by_hand), rel=1e-5)
+    scored = [photo_metrics(L[i], true_ab[i], pred[i])["delta_e00"] for i in range(5)]
+    assert val_delta_e00(net, L, true_ab, batch_size=2) == pytest.approx(np.mean(scored), rel=1e-5)
