@@ -98,3 +98,19 @@ def test_val_delta_e00_is_the_mean_over_val_photos_of_each_photos_ciede2000_as_e
     assert val_delta_e00(net, L, true_ab, batch_size=2) == pytest.approx(np.mean(by_hand), rel=1e-5)
     scored = [photo_metrics(L[i], true_ab[i], pred[i])["delta_e00"] for i in range(5)]
     assert val_delta_e00(net, L, true_ab, batch_size=2) == pytest.approx(np.mean(scored), rel=1e-5)
+
+
+@pytest.mark.parametrize(("model_name", "kept_after"), [("gan", 5), ("baseline", 0)])
+def test_training_keeps_no_epoch_of_the_gans_pretraining_or_warm_up(monkeypatch, model_name, kept_after):
+    """The GAN's generator is trained on the reconstruction alone for pretrain_epochs, then held while the
+    discriminator warms up: the exported epoch must come from the adversarial phase the stage is about."""
+    from chromalab.config import parse_params
+    from chromalab.train import stage
+
+    made = {}
+    monkeypatch.setattr(stage, "EpochRecorder", lambda **kwargs: made.update(kwargs))
+    params = parse_params({"gan": {"epochs": 10, "pretrain_epochs": 3, "warmup_epochs": 2}, "baseline": {"epochs": 10}})
+    validation = SimpleNamespace(L=np.zeros((1, 4, 4, 1)), ab=np.zeros((1, 4, 4, 2)), batch_size=1)
+    resume = SimpleNamespace(checkpoint=None, state={}, history=[], epoch=0)
+    stage._fit(None, SimpleNamespace(train=None), None, resume, params, model_name, 1, validation, 1, False)
+    assert made["keep_after"] == kept_after
