@@ -236,6 +236,17 @@ def test_a_relative_store_in_a_dvc_temp_copy_is_the_real_roots(repo, monkeypatch
     assert runs.tracking_uri() == relative
 
 
+@pytest.mark.parametrize("uri", ["databricks", "databricks://profile", "http://127.0.0.1:5000",
+                                 "sqlite:////abs/mlflow.db", "postgresql://user@127.0.0.1/db"])
+def test_a_store_elsewhere_is_left_as_it_is_in_a_dvc_temp_copy(repo, monkeypatch, uri):
+    # `databricks`, having no scheme, was taken for a relative file store: <root>/databricks, refused
+    copy = repo / ".dvc" / "tmp" / "exps" / "standalone" / "tmpq8v1"
+    (copy / ".dvc").mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert runs.tracking_uri() == uri
+
+
 def test_each_run_names_the_git_revision_of_its_own_data_and_the_shared_source_its_dvc_hash(store, repo,
                                                                                               monkeypatch):
     """`dvc get <repo> data/tfrecords --rev <dvc.rev>` fetches a run's data: a `dvc exp run`'s own ref (its

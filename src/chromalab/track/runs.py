@@ -137,9 +137,16 @@ def store_override(uri: str | None = None) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+def _served(uri: str) -> bool:
+    """Whether `uri` is a tracking server; plain `databricks`, with no scheme, is one, not a relative path."""
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
 def _local_store(uri: str) -> Path | None:
     """Where a store on this machine lives: a SQLite database's file, or an MLflow file store's folder (a file:
     URI or a plain path: the GPU check's, where MLflow has no database); None for any other store."""
+    if _served(uri):
+        return None
     if uri.startswith("sqlite:///"):
         return Path(uri.removeprefix("sqlite:///"))
     if uri.startswith("file:"):
@@ -167,8 +174,8 @@ def check_tracking_server(uri: str | None = None, *, reading: bool = False) -> N
     """Fail fast, in one line, when the tracking store can't be used: before any training time is spent.
     `reading` (a model to load from it): a local store must exist, as opening one makes it."""
     uri = uri or tracking_uri()
-    served = uri.startswith(("http://", "https://", "databricks"))
-    folder = None if served else _local_store(uri)
+    served = _served(uri)
+    folder = _local_store(uri)
     if folder is None and not (served or _is_local_database(uri)):
         raise ChromalabError(f"MLFLOW_TRACKING_URI {uri}: not a tracking store chromalab can use (a server, "
                              "http(s)://host:port, or a database, sqlite:///path/to/mlflow.db); fix it, or unset it "
