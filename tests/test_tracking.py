@@ -390,6 +390,20 @@ def test_a_store_mlflow_cannot_open_is_one_line_before_training(store, reason, t
     assert reason in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_store_of_an_older_mlflow_is_one_line_saying_how_to_upgrade_it(tmp_path, mlflow_db_template):
+    # The one line cut MLflow's advice (`mlflow db upgrade`) off and said to fix or unset MLFLOW_TRACKING_URI
+    import shutil
+    import sqlite3
+
+    shutil.copy(mlflow_db_template, tmp_path / "mlflow.db")
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = '7f2a7d5fae7d'")  # an older MLflow's schema
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ChromalabError, match="out-of-date database schema") as err:
+        runs.check_tracking_server(uri)
+    assert str(err.value).endswith(f": back it up, then upgrade it (`mlflow db upgrade {uri}`)")
+
+
 def test_sqlite_store_in_a_missing_folder_is_reported(tmp_path):
     uri = f"sqlite:///{tmp_path / 'no-such-folder' / 'mlflow.db'}"
     with pytest.raises(ChromalabError, match="does not exist"):

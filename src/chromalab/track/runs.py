@@ -204,8 +204,12 @@ def _open_store(uri: str) -> None:
         if machine_failure(exc) is not None:  # a full disk, a store it may not write: the entry point's line
             raise
         reason = one_line(exc).split(". ")[0]  # MLflow's refusal of a file store runs to a paragraph
-        raise ChromalabError(f"MLflow cannot open the store {uri} ({reason}): fix MLFLOW_TRACKING_URI (a database: "
-                             "sqlite:///path/to/mlflow.db), or unset it to log to the local mlflow.db") from None
+        if "out-of-date database schema" in reason:  # made by an older MLflow: its runs are to be kept
+            action = f"back it up, then upgrade it (`mlflow db upgrade {uri}`)"
+        else:
+            action = ("fix MLFLOW_TRACKING_URI (a database: sqlite:///path/to/mlflow.db), or unset it to log to the "
+                      "local mlflow.db")
+        raise ChromalabError(f"MLflow cannot open the store {uri} ({reason}): {action}") from None
 
 
 # What the server asks of the user, by the HTTP status it refused a request with (others: see server_advice).
