@@ -404,6 +404,36 @@ def test_a_store_of_an_older_mlflow_is_one_line_saying_how_to_upgrade_it(tmp_pat
     assert str(err.value).endswith(f": back it up, then upgrade it (`mlflow db upgrade {uri}`)")
 
 
+def test_stages_opening_a_new_store_at_once_take_turns(tmp_path, monkeypatch):
+    # `dvc queue start -j 2` on a new mlflow.db: both stages ran MLflow's migrations at once, and one failed
+    # ("duplicate column name: step") with a line saying to fix MLFLOW_TRACKING_URI
+    import threading
+
+    import mlflow
+
+    from chromalab.files import held_exclusively
+
+    opened = []
+
+    class Client:
+        def __init__(self, uri):
+            opened.append(uri)
+
+        def search_experiments(self, max_results):
+            pass
+
+    monkeypatch.setattr(mlflow, "MlflowClient", Client)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with held_exclusively(tmp_path, 0) as held:  # the other stage, making the store's tables
+        assert held
+        opening = threading.Thread(target=runs.check_tracking_server, args=(uri,), daemon=True)
+        opening.start()
+        opening.join(timeout=1)
+        assert opening.is_alive() and not opened
+    opening.join(timeout=10)
+    assert opened == [uri]
+
+
 def test_sqlite_store_in_a_missing_folder_is_reported(tmp_path):
     uri = f"sqlite:///{tmp_path / 'no-such-folder' / 'mlflow.db'}"
     with pytest.raises(ChromalabError, match="does not exist"):

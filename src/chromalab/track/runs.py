@@ -22,7 +22,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 EXPERIMENT = "chromalab"
 HEALTH_TIMEOUT_S = 5.0
+STORE_OPEN_WAIT_S = 300.0  # for another process making a new store's tables (~5 CPU s; far longer on a busy disk)
 MLFLOW_RETRIES_VAR = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 # Params every model's run depends on (the data pipeline and the shared training settings); the run also
 # gets its own model's group. The other model's group and `evaluate` are left out: they don't shape this run.
@@ -198,8 +199,14 @@ def _open_store(uri: str) -> None:
     MLFLOW_ALLOW_FILE_STORE=true) is one line now, not a traceback once training has started."""
     import mlflow
 
+    from chromalab.files import held_exclusively
+
+    database = _local_store(uri) if uri.startswith("sqlite:") else None
+    # MLflow makes a new database's tables unguarded: two stages doing it at once (`dvc queue start -j 2`) fail one
+    turns = held_exclusively(database.parent, STORE_OPEN_WAIT_S) if database else nullcontext()
     try:
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+        with turns:
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 — whatever the store's library raises, it can't be used as it is
         if machine_failure(exc) is not None:  # a full disk, a store it may not write: the entry point's line
             raise
