@@ -511,6 +511,26 @@ def test_a_server_that_refuses_its_api_is_one_line_at_once(guarded_server, monke
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.parametrize("failure", ["API request to /api/2.0/mlflow/runs/log-batch failed with exception "
+                                     "(Caused by ResponseError('too many 500 error responses'))", 403])
+def test_a_bug_while_handling_a_server_failure_keeps_its_traceback(guarded_server, monkeypatch, failure):
+    # What an exception was raised while handling was searched too: the bug became the server's one line
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+
+    uri, _ = guarded_server
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+    refused = (MlflowException(failure) if isinstance(failure, str)
+               else MlflowException("Permission denied", error_code=PERMISSION_DENIED))
+    with pytest.raises(KeyError, match="a bug in the fallback"):
+        with runs.server_failures_in_one_line(uri):
+            try:
+                raise refused
+            except MlflowException:
+                {}["a bug in the fallback"]
+
+
 def test_a_server_refusing_to_start_the_run_is_one_line(repo, faulty_proxy, monkeypatch):
     # An account that may read but not write runs: MLflow's traceback, outside the one-line guard.
     uri, faults = faulty_proxy

@@ -38,7 +38,7 @@ _OUT_OF_MEMORY_NAMES = {"MemoryError", "ResourceExhaustedError"}
 _STORE_FAILURES = ("readonly database", "disk is full", "unable to open database file", "disk i/o error")
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def causes(exc: BaseException) -> Iterator[BaseException]:
     """`exc` and the exceptions it was raised from, and a database driver's own (SQLAlchemy's `orig`). Not those
     it was raised while handling: a bug in an `except OSError:` block is a bug, not the machine's failure."""
     seen: set[int] = set()
@@ -57,7 +57,7 @@ def machine_failure(exc: BaseException) -> str | None:
     """One line for a run stopped by the machine (out of memory, a full or read-only disk, a store it cannot
     write), saying what to do; None for any other failure. Stages and colorize keep what they finished, so the
     re-run resumes."""
-    for cause in _chain(exc):
+    for cause in causes(exc):
         if type(cause).__name__ in _OUT_OF_MEMORY_NAMES:
             return ("out of memory: close other programs, or lower a batch size or images.concurrency, then re-run: "
                     "finished work is kept")

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from chromalab.config import Params, flatten
-from chromalab.errors import ChromalabError, machine_failure, one_line
+from chromalab.errors import ChromalabError, causes, machine_failure, one_line
 
 if TYPE_CHECKING:
     import keras
@@ -467,21 +467,15 @@ def server_failures_in_one_line(uri: str, kept: str = "what was checkpointed is 
 
 def _refused_status(exc: BaseException) -> int | None:
     """The HTTP status a tracking server refused a request with, as MLflow raised it: 401 or 403 (MLflow's error
-    code for it), or a 429 or 5xx once its retries ran out (urllib3: "too many 500 error responses", in an
-    exception MLflow raised while handling it); None for any other failure."""
+    code for it), or a 429 or 5xx once its retries ran out (urllib3: "too many 500 error responses", which MLflow's
+    message quotes); None for any other failure, a bug raised while handling one included."""
     from mlflow.exceptions import MlflowException
 
-    seen, todo = set(), [exc]
-    while todo:
-        cause = todo.pop()
-        if cause is None or id(cause) in seen:
-            continue
-        seen.add(id(cause))
+    for cause in causes(exc):
         if isinstance(cause, MlflowException) and cause.get_http_status_code() in _REFUSAL_ADVICE:
             return cause.get_http_status_code()
         if found := re.search(r"too many (\d{3}) error responses", str(cause)):
             return int(found.group(1))
-        todo += [cause.__cause__, cause.__context__]
     return None
 
 
