@@ -163,18 +163,20 @@ def mlflow_server_process(mlflow_db_template):
 @pytest.fixture
 def faulty_proxy(mlflow_server):
     """The shared server behind a proxy that answers `faults[path]` (an HTTP status, with a text body as MLflow's
-    auth app sends) instead of passing the request on."""
+    auth app sends) instead of passing the request on; `refused` lists the paths so answered, in order."""
     import threading
     import urllib.error
     import urllib.request
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     faults: dict[str, int] = {}
+    refused: list[str] = []
 
     class Proxy(BaseHTTPRequestHandler):
         def _answer(self):
             sent = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
             if (status := faults.get(self.path.split("?")[0])) is not None:
+                refused.append(self.path.split("?")[0])
                 body = b"Permission denied" if status == 403 else b"failed"
             else:
                 ask = urllib.request.Request(mlflow_server + self.path, data=sent, method=self.command,
@@ -196,7 +198,7 @@ def faulty_proxy(mlflow_server):
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", faults
+    yield f"http://127.0.0.1:{server.server_address[1]}", faults, refused
     server.shutdown()
     server.server_close()
 

@@ -273,7 +273,7 @@ def test_a_stop_while_logging_to_mlflow_leaves_the_finished_training_runs_finish
 
 def test_a_tracking_server_failing_while_evaluate_logs_is_one_line(evaluated, faulty_proxy, monkeypatch):
     # MLflow's traceback once its retries ran out; the reports were written already
-    uri, faults = faulty_proxy
+    uri, faults, _ = faulty_proxy
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     faults["/api/2.0/mlflow/model-versions/search"] = 500

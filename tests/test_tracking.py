@@ -533,7 +533,7 @@ def test_a_bug_while_handling_a_server_failure_keeps_its_traceback(guarded_serve
 
 def test_a_server_refusing_to_start_the_run_is_one_line(repo, faulty_proxy, monkeypatch):
     # An account that may read but not write runs: MLflow's traceback, outside the one-line guard.
-    uri, faults = faulty_proxy
+    uri, faults, _ = faulty_proxy
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     faults["/api/2.0/mlflow/runs/create"] = 403
     runs.check_tracking_server()  # it may read
@@ -547,7 +547,7 @@ def test_a_server_refusing_to_start_the_run_is_one_line(repo, faulty_proxy, monk
 def test_a_server_failing_mid_run_is_one_line_without_retrying_again(repo, faulty_proxy, monkeypatch):
     """HTTP 500s once MLflow's retries ran out: one line, and ending the run does not wait them out again (the
     default retries took 4 minutes for each, then a traceback)."""
-    uri, faults = faulty_proxy
+    uri, faults, refused = faulty_proxy
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
@@ -558,6 +558,7 @@ def test_a_server_failing_mid_run_is_one_line_without_retrying_again(repo, fault
             runs.log_epoch({"g_loss": 0.5}, 2)
     assert str(err.value).startswith(f"MLflow tracking server {uri} answered HTTP 500 mid-stage; what was "
                                      "checkpointed is kept: the server failed: see its log, then re-run to resume")
+    assert refused.count("/api/2.0/mlflow/runs/update") == 1  # ending the run: no retry
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"  # MLflow's own settings as they were
 
 
