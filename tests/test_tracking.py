@@ -407,6 +407,14 @@ def test_a_store_of_an_older_mlflow_is_one_line_saying_how_to_upgrade_it(tmp_pat
     assert str(err.value).endswith(f": back it up, then upgrade it (`mlflow db upgrade {uri}`)")
 
 
+def test_a_broken_default_store_is_one_line_saying_to_move_it_aside(repo):
+    # With MLFLOW_TRACKING_URI unset there is no URI to fix: the line said to fix or unset it
+    (repo / "mlflow.db").write_text("no database\n" * 100)
+    with pytest.raises(ChromalabError, match="file is not a database") as err:
+        runs.check_tracking_server()
+    assert str(err.value).endswith(f": move {repo / 'mlflow.db'} aside (MLflow makes a new one there), then re-run")
+
+
 def test_stages_opening_a_new_store_at_once_take_turns(tmp_path, monkeypatch):
     # `dvc queue start -j 2` on a new mlflow.db: both stages ran MLflow's migrations at once, and one failed
     # ("duplicate column name: step") with a line saying to fix MLFLOW_TRACKING_URI

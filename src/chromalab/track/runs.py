@@ -93,7 +93,12 @@ def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI` when set (a relative store: see _out_of_temp_copy), else an absolute SQLite store at
     the real repo root."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return _out_of_temp_copy(uri) if uri else f"sqlite:///{(repo_root() / 'mlflow.db').as_posix()}"
+    return _out_of_temp_copy(uri) if uri else _default_store()
+
+
+def _default_store() -> str:
+    """Where runs go when MLFLOW_TRACKING_URI is unset: SQLite at the real repository's root."""
+    return f"sqlite:///{(repo_root() / 'mlflow.db').as_posix()}"
 
 
 def _out_of_temp_copy(uri: str) -> str:
@@ -213,6 +218,8 @@ def _open_store(uri: str) -> None:
         reason = one_line(exc).split(". ")[0]  # MLflow's refusal of a file store runs to a paragraph
         if "out-of-date database schema" in reason:  # made by an older MLflow: its runs are to be kept
             action = f"back it up, then upgrade it (`mlflow db upgrade {uri}`)"
+        elif not os.environ.get("MLFLOW_TRACKING_URI") and uri == _default_store():  # no URI to fix: the file is
+            action = f"move {_local_store(uri)} aside (MLflow makes a new one there), then re-run"
         else:
             action = ("fix MLFLOW_TRACKING_URI (a database: sqlite:///path/to/mlflow.db), or unset it to log to the "
                       "local mlflow.db")
