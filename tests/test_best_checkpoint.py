@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from chromalab.errors import ChromalabError
 from chromalab.train import callbacks
 from chromalab.train.checkpoint import Checkpoint
 
@@ -65,6 +66,23 @@ def test_a_resumed_run_compares_against_the_best_its_checkpoint_had_seen(tmp_pat
     assert (state["best_epoch"], state["best_val_delta_e00"]) == (2, 4.0)  # 4.5 is worse than before the kill
     run_epochs(made, scripted, [5])
     assert (state["best_epoch"], state["best_val_delta_e00"]) == (6, 3.9)
+
+
+@pytest.mark.parametrize(("logs", "score", "named"), [({"loss": float("nan")}, 5.0, "loss was nan at epoch 3"),
+                                                      ({"loss": 1.0}, float("inf"), "val_delta_e00 was inf")])
+def test_a_diverged_epoch_stops_training_in_one_line_before_its_checkpoint(tmp_path, scripted, logs, score, named):
+    # training went on for every remaining epoch on NaN weights, then failed at export with no best epoch kept
+    scripted.scores.update({1: 6.0, 2: 5.5, 3: score})
+    state = {"fingerprint": "f", "status": "running", "epoch": 0}
+    made = recorder(tmp_path, state, total_epochs=6, keep_after=0)
+    made.train_params.checkpoint_every = 1
+    run_epochs(made, scripted, range(2))
+    scripted.epoch = 3
+    made.on_epoch_begin(2)
+    with pytest.raises(ChromalabError, match=named) as err:
+        made.on_epoch_end(2, logs)
+    assert "learning_rate" in str(err.value) and "\n" not in str(err.value)
+    assert state["epoch"] == 2 and state["best_epoch"] == 2  # the last good checkpoint stays the one to resume
 
 
 def test_validation_runs_every_val_every_epochs_and_at_the_last(tmp_path, scripted):

@@ -4,6 +4,7 @@ cannot break."""
 from __future__ import annotations
 
 import datetime
+import math
 import sys
 import time
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from chromalab.color import gray_rgb, lab_norm_to_rgb
 from chromalab.entry import raise_if_stopped
+from chromalab.errors import ChromalabError
 from chromalab.train.checkpoint import Checkpoint
 from chromalab.train.validation import VAL_DELTA_E00, colorizer, predict_ab, val_delta_e00
 
@@ -70,8 +72,10 @@ class EpochRecorder(keras.callbacks.Callback):
         seconds = time.perf_counter() - self._epoch_start
         row = {"epoch": done, **{k: float(v) for k, v in (logs or {}).items()},
                "epoch_seconds": seconds, "images_per_second": self.images_per_epoch / seconds}
+        self._stop_if_diverged(row)  # before validating: an epoch whose loss diverged is never the best
         if done % self.train_params.val_every == 0 or done == self.total_epochs:
             row[VAL_DELTA_E00] = self._validate(done)
+            self._stop_if_diverged(row)
         self.history_rows.append(row)
         self._unlogged.append(row)
         if done % self.train_params.sample_every == 0 or done == self.total_epochs:
@@ -85,6 +89,14 @@ class EpochRecorder(keras.callbacks.Callback):
             for sheet, step in self._unlogged_sheets:
                 runs.log_sample_sheet(sheet, step)
             self._unlogged, self._unlogged_sheets = [], []
+
+    def _stop_if_diverged(self, row: dict) -> None:
+        """A loss or val score gone NaN or infinite stays so: stop now, before the checkpoint, rather than train the
+        remaining epochs on NaN weights and fail at export for want of a best epoch."""
+        broken = next((key for key, value in row.items() if not math.isfinite(value)), None)
+        if broken is not None:
+            raise ChromalabError(f"training diverged: {broken} was {row[broken]} at epoch {row['epoch']}; lower this "
+                                 "model's learning_rate in params.yaml, then re-run")
 
     @property
     def colorizer(self) -> keras.Model:
