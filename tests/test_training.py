@@ -721,6 +721,18 @@ def test_a_stop_signal_during_training_stops_at_the_next_batch_and_the_run_ends_
     assert run_train(params, "baseline")["mlflow_run_id"] == stopped.info.run_id
 
 
+def test_a_fresh_run_has_its_optimizer_built_before_fit(workdir, monkeypatch):
+    """TensorFlow traces a first step that creates variables (the optimizer's slots) a second time, seconds per
+    model on a CPU: a fresh run builds them before `fit`, as a resumed run's restore does."""
+    import keras
+
+    fit, built = keras.Model.fit, []
+    monkeypatch.setattr(keras.Model, "fit",
+                        lambda self, *a, **k: built.append(self.optimizer.built) or fit(self, *a, **k))
+    run_train(tiny_params(baseline={"epochs": 1}), "baseline")
+    assert built == [True]
+
+
 def test_a_killed_run_whose_checkpoint_is_given_up_ends_killed_not_running_for_ever(workdir):
     from chromalab.train.checkpoint import Checkpoint
 

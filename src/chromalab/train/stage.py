@@ -142,6 +142,8 @@ def _fit_and_deliver(params: Params, model_name: str, data_dir: Path, info: dict
     validation = Validation(val_L, val_ab, global_batch)
     with strategy.scope() if strategy is not None else nullcontext():
         model = build_for_training(model_name, params, int(info["image_size"]), jit_compile, steps)
+        if not resume.epoch:  # (restore builds it) not inside fit's first step: TensorFlow traces a step that
+            model.optimizer.build(model.trainable_variables)  # creates variables twice (README, "Measured figures")
     if resume.epoch:
         resume.checkpoint.restore(model, resume.state)
 
