@@ -509,11 +509,13 @@ def test_a_photo_dripped_byte_by_byte_fails_at_its_deadline_instead_of_holding_t
                                                                                           fast_backoff):
     train, test, reserve = photo_ids("tr", 3), photo_ids("te", 1), photo_ids("re", 1)
     fake_unsplash.image_faults = {train[0]: "drip"}
-    fake_unsplash.slow_s = 0.2  # between 64-byte pieces: inside the 0.5 s read timeout, ~5 s for a photo
+    # between 64-byte pieces: inside the 1 s read timeout, ~10 s for a photo. (With 0.5 s a loaded CI machine's
+    # server could miss the timeout on a head, which urllib3 retries: one request more than the tries.)
+    fake_unsplash.slow_s = 0.4
     write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
     with pytest.raises(ChromalabError, match=rf"1 of 4 photos could not be fetched \(e.g. {train[0]}: too slow "
-                                             r"\([\d,]+ bytes in 2 s\) after 1 retries\)") as err:
-        run_images(params(timeout_s=0.5, retries=1), tmp_path / "split", tmp_path / "images")
+                                             r"\([\d,]+ bytes in 4 s\) after 1 retries\)") as err:
+        run_images(params(timeout_s=1.0, retries=1), tmp_path / "split", tmp_path / "images")
     assert fake_unsplash.image_counts()[train[0]] == 2
     # given up at the deadline, part-way: not after waiting for the whole photo
     received = int(str(err.value).split("too slow (")[1].split(" bytes")[0].replace(",", ""))
@@ -525,25 +527,25 @@ def test_slow_heads_and_slow_bodies_together_do_not_hold_a_photo_past_its_tries_
                                                                                           fast_backoff):
     """A head dripped past its deadline is retried inside one fetch, a body dripped past it by another fetch:
     alternating, a photo took (retries + 1)² deadlines (at the defaults, 36 × 120 s). It stops once (retries + 1)
-    deadlines (4 s here) have passed."""
+    deadlines (8 s here) have passed."""
     train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
     fake_unsplash.image_faults = {train[0]: ["drip-headers", "drip"] * 2}
-    fake_unsplash.slow_s = 0.2  # a header line or a 64-byte piece inside every 0.5 s read timeout
+    fake_unsplash.slow_s = 0.4  # a header line or a 64-byte piece inside every 1 s read timeout (as above)
     write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
-    with pytest.raises(ChromalabError, match=rf"\(e.g. {train[0]}: too slow \([\d,]+ bytes in 2 s\), and no whole "
-                                             r"photo in 4 s over 1 tries\)"):
-        run_images(params(timeout_s=0.5, retries=1), tmp_path / "split", tmp_path / "images")
+    with pytest.raises(ChromalabError, match=rf"\(e.g. {train[0]}: too slow \([\d,]+ bytes in 4 s\), and no whole "
+                                             r"photo in 8 s over 1 tries\)"):
+        run_images(params(timeout_s=1.0, retries=1), tmp_path / "split", tmp_path / "images")
     assert fake_unsplash.image_counts()[train[0]] == 2  # not 4
 
 
 def test_a_photo_s_head_and_body_share_one_deadline_per_try(fake_unsplash, tmp_path, fast_backoff):
-    """The head and the body each inside 4 × timeout_s (2 s here), together past it: too slow."""
+    """The head and the body each inside 4 × timeout_s (4 s here), together past it: too slow."""
     train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
     fake_unsplash.image_faults = {train[0]: "slow-head-and-body"}
-    fake_unsplash.slow_s = 0.35  # ~1.4 s for the head, as much for the body
+    fake_unsplash.slow_s = 0.7  # ~2.8 s for the head, as much for the body; each piece well inside the 1 s timeout
     write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
-    with pytest.raises(ChromalabError, match=rf"\(e.g. {train[0]}: too slow \([\d,]+ bytes in 2 s\) after 0 retries"):
-        run_images(params(timeout_s=0.5, retries=0), tmp_path / "split", tmp_path / "images")
+    with pytest.raises(ChromalabError, match=rf"\(e.g. {train[0]}: too slow \([\d,]+ bytes in 4 s\) after 0 retries"):
+        run_images(params(timeout_s=1.0, retries=0), tmp_path / "split", tmp_path / "images")
 
 
 KILL_SCRIPT = """
