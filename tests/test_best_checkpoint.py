@@ -85,6 +85,23 @@ def test_a_diverged_epoch_stops_training_in_one_line_before_its_checkpoint(tmp_p
     assert state["epoch"] == 2 and state["best_epoch"] == 2  # the last good checkpoint stays the one to resume
 
 
+def test_under_loss_scaling_only_a_diverged_val_score_stops_training(tmp_path, scripted):
+    # float16's loss scaling skips a step whose loss is not finite, so the epoch's mean loss may be NaN or inf
+    # while the weights are sound
+    scripted.scores.update({1: 6.0, 2: float("nan")})
+    state = {"fingerprint": "f", "status": "running", "epoch": 0}
+    made = recorder(tmp_path, state, total_epochs=6)
+    made.model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam()), loss="mse")
+    made.on_epoch_begin(0)
+    scripted.epoch = 1
+    made.on_epoch_end(0, {"loss": float("inf")})
+    assert state["best_epoch"] == 1
+    scripted.epoch = 2
+    made.on_epoch_begin(1)
+    with pytest.raises(ChromalabError, match="val_delta_e00 was nan at epoch 2"):
+        made.on_epoch_end(1, {"loss": 1.0})
+
+
 def test_validation_runs_every_val_every_epochs_and_at_the_last(tmp_path, scripted):
     """7 epochs validated every 3: epochs 3, 6 and 7, the last of which may be the best and exported."""
     scripted.scores.update({3: 5.0, 6: 4.0, 7: 3.0})

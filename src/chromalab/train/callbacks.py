@@ -72,10 +72,12 @@ class EpochRecorder(keras.callbacks.Callback):
         seconds = time.perf_counter() - self._epoch_start
         row = {"epoch": done, **{k: float(v) for k, v in (logs or {}).items()},
                "epoch_seconds": seconds, "images_per_second": self.images_per_epoch / seconds}
-        self._stop_if_diverged(row)  # before validating: an epoch whose loss diverged is never the best
+        # float16's loss scaling skips a non-finite step, whose loss still counts in the epoch's: the val score tells
+        if not isinstance(getattr(self.model, "optimizer", None), keras.optimizers.LossScaleOptimizer):
+            self._stop_if_diverged(row)  # before validating: an epoch whose loss diverged is never the best
         if done % self.train_params.val_every == 0 or done == self.total_epochs:
             row[VAL_DELTA_E00] = self._validate(done)
-            self._stop_if_diverged(row)
+            self._stop_if_diverged({"epoch": done, VAL_DELTA_E00: row[VAL_DELTA_E00]})
         self.history_rows.append(row)
         self._unlogged.append(row)
         if done % self.train_params.sample_every == 0 or done == self.total_epochs:
