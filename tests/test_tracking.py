@@ -407,6 +407,21 @@ def test_a_store_of_an_older_mlflow_is_one_line_saying_how_to_upgrade_it(tmp_pat
     assert str(err.value).endswith(f": back it up, then upgrade it (`mlflow db upgrade {uri}`)")
 
 
+def test_a_plain_http_server_asked_over_https_is_told_to_use_http(tmp_path):
+    # the TLS handshake meets plain HTTP: the line said to set a certificate
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ChromalabError, match="it answers plain HTTP: use http:// in MLFLOW_TRACKING_URI"):
+            runs.check_tracking_server(f"https://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_broken_default_store_is_one_line_saying_to_move_it_aside(repo):
     # With MLFLOW_TRACKING_URI unset there is no URI to fix: the line said to fix or unset it
     (repo / "mlflow.db").write_text("no database\n" * 100)
@@ -555,9 +570,10 @@ def test_a_server_refusing_to_start_the_run_is_one_line(repo, faulty_proxy, monk
     assert "\n" not in str(err.value)
 
 
-def test_a_server_failing_mid_run_is_one_line_without_retrying_again(repo, faulty_proxy, monkeypatch):
-    """HTTP 500s once MLflow's retries ran out: one line, and ending the run does not wait them out again (the
-    default retries took 4 minutes for each, then a traceback)."""
+@pytest.mark.parametrize("status", [500, 501])  # 501: MLflow does not retry it (a traceback before)
+def test_a_server_failing_mid_run_is_one_line_without_retrying_again(repo, faulty_proxy, monkeypatch, status):
+    """HTTP 5xx, once MLflow's retries (if any) ran out: one line, and ending the run does not wait them out again
+    (the default retries took 4 minutes for each, then a traceback)."""
     uri, faults, refused = faulty_proxy
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -565,9 +581,9 @@ def test_a_server_failing_mid_run_is_one_line_without_retrying_again(repo, fault
     with pytest.raises(ChromalabError) as err:
         with runs.model_run("gan", parse_params({}), dataset_hash="h", stage="train@gan"):
             runs.log_epoch({"g_loss": 1.0}, 1)
-            faults["/api/2.0/mlflow/runs/log-batch"] = faults["/api/2.0/mlflow/runs/update"] = 500
+            faults["/api/2.0/mlflow/runs/log-batch"] = faults["/api/2.0/mlflow/runs/update"] = status
             runs.log_epoch({"g_loss": 0.5}, 2)
-    assert str(err.value).startswith(f"MLflow tracking server {uri} answered HTTP 500 mid-stage; what was "
+    assert str(err.value).startswith(f"MLflow tracking server {uri} answered HTTP {status} mid-stage; what was "
                                      "checkpointed is kept: the server failed: see its log, then re-run to resume")
     assert refused.count("/api/2.0/mlflow/runs/update") == 1  # ending the run: no retry
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"  # MLflow's own settings as they were

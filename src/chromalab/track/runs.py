@@ -258,14 +258,23 @@ def _check_server(uri: str) -> None:
             answer = http_request(get_default_host_creds(uri), endpoint, "GET", max_retries=0,
                                   timeout=HEALTH_TIMEOUT_S, raise_on_status=False, params=query)
         except MlflowException as exc:  # raised from (or while handling) requests' own error: name that one
-            cause = type(exc.__cause__ or exc.__context__ or exc).__name__
-            action = ("set MLFLOW_TRACKING_SERVER_CERT_PATH to the CA bundle that signed its certificate (or "
-                      "MLFLOW_TRACKING_INSECURE_TLS=true)") if cause == "SSLError" else "start it (`mlflow server`)"
-            raise ChromalabError(f"MLflow tracking server {uri} is unreachable ({cause}): {action} or unset "
-                                 "MLFLOW_TRACKING_URI to log to the local mlflow.db") from None
+            error = exc.__cause__ or exc.__context__ or exc
+            raise ChromalabError(f"MLflow tracking server {uri} is unreachable ({type(error).__name__}): "
+                                 f"{_unreachable_advice(error)} or unset MLFLOW_TRACKING_URI to log to the local "
+                                 "mlflow.db") from None
         if answer.status_code != 200:
             raise ChromalabError(f"MLflow tracking server {uri} answered HTTP {answer.status_code} on {endpoint}: "
                                  f"{server_advice(answer.status_code)}")
+
+
+def _unreachable_advice(error: BaseException) -> str:
+    """What to do about the error a request to the tracking server failed with."""
+    if type(error).__name__ != "SSLError":
+        return "start it (`mlflow server`)"
+    if "WRONG_VERSION_NUMBER" in str(error):  # the answer was no TLS: a plain HTTP server asked over https://
+        return "it answers plain HTTP: use http:// in MLFLOW_TRACKING_URI"
+    return ("set MLFLOW_TRACKING_SERVER_CERT_PATH to the CA bundle that signed its certificate (or "
+            "MLFLOW_TRACKING_INSECURE_TLS=true)")
 
 
 def _git_state(path: Path) -> dict[str, str]:
@@ -474,15 +483,16 @@ def server_failures_in_one_line(uri: str, kept: str = "what was checkpointed is 
 
 def _refused_status(exc: BaseException) -> int | None:
     """The HTTP status a tracking server refused a request with, as MLflow raised it: 401 or 403 (MLflow's error
-    code for it), or a 429 or 5xx once its retries ran out (urllib3: "too many 500 error responses", which MLflow's
-    message quotes); None for any other failure, a bug raised while handling one included."""
+    code for it), a 429 or 5xx once its retries ran out (urllib3: "too many 500 error responses", which MLflow's
+    message quotes), or a 5xx it does not retry; None for any other failure, a bug raised while handling one
+    included."""
     from mlflow.exceptions import MlflowException
 
     for cause in causes(exc):
+        if found := re.search(r"too many (\d{3}) error responses|failed with error code (5\d\d) ", str(cause)):
+            return int(found.group(1) or found.group(2))  # the latter: a 5xx MLflow does not retry (501, 507)
         if isinstance(cause, MlflowException) and cause.get_http_status_code() in _REFUSAL_ADVICE:
             return cause.get_http_status_code()
-        if found := re.search(r"too many (\d{3}) error responses", str(cause)):
-            return int(found.group(1))
     return None
 
 
