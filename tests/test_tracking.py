@@ -422,6 +422,25 @@ def test_a_plain_http_server_asked_over_https_is_told_to_use_http(tmp_path):
         server.server_close()
 
 
+def test_a_plain_http_server_is_named_whichever_openssl_reports_it():
+    # OpenSSL 3.2 and later say "record layer failure" where earlier ones said WRONG_VERSION_NUMBER
+    import ssl
+
+    for reason in ("[SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1006)",
+                   "[SSL] record layer failure (_ssl.c:1000)"):
+        assert runs._unreachable_advice(ssl.SSLError(1, reason)) == ("it answers plain HTTP: use http:// in "
+                                                                     "MLFLOW_TRACKING_URI")
+    assert "CA bundle" in runs._unreachable_advice(ssl.SSLError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] failed"))
+
+
+def test_a_5xx_with_mlflows_json_body_is_a_server_failure_and_a_local_error_is_not():
+    from mlflow.exceptions import MlflowException, RestException
+
+    assert runs._refused_status(RestException({"error_code": "NOT_IMPLEMENTED", "message": "no"})) == 501
+    assert runs._refused_status(MlflowException("Run 'abc' not found")) is None  # its default code maps to 500
+    assert runs._refused_status(RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no"})) is None
+
+
 def test_a_broken_default_store_is_one_line_saying_to_move_it_aside(repo):
     # With MLFLOW_TRACKING_URI unset there is no URI to fix: the line said to fix or unset it
     (repo / "mlflow.db").write_text("no database\n" * 100)

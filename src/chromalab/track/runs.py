@@ -271,7 +271,9 @@ def _unreachable_advice(error: BaseException) -> str:
     """What to do about the error a request to the tracking server failed with."""
     if type(error).__name__ != "SSLError":
         return "start it (`mlflow server`)"
-    if "WRONG_VERSION_NUMBER" in str(error):  # the answer was no TLS: a plain HTTP server asked over https://
+    # the answer was no TLS: a plain HTTP server asked over https:// (OpenSSL 3.2 and later name it "record layer
+    # failure", earlier ones WRONG_VERSION_NUMBER)
+    if any(reason in str(error) for reason in ("WRONG_VERSION_NUMBER", "record layer failure")):
         return "it answers plain HTTP: use http:// in MLFLOW_TRACKING_URI"
     return ("set MLFLOW_TRACKING_SERVER_CERT_PATH to the CA bundle that signed its certificate (or "
             "MLFLOW_TRACKING_INSECURE_TLS=true)")
@@ -484,13 +486,17 @@ def server_failures_in_one_line(uri: str, kept: str = "what was checkpointed is 
 def _refused_status(exc: BaseException) -> int | None:
     """The HTTP status a tracking server refused a request with, as MLflow raised it: 401 or 403 (MLflow's error
     code for it), a 429 or 5xx once its retries ran out (urllib3: "too many 500 error responses", which MLflow's
-    message quotes), or a 5xx it does not retry; None for any other failure, a bug raised while handling one
-    included."""
-    from mlflow.exceptions import MlflowException
+    message quotes), or a 5xx it does not retry (its body text or MLflow's JSON); None for any other failure, a bug
+    raised while handling one included."""
+    from mlflow.exceptions import MlflowException, RestException
 
     for cause in causes(exc):
         if found := re.search(r"too many (\d{3}) error responses|failed with error code (5\d\d) ", str(cause)):
             return int(found.group(1) or found.group(2))  # the latter: a 5xx MLflow does not retry (501, 507)
+        # the same with a JSON body (MLflow's own NOT_IMPLEMENTED is a 501): only an answer is a RestException,
+        # while a plain MlflowException's default code maps to 500 too
+        if isinstance(cause, RestException) and cause.get_http_status_code() >= 500:
+            return cause.get_http_status_code()
         if isinstance(cause, MlflowException) and cause.get_http_status_code() in _REFUSAL_ADVICE:
             return cause.get_http_status_code()
     return None
