@@ -441,6 +441,18 @@ def test_a_5xx_with_mlflows_json_body_is_a_server_failure_and_a_local_error_is_n
     assert runs._refused_status(RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no"})) is None
 
 
+def test_a_server_that_takes_the_connection_but_never_answers_is_named_stuck_not_down(monkeypatch):
+    # the line said to start a server that was running
+    import socket
+
+    monkeypatch.setattr(runs, "HEALTH_TIMEOUT_S", 0.5)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # the kernel accepts the connection; nothing ever answers it
+        with pytest.raises(ChromalabError, match=r"did not answer within 0.5 s: see whether it is stuck"):
+            runs.check_tracking_server(f"http://127.0.0.1:{listener.getsockname()[1]}")
+
+
 def test_a_broken_default_store_is_one_line_saying_to_move_it_aside(repo):
     # With MLFLOW_TRACKING_URI unset there is no URI to fix: the line said to fix or unset it
     (repo / "mlflow.db").write_text("no database\n" * 100)

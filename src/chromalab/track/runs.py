@@ -269,6 +269,8 @@ def _check_server(uri: str) -> None:
 
 def _unreachable_advice(error: BaseException) -> str:
     """What to do about the error a request to the tracking server failed with."""
+    if "Read timed out" in str(error):  # it took the connection but did not answer: up, yet stuck or overloaded
+        return f"it did not answer within {HEALTH_TIMEOUT_S:g} s: see whether it is stuck or overloaded, restart it"
     if type(error).__name__ != "SSLError":
         return "start it (`mlflow server`)"
     # the answer was no TLS: a plain HTTP server asked over https:// (OpenSSL 3.2 and later name it "record layer
