@@ -145,7 +145,12 @@ def store_override(uri: str | None = None) -> Iterator[None]:
 
 def _served(uri: str) -> bool:
     """Whether `uri` is a tracking server; plain `databricks`, with no scheme, is one, not a relative path."""
-    return uri.startswith(("http://", "https://", "databricks"))
+    return _over_http(uri) or uri.startswith("databricks")
+
+
+def _over_http(uri: str) -> bool:
+    """Whether `uri` is a tracking server over HTTP(S), which chromalab can ask directly."""
+    return uri.startswith(("http://", "https://"))
 
 
 def _local_store(uri: str) -> Path | None:
@@ -172,7 +177,7 @@ def _unreachable(uri: str) -> bool:
     try:
         check_tracking_server(uri)
     except ChromalabError:
-        return uri.startswith(("http://", "https://"))
+        return _over_http(uri)
     return False
 
 
@@ -192,7 +197,7 @@ def check_tracking_server(uri: str | None = None, *, reading: bool = False) -> N
     if reading and folder is not None and not folder.exists():
         raise ChromalabError(f"no MLflow store at {folder}: run this in the repository whose training logged the "
                              "model (its mlflow.db), or set MLFLOW_TRACKING_URI to where it was logged")
-    if uri.startswith(("http://", "https://")):
+    if _over_http(uri):
         _check_server(uri)
     elif not served:
         _open_store(uri)
@@ -459,7 +464,7 @@ def server_failures_in_one_line(uri: str, kept: str = "what was checkpointed is 
     retries, failure = os.environ.get(MLFLOW_RETRIES_VAR), []
 
     def server_failed(exc: BaseException) -> bool:
-        if not failure and uri.startswith(("http://", "https://")):
+        if not failure and _over_http(uri):
             status = _refused_status(exc)
             if status is not None:
                 failure.append((f"answered HTTP {status} mid-stage", server_advice(status)))
@@ -543,12 +548,9 @@ def _remove_local_artifacts(location: str) -> None:
     """A deleted model's files, where they are on this machine: MLflow leaves them (a full disk that stopped
     the upload stays full of the part it wrote). Elsewhere (a tracking server's store), `mlflow gc` removes them."""
     import shutil
-    from urllib.parse import urlparse
-    from urllib.request import url2pathname
 
-    parsed = urlparse(location)
-    if parsed.scheme in ("", "file"):
-        shutil.rmtree(url2pathname(parsed.path) if parsed.scheme else location, ignore_errors=True)
+    if (folder := _local_store(location)) is not None:  # a file: URI or a plain path
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run_models(name: str) -> list:
