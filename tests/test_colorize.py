@@ -7,6 +7,7 @@ resize every photo to the model's size and bring the colour back to the photo's 
 from __future__ import annotations
 
 import io
+import tempfile
 import threading
 from pathlib import Path
 
@@ -758,8 +759,12 @@ def test_mlflow_model_uri(tmp_path, models, rgb_photos, monkeypatch):
         # Requirements given: MLflow would otherwise infer them by loading the model in a subprocess (~40 s).
         mlflow.keras.log_model(keras.saving.load_model(models["tint"]), name="model", pip_requirements=["keras"])
     Image.fromarray(rgb_photos[0]).save(tmp_path / "p.png")
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     report = colorize_paths([tmp_path / "p.png"], model=f"runs:/{active.info.run_id}/model")
     assert report.done == [tmp_path / "p_color.png"]
+    assert list(temp.iterdir()) == []  # MLflow's download of the model is not left behind
     with pytest.raises(ChromalabError, match="cannot load MLflow model"):
         load_colorizer("runs:/0123456789abcdef/model")
     # outside the repository that trained it, with no MLFLOW_TRACKING_URI: said so, and no empty mlflow.db made

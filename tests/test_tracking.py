@@ -74,7 +74,7 @@ def _tiny_model():
     ])
 
 
-def test_model_run_logs_params_metrics_images_model_and_tags(store, repo, monkeypatch):
+def test_model_run_logs_params_metrics_images_model_and_tags(store, repo, monkeypatch, tmp_path):
     import keras
     import mlflow
     import tensorflow as tf
@@ -118,13 +118,15 @@ def test_model_run_logs_params_metrics_images_model_and_tags(store, repo, monkey
             for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")}
     assert sorted(pngs) == [1, 3]
     for step, path in pngs.items():
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=store)
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=store,
+                                                    dst_path=str(tmp_path))  # MLflow's own temp folder stays
         np.testing.assert_array_equal(np.asarray(Image.open(local)), sheets[step])
 
     # the model: loadable from the run, same predictions, a signature with a free batch dimension
-    loaded = mlflow.keras.load_model(f"runs:/{run_id}/model")
+    local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path))
+    loaded = mlflow.keras.load_model(local)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
-    signature = mlflow.models.get_model_info(f"runs:/{run_id}/model").signature
+    signature = mlflow.models.Model.load(local).signature
     assert signature.inputs.inputs[0].shape == (-1, 8, 8, 1)
     assert signature.outputs.inputs[0].shape == (-1, 8, 8, 2)
 

@@ -358,7 +358,8 @@ def test_tiny_model_overfits_with_finite_falling_loss_and_mlflow_holds_the_run(r
     sheet_steps = sorted(int(path.split("+step+")[1].split("+")[0]) for path in image_files if path.endswith(".png"))
     assert sheet_steps == sorted({*range(sample_every, epochs + 1, sample_every), epochs}), image_files
     with _fluent_store(client.tracking_uri):
-        logged = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+        logged = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model",
+                                         dst_path=str(request.getfixturevalue("tmp_path")))  # not MLflow's temp
     L = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
     assert logged.predict(L, verbose=0).shape == (2, 32, 32, 2)
 

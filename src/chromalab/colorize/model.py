@@ -103,12 +103,16 @@ def _load_mlflow(uri: str):
     runs.use_store()
     runs.check_tracking_server(reading=True)  # in seconds: MLflow's retries wait minutes for a server that is down
     try:
-        if "keras" in mlflow.models.get_model_info(uri).flavors:
-            loaded = mlflow.keras.load_model(uri, load_model_kwargs={"compile": False})
-        else:  # chromalab.serve.pyfunc.Colorizer: its Keras model is loaded with it
-            loaded = getattr(mlflow.pyfunc.load_model(uri).unwrap_python_model(), "colorizer", None)
-            if loaded is None:
-                raise ValueError("not a chromalab colorizer (no Keras flavour, no chromalab pyfunc)")
+        # Into a folder removed after loading: MLflow downloads a model URI into a temporary folder of its own
+        # and never removes it, so each load left a copy of the model (200 MB at full size) in the temp folder.
+        with tempfile.TemporaryDirectory(prefix="chromalab-model-") as folder:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder)
+            if "keras" in mlflow.models.Model.load(local).flavors:
+                loaded = mlflow.keras.load_model(local, load_model_kwargs={"compile": False})
+            else:  # chromalab.serve.pyfunc.Colorizer: its Keras model is loaded with it
+                loaded = getattr(mlflow.pyfunc.load_model(local).unwrap_python_model(), "colorizer", None)
+        if loaded is None:
+            raise ValueError("not a chromalab colorizer (no Keras flavour, no chromalab pyfunc)")
     except (MlflowException, OSError, ValueError) as exc:
         raise ChromalabError(f"cannot load MLflow model {uri} from {runs.tracking_uri()}: "
                              f"{one_line(exc)} (set MLFLOW_TRACKING_URI if it lives elsewhere)") from None
