@@ -84,7 +84,8 @@ def test_the_api_rejects_bad_and_oversized_files_with_a_message_and_carries_on(p
     assert bad.status_code == 422 and bad.json()["detail"].startswith("broken.jpg: the JPEG photo is cut short")
     huge = requests.post(f"{url}/api/colorize", params={"name": "huge.png"}, data=photos["huge"].read_bytes(),
                          timeout=30)
-    assert huge.status_code == 413 and "limit is 0.5 MB" in huge.json()["detail"]
+    # 0.501 MB: one decimal would read "0.5 MB; the limit is 0.5 MB"
+    assert huge.status_code == 413 and huge.json()["detail"] == "huge.png is 0.501 MB; the limit is 0.5 MB"
     chunked = requests.post(f"{url}/api/colorize", params={"name": "huge.png"}, timeout=30,  # no Content-Length
                             data=iter([photos["huge"].read_bytes()[i : i + 65536] for i in range(0, 600_000, 65536)]))
     assert chunked.status_code == 413 and "over the 0.5 MB limit" in chunked.json()["detail"]
@@ -306,7 +307,8 @@ def test_in_a_browser_photos_are_uploaded_shown_side_by_side_and_download_as_col
         items = {item.find_element(By.TAG_NAME, "strong").text: item
                  for item in browser.find_elements(By.CLASS_NAME, "item")}
         assert "the JPEG photo is cut short" in items["broken.jpg"].find_element(By.CLASS_NAME, "error").text
-        assert "the limit is 0.5 MB" in items["huge.png"].find_element(By.CLASS_NAME, "error").text
+        refused = items["huge.png"].find_element(By.CLASS_NAME, "error").text
+        assert "huge.png is 0.501 MB; the limit is 0.5 MB" in refused
         assert "could not read gone.jpg on this computer" in items["gone.jpg"].find_element(By.CLASS_NAME, "error").text
         done = items["family.jpg"]
         assert "120×80" in done.find_element(By.CLASS_NAME, "status").text

@@ -137,7 +137,18 @@ def _check_headers(request: Request, name: str, max_upload_mb: float, own_names:
                                  "@photo.jpg …), not as a form upload")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_upload_mb * 1e6:
-        raise HTTPException(413, f"{name} is {int(declared) / 1e6:.1f} MB; the limit is {max_upload_mb:g} MB")
+        raise HTTPException(413, f"{name} is {_megabytes_over(int(declared), max_upload_mb)} MB; the limit is "
+                                 f"{max_upload_mb:g} MB")
+
+
+def _megabytes_over(n_bytes: int, limit_mb: float) -> str:
+    """`n_bytes` (over the limit) in MB with the fewest decimals, at least one, that show it over `limit_mb`:
+    0.501 against 0.5, where one decimal read "0.5 MB; the limit is 0.5 MB"."""
+    for decimals in range(1, 7):
+        shown = f"{n_bytes / 1e6:.{decimals}f}"
+        if float(shown) > limit_mb:
+            return shown
+    return f"{n_bytes / 1e6:.6f}"
 
 
 class _Results:
