@@ -1,5 +1,6 @@
 """DVC stage `download`: reads params.yaml and downloads the Unsplash Lite archive and extracts its tables (as `chromalab download` does)."""
 
+import this_checkout  # noqa: F401  first: the chromalab beside this file, not the installed one
 from chromalab.entry import run_stage
 
 

@@ -1,5 +1,6 @@
 """DVC stage `evaluate`: reads params.yaml and scores both models and the gray floor (as `chromalab evaluate` does)."""
 
+import this_checkout  # noqa: F401  first: the chromalab beside this file, not the installed one
 from chromalab.entry import run_stage
 
 

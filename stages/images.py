@@ -1,5 +1,6 @@
 """DVC stage `images`: reads params.yaml and fetches the selected photos (resumable) (as `chromalab images` does)."""
 
+import this_checkout  # noqa: F401  first: the chromalab beside this file, not the installed one
 from chromalab.entry import run_stage
 
 

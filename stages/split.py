@@ -1,5 +1,6 @@
 """DVC stage `split`: reads params.yaml and selects the people subset into train / test / val / reserve (as `chromalab split` does)."""
 
+import this_checkout  # noqa: F401  first: the chromalab beside this file, not the installed one
 from chromalab.entry import run_stage
 
 

@@ -1,5 +1,6 @@
 """DVC stage `tfrecords`: reads params.yaml and converts the photos to Lab TFRecords (as `chromalab tfrecords` does)."""
 
+import this_checkout  # noqa: F401  first: the chromalab beside this file, not the installed one
 from chromalab.entry import run_stage
 
 

@@ -2,6 +2,7 @@
 
 import sys
 
+import this_checkout  # noqa: F401  first: the chromalab beside this file, not the installed one
 from chromalab.entry import run_stage
 
 

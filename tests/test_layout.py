@@ -5,7 +5,11 @@ stage module, and functions read on one screen."""
 from __future__ import annotations
 
 import ast
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +54,11 @@ def covered(path: Path, deps: list[str]) -> bool:
     return any(relative == dep or relative.startswith(dep.rstrip("/") + "/") for dep in deps)
 
 
+def top_level_imports(path: Path) -> list[str]:
+    return [alias.name for node in ast.parse(path.read_text()).body if isinstance(node, ast.Import)
+            for alias in node.names]
+
+
 STAGES = dvc_stages()
 
 
@@ -59,6 +68,9 @@ def test_each_stage_depends_on_every_module_its_entry_point_imports(stage):
     entry = entry_point(spec)
     deps = [str(dep) for dep in spec["deps"]]
     assert covered(entry, deps), f"dvc.yaml: stage {stage} misses its entry point {entry.relative_to(ROOT)}"
+    beside = sorted(f"stages/{name}.py" for name in top_level_imports(entry)
+                    if (ROOT / "stages" / f"{name}.py").is_file())
+    assert beside and all(name in deps for name in beside), f"dvc.yaml: stage {stage} imports {beside}"
     missing = sorted(module_file(name).relative_to(ROOT).as_posix() for name in import_closure(entry)
                      if not covered(module_file(name), deps))
     assert not missing, f"dvc.yaml: stage {stage} imports but does not depend on {', '.join(missing)}"
@@ -69,6 +81,20 @@ def test_the_closure_follows_imports_inside_functions():
     closure = import_closure(ROOT / "stages" / "train.py")
     assert {"chromalab.train.stage", "chromalab.train.models", "chromalab.track.runs", "chromalab.config"} <= closure
     assert "chromalab.evaluate.stage" not in closure
+
+
+def test_a_stage_runs_the_chromalab_beside_it_not_the_installed_one(tmp_path):
+    """DVC runs a queued or --temp experiment in a copy of the repository, and the venv's chromalab is the
+    workspace's (pip install -e): the copy's stages must import the copy's, which its dvc.lock records."""
+    for folder in ("stages", "src"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    with (tmp_path / "src" / "chromalab" / "__init__.py").open("a") as init:
+        init.write("\nimport sys\nprint('chromalab from', __file__, file=sys.stderr)\n")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "stages/split.py"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert f"chromalab from {tmp_path / 'src' / 'chromalab' / '__init__.py'}" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "params.yaml" in proc.stderr.splitlines()[-1]  # the copy has none
 
 
 @pytest.mark.parametrize("stage", DATA_STAGES)

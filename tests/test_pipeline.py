@@ -48,7 +48,7 @@ TINY_PARAMS = {
 def _env(repo: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the venv's python for stages
-    env["PYTHONPATH"] = str(repo / "src")  # the stages run the repo's own copy of the library
+    env.pop("PYTHONPATH", None)  # the stages run the repo's own copy of the library by themselves
     env["DVC_SITE_CACHE_DIR"] = str(repo.parent / "dvc-site-cache")
     env["HOME"] = str(repo.parent)  # no global git/dvc config from the developer's home
     env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true")
