@@ -270,3 +270,28 @@ def test_a_lock_taken_on_a_folder_removed_meanwhile_is_taken_again_on_the_one_no
         assert held and folder.is_dir() and len(calls) == 2  # the first lock, on the removed folder, let go
         with held_exclusively(folder, 0) as other:
             assert not other  # another writer of this folder must wait
+
+
+def test_a_full_disk_says_which_output_it_was_writing(tmp_path):
+    """A write's ENOSPC names no file: the stage's one line said "the disk is full: free space there", there
+    being nowhere. Each atomic writer names its output."""
+    import errno
+
+    from chromalab.errors import machine_failure
+    from chromalab.files import atomic_path, staged_dir
+
+    def disk_full():
+        return OSError(errno.ENOSPC, "No space left on device")  # as a file's write raises it
+
+    outputs = {atomic_file: tmp_path / "metrics.json", atomic_path: tmp_path / "model.keras",
+               staged_dir: tmp_path / "tfrecords"}
+    for writer, output in outputs.items():
+        with pytest.raises(OSError) as raised:
+            with writer(output):
+                raise disk_full()
+        assert machine_failure(raised.value) == (f"the disk is full ({output}): free space there, then re-run: "
+                                                 "finished work is kept")
+    with pytest.raises(OSError) as raised:  # a library's error that names its file keeps it
+        with atomic_path(tmp_path / "model.keras"):
+            raise OSError(errno.ENOSPC, "No space left on device", "/elsewhere/weights.h5")
+    assert raised.value.filename == "/elsewhere/weights.h5"

@@ -223,8 +223,9 @@ def atomic_file(path: Path, text: bool = False) -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _name_output(exc, path)
         raise
 
 
@@ -238,9 +239,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        _name_output(exc, path)
         raise
+
+
+def _name_output(exc: BaseException, output: Path) -> None:
+    """Name `output` in an OSError that names no file: a write's (a full disk's ENOSPC never does), whose one-line
+    error would otherwise say to free space without saying where. Only one with an errno and its text: the
+    message of OSError("text") with a file name would read "[Errno None] None: <file>"."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.strerror is not None:
+        exc.filename = str(output)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -264,8 +274,9 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        _name_output(exc, out_dir)
         raise
     if out_dir.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
         old = _temp_sibling(out_dir)
