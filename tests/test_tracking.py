@@ -706,3 +706,25 @@ def test_choosing_the_store_does_not_leak_into_the_environment(repo, monkeypatch
     other.mkdir()
     monkeypatch.chdir(other)
     assert runs.use_store() != first
+
+
+def test_a_run_stopped_by_a_full_disk_that_its_store_shares_ends_with_that_error_alone(repo, capsys):
+    """Training on a full disk: the checkpoint's write fails, then so did MLflow recording the run FAILED in a
+    store on that disk. MLflow's store logged that with its traceback (over 100 lines before the one-line error),
+    and its error replaced the run's, which names the file that filled the disk."""
+    import errno
+    import sqlite3
+
+    import mlflow
+
+    full = OSError(errno.ENOSPC, "No space left on device", "models/baseline/checkpoint/epoch-00002.weights.h5")
+    with pytest.raises(OSError) as raised:
+        with runs.model_run("baseline", parse_params({}), dataset_hash="h", stage="train@baseline"):
+            locker = sqlite3.connect(repo / "mlflow.db", isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")  # the store takes no write (as on a full disk)
+            raise full
+    locker.execute("ROLLBACK")
+    locker.close()
+    assert raised.value is full
+    assert capsys.readouterr().err == ""
+    assert mlflow.active_run() is None

@@ -122,6 +122,9 @@ def use_store() -> str:
     """
     import mlflow
 
+    # MLflow's SQL store logs each database error with its traceback (dozens of lines) before raising it; a full
+    # disk's is then said in one line (errors.machine_failure), any other error raised with its traceback
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     uri = tracking_uri()
     with store_override():
         mlflow.set_tracking_uri(uri)
@@ -430,28 +433,28 @@ def model_run(model_name: str, params: Params, *, dataset_hash: str, stage: str,
                 mlflow.log_params(_params_to_log(client, run_id, run_params(params, model_name)))
                 yield run
             except KeyboardInterrupt:  # MLflow would record a stopped run as FAILED
-                _end_stopped_run()
+                _end_run_quietly("KILLED")
                 raise
             except Exception as exc:
                 server_failed(exc)  # before the run is ended: that must not wait out MLflow's retries again
+                # here, not in MLflow's exit: a store on the disk that filled fails to record it too, and that
+                # error replaced the run's own, which says what filled
+                _end_run_quietly("FAILED")
                 raise
 
 
-def _end_stopped_run() -> None:
-    """End the active run KILLED; where the store cannot take it (another process holds mlflow.db locked), one
-    line instead of MLflow's traceback: the stop goes on, and a re-run resumes the run."""
+def _end_run_quietly(status: str) -> None:
+    """End the active run `status` (KILLED, FAILED). Where the store cannot take it (another process holds
+    mlflow.db locked, its disk is full), a stop says so in one line and goes on, and a failure's own error follows
+    alone; either way the run shows RUNNING until the stage is re-run, which resumes it."""
     import mlflow
 
-    store_log = logging.getLogger("mlflow.store.db.utils")  # logs each database error with its traceback
-    level = store_log.level
-    store_log.setLevel(logging.CRITICAL)
     try:
-        mlflow.end_run("KILLED")
-    except Exception as exc:  # noqa: BLE001 — any store error: the user stopped the work, which must stop
-        print(f"MLflow could not record the stopped run as KILLED ({one_line(exc)[:160]}); it shows RUNNING until "
-              "this stage is re-run, which resumes it", file=sys.stderr)
-    finally:
-        store_log.setLevel(level)
+        mlflow.end_run(status)
+    except Exception as exc:  # noqa: BLE001 — any store error: the stop, or the run's own error, goes on
+        if status == "KILLED":
+            print(f"MLflow could not record the stopped run as KILLED ({one_line(exc)[:160]}); it shows RUNNING "
+                  "until this stage is re-run, which resumes it", file=sys.stderr)
 
 
 @contextmanager
