@@ -123,6 +123,33 @@ def test_a_stopped_stage_says_so_in_one_line_and_exits_with_the_signals_status(s
     assert err.strip() == f"stopped ({signal.Signals(signum).name}); re-run to resume where it stopped"
 
 
+EXITING_STAGE = """
+import atexit, time
+from chromalab.entry import run_stage
+def handler():  # as MLflow's, which ends the run at exit
+    print("exiting", flush=True)
+    time.sleep(3)
+    print("handler done", flush=True)
+run_stage(lambda: atexit.register(handler))
+"""
+
+
+@pytest.mark.parametrize("n_stops", [1, 2])
+def test_a_stop_while_exiting_lets_the_exit_handlers_finish_and_a_second_ends_at_once(n_stops):
+    """The work is done, but a stop then is still a stop: one line and 128 + the signal (it was a traceback from
+    inside the exit handler, and status 0); a second stop does not wait for the handlers."""
+    stage = subprocess.Popen([sys.executable, "-c", EXITING_STAGE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    assert stage.stdout.readline() == "exiting\n"
+    for _ in range(n_stops):
+        stage.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+    out, err = stage.communicate(timeout=30)
+    assert stage.returncode == 128 + signal.SIGINT
+    assert ("handler done" in out) == (n_stops == 1)
+    assert err.strip() == ("stopped (SIGINT); re-run to resume where it stopped" if n_stops == 1 else ""), err
+
+
 FAILING_STAGE = """
 import sys
 from chromalab.entry import run_stage

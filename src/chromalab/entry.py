@@ -181,8 +181,21 @@ def exit_without_teardown(code: int = 0) -> None:
     import atexit
     import threading
 
+    stops_before = len(_stops)
+
+    def stop_while_exiting(signum: int, frame) -> None:
+        # Raised in an exit handler, a stop printed its traceback and the exit went on (status 0). A first one
+        # now lets the handlers finish (MLflow ends its run in one); a second ends the process at once.
+        _stops.append(signum)
+        if len(_stops) - stops_before > 1:
+            os._exit(128 + signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop_while_exiting)
     threading._shutdown()
     atexit._run_exitfuncs()
+    if len(_stops) > stops_before and code == 0:
+        code = report_stop()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
