@@ -83,6 +83,24 @@ def test_the_closure_follows_imports_inside_functions():
     assert "chromalab.evaluate.stage" not in closure
 
 
+def test_the_gitignores_dvc_writes_beside_the_outputs_are_committed_as_it_writes_them():
+    """`dvc exp apply` deleted models/<m>/checkpoint/ (git-ignored, a killed run's resume point) while DVC's
+    models/<m>/.gitignore was not committed, as in a fresh clone before the first `dvc repro`."""
+    expected: dict[Path, set[str]] = {}
+    for spec in STAGES.values():
+        for out in [*spec.get("outs", []), *spec.get("metrics", [])]:
+            path, options = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+            if (options or {}).get("cache", True):
+                expected.setdefault(ROOT / Path(path).parent, set()).add(f"/{Path(path).name}")
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True).stdout.split()
+    for folder, names in expected.items():
+        ignore = folder / ".gitignore"
+        assert ignore.relative_to(ROOT).as_posix() in tracked, f"{ignore.relative_to(ROOT)} is not committed"
+        assert set(ignore.read_text().split()) == names, ignore
+
+
 def test_a_stage_runs_the_chromalab_beside_it_not_the_installed_one(tmp_path):
     """DVC runs a queued or --temp experiment in a copy of the repository, and the venv's chromalab is the
     workspace's (pip install -e): the copy's stages must import the copy's, which its dvc.lock records."""
