@@ -90,6 +90,22 @@ def test_a_command_that_fails_or_is_interrupted_exits_non_zero(monkeypatch, caps
     cli.main(["done"])  # success returns: no SystemExit
 
 
+def test_a_stopped_bench_promises_no_resume(monkeypatch, capsys):
+    """A re-run of bench measures everything again, so its stop line does not say it resumes."""
+    import chromalab.bench
+    from chromalab import cli, entry
+
+    def stopped(**options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entry, "_resumes", [True])  # put back after the test: bench clears it for its process
+    monkeypatch.setattr(chromalab.bench, "run_bench", stopped)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["bench", "--only", "baseline"])
+    assert exited.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped (SIGINT)"
+
+
 def test_a_command_the_machine_stops_says_what_to_free_in_one_line(monkeypatch, capsys, tmp_path):
     """Out of memory, a full disk, an MLflow store SQLite cannot write (as MLflow wraps it): one line each, what to
     do, exit status 1; any other failure is a bug, with its traceback."""

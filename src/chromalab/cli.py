@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from chromalab.entry import exit_code, exit_without_teardown, handle_stop_signals, report_stop, skip_unused_extras
+from chromalab.entry import (exit_code, exit_without_teardown, handle_stop_signals, report_stop, skip_unused_extras,
+                             starts_afresh)
 from chromalab.errors import ChromalabError, machine_failure
 from chromalab.quiet import quiet_tensorflow
 
@@ -146,6 +147,7 @@ def bench(
     """Measure training (step and whole loop), input-pipeline, tfrecords and colorize throughput on this device."""
     from chromalab.bench import run_bench
 
+    starts_afresh()  # a re-run measures everything again (the finished rows stay in the report until then)
     run_bench(
         out=out, image_size=image_size, batches=batch, width=width, precision=precision,
         steps=steps, only=only, peak_tflops=peak_tflops, xla=xla, records=records,

@@ -94,6 +94,7 @@ def run_stage(stage: Callable[[], object]) -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _stops: list[int] = []  # the stop signals received, in order
 _deferring = [False]
+_resumes = [True]  # whether a re-run of the stopped work goes on where it stopped (the stop line says so)
 
 
 def handle_stop_signals() -> None:
@@ -126,6 +127,11 @@ def raise_if_stopped() -> None:
         raise KeyboardInterrupt
 
 
+def starts_afresh() -> None:
+    """Work a re-run repeats from the start (bench) calls this: its stop line then promises no resume."""
+    _resumes[0] = False
+
+
 def report_stop() -> int:
     """One line for a stopped process; its exit status, 128 + the signal's number, as a shell gives."""
     signum = _stops[-1] if _stops else signal.SIGINT
@@ -133,7 +139,8 @@ def report_stop() -> int:
     if signum != signal.SIGINT and _in_workspace_experiment():  # DVC puts git's HEAD back on Ctrl-C only
         detached = (" (if `dvc exp run` itself was killed, git is left on a detached HEAD: `git checkout <branch>` "
                     "first)")
-    print(f"stopped ({signal.Signals(signum).name}); re-run to resume where it stopped{detached}", file=sys.stderr)
+    then = "; re-run to resume where it stopped" if _resumes[0] else ""
+    print(f"stopped ({signal.Signals(signum).name}){then}{detached}", file=sys.stderr)
     return 128 + signum
 
 
