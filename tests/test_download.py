@@ -644,8 +644,9 @@ def test_failed_run_leaves_the_previous_output_untouched(photos, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip", "good.zip", "raw"]  # no temp folders
 
 
-def test_folder_source_downloads_nothing(tmp_path):
+def test_folder_source_downloads_nothing_and_says_so(tmp_path, capsys):
     out = run_download(parse_params({"data": {"source": "folder", "folder": "my/photos"}}), tmp_path / "raw")
     assert sorted(p.name for p in out.iterdir()) == ["source.json"]
+    assert "nothing to download (data.source: folder" in capsys.readouterr().err  # DVC shows the stage run
     # data.folder is no parameter of the download stage (dvc.yaml): its output must not depend on it
     assert json.loads((out / "source.json").read_text()) == {"source": "folder"}

@@ -70,6 +70,7 @@ def run_download(params: Params, out_dir: Path = Path("data/raw"), cache_dir: Pa
         # not data.folder: the stage does not depend on it (dvc.yaml), and nothing reads it from here
         with staged_dir(out_dir) as tmp:
             _write_json(tmp / "source.json", {"source": "folder"})
+        tqdm.write("download: nothing to download (data.source: folder; split reads data.folder)", file=sys.stderr)
         return out_dir
 
     url = params.data.url
