@@ -425,6 +425,18 @@ def test_a_photo_the_server_never_sends_is_given_up_after_two_runs_instead_of_st
     assert reasons == {train[1]: "unreachable (could not be fetched in 2 runs, each after its retries)"}
 
 
+def test_a_photo_that_failed_a_run_then_turned_out_gone_leaves_no_count_in_the_finished_output(
+        fake_unsplash, tmp_path, fast_backoff):
+    """Found by a randomized hostile server (helper-54): failed_runs.json outlived the run that completed."""
+    train, test, reserve = photo_ids("tr", 3), photo_ids("te", 1), photo_ids("re", 2)
+    fake_unsplash.image_faults = {train[1]: ["500-always", "404"]}  # one 500 (no retries), then gone
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    with pytest.raises(ChromalabError, match=rf"\(e.g. {train[1]}: HTTP 500 after 0 retries\)"):
+        run_images(params(retries=0), tmp_path / "split", tmp_path / "images")
+    run_images(params(retries=0), tmp_path / "split", tmp_path / "images")
+    assert sorted(check_output(tmp_path / "images")["train"]) == sorted([train[0], train[2], reserve[0]])
+
+
 def test_replacement_does_not_depend_on_thread_timing(tmp_path, fast_backoff):
     train, test, reserve = photo_ids("tr", 10), photo_ids("te", 3), photo_ids("re", 5)
     faults = {train[1]: "404", train[4]: "gray", test[0]: "corrupt", reserve[1]: "404", train[7]: "slow"}
