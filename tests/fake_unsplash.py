@@ -50,8 +50,8 @@ SELECTED_KINDS = frozenset({"person", "person_user"})
 DEFAULT_KINDS = {"person": 30, "person_user": 6, "low_confidence": 5, "bw_keyword": 5, "caption": 4, "other": 20}
 ID_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 
-IMAGE_FAULTS = ("403", "404", "410", "429-once", "500-twice", "500-always", "truncated-once", "corrupt", "gray",
-                "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
+IMAGE_FAULTS = ("403", "404", "410", "429-once", "429-wait-an-hour", "500-twice", "500-always", "truncated-once",
+                "corrupt", "gray", "rgba-png", "wrong-size", "slow", "stall-once", "html-page", "bad-exif", "drip",
                 "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
                 "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo",
                 "placeholder", "gray-placeholder", "placeholder-tagged", "png-bomb", "trailing-junk",
@@ -461,6 +461,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, buffer.getvalue(), "image/png")
         if (fault == "429-once" and n == 1):
             return self._send(429, b"slow down", headers={"Retry-After": "1"})
+        if fault == "429-wait-an-hour":
+            return self._send(429, b"slow down", headers={"Retry-After": "3600"})
         if fault == "503-unreadable-retry-after-once" and n == 1:  # RFC 9110 allows only seconds or a date
             return self._send(503, b"busy", headers={"Retry-After": "soon"})
         if (fault == "500-twice" and n <= 2) or fault == "500-always":

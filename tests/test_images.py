@@ -550,6 +550,22 @@ def test_slow_heads_and_slow_bodies_together_do_not_hold_a_photo_past_its_tries_
     assert fake_unsplash.image_counts()[train[0]] == 2  # not 4
 
 
+def test_a_retry_after_longer_than_a_photo_s_deadline_is_cut_to_it_and_the_photo_tried_next_run(
+        fake_unsplash, tmp_path, fast_backoff):
+    """A 429 asking for an hour was waited up to 5 minutes per retry: a worker held for (retries × 5) min per photo,
+    far past its (retries + 1) deadlines. Each wait is cut to one deadline (4 s here); not written off."""
+    train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "429-wait-an-hour"}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    started = time.monotonic()
+    with pytest.raises(ChromalabError, match=rf"\(e.g. {train[0]}: HTTP 429 after 1 retries\)"):
+        run_images(params(timeout_s=1.0, retries=1), tmp_path / "split", tmp_path / "images")
+    assert 4 <= time.monotonic() - started < 30
+    fake_unsplash.image_faults = {}
+    run_images(params(timeout_s=1.0, retries=1), tmp_path / "split", tmp_path / "images")
+    assert sorted(check_output(tmp_path / "images")["train"]) == train
+
+
 def test_a_photo_s_head_and_body_share_one_deadline_per_try(fake_unsplash, tmp_path, fast_backoff):
     """The head and the body each inside 4 × timeout_s (4 s here), together past it: too slow."""
     train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)

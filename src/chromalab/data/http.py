@@ -49,14 +49,14 @@ def content_type(headers) -> str:
     return printable(headers.get("Content-Type", "").split(";")[0].strip().lower())
 
 
-def retry_policy(retries: int, backoff_s: float, **options) -> Retry:
-    """urllib3's retries of connection errors, reads and RETRY_STATUSES, honouring Retry-After, with
-    exponential backoff; the last answer is returned rather than raised, so its status makes the message.
-    Up to MAX_REDIRECTS hops besides."""
+def retry_policy(retries: int, backoff_s: float, retry_after_max_s: float = RETRY_AFTER_MAX_S, **options) -> Retry:
+    """urllib3's retries of connection errors, reads and RETRY_STATUSES, honouring Retry-After up to
+    `retry_after_max_s`, with exponential backoff; the last answer is returned rather than raised, so its status
+    makes the message. Up to MAX_REDIRECTS hops besides."""
     return _Retry(total=retries, connect=retries, read=retries, status=retries, redirect=MAX_REDIRECTS,
                  backoff_factor=backoff_s,
                  status_forcelist=RETRY_STATUSES, allowed_methods={"GET"}, respect_retry_after_header=True,
-                 retry_after_max=RETRY_AFTER_MAX_S, raise_on_status=False, **options)
+                 retry_after_max=retry_after_max_s, raise_on_status=False, **options)
 
 
 def transport_failure(exc: BaseException) -> str:

@@ -352,8 +352,10 @@ class PhotoFetcher:
         self.failed_runs = failed_runs
         # urllib3 retries what fails before an answer (connection, status); a body cut short, stalled or
         # dripping past the deadline is retried in `read`, as many times.
-        retry = retry_policy(ip.retries, BACKOFF_FACTOR_S, backoff_max=BACKOFF_MAX_S)
         self.deadline_s = PHOTO_DEADLINE_READS * ip.timeout_s
+        # A Retry-After up to one deadline: a photo's tries then fit its budget ((retries + 1) deadlines), where
+        # 5-minute waits held each worker up to 25 min per photo; a photo still refused is tried on the next run.
+        retry = retry_policy(ip.retries, BACKOFF_FACTOR_S, retry_after_max_s=self.deadline_s, backoff_max=BACKOFF_MAX_S)
         self.unusable: dict[str, str] = {}  # SHA-256 of bytes no photo (undecodable, gray) → first to get them
         self.shared_junk: set[str] = set()  # … and those that came for more than one
         self.unusable_lock = threading.Lock()
