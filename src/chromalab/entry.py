@@ -72,9 +72,11 @@ def run_stage(stage: Callable[[], object]) -> None:
     parent = os.getppid()
     start_process()
     handle_stop_signals()
+    sys.unraisablehook = _quiet_about_stops(sys.unraisablehook)
     end_with_parent(parent)
     try:
         stage()
+        raise_if_stopped()  # one raised where Python ignores it (a destructor): the stage went on, yet was stopped
         code = 0
     except ChromalabError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -87,6 +89,17 @@ def run_stage(stage: Callable[[], object]) -> None:
         print(f"error: {message}", file=sys.stderr)
         code = 1
     exit_without_teardown(code)
+
+
+def _quiet_about_stops(hook: Callable) -> Callable:
+    """`hook`, less the stops raised in a destructor or weakref callback (evaluate's plots), which Python can only
+    ignore: each printed "Exception ignored" and a traceback, and the stage exited 0; run_stage reports it."""
+
+    def unraisable(info) -> None:
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            hook(info)
+
+    return unraisable
 
 
 # --- Ctrl-C and SIGTERM -----------------------------------------------------------------------------
