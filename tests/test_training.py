@@ -512,11 +512,13 @@ def test_a_finished_run_dvc_never_recorded_is_put_back_and_one_it_recorded_is_tr
 def test_an_experiment_killed_in_a_dvc_temporary_copy_resumes_in_the_next_copy(tmp_path, monkeypatch, dataset,
                                                                                mlflow_db_template, capsys):
     """`dvc exp run --temp` and `--queue` train in a copy under .dvc/tmp/exps that a re-run never sees again: the
-    checkpoint lives in the real repository, one per experiment, and goes once the experiment is trained."""
+    checkpoint lives in the real repository, one per experiment; once trained it keeps copies of the outputs for a
+    copy killed before DVC stored them, and goes once DVC's cache holds them."""
     from chromalab.track import runs
+    from chromalab.train.stage import _remove_checkpoints_dvc_keeps
 
     root = _git_repo(tmp_path / "repo", dataset, mlflow_db_template)
-    copies = [root / ".dvc/tmp/exps/standalone" / name for name in ("tmp1", "tmp2")]
+    copies = [root / ".dvc/tmp/exps/standalone" / name for name in ("tmp1", "tmp2", "tmp3")]
     for copy in [root, *copies]:
         (copy / ".dvc").mkdir(parents=True, exist_ok=True)
     for copy in copies:
@@ -537,7 +539,28 @@ def test_an_experiment_killed_in_a_dvc_temporary_copy_resumes_in_the_next_copy(t
     client = _client(root)
     (run,) = client.search_runs([client.get_experiment_by_name("chromalab").experiment_id])
     assert (run.info.run_id, run.info.status) == (metrics["mlflow_run_id"], "FINISHED")
-    assert (copies[1] / "models/baseline/model.keras").is_file()
+    model = (copies[1] / "models/baseline/model.keras").read_bytes()
+
+    # the second copy killed before DVC stored its outputs, and gone with them: the third puts them back
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    monkeypatch.chdir(copies[2])
+    assert run_train(params, "baseline")["mlflow_run_id"] == metrics["mlflow_run_id"]
+    assert "its outputs are put back instead of training again" in capsys.readouterr().err
+    assert (copies[2] / "models/baseline/model.keras").read_bytes() == model
+    assert len(client.search_runs([client.get_experiment_by_name("chromalab").experiment_id])) == 1
+
+    # once DVC's cache holds every output, the folder goes (at the next training of the model)
+    def cache(name: str, md5: str) -> None:  # where DVC 3 stores a file it caches
+        (root / ".dvc/cache/files/md5" / md5[:2]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(kept / "delivered" / Path(name).name, root / ".dvc/cache/files/md5" / md5[:2] / md5[2:])
+
+    *first, last = sorted(json.loads((kept / "state.json").read_text())["delivered"].items())
+    for name, md5 in first:
+        cache(name, md5)
+    _remove_checkpoints_dvc_keeps(root / "models/baseline")
+    assert kept.is_dir()  # one output not cached yet
+    cache(*last)
+    _remove_checkpoints_dvc_keeps(root / "models/baseline")
     assert sorted(p.name for p in (root / "models/baseline").iterdir()) == []
 
 

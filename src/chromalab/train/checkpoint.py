@@ -182,6 +182,25 @@ class Checkpoint:
         return True
 
 
+    def kept_by_dvc(self, repo: Path) -> bool:
+        """Whether this is a finished run whose outputs are all in the DVC cache of `repo`: DVC keeps them (its run
+        cache restores them for these params), so the copies here have done their job."""
+        state = self.load_state() or {}
+        delivered = state.get("delivered") or {}
+        return state.get("status") == "complete" and bool(delivered) and _in_dvc_cache(repo, delivered.values())
+
+
+def _in_dvc_cache(repo: Path, md5s) -> bool:
+    from dvc.exceptions import DvcException  # only where a temporary copy's checkpoint is left: DVC's import
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(repo)) as dvc_repo:
+            return all(md5 and Path(dvc_repo.cache.local.oid_to_path(md5)).is_file() for md5 in md5s)
+    except (DvcException, AttributeError):  # no DVC repository there, or no local cache
+        return False
+
+
 def _recorded_by_dvc(md5s: dict[str, str]) -> bool:
     """Whether dvc.lock records each of these outputs with this MD5."""
     recorded = dvc_recorded_outputs()

@@ -87,6 +87,8 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     outputs = [models_root / model_name / "model.keras", *(reports_root / model_name / name for name in REPORTS)]
     fingerprint = params_fingerprint(params, model_name, str(info.get("content_hash", "")), code_hash(__name__))
     folder, shared = _checkpoint_folder(models_root, model_name, fingerprint)
+    if shared and is_chief(strategy):
+        _remove_checkpoints_dvc_keeps(folder.parent)
     lock = held_exclusively(folder, TRAINING_LOCK_WAIT_S) if shared and is_chief(strategy) else nullcontext(True)
     with lock as held:
         if not held:
@@ -101,9 +103,19 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
         else:
             metrics = _fit_and_deliver(params, model_name, data_dir, info, Checkpoint(folder), fingerprint, outputs,
                                    strategy)
-        if shared:  # DVC keeps the experiment's outputs; nothing else would ever remove this folder
-            shutil.rmtree(folder)
-        return metrics
+        return metrics  # a shared folder stays until DVC's cache has its outputs (_remove_checkpoints_dvc_keeps)
+
+
+def _remove_checkpoints_dvc_keeps(models_dir: Path) -> None:
+    """Remove the finished checkpoint-<fingerprint> folders of temporary copies whose outputs DVC has cached.
+    Each stays until then, for a re-run to put its outputs back: removed as the training ended, a kill before DVC
+    stored them (the copy gone with them) cost the whole training again, and a second MLflow run."""
+    from chromalab.track.runs import repo_root
+
+    for folder in sorted(models_dir.glob("checkpoint-*")):
+        with held_exclusively(folder, 0) as held:  # not one another run is training or putting back
+            if held and Checkpoint(folder).kept_by_dvc(repo_root()):
+                shutil.rmtree(folder)
 
 
 def _checkpoint_folder(models_root: Path, model_name: str, fingerprint: str) -> tuple[Path, bool]:
