@@ -97,3 +97,34 @@ def test_a_checkpoint_keeps_the_sample_sheets_mlflow_has_yet_to_get(tmp_path):
     kept = checkpoint.sheets(json.loads(checkpoint.state_file.read_text()))
     assert [(image.tolist(), epoch) for image, epoch in kept] == [(image.tolist(), epoch) for image, epoch in sheets]
     assert checkpoint.resumable(state, "f")
+
+
+def test_a_finished_shared_checkpoint_on_a_machine_without_dvc_is_kept_not_a_traceback(tmp_path, monkeypatch):
+    """The GPU check trains in .gpu-check/ below the checkout, so its checkpoint is a shared checkpoint-<fp> of the
+    checkout's models/, and it is left once trained; the next training there (its machine has no DVC) asked DVC's
+    cache about it and died on `import dvc`. No DVC: nothing is in its cache, and the folder stays."""
+    import sys
+    from pathlib import Path
+
+    from chromalab.train.stage import _remove_checkpoints_dvc_keeps
+
+    class BlockDvc:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "dvc":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    for name in [m for m in sys.modules if m == "dvc" or m.startswith("dvc.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [BlockDvc(), *sys.meta_path])
+    for name in ("DVC_ROOT", "DVC_EXP_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".gpu-check").mkdir()
+    monkeypatch.chdir(tmp_path / ".gpu-check")
+    output = Path("model.keras")
+    output.write_bytes(b"weights")
+    folder = tmp_path / "models/gan/checkpoint-fp"
+    Checkpoint(folder).mark_complete("fp", "run", [output])
+    assert not Checkpoint(folder).kept_by_dvc(tmp_path)
+    _remove_checkpoints_dvc_keeps(folder.parent)
+    assert (folder / "delivered/model.keras").read_bytes() == b"weights"

@@ -191,9 +191,11 @@ class Checkpoint:
 
 
 def _in_dvc_cache(repo: Path, md5s) -> bool:
-    from dvc.exceptions import DvcException  # only where a temporary copy's checkpoint is left: DVC's import
-    from dvc.repo import Repo
-
+    try:  # only where a temporary copy's checkpoint is left: DVC's import
+        from dvc.exceptions import DvcException
+        from dvc.repo import Repo
+    except ImportError:  # no DVC (the GPU check's machine, whose work folder lies below the checkout): no cache
+        return False
     try:
         with Repo(str(repo)) as dvc_repo:
             return all(md5 and Path(dvc_repo.cache.local.oid_to_path(md5)).is_file() for md5 in md5s)
