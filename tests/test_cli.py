@@ -106,6 +106,33 @@ def test_a_stopped_bench_promises_no_resume(monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == "stopped (SIGINT)"
 
 
+STOPPED_IN_A_DESTRUCTOR = """
+import gc, signal
+import chromalab.bench
+from chromalab import cli
+class Plot:  # as a figure's weakref callback, which Python runs during collection, anywhere
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+def bench(**options):
+    Plot()
+    gc.collect()
+    print("went on", flush=True)
+chromalab.bench.run_bench = bench
+cli.run(["bench", "--only", "baseline"])
+"""
+
+
+def test_a_command_stopped_in_a_destructor_stops_in_one_line():
+    """As a stage (test_startup): a Ctrl-C landing in a destructor (evaluate's plots) printed "Exception ignored"
+    and a traceback, and `chromalab evaluate` went on and exited 0."""
+    done = subprocess.run([sys.executable, "-c", STOPPED_IN_A_DESTRUCTOR], capture_output=True, text=True,
+                          timeout=300)
+    assert done.stdout == "went on\n"
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "stopped (SIGINT)"
+
+
 def test_a_command_the_machine_stops_says_what_to_free_in_one_line(monkeypatch, capsys, tmp_path):
     """Out of memory, a full disk, an MLflow store SQLite cannot write (as MLflow wraps it): one line each, what to
     do, exit status 1; any other failure is a bug, with its traceback."""

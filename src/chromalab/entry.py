@@ -72,7 +72,7 @@ def run_stage(stage: Callable[[], object]) -> None:
     parent = os.getppid()
     start_process()
     handle_stop_signals()
-    sys.unraisablehook = _quiet_about_stops(sys.unraisablehook)
+    sys.unraisablehook = quiet_about_stops(sys.unraisablehook)
     end_with_parent(parent)
     try:
         stage()
@@ -91,15 +91,28 @@ def run_stage(stage: Callable[[], object]) -> None:
     exit_without_teardown(code)
 
 
-def _quiet_about_stops(hook: Callable) -> Callable:
+def quiet_about_stops(hook: Callable) -> Callable:
     """`hook`, less the stops raised in a destructor or weakref callback (evaluate's plots), which Python can only
-    ignore: each printed "Exception ignored" and a traceback, and the stage exited 0; run_stage reports it."""
+    ignore: each printed "Exception ignored" and a traceback, and the process exited 0; run_stage reports it, and
+    the `chromalab` command (raise_if_stop_ignored)."""
 
     def unraisable(info) -> None:
-        if not isinstance(info.exc_value, KeyboardInterrupt):
+        if isinstance(info.exc_value, KeyboardInterrupt):
+            _ignored_stops[0] = True
+        else:
             hook(info)
 
     return unraisable
+
+
+_ignored_stops = [False]  # whether Python ignored a stop (raised in a destructor): the work went on to its end
+
+
+def raise_if_stop_ignored() -> None:
+    """After the work, a stop Python ignored: not any stop noted, since a command may end on one as planned
+    (serve)."""
+    if _ignored_stops[0]:
+        raise KeyboardInterrupt
 
 
 # --- Ctrl-C and SIGTERM -----------------------------------------------------------------------------
