@@ -564,6 +564,27 @@ def test_an_experiment_killed_in_a_dvc_temporary_copy_resumes_in_the_next_copy(t
     assert sorted(p.name for p in (root / "models/baseline").iterdir()) == []
 
 
+def test_a_training_in_the_workspace_also_removes_the_temporary_copies_checkpoints_dvc_keeps(
+        tmp_path, monkeypatch, dataset, mlflow_db_template):
+    """The README: once DVC's cache holds a temporary copy's outputs, "the model's next training removes" its
+    checkpoint-<fingerprint>: a training in the workspace (`dvc repro`, `dvc exp run`) is the model's next one too,
+    where only another temporary copy's removed it, and the copies of the outputs (the model) stayed."""
+    from chromalab.train.checkpoint import Checkpoint
+
+    root = _git_repo(tmp_path / "repo", dataset, mlflow_db_template)
+    (root / ".dvc").mkdir()
+    monkeypatch.chdir(root)
+    output = tmp_path / "model.keras"
+    output.write_bytes(b"an earlier experiment's model")
+    kept = root / "models/baseline/checkpoint-earlier"
+    Checkpoint(kept).mark_complete("earlier", "run", [output])
+    md5 = hashlib.md5(output.read_bytes()).hexdigest()
+    (root / ".dvc/cache/files/md5" / md5[:2]).mkdir(parents=True)
+    shutil.copy(output, root / ".dvc/cache/files/md5" / md5[:2] / md5[2:])  # where DVC 3 caches it
+    run_train(tiny_params(baseline={"epochs": 1}), "baseline")
+    assert not kept.exists()
+
+
 def test_changed_params_start_afresh_instead_of_resuming(gan_run_on_server):
     repo, metrics, stderr = gan_run_on_server
     assert "starting afresh" in stderr

@@ -87,7 +87,7 @@ def _train(params: Params, model_name: str, data_dir: Path, models_root: Path, r
     outputs = [models_root / model_name / "model.keras", *(reports_root / model_name / name for name in REPORTS)]
     fingerprint = params_fingerprint(params, model_name, str(info.get("content_hash", "")), code_hash(__name__))
     folder, shared = _checkpoint_folder(models_root, model_name, fingerprint)
-    if shared and is_chief(strategy):
+    if is_chief(strategy):  # in the workspace too: the model's next training, wherever it runs
         _remove_checkpoints_dvc_keeps(folder.parent)
     lock = held_exclusively(folder, TRAINING_LOCK_WAIT_S) if shared and is_chief(strategy) else nullcontext(True)
     with lock as held:
