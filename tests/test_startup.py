@@ -176,6 +176,36 @@ def test_a_stop_while_exiting_lets_the_exit_handlers_finish_and_a_second_ends_at
     assert err.strip() == ("stopped (SIGINT); re-run to resume where it stopped" if n_stops == 1 else ""), err
 
 
+STOPPED_STAGE_EXITING = """
+import atexit, time
+from chromalab.entry import run_stage
+def handler():  # as MLflow's at exit, waiting out its retries on a server that stopped answering
+    print("exiting", flush=True)
+    time.sleep(30)
+def stage():
+    atexit.register(handler)
+    print("working", flush=True)
+    time.sleep(60)
+run_stage(stage)
+"""
+
+
+def test_a_second_stop_ends_a_stopped_stage_s_exit_at_once():
+    """Ctrl-C stops the work; a second while the exit handlers wait on something ends the process at once, as
+    a second stop does anywhere: it was only noted, as if it were the first, and the handlers ran on."""
+    stage = subprocess.Popen([sys.executable, "-c", STOPPED_STAGE_EXITING], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert stage.stdout.readline() == "working\n"
+    stage.send_signal(signal.SIGINT)
+    assert stage.stdout.readline() == "exiting\n"
+    stage.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    _, err = stage.communicate(timeout=60)
+    assert time.monotonic() - started < 10
+    assert stage.returncode == 128 + signal.SIGINT
+    assert err.strip() == "stopped (SIGINT); re-run to resume where it stopped", err
+
+
 FAILING_STAGE = """
 import sys
 from chromalab.entry import run_stage
