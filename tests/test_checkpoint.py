@@ -100,9 +100,9 @@ def test_a_checkpoint_keeps_the_sample_sheets_mlflow_has_yet_to_get(tmp_path):
 
 
 def test_a_finished_shared_checkpoint_on_a_machine_without_dvc_is_kept_not_a_traceback(tmp_path, monkeypatch):
-    """The GPU check trains in .gpu-check/ below the checkout, so its checkpoint is a shared checkpoint-<fp> of the
-    checkout's models/, and it is left once trained; the next training there (its machine has no DVC) asked DVC's
-    cache about it and died on `import dvc`. No DVC: nothing is in its cache, and the folder stays."""
+    """A finished checkpoint-<fp> is left until DVC's cache holds its outputs; on a machine without DVC (the GPU
+    check's) the next training asked DVC's cache about it and died on `import dvc`. No DVC: nothing is in its
+    cache, and the folder stays."""
     import sys
     from pathlib import Path
 
@@ -128,3 +128,20 @@ def test_a_finished_shared_checkpoint_on_a_machine_without_dvc_is_kept_not_a_tra
     assert not Checkpoint(folder).kept_by_dvc(tmp_path)
     _remove_checkpoints_dvc_keeps(folder.parent)
     assert (folder / "delivered/model.keras").read_bytes() == b"weights"
+
+
+def test_a_folder_inside_the_workspace_keeps_its_own_checkpoint_only_a_dvc_temporary_copy_shares_one(tmp_path,
+                                                                                                     monkeypatch):
+    """The GPU check trains in .gpu-check/ below the checkout, which is no temporary copy of DVC's: its checkpoint
+    went into the checkout's models/ as a shared checkpoint-<fp>, left there once trained."""
+    from pathlib import Path
+
+    from chromalab.train.stage import _checkpoint_folder
+
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    (tmp_path / ".gpu-check").mkdir()
+    (tmp_path / ".dvc/tmp/exps/run/abc").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / ".gpu-check")
+    assert _checkpoint_folder(Path("models"), "gan", "fp") == (Path("models/gan/checkpoint"), False)
+    monkeypatch.chdir(tmp_path / ".dvc/tmp/exps/run/abc")
+    assert _checkpoint_folder(Path("models"), "gan", "fp") == (tmp_path.resolve() / "models/gan/checkpoint-fp", True)

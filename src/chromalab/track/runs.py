@@ -67,12 +67,17 @@ def repo_root(start: Path | None = None) -> Path:
     """
     begin = Path(start or os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
     root = _dvc_root(begin) or begin
-    parts = root.parts
+    return temp_copy_origin(root) or root
+
+
+def temp_copy_origin(path: Path) -> Path | None:
+    """The repository whose DVC temporary copy (under its .dvc/tmp/exps) holds `path`; None outside any copy."""
+    parts = path.parts
     n = len(_DVC_TEMP_COPY_PARTS)
     for i in range(len(parts) - n + 1):
         if parts[i : i + n] == _DVC_TEMP_COPY_PARTS:
             return Path(*parts[:i])
-    return root
+    return None
 
 
 def _dvc_root(begin: Path) -> Path | None:

@@ -123,12 +123,12 @@ def _checkpoint_folder(models_root: Path, model_name: str, fingerprint: str) -> 
     except in a temporary copy (`dvc exp run --temp`, `--queue`), which the next run of the experiment never sees:
     there, the real repository's models/<m>/checkpoint-<fingerprint>, one per experiment, so that a killed
     experiment resumes when it is run again."""
-    from chromalab.track.runs import repo_root
+    from chromalab.track.runs import temp_copy_origin
 
-    root = repo_root()
-    if root == Path.cwd().resolve():
+    origin = temp_copy_origin(Path.cwd().resolve())
+    if origin is None:  # the workspace, or a folder in it (the GPU check's): its own, as its outputs are
         return models_root / model_name / "checkpoint", False
-    return root / models_root / model_name / f"checkpoint-{fingerprint}", True
+    return origin / models_root / model_name / f"checkpoint-{fingerprint}", True
 
 
 def _fit_and_deliver(params: Params, model_name: str, data_dir: Path, info: dict, checkpoint: Checkpoint,
