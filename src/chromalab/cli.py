@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from chromalab.entry import (exit_code, exit_without_teardown, handle_stop_signals, quiet_about_stops,
-                             raise_if_stop_ignored, report_stop, skip_unused_extras, starts_afresh)
+from chromalab.entry import (exit_code, exit_without_teardown, handle_stop_signals, raise_if_stop_ignored,
+                             report_stop, skip_unused_extras, starts_afresh)
 from chromalab.errors import ChromalabError, machine_failure
 from chromalab.quiet import quiet_tensorflow
 
@@ -188,7 +188,6 @@ def run(argv: list[str] | None = None) -> None:
     """The `chromalab` program: `main`, then leave without the interpreter's teardown (chromalab.entry).
     In-process callers (tests) use `main`, which returns."""
     handle_stop_signals()  # SIGTERM as Ctrl-C: a training's MLflow run ends KILLED, not RUNNING for ever
-    sys.unraisablehook = quiet_about_stops(sys.unraisablehook)
     try:
         main(argv)
         raise_if_stop_ignored()  # one raised in a destructor (evaluate's plots): the command went on, yet was stopped

@@ -72,7 +72,6 @@ def run_stage(stage: Callable[[], object]) -> None:
     parent = os.getppid()
     start_process()
     handle_stop_signals()
-    sys.unraisablehook = quiet_about_stops(sys.unraisablehook)
     end_with_parent(parent)
     try:
         stage()
@@ -91,7 +90,7 @@ def run_stage(stage: Callable[[], object]) -> None:
     exit_without_teardown(code)
 
 
-def quiet_about_stops(hook: Callable) -> Callable:
+def _quiet_about_stops(hook: Callable) -> Callable:
     """`hook`, less the stops raised in a destructor or weakref callback (evaluate's plots), which Python can only
     ignore: each printed "Exception ignored" and a traceback, and the process exited 0; run_stage reports it, and
     the `chromalab` command (raise_if_stop_ignored)."""
@@ -102,6 +101,7 @@ def quiet_about_stops(hook: Callable) -> Callable:
         else:
             hook(info)
 
+    unraisable.notes_stops = True
     return unraisable
 
 
@@ -125,9 +125,12 @@ _resumes = [True]  # whether a re-run of the stopped work goes on where it stopp
 
 def handle_stop_signals() -> None:
     """Ctrl-C and SIGTERM (`kill`'s default) both stop the work as a KeyboardInterrupt, which ends an MLflow
-    run as KILLED (SIGTERM's default ended the process there and then, leaving the run RUNNING for ever)."""
+    run as KILLED (SIGTERM's default ended the process there and then, leaving the run RUNNING for ever). One
+    raised where Python ignores it is noted instead of printed (_quiet_about_stops)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, _on_stop_signal)
+    if not getattr(sys.unraisablehook, "notes_stops", False):
+        sys.unraisablehook = _quiet_about_stops(sys.unraisablehook)
 
 
 def _on_stop_signal(signum: int, frame) -> None:

@@ -153,7 +153,7 @@ def run_images(params: Params, split_dir: Path = Path("data/split"), out_dir: Pa
         )
 
     down_streak.save(set())  # every slot is filled: a suspect not asked for now is none of this output's business
-    _save_json(failed_runs.path, {})  # nor a photo that failed a run, then turned out gone: no slot asks for it
+    failed_runs.clear()  # nor a photo that failed a run, then turned out gone: no slot asks for it
     selected = [(split, photo) for (split, _), photo in zip(slots, chosen)]
     remove_unselected(out_dir, {(split, photo.photo_id) for split, photo in selected})
     write_manifest(out_dir, selected, fetcher)
@@ -700,6 +700,10 @@ class FailedRuns:
             self.runs[photo_id] = self.runs.get(photo_id, 0) + 1
         _save_json(self.path, self.runs)
         return sum(self.given_up(photo.photo_id) for photo, _ in failed)
+
+    def clear(self) -> None:
+        self.runs = {}
+        _save_json(self.path, self.runs)
 
 
 class DownStreak:

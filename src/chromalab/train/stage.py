@@ -112,9 +112,11 @@ def _remove_checkpoints_dvc_keeps(models_dir: Path) -> None:
     stored them (the copy gone with them) cost the whole training again, and a second MLflow run."""
     from chromalab.track.runs import repo_root
 
-    for folder in sorted(models_dir.glob("checkpoint-*")):
+    folders = sorted(models_dir.glob("checkpoint-*"))
+    root = repo_root() if folders else None  # DVC's import, only where there is something to ask it
+    for folder in folders:
         with held_exclusively(folder, 0) as held:  # not one another run is training or putting back
-            if held and Checkpoint(folder).kept_by_dvc(repo_root()):
+            if held and Checkpoint(folder).kept_by_dvc(root):
                 shutil.rmtree(folder)
 
 
