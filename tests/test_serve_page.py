@@ -254,8 +254,10 @@ def _browser(download_dir: Path):
         options.add_argument(argument)
     options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
                                               "download.prompt_for_download": False})
-    # An explicit driver path: Selenium Manager never looks for, let alone downloads, a browser or driver.
-    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    # An explicit driver path: Selenium Manager never looks for, let alone downloads, a browser or driver. Its
+    # TMPDIR is the test's own: Chromium leaves a folder for its singleton socket there at every run.
+    service = Service(executable_path=str(CHROMEDRIVER), env={**os.environ, "TMPDIR": str(download_dir.parent)})
+    return webdriver.Chrome(service=service, options=options)
 
 
 def test_an_upload_that_stalls_is_dropped_with_408_not_held_for_ever(page, monkeypatch):
