@@ -7,6 +7,7 @@ install them. The page's server runs in a thread of this process, on 127.0.0.1, 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -241,6 +243,7 @@ def _within(seconds: float, condition) -> bool:
     return True
 
 
+@contextlib.contextmanager
 def _browser(download_dir: Path):
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
         pytest.skip("the browser test needs the system Chromium: `sudo apt-get install chromium chromium-driver`"
@@ -255,9 +258,15 @@ def _browser(download_dir: Path):
     options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
                                               "download.prompt_for_download": False})
     # An explicit driver path: Selenium Manager never looks for, let alone downloads, a browser or driver. Its
-    # TMPDIR is the test's own: Chromium leaves a folder for its singleton socket there at every run.
-    service = Service(executable_path=str(CHROMEDRIVER), env={**os.environ, "TMPDIR": str(download_dir.parent)})
-    return webdriver.Chrome(service=service, options=options)
+    # TMPDIR is a folder of its own, deleted after: Chromium leaves a folder for its singleton socket there at
+    # every run. A short one: a socket's path holds 107 bytes, which a test's tmp_path under xdist can pass.
+    with tempfile.TemporaryDirectory(prefix="chromium-") as scratch:
+        service = Service(executable_path=str(CHROMEDRIVER), env={**os.environ, "TMPDIR": scratch})
+        browser = webdriver.Chrome(service=service, options=options)
+        try:
+            yield browser
+        finally:
+            browser.quit()
 
 
 def test_an_upload_that_stalls_is_dropped_with_408_not_held_for_ever(page, monkeypatch):
@@ -294,8 +303,7 @@ def test_in_a_browser_photos_are_uploaded_shown_side_by_side_and_download_as_col
     url, _ = page
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    browser = _browser(downloads)
-    try:
+    with _browser(downloads) as browser:
         browser.get(url)
         wait = WebDriverWait(browser, WAIT_S)
         wait.until(ready.text_to_be_present_in_element((By.ID, "info"), "Model: model.keras"))
@@ -327,8 +335,6 @@ def test_in_a_browser_photos_are_uploaded_shown_side_by_side_and_download_as_col
         while {p.name for p in downloads.iterdir()} != expected and time.monotonic() < deadline:
             time.sleep(0.1)
         assert {p.name for p in downloads.iterdir()} == expected
-    finally:
-        browser.quit()
 
     by_colorize = tmp_path / "colorize"
     shutil.copy(photos["jpeg"], tmp_path / "family.jpg")
