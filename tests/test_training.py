@@ -550,18 +550,20 @@ def test_an_experiment_killed_in_a_dvc_temporary_copy_resumes_in_the_next_copy(t
     assert len(client.search_runs([client.get_experiment_by_name("chromalab").experiment_id])) == 1
 
     # once DVC's cache holds every output, the folder goes (at the next training of the model)
-    def cache(name: str, md5: str) -> None:  # where DVC 3 stores a file it caches
-        (root / ".dvc/cache/files/md5" / md5[:2]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(kept / "delivered" / Path(name).name, root / ".dvc/cache/files/md5" / md5[:2] / md5[2:])
-
     *first, last = sorted(json.loads((kept / "state.json").read_text())["delivered"].items())
     for name, md5 in first:
-        cache(name, md5)
+        _put_in_dvc_cache(root, kept / "delivered" / Path(name).name, md5)
     _remove_checkpoints_dvc_keeps(root / "models/baseline")
     assert kept.is_dir()  # one output not cached yet
-    cache(*last)
+    _put_in_dvc_cache(root, kept / "delivered" / Path(last[0]).name, last[1])
     _remove_checkpoints_dvc_keeps(root / "models/baseline")
     assert sorted(p.name for p in (root / "models/baseline").iterdir()) == []
+
+
+def _put_in_dvc_cache(root: Path, file: Path, md5: str) -> None:
+    """`file` where DVC 3 stores a file it caches in `root`'s repository."""
+    (root / ".dvc/cache/files/md5" / md5[:2]).mkdir(parents=True, exist_ok=True)
+    shutil.copy(file, root / ".dvc/cache/files/md5" / md5[:2] / md5[2:])
 
 
 def test_a_training_in_the_workspace_also_removes_the_temporary_copies_checkpoints_dvc_keeps(
@@ -578,9 +580,7 @@ def test_a_training_in_the_workspace_also_removes_the_temporary_copies_checkpoin
     output.write_bytes(b"an earlier experiment's model")
     kept = root / "models/baseline/checkpoint-earlier"
     Checkpoint(kept).mark_complete("earlier", "run", [output])
-    md5 = hashlib.md5(output.read_bytes()).hexdigest()
-    (root / ".dvc/cache/files/md5" / md5[:2]).mkdir(parents=True)
-    shutil.copy(output, root / ".dvc/cache/files/md5" / md5[:2] / md5[2:])  # where DVC 3 caches it
+    _put_in_dvc_cache(root, output, hashlib.md5(output.read_bytes()).hexdigest())
     run_train(tiny_params(baseline={"epochs": 1}), "baseline")
     assert not kept.exists()
 
