@@ -29,14 +29,13 @@ from chromalab.color import AB_SCALE
 from chromalab.config import MODEL_NAMES, load_params
 from chromalab.data.dataset import load_split_arrays
 from chromalab.evaluate.metrics import photo_metrics, summarise
-from chromalab.evaluate.scoring import load_trained
+from chromalab.evaluate.scoring import BOOTSTRAP_DRAWS, load_trained, paired_gap
 from chromalab.train.models import with_chroma_curve
 from chromalab.train.validation import predict_ab
 
 STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0, 1.2)
 COLOUR_TARGET_PCT = 15.0  # issue 24: colourfulness within 15 % of the truth's
 MATCH_PCT = 5.0  # about two grid steps of colourfulness: further apart, the two models are not alike
-BOOTSTRAP_DRAWS = 5000
 BATCH = 16
 LABELS = {"baseline": "CNN (baseline)", "gan": "GAN (recipe)"}
 
@@ -83,13 +82,11 @@ def like_for_like(gan: dict, baseline: dict, draws: int = BOOTSTRAP_DRAWS) -> di
     if not duller:
         return None
     theirs = max(duller, key=lambda p: p["colourfulness_pct"])
-    gap = ours["per_photo"] - theirs["per_photo"]
-    rng = np.random.default_rng(0)
-    means = gap[rng.integers(0, len(gap), (draws, len(gap)))].mean(axis=1)
+    gap = paired_gap(ours["per_photo"], theirs["per_photo"], draws)
     return {"baseline_k": theirs["k"], "baseline_delta_e00": theirs["delta_e00"],
-            "baseline_colourfulness_pct": theirs["colourfulness_pct"], "gap": float(gap.mean()),
-            "gap_95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
-            "gan_closer_share": float(np.mean(gap < 0))}
+            "baseline_colourfulness_pct": theirs["colourfulness_pct"], "gap": gap["delta_e00_gap"],
+            "gap_95": [gap["delta_e00_gap_low95"], gap["delta_e00_gap_high95"]],
+            "gan_closer_share": gap["closer_share"]}
 
 
 def measure(run: Path, pivot: float | None) -> dict:

@@ -30,7 +30,7 @@ from chromalab.color import AB_SCALE, L_SCALE
 from chromalab.config import MODEL_NAMES, parse_params
 from chromalab.errors import ChromalabError
 from chromalab.evaluate.figures import COLOURS
-from chromalab.evaluate.scoring import GRAY_FLOOR
+from chromalab.evaluate.scoring import GRAY_FLOOR, paired_gap
 from chromalab.evaluate.stage import run_evaluate
 from chromalab.evaluate.metrics import METRIC_KEYS
 from chromalab.train.models import build_model
@@ -358,14 +358,63 @@ def test_failures_are_counted_per_photo_not_averaged_away(evaluated, split_array
     assert len({round(summary[name]["edge_chroma_gap_true"], 9) for name in PREDICTORS}) == 1
 
 
-def test_re_evaluating_after_a_retrain_reports_the_new_model_into_its_new_run(evaluated):
+def test_paired_gap_is_the_mean_per_photo_gap_with_the_photos_sampling_interval():
+    better_everywhere = paired_gap(np.full(200, 9.0), np.full(200, 10.0))
+    assert better_everywhere == {"delta_e00_gap": -1.0, "delta_e00_gap_low95": -1.0, "delta_e00_gap_high95": -1.0,
+                                 "closer_share": 1.0}
+    assert paired_gap(np.full(5, 3.0), np.full(5, 3.0))["closer_share"] == 0.0  # a tie is not closer
+
+    rng = np.random.default_rng(1)
+    theirs = rng.uniform(6, 14, 200)
+    for shift, noise_could_explain_it in ((-0.5, False), (0.0, True)):
+        gap_per_photo = shift + rng.normal(0, 1, 200)
+        gap = paired_gap(theirs + gap_per_photo, theirs)
+        assert gap["delta_e00_gap"] == pytest.approx(gap_per_photo.mean())
+        assert gap["closer_share"] == pytest.approx(np.mean(gap_per_photo < 0))
+        low, high = gap["delta_e00_gap_low95"], gap["delta_e00_gap_high95"]
+        assert (low <= 0.0 <= high) == noise_could_explain_it
+        # a bootstrap over the photos: about the normal interval of their mean, not of single photos or pixels
+        half_width = 1.96 * gap_per_photo.std() / np.sqrt(200)
+        assert (high - low) / 2 == pytest.approx(half_width, rel=0.15)
+        assert paired_gap(theirs + gap_per_photo, theirs) == gap  # the same scores, the same interval
+
+
+def test_paired_file_and_each_runs_gap_come_from_the_per_photo_scores(evaluated):
+    rows = read_rows()
+    delta_e = {name: {r["photo_id"]: float(r["delta_e00"]) for r in rows if r["model"] == name} for name in MODEL_NAMES}
+    per_photo = np.array([delta_e["gan"][photo] - delta_e["baseline"][photo] for photo in delta_e["gan"]])
+    paired = strict_json(REPORTS / "paired.json")
+    assert set(paired) == {"gan_minus_baseline"}  # each pair once
+    gap = paired["gan_minus_baseline"]
+    assert gap["delta_e00_gap"] == pytest.approx(per_photo.mean())
+    assert gap["closer_share"] == pytest.approx(np.mean(per_photo < 0))
+    assert gap["delta_e00_gap_low95"] <= gap["delta_e00_gap"] <= gap["delta_e00_gap_high95"]
+
+    client = mlflow.MlflowClient(runs.tracking_uri())
+    logged = {name: client.get_run(train_run_id(name)).data.metrics for name in MODEL_NAMES}
+    for key, value in gap.items():
+        assert logged["gan"][f"test_gap_to_baseline_{key}"] == pytest.approx(value)
+    # the baseline's run sees the same gap from its side
+    assert logged["baseline"]["test_gap_to_gan_delta_e00_gap"] == pytest.approx(-gap["delta_e00_gap"])
+    assert logged["baseline"]["test_gap_to_gan_delta_e00_gap_low95"] == pytest.approx(-gap["delta_e00_gap_high95"])
+    assert logged["baseline"]["test_gap_to_gan_closer_share"] == pytest.approx(np.mean(per_photo > 0))
+
+
+def test_re_evaluating_after_a_retrain_reports_the_new_model_into_its_new_run(evaluated, capsys):
     before, old_gan_run = evaluated.first_summary, evaluated.first_run_ids["gan"]
     params = tiny_params(gan={"epochs": 2})
     retrained_run = save_as_trained(params, "gan", (0.3, -0.3), seed=1)
     assert retrained_run != old_gan_run
 
+    capsys.readouterr()
     run_evaluate(params)
     after = strict_json(REPORTS / "metrics.json")
+    gap = strict_json(REPORTS / "paired.json")["gan_minus_baseline"]
+    assert gap["delta_e00_gap"] == pytest.approx(after["gan"]["delta_e00"] - after["baseline"]["delta_e00"])
+    noise = "within" if gap["delta_e00_gap_low95"] <= 0 <= gap["delta_e00_gap_high95"] else "beyond"
+    assert (f"evaluate: gan - baseline mean ΔE00 {gap['delta_e00_gap']:+.2f} (95 % {gap['delta_e00_gap_low95']:+.2f}"
+            f" … {gap['delta_e00_gap_high95']:+.2f} over these {N_TEST} test photos: {noise} their noise); gan closer"
+            f" on {gap['closer_share']:.0%}") in capsys.readouterr().out
     assert after["gan"]["ab_mse"] != before["gan"]["ab_mse"]
     assert after["gan"]["delta_e00"] != before["gan"]["delta_e00"]
     for unchanged in (GRAY_FLOOR, "baseline"):

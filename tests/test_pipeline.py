@@ -238,6 +238,7 @@ def test_training_and_evaluation_outputs(repo, full_pipeline):
     assert metrics["gray_floor"]["colourfulness"] == 0.0
     shown = json.loads(run(repo, "dvc", "metrics", "show", "--json"))
     assert "reports/evaluate/metrics.json" in json.dumps(shown)
+    assert "reports/evaluate/paired.json" in json.dumps(shown) and "delta_e00_gap" in json.dumps(shown)
     # `dvc plots show`: the training losses, each a curve with a value every epoch (a blank would be drawn as 0)
     plots = json.loads(run(repo, "dvc", "plots", "show", "--json"))["data"]
     drawn = {name: _drawn_points(plot[0]["content"]) for name, plot in plots.items()}

@@ -4,6 +4,8 @@ The gray floor (predict ab = 0) stands beside every model because RGB SSIM/MSE b
 colorizer from a gray one (see README); ΔE00, ab metrics and colourfulness do. Means hide failures, so
 each model also gets the share of photos on which it beats the gray floor, its ΔE00 median and 90th
 percentile, a ΔE00 histogram (delta_e00_hist.png) and its worst photos beside gray and truth (worst.png).
+Whether one model is better than the other, or only luckier on these photos, is paired.json: the mean
+per-photo ΔE00 gap with its bootstrap interval.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ from pathlib import Path
 
 from chromalab.config import MODEL_NAMES, Params
 from chromalab.evaluate.figures import comparison_sheet, delta_e_histogram, metrics_chart, worst_sheet
-from chromalab.evaluate.scoring import GRAY_FLOOR, score
+from chromalab.evaluate.scoring import GRAY_FLOOR, model_gaps, score
 from chromalab.files import atomic_file, clear_stale_temps, write_text_atomic
 
 PICTURES = ("comparison.png", "metrics_chart.png", "delta_e00_hist.png", "worst.png")  # in reports/evaluate
 
 
-def log_to_model_runs(reports_root: Path, summary: dict, pictures: list[Path]) -> list[str]:
-    """Test metrics (and the gray floor's, for scale) into each model's own MLflow run."""
+def log_to_model_runs(reports_root: Path, summary: dict, gaps: dict, pictures: list[Path]) -> list[str]:
+    """Test metrics (and the gray floor's, for scale, and the gaps to the other model) into each model's own
+    MLflow run."""
     import mlflow
 
     from chromalab.track import runs
@@ -41,6 +44,9 @@ def log_to_model_runs(reports_root: Path, summary: dict, pictures: list[Path]) -
         for prefix, scores in (("test_", summary[name]), ("test_gray_floor_", summary[GRAY_FLOOR])):
             # a re-run (after a kill, or with other evaluate params) must not add a second point
             runs.log_new_metrics({f"{prefix}{k}": v for k, v in scores.items() if k != "count"}, run_id=run_id)
+        for (ours, theirs), gap in gaps.items():
+            if ours == name:
+                runs.log_new_metrics({f"test_gap_to_{theirs}_{k}": v for k, v in gap.items()}, run_id=run_id)
         for picture in pictures:
             client.log_artifact(run_id, str(picture), artifact_path=pictures_folder(name, run_ids))
         logged.append(run_id)
@@ -53,6 +59,20 @@ def pictures_folder(name: str, run_ids: dict[str, str | None]) -> str:
     its own folder instead of replacing the pictures of the evaluations before it."""
     beside = [f"{other}-{run_id[:8]}" for other, run_id in run_ids.items() if other != name and run_id]
     return f"evaluate/beside-{'-'.join(beside)}" if beside else "evaluate"
+
+
+def pairs_once(gaps: dict) -> dict[str, dict[str, float]]:
+    """paired.json: each pair of models once, the later in MODEL_NAMES against the earlier (gan_minus_baseline)."""
+    return {f"{ours}_minus_{theirs}": gap for (ours, theirs), gap in gaps.items()
+            if MODEL_NAMES.index(ours) > MODEL_NAMES.index(theirs)}
+
+
+def gap_line(pair: str, gap: dict[str, float], photos: int) -> str:
+    ours, theirs = pair.split("_minus_")
+    low, high = gap["delta_e00_gap_low95"], gap["delta_e00_gap_high95"]
+    noise = "within" if low <= 0.0 <= high else "beyond"
+    return (f"evaluate: {ours} - {theirs} mean ΔE00 {gap['delta_e00_gap']:+.2f} (95 % {low:+.2f} … {high:+.2f} "
+            f"over these {photos} test photos: {noise} their noise); {ours} closer on {gap['closer_share']:.0%}")
 
 
 def run_evaluate(params: Params, *, data_dir: Path = Path("data/tfrecords"), models_root: Path = Path("models"),
@@ -78,9 +98,13 @@ def run_evaluate(params: Params, *, data_dir: Path = Path("data/tfrecords"), mod
     delta_e_histogram(out_dir / "delta_e00_hist.png", delta_e)
     worst_sheet(out_dir / "worst.png", ids, L, predictions, true_ab, delta_e, params.evaluate.n_worst)
     write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2))
+    gaps = model_gaps(delta_e)
+    write_text_atomic(out_dir / "paired.json", json.dumps(pairs_once(gaps), indent=2))
+    for pair, gap in pairs_once(gaps).items():
+        print(gap_line(pair, gap, len(ids)))
     if log_mlflow:
         with runs.server_failures_in_one_line(runs.tracking_uri(), kept=f"{out_dir} is written",
                                               rerun="re-run to log its scores"):
-            log_to_model_runs(reports_root, summary, [out_dir / name for name in PICTURES])
+            log_to_model_runs(reports_root, summary, gaps, [out_dir / name for name in PICTURES])
             registry.record_evaluation(reports_root, summary, registry.test_set_digest(ids, L, true_ab))
     return summary
