@@ -61,14 +61,12 @@ def pictures_folder(name: str, run_ids: dict[str, str | None]) -> str:
     return f"evaluate/beside-{'-'.join(beside)}" if beside else "evaluate"
 
 
-def pairs_once(gaps: dict) -> dict[str, dict[str, float]]:
-    """paired.json: each pair of models once, the later in MODEL_NAMES against the earlier (gan_minus_baseline)."""
-    return {f"{ours}_minus_{theirs}": gap for (ours, theirs), gap in gaps.items()
-            if MODEL_NAMES.index(ours) > MODEL_NAMES.index(theirs)}
+def each_pair_once(gaps: dict) -> dict[tuple[str, str], dict[str, float]]:
+    """The later model in MODEL_NAMES against the earlier (gan against baseline): the other order mirrors it."""
+    return {pair: gap for pair, gap in gaps.items() if MODEL_NAMES.index(pair[0]) > MODEL_NAMES.index(pair[1])}
 
 
-def gap_line(pair: str, gap: dict[str, float], photos: int) -> str:
-    ours, theirs = pair.split("_minus_")
+def gap_line(ours: str, theirs: str, gap: dict[str, float], photos: int) -> str:
     low, high = gap["delta_e00_gap_low95"], gap["delta_e00_gap_high95"]
     noise = "within" if low <= 0.0 <= high else "beyond"
     return (f"evaluate: {ours} - {theirs} mean ΔE00 {gap['delta_e00_gap']:+.2f} (95 % {low:+.2f} … {high:+.2f} "
@@ -99,9 +97,11 @@ def run_evaluate(params: Params, *, data_dir: Path = Path("data/tfrecords"), mod
     worst_sheet(out_dir / "worst.png", ids, L, predictions, true_ab, delta_e, params.evaluate.n_worst)
     write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2))
     gaps = model_gaps(delta_e)
-    write_text_atomic(out_dir / "paired.json", json.dumps(pairs_once(gaps), indent=2))
-    for pair, gap in pairs_once(gaps).items():
-        print(gap_line(pair, gap, len(ids)))
+    paired = each_pair_once(gaps)
+    write_text_atomic(out_dir / "paired.json",
+                      json.dumps({f"{ours}_minus_{theirs}": gap for (ours, theirs), gap in paired.items()}, indent=2))
+    for (ours, theirs), gap in paired.items():
+        print(gap_line(ours, theirs, gap, len(ids)))
     if log_mlflow:
         with runs.server_failures_in_one_line(runs.tracking_uri(), kept=f"{out_dir} is written",
                                               rerun="re-run to log its scores"):
