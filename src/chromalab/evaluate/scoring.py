@@ -13,8 +13,8 @@ from chromalab.evaluate.metrics import gray_floor, photo_metrics, summarise
 
 GRAY_FLOOR = "gray_floor"
 BATCHES_PER_CHECK = 4  # a Ctrl-C waits at most this many batches
-# Resampled means of the per-photo gaps: at 200 photos the 95 % interval's ends move by under 0.01 ΔE00
-# from one set of 5,000 draws to another, well below the gaps worth telling apart.
+# Resampled means of the per-photo gaps: enough that the interval's ends vary from one set of draws to
+# another far less than the gaps worth telling apart (README, "Reading the evaluation").
 BOOTSTRAP_DRAWS = 5000
 
 
