@@ -55,14 +55,15 @@ IMAGE_FAULTS = ("403", "404", "410", "429-once", "429-wait-an-hour", "500-twice"
                 "503-unreadable-retry-after-once", "drip-headers", "cut-unsized-once", "html-as-jpeg-once",
                 "empty-once", "tiny", "junk-as-jpeg", "cut-unsized-always", "corrupt-varying", "junk-per-photo",
                 "placeholder", "gray-placeholder", "placeholder-tagged", "png-bomb", "trailing-junk",
-                "slow-head-and-body", "redirect", "redirect-loop")
+                "slow-head-and-body", "redirect", "redirect-loop", "adobe-rgb", "srgb-profile")
 # junk-as-jpeg: the same error bytes for every photo with it, as image/jpeg (starting as one); corrupt-varying: a truncated photo
 # with its Content-Length, cut elsewhere on each request; junk-per-photo: an error body naming the request;
 # placeholder: the same colour photo for every photo with it (gray-placeholder: the same gray one;
 # placeholder-tagged: the same, its JPEG carrying a comment that names the photo asked for);
 # png-bomb: a small palette PNG (transparency and all) ten times the size asked each way; trailing-junk: the photo asked for, then 256 KiB of noise;
 # slow-head-and-body: 4 header lines, then 4 pieces of the photo, each after slow_s; redirect: a 302 to the
-# same photo elsewhere (a CDN); redirect-loop: a 302 to itself
+# same photo elsewhere (a CDN); redirect-loop: a 302 to itself; adobe-rgb, srgb-profile: the photo asked for with
+# that colour profile embedded
 # drop-always: every transfer breaks off half-way; no-validator: no ETag (nothing to guard a resume with);
 # html-page: a 200 sign-in page instead of the zip; gzip: Content-Encoding gzip, Ranges over the encoded bytes;
 # drip: 64 bytes every slow_s; cut-unsized-once: the first answer has no Content-Length and ends half-way;
@@ -247,14 +248,28 @@ def render_photo(photo_id: str, width: int, height: int) -> np.ndarray:
     return image.astype(np.uint8)
 
 
-def encode(rgb: np.ndarray, fmt: str, quality: int) -> tuple[bytes, str]:
+def encode(rgb: np.ndarray, fmt: str, quality: int, icc_profile: bytes | None = None) -> tuple[bytes, str]:
     buffer = io.BytesIO()
     image = Image.fromarray(rgb)
+    profile = {"icc_profile": icc_profile} if icc_profile else {}
     if fmt == "png":
-        image.save(buffer, "PNG")
+        image.save(buffer, "PNG", **profile)
         return buffer.getvalue(), "image/png"
-    image.save(buffer, "JPEG", quality=quality)
+    image.save(buffer, "JPEG", quality=quality, **profile)
     return buffer.getvalue(), "image/jpeg"
+
+
+def photo_profile(fault: str) -> bytes | None:
+    """The colour profile a photo with `fault` carries: a camera's Adobe RGB, sRGB's own, or none."""
+    if fault == "adobe-rgb":
+        from icc import adobe_rgb
+
+        return adobe_rgb()
+    if fault == "srgb-profile":
+        from PIL import ImageCms
+
+        return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- server
@@ -283,6 +298,7 @@ class FakeUnsplash:
     slow_s: float = 0.3  # the "slow" fault, and `delay_s` for every image
     stall_s: float = 3.0  # the "stall-once" fault: longer than the client's timeout
     delay_s: float = 0.0
+    unreadable_retry_after: str = "soon"  # the 503-unreadable-retry-after-once fault's Retry-After
     counts: Counter = field(default_factory=Counter)
     log: list[LoggedRequest] = field(default_factory=list)
     archive_path: str = "/data/lite/download/unsplash-research-dataset-lite-test.zip"
@@ -464,7 +480,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "429-wait-an-hour":
             return self._send(429, b"slow down", headers={"Retry-After": "3600"})
         if fault == "503-unreadable-retry-after-once" and n == 1:  # RFC 9110 allows only seconds or a date
-            return self._send(503, b"busy", headers={"Retry-After": "soon"})
+            return self._send(503, b"busy", headers={"Retry-After": self.fake.unreadable_retry_after})
         if (fault == "500-twice" and n <= 2) or fault == "500-always":
             return self._send(500, b"internal error")
         width, height = int(query.get("w", 640)), int(query.get("h", 480))
@@ -480,7 +496,7 @@ class _Handler(BaseHTTPRequestHandler):
             alpha = np.linspace(0, 255, width, dtype=np.uint8)[None, :].repeat(height, axis=0)
             body, content_type = encode(np.dstack([rgb, alpha]), "png", 0)
         else:
-            body, content_type = encode(rgb, query.get("fm", "jpg"), int(query.get("q", 75)))
+            body, content_type = encode(rgb, query.get("fm", "jpg"), int(query.get("q", 75)), photo_profile(fault))
         if fault == "bad-exif":
             body = exif_that_breaks_pillow(rgb)
         if fault == "placeholder-tagged":  # a COM segment after SOI: other bytes, the same pixels

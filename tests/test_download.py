@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import socket
+import struct
 import zipfile
 from pathlib import Path
 
@@ -123,7 +124,10 @@ def test_partial_download_from_an_earlier_run_is_resumed(fake_unsplash, photos, 
 
 
 @pytest.mark.timeout(60)  # the bug this guards against is an endless loop
-def test_server_that_drops_every_transfer_and_never_resumes_is_an_error_not_a_loop(fake_unsplash, photos, tmp_path):
+def test_server_that_drops_every_transfer_and_never_resumes_is_an_error_not_a_loop(
+        fake_unsplash, photos, tmp_path, monkeypatch):
+    waits = []
+    monkeypatch.setattr(download.time, "sleep", waits.append)
     filler = np.random.default_rng(3).bytes(300_000)
     fake_unsplash.archive = make_lite_archive(photos, fake_unsplash.url, extra_entries={"DOCS-media.bin": filler})
     fake_unsplash.archive_faults = {"drop-always", "ignore-range"}
@@ -132,6 +136,9 @@ def test_server_that_drops_every_transfer_and_never_resumes_is_an_error_not_a_lo
     assert "\n" not in str(err.value)
     # the first try gets half, each later one starts over and gets the same half: no progress
     assert len(fake_unsplash.requests_to(fake_unsplash.archive_path)) == download.DOWNLOAD_RETRIES + 2
+    # a try with progress resumes at once; each try without waits twice as long as the one before (a server that
+    # restarts gets seconds, not milliseconds)
+    assert waits == [0.0] + [download.DOWNLOAD_BACKOFF_S * 2 ** k for k in range(download.DOWNLOAD_RETRIES)]
 
     fake_unsplash.archive_faults = {"drop-always", "no-validator"}  # each try must start over by itself
     with pytest.raises(ChromalabError, match="times without progress"):
@@ -140,7 +147,7 @@ def test_server_that_drops_every_transfer_and_never_resumes_is_an_error_not_a_lo
 
 @pytest.mark.timeout(60)
 def test_a_server_dripping_bytes_inside_every_timeout_is_an_error_not_a_wait_of_weeks(
-        fake_unsplash, photos, tmp_path, monkeypatch):
+        fake_unsplash, photos, tmp_path, monkeypatch, fast_backoff):
     archive = filled_archive(photos, fake_unsplash.url, 3)
     fake_unsplash.archive, fake_unsplash.archive_faults, fake_unsplash.slow_s = archive, {"drip"}, 0.01
     monkeypatch.setattr(download, "STALL_WINDOW_S", 0.3)  # ~2 KB arrive per window, far under the minimum
@@ -342,6 +349,13 @@ def test_unreachable_url_is_one_line_naming_the_url_and_the_way_out(tmp_path, mo
     assert not (tmp_path / "raw").exists()
 
 
+def test_a_host_name_that_cannot_be_parsed_is_one_line(tmp_path):
+    url = f"http://{'a' * 64}.example/lite.zip"  # a label over DNS's 63 characters: refused before any connection
+    with pytest.raises(ChromalabError, match=r"cannot download http://a+\.example/lite\.zip: .*cannot parse") as err:
+        run_download(params(url=url), tmp_path / "raw", tmp_path / "cache")
+    assert "\n" not in str(err.value)
+
+
 def test_http_error_names_the_status(fake_unsplash, tmp_path):
     with pytest.raises(ChromalabError, match="HTTP 404"):
         run_download(params(url=f"{fake_unsplash.url}/data/lite/9.9.9"), tmp_path / "raw", tmp_path / "cache")
@@ -423,7 +437,7 @@ def test_a_206_without_a_validator_is_not_spliced_onto_a_part_that_has_one(fake_
     check_tables(out, photos, new)
 
 
-def test_a_page_answering_a_resume_is_not_appended_to_the_archive_and_keeps_it(fake_unsplash, photos, tmp_path):
+def test_a_page_answering_a_resume_is_not_appended_to_the_archive_and_keeps_it(fake_unsplash, photos, tmp_path, fast_backoff):
     archive = filled_archive(photos, fake_unsplash.url, 6)
     fake_unsplash.archive, fake_unsplash.archive_faults = archive, {"drop-once", "html-206"}
     with pytest.raises(ChromalabError, match="text/html page instead of the archive's bytes, 6 times"):
@@ -472,11 +486,25 @@ def _hostile_zip(photos, kind: str) -> bytes:
         tables["photos.tsv000"] = tables["photos.tsv000"].replace(b"\n", "\tcaf\xe9\n".encode("latin-1"), 2)
     if kind == "CR-only line ends":
         tables["photos.tsv000"] = tables["photos.tsv000"].replace(b"\n", b"\r")
-    method = zipfile.ZIP_STORED if kind in ("encrypted member", "deflate64 member") else zipfile.ZIP_DEFLATED
+    if kind == "undecodable member name":  # flagged UTF-8 (é); its central record's copy is broken below
+        tables["README\u00e9.txt"] = b"about"
+    method = {"encrypted member": zipfile.ZIP_STORED, "deflate64 member": zipfile.ZIP_STORED,
+              "corrupt lzma member": zipfile.ZIP_LZMA}.get(kind, zipfile.ZIP_DEFLATED)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", compression=method) as zf:
         for name, data in tables.items():
             zf.writestr(name, data)
+    data = bytearray(buffer.getvalue())
+    if kind == "corrupt lzma member":  # past the local header, LZMA's 4-byte header and 5 bytes of properties
+        start = data.find(b"photos.tsv000") + len("photos.tsv000") + 4 + 5
+        data[start:start + 20] = bytes(b ^ 0x5A for b in data[start:start + 20])
+    if kind == "undecodable member name":
+        data[data.rfind("README\u00e9".encode()) + 6] = 0xFF
+    if kind == "two-disk zip64 locator":  # zipfile reads it before any entry, and refuses spanned archives
+        end = data.rfind(b"PK\x05\x06")
+        data[end:end] = struct.pack("<4sLQL", b"PK\x06\x07", 0, 0, 2)
+    if kind in ("corrupt lzma member", "undecodable member name", "two-disk zip64 locator"):
+        return bytes(data)
     local, central = b"PK\x03\x04", b"PK\x01\x02"
     if kind == "encrypted member":  # general-purpose flag bit 0
         return _flag_bits(buffer.getvalue(), {local: (6, 1), central: (8, 1)})
@@ -485,7 +513,8 @@ def _hostile_zip(photos, kind: str) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("kind", ["latin-1 table", "CR-only line ends", "encrypted member", "deflate64 member"])
+@pytest.mark.parametrize("kind", ["latin-1 table", "CR-only line ends", "encrypted member", "deflate64 member",
+                                  "corrupt lzma member", "undecodable member name", "two-disk zip64 locator"])
 def test_a_zip_that_cannot_be_read_is_one_line_and_set_aside(fake_unsplash, photos, tmp_path, kind):
     fake_unsplash.archive = _hostile_zip(photos, kind)
     for _ in range(2):  # each run fetches afresh: the bad zip is never resumed (nor 'complete' after a 416)

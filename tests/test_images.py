@@ -265,6 +265,42 @@ def test_the_photo_asked_for_is_kept_as_served_only_without_a_load_after_its_end
     assert (tmp_path / "images" / "train" / f"{train[0]}.jpg").stat().st_size < 16 << 10  # re-encoded
 
 
+def test_the_photo_asked_for_is_kept_as_served_only_when_its_colours_are_srgb(fake_unsplash, tmp_path):
+    """A camera's Adobe RGB profile on the exact-size JPEG: stored converted to sRGB (as colorize reads it),
+    not as served; sRGB's own profile changes nothing, so that photo keeps its bytes."""
+    from fake_unsplash import photo_profile
+
+    from chromalab.files import in_srgb
+
+    train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "adobe-rgb", train[1]: "srgb-profile"}
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    run_images(params(), tmp_path / "split", tmp_path / "images")
+    check_output(tmp_path / "images")
+    stored = {pid: (tmp_path / "images" / "train" / f"{pid}.jpg").read_bytes() for pid in train}
+    served = {pid: encode(render_photo(pid, SIZE, SIZE), "jpg", 90, photo_profile(fault))[0]
+              for pid, fault in fake_unsplash.image_faults.items()}
+    assert stored[train[1]] == served[train[1]]
+    with Image.open(io.BytesIO(served[train[0]])) as adobe, Image.open(io.BytesIO(stored[train[0]])) as kept:
+        as_shown, as_stored = np.asarray(in_srgb(adobe), np.float32), np.asarray(kept, np.float32)
+        as_served = np.asarray(adobe, np.float32)
+    # a photo's mean colour: what a second JPEG encoding hardly moves, and the profile does
+    off = {name: np.abs((as_stored - pixels).mean(axis=(0, 1))).max() for name, pixels in
+           (("shown", as_shown), ("served", as_served))}
+    assert off["shown"] < 3 < 8 < off["served"]
+
+
+@pytest.mark.parametrize("retry_after", ["Fri, 31 Dec 99999 23:59:59 GMT", "Fri, 31 Dec 99999999999 23:59:59 GMT"])
+def test_a_retry_after_date_out_of_range_means_the_usual_backoff(fake_unsplash, tmp_path, fast_backoff, retry_after):
+    train, test, reserve = photo_ids("tr", 1), photo_ids("te", 1), photo_ids("re", 1)
+    fake_unsplash.image_faults = {train[0]: "503-unreadable-retry-after-once"}
+    fake_unsplash.unreadable_retry_after = retry_after
+    write_split(tmp_path / "split", fake_unsplash.url, train, test, reserve)
+    run_images(params(), tmp_path / "split", tmp_path / "images")
+    assert check_output(tmp_path / "images")["train"] == train
+    assert fake_unsplash.image_counts()[train[0]] == 2
+
+
 @pytest.mark.timeout(60)
 def test_headers_dripped_for_ever_do_not_hold_a_photo(fake_unsplash, tmp_path, fast_backoff):
     train, test, reserve = photo_ids("tr", 2), photo_ids("te", 1), photo_ids("re", 1)

@@ -11,8 +11,10 @@ import codecs
 import csv
 import hashlib
 import json
+import lzma
 import os
 import re
+import struct
 import sys
 import time
 import zipfile
@@ -94,6 +96,11 @@ def run_download(params: Params, out_dir: Path = Path("data/raw"), cache_dir: Pa
         if local is None:  # never leave a bad download where the next run would resume it
             raise ChromalabError(f"{exc} ({_set_aside(archive)})") from None
         raise
+    except Exception as exc:  # a failure nobody foresaw: its traceback is shown, but it must not stick either
+        if local is not None:
+            raise
+        exc.add_note(_set_aside(archive))
+        raise
     if local is None:  # the tables are the stage's output; 700 MB of zip need not stay, nor a rejected one
         archive.unlink()
         _meta_path(archive).unlink(missing_ok=True)
@@ -173,7 +180,8 @@ def fetch_archive(url: str, downloads_dir: Path) -> tuple[Path, str]:
             headers |= {"Range": f"bytes={before}-", "If-Range": _read_meta(meta_path)["validator"]}
         try:
             response = session.get(url, headers=headers, stream=True, timeout=DOWNLOAD_TIMEOUT_S)
-        except requests.RequestException as exc:
+        # urllib3's own errors pass through requests unwrapped where it maps none (a host name it cannot parse)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise ChromalabError(_unreachable_message(url, _failure_reason(exc))) from None
         with response:
             lost = _receive(response, url, part, meta_path, before)
@@ -187,7 +195,11 @@ def fetch_archive(url: str, downloads_dir: Path) -> tuple[Path, str]:
         furthest = max(furthest, got)
         if tries_without_progress > DOWNLOAD_RETRIES:
             raise ChromalabError(_unreachable_message(url, f"{lost}, {DOWNLOAD_RETRIES + 1} times without progress"))
-        tqdm.write(f"download: {lost} after {got:,} bytes; resuming", file=sys.stderr)
+        # a server that restarts needs time: tries spent within milliseconds would end the download for nothing
+        wait_s = DOWNLOAD_BACKOFF_S * 2 ** (tries_without_progress - 1) if tries_without_progress else 0.0
+        tqdm.write(f"download: {lost} after {got:,} bytes; resuming" + (f" in {wait_s:g} s" if wait_s else ""),
+                   file=sys.stderr)
+        time.sleep(wait_s)
 
 
 def _resumable_size(part: Path, meta_path: Path) -> int:
@@ -402,7 +414,7 @@ def extract_tables(archive: Path, out_dir: Path) -> tuple[dict[str, list[str]], 
     _check_member_count(archive)
     try:
         zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as exc:  # ValueError: a name that is no UTF-8
         raise ChromalabError(f"{archive}: not a readable zip archive ({exc}); check data.url") from None
     with zf:
         parts = _table_parts(zf, archive)
@@ -419,14 +431,15 @@ def extract_tables(archive: Path, out_dir: Path) -> tuple[dict[str, list[str]], 
                     raise ChromalabError(
                         f"{archive}: table '{table}', {_zip_line(starts, exc.line)}: rows run together (a quote "
                         "never closed); the zip is damaged: download it again, or check data.url") from None
-                # a directory that reads, data that doesn't: damaged, encrypted (RuntimeError), or compressed
-                # in a way zipfile cannot read (NotImplementedError)
-                except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError) as exc:
-                    raise ChromalabError(f"{archive}: damaged or unreadable zip archive ({exc}); check data.url, "
-                                         "or download the zip again") from None
                 except (UnicodeDecodeError, csv.Error) as exc:
                     raise ChromalabError(f"{archive}: table '{table}' is not UTF-8 tab-separated text ({exc}); "
                                          "is this an Unsplash Lite zip?") from None
+                # a directory that reads, data that doesn't: damaged (each decompressor says so its own way),
+                # encrypted (RuntimeError), or compressed in a way zipfile cannot read (NotImplementedError)
+                except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, RuntimeError, NotImplementedError,
+                        OSError, ValueError, struct.error) as exc:
+                    raise ChromalabError(f"{archive}: damaged or unreadable zip archive ({exc}); check data.url, "
+                                         "or download the zip again") from None
                 members[table] = [info.filename for info in infos]
     return members, rows
 
@@ -482,7 +495,7 @@ def _check_member_count(archive: Path) -> None:
     try:
         with archive.open("rb") as f:
             end = end_record(f) if end_record else None
-    except OSError:
+    except (OSError, zipfile.BadZipFile, struct.error):
         return  # ZipFile names the problem
     entries = end[zipfile._ECD_ENTRIES_TOTAL] if end else 0
     if entries > MAX_MEMBERS:

@@ -25,14 +25,14 @@ NOT_HTTP = "sent to a URL that is not http(s) with a host"  # a redirect to ftp:
 
 
 class _Retry(Retry):
-    """urllib3's Retry, except that a Retry-After it cannot read ("soon") means the usual backoff (urllib3
-    raises InvalidHeader there, ending a transfer the server asked to be retried), and that a redirect is no
-    retry."""
+    """urllib3's Retry, except that a Retry-After it cannot read ("soon", a date in the year 99999) means the
+    usual backoff (urllib3 raises there, ending a transfer the server asked to be retried), and that a redirect
+    is no retry."""
 
     def get_retry_after(self, response) -> float | None:
         try:
             return super().get_retry_after(response)
-        except InvalidHeader:
+        except (InvalidHeader, ValueError, OverflowError):  # ValueError, OverflowError: a date out of range
             return None
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
@@ -62,6 +62,8 @@ def retry_policy(retries: int, backoff_s: float, retry_after_max_s: float = RETR
 def transport_failure(exc: BaseException) -> str:
     """A failure before or during an answer, in words: its kind, and what broke (an answer head too long, a
     redirect to no http(s) URL), the server's text escaped."""
+    if isinstance(exc, urllib3.exceptions.LocationParseError):  # a host label over 63 characters, for one
+        return f"sent to a URL it cannot parse ({printable(str(exc), 100)})"
     if isinstance(exc, (urllib3.exceptions.LocationValueError, urllib3.exceptions.URLSchemeUnknown)):
         return f"{NOT_HTTP} ({type(exc).__name__})"
     if isinstance(exc, urllib3.exceptions.NameResolutionError):

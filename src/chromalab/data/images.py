@@ -597,6 +597,8 @@ class PhotoFetcher:
                     image.load()  # full decode: a truncated or corrupt file fails here, not in a later stage
                     if not self.from_folder and ends_blank(image):  # a server's answer, not your own photo
                         raise Corrupt("corrupt (the JPEG ends early: its last blocks are blank)")
+                    # kept byte for byte only where its colours are sRGB's already (no profile, or sRGB's)
+                    as_served = as_served and in_srgb(image) is image
                     rgb = image if as_served else square_rgb(image, self.size)
                     chroma = mean_chroma(np.asarray(rgb))
         except Image.UnidentifiedImageError:
