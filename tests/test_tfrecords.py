@@ -386,7 +386,7 @@ ORPHANED_POOL = """
 import os, time
 from chromalab.data import tfrecords
 with tfrecords._photo_encoder(2) as encode:
-    pool = encode.func.__self__  # partial(pool.map, …)
+    pool = encode.args[0]  # partial(_map_spawning_deaf_to_ctrl_c, pool)
     for done in [pool.submit(time.sleep, 0.5) for _ in range(4)]:
         done.result()
     print(open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read(), flush=True)
@@ -412,6 +412,27 @@ def test_pool_workers_end_with_a_stage_killed_with_9():
     while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in children)
+
+
+def test_a_ctrl_c_while_the_workers_start_stops_none_of_them(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group, the pool's workers too. One still importing (about
+    a second, before its initializer runs) must not die of it, with a traceback of its own: the stage stops its
+    pool itself, with one line. Here each worker gets a SIGINT the moment it has been started."""
+    import multiprocessing
+    import os
+    import signal
+
+    from chromalab.data import tfrecords
+
+    small_set(tmp_path / "images", sizes=(SIZE,) * 12, splits=("train",) * 10 + ("test", "val"))
+    photos = tfrecords.read_manifest(tmp_path / "images")
+    with tfrecords._photo_encoder(2) as encode:
+        results = encode([str(p.path) for p in photos], [p.sha256 for p in photos], [False] * len(photos))
+        workers = multiprocessing.active_children()
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGINT)
+        encoded = list(results)
+    assert len(workers) == 2 and len(encoded) == len(photos)
 
 
 def _alive(pid: int) -> bool:

@@ -160,17 +160,34 @@ def _photo_encoder(workers: int) -> Iterator[Callable]:
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_end_with_parent, initargs=(os.getpid(),))
     try:
-        yield functools.partial(pool.map, encode_photo, chunksize=POOL_CHUNKSIZE)
+        yield functools.partial(_map_spawning_deaf_to_ctrl_c, pool)
     finally:
         # After an error, report it now rather than after encoding every remaining photo.
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _map_spawning_deaf_to_ctrl_c(pool: ProcessPoolExecutor, *items) -> Iterator:
+    """pool.map of encode_photo. The pool starts its workers here, as tasks come: each with SIGINT blocked
+    (a thread's mask survives exec; CPython's resource tracker starts the same way), so that a Ctrl-C during
+    its imports (about a second) stays pending until `_end_with_parent` drops it, instead of killing it with a
+    traceback of its own. A Ctrl-C meanwhile still stops this process, once the mask is back."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no masks, and Ctrl-C reaches no pool worker
+        return pool.map(encode_photo, *items, chunksize=POOL_CHUNKSIZE)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return pool.map(encode_photo, *items, chunksize=POOL_CHUNKSIZE)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _end_with_parent(parent: int) -> None:
     """In a pool worker: end when the stage's process does, even killed with -9, which closes no queue
     (elsewhere than Linux a worker still ends once it finds its queue gone). Ctrl-C reaches every process of
-    the terminal's group: the stage stops its pool, so a worker need not print its own traceback."""
+    the terminal's group: the stage stops its pool, so a worker need not print its own traceback. Ignoring
+    SIGINT drops one pending since the worker started (`_map_spawning_deaf_to_ctrl_c`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     end_with_parent(parent)
 
 
