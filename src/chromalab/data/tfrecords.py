@@ -171,7 +171,7 @@ def _map_spawning_deaf_to_ctrl_c(pool: ProcessPoolExecutor, *items) -> Iterator:
     (a thread's mask survives exec; CPython's resource tracker starts the same way), so that a Ctrl-C during
     its imports (about a second) stays pending until `_end_with_parent` drops it, instead of killing it with a
     traceback of its own. A Ctrl-C meanwhile still stops this process, once the mask is back."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no masks, and Ctrl-C reaches no pool worker
+    if not hasattr(signal, "pthread_sigmask"):  # Windows has no signal masks
         return pool.map(encode_photo, *items, chunksize=POOL_CHUNKSIZE)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
