@@ -51,6 +51,19 @@ def test_a_write_killed_midway_leaves_the_old_file_and_a_temp_file_the_next_run_
     clear_stale_temps(tmp_path / "absent")  # nothing to clear is fine
 
 
+def test_a_write_another_run_is_still_making_is_not_cleared_as_stale(tmp_path):
+    """Two `colorize` into one folder: the second's start-up clearing must not delete the first's temp file
+    under it (whose rename then failed), while one a killed run left is still cleared."""
+    left = tmp_path / ".photo_color.jpg.0123abcd.tmp"
+    left.write_bytes(b"what a killed run left")
+    with atomic_file(tmp_path / "photo_color.jpg") as f:
+        f.write(b"half")
+        clear_stale_temps(tmp_path, ["photo_color.jpg"])  # another run, starting meanwhile
+        f.write(b" and the rest")
+    assert (tmp_path / "photo_color.jpg").read_bytes() == b"half and the rest"
+    assert [p.name for p in tmp_path.iterdir()] == ["photo_color.jpg"]
+
+
 def test_a_completed_write_replaces_the_file_and_leaves_nothing_beside_it(tmp_path):
     target = tmp_path / "metrics.json"
     target.write_text("old")

@@ -198,7 +198,8 @@ _TEMP_FILE = re.compile(r"^\.(?:(?P<before>.+)\.[0-9a-f]{8}\.tmp|[0-9a-f]{8}\.tm
 
 def clear_stale_temps(folder: Path, names: Iterable[str] | None = None) -> None:
     """Remove the temp files a killed run's atomic writes left in `folder`: those of the files `names`, or all
-    of them (for a folder only chromalab writes). Call it before writing, never while another write runs."""
+    of them (for a folder only chromalab writes). Call it before writing. An atomic_file another run is still
+    writing is left alone (its writer holds a lock on it): two `colorize` into one folder each finish."""
     wanted = None if names is None else {fitted for name in names for fitted in (_fitted(name), _fitted(name, True))}
     try:
         entries = list(os.scandir(folder))
@@ -208,7 +209,30 @@ def clear_stale_temps(folder: Path, names: Iterable[str] | None = None) -> None:
         match = _TEMP_FILE.match(entry.name)
         if match and entry.is_file(follow_symlinks=False) and (
                 wanted is None or (match["before"] or match["after"]) in wanted):
-            Path(entry.path).unlink(missing_ok=True)
+            _unlink_unless_locked(Path(entry.path))
+
+
+def _lock(f: IO, blocking: bool = True) -> bool:
+    """An advisory lock on the open file `f` until it is closed (flock, which the kernel drops when the process
+    dies, even by -9); whether it was free. Where flock does not exist: True, and no lock."""
+    if sys.platform.startswith("win"):
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _unlink_unless_locked(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            if _lock(f, blocking=False):
+                path.unlink(missing_ok=True)
+    except OSError:  # gone meanwhile, or unreadable: clearing is a courtesy
+        pass
 
 
 @contextlib.contextmanager
@@ -219,6 +243,7 @@ def atomic_file(path: Path, text: bool = False) -> Iterator[IO]:
     tmp = _temp_sibling(path)
     try:
         with (open(tmp, "x", encoding="utf-8", newline="") if text else open(tmp, "xb")) as f:
+            _lock(f)  # a fresh file: free; held so that another run's clear_stale_temps leaves it alone
             yield f
             f.flush()
             os.fsync(f.fileno())
