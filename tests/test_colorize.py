@@ -812,6 +812,18 @@ def test_folders_keep_their_names_under_out_and_clashes_fail(tmp_path, models, r
     assert "colorize it alone with -o <another folder>" in flat.failed[0][1]
 
 
+def test_a_photo_whose_legal_name_leaves_no_room_for_the_output_tag_is_coloured_under_a_shorter_name(
+        tmp_path, models, rgb_photos):
+    long_stem = "é" * 125  # 250 bytes: with ".jpg" a legal name, with "_color.jpg" not
+    for name in (f"{long_stem}.jpg", "short.jpg"):
+        Image.fromarray(rgb_photos[0]).save(tmp_path / name)
+    report = run([tmp_path], models, compare=True)
+    assert not report.failed and len(report.done) == 2
+    outputs = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(("_color.jpg", "_compare.jpg")))
+    assert outputs == sorted([f"{'é' * 122}_color.jpg", f"{'é' * 121}_compare.jpg", "short_color.jpg",
+                              "short_compare.jpg"])  # a character the cut would split is left out whole
+
+
 def test_ab_is_upsampled_bilinearly_a_few_rows_at_a_time_as_in_one_pass():
     from chromalab.colorize import ab_rows
 

@@ -21,7 +21,8 @@ from chromalab.colorize.photos import (Photo, colour_photo, compare_sheet, descr
                                        save_atomic, small_lightness)
 from chromalab.devices import available_cores
 from chromalab.errors import NO_WRITES_ERRNOS, ChromalabError, machine_failure, one_line
-from chromalab.files import PHOTO_SUFFIXES, READ_ERRORS, clear_stale_temps, folder_photos, is_colorize_output
+from chromalab.files import (MAX_NAME_BYTES, PHOTO_SUFFIXES, READ_ERRORS, clear_stale_temps, folder_photos,
+                             is_colorize_output)
 
 KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}  # anything else is written as PNG
 OUTPUT_TAG = "_color"
@@ -59,8 +60,16 @@ def output_name(source: Path) -> tuple[str, str]:
     """(`<stem>_color<ext>`, Pillow format): JPEG, PNG and WebP keep theirs, the rest become PNG."""
     image_format = Image.registered_extensions().get(source.suffix.lower())
     if image_format in KEPT_FORMATS:
-        return f"{source.stem}{OUTPUT_TAG}{source.suffix}", image_format
-    return f"{source.stem}{OUTPUT_TAG}.png", "PNG"
+        return _fitting_name(source.stem, f"{OUTPUT_TAG}{source.suffix}"), image_format
+    return _fitting_name(source.stem, f"{OUTPUT_TAG}.png"), "PNG"
+
+
+def _fitting_name(stem: str, tail: str) -> str:
+    """`stem` + `tail`, the stem cut where the whole would pass a file name's MAX_NAME_BYTES: a photo's legal
+    name of 250 bytes must not make an output name no file system takes."""
+    room = MAX_NAME_BYTES - len(tail.encode("utf-8", "surrogateescape"))
+    data = stem.encode("utf-8", "surrogateescape")
+    return (stem if len(data) <= room else data[:room].decode("utf-8", "ignore")) + tail  # a split character goes
 
 
 def _folder_photos(folder: Path, output_roots: list[Path]) -> tuple[list[Path], int]:
@@ -135,7 +144,7 @@ def plan_jobs(paths: Sequence[Path], out_dir: Path | None, compare: bool, report
                 output = out_dir / name
             else:
                 output = out_dir / mirrored_dir / name
-            sheet = output.with_name(f"{source.stem}{COMPARE_TAG}.jpg") if compare else None
+            sheet = output.with_name(_fitting_name(source.stem, f"{COMPARE_TAG}.jpg")) if compare else None
             clash = next((owner_of[t.resolve()] for t in (output, sheet) if t and t.resolve() in owner_of), None)
             if clash is not None or _not_ours(output):
                 reason = (f"its output would overwrite that of {clash}; colorize it alone with -o <another folder>"
