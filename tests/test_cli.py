@@ -25,10 +25,16 @@ from conftest import TENSORFLOW_NOISE
     ("colour:\n  on: yes\n", "colour: unknown key"),
     ("data:\n  sha256: abc\n", "data.sha256: 'abc' is not a SHA-256 (64 hex digits)"),
     (None, "not found; check the path"),  # given with --params: not "run from the repository root"
+    ("base:\n  seed: 1  # caf\xe9\n".encode("latin-1"), "not UTF-8 text (line 2); save it as UTF-8"),
+    ("a folder", "a folder, not a params file"),
 ])
 def test_bad_params_stop_every_stage_with_one_line_and_exit_status_1(tmp_path, capsys, content, message):
     path = tmp_path / "params.yaml"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "a folder":
+        path.mkdir()
+    elif content is not None:
         path.write_text(content)
     for stage in ("split", "tfrecords", "evaluate"):
         with pytest.raises(SystemExit) as exited:

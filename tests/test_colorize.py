@@ -637,6 +637,12 @@ def test_nothing_to_colour_and_bad_models_are_one_line_errors(tmp_path, models, 
     (tmp_path / "bad.keras").write_bytes(b"not a zip")
     with pytest.raises(ChromalabError, match="cannot load model"):
         load_colorizer(str(tmp_path / "bad.keras"))
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "empty.keras", "w") as damaged:  # a zip, but its config is no model's
+        damaged.writestr("config.json", "{}")
+    with pytest.raises(ChromalabError, match="empty.keras: .*describes a dict, not a Keras model"):
+        load_colorizer(str(tmp_path / "empty.keras"))
 
 
 def test_a_full_disk_stops_the_run_at_the_first_photo_it_refuses_and_the_re_run_does_the_rest(

@@ -241,11 +241,17 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
+    if path.is_dir():
+        raise ParamsError(f"{path}: a folder, not a params file; name the YAML file itself")
     if not path.is_file():
         where = "run from the repository root (where dvc.yaml is)" if path == Path("params.yaml") else "check the path"
         raise ParamsError(f"{path}: not found; {where}")
+    data = path.read_bytes()
     try:
-        raw = yaml.load(path.read_text(), Loader=_ParamsLoader)
+        raw = yaml.load(data.decode("utf-8"), Loader=_ParamsLoader)
+    except UnicodeDecodeError as exc:  # an editor's Latin-1, or a photo named by mistake
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ParamsError(f"{path}: not UTF-8 text (line {line:,}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -78,6 +78,8 @@ def _load_keras_file(path: Path):
         config = json.loads(archive.read("config.json"))
         config["compile_config"] = None
         model = keras.saving.deserialize_keras_object(_zero_initializers(config))
+        if not isinstance(model, keras.Model):  # a damaged file's config: `{}`, or one layer's
+            raise ValueError(f"its config.json describes a {type(model).__name__}, not a Keras model")
         # from a file of its own: h5py reading inside the zip seeks back and forth, which zipfile pays for
         # by reading from the member's start again
         model.load_weights(archive.extract("model.weights.h5", folder))
