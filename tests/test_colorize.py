@@ -7,6 +7,7 @@ resize every photo to the model's size and bring the colour back to the photo's 
 from __future__ import annotations
 
 import io
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -855,6 +856,25 @@ def test_the_models_input_from_a_draft_decoded_jpeg_matches_filtering_the_full_p
     assert photo.lightness.shape == (1200, 1600) and photo.small.shape == (64, 64)
     full = np.asarray(Image.fromarray(photo.lightness).resize((64, 64), Image.Resampling.LANCZOS))
     assert np.abs(photo.small - full).mean() < 0.01  # within 1 L unit on average
+
+
+def test_a_file_name_cannot_write_to_the_terminal(tmp_path, models, capfd):
+    """A name from a downloaded archive, holding escape sequences: printed as is, it erased the error and faked a
+    green success line, or retitled the terminal. Its control characters are shown escaped instead."""
+    from chromalab.cli import main
+
+    fake = "x\x1b[2K\r\x1b[32mall photos coloured fine\x1b[0m\n"
+    (tmp_path / f"{fake}.jpg").write_bytes(b"not a photo")
+    with pytest.raises(SystemExit):
+        main(["colorize", str(tmp_path / f"{fake}.jpg"), "--model", str(models["tint"])])
+    named = [line for line in re.split(r"[\r\n]", capfd.readouterr().err) if "coloured fine" in line]
+    assert named == [f"{tmp_path}/x\\x1b[2K\\r\\x1b[32mall photos coloured fine\\x1b[0m\\n.jpg: not a photo: "
+                     "the file holds text. chromalab reads JPEG, PNG, WebP, BMP and TIFF photos."]
+    retitle = tmp_path / "y\x1b]0;TITLE\x07"
+    retitle.write_bytes(b"a file, named as the folder for the outputs")
+    with pytest.raises(SystemExit):
+        main(["colorize", str(tmp_path), "-o", str(retitle), "--model", str(models["tint"])])
+    assert capfd.readouterr().err.splitlines()[-1].startswith(f"error: --out {tmp_path}/y\\x1b]0;TITLE\\x07: ")
 
 
 def test_bad_files_are_named_in_the_users_words_and_verbose_adds_the_detail(tmp_path, models, rgb_photos):

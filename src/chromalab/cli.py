@@ -15,7 +15,7 @@ import typer
 
 from chromalab.entry import (exit_code, exit_without_teardown, handle_stop_signals, raise_if_stop_ignored,
                              report_stop, skip_unused_extras, starts_afresh)
-from chromalab.errors import ChromalabError, machine_failure
+from chromalab.errors import ChromalabError, error_line, machine_failure
 from chromalab.quiet import quiet_tensorflow
 
 app = typer.Typer(
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         # Without standalone mode Typer returns, not raises, a command's typer.Exit code (and Ctrl-C's 130)
         code = app(args=argv, standalone_mode=False, prog_name="chromalab")
     except ChromalabError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(error_line(str(exc)), err=True)
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -171,12 +171,12 @@ def main(argv: list[str] | None = None) -> None:
         context = getattr(exc, "ctx", None)
         command = context.command_path if context is not None else "chromalab"
         if message := exc.format_message().rstrip("."):  # none: the help was shown instead (no arguments given)
-            typer.echo(f"error: {message} (see `{command} --help`)", err=True)
+            typer.echo(error_line(f"{message} (see `{command} --help`)"), err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:
         if (message := machine_failure(exc)) is None:
             raise  # a bug: its traceback
-        typer.echo(f"error: {message}", err=True)
+        typer.echo(error_line(message), err=True)
         sys.exit(1)
     if code == 130:  # Typer's own Ctrl-C
         code = report_stop()

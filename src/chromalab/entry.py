@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from importlib.abc import MetaPathFinder
 
-from chromalab.errors import ChromalabError, machine_failure
+from chromalab.errors import ChromalabError, error_line, machine_failure
 from chromalab.quiet import quiet_tensorflow
 
 # Keras and TensorFlow import scikit-learn, JAX and matplotlib's pyplot whenever they are installed, for
@@ -78,14 +78,14 @@ def run_stage(stage: Callable[[], object]) -> None:
         raise_if_stopped()  # one raised where Python ignores it (a destructor): the stage went on, yet was stopped
         code = 0
     except ChromalabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(str(exc)), file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = report_stop()
     except Exception as exc:
         if (message := machine_failure(exc)) is None:
             raise  # a bug: its traceback
-        print(f"error: {message}", file=sys.stderr)
+        print(error_line(message), file=sys.stderr)
         code = 1
     exit_without_teardown(code)
 

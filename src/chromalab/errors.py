@@ -17,11 +17,18 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def printable(text: str, limit: int = 120) -> str:
-    """Text from outside (a server's reason phrase or header) as a message may show it: control characters
-    escaped, so that it cannot move the cursor, retitle the terminal or fake a line of its own; cut to `limit`."""
+def printable(text: str, limit: int | None = 120) -> str:
+    """Text from outside (a server's reason phrase or header, a file's name) as a message may show it: control
+    characters escaped, so that it cannot move the cursor, retitle the terminal or fake a line of its own; cut
+    to `limit` (None: whole)."""
     shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return shown if len(shown) <= limit else shown[:limit] + "…"
+    return shown if limit is None or len(shown) <= limit else shown[:limit] + "…"
+
+
+def error_line(message: str) -> str:
+    """The line a user's error ends a command with; the paths in it are printable (a photo's name may hold an
+    escape sequence)."""
+    return f"error: {printable(message, None)}"
 
 
 # The machine failing under a run, not the run failing: the disk full or read-only, a file it may not write.

@@ -20,7 +20,7 @@ from chromalab.colorize.model import limit_model_threads, load_colorizer, model_
 from chromalab.colorize.photos import (Photo, colour_photo, compare_sheet, describe_unreadable, read_photo,
                                        save_atomic, small_lightness)
 from chromalab.devices import available_cores
-from chromalab.errors import NO_WRITES_ERRNOS, ChromalabError, machine_failure, one_line
+from chromalab.errors import NO_WRITES_ERRNOS, ChromalabError, machine_failure, one_line, printable
 from chromalab.files import (MAX_NAME_BYTES, PHOTO_SUFFIXES, READ_ERRORS, clear_stale_temps, folder_photos,
                              is_colorize_output)
 
@@ -50,7 +50,7 @@ class Job:
 
 
 def _say(message: str) -> None:
-    tqdm.write(message, file=sys.stderr)
+    tqdm.write(printable(message, None), file=sys.stderr)  # a photo's name may hold an escape sequence
 
 
 # --- finding photos and naming outputs ----------------------------------------------------------------------
