@@ -303,6 +303,14 @@ def test_no_arguments_show_the_help_and_no_empty_error_line(capsys):
     assert "error:" not in captured.err
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "0"])
+def test_an_upload_limit_that_is_no_size_is_refused_before_the_server_starts(capsys, value):
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--max-upload-mb", value])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert exited.value.code == 2 and line.startswith("error: Invalid value for '--max-upload-mb': "), line
+
+
 @pytest.mark.parametrize(("args", "status", "stderr_says"), [
     (["--help"], 0, ""),
     (["no-such-command"], 2, "error: No such command 'no-such-command' (see `chromalab --help`)\n"),

@@ -915,16 +915,38 @@ def test_a_photo_too_large_to_decode_is_named_with_the_limit(tmp_path, models):
     assert reason == "the photo is too large: 400 megapixels, where chromalab reads photos of up to 179 megapixels"
 
 
-def test_a_photo_with_broken_exif_is_coloured_without_pillows_warning_unless_verbose(tmp_path, models, rgb_photos):
+def _tiff_with_a_tag_past_its_end(rgb: np.ndarray) -> bytes:
+    """A TIFF whose description claims a million bytes: Pillow skips the tag, with a warning, and reads the photo."""
+    import struct
+
+    from PIL import TiffImagePlugin
+
+    buffer, tags = io.BytesIO(), TiffImagePlugin.ImageFileDirectory_v2()
+    tags[270] = "a description"
+    Image.fromarray(rgb).save(buffer, "TIFF", tiffinfo=tags)
+    data = bytearray(buffer.getvalue())  # little-endian ("II"): the first IFD's offset at byte 4
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    entry = next(ifd + 2 + 12 * i for i in range(struct.unpack_from("<H", data, ifd)[0])
+                 if struct.unpack_from("<H", data, ifd + 2 + 12 * i)[0] == 270)
+    struct.pack_into("<I", data, entry + 4, 10 ** 6)  # its count
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name", ["exif.jpg", "tag.tif"])
+def test_a_photo_with_broken_exif_or_tags_is_coloured_without_pillows_warning_unless_verbose(
+        tmp_path, models, rgb_photos, name):
     import warnings
 
-    photo = tmp_path / "exif.jpg"
-    Image.fromarray(rgb_photos[0]).save(photo, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff" + b"\x01" * 40)
+    photo = tmp_path / name
+    if name == "exif.jpg":
+        Image.fromarray(rgb_photos[0]).save(photo, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff" + b"\x01" * 40)
+    else:
+        photo.write_bytes(_tiff_with_a_tag_past_its_end(rgb_photos[0]))
     for options, shown in (([], False), (["-v"], True)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # every warning, as if first seen
             result = CliRunner().invoke(app, [*options, "colorize", str(photo), "--model", str(models["tint"]),
                                               "--overwrite"])
         assert result.exit_code == 0, result.output
-        assert any("EXIF" in str(w.message) for w in caught) == shown
-    assert (tmp_path / "exif_color.jpg").is_file()
+        assert any(w.category is UserWarning and "PIL" in w.filename for w in caught) == shown
+    assert len([p for p in tmp_path.iterdir() if "_color." in p.name]) == 1

@@ -20,6 +20,12 @@ def _encoded(image_format: str) -> bytes:
     return buffer.getvalue()
 
 
+def _with_bmp_compression(method: int) -> bytes:
+    data = bytearray(_encoded("BMP"))
+    data[30:34] = method.to_bytes(4, "little")  # the info header's compression field
+    return bytes(data)
+
+
 def _reason(data: bytes) -> str:
     try:
         with Image.open(io.BytesIO(data)) as opened:
@@ -41,6 +47,8 @@ def _reason(data: bytes) -> str:
     (b"Python notes: buy milk\n", "not a photo: the file holds text"),
     (b"#define WIDTH 8\n", "not a photo: the file holds text"),
     (b"SIMPLE list of things\n", "not a photo: the file holds text"),
+    # a kind chromalab reads, in a variant Pillow cannot decode: not "BMP, which chromalab cannot read"
+    (_with_bmp_compression(7), "the BMP photo is stored in a rare variant of BMP that chromalab cannot read"),
 ])
 def test_each_kind_of_bad_file_is_named_in_the_users_words(data, problem):
     assert_in_user_words(_reason(data), problem)

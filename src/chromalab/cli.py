@@ -31,8 +31,9 @@ def _options(
                                           help="Also show TensorFlow's own start-up and warning lines, and the technical detail of files that can't be read.")] = False,
 ) -> None:
     quiet_tensorflow(verbose)
-    if not verbose:  # a photo's broken EXIF is read past (the photo is coloured): Pillow's warning is noise
-        warnings.filterwarnings("ignore", message=r"(Possibly )?[Cc]orrupt EXIF", category=UserWarning)
+    if not verbose:  # a photo's broken EXIF or TIFF tag is read past (the photo is coloured): Pillow's warning
+        # is two lines of noise through the progress bar
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="The params file to read.")]
@@ -123,7 +124,8 @@ def serve(
     model: Annotated[str, typer.Option("--model", "-m", help="gan, baseline, a .keras file, or an MLflow model URI (models:/chromalab-gan@champion).")] = "gan",
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this computer only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free one).")] = 8000,
-    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest photo file accepted, in MB.")] = 50.0,
+    # max: `inf` passed min and failed every upload with a 500 (a 1 TB limit is no limit a photo meets)
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, max=1e6, help="Largest photo file accepted, in MB.")] = 50.0,
 ) -> None:
     """A local web page to colour photos in the browser: drop photos, compare, download."""
     from chromalab.serve.app import run_serve

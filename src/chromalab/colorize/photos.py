@@ -350,6 +350,9 @@ def describe_unreadable(exc: BaseException | None, source: Path | bytes) -> str:
     known = pillow_format or (signature if signature == "GIF" or not _is_text(head) else None)
     kind = PILLOW_NAMES.get(known, known)
     if foreign is None and kind is not None and NO_READER.search(message):
+        if kind in PHOTO_FORMATS:  # not "BMP, which chromalab cannot read … reads BMP": a rare variant of it
+            return (f"the {kind} photo is stored in a rare variant of {kind} that chromalab cannot read: convert it "
+                    f"to JPEG or PNG first. {ACCEPTED}.")
         foreign = f"{kind} format"
     if foreign is not None:
         return f"the file is in {foreign}, which chromalab cannot read: convert it to JPEG or PNG first. {ACCEPTED}."
