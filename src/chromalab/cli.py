@@ -103,7 +103,7 @@ def colorize(
     paths: Annotated[list[Path], typer.Argument(help="Photos and/or folders (searched recursively).")],
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder (default: beside each input, *_color).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="gan, baseline, a .keras file, or an MLflow model URI.")] = "gan",
-    overwrite: Annotated[bool, typer.Option(help="Replace outputs that exist already, even a photo of yours named as an output would be (x_color.jpg).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace outputs an earlier run wrote; never a file of yours named as an output would be (x_color.jpg).")] = False,
     compare: Annotated[bool, typer.Option(help="Also write input | colourised side by side.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="At most this many photos per model call (those decoded by then); 1 lets the cores write each photo while the model colours the next.")] = 1,
 ) -> None:
