@@ -64,6 +64,18 @@ def test_a_write_another_run_is_still_making_is_not_cleared_as_stale(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["photo_color.jpg"]
 
 
+def test_a_file_system_without_locks_still_takes_atomic_writes(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with atomic_file(tmp_path / "metrics.json", text=True) as f:
+        f.write("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
 def test_a_completed_write_replaces_the_file_and_leaves_nothing_beside_it(tmp_path):
     target = tmp_path / "metrics.json"
     target.write_text("old")

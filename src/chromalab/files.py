@@ -223,6 +223,8 @@ def _lock(f: IO, blocking: bool = True) -> bool:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
         return False
+    except OSError:  # a file system without locks (some network ones): no lock, as where flock does not exist
+        return True
     return True
 
 
