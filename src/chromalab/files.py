@@ -177,15 +177,19 @@ MAX_NAME_BYTES = 255  # a file name's limit on Linux, macOS and Windows file sys
 _TEMP_EXTRA_BYTES = len(".12345678.tmp.")
 
 
-def _fitted(name: str, keep_end: bool = False) -> str:
-    """`name`, cut (at its start when `keep_end`, which keeps its suffixes) so that a temp name built on it
-    stays within MAX_NAME_BYTES: a long but legal output name must not fail for its temp file's sake."""
-    room = MAX_NAME_BYTES - _TEMP_EXTRA_BYTES
+def cut_to_bytes(name: str, room: int, keep_end: bool = False) -> str:
+    """`name`, cut to `room` bytes of a file name (at its start when `keep_end`, which keeps its suffixes)."""
     data = name.encode("utf-8", "surrogateescape")
     if len(data) <= room:
         return name
     cut = data[-room:] if keep_end else data[:room]
     return cut.decode("utf-8", "ignore")  # a character split by the cut is dropped whole
+
+
+def _fitted(name: str, keep_end: bool = False) -> str:
+    """`name`, cut so that a temp name built on it stays within MAX_NAME_BYTES: a long but legal output name
+    must not fail for its temp file's sake."""
+    return cut_to_bytes(name, MAX_NAME_BYTES - _TEMP_EXTRA_BYTES, keep_end)
 
 
 def _temp_sibling(path: Path) -> Path:

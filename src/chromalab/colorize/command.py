@@ -21,8 +21,8 @@ from chromalab.colorize.photos import (Photo, colour_photo, compare_sheet, descr
                                        save_atomic, small_lightness)
 from chromalab.devices import available_cores
 from chromalab.errors import NO_WRITES_ERRNOS, ChromalabError, machine_failure, one_line, printable
-from chromalab.files import (MAX_NAME_BYTES, PHOTO_SUFFIXES, READ_ERRORS, clear_stale_temps, folder_photos,
-                             is_colorize_output)
+from chromalab.files import (MAX_NAME_BYTES, PHOTO_SUFFIXES, READ_ERRORS, clear_stale_temps, cut_to_bytes,
+                             folder_photos, is_colorize_output)
 
 KEPT_FORMATS = {"JPEG", "PNG", "WEBP"}  # anything else is written as PNG
 OUTPUT_TAG = "_color"
@@ -67,9 +67,7 @@ def output_name(source: Path) -> tuple[str, str]:
 def _fitting_name(stem: str, tail: str) -> str:
     """`stem` + `tail`, the stem cut where the whole would pass a file name's MAX_NAME_BYTES: a photo's legal
     name of 250 bytes must not make an output name no file system takes."""
-    room = MAX_NAME_BYTES - len(tail.encode("utf-8", "surrogateescape"))
-    data = stem.encode("utf-8", "surrogateescape")
-    return (stem if len(data) <= room else data[:room].decode("utf-8", "ignore")) + tail  # a split character goes
+    return cut_to_bytes(stem, MAX_NAME_BYTES - len(tail.encode("utf-8", "surrogateescape"))) + tail
 
 
 def _folder_photos(folder: Path, output_roots: list[Path]) -> tuple[list[Path], int]:
